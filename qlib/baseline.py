@@ -1,0 +1,105 @@
+"""Study 01: full-precision fine-tune of the BERT-family encoder, the baseline every BERT study compares to."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlib import assets, data, metrics, models, report
+from qlib.config import BaselineConfig, outputs_dir, pick_device
+from qlib.train import TrainResult, finetune, predict, set_seed
+
+STUDY = "01_baseline"
+
+
+@dataclass
+class BaselineResult:
+    """Everything notebook 01 shows: the row, the loss curve, predictions, where things went."""
+
+    row: dict[str, Any]
+    train: TrainResult
+    preds: list[int]
+    labels: list[int]
+    model_dir: Path
+    metrics_path: Path
+    doc: dict[str, Any]
+
+
+def classifier_latency(model: torch.nn.Module, tokenizer: Any, texts: list[str], batch: int,
+                       max_length: int, device: torch.device, repeats: int) -> dict[str, float]:
+    """Median forward latency on `batch` held-out sentences padded to max_length (a fixed shape)."""
+    enc = tokenizer(texts[:batch], padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="pt").to(device)
+    model.to(device).eval()
+
+    def step() -> None:
+        with torch.inference_mode():
+            model(**enc)
+
+    return metrics.measure_latency(step, warmup=max(2, repeats // 10), repeats=repeats, device=device)
+
+
+def run(cfg: BaselineConfig) -> BaselineResult:
+    """Fine-tune, evaluate on the held-out split, save baseline-model/, measure, write metrics.json."""
+    device = pick_device(cfg.device)
+    set_seed(cfg.seed)
+    model_asset = assets.resolve_model("encoder", cfg.model_id, random_init=cfg.random_init)
+    ds = data.load_classification(cfg.dataset_id, cfg.n_train, cfg.n_eval)
+    tok = models.load_tokenizer(model_asset)
+    model = models.load_classifier(model_asset, len(ds.label_names), cfg.seed)
+
+    train_loader = data.classification_loader(tok, ds.train_texts, ds.train_labels, cfg.batch_size,
+                                              cfg.max_length, shuffle=True, seed=cfg.seed)
+    eval_loader = data.classification_loader(tok, ds.eval_texts, ds.eval_labels, 64, cfg.max_length)
+    with metrics.PeakMemory(device) as mem:
+        tr = finetune(model, train_loader, cfg.epochs, cfg.lr, device, cfg.weight_decay,
+                      cfg.warmup_ratio, desc="fine-tune fp32")
+    preds, labels = predict(model, eval_loader, device)
+    quality = metrics.accuracy_f1(preds, labels)
+    if model_asset.source == "random-init":  # random weights: quality means nothing, so none is claimed
+        quality = {"accuracy": None, "f1": None}
+
+    model_dir = outputs_dir(STUDY, cfg.profile) / "baseline-model"
+    models.save_model(model, tok, model_dir, metadata={"config": asdict(cfg), **quality})
+    size = metrics.size_on_disk(model_dir / "model.safetensors")
+    params = metrics.count_params(model)
+    lat1 = classifier_latency(model, tok, ds.eval_texts, 1, cfg.max_length, device, cfg.latency_repeats)
+    lat8 = classifier_latency(model, tok, ds.eval_texts, 8, cfg.max_length, device, cfg.latency_repeats)
+
+    row = report.make_row(
+        "fp32", model=model_asset.id, dataset=ds.asset.id, **quality, size_bytes=size,
+        bits_per_param=metrics.bits_per_param(size, params["total_params"]),
+        latency_ms=lat1["median_ms"], latency_ms_b8=lat8["median_ms"],
+        tokens_per_s=8 * cfg.max_length / (lat8["median_ms"] / 1e3), speedup_vs_fp32=1.0,
+        peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, train_time_s=tr.train_time_s,
+        train_steps=tr.steps, final_loss=sum(tr.losses[-10:]) / len(tr.losses[-10:]), **params)
+    env = metrics.runtime_env(device)
+    doc_assets = {"model": {"role": "encoder", **model_asset.provenance()}, "data": ds.provenance()}
+    path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, [row],
+                                config=asdict(cfg), latency_shape={"seq_len": cfg.max_length,
+                                                                   "batches": [1, 8]})
+    doc = report.load_metrics(path)
+    return BaselineResult(row, tr, preds, labels, model_dir, path, doc)
+
+
+def findings(res: BaselineResult) -> str:
+    """Markdown findings written from this run's numbers."""
+    r = res.row
+    n_eval = res.doc["assets"]["data"]["n_eval"]
+    lines = [f"- **Model**: `{r['model']}`, {r['total_params'] / 1e6:.2f} M parameters, all trainable; "
+             f"stored as fp32 safetensors: {r['size_bytes'] / 2**20:.1f} MiB "
+             f"({r['bits_per_param']:.2f} bits/param, header included)."]
+    if r["accuracy"] is None:
+        lines.append("- **Quality**: not measured — random-init weights (speed and memory only).")
+    else:
+        lines.append(f"- **Quality** on {n_eval} held-out sentences: accuracy {r['accuracy']:.3f}, "
+                     f"macro-F1 {r['f1']:.3f}, after {r['train_steps']} steps "
+                     f"({r['train_time_s']:.0f} s; final loss {r['final_loss']:.3f}).")
+    lines.append(f"- **Latency** ({res.doc['env']['device']}, {res.doc['env']['threads']} threads, "
+                 f"seq {res.doc['config']['max_length']}): batch 1 {r['latency_ms']:.1f} ms, batch 8 "
+                 f"{r['latency_ms_b8']:.1f} ms (medians). These are the FP32 references that the "
+                 "PTQ/QAT/QLoRA studies divide by; absolute times do not transfer between machines.")
+    lines.append(f"- **Peak training memory** ({r['peak_mem_source']}): {r['peak_mem_bytes'] / 2**20:.0f} MiB.")
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""`python -m qlib run|report|assets|inspect`: run notebooks with papermill, gather results, check assets."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from qlib.config import PROFILES, QlabError, check_profile, repo_root
+
+
+def notebooks(selected: list[str] | None = None) -> list[Path]:
+    """The numbered notebooks, all or those named (by stem, number or file name)."""
+    found = sorted((repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if not selected:
+        return found
+    picked = []
+    for want in selected:
+        hits = [p for p in found if want in (p.name, p.stem, p.stem[:2])]
+        if not hits:
+            names = ", ".join(p.stem for p in found)
+            raise QlabError(f"unknown notebook {want!r}; available: {names}")
+        picked += hits
+    return picked
+
+
+def executed_dir(profile: str) -> Path:
+    base = repo_root() / "results"
+    return base / "executed" if profile == "default" else base / profile / "executed"
+
+
+def run_notebook(nb: Path, profile: str, params: dict[str, object]) -> Path:
+    """Execute one notebook with papermill; the executed copy appears only when it succeeded."""
+    import papermill as pm
+
+    out_dir = executed_dir(profile)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final, tmp = out_dir / nb.name, out_dir / f".{nb.stem}.running.ipynb"
+    failed = out_dir / f"{nb.stem}.failed.ipynb"
+    failed.unlink(missing_ok=True)
+    try:
+        pm.execute_notebook(str(nb), str(tmp), parameters={"profile": profile, **params},
+                            cwd=str(nb.parent), kernel_name="python3", progress_bar=True)
+    except pm.PapermillExecutionError as e:
+        os.replace(tmp, failed)
+        raise QlabError(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
+                        f"(executed copy: {failed})") from None
+    os.replace(tmp, final)
+    return final
+
+
+def _parse_params(pairs: list[str]) -> dict[str, object]:
+    """`-p key value` pairs, values parsed as YAML scalars like papermill does."""
+    import yaml
+
+    return {k: yaml.safe_load(v) for k, v in pairs}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    check_profile(args.profile)
+    params = _parse_params(args.param or [])
+    nbs = notebooks(args.notebooks)
+    for nb in nbs:
+        print(f"[qlab] running {nb.name} (profile {args.profile})", flush=True)
+        out = run_notebook(nb, args.profile, params)
+        print(f"[qlab] done: {out.relative_to(repo_root())}", flush=True)
+    from qlib.report import write_summary
+
+    print(f"[qlab] summary: {write_summary(args.profile).relative_to(repo_root())}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from qlib.report import write_summary
+
+    check_profile(args.profile)
+    path = write_summary(args.profile)
+    print(path.read_text() if args.show else f"wrote {path}")
+    return 0
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    from qlib import assets
+
+    if args.fetch:
+        for r in assets.fetch_all():
+            print(f"ok  {r.role:15s} {r.id}  [{r.source}]  {r.path}")
+        return 0
+    for row in assets.describe():
+        print(f"{row['key']:24s} {row['role']:15s} {row['source']:40s} {row['what']}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Verify a saved model folder loads; print its parameters and size."""
+    from qlib.metrics import count_params, size_on_disk
+    from qlib.models import load_saved_classifier
+
+    model, _ = load_saved_classifier(args.path)
+    n = count_params(model)["total_params"]
+    size = size_on_disk(Path(args.path) / "model.safetensors")
+    print(f"{args.path}: {type(model).__name__}, {n:,} params, {size / 2**20:.1f} MiB safetensors")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m qlib", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run notebooks headless with papermill, then write the summary")
+    r.add_argument("notebooks", nargs="*", help="stems or numbers (default: all)")
+    r.add_argument("--profile", default="default", help=f"one of {', '.join(PROFILES)}")
+    r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="override one notebook parameter (as papermill -p)")
+    r.set_defaults(fn=cmd_run)
+    s = sub.add_parser("report", help="gather results/*/metrics.json into results/summary.md")
+    s.add_argument("--profile", default="default")
+    s.add_argument("--show", action="store_true", help="print the summary")
+    s.set_defaults(fn=cmd_report)
+    a = sub.add_parser("assets", help="list the model/data registry, or --fetch the offline defaults")
+    a.add_argument("--fetch", action="store_true")
+    a.set_defaults(fn=cmd_assets)
+    i = sub.add_parser("inspect", help="verify that a saved model folder loads")
+    i.add_argument("path")
+    i.set_defaults(fn=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except QlabError as e:
+        print(f"qlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qlab: interrupted", file=sys.stderr)
+        return 130

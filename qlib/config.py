@@ -1,0 +1,256 @@
+"""Configs every study shares: quantization methods and plans, run names, profiles, paths, device."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+
+class QlabError(Exception):
+    """A user-facing error: the CLI prints its message on one line and exits non-zero."""
+
+
+class QuantMethod(str, enum.Enum):
+    """The compression methods the studies compare (values are the lower-case result names)."""
+
+    FP32 = "fp32"
+    NONE = "fp32"  # alias: no quantization
+    INT8 = "int8"
+    NF4 = "nf4"
+    QLORA = "qlora"
+    BITNET = "bitnet"
+    QLORA_BITNET = "qlora_bitnet"
+    PTQ_INT8 = "ptq_int8"
+    QAT_INT8 = "qat_int8"
+    SWITCHABLE = "switchable"
+
+    @classmethod
+    def parse(cls, value: str | QuantMethod) -> QuantMethod:
+        """Accept an enum, its value or its name in any case; name the valid ones otherwise."""
+        if isinstance(value, cls):
+            return value
+        key = str(value).strip()
+        for name, m in cls.__members__.items():  # includes the NONE alias
+            if key.lower() in (m.value, name.lower()):
+                return m
+        valid = ", ".join(sorted({m.value for m in cls}))
+        raise QlabError(f"unknown quantization method {value!r}; valid: {valid}")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What a method does to the weights: bits, where it runs, whether the base trains."""
+
+    method: QuantMethod
+    weights_bits: float
+    backend: str
+    base_trainable: bool
+    peft: str | None
+    lm_head_dtype: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+_SPECS: dict[QuantMethod, QuantSpec] = {
+    QuantMethod.FP32: QuantSpec(QuantMethod.FP32, 32, "torch", True, None, "fp32"),
+    QuantMethod.INT8: QuantSpec(QuantMethod.INT8, 8, "bitsandbytes", False, None, "fp32",
+                                {"llm_int8_threshold": 6.0}),
+    QuantMethod.NF4: QuantSpec(QuantMethod.NF4, 4, "bitsandbytes", False, None, "fp32",
+                               {"quant_type": "nf4", "double_quant": False}),
+    QuantMethod.QLORA: QuantSpec(QuantMethod.QLORA, 4, "bitsandbytes", False, "lora", "fp32",
+                                 {"quant_type": "nf4", "double_quant": True}),
+    QuantMethod.BITNET: QuantSpec(QuantMethod.BITNET, 1.58, "qlib.quant.bitnet", True, None, "fp32",
+                                  {"weights": "absmean ternary", "activations": "absmax int8"}),
+    QuantMethod.QLORA_BITNET: QuantSpec(QuantMethod.QLORA_BITNET, 1.58, "qlib.quant.bitnet", False,
+                                        "lora", "fp32", {"weights": "absmean ternary, frozen"}),
+    QuantMethod.PTQ_INT8: QuantSpec(QuantMethod.PTQ_INT8, 8, "torch.ao", False, None, "fp32",
+                                    {"calibration": "representative batches"}),
+    QuantMethod.QAT_INT8: QuantSpec(QuantMethod.QAT_INT8, 8, "torch.ao", True, None, "fp32",
+                                    {"fake_quant": "observers + STE"}),
+    QuantMethod.SWITCHABLE: QuantSpec(QuantMethod.SWITCHABLE, 8, "qlib.quant.uniform", False,
+                                      "lora-per-bit", "fp32", {"bit_widths": [2, 4, 8]}),
+}
+
+
+@dataclass(frozen=True)
+class QuantizationPlan:
+    """A method's spec plus the transformers `BitsAndBytesConfig` when bitsandbytes loads it."""
+
+    spec: QuantSpec
+    bnb_config: Any | None  # transformers.BitsAndBytesConfig
+
+    def metadata(self) -> dict[str, Any]:
+        """The `quantization` block of the run metadata JSON."""
+        s = self.spec
+        return {"quantization": {"method": s.method.value, "weights_bits": s.weights_bits,
+                                 "lm_head_dtype": s.lm_head_dtype, "backend": s.backend,
+                                 "extras": dict(s.extras)}}
+
+
+def compute_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """fp32 on CPU (bf16 is 4-6x slower on AVX2); bf16 on CUDA where supported, else fp16 (T4)."""
+    dev = torch.device(device) if device is not None else pick_device()
+    if dev.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bf16' (the short names run names and metadata use)."""
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def build_quantization_plan(method: str | QuantMethod,
+                            device: str | torch.device | None = None) -> QuantizationPlan:
+    """Spec + BitsAndBytesConfig for `method`; compute dtype follows the device."""
+    spec = _SPECS[QuantMethod.parse(method)]
+    bnb = None
+    if spec.backend == "bitsandbytes":
+        from transformers import BitsAndBytesConfig
+
+        if spec.weights_bits == 8:
+            bnb = BitsAndBytesConfig(load_in_8bit=True,
+                                     llm_int8_threshold=spec.extras["llm_int8_threshold"])
+        else:
+            bnb = BitsAndBytesConfig(load_in_4bit=True,
+                                     bnb_4bit_quant_type=spec.extras["quant_type"],
+                                     bnb_4bit_use_double_quant=spec.extras["double_quant"],
+                                     bnb_4bit_compute_dtype=compute_dtype(device))
+    return QuantizationPlan(spec, bnb)
+
+
+def run_name(base: str, dataset: str, task: str, peft: str | None, method: str | QuantMethod,
+             bits: float, head_dtype: str) -> str:
+    """`{base}-{dataset}_{task}_{peft}_{method}_w{bits}_head{dtype}`, e.g. for checkpoint folders."""
+    m = QuantMethod.parse(method)
+    short = base.rstrip("/").split("/")[-1]
+    b = f"{bits:g}".replace(".", "p")
+    return f"{short}-{dataset}_{task}_{peft or 'full'}_{m.name}_w{b}_head{head_dtype}"
+
+
+def save_metadata(path: str | Path, plan: QuantizationPlan, **extra: Any) -> Path:
+    """Write the run metadata JSON (quantization block + extra keys) atomically."""
+    from qlib.report import atomic_write_text
+
+    doc = {**extra, **plan.metadata()}
+    return atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True))
+
+
+def load_metadata(path: str | Path) -> dict[str, Any]:
+    """Read a run metadata JSON back; a missing or corrupt file is a clear QlabError."""
+    p = Path(path)
+    if not p.is_file():
+        raise QlabError(f"metadata file not found: {p}")
+    try:
+        doc = json.loads(p.read_text())
+        q = doc["quantization"]
+        QuantMethod.parse(q["method"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise QlabError(f"corrupt metadata file {p}: {e}") from None
+    return doc
+
+
+# ---------------------------------------------------------------- device and paths
+
+def pick_device(prefer: str = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; 'cuda' on a CPU machine is a clear error."""
+    if prefer == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(prefer)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QlabError("device 'cuda' was asked for but no CUDA GPU is visible on this machine")
+    return dev
+
+
+def repo_root() -> Path:
+    """The qlab checkout (QLAB_ROOT, else the nearest parent holding pyproject.toml + qlib/)."""
+    env = os.environ.get("QLAB_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = Path.cwd().resolve()
+    for p in (here, *here.parents):
+        if (p / "pyproject.toml").is_file() and (p / "qlib").is_dir():
+            return p
+    return Path(__file__).resolve().parent.parent
+
+
+def results_dir(study: str, profile: str) -> Path:
+    """results/<study>/ for the default profile, results/<profile>/<study>/ otherwise."""
+    base = repo_root() / "results"
+    return base / study if profile == "default" else base / profile / study
+
+
+def outputs_dir(study: str, profile: str) -> Path:
+    """Ignored folder for weights and checkpoints of one study and profile."""
+    return repo_root() / "outputs" / profile / study
+
+
+# ---------------------------------------------------------------- profiles
+
+PROFILES = ("smoke", "default", "t4", "gpu")
+
+C = TypeVar("C")
+
+
+def check_profile(profile: str) -> str:
+    """Return the profile name, or a clear error listing the valid ones."""
+    if profile not in PROFILES:
+        raise QlabError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    return profile
+
+
+def make_config(cls: type[C], table: dict[str, dict[str, Any]], profile: str, **overrides: Any) -> C:
+    """Build a study config: profile values from `table`, then papermill-style overrides.
+
+    An override of None keeps the profile's value, so a notebook's parameters cell can leave
+    any knob as None; an unknown key is a clear error naming it.
+    """
+    check_profile(profile)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise QlabError(f"unknown parameter(s) for {cls.__name__}: {', '.join(unknown)}")
+    values = {**table.get(profile, {}), **{k: v for k, v in overrides.items() if v is not None}}
+    return cls(profile=profile, **values)  # type: ignore[call-arg]
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """Notebook 01: full-precision fine-tune of the BERT-family encoder (one field per parameter)."""
+
+    profile: str = "default"
+    seed: int = 0
+    model_id: str = "minilm"          # registry key or hub id
+    dataset_id: str = "mr-polarity"   # registry key or hub id
+    max_length: int = 64
+    n_train: int | None = None        # None: the whole training split
+    n_eval: int | None = None
+    epochs: float = 2.0
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    latency_repeats: int = 30
+    device: str = "auto"
+    random_init: bool = False         # `gpu` profile: true architecture, random weights
+
+
+BASELINE_PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": dict(n_train=64, n_eval=64, epochs=1, batch_size=16, max_length=32,
+                  latency_repeats=3),
+    "default": dict(),
+    "t4": dict(model_id="bert-base-uncased", dataset_id="sst2", max_length=128, epochs=3,
+               lr=2e-5),
+    "gpu": dict(model_id="bert-base-uncased", random_init=True, max_length=128, epochs=1,
+                n_train=2048, n_eval=512, latency_repeats=50),
+}
+
+
+def baseline_config(profile: str = "default", **overrides: Any) -> BaselineConfig:
+    """The notebook-01 config for a profile, with overrides."""
+    return make_config(BaselineConfig, BASELINE_PROFILES, profile, **overrides)

@@ -1,0 +1,175 @@
+"""Datasets: the sentence classification split every BERT study shares, and the stdlib code corpus."""
+from __future__ import annotations
+
+import ast
+import hashlib
+import csv
+import random
+import sysconfig
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from qlib.assets import Resolved, resolve_data
+from qlib.config import QlabError
+
+SPLIT_SEED = 1234  # fixed, independent of the run seed: every study sees the same held-out split
+
+
+@dataclass
+class TextClassification:
+    """Texts and integer labels, split once into train / eval (held out) / calib (from train)."""
+
+    train_texts: list[str]
+    train_labels: list[int]
+    eval_texts: list[str]
+    eval_labels: list[int]
+    label_names: list[str]
+    asset: Resolved
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def provenance(self) -> dict[str, Any]:
+        return {**self.asset.provenance(), "n_train": len(self.train_texts),
+                "n_eval": len(self.eval_texts), "split_seed": SPLIT_SEED, **self.extra}
+
+
+def _stratified_split(rows: list[tuple[str, int]], eval_frac: float) -> tuple[list, list]:
+    """Shuffle each class with SPLIT_SEED and hold out the same fraction of each."""
+    rng = random.Random(SPLIT_SEED)
+    train, held = [], []
+    for label in sorted({y for _, y in rows}):
+        group = [r for r in rows if r[1] == label]
+        rng.shuffle(group)
+        k = round(len(group) * eval_frac)
+        held += group[:k]
+        train += group[k:]
+    rng.shuffle(train)
+    rng.shuffle(held)
+    return train, held
+
+
+def read_mr_polarity(path: str | Path) -> list[tuple[str, int]]:
+    """Rows `"1"|"-1",sentence` -> (sentence, 1|0); a malformed file is a clear error."""
+    rows = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for i, rec in enumerate(csv.reader(f), 1):
+            if len(rec) != 2 or rec[0] not in ("1", "-1"):
+                raise QlabError(f"{path}: line {i} is not `label,sentence` with label 1/-1: {rec[:2]!r}")
+            rows.append((rec[1].strip(), 1 if rec[0] == "1" else 0))
+    return rows
+
+
+def _subset(texts: list[str], labels: list[int], n: int | None) -> tuple[list[str], list[int]]:
+    return (texts, labels) if n is None else (texts[:n], labels[:n])
+
+
+def load_classification(dataset_id: str = "mr-polarity", n_train: int | None = None,
+                        n_eval: int | None = None, eval_frac: float = 0.2) -> TextClassification:
+    """The sentence-sentiment task: MR offline (80/20 stratified split), SST-2 from the hub."""
+    asset = resolve_data("classification", dataset_id)
+    if asset.source == "hub":
+        return _load_hub_classification(asset, n_train, n_eval)
+    train, held = _stratified_split(read_mr_polarity(asset.path), eval_frac)
+    tt, tl = _subset([t for t, _ in train], [y for _, y in train], n_train)
+    et, el = _subset([t for t, _ in held], [y for _, y in held], n_eval)
+    return TextClassification(tt, tl, et, el, ["negative", "positive"], asset)
+
+
+def _load_hub_classification(asset: Resolved, n_train: int | None,
+                             n_eval: int | None) -> TextClassification:
+    """SST-2 (train / validation) through `datasets`; offline it is one clear error."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(asset.id)
+    except Exception:
+        from qlib.assets import _offline_message
+
+        raise QlabError(_offline_message(asset.id, "classification")) from None
+    tt, tl = _subset(list(ds["train"]["sentence"]), list(ds["train"]["label"]), n_train)
+    et, el = _subset(list(ds["validation"]["sentence"]), list(ds["validation"]["label"]), n_eval)
+    return TextClassification(tt, tl, et, el, ["negative", "positive"], asset)
+
+
+def classification_loader(tokenizer: Any, texts: list[str], labels: list[int], batch_size: int,
+                          max_length: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    """Batches padded to the longest sentence in the batch (not to max_length): ~2x faster here."""
+    pairs = list(zip(texts, labels))
+
+    def collate(batch: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+        enc = tokenizer([t for t, _ in batch], padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        enc["labels"] = torch.tensor([y for _, y in batch])
+        return dict(enc)
+
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(pairs, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+                      generator=gen if shuffle else None)
+
+
+# ---------------------------------------------------------------- code corpus
+
+@dataclass(frozen=True)
+class CodeFunction:
+    """One real function from the standard library: its module, docstring and source."""
+
+    module: str
+    name: str
+    docstring: str
+    code: str
+
+
+_SKIP_PARTS = {"test", "tests", "lib2to3", "idlelib", "site-packages", "dist-packages", "__pycache__",
+               "turtledemo", "ensurepip"}
+
+
+def _functions_in(path: Path, module: str, min_doc: int) -> list[CodeFunction]:
+    try:
+        src = path.read_text(encoding="utf-8")
+        tree = ast.parse(src)
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    lines = src.splitlines()
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= min_doc and node.end_lineno:
+                # slicing lines is ~50x faster than ast.get_source_segment over the whole stdlib
+                body = lines[node.lineno - 1:node.end_lineno]
+                code = textwrap.dedent("\n".join(body))
+                out.append(CodeFunction(module, node.name, doc, code))
+    return out
+
+
+def load_code_corpus(min_doc: int = 20, stdlib: str | None = None) -> list[CodeFunction]:
+    """Unique functions with docstrings from the stdlib, in a stable order (tests excluded)."""
+    root = Path(stdlib or sysconfig.get_path("stdlib"))
+    seen: set[str] = set()
+    funcs = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if _SKIP_PARTS & set(rel.parts) or rel.name.startswith("test_"):
+            continue
+        module = ".".join(rel.with_suffix("").parts)
+        for fn in _functions_in(path, module, min_doc):
+            if fn.code not in seen:
+                seen.add(fn.code)
+                funcs.append(fn)
+    return funcs
+
+
+def split_by_module(funcs: list[CodeFunction], eval_frac: float = 0.1
+                    ) -> tuple[list[CodeFunction], list[CodeFunction]]:
+    """Hold out whole modules (a stable hash picks ~eval_frac of them): no function leaks across."""
+    def held(module: str) -> bool:
+        h = hashlib.sha256(f"{SPLIT_SEED}:{module}".encode()).digest()
+        return int.from_bytes(h[:4], "big") / 2**32 < eval_frac
+
+    train = [f for f in funcs if not held(f.module)]
+    evals = [f for f in funcs if held(f.module)]
+    return train, evals

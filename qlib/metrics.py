@@ -1,0 +1,224 @@
+"""What the studies measure: quality, latency, peak memory, parameters, sizes, and the machine."""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# ---------------------------------------------------------------- quality
+
+
+def accuracy_f1(preds: Sequence[int], labels: Sequence[int]) -> dict[str, float]:
+    """Accuracy and macro-F1 (mean of per-class F1) over the same held-out labels."""
+    if len(preds) != len(labels) or not labels:
+        raise ValueError(f"need equal, non-empty preds/labels, got {len(preds)} and {len(labels)}")
+    acc = sum(int(p) == int(y) for p, y in zip(preds, labels)) / len(labels)
+    f1s = []
+    for c in sorted(set(labels) | set(preds)):
+        tp = sum(p == c and y == c for p, y in zip(preds, labels))
+        fp = sum(p == c and y != c for p, y in zip(preds, labels))
+        fn = sum(p != c and y == c for p, y in zip(preds, labels))
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": acc, "f1": sum(f1s) / len(f1s)}
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, input_ids: torch.Tensor, context: int, stride: int,
+               device: str | torch.device = "cpu") -> dict[str, float]:
+    """Sliding-window perplexity (HF recipe): each token scored once, with up to `context` of history.
+
+    Returns the perplexity with the context and stride used, so results can state them.
+    """
+    ids = input_ids.reshape(-1)
+    nll, counted, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.numel(), stride):
+        end = min(begin + context, ids.numel())
+        target_len = end - prev_end
+        chunk = ids[begin:end].unsqueeze(0).to(device)
+        labels = chunk.clone()
+        labels[:, :-target_len] = -100
+        n = int((labels[:, 1:] != -100).sum())
+        if n:
+            loss = model(input_ids=chunk, labels=labels).loss.float()
+            nll += loss.item() * n
+            counted += n
+        prev_end = end
+        if end == ids.numel():
+            break
+    return {"perplexity": math.exp(nll / counted), "context": context, "stride": stride,
+            "tokens": counted}
+
+
+# ---------------------------------------------------------------- speed
+
+
+def measure_latency(fn: Callable[[], Any], warmup: int = 3, repeats: int = 20,
+                    device: str | torch.device = "cpu") -> dict[str, float]:
+    """Median (and p10/p90) wall time of `fn` in ms after warm-up; CUDA is synchronized."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return {"median_ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1],
+            "repeats": repeats}
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _maxrss() -> int:
+    """The process's lifetime peak RSS in bytes (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA max_allocated on GPU, else process-RSS growth on CPU.
+
+    On CPU the peak is the larger of a 5 ms RSS sampler and the kernel's exact high-water mark
+    (ru_maxrss) when the block raised it. `source` says which kind, so a row can state it.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", interval_s: float = 0.005):
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self.source = "cuda_max_allocated" if self.device.type == "cuda" else "cpu_rss_delta"
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        self._base = self._max = _rss()
+        self._hwm = _maxrss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, _rss())
+            time.sleep(self.interval_s)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+            return
+        self._stop.set()
+        self._thread.join()
+        hwm = _maxrss()
+        exact = hwm if hwm > self._hwm else 0  # the block set a new lifetime peak: it is exact
+        self.peak_bytes = max(self._max, _rss(), exact) - self._base
+
+
+# ---------------------------------------------------------------- parameters and sizes
+
+
+def count_params(model: torch.nn.Module) -> dict[str, int]:
+    """Trainable and total parameters (tied weights counted once)."""
+    seen, total, trainable = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return {"trainable_params": trainable, "total_params": total}
+
+
+def size_on_disk(path: str | Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    if not p.is_dir():
+        raise FileNotFoundError(p)
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def bits_per_param(n_bytes: int, n_params: int) -> float:
+    """Stored bits per parameter (file bytes include headers, so slightly above the nominal width)."""
+    return 8.0 * n_bytes / n_params
+
+
+# ---------------------------------------------------------------- the machine
+
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
+             "amx_int8", "amx_bf16")
+
+
+def cpu_info() -> tuple[str, list[str]]:
+    """CPU model name and the SIMD/matrix flags that decide INT8/bf16 speed."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and ":" in line:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return name, [f for f in ISA_FLAGS if f in flags]
+
+
+def _version(mod: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(mod)
+    except Exception:
+        return None
+
+
+def runtime_env(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The `env` block of a results file: device, CPU and flags, library versions, threads."""
+    dev = torch.device(device)
+    cpu, isa = cpu_info()
+    env: dict[str, Any] = {"device": dev.type, "cpu": cpu, "isa": isa,
+                           "python": platform.python_version(), "torch": torch.__version__,
+                           "transformers": _version("transformers"), "peft": _version("peft"),
+                           "bitsandbytes": _version("bitsandbytes"),
+                           "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    if dev.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(dev), cuda=torch.version.cuda,
+                   gpu_mem_bytes=torch.cuda.get_device_properties(dev).total_memory)
+    return env
+
+
+class Timer:
+    """Wall time of a block, in seconds: `with Timer() as t: ...` then `t.seconds`."""
+
+    seconds: float = 0.0
+
+    def __enter__(self) -> Timer:
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self._t0

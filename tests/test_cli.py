@@ -1,0 +1,49 @@
+"""Bad input at the command line: one clear error line, non-zero exit, no traceback."""
+import subprocess
+import sys
+
+
+def qlib(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "qlib", *args], capture_output=True, text=True,
+                          env=env)
+
+
+def _one_clear_line(r, needle):
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qlab: error:") and needle in lines[0], r.stderr
+
+
+def test_unknown_profile():
+    _one_clear_line(qlib("run", "--profile", "turbo"), "unknown profile 'turbo'")
+
+
+def test_unknown_notebook():
+    _one_clear_line(qlib("run", "99_nothing", "--profile", "smoke"), "unknown notebook '99_nothing'")
+
+
+def test_missing_and_corrupt_checkpoint(tmp_path):
+    _one_clear_line(qlib("inspect", str(tmp_path / "gone")), "checkpoint folder not found")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    _one_clear_line(qlib("inspect", str(tmp_path)), "corrupt checkpoint")
+
+
+def test_unknown_model_id_offline(tmp_path):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c",
+                        "import sys; from qlib.cli import main; from qlib import assets\n"
+                        "from qlib.config import QlabError\n"
+                        "try:\n assets.resolve_model('encoder', 'no-org/no-model')\n"
+                        "except QlabError as e:\n print(e); sys.exit(2)"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "'no-org/no-model'" in r.stdout and "offline" in r.stdout
+
+
+def test_assets_lists_registry():
+    r = qlib("assets")
+    assert r.returncode == 0
+    assert "minilm" in r.stdout and "mr-polarity" in r.stdout and "bert-base-uncased" in r.stdout

@@ -1,0 +1,90 @@
+import json
+
+import pytest
+import torch
+
+from qlib.config import (BaselineConfig, QlabError, QuantMethod, baseline_config,
+                         build_quantization_plan, compute_dtype, load_metadata, pick_device,
+                         run_name, save_metadata)
+
+
+def test_enum_parse_accepts_names_values_and_aliases():
+    assert QuantMethod.parse("qlora") is QuantMethod.QLORA
+    assert QuantMethod.parse("QLORA_BITNET") is QuantMethod.QLORA_BITNET
+    assert QuantMethod.parse("none") is QuantMethod.FP32
+    with pytest.raises(QlabError, match="unknown quantization method 'int3'"):
+        QuantMethod.parse("int3")
+
+
+def test_qlora_plan_is_nf4_double_quant_with_device_compute_dtype():
+    plan = build_quantization_plan("qlora", device="cpu")
+    bnb = plan.bnb_config
+    assert bnb.load_in_4bit and not bnb.load_in_8bit
+    assert bnb.bnb_4bit_quant_type == "nf4"
+    assert bnb.bnb_4bit_use_double_quant is True
+    assert bnb.bnb_4bit_compute_dtype == torch.float32
+    assert plan.spec.peft == "lora" and plan.spec.base_trainable is False
+
+
+def test_compute_dtype_follows_gpu_bf16_support(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert compute_dtype("cuda") == torch.float16  # a T4
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert compute_dtype("cuda") == torch.bfloat16
+    assert compute_dtype("cpu") == torch.float32
+    plan = build_quantization_plan(QuantMethod.NF4, device="cuda")
+    assert plan.bnb_config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert plan.bnb_config.bnb_4bit_use_double_quant is False
+
+
+def test_int8_and_non_bnb_plans():
+    assert build_quantization_plan("int8").bnb_config.load_in_8bit
+    for m in ("fp32", "bitnet", "ptq_int8", "qat_int8", "switchable", "qlora_bitnet"):
+        assert build_quantization_plan(m).bnb_config is None
+    assert build_quantization_plan("bitnet").spec.weights_bits == 1.58
+
+
+def test_run_name_format():
+    name = run_name("gpt2", "codesearchnet", "SFT", "LoRa64", "qlora", 4, "bf16")
+    assert name == "gpt2-codesearchnet_SFT_LoRa64_QLORA_w4_headbf16"
+    assert run_name("Qwen/Qwen2.5-1.5B", "squad", "QA", None, "bitnet", 1.58, "fp16") == \
+        "Qwen2.5-1.5B-squad_QA_full_BITNET_w1p58_headfp16"
+
+
+def test_metadata_round_trip(tmp_path):
+    plan = build_quantization_plan("qlora")
+    p = save_metadata(tmp_path / "run.json", plan, run_name="x", base="gpt2")
+    doc = load_metadata(p)
+    assert doc["run_name"] == "x"
+    assert doc["quantization"] == {"method": "qlora", "weights_bits": 4, "lm_head_dtype": "fp32",
+                                   "backend": "bitsandbytes",
+                                   "extras": {"quant_type": "nf4", "double_quant": True}}
+    assert json.loads(p.read_text()) == doc
+
+
+def test_metadata_corrupt_or_missing(tmp_path):
+    with pytest.raises(QlabError, match="not found"):
+        load_metadata(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"quantization": {"method": "int3"')
+    with pytest.raises(QlabError, match="corrupt metadata"):
+        load_metadata(bad)
+
+
+def test_profiles_and_overrides():
+    assert baseline_config("default") == BaselineConfig()
+    smoke = baseline_config("smoke", lr=1e-3, epochs=None)
+    assert smoke.lr == 1e-3 and smoke.epochs == 1 and smoke.n_train == 64
+    assert baseline_config("t4").model_id == "bert-base-uncased"
+    assert baseline_config("gpu").random_init is True
+    with pytest.raises(QlabError, match="unknown profile 'fast'"):
+        baseline_config("fast")
+    with pytest.raises(QlabError, match="unknown parameter.*learning_rate"):
+        baseline_config("default", learning_rate=1.0)
+
+
+def test_cuda_request_on_cpu_machine_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(QlabError, match="no CUDA GPU"):
+        pick_device("cuda")
+    assert pick_device("auto").type == "cpu"

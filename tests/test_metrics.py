@@ -1,0 +1,81 @@
+import math
+import time
+
+import pytest
+import torch
+
+from qlib import metrics
+
+
+def test_accuracy_and_macro_f1_by_hand():
+    # class 1: tp=2 fp=1 fn=1 -> F1 2/3; class 0: tp=1 fp=1 fn=1 -> F1 1/2
+    m = metrics.accuracy_f1([1, 1, 0, 1, 0], [1, 0, 0, 1, 1])
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["f1"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    with pytest.raises(ValueError):
+        metrics.accuracy_f1([1], [1, 0])
+
+
+def _tiny_lm():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=64, n_embd=16, n_layer=1,
+                                      n_head=2)).eval()
+
+
+def test_perplexity_full_context_equals_exp_mean_loss():
+    model, ids = _tiny_lm(), torch.randint(0, 50, (40,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loss = model(input_ids=ids[None], labels=ids[None]).loss.item()
+    out = metrics.perplexity(model, ids, context=64, stride=64)
+    assert out["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert out["tokens"] == 39 and out["context"] == 64
+
+
+def test_perplexity_sliding_window_scores_each_token_once():
+    model, ids = _tiny_lm(), torch.randint(0, 50, (50,), generator=torch.Generator().manual_seed(2))
+    strided = metrics.perplexity(model, ids, context=16, stride=8)
+    assert strided["tokens"] == 49
+    assert strided["perplexity"] != pytest.approx(metrics.perplexity(model, ids, 64, 64)["perplexity"],
+                                                  rel=1e-9)
+
+
+def test_latency_runs_warmup_plus_repeats():
+    calls = []
+    out = metrics.measure_latency(lambda: calls.append(1), warmup=2, repeats=5)
+    assert len(calls) == 7 and out["repeats"] == 5 and out["median_ms"] >= 0
+
+
+def test_count_params_tied_and_frozen():
+    model = _tiny_lm()
+    n = metrics.count_params(model)
+    # wte 50*16 + wpe 64*16 + block + ln_f; lm_head is tied to wte and counted once
+    block = 2 * 16 * 2 + (16 * 48 + 48) + (16 * 16 + 16) + (16 * 64 + 64) + (64 * 16 + 16)
+    assert n["total_params"] == 50 * 16 + 64 * 16 + block + 2 * 16
+    model.transformer.wte.weight.requires_grad_(False)
+    assert metrics.count_params(model)["trainable_params"] == n["total_params"] - 800
+
+
+def test_peak_memory_sees_a_large_cpu_allocation():
+    with metrics.PeakMemory("cpu") as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        x += 1
+        time.sleep(0.05)
+        del x
+    assert mem.source == "cpu_rss_delta"
+    assert mem.peak_bytes > 48 * 2**20
+
+
+def test_size_and_bits_per_param(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"x" * 100)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.bin").write_bytes(b"x" * 28)
+    assert metrics.size_on_disk(tmp_path) == 128
+    assert metrics.bits_per_param(128, 256) == 4.0
+
+
+def test_runtime_env_names_cpu_and_versions():
+    env = metrics.runtime_env("cpu")
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__
+    assert isinstance(env["isa"], list) and env["threads"] >= 1 and env["cpu"]

@@ -1,0 +1,84 @@
+import json
+import os
+
+import pytest
+
+from qlib import report
+from qlib.config import QlabError
+
+
+def test_atomic_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+
+    def boom(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        report.atomic_write_text(target, "new content")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_atomic_write_failure_on_new_file_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("rename failed")))
+    with pytest.raises(OSError):
+        report.atomic_write_text(tmp_path / "new.json", "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_is_all_or_nothing(tmp_path):
+    target = tmp_path / "baseline-model"
+    with pytest.raises(RuntimeError):
+        with report.atomic_dir(target) as d:
+            (d / "model.safetensors").write_bytes(b"half")
+            raise RuntimeError("crash mid-save")
+    assert list(tmp_path.iterdir()) == []
+    with report.atomic_dir(target) as d:
+        (d / "a").write_text("1")
+    with report.atomic_dir(target) as d:
+        (d / "b").write_text("2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["baseline-model"]
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+
+
+def test_make_row_fills_every_schema_key_with_null():
+    row = report.make_row("ptq_int8_dynamic", accuracy=0.9, latency_ms_b8=3.0, f1=float("nan"))
+    assert set(report.ROW_KEYS) <= set(row)
+    assert row["perplexity"] is None and row["f1"] is None and row["latency_ms_b8"] == 3.0
+    with pytest.raises(ValueError):
+        report.make_row("FP32")
+
+
+def test_write_and_load_metrics_round_trip(tmp_path):
+    rows = [report.make_row("fp32", accuracy=0.5)]
+    p = report.write_metrics("99_x", "smoke", 0, {"device": "cpu"}, {"model": {"id": "m"}}, rows,
+                             out_dir=tmp_path)
+    doc = report.load_metrics(p)
+    assert doc["rows"][0]["accuracy"] == 0.5 and doc["rows"][0]["em"] is None
+    assert doc["study"] == "99_x" and doc["profile"] == "smoke"
+
+
+def test_bad_metrics_are_named(tmp_path):
+    with pytest.raises(QlabError, match="lacks keys"):
+        report.write_metrics("x", "smoke", 0, {}, {}, [{"method": "fp32"}], out_dir=tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
+    bad = tmp_path / "metrics.json"
+    bad.write_text("{not json")
+    with pytest.raises(QlabError, match="corrupt results file"):
+        report.load_metrics(bad)
+    bad.write_text(json.dumps({"study": "x"}))
+    with pytest.raises(QlabError, match="missing top-level keys"):
+        report.load_metrics(bad)
+
+
+def test_summary_lists_each_study(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
+    rows = [report.make_row("fp32", model="m", accuracy=0.81, size_bytes=2**20)]
+    env = {"device": "cpu", "cpu": "test-cpu", "isa": ["avx2"], "threads": 2, "torch": "t"}
+    report.write_metrics("01_baseline", "default", 0, env, {"model": {"id": "m", "source": "s"}}, rows)
+    text = report.write_summary("default").read_text()
+    assert "## 01_baseline" in text and "0.810" in text and "1.0 MiB" in text
+    with pytest.raises(QlabError, match="no results for profile 'smoke'"):
+        report.write_summary("smoke")

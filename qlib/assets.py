@@ -63,6 +63,19 @@ REGISTRY: dict[str, Asset] = {a.key: a for a in [
     Asset("stdlib-code", "code", "data", "local",
           "functions with docstrings from this Python's standard library "
           "(CodeSearchNet-Python stand-in)", "PSF-2.0"),
+    Asset("gpt2-stdlib", "causal-lm", "model", "pretrained-here",
+          "GPT-2 architecture (4 layers, hidden 256, 4k byte-level BPE) pretrained by qlib on stdlib code",
+          "same as the corpus (PSF-2.0)"),
+    Asset("llama-stdlib", "llama-arch", "model", "pretrained-here",
+          "LLaMA architecture (4 layers, hidden 256) pretrained by qlib on stdlib code",
+          "same as the corpus (PSF-2.0)"),
+    Asset("qwen2-stdlib", "qwen-arch", "model", "pretrained-here",
+          "Qwen2 architecture (4 layers, hidden 256) pretrained by qlib on stdlib code",
+          "same as the corpus (PSF-2.0)"),
+    *[Asset(f"{k}-tiny", r, "model", "pretrained-here", f"smoke-profile size of {k}",
+            "same as the corpus (PSF-2.0)")
+      for k, r in (("gpt2-stdlib", "causal-lm"), ("llama-stdlib", "llama-arch"),
+                   ("qwen2-stdlib", "qwen-arch"))],
     Asset("bert-base-uncased", "encoder", "model", "hub", "BERT base uncased", "Apache-2.0",
           "bert-base-uncased"),
     Asset("sst2", "classification", "data", "hub", "GLUE SST-2", "see dataset card",
@@ -77,7 +90,9 @@ REGISTRY: dict[str, Asset] = {a.key: a for a in [
     Asset("squad", "qa", "data", "hub", "SQuAD v1.1", "CC BY-SA 4.0", "rajpurkar/squad"),
 ]}
 
-OFFLINE_DEFAULT = {"encoder": "minilm", "classification": "mr-polarity", "code": "stdlib-code"}
+OFFLINE_DEFAULT = {"encoder": "minilm", "classification": "mr-polarity", "code": "stdlib-code",
+                   "causal-lm": "gpt2-stdlib", "llama-arch": "llama-stdlib",
+                   "qwen-arch": "qwen2-stdlib"}
 
 
 def cache_dir() -> Path:
@@ -193,6 +208,10 @@ def resolve_model(role: str, key: str, random_init: bool = False) -> Resolved:
     if a is not None and a.key == "minilm":
         return Resolved(role, "sentence-transformers/all-MiniLM-L6-v2", a.source,
                         str(minilm_dir()), a.license)
+    if a is not None and a.source == "pretrained-here":
+        from qlib.pretrain import pretrained_lm
+
+        return Resolved(role, a.key, a.source, str(pretrained_lm(a.key)), a.license)
     if Path(key).is_dir():
         return Resolved(role, key, "local", str(Path(key).resolve()))
     hub_id = a.hub_id if a else key

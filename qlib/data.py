@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import csv
 import random
+import sys
 import sysconfig
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -147,8 +149,27 @@ def _functions_in(path: Path, module: str, min_doc: int) -> list[CodeFunction]:
 
 
 def load_code_corpus(min_doc: int = 20, stdlib: str | None = None) -> list[CodeFunction]:
-    """Unique functions with docstrings from the stdlib, in a stable order (tests excluded)."""
+    """Unique functions with docstrings from the stdlib, in a stable order (tests excluded).
+
+    Parsing takes seconds, so the result is cached per Python version and stdlib path.
+    """
+    from qlib.assets import cache_dir
+    from qlib.report import atomic_write_text
+
     root = Path(stdlib or sysconfig.get_path("stdlib"))
+    key = hashlib.sha256(f"{sys.version}|{root}|{min_doc}".encode()).hexdigest()[:12]
+    cached = cache_dir() / "data" / f"stdlib-code-{key}.json"
+    if cached.is_file():
+        try:
+            return [CodeFunction(**d) for d in json.loads(cached.read_text())]
+        except (json.JSONDecodeError, TypeError):
+            cached.unlink()  # corrupt cache: rebuild it below
+    funcs = _parse_stdlib(root, min_doc)
+    atomic_write_text(cached, json.dumps([asdict(f) for f in funcs]))
+    return funcs
+
+
+def _parse_stdlib(root: Path, min_doc: int) -> list[CodeFunction]:
     seen: set[str] = set()
     funcs = []
     for path in sorted(root.rglob("*.py")):

@@ -1,6 +1,7 @@
 """What the studies measure: quality, latency, peak memory, parameters, sizes, and the machine."""
 from __future__ import annotations
 
+import gc
 import math
 import os
 import platform
@@ -63,19 +64,33 @@ def perplexity(model: torch.nn.Module, input_ids: torch.Tensor, context: int, st
 def measure_latency(fn: Callable[[], Any], warmup: int = 3, repeats: int = 20,
                     device: str | torch.device = "cpu") -> dict[str, float]:
     """Median (and p10/p90) wall time of `fn` in ms after warm-up; CUDA is synchronized."""
+    return compare_latency({"fn": fn}, warmup, repeats, device)["fn"]
+
+
+def compare_latency(fns: dict[str, Callable[[], Any]], warmup: int = 3, repeats: int = 20,
+                    device: str | torch.device = "cpu") -> dict[str, dict[str, float]]:
+    """Latency of several variants, interleaved round-robin so machine drift hits all of them alike.
+
+    Use this for ratios (quantized vs fp32) measured in one run; each entry is as measure_latency.
+    """
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-    return {"median_ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1],
-            "repeats": repeats}
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
+        out[name] = {"median_ms": statistics.median(ts), "p10_ms": q[0], "p90_ms": q[-1],
+                     "repeats": repeats}
+    return out
 
 
 # ---------------------------------------------------------------- memory
@@ -85,6 +100,16 @@ def _rss() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc), so later growth shows up as RSS again."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _maxrss() -> int:
@@ -113,6 +138,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
             return self
+        gc.collect()
+        _trim_heap()
         self._base = self._max = _rss()
         self._hwm = _maxrss()
         self._stop = threading.Event()

@@ -28,6 +28,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -134,7 +137,7 @@ def load_metrics(path: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- summary
 
 SUMMARY_COLS = ("method", "model", "accuracy", "f1", "perplexity", "em", "size_bytes",
-                "bits_per_param", "latency_ms", "speedup_vs_fp32", "peak_mem_bytes",
+                "bits_per_param", "latency_ms", "latency_ms_b8", "tokens_per_s", "speedup_vs_fp32", "peak_mem_bytes",
                 "train_time_s", "trainable_params", "total_params")
 
 
@@ -142,18 +145,26 @@ def _fmt(key: str, v: Any) -> str:
     if v is None:
         return "–"
     if key.endswith("_bytes"):
-        return f"{v / 2**20:.1f} MiB"
+        return f"{v / 2**20:.1f}"
     if key.endswith("params"):
-        return f"{v / 1e6:.2f} M"
+        return f"{v / 1e6:.2f}"
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
     return str(v)
 
 
+def _header(key: str) -> str:
+    if key.endswith("_bytes"):
+        return key[: -len("_bytes")] + " (MiB)"
+    if key.endswith("params"):
+        return key + " (M)"
+    return {"latency_ms": "latency b1 (ms)", "latency_ms_b8": "latency b8 (ms)"}.get(key, key)
+
+
 def metrics_table(doc: dict[str, Any]) -> str:
     """A markdown table of one study's rows (only columns some row fills)."""
     cols = [c for c in SUMMARY_COLS if any(r.get(c) is not None for r in doc["rows"])]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = ["| " + " | ".join(_header(c) for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in doc["rows"]:
         lines.append("| " + " | ".join(_fmt(c, r.get(c)) for c in cols) + " |")
     return "\n".join(lines)

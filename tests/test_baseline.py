@@ -3,7 +3,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from qlib import assets, baseline, data, metrics, models
+from qlib import assets, data, metrics, models
+from qlib.studies import baseline
 from qlib.config import QlabError, baseline_config
 from qlib.train import predict
 

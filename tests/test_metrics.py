@@ -79,3 +79,11 @@ def test_runtime_env_names_cpu_and_versions():
     env = metrics.runtime_env("cpu")
     assert env["device"] == "cpu" and env["torch"] == torch.__version__
     assert isinstance(env["isa"], list) and env["threads"] >= 1 and env["cpu"]
+
+
+def test_compare_latency_interleaves_and_ranks():
+    order = []
+    fast, slow = (lambda: order.append("f")), (lambda: (order.append("s"), time.sleep(0.004)))
+    out = metrics.compare_latency({"fast": fast, "slow": slow}, warmup=1, repeats=4)
+    assert order[2:] == ["f", "s"] * 4  # after the warm-ups, round-robin
+    assert out["slow"]["median_ms"] > out["fast"]["median_ms"] and out["fast"]["repeats"] == 4

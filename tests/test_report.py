@@ -21,6 +21,15 @@ def test_atomic_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
+def test_atomic_write_respects_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        p = report.atomic_write_text(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == 0o644
+
+
 def test_atomic_write_failure_on_new_file_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("rename failed")))
     with pytest.raises(OSError):
@@ -79,6 +88,6 @@ def test_summary_lists_each_study(tmp_path, monkeypatch):
     env = {"device": "cpu", "cpu": "test-cpu", "isa": ["avx2"], "threads": 2, "torch": "t"}
     report.write_metrics("01_baseline", "default", 0, env, {"model": {"id": "m", "source": "s"}}, rows)
     text = report.write_summary("default").read_text()
-    assert "## 01_baseline" in text and "0.810" in text and "1.0 MiB" in text
+    assert "## 01_baseline" in text and "0.810" in text and "| 1.0 |" in text and "size (MiB)" in text
     with pytest.raises(QlabError, match="no results for profile 'smoke'"):
         report.write_summary("smoke")

@@ -6,7 +6,9 @@ and its INT4 weight-only kernels do not run on CPU. Dynamic = int8 weights, acti
 per batch at run time; static = int8 weights and activations, activation ranges calibrated once.
 Static quantization wraps each nn.Linear in quant/dequant stubs (eager mode cannot trace a HF
 model whole), so the int8 islands are the linears; LayerNorm, GELU and softmax stay FP32.
-Embeddings get 8-bit weight-only rows in both (they hold half of MiniLM's parameters).
+Embeddings get 8-bit weight-only rows in both (they hold half of MiniLM's parameters). Quantized
+embeddings need contiguous index tensors: pass `token_type_ids` (tokenizers do) rather than letting
+HF BERT expand its buffer.
 """
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
 """Quantization-aware training to INT8 with torch.ao (eager mode): fake-quant, fine-tune, convert.
 
 Same INT8 islands as static PTQ (`qlib.quant.ptq.static_int8`): every nn.Linear wrapped in
-quant/dequant stubs, embeddings 8-bit weight-only, so QAT and PTQ differ only in how the ranges
-and weights were found. Fake-quant modules observe ranges (moving averages) and pass gradients
-straight through the rounding (the STE of torch's fake_quantize ops).
+quant/dequant stubs, so QAT and PTQ differ only in how the ranges and weights were found. Each
+linear gets three fake-quants (its input, its weight, its output); they observe ranges (moving
+averages) and pass gradients straight through the rounding (the STE of torch's fake_quantize
+ops). Eager-mode prepare_qat does not fake-quantize embeddings: their rows are quantized to 8 bits
+weight-only at conversion, exactly as in PTQ.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ def prepare_qat_int8(model: nn.Module, per_channel: bool = True) -> nn.Module:
     if _wrap_linears(q, qconfig) == 0:
         raise QlabError("QAT: the model has no nn.Linear to quantize")
     for m in q.modules():
-        if type(m) is nn.Embedding:
-            m.qconfig = tq.default_embedding_qat_qconfig
+        if type(m) is nn.Embedding:  # quantized at convert (weight-only rows), not during training
+            m.qconfig = tq.float_qparams_weight_only_qconfig
     return tq.prepare_qat(q, inplace=True)
 
 

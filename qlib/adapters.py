@@ -1,0 +1,134 @@
+"""LoRA / QLoRA through peft + bitsandbytes: NF4 bases, adapters, honest parameter counts, safe loading."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlib.config import QlabError, build_quantization_plan
+
+ATTENTION = ["query", "key", "value"]
+MLP = ["attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def load_nf4_classifier(path: str | Path, num_labels: int, device: torch.device) -> torch.nn.Module:
+    """The encoder with every linear but the new head in NF4 + double quant (bitsandbytes)."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    plan = build_quantization_plan("qlora", device)
+    bnb = plan.bnb_config
+    bnb.llm_int8_skip_modules = ["classifier"]  # the fresh head trains in full precision
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # "classifier newly initialised" is expected
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, quantization_config=bnb, dtype=torch.float32,
+            device_map={"": device.index if device.type == "cuda" else "cpu"})
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def add_lora(model: torch.nn.Module, rank: int, mlp: bool = False, dropout: float = 0.1,
+             gradient_checkpointing: bool = False) -> Any:
+    """prepare_model_for_kbit_training + LoRA (alpha = 2r) on attention (and MLP) projections."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, task_type="SEQ_CLS",
+                     target_modules=ATTENTION + (MLP if mlp else []))
+    return get_peft_model(model, cfg)
+
+
+def _logical_numel(p: torch.nn.Parameter) -> int:
+    """bitsandbytes stores 4-bit weights packed (two per byte); count the weights they stand for."""
+    qs = getattr(p, "quant_state", None)
+    return int(torch.Size(qs.shape).numel()) if qs is not None else p.numel()
+
+
+def param_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Trainable and total parameters, 4-bit weights counted as the weights they represent."""
+    seen, total, trainable = set(), 0, 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n = _logical_numel(p)
+            total += n
+            trainable += n if p.requires_grad else 0
+    return {"trainable_params": trainable, "total_params": total}
+
+
+def nf4_storage(model: torch.nn.Module) -> dict[str, float]:
+    """Bits per weight that the 4-bit linears really store (codes + absmax + DQ constants)."""
+    n_weights, n_bits, n_layers, seen = 0, 0, 0, set()
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        qs = getattr(w, "quant_state", None)
+        if qs is None or id(w) in seen:  # peft's LoRA wrapper exposes its base layer's weight too
+            continue
+        seen.add(id(w))
+        n_layers += 1
+        n_weights += int(torch.Size(qs.shape).numel())
+        n_bits += m.weight.numel() * m.weight.element_size() * 8 + qs.absmax.numel() * qs.absmax.element_size() * 8
+        if qs.nested:
+            n_bits += qs.state2.absmax.numel() * 32 + 32  # second-level scales + the offset
+    if not n_layers:
+        raise QlabError("the model has no 4-bit layers")
+    return {"nf4_layers": n_layers, "nf4_weights": n_weights, "bits_per_param": n_bits / n_weights}
+
+
+def check_adapter(base: torch.nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
+    """Refuse an adapter made for another base: name the first missing layer or mismatched shape."""
+    from safetensors import safe_open
+
+    d = Path(adapter_dir)
+    cfg_path, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
+    for f in (cfg_path, weights):
+        if not f.is_file():
+            raise QlabError(f"adapter folder {d} is incomplete: {f.name} is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        with safe_open(weights, framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise QlabError(f"corrupt adapter in {d}: {type(e).__name__}: {e}") from None
+    modules = dict(base.named_modules())
+    for key, shape in shapes.items():
+        name = key.replace("base_model.model.", "", 1).rsplit(".", 1)[0]
+        for tag in (".lora_A", ".lora_B", ".modules_to_save"):
+            name = name.split(tag)[0]
+        mod = modules.get(name)
+        if mod is None:
+            n_layers = getattr(getattr(base, "config", None), "num_hidden_layers", "?")
+            raise QlabError(f"adapter/base mismatch: adapter has weights for {name!r}, which the base "
+                            f"does not have (base has {n_layers} layers)")
+        if ".lora_A." in key or ".lora_B." in key:
+            _check_lora_shape(name, mod, key, shape)
+            continue
+        attr = key.rsplit(".", 1)[1]  # a fully saved module (modules_to_save, e.g. the head)
+        param = getattr(mod, attr, None)
+        if param is not None and tuple(param.shape) != shape:
+            what = " (number of labels differs)" if "classifier" in name or "score" in name else ""
+            raise QlabError(f"adapter/base mismatch at {name}.{attr}: adapter has shape {shape}, "
+                            f"base has {tuple(param.shape)}{what}; "
+                            f"base num_labels={getattr(base.config, 'num_labels', '?')}")
+    return cfg
+
+
+def _check_lora_shape(name: str, mod: torch.nn.Module, key: str, shape: tuple[int, ...]) -> None:
+    in_f, out_f = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
+    if ".lora_A." in key and in_f is not None and shape[1] != in_f:
+        raise QlabError(f"adapter/base mismatch at {name}: adapter expects input size {shape[1]}, "
+                        f"base layer has {in_f} (hidden size differs)")
+    if ".lora_B." in key and out_f is not None and shape[0] != out_f:
+        raise QlabError(f"adapter/base mismatch at {name}: adapter outputs {shape[0]}, base layer has {out_f}")
+
+
+def load_adapter(base: torch.nn.Module, adapter_dir: str | Path) -> Any:
+    """Plain `peft.PeftModel.from_pretrained`, after checking the adapter fits this base."""
+    from peft import PeftModel
+
+    check_adapter(base, adapter_dir)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()

@@ -1,0 +1,237 @@
+"""Study 04: QLoRA for the BERT-family encoder: NF4 + double-quant base, LoRA adapters, HF checkpoints."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlib import adapters, assets, data, metrics, models, report
+from qlib.config import BaselineConfig, QlabError, compute_dtype, make_config, outputs_dir, pick_device, results_dir
+from qlib.studies import baseline
+from qlib.train import predict, set_seed
+
+STUDY = "04_qlora_bert"
+
+
+@dataclass(frozen=True)
+class QLoRAConfig:
+    """Notebook 04's parameters."""
+
+    profile: str = "default"
+    seed: int = 0
+    ranks: tuple[int, ...] = (4, 8, 16)   # LoRA ranks swept; the first of main_rank's run keeps checkpoints
+    main_rank: int = 8
+    mlp: bool = False                     # LoRA on the MLP projections too (attention only by default)
+    epochs: float = 0.5
+    lr: float = 5e-4
+    batch_size: int = 32
+    save_steps: int | None = None         # None: twice per run
+    device: str = "auto"
+
+
+QLORA_PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": dict(ranks=(8,), epochs=1, batch_size=16),
+    "default": {},
+    "t4": dict(ranks=(8, 16, 64), main_rank=16, epochs=1, lr=2e-4),
+    "gpu": dict(ranks=(16,), main_rank=16, epochs=1),
+}
+
+
+def qlora_config(profile: str = "default", **overrides: Any) -> QLoRAConfig:
+    if isinstance(overrides.get("ranks"), list):
+        overrides["ranks"] = tuple(overrides["ranks"])
+    cfg = make_config(QLoRAConfig, QLORA_PROFILES, profile, **overrides)
+    if cfg.main_rank not in cfg.ranks:
+        cfg = make_config(QLoRAConfig, QLORA_PROFILES, profile,
+                          **{**overrides, "main_rank": cfg.ranks[0]})
+    return cfg
+
+
+def _baseline_settings(profile: str) -> BaselineConfig:
+    """Same encoder, data, split and sequence length as notebook 01 of this profile."""
+    from qlib.config import baseline_config
+
+    return baseline_config(profile)
+
+
+def _hf_dataset(tok: Any, texts: list[str], labels: list[int], max_length: int) -> Any:
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": texts, "label": labels})
+    return ds.map(lambda b: tok(b["text"], truncation=True, max_length=max_length), batched=True,
+                  remove_columns=["text"])
+
+
+def train_qlora(cfg: QLoRAConfig, rank: int, bcfg: BaselineConfig, ds: Any, tok: Any,
+                model_path: str, out_dir: Path | None, device: torch.device) -> dict[str, Any]:
+    """One QLoRA fine-tune with transformers' Trainer; checkpoints go to out_dir when given."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    set_seed(cfg.seed)
+    base = adapters.load_nf4_classifier(model_path, len(ds.label_names), device)
+    model = adapters.add_lora(base, rank, mlp=cfg.mlp)
+    counts = adapters.param_counts(model)
+    storage = adapters.nf4_storage(model)
+    train = _hf_dataset(tok, ds.train_texts, ds.train_labels, bcfg.max_length)
+    steps = max(1, round(cfg.epochs * -(-len(train) // cfg.batch_size)))
+    half = compute_dtype(device)
+    args = TrainingArguments(
+        output_dir=str(out_dir or outputs_dir(STUDY, cfg.profile) / f".scratch-r{rank}"),
+        per_device_train_batch_size=cfg.batch_size, max_steps=steps, learning_rate=cfg.lr,
+        warmup_steps=max(1, steps // 10), lr_scheduler_type="linear", weight_decay=0.0,
+        logging_steps=max(1, steps // 20), save_strategy="steps" if out_dir else "no",
+        save_steps=cfg.save_steps or max(1, steps // 2), save_total_limit=3, seed=cfg.seed,
+        data_seed=cfg.seed, report_to="none", use_cpu=device.type != "cuda",
+        bf16=device.type == "cuda" and half == torch.bfloat16,
+        fp16=device.type == "cuda" and half == torch.float16, dataloader_num_workers=0,
+        disable_tqdm=False)
+    trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tok,
+                      data_collator=DataCollatorWithPadding(tok))
+    with metrics.PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        trainer.train()
+        train_time = time.perf_counter() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"model": model.eval(), "counts": counts, "storage": storage, "mem": mem,
+            "train_time_s": train_time, "steps": steps, "losses": losses}
+
+
+def evaluate(model: torch.nn.Module, tok: Any, ds: Any, max_length: int, device: torch.device) -> dict[str, float]:
+    loader = data.classification_loader(tok, ds.eval_texts, ds.eval_labels, 64, max_length)
+    return metrics.accuracy_f1(*predict(model, loader, device))
+
+
+def evaluate_adapter(adapter_dir: str | Path, profile: str) -> dict[str, float]:
+    """Load base (NF4) + adapter with plain peft and score the held-out split: what a user would do."""
+    bcfg = _baseline_settings(profile)
+    device = pick_device("auto")
+    asset = assets.resolve_model("encoder", bcfg.model_id)
+    ds = data.load_classification(bcfg.dataset_id, bcfg.n_train, bcfg.n_eval)
+    tok = models.load_tokenizer(asset)
+    base = adapters.load_nf4_classifier(asset.path, len(ds.label_names), device)
+    model = adapters.load_adapter(base, adapter_dir)
+    return evaluate(model, tok, ds, bcfg.max_length, device)
+
+
+def verify_in_fresh_process(adapter_dir: Path, profile: str) -> dict[str, float]:
+    """Run evaluate_adapter in a new Python process (nothing shared with this one)."""
+    r = subprocess.run([sys.executable, "-m", "qlib.studies.qlora_bert", "verify", str(adapter_dir),
+                        "--profile", profile], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise QlabError(f"fresh-process adapter check failed: {r.stderr.strip().splitlines()[-1:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class QLoRAResult:
+    rows: list[dict[str, Any]]
+    doc: dict[str, Any]
+    metrics_path: Path
+    losses: dict[int, list[float]]
+    adapter_dir: Path
+    fresh: dict[str, float]
+
+
+def run(cfg: QLoRAConfig) -> QLoRAResult:
+    """Sweep LoRA ranks on an NF4 base; keep checkpoints + final adapter of main_rank; verify reload."""
+    device = pick_device(cfg.device)
+    bcfg = _baseline_settings(cfg.profile)
+    asset = assets.resolve_model("encoder", bcfg.model_id)
+    ds = data.load_classification(bcfg.dataset_id, bcfg.n_train, bcfg.n_eval)
+    tok = models.load_tokenizer(asset)
+    out = outputs_dir(STUDY, cfg.profile)
+    rows, losses, adapter_dir, fresh = [], {}, out / "qlora-bert-adapter", {}
+    for rank in cfg.ranks:
+        is_main = rank == cfg.main_rank
+        run_ = train_qlora(cfg, rank, bcfg, ds, tok, asset.path, out / "bert-qlora" if is_main else None, device)
+        quality = evaluate(run_["model"], tok, ds, bcfg.max_length, device)
+        losses[rank] = run_["losses"]
+        if is_main:
+            with report.atomic_dir(adapter_dir) as tmp:
+                run_["model"].save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+            fresh = verify_in_fresh_process(adapter_dir, cfg.profile)
+        adapter_bytes = metrics.size_on_disk(adapter_dir) if is_main else None
+        rows.append(report.make_row(
+            "qlora" if is_main else f"qlora_r{rank}", model=asset.id, dataset=ds.asset.id, **quality,
+            size_bytes=adapter_bytes, bits_per_param=run_["storage"]["bits_per_param"],
+            peak_mem_bytes=run_["mem"].peak_bytes, peak_mem_source=run_["mem"].source,
+            train_time_s=run_["train_time_s"], train_steps=run_["steps"], lora_rank=rank,
+            nf4_layers=run_["storage"]["nf4_layers"], **run_["counts"]))
+        del run_
+    rows = [r for r in rows if r["method"] == "qlora"] + [r for r in rows if r["method"] != "qlora"]
+    rows.insert(0, _fp32_reference(cfg.profile))
+    env = metrics.runtime_env(device)
+    doc_assets = {"model": {"role": "encoder", **asset.provenance()}, "data": ds.provenance()}
+    path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows,
+                                config={**asdict(cfg), "ranks": list(cfg.ranks)},
+                                fresh_process_reload=fresh,
+                                notes="fp32 row copied from notebook 01's metrics.json of this profile "
+                                      "(a separate process); qlora size_bytes is the adapter folder only")
+    return QLoRAResult(rows, report.load_metrics(path), path, losses, adapter_dir, fresh)
+
+
+def _fp32_reference(profile: str) -> dict[str, Any]:
+    """Notebook 01's FP32 row for comparison (marked as such), or a row of nulls if 01 has not run."""
+    p = results_dir(baseline.STUDY, profile) / "metrics.json"
+    if not p.is_file():
+        return report.make_row("fp32", source="notebook 01 not run in this profile")
+    row = dict(report.load_metrics(p)["rows"][0])
+    row["source"] = "notebook 01"
+    return row
+
+
+def findings(res: QLoRAResult) -> str:
+    """Markdown findings from this run's numbers."""
+    by = {r["method"]: r for r in res.rows}
+    fp, q = by["fp32"], by["qlora"]
+    lines = [f"- QLoRA r={q['lora_rank']}: {q['trainable_params']:,} trainable of {q['total_params']:,} "
+             f"parameters ({100 * q['trainable_params'] / q['total_params']:.2f} %); the {q['nf4_layers']} "
+             f"NF4 + double-quant linears store {q['bits_per_param']:.3f} bits per weight "
+             "(4 + 8/64 + 32/(64·256) = 4.127 expected)."]
+    if fp.get("accuracy") is not None and q["accuracy"] is not None:
+        lines.append(f"- Accuracy {q['accuracy']:.3f} vs {fp['accuracy']:.3f} for the full FP32 fine-tune of "
+                     f"notebook 01 ({100 * (q['accuracy'] - fp['accuracy']):+.1f} pt) after {q['train_steps']} steps "
+                     f"vs {fp.get('train_steps')}.")
+        if fp.get("peak_mem_bytes"):
+            lines.append(f"- Peak training memory ({q['peak_mem_source']}): {q['peak_mem_bytes'] / 2**20:.0f} MiB "
+                         f"vs {fp['peak_mem_bytes'] / 2**20:.0f} MiB for FP32 full fine-tuning. Time per step: "
+                         f"{q['train_time_s'] / q['train_steps']:.2f} s vs "
+                         f"{fp['train_time_s'] / fp['train_steps']:.2f} s — on CPU the NF4 dequantize "
+                         "costs time; the win is memory and the size of what is shipped.")
+    sweep = [r for r in res.rows if r["method"].startswith("qlora")]
+    if len(sweep) > 1:
+        lines.append("- Rank sweep: " + ", ".join(f"r={r['lora_rank']}: acc {r['accuracy']:.3f}, "
+                                                   f"{r['trainable_params']:,} trainable" for r in
+                                                   sorted(sweep, key=lambda r: r["lora_rank"])) + ".")
+    lines.append(f"- The adapter is {q['size_bytes'] / 2**20:.2f} MiB on disk; a fresh process loading it with "
+                 f"plain `PeftModel.from_pretrained` scores accuracy {res.fresh.get('accuracy', float('nan')):.3f} "
+                 f"(in-process {q['accuracy']:.3f}).")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m qlib.studies.qlora_bert verify ADAPTER_DIR --profile P`: prints the accuracy JSON."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m qlib.studies.qlora_bert")
+    p.add_argument("cmd", choices=["verify"])
+    p.add_argument("adapter_dir")
+    p.add_argument("--profile", default="default")
+    a = p.parse_args(argv)
+    try:
+        print(json.dumps(evaluate_adapter(a.adapter_dir, a.profile)))
+    except QlabError as e:
+        print(f"qlab: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

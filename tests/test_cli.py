@@ -47,3 +47,10 @@ def test_assets_lists_registry():
     r = qlib("assets")
     assert r.returncode == 0
     assert "minilm" in r.stdout and "mr-polarity" in r.stdout and "bert-base-uncased" in r.stdout
+
+
+def test_unknown_model_id_through_a_notebook_run():
+    """The notebook fails inside papermill; the CLI still prints one line naming the id."""
+    r = qlib("run", "01", "--profile", "smoke", "-p", "model_id", "no-org/no-model")
+    _one_clear_line(r, "'no-org/no-model'")
+    assert "offline" in r.stderr and "failed in cell" in r.stderr

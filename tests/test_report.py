@@ -89,5 +89,10 @@ def test_summary_lists_each_study(tmp_path, monkeypatch):
     report.write_metrics("01_baseline", "default", 0, env, {"model": {"id": "m", "source": "s"}}, rows)
     text = report.write_summary("default").read_text()
     assert "## 01_baseline" in text and "0.810" in text and "| 1.0 |" in text and "size (MiB)" in text
+    assert "BERT compression" not in text  # one study alone makes no cross table
+    ptq_rows = [report.make_row("ptq_int8_dynamic", model="m", accuracy=0.80, size_bytes=2**18)]
+    report.write_metrics("02_ptq", "default", 0, env, {"model": {"id": "m", "source": "s"}}, ptq_rows)
+    text = report.write_summary("default").read_text()
+    assert "## BERT compression" in text and "| 02_ptq | ptq_int8_dynamic | m | 0.800 |" in text
     with pytest.raises(QlabError, match="no results for profile 'smoke'"):
         report.write_summary("smoke")

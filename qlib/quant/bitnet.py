@@ -1,0 +1,117 @@
+"""BitNet b1.58: ternary weights {-1, 0, +1} x absmean scale, 8-bit absmax activations, STE; packing.
+
+Why our own: BitLinear is a training-time layer (a few lines of fake quantization); no maintained
+package provides it for HF GPT-2's Conv1D on CPU. Following Ma et al. 2024 ("The Era of 1-bit LLMs"):
+  weights      W_q = RoundClip(W / (mean|W| + eps), -1, 1),  W ~ W_q * mean|W|   (one scale per matrix)
+  activations  x_q = Clip(round(x * 127 / max|x|), -128, 127) per token,  x ~ x_q * max|x| / 127
+  gradients    straight-through: forward uses the quantized values, backward treats rounding as identity.
+Storage: 2 bits per weight (four per byte), or base-3 (five trits per byte: 3^5 = 243 <= 256) for
+1.6 bits per weight, plus one fp32 scale per matrix.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+EPS = 1e-5
+
+
+def ternary_scale(w: torch.Tensor) -> torch.Tensor:
+    """The absmean scale: mean |W| over the whole matrix."""
+    return w.abs().mean().clamp_min(EPS)
+
+
+def quantize_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternary codes in {-1, 0, 1} (same dtype as w) and the scale they multiply."""
+    scale = ternary_scale(w)
+    return (w / scale).round().clamp(-1, 1), scale
+
+
+def quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Per-token absmax fake quantization to `bits` (returns dequantized values)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = qmax / x.abs().amax(dim=-1, keepdim=True).clamp_min(EPS)
+    return (x * scale).round().clamp(-qmax - 1, qmax) / scale
+
+
+def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Forward q, backward identity (the straight-through estimator)."""
+    return x + (q - x).detach()
+
+
+class BitLinear(nn.Linear):
+    """nn.Linear whose forward uses ternary weights and 8-bit activations; keeps FP latent weights."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, act_bits: int = 8):
+        super().__init__(in_features, out_features, bias=bias)
+        self.act_bits = act_bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes, scale = quantize_weights(self.weight)
+        w = ste(self.weight, codes * scale)
+        xq = ste(x, quantize_activations(x, self.act_bits))
+        return nn.functional.linear(xq, w, self.bias)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Module) -> BitLinear:
+        """From nn.Linear, or GPT-2's Conv1D (weight stored transposed: in x out)."""
+        if isinstance(lin, nn.Linear):
+            weight, bias = lin.weight.data, lin.bias
+        elif type(lin).__name__ == "Conv1D":
+            weight, bias = lin.weight.data.t(), lin.bias
+        else:
+            raise TypeError(f"cannot make a BitLinear from {type(lin).__name__}")
+        out = cls(weight.shape[1], weight.shape[0], bias=bias is not None)
+        out.weight.data.copy_(weight)
+        if bias is not None:
+            out.bias.data.copy_(bias.data)
+        return out
+
+
+def to_bitnet(model: nn.Module, skip: tuple[str, ...] = ("lm_head", "score", "classifier")) -> int:
+    """Replace every Linear/Conv1D of the blocks with a BitLinear in place; returns how many."""
+    n = 0
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            full = f"{parent_name}.{name}" if parent_name else name
+            if any(full == s or full.endswith("." + s) for s in skip) or isinstance(child, BitLinear):
+                continue
+            if isinstance(child, nn.Linear) or type(child).__name__ == "Conv1D":
+                setattr(parent, name, BitLinear.from_linear(child))
+                n += 1
+    return n
+
+
+# ---------------------------------------------------------------- packing
+
+def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
+    """Ternary codes -> 2 bits each (code + 1 in {0, 1, 2}), four per byte, first in the low bits."""
+    t = (codes.reshape(-1).to(torch.int16) + 1).to(torch.uint8)
+    t = nn.functional.pad(t, (0, -t.numel() % 4)).view(-1, 4)
+    return t[:, 0] | (t[:, 1] << 2) | (t[:, 2] << 4) | (t[:, 3] << 6)
+
+
+def unpack_2bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    parts = [(packed >> s) & 0b11 for s in (0, 2, 4, 6)]
+    return (torch.stack(parts, dim=1).reshape(-1)[:numel].to(torch.int8) - 1)
+
+
+_POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16)
+
+
+def pack_base3(codes: torch.Tensor) -> torch.Tensor:
+    """Ternary codes -> base-3 digits, five per byte (1.6 bits per weight)."""
+    t = (codes.reshape(-1).to(torch.int16) + 1)
+    t = nn.functional.pad(t, (0, -t.numel() % 5)).view(-1, 5)
+    return (t * _POW3).sum(dim=1).to(torch.uint8)
+
+
+def unpack_base3(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    v = packed.to(torch.int16).unsqueeze(1)
+    digits = (v // _POW3) % 3
+    return (digits.reshape(-1)[:numel] - 1).to(torch.int8)
+
+
+def packed_bits_per_weight(packed: torch.Tensor, numel: int, n_scales: int = 1) -> float:
+    """Stored bits per weight including the fp32 scale(s)."""
+    return (packed.numel() * 8 + 32 * n_scales) / numel

@@ -1,0 +1,76 @@
+"""BitNet b1.58: ternary weights, absmean scale, 8-bit activations, STE, packing round trips."""
+import pytest
+import torch
+from torch import nn
+
+from qlib.quant import bitnet
+
+
+def test_weights_are_ternary_with_absmean_scale():
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)
+    codes, scale = bitnet.quantize_weights(w)
+    assert set(codes.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert scale == pytest.approx(w.abs().mean().item())
+    assert torch.equal(codes, (w / scale).round().clamp(-1, 1))
+    # about a third of N(0,1) weights fall within half a scale of zero
+    assert 0.2 < (codes == 0).float().mean() < 0.5
+
+
+def test_activation_quantization_range_and_levels():
+    x = torch.tensor([[0.5, -2.0, 1.0, 0.01], [100.0, 1.0, -50.0, 0.0]])
+    q = bitnet.quantize_activations(x)
+    step = x.abs().amax(-1, keepdim=True) / 127
+    levels = q / step
+    assert torch.allclose(levels, levels.round(), atol=1e-4)  # on the 8-bit grid of each token
+    assert levels.abs().max() <= 127 + 1e-4
+    assert torch.allclose(q[:, :3], x[:, :3], atol=step.max().item() / 2 + 1e-6)
+
+
+def test_ste_gradient_is_identity():
+    torch.manual_seed(0)
+    lin = bitnet.BitLinear(8, 4, bias=False)
+    x = torch.randn(3, 8, requires_grad=True)
+    lin(x).sum().backward()
+    codes, scale = bitnet.quantize_weights(lin.weight.detach())
+    xq = bitnet.quantize_activations(x.detach())
+    # d/dW of sum(xq @ Wq^T) with STE = sum over batch of xq (broadcast to every output row)
+    assert torch.allclose(lin.weight.grad, xq.sum(0).expand(4, 8), atol=1e-5)
+    assert torch.allclose(x.grad, (codes * scale).sum(0).expand(3, 8), atol=1e-5)
+
+
+def test_bitlinear_from_gpt2_conv1d_matches_layout():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(12, 8)  # nf=12 outputs, nx=8 inputs; weight is 8 x 12
+    bl = bitnet.BitLinear.from_linear(conv)
+    assert bl.weight.shape == (12, 8)
+    x = torch.randn(2, 8)
+    codes, scale = bitnet.quantize_weights(conv.weight.t())
+    ref = bitnet.quantize_activations(x) @ (codes * scale).t() + conv.bias
+    assert torch.allclose(bl(x), ref, atol=1e-5)
+
+
+def test_to_bitnet_replaces_block_linears_but_not_the_head():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+    assert bitnet.to_bitnet(model) == 2 * 4  # c_attn, c_proj, c_fc, mlp.c_proj per block
+    assert not isinstance(model.lm_head, bitnet.BitLinear)
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 50)
+
+
+@pytest.mark.parametrize("n", [1, 4, 5, 97, 1000])
+def test_packing_round_trips_exactly(n):
+    codes = torch.randint(-1, 2, (n,), generator=torch.Generator().manual_seed(n)).to(torch.int8)
+    assert torch.equal(bitnet.unpack_2bit(bitnet.pack_2bit(codes), n), codes)
+    assert torch.equal(bitnet.unpack_base3(bitnet.pack_base3(codes), n), codes)
+
+
+def test_packed_sizes():
+    codes = torch.zeros(64 * 1000, dtype=torch.int8)
+    p2, p3 = bitnet.pack_2bit(codes), bitnet.pack_base3(codes)
+    assert p2.numel() == 16000 and p3.numel() == 12800
+    assert bitnet.packed_bits_per_weight(p3, codes.numel()) == pytest.approx(1.6, abs=1e-3)
+    assert bitnet.packed_bits_per_weight(p2, codes.numel()) == pytest.approx(2.0, abs=1e-3)

@@ -20,7 +20,9 @@ def load_nf4_classifier(path: str | Path, num_labels: int, device: torch.device)
 
     plan = build_quantization_plan("qlora", device)
     bnb = plan.bnb_config
-    bnb.llm_int8_skip_modules = ["classifier"]  # the fresh head trains in full precision
+    # the fresh head and the pooler train in full precision: sentence-embedding encoders (MiniLM) were
+    # trained with mean pooling, so their frozen CLS pooler gives a new head almost nothing to learn from
+    bnb.llm_int8_skip_modules = ["classifier", "pooler.dense"]
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # "classifier newly initialised" is expected
     try:
@@ -38,7 +40,7 @@ def add_lora(model: torch.nn.Module, rank: int, mlp: bool = False, dropout: floa
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, task_type="SEQ_CLS",
-                     target_modules=ATTENTION + (MLP if mlp else []))
+                     target_modules=ATTENTION + (MLP if mlp else []), modules_to_save=["pooler"])
     return get_peft_model(model, cfg)
 
 

@@ -76,6 +76,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     check_profile(args.profile)
     path = write_summary(args.profile)
     print(path.read_text() if args.show else f"wrote {path}")
+    if args.readme:
+        from qlib.report import update_readme
+
+        print(f"wrote the results table of {update_readme(profile=args.profile)}")
     return 0
 
 
@@ -115,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="gather results/*/metrics.json into results/summary.md")
     s.add_argument("--profile", default="default")
     s.add_argument("--show", action="store_true", help="print the summary")
+    s.add_argument("--readme", action="store_true", help="also refresh the README's results table")
     s.set_defaults(fn=cmd_report)
     a = sub.add_parser("assets", help="list the model/data registry, or --fetch the offline defaults")
     a.add_argument("--fetch", action="store_true")

@@ -194,3 +194,53 @@ def split_by_module(funcs: list[CodeFunction], eval_frac: float = 0.1
     train = [f for f in funcs if not held(f.module)]
     evals = [f for f in funcs if held(f.module)]
     return train, evals
+
+
+# ---------------------------------------------------------------- language-model data
+
+def sft_text(fn: CodeFunction) -> str:
+    """A CodeSearchNet-style SFT example: the docstring's summary as a comment, then the function."""
+    summary = fn.docstring.strip().splitlines()[0]
+    return f"# {summary}\n{fn.code}\n"
+
+
+def load_code_sft(dataset_id: str = "stdlib-code") -> tuple[list[str], list[str], Resolved]:
+    """Train / validation SFT texts (split by module offline; CodeSearchNet's own split on the hub)."""
+    asset = resolve_data("code", dataset_id)
+    if asset.source != "hub":
+        train, held = split_by_module(load_code_corpus())
+        return [sft_text(f) for f in train], [sft_text(f) for f in held], asset
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(asset.id, "python")
+    except Exception:
+        from qlib.assets import _offline_message
+
+        raise QlabError(_offline_message(asset.id, "code")) from None
+
+    def texts(split: Any) -> list[str]:
+        return [f"# {d.strip().splitlines()[0] if d.strip() else ''}\n{c}\n"
+                for d, c in zip(split["func_documentation_string"], split["func_code_string"])]
+    return texts(ds["train"]), texts(ds["validation"]), asset
+
+
+def lm_chunks(tokenizer: Any, texts: list[str], context: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Texts joined by end-of-text and cut into [n, context] training windows (packing)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t)["input_ids"] + [eos]
+        if max_tokens and len(ids) >= max_tokens:
+            break
+    n = len(ids) // context
+    if n == 0:
+        raise QlabError(f"not enough text for one {context}-token window ({len(ids)} tokens)")
+    return torch.tensor(ids[: n * context]).view(n, context)
+
+
+def lm_loader(chunks: torch.Tensor, batch_size: int, shuffle: bool = True, seed: int = 0) -> DataLoader:
+    """Batches of {"input_ids", "labels"} (labels = inputs; the model shifts them)."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(chunks, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None,
+                      collate_fn=lambda rows: {"input_ids": torch.stack(rows), "labels": torch.stack(rows)})

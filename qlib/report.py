@@ -254,3 +254,53 @@ def plot_confusion(preds: list[int], labels: list[int], names: list[str], ax: An
                 yticklabels=names, ax=ax)
     ax.set(title=title, xlabel="predicted", ylabel="true")
     return ax
+
+
+# ---------------------------------------------------------------- README
+
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+# Published figures, shown beside ours and never as our results.
+REFERENCES = {
+    ("02_ptq", "ptq_int8_dynamic"): "BERT-base dynamic INT8: 438→181 MB, 1.78× on a VNNI CPU "
+                                    "(PyTorch dynamic-quantization BERT tutorial)",
+    ("04_qlora_bert", "qlora"): "NF4+DQ: 4.127 bits/param (Dettmers et al. 2023, QLoRA)",
+    ("05_gpt2_bitnet", "bitnet"): "b1.58 matches FP16 perplexity from 3B params up when trained from "
+                                  "scratch (Ma et al. 2024)",
+}
+
+
+def _quality(r: dict[str, Any]) -> str:
+    if r.get("accuracy") is not None:
+        return f"acc {r['accuracy']:.3f}"
+    if r.get("perplexity") is not None:
+        return f"ppl {r['perplexity']:.2f}"
+    return "–"
+
+
+def readme_table(profile: str = "default") -> str:
+    """Every row of every study: quality, size, bits, speed ratio, memory, plus a reference column."""
+    lines = ["| study | method | quality | size (MiB) | bits/param | speed vs fp32 (same run) | "
+             "peak train mem (MiB) | reference (published, not ours) |", "|" + "---|" * 8]
+    for d in collect(profile):
+        for r in d["rows"]:
+            if r.get("source") == "notebook 01":
+                continue  # a copy of 01's row, shown once
+            lines.append("| " + " | ".join([
+                d["study"], r["method"], _quality(r), _fmt("size_bytes", r.get("size_bytes")),
+                _fmt("bits_per_param", r.get("bits_per_param")),
+                "–" if r.get("speedup_vs_fp32") is None else f"{r['speedup_vs_fp32']:.2f}×",
+                _fmt("peak_mem_bytes", r.get("peak_mem_bytes")),
+                REFERENCES.get((d["study"], r["method"]), "")]) + " |")
+    return "\n".join(lines)
+
+
+def update_readme(path: str | Path | None = None, profile: str = "default") -> Path:
+    """Replace the README's results section (between the markers) with the table of this profile."""
+    p = Path(path) if path else repo_root() / "README.md"
+    text = p.read_text()
+    if README_START not in text or README_END not in text:
+        raise QlabError(f"{p} has no {README_START} … {README_END} section to fill")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return atomic_write_text(p, f"{head}{README_START}\n{readme_table(profile)}\n{README_END}{tail}")

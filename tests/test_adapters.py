@@ -29,15 +29,15 @@ def trained_adapter(tmp_path_factory):
 def test_nf4_base_counts_and_bits(trained_adapter):
     _, model = trained_adapter
     storage = adapters.nf4_storage(model)
-    n_lin = 2 * 6 + 1  # 6 linears per layer + pooler; the classifier stays full precision
+    n_lin = 2 * 6  # 6 linears per layer; the pooler and the classifier stay full precision
     assert storage["nf4_layers"] == n_lin
     assert storage["bits_per_param"] == pytest.approx(4.127, abs=0.01)
     counts = adapters.param_counts(model)
     fp = sum(p.numel() for p in BertForSequenceClassification(BertConfig(**TINY)).parameters())
     lora = 2 * 3 * (4 * 64 + 64 * 4)  # r=4 on query, key, value of 2 layers
-    head = 64 * 2 + 2  # modules_to_save keeps a trainable copy of the classifier
-    assert counts["total_params"] == fp + lora + head
-    assert counts["trainable_params"] == lora + head
+    head, pooler = 64 * 2 + 2, 64 * 64 + 64  # modules_to_save: trainable copies of both
+    assert counts["total_params"] == fp + lora + head + pooler
+    assert counts["trainable_params"] == lora + head + pooler
 
 
 def test_adapter_reloads_with_plain_peft(trained_adapter, tmp_path):

@@ -74,3 +74,32 @@ def test_packed_sizes():
     assert p2.numel() == 16000 and p3.numel() == 12800
     assert bitnet.packed_bits_per_weight(p3, codes.numel()) == pytest.approx(1.6, abs=1e-3)
     assert bitnet.packed_bits_per_weight(p2, codes.numel()) == pytest.approx(2.0, abs=1e-3)
+
+
+def test_packed_model_gives_identical_logits(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2)  # tied lm_head
+    model = GPT2LMHeadModel(cfg).eval()
+    bitnet.to_bitnet(model)
+    x = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        trained_form = model(input_ids=x).logits
+        assert bitnet.freeze_ternary(model) == 8
+        frozen = model(input_ids=x).logits
+    assert torch.equal(trained_form, frozen)
+    save_file(bitnet.ternary_state(model), tmp_path / "ternary.safetensors")
+    fresh = GPT2LMHeadModel(cfg).eval()
+    bitnet.to_bitnet(fresh)
+    bitnet.freeze_ternary(fresh)  # skeleton: its own (different) codes, overwritten by the load
+    bitnet.load_ternary_state(fresh, load_file(tmp_path / "ternary.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=x).logits, frozen)
+    assert "lm_head.weight" not in load_file(tmp_path / "ternary.safetensors")  # tied: stored once
+    other = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2))
+    bitnet.to_bitnet(other)
+    bitnet.freeze_ternary(other)
+    with pytest.raises(ValueError, match="does not fit"):
+        bitnet.load_ternary_state(other, load_file(tmp_path / "ternary.safetensors"))

@@ -52,5 +52,7 @@ def test_assets_lists_registry():
 def test_unknown_model_id_through_a_notebook_run():
     """The notebook fails inside papermill; the CLI still prints one line naming the id."""
     r = qlib("run", "01", "--profile", "smoke", "-p", "model_id", "no-org/no-model")
-    _one_clear_line(r, "'no-org/no-model'")
-    assert "offline" in r.stderr and "failed in cell" in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("qlab: error:")]
+    assert len(errors) == 1 and errors[0] == r.stderr.strip().splitlines()[-1]  # above it: progress only
+    assert "'no-org/no-model'" in errors[0] and "offline" in errors[0] and "failed in cell" in errors[0]

@@ -96,3 +96,20 @@ def test_summary_lists_each_study(tmp_path, monkeypatch):
     assert "## BERT compression" in text and "| 02_ptq | ptq_int8_dynamic | m | 0.800 |" in text
     with pytest.raises(QlabError, match="no results for profile 'smoke'"):
         report.write_summary("smoke")
+
+
+def test_readme_table_is_filled_from_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
+    env = {"device": "cpu", "cpu": "c", "isa": [], "threads": 2, "torch": "t"}
+    rows = [report.make_row("fp32", accuracy=0.8, size_bytes=2**21),
+            report.make_row("ptq_int8_dynamic", accuracy=0.79, size_bytes=2**19, speedup_vs_fp32=2.5)]
+    report.write_metrics("02_ptq", "default", 0, env, {}, rows)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_START}\nold\n{report.README_END}\nrest\n")
+    text = report.update_readme(readme).read_text()
+    assert "old" not in text and text.startswith("intro") and text.endswith("rest\n")
+    assert "| 02_ptq | ptq_int8_dynamic | acc 0.790 | 0.5 |" in text and "2.50×" in text
+    assert "PyTorch dynamic-quantization BERT tutorial" in text  # the reference column, cited
+    readme.write_text("no markers")
+    with pytest.raises(QlabError, match="no <!-- results:start -->"):
+        report.update_readme(readme)

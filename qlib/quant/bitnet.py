@@ -48,8 +48,10 @@ class BitLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale = quantize_weights(self.weight)
-        w = ste(self.weight, codes * scale)
-        xq = ste(x, quantize_activations(x, self.act_bits))
+        w, xq = codes * scale, quantize_activations(x, self.act_bits)
+        if torch.is_grad_enabled():  # training: STE; inference: the exact quantized values
+            w = ste(self.weight, w) if self.weight.requires_grad else w
+            xq = ste(x, xq) if x.requires_grad else xq
         return nn.functional.linear(xq, w, self.bias)
 
     @classmethod
@@ -80,6 +82,74 @@ def to_bitnet(model: nn.Module, skip: tuple[str, ...] = ("lm_head", "score", "cl
                 setattr(parent, name, BitLinear.from_linear(child))
                 n += 1
     return n
+
+
+class TernaryLinear(nn.Module):
+    """Inference form of a trained BitLinear: int8 codes in {-1,0,1}, one fp32 scale, the bias."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 act_bits: int = 8):
+        super().__init__()
+        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("scale", scale.detach().float().reshape(()))
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.act_bits = act_bits
+        self.out_features, self.in_features = codes.shape
+
+    @classmethod
+    def from_bitlinear(cls, b: BitLinear) -> TernaryLinear:
+        codes, scale = quantize_weights(b.weight.detach())
+        return cls(codes, scale, b.bias, b.act_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.codes.to(x.dtype) * self.scale
+        return nn.functional.linear(quantize_activations(x, self.act_bits), w, self.bias)
+
+
+def freeze_ternary(model: nn.Module) -> int:
+    """Swap every BitLinear for its TernaryLinear inference form, in place; returns how many."""
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BitLinear):
+                setattr(parent, name, TernaryLinear.from_bitlinear(child))
+                n += 1
+    return n
+
+
+def ternary_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors with each TernaryLinear's codes packed base-3 (1.6 bits per weight)."""
+    out, seen = {}, set()
+    ternary = {n for n, m in model.named_modules() if isinstance(m, TernaryLinear)}
+    for key, t in model.state_dict().items():
+        if t.data_ptr() in seen:  # a tied weight (GPT-2's lm_head is wte): stored once
+            continue
+        seen.add(t.data_ptr())
+        mod, _, leaf = key.rpartition(".")
+        if mod in ternary and leaf == "codes":
+            out[f"{mod}.codes_base3"] = pack_base3(t)
+            out[f"{mod}.codes_shape"] = torch.tensor(list(t.shape))
+        else:
+            out[key] = t.contiguous()
+    return out
+
+
+def load_ternary_state(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Unpack a `ternary_state` into a model already frozen to TernaryLinear form (same shapes)."""
+    full = {}
+    for key, t in state.items():
+        if key.endswith(".codes_base3"):
+            mod = key[: -len(".codes_base3")]
+            shape = torch.Size(state[f"{mod}.codes_shape"].tolist())
+            full[f"{mod}.codes"] = unpack_base3(t, shape.numel()).view(shape)
+        elif not key.endswith(".codes_shape"):
+            full[key] = t
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    ptrs = {t.data_ptr() for k, t in model.state_dict().items() if k in full}
+    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in ptrs]
+    if unexpected or untied:
+        raise ValueError(f"ternary state does not fit this model: missing {untied}, unexpected {unexpected}")
+    return model
 
 
 # ---------------------------------------------------------------- packing

@@ -12,6 +12,7 @@ from qlib import data, export, metrics, models, report
 from qlib.config import BaselineConfig, QlabError, make_config, outputs_dir
 from qlib.quant import ptq
 from qlib.studies import baseline
+from qlib.studies import StudyResult
 from qlib.train import predict, set_seed
 
 STUDY = "02_ptq"
@@ -92,10 +93,7 @@ def build_variants(fp32: torch.nn.Module, tok: Any, calib: list[dict[str, torch.
 
 
 @dataclass
-class PTQResult:
-    rows: list[dict[str, Any]]
-    doc: dict[str, Any]
-    metrics_path: Path
+class PTQResult(StudyResult):
     reload_ok: bool
     benchmark: dict[str, Any]
 

@@ -14,6 +14,7 @@ from qlib.config import QlabError, build_quantization_plan, make_config, outputs
 from qlib.quant import ptq, qat
 from qlib.report import atomic_dir
 from qlib.studies.ptq import _forward, baseline_settings, ensure_baseline
+from qlib.studies import StudyResult
 from qlib.train import TrainResult, finetune, predict, set_seed
 
 STUDY = "03_qat"
@@ -45,10 +46,7 @@ def qat_config(profile: str = "default", **overrides: Any) -> QATConfig:
 
 
 @dataclass
-class QATResult:
-    rows: list[dict[str, Any]]
-    doc: dict[str, Any]
-    metrics_path: Path
+class QATResult(StudyResult):
     qat_train: TrainResult
     model_dir: Path
     reload_ok: bool

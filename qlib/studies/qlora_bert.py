@@ -14,6 +14,7 @@ import torch
 from qlib import adapters, assets, data, metrics, models, report
 from qlib.config import BaselineConfig, QlabError, compute_dtype, make_config, outputs_dir, pick_device, results_dir
 from qlib.studies import baseline
+from qlib.studies import StudyResult
 from qlib.train import predict, set_seed
 
 STUDY = "04_qlora_bert"
@@ -27,9 +28,9 @@ class QLoRAConfig:
     seed: int = 0
     ranks: tuple[int, ...] = (4, 8, 16)   # LoRA ranks swept; the first of main_rank's run keeps checkpoints
     main_rank: int = 8
-    mlp: bool = False                     # LoRA on the MLP projections too (attention only by default)
-    epochs: float = 0.5
-    lr: float = 5e-4
+    mlp: bool = True                      # LoRA on the MLP projections too (False: attention only)
+    epochs: float = 1.0
+    lr: float = 1e-3
     batch_size: int = 32
     save_steps: int | None = None         # None: twice per run
     device: str = "auto"
@@ -38,8 +39,8 @@ class QLoRAConfig:
 QLORA_PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(ranks=(8,), epochs=1, batch_size=16),
     "default": {},
-    "t4": dict(ranks=(8, 16, 64), main_rank=16, epochs=1, lr=2e-4),
-    "gpu": dict(ranks=(16,), main_rank=16, epochs=1),
+    "t4": dict(ranks=(8, 16, 64), main_rank=16, lr=2e-4),
+    "gpu": dict(ranks=(16,), main_rank=16),
 }
 
 
@@ -129,10 +130,7 @@ def verify_in_fresh_process(adapter_dir: Path, profile: str) -> dict[str, float]
 
 
 @dataclass
-class QLoRAResult:
-    rows: list[dict[str, Any]]
-    doc: dict[str, Any]
-    metrics_path: Path
+class QLoRAResult(StudyResult):
     losses: dict[int, list[float]]
     adapter_dir: Path
     fresh: dict[str, float]

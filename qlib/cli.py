@@ -89,6 +89,11 @@ def cmd_assets(args: argparse.Namespace) -> int:
     if args.fetch:
         for r in assets.fetch_all():
             print(f"ok  {r.role:15s} {r.id}  [{r.source}]  {r.path}")
+        if args.llama_cpp:
+            from qlib import gguf
+
+            gguf.ensure_llama_cpp()
+            print(f"ok  llama.cpp       llama-cpp-python {gguf.LLAMA_CPP_PYTHON} + converter in {gguf.tools_dir()}")
         return 0
     for row in assets.describe():
         print(f"{row['key']:24s} {row['role']:15s} {row['source']:40s} {row['what']}")
@@ -123,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_report)
     a = sub.add_parser("assets", help="list the model/data registry, or --fetch the offline defaults")
     a.add_argument("--fetch", action="store_true")
+    a.add_argument("--llama-cpp", action="store_true",
+                   help="with --fetch: also build llama-cpp-python (once, cached) and unpack its converter")
     a.set_defaults(fn=cmd_assets)
     i = sub.add_parser("inspect", help="verify that a saved model folder loads")
     i.add_argument("path")

@@ -45,6 +45,7 @@ class GPT2Config:
     lora_lr: float = 2e-3
     gen_tokens: int = 32
     latency_repeats: int = 5
+    gguf: bool = True            # export the BitNet model to GGUF (F32, TQ2_0, TQ1_0) and run it in llama.cpp
     device: str = "auto"
 
 
@@ -54,7 +55,7 @@ GPT2_PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
     "t4": dict(model_id="gpt2", dataset_id="codesearchnet-python", context=512, stride=256,
                train_tokens=4_000_000, eval_tokens=65_536, steps=1000, lr=5e-5, lora_lr=2e-4),
-    "gpu": dict(context=512, stride=256, steps=50),
+    "gpu": dict(context=512, stride=256, steps=50, gguf=False),
 }
 
 
@@ -206,6 +207,54 @@ def _pack_ternary(model: torch.nn.Module, path: Path) -> tuple[int, float, int]:
     return metrics.size_on_disk(path), codes * 8 / weights, n
 
 
+def export_ternary_hf(model: torch.nn.Module, tok: Any, out: Path) -> Path:
+    """The trained BitNet as a plain HF GPT-2 folder: each BitLinear's weight = codes x scale, written
+    back in Conv1D layout (in x out), so llama.cpp's converter reads it like any GPT-2."""
+    from transformers import GPT2LMHeadModel
+
+    plain = GPT2LMHeadModel(model.config)
+    state = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, bitnet.BitLinear):
+            codes, scale = bitnet.quantize_weights(mod.weight.detach())
+            state[f"{name}.weight"] = (codes * scale).t().contiguous()
+            state[f"{name}.bias"] = mod.bias.detach()
+    for key, t in model.state_dict().items():
+        state.setdefault(key, t)
+    plain.load_state_dict(state)
+    with report.atomic_dir(out) as tmp:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return out
+
+
+def gguf_rows(r: Regime, tok: Any, eval_ids: torch.Tensor, prompt: list[int], cfg: GPT2Config,
+              out: Path, pretokenizer_is_gpt2: bool, asset_id: str, data_id: str) -> tuple[list[dict], dict]:
+    """BitNet -> GGUF F32 / TQ2_0 / TQ1_0 with llama.cpp's converter; perplexity and decode in llama.cpp."""
+    from qlib import gguf
+
+    hf = export_ternary_hf(r.model, tok, out / "bitnet-hf")
+    with torch.no_grad():
+        torch_ppl = metrics.perplexity(r.model, eval_ids, cfg.context, cfg.context)["perplexity"]
+    rows, types = [], {}
+    n_params = adapters.param_counts(r.model)["total_params"]
+    for outtype in ("f32", "tq2_0", "tq1_0"):
+        path = gguf.convert(hf, out / f"bitnet-{outtype}.gguf", outtype, gpt2_pretokenizer=pretokenizer_is_gpt2)
+        kinds = gguf.tensor_types(path)
+        types[outtype] = {k: sum(v == k for v in kinds.values()) for k in sorted(set(kinds.values()))}
+        with metrics.PeakMemory("cpu") as mem:
+            ppl = gguf.perplexity(path, eval_ids.tolist(), cfg.context)
+            tps = gguf.decode_speed(path, prompt, cfg.gen_tokens, repeats=cfg.latency_repeats)
+        size = metrics.size_on_disk(path)
+        rows.append(report.make_row(
+            f"gguf_{outtype}", model=asset_id, dataset=data_id, perplexity=ppl["perplexity"], size_bytes=size,
+            bits_per_param=metrics.bits_per_param(size, n_params), tokens_per_s=tps,
+            inference_peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, total_params=n_params,
+            trainable_params=0, backend="llama.cpp", tensor_types=types[outtype],
+            torch_bitnet_perplexity_same_windows=torch_ppl))
+    return rows, types
+
+
 @dataclass
 class GPT2Result(StudyResult):
     losses: dict[str, list[float]]
@@ -247,6 +296,12 @@ def run(cfg: GPT2Config) -> GPT2Result:
             peak_mem_source=(r.train_mem or inf_mem).source, inference_peak_mem_bytes=inf_mem.peak_bytes,
             train_time_s=r.train.train_time_s if r.train else None, train_steps=r.train.steps if r.train else None,
             note=r.note or None, **counts, **extra))
+    gguf_types: dict = {}
+    bit = next((r for r in regimes if r.name == "bitnet"), None)
+    if cfg.gguf and bit is not None:
+        grows, gguf_types = gguf_rows(bit, tok, eval_ids, prompt[0].tolist(), cfg, out,
+                                      asset.source == "pretrained-here", asset.id, data_asset.id)
+        rows += grows
     fp = next((x for x in rows if x["method"] == "fp32"), None)
     for x in rows:
         x["speedup_vs_fp32"] = x["tokens_per_s"] / fp["tokens_per_s"] if fp else None
@@ -256,7 +311,8 @@ def run(cfg: GPT2Config) -> GPT2Result:
                            "n_eval_tokens": int(eval_ids.numel())}}
     path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows,
                                 config={**asdict(cfg), "regimes": list(cfg.regimes)},
-                                perplexity_window={"context": cfg.context, "stride": cfg.stride},
+                                perplexity_window={"context": cfg.context, "stride": cfg.stride,
+                                                   "gguf_rows": "llama.cpp, stride = context"},
                                 packed_ternary_identical_logits=identical)
     return GPT2Result(rows, report.load_metrics(path), path, losses, identical)
 
@@ -283,6 +339,8 @@ def findings(res: GPT2Result) -> str:
     fp = by.get("fp32")
     lines = []
     for r in res.rows:
+        if r.get("backend") == "llama.cpp":
+            continue  # other windows (stride = context): compared with PyTorch BitNet below
         rel = f" ({100 * (r['perplexity'] / fp['perplexity'] - 1):+.1f} % vs fp32)" if fp and r is not fp else ""
         train = (f", trained {r['trainable_params']:,} of {r['total_params']:,} params in {r['train_time_s']:.0f} s"
                  if r["train_time_s"] else ", not trained")
@@ -295,6 +353,20 @@ def findings(res: GPT2Result) -> str:
         lines.append(f"- The packed ternary BitNet (base-3, 1.6 bits per block weight) reloads with identical "
                      f"logits: {res.packed_identical}. In PyTorch BitLinear is fake quantization, so it decodes no "
                      "faster than FP32; the speed of ternary weights needs a ternary kernel (llama.cpp TQ1_0/TQ2_0).")
+    g = {r["method"]: r for r in res.rows if r.get("backend") == "llama.cpp"}
+    if "gguf_tq2_0" in g and "gguf_f32" in g:
+        t2, t1, f = g["gguf_tq2_0"], g.get("gguf_tq1_0"), g["gguf_f32"]
+        lines.append(f"- llama.cpp, same BitNet weights: TQ2_0 perplexity {t2['perplexity']:.2f}, F32 GGUF "
+                     f"{f['perplexity']:.2f}, PyTorch BitNet {t2['torch_bitnet_perplexity_same_windows']:.2f} on the "
+                     "same windows (llama.cpp quantizes activations per 256-block for its ternary dot products, "
+                     "BitLinear per token).")
+        lines.append(f"- Ternary vs F32 in llama.cpp, one run: decode {t2['tokens_per_s'] / f['tokens_per_s']:.2f}× "
+                     f"(TQ2_0) and {t1['tokens_per_s'] / f['tokens_per_s']:.2f}× (TQ1_0); file "
+                     f"{t2['size_bytes'] / f['size_bytes']:.2f}× / {t1['size_bytes'] / f['size_bytes']:.2f}×; peak "
+                     f"RSS during load + eval {t2['inference_peak_mem_bytes'] / max(1, f['inference_peak_mem_bytes']):.2f}× "
+                     "(TQ2_0). The embeddings stay F16 in these files (the converter's choice for ternary types).")
+    elif res.doc["config"].get("gguf") is False:
+        lines.append("- GGUF export was switched off in this run (`gguf=False`): no llama.cpp rows.")
     notes = {r["note"] for r in res.rows if r.get("note")}
     lines += [f"- {n}." for n in notes]
     lines.append("- Whole-model bits/param include what stays in FP32 (embeddings, LayerNorms, the tied head): "

@@ -1,0 +1,195 @@
+"""GGUF through llama.cpp's own tools: convert an HF folder, quantize, read back, run, measure.
+
+Nothing here re-implements llama.cpp. The converter (`convert_hf_to_gguf.py` + its `conversion/`
+package + the `gguf-py` it needs) ships only inside the llama-cpp-python source archive, so qlib
+unpacks it from the pinned sdist (PyPI `gguf` lacks pieces the converter uses). The runtime is
+llama-cpp-python built from that same sdist with GGML_NATIVE=OFF (ON segfaults on AMX CPUs with
+GCC 12), once, and cached as a wheel under the qlab cache.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qlib.assets import _pip, cache_dir
+from qlib.config import QlabError
+from qlib.report import atomic_dir
+
+LLAMA_CPP_PYTHON = "0.3.36"
+_SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
+
+
+def sdist() -> Path:
+    """The pinned llama-cpp-python source archive (downloaded from PyPI once)."""
+    dl = cache_dir() / "downloads"
+    path = dl / f"{_SDIST}.tar.gz"
+    if not path.is_file():
+        dl.mkdir(parents=True, exist_ok=True)
+        _pip("download", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+             "-d", str(dl))
+    return path
+
+
+def tools_dir() -> Path:
+    """llama.cpp's converter, its conversion package and gguf-py, unpacked from the sdist."""
+    dest = cache_dir() / f"llama.cpp-{LLAMA_CPP_PYTHON}"
+    if (dest / "convert_hf_to_gguf.py").is_file():
+        return dest
+    prefix = f"{_SDIST}/vendor/llama.cpp/"
+    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+    with tarfile.open(sdist()) as tar, atomic_dir(dest) as tmp:
+        for m in tar.getmembers():
+            rel = m.name[len(prefix):] if m.name.startswith(prefix) else ""
+            if m.isfile() and rel.startswith(wanted):
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(m).read())  # type: ignore[union-attr]
+    return dest
+
+
+def ensure_llama_cpp() -> Any:
+    """Import llama_cpp, building the pinned wheel once (minutes on 2 cores) if it is missing."""
+    try:
+        import llama_cpp
+
+        return llama_cpp
+    except ImportError:
+        pass
+    wheels = cache_dir() / "wheels"
+    found = sorted(wheels.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}-*.whl"))
+    if not found:
+        print(f"building llama-cpp-python {LLAMA_CPP_PYTHON} from source (once; ~4 min on 2 cores)...",
+              flush=True)
+        env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF "
+                                           "-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF"}
+        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-cache-dir",
+                            str(sdist()), "-w", str(wheels)], env=env, capture_output=True, text=True)
+        found = sorted(wheels.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}-*.whl"))
+        if r.returncode != 0 or not found:
+            tail = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise QlabError(f"building llama-cpp-python failed: {tail}")
+    _pip("install", str(found[-1]))
+    import importlib
+
+    importlib.invalidate_caches()
+    import llama_cpp
+
+    return llama_cpp
+
+
+_RUNNER = """
+import runpy, sys
+tools, src, out, outtype, gpt2_pre = sys.argv[1:6]
+sys.path[:0] = [tools, tools + "/gguf-py"]
+if gpt2_pre == "1":
+    # qlib's tokenizers are byte-level BPE with GPT-2's pre-tokenizer but a hash llama.cpp has never
+    # seen; tell the converter what they are instead of letting it refuse them.
+    from conversion import base
+    known = base.TextModel.get_vocab_base_pre
+    def get_vocab_base_pre(self, tokenizer):
+        try:
+            return known(self, tokenizer)
+        except NotImplementedError:
+            return "gpt-2"
+    base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+sys.argv = ["convert_hf_to_gguf.py", src, "--outfile", out, "--outtype", outtype]
+runpy.run_path(tools + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+def _staged(src: Path, stage: Path) -> Path:
+    """The HF folder as the converter expects it: files linked, config.json completed.
+
+    transformers 5 no longer writes GPT-2's legacy `n_ctx`, which llama.cpp's GPT-2 converter reads.
+    """
+    cfg = json.loads((src / "config.json").read_text())
+    if cfg.get("model_type") != "gpt2" or "n_ctx" in cfg:
+        return src
+    stage.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (stage / f.name).symlink_to(f.resolve())
+    (stage / "config.json").write_text(json.dumps({**cfg, "n_ctx": cfg["n_positions"]}, indent=2))
+    return stage
+
+
+def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", gpt2_pretokenizer: bool = False) -> Path:
+    """HF folder -> GGUF with llama.cpp's converter; a failure leaves no file that looks complete."""
+    src, dst = Path(hf_dir), Path(out)
+    for need in ("config.json", "tokenizer.json"):
+        if not (src / need).is_file():
+            raise QlabError(f"cannot convert {src} to GGUF: {need} is missing (tokenizer files must "
+                            "travel with the model)")
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".stage-") as stage:
+        r = subprocess.run([sys.executable, "-c", _RUNNER, str(tools_dir()), str(_staged(src, Path(stage))),
+                            str(tmp), outtype, "1" if gpt2_pretokenizer else "0"], capture_output=True, text=True)
+    if r.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        tail = [line for line in r.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise QlabError(f"GGUF conversion of {src} ({outtype}) failed: {tail[0][:300]}")
+    os.replace(tmp, dst)
+    return dst
+
+
+def tensor_types(path: str | Path) -> dict[str, str]:
+    """Tensor name -> GGML type name, read back with the gguf reader (checks what was written)."""
+    sys.path.insert(0, str(tools_dir() / "gguf-py"))
+    try:
+        from gguf import GGUFReader
+    finally:
+        sys.path.pop(0)
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+
+
+def _load(path: str | Path, n_ctx: int, threads: int) -> Any:
+    llama_cpp = ensure_llama_cpp()
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=threads,
+                               n_batch=n_ctx, verbose=False)
+    except Exception as e:
+        raise QlabError(f"llama.cpp cannot load {path}: {e}") from None
+
+
+def perplexity(path: str | Path, tokens: list[int], context: int, threads: int = 2) -> dict[str, float]:
+    """Perplexity in llama.cpp over non-overlapping windows of `context` tokens (stride = context)."""
+    llm = _load(path, context, threads)
+    nll, n = 0.0, 0
+    for start in range(0, len(tokens) - 1, context):
+        chunk = tokens[start:start + context]
+        if len(chunk) < 2:
+            break
+        llm.reset()
+        llm.eval(chunk)
+        logits = np.asarray(llm.scores[: len(chunk)], dtype=np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
+        n += len(chunk) - 1
+    return {"perplexity": math.exp(nll / n), "context": context, "stride": context, "tokens": n}
+
+
+def decode_speed(path: str | Path, prompt: list[int], n_new: int, threads: int = 2,
+                 repeats: int = 3) -> float:
+    """Greedy decode tokens/s in llama.cpp (prompt evaluated first, not timed); median of repeats."""
+    llm = _load(path, len(prompt) + n_new + 1, threads)
+    rates = []
+    for _ in range(repeats):
+        llm.reset()
+        llm.eval(prompt)
+        t0 = time.perf_counter()
+        for _ in range(n_new):
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([nxt])
+        rates.append(n_new / (time.perf_counter() - t0))
+    return float(np.median(rates))

@@ -1,6 +1,8 @@
 """Deployment formats: ONNX (+ ONNX Runtime INT8) for encoders; more formats join as studies need them."""
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,10 +62,12 @@ def ort_quantize_static(src: str | Path, dst: str | Path, batches: Iterable[dict
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(batches)
-    quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                    op_types_to_quantize=["MatMul", "Gemm", "Gather"])
-    return Path(dst)
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    with tempfile.TemporaryDirectory() as work, contextlib.chdir(work):  # ORT writes scratch files to cwd
+        quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        op_types_to_quantize=["MatMul", "Gemm", "Gather"])
+    return dst
 
 
 class OrtClassifier:

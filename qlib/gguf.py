@@ -5,6 +5,8 @@ package + the `gguf-py` it needs) ships only inside the llama-cpp-python source 
 unpacks it from the pinned sdist (PyPI `gguf` lacks pieces the converter uses). The runtime is
 llama-cpp-python built from that same sdist with GGML_NATIVE=OFF (ON segfaults on AMX CPUs with
 GCC 12), once, and cached as a wheel under the qlab cache.
+Timing note: llama.cpp's worker threads spin-wait; beside another CPU-bound process on 2 cores both
+slowed by an order of magnitude here. Measure llama.cpp alone.
 """
 from __future__ import annotations
 

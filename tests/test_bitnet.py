@@ -103,3 +103,14 @@ def test_packed_model_gives_identical_logits(tmp_path):
     bitnet.freeze_ternary(other)
     with pytest.raises(ValueError, match="does not fit"):
         bitnet.load_ternary_state(other, load_file(tmp_path / "ternary.safetensors"))
+
+
+def test_study_05_counts_what_each_regime_quantized():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from qlib.studies.gpt2_bitnet import layer_kinds
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+    assert layer_kinds(model) == {"Conv1D": 8, "Linear": 1}  # the head is a Linear
+    bitnet.to_bitnet(model)
+    assert layer_kinds(model) == {"Linear": 1, "BitLinear": 8}

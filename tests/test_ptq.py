@@ -92,7 +92,10 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(tiny, tmp_path):
         ptq.load_quantized(path, ptq.dynamic_int8(tiny))
 
 
-def test_onnx_runtime_int8_matches_torch(tiny, tmp_path):
+def test_onnx_runtime_int8_matches_torch(tiny, tmp_path, monkeypatch):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # ORT's static quantizer writes scratch files to the cwd unless confined
     b = _batch()
     f32 = export.export_onnx(tiny, b, tmp_path / "m.onnx")
     ref = _logits(tiny, b)
@@ -106,3 +109,4 @@ def test_onnx_runtime_int8_matches_torch(tiny, tmp_path):
         assert path.stat().st_size < f32.stat().st_size
     with pytest.raises(QlabError, match="cannot load"):
         export.OrtClassifier(tmp_path / "missing.onnx")
+    assert list(work.iterdir()) == []

@@ -145,6 +145,19 @@ def build_regimes(cfg: GPT2Config, base: str, loader: Any, out: Path, device: to
     return done
 
 
+LAYER_KINDS = ("Conv1D", "Linear", "Linear8bitLt", "Linear4bit", "BitLinear", "TernaryLinear")
+
+
+def layer_kinds(model: torch.nn.Module) -> dict[str, int]:
+    """How many base weight layers of each kind the model holds (LoRA's own A/B layers not counted)."""
+    counts = {k: 0 for k in LAYER_KINDS}
+    for path, m in model.named_modules():
+        name = type(m).__name__
+        if name in counts and not hasattr(m, "base_layer") and ".lora_" not in path:
+            counts[name] += 1
+    return {k: v for k, v in counts.items() if v}
+
+
 def decode_speed(model: Any, prompt: torch.Tensor, n_new: int, repeats: int, eos: int,
                  device: torch.device) -> float:
     """Greedy decode tokens/s with the KV cache (median over repeats)."""
@@ -295,7 +308,7 @@ def run(cfg: GPT2Config) -> GPT2Result:
             quantized_bits_per_weight=stored_bits, tokens_per_s=tps, peak_mem_bytes=r.train_mem.peak_bytes if r.train_mem else None,
             peak_mem_source=(r.train_mem or inf_mem).source, inference_peak_mem_bytes=inf_mem.peak_bytes,
             train_time_s=r.train.train_time_s if r.train else None, train_steps=r.train.steps if r.train else None,
-            note=r.note or None, **counts, **extra))
+            note=r.note or None, layer_kinds=layer_kinds(r.model), **counts, **extra))
     gguf_types: dict = {}
     bit = next((r for r in regimes if r.name == "bitnet"), None)
     if cfg.gguf and bit is not None:

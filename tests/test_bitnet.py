@@ -1,7 +1,6 @@
 """BitNet b1.58: ternary weights, absmean scale, 8-bit activations, STE, packing round trips."""
 import pytest
 import torch
-from torch import nn
 
 from qlib.quant import bitnet
 

@@ -57,6 +57,34 @@ def baseline_settings(path: Path) -> BaselineConfig:
 
 
 @dataclass
+class BaselineSetup:
+    """Notebook 01's model with the data, held-out loader, calibration batches and latency inputs."""
+
+    base_dir: Path
+    bcfg: BaselineConfig
+    fp32: torch.nn.Module
+    tok: Any
+    ds: data.TextClassification
+    eval_loader: Any
+    calib: list[dict[str, torch.Tensor]]
+    shapes: dict[int, dict[str, torch.Tensor]]   # batch size -> inputs padded to max_length
+
+
+def load_setup(profile: str, seed: int, calib_sentences: int) -> BaselineSetup:
+    """Everything 02 and 03 start from, built the same way for both (same split, same shapes)."""
+    base_dir = ensure_baseline(profile, seed)
+    bcfg = baseline_settings(base_dir)
+    fp32, tok = models.load_saved_classifier(base_dir)
+    ds = data.load_classification(bcfg.dataset_id, bcfg.n_train, bcfg.n_eval)
+    ev = data.classification_loader(tok, ds.eval_texts, ds.eval_labels, 64, bcfg.max_length)
+    calib = list(data.classification_loader(tok, ds.train_texts[:calib_sentences],
+                                            ds.train_labels[:calib_sentences], 32, bcfg.max_length))
+    shapes = {b: tok(ds.eval_texts[:b], padding="max_length", truncation=True, max_length=bcfg.max_length,
+                     return_tensors="pt") for b in (1, 8)}
+    return BaselineSetup(base_dir, bcfg, fp32, tok, ds, ev, calib, shapes)
+
+
+@dataclass
 class Variant:
     """One model to compare: how it runs, what is stored on disk, which backend."""
 
@@ -102,18 +130,11 @@ def run(cfg: PTQConfig) -> PTQResult:
     """Quantize, evaluate on notebook 01's held-out split, save ptq_int8_model.pt, measure, write."""
     device = torch.device("cpu")  # torch.ao INT8 kernels and ORT's CPU provider are CPU-only
     set_seed(cfg.seed)
-    base_dir = ensure_baseline(cfg.profile, cfg.seed)
-    bcfg = baseline_settings(base_dir)
-    fp32, tok = models.load_saved_classifier(base_dir)
-    ds = data.load_classification(bcfg.dataset_id, bcfg.n_train, bcfg.n_eval)
-    eval_loader = data.classification_loader(tok, ds.eval_texts, ds.eval_labels, 64, bcfg.max_length)
-    calib_loader = data.classification_loader(tok, ds.train_texts[:cfg.calib_sentences],
-                                              ds.train_labels[:cfg.calib_sentences], 32, bcfg.max_length)
-    calib = list(calib_loader)
+    st = load_setup(cfg.profile, cfg.seed, cfg.calib_sentences)
+    base_dir, bcfg, fp32, tok, ds = st.base_dir, st.bcfg, st.fp32, st.tok, st.ds
+    eval_loader, calib, shapes = st.eval_loader, st.calib, st.shapes
     out = outputs_dir(STUDY, cfg.profile)
     out.mkdir(parents=True, exist_ok=True)
-    shapes = {b: tok(ds.eval_texts[:b], padding="max_length", truncation=True,
-                     max_length=bcfg.max_length, return_tensors="pt") for b in (1, 8)}
     variants = build_variants(fp32, tok, calib, dict(shapes[1]), out, cfg.onnx)
 
     quality = {v.method: metrics.accuracy_f1(*predict(v.model, eval_loader, device, v.method))

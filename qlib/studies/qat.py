@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from qlib import data, metrics, models, report
+from qlib import data, metrics, report
 from qlib.config import QlabError, build_quantization_plan, make_config, outputs_dir
 from qlib.quant import ptq, qat
 from qlib.report import atomic_dir
-from qlib.studies.ptq import _forward, baseline_settings, ensure_baseline
+from qlib.studies.ptq import _forward, load_setup
 from qlib.studies import StudyResult
 from qlib.train import TrainResult, finetune, predict, set_seed
 
@@ -78,13 +78,8 @@ def run(cfg: QATConfig) -> QATResult:
     """Static PTQ and QAT from the same baseline in one run; the QAT model is saved and reloaded."""
     device = torch.device("cpu")  # torch.ao's INT8 kernels are CPU kernels
     set_seed(cfg.seed)
-    base_dir = ensure_baseline(cfg.profile, cfg.seed)
-    bcfg = baseline_settings(base_dir)
-    fp32, tok = models.load_saved_classifier(base_dir)
-    ds = data.load_classification(bcfg.dataset_id, bcfg.n_train, bcfg.n_eval)
-    ev = data.classification_loader(tok, ds.eval_texts, ds.eval_labels, 64, bcfg.max_length)
-    calib = list(data.classification_loader(tok, ds.train_texts[:cfg.calib_sentences],
-                                            ds.train_labels[:cfg.calib_sentences], 32, bcfg.max_length))
+    st = load_setup(cfg.profile, cfg.seed, cfg.calib_sentences)
+    base_dir, bcfg, fp32, tok, ds, ev, calib = st.base_dir, st.bcfg, st.fp32, st.tok, st.ds, st.eval_loader, st.calib
     train = data.classification_loader(tok, ds.train_texts, ds.train_labels, cfg.batch_size,
                                        bcfg.max_length, shuffle=True, seed=cfg.seed)
 
@@ -104,12 +99,10 @@ def run(cfg: QATConfig) -> QATResult:
         trains["fp32_more_steps"] = (ctr, cmem)
 
     quality = {k: metrics.accuracy_f1(*predict(m, ev, device, k)) for k, m in models_.items()}
-    shapes = {b: tok(ds.eval_texts[:b], padding="max_length", truncation=True,
-                     max_length=bcfg.max_length, return_tensors="pt") for b in (1, 8)}
     timed = {k: m for k, m in models_.items() if k != "fp32_more_steps"}
     lat = {b: metrics.compare_latency({k: _forward(m, enc) for k, m in timed.items()},
                                       warmup=max(2, cfg.latency_repeats // 10),
-                                      repeats=cfg.latency_repeats) for b, enc in shapes.items()}
+                                      repeats=cfg.latency_repeats) for b, enc in st.shapes.items()}
 
     out = outputs_dir(STUDY, cfg.profile)
     meta = {"base": str(base_dir), "config": asdict(cfg), **quality["qat_int8"],

@@ -186,6 +186,16 @@ def _hub_snapshot(hub_id: str, role: str) -> Path:
     raise QlabError(_offline_message(hub_id, role))
 
 
+def load_hub_dataset(hub_id: str, role: str, config: str | None = None) -> Any:
+    """`datasets.load_dataset` for a role's hub id; offline it is the same one-line error as models."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(hub_id, config) if config else datasets.load_dataset(hub_id)
+    except Exception:
+        raise QlabError(_offline_message(hub_id, role)) from None
+
+
 def _offline_message(hub_id: str, role: str) -> str:
     default = OFFLINE_DEFAULT.get(role)
     hint = f"; offline default for role {role!r}: {default!r}" if default else ""

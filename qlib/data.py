@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from qlib.assets import Resolved, resolve_data
+from qlib.assets import Resolved, load_hub_dataset, resolve_data
 from qlib.config import QlabError
 
 SPLIT_SEED = 1234  # fixed, independent of the run seed: every study sees the same held-out split
@@ -84,14 +84,7 @@ def load_classification(dataset_id: str = "mr-polarity", n_train: int | None = N
 def _load_hub_classification(asset: Resolved, n_train: int | None,
                              n_eval: int | None) -> TextClassification:
     """SST-2 (train / validation) through `datasets`; offline it is one clear error."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(asset.id)
-    except Exception:
-        from qlib.assets import _offline_message
-
-        raise QlabError(_offline_message(asset.id, "classification")) from None
+    ds = load_hub_dataset(asset.id, "classification")
     tt, tl = _subset(list(ds["train"]["sentence"]), list(ds["train"]["label"]), n_train)
     et, el = _subset(list(ds["validation"]["sentence"]), list(ds["validation"]["label"]), n_eval)
     return TextClassification(tt, tl, et, el, ["negative", "positive"], asset)
@@ -210,14 +203,7 @@ def load_code_sft(dataset_id: str = "stdlib-code") -> tuple[list[str], list[str]
     if asset.source != "hub":
         train, held = split_by_module(load_code_corpus())
         return [sft_text(f) for f in train], [sft_text(f) for f in held], asset
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(asset.id, "python")
-    except Exception:
-        from qlib.assets import _offline_message
-
-        raise QlabError(_offline_message(asset.id, "code")) from None
+    ds = load_hub_dataset(asset.id, "code", "python")
 
     def texts(split: Any) -> list[str]:
         return [f"# {d.strip().splitlines()[0] if d.strip() else ''}\n{c}\n"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,15 +18,13 @@ ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 def export_onnx(model: torch.nn.Module, example: dict[str, torch.Tensor], path: str | Path) -> Path:
     """FP32 ONNX of a sequence classifier, batch and sequence dynamic (TorchScript exporter)."""
-    from qlib.report import atomic_write_bytes
-
     names = [n for n in ENCODER_INPUTS if n in example]
     axes = {n: {0: "batch", 1: "seq"} for n in names} | {"logits": {0: "batch"}}
-    tmp = Path(path).with_suffix(".export.tmp")
+    tmp = Path(path).with_suffix(".export.tmp")  # same folder: the rename below is atomic
     try:
         torch.onnx.export(model.eval(), tuple(example[n] for n in names), str(tmp), input_names=names,
                           output_names=["logits"], dynamic_axes=axes, opset_version=17, dynamo=False)
-        atomic_write_bytes(path, tmp.read_bytes())
+        os.replace(tmp, path)
     except Exception as e:
         raise QlabError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     finally:

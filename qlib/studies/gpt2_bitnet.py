@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from qlib import adapters, assets, data, metrics, report
 from qlib.config import build_quantization_plan, make_config, outputs_dir, pick_device
@@ -211,10 +211,7 @@ def _pack_ternary(model: torch.nn.Module, path: Path) -> tuple[int, float, int]:
     frozen = copy.deepcopy(model)
     n = bitnet.freeze_ternary(frozen)
     state = bitnet.ternary_state(frozen)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
+    report.atomic_write_bytes(path, save(state))
     codes = sum(v.numel() for k, v in state.items() if k.endswith("codes_base3"))
     weights = sum(m.codes.numel() for m in frozen.modules() if isinstance(m, bitnet.TernaryLinear))
     return metrics.size_on_disk(path), codes * 8 / weights, n

@@ -10,6 +10,7 @@ slowed by an order of magnitude here. Measure llama.cpp alone.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -144,14 +145,23 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", gpt2_pret
     return dst
 
 
-def tensor_types(path: str | Path) -> dict[str, str]:
-    """Tensor name -> GGML type name, read back with the gguf reader (checks what was written)."""
+def read_tensors(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (GGML type name, shape as GGUF stores it), read back with llama.cpp's gguf reader."""
     sys.path.insert(0, str(tools_dir() / "gguf-py"))
     try:
         from gguf import GGUFReader
     finally:
         sys.path.pop(0)
-    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:
+        raise QlabError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from None
+    return {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in reader.tensors}
+
+
+def tensor_types(path: str | Path) -> dict[str, str]:
+    """Tensor name -> GGML type name (checks what was written)."""
+    return {name: kind for name, (kind, _) in read_tensors(path).items()}
 
 
 def _load(path: str | Path, n_ctx: int, threads: int) -> Any:
@@ -195,3 +205,46 @@ def decode_speed(path: str | Path, prompt: list[int], n_new: int, threads: int =
             llm.eval([nxt])
         rates.append(n_new / (time.perf_counter() - t0))
     return float(np.median(rates))
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """llama.cpp's C code logs every tensor to fd 2: keep it out of notebooks, keep it for errors."""
+    sys.stderr.flush()
+    saved, lines = os.dup(2), []
+    with tempfile.TemporaryFile(mode="w+") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            lines += [ln for ln in log.read().splitlines() if ln.strip()]
+
+
+QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q4_k_m", "tq1_0", "tq2_0")
+
+
+def quantize(src: str | Path, dst: str | Path, qtype: str = "q4_0", threads: int = 2) -> Path:
+    """GGUF -> GGUF with llama.cpp's own quantizer (`llama_model_quantize`); atomic like `convert`."""
+    import ctypes
+
+    if qtype not in QUANT_TYPES:
+        raise QlabError(f"unknown GGUF quantization {qtype!r}; valid: {', '.join(QUANT_TYPES)}")
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise QlabError(f"cannot quantize {src}: file is missing")
+    llama_cpp = ensure_llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
+    params.nthread = threads
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    with _captured_stderr() as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        last = log[-1] if log else "(no output)"
+        raise QlabError(f"llama.cpp could not quantize {src} to {qtype} (return code {rc}): {last[:300]}")
+    os.replace(tmp, dst)
+    return dst

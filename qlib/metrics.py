@@ -249,3 +249,14 @@ class Timer:
 
     def __exit__(self, *exc: Any) -> None:
         self.seconds = time.perf_counter() - self._t0
+
+
+def decode_speed(model: Any, prompt: torch.Tensor, n_new: int, repeats: int, eos: int,
+                 device: torch.device) -> float:
+    """Greedy decode tokens/s with the KV cache (median over repeats)."""
+    def step() -> None:
+        with torch.inference_mode():
+            model.generate(input_ids=prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                           pad_token_id=eos)
+    lat = measure_latency(step, warmup=1, repeats=repeats, device=device)
+    return n_new / (lat["median_ms"] / 1e3)

@@ -158,17 +158,6 @@ def layer_kinds(model: torch.nn.Module) -> dict[str, int]:
     return {k: v for k, v in counts.items() if v}
 
 
-def decode_speed(model: Any, prompt: torch.Tensor, n_new: int, repeats: int, eos: int,
-                 device: torch.device) -> float:
-    """Greedy decode tokens/s with the KV cache (median over repeats)."""
-    def step() -> None:
-        with torch.inference_mode():
-            model.generate(input_ids=prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                           pad_token_id=eos)
-    lat = metrics.measure_latency(step, warmup=1, repeats=repeats, device=device)
-    return n_new / (lat["median_ms"] / 1e3)
-
-
 def save_artifact(r: Regime, out: Path) -> tuple[int, float | None, dict[str, Any]]:
     """Store the regime as it would ship; bytes on disk (base + adapter where there is one), the
     bits per weight of its quantized layers, and extras."""
@@ -291,7 +280,7 @@ def run(cfg: GPT2Config) -> GPT2Result:
     for r in regimes:
         with metrics.PeakMemory(device) as inf_mem:
             ppl = metrics.perplexity(r.model, eval_ids, cfg.context, cfg.stride, device)
-        tps = decode_speed(r.model, prompt, cfg.gen_tokens, cfg.latency_repeats, tok.eos_token_id, device)
+        tps = metrics.decode_speed(r.model, prompt, cfg.gen_tokens, cfg.latency_repeats, tok.eos_token_id, device)
         size, stored_bits, extra = save_artifact(r, out)
         if r.name == "bitnet":
             identical = _check_unpacked(r.model, out / "bitnet" / "model-ternary.safetensors", eval_ids[:64])

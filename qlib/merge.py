@@ -1,0 +1,150 @@
+"""From a LoRA adapter to the files people deploy: merged FP16, bitsandbytes INT8 / NF4, GGUF F16 / Q4_0.
+
+Every step is the library's own: peft's `merge_and_unload`, transformers' `dequantize` for a 4-bit
+base, bitsandbytes through `from_pretrained(quantization_config=...)`, llama.cpp's converter and
+quantizer through `qlib.gguf`. What qlib adds: the checks (tokenizer present, adapter fits the base),
+atomic folders, and a logit-level proof that the merge changed nothing.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlib import adapters, gguf, report
+from qlib.config import QlabError, build_quantization_plan, compute_dtype
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+QWEN_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTER_META = "qlab_adapter.json"  # which base the adapter was trained on: fp32 or nf4
+
+
+def require_tokenizer(model_dir: str | Path) -> None:
+    """Refuse a model folder without tokenizer files: conversions and users both need them."""
+    d = Path(model_dir)
+    missing = [f for f in TOKENIZER_FILES if not (d / f).is_file()]
+    if missing:
+        raise QlabError(f"{d} has no tokenizer ({', '.join(missing)} missing): tokenizer files must travel "
+                        "with the model (save them with tokenizer.save_pretrained into the same folder)")
+
+
+def load_causal_lm(path: str | Path, method: str | None, device: torch.device) -> torch.nn.Module:
+    """A causal LM as stored (`method` None) or quantized on load by bitsandbytes (int8 | nf4 | qlora)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32 if device.type == "cpu" else compute_dtype(device)}
+    if method:
+        kwargs["quantization_config"] = build_quantization_plan(method, device).bnb_config
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as e:
+        raise QlabError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0][:300]}") from None
+
+
+def add_lora(model: torch.nn.Module, rank: int, kbit: bool, targets: list[str] | None = None) -> Any:
+    """LoRA on all seven projections (the QLoRA recipe); `kbit` prepares a 4-/8-bit base first."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if kbit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=targets or QWEN_LORA_TARGETS,
+                     task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def save_adapter(model: Any, tokenizer: Any, out: Path, trained_on: str) -> Path:
+    """The adapter folder plus a note of the base precision it was trained against."""
+    with report.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / ADAPTER_META).write_text(json.dumps({"trained_on": trained_on}, indent=2))
+    return out
+
+
+def adapter_trained_on(adapter_dir: str | Path, default: str) -> str:
+    meta = Path(adapter_dir) / ADAPTER_META
+    return json.loads(meta.read_text())["trained_on"] if meta.is_file() else default
+
+
+def merge_base(base_dir: str | Path, trained_on: str) -> torch.nn.Module:
+    """The full-precision base to merge into: the original weights, or, for an adapter trained on an NF4
+    base, those weights dequantized from NF4 (what the adapter actually learned against)."""
+    cpu = torch.device("cpu")
+    if trained_on == "fp32":
+        return load_causal_lm(base_dir, None, cpu)
+    if trained_on != "nf4":
+        raise QlabError(f"unknown adapter base precision {trained_on!r}; valid: fp32, nf4")
+    model = load_causal_lm(base_dir, "qlora", cpu)
+    return model.dequantize().to(torch.float32)
+
+
+@dataclass
+class MergeInfo:
+    """Where the merged model went and how far its logits moved (should be rounding only)."""
+
+    path: Path
+    trained_on: str
+    merge_base: str
+    max_abs_logit_diff_fp32: float
+    max_abs_logit_diff_fp16: float
+
+
+def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out: str | Path, trained_on: str,
+                  probe: torch.Tensor) -> MergeInfo:
+    """Base + adapter -> one FP16 model with tokenizer files; logits on `probe` compared before/after."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    require_tokenizer(base_dir)
+    base = merge_base(base_dir, trained_on).eval()
+    adapters.check_adapter(base, adapter_dir)
+    x = probe.reshape(1, -1)
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with torch.no_grad():
+        before = peft_model(input_ids=x).logits
+        merged = peft_model.merge_and_unload().eval()
+        after32 = merged(input_ids=x).logits
+        merged.to(torch.float16).float()  # weights rounded to FP16, computed in FP32 (CPU has no fast FP16)
+        after16 = merged(input_ids=x).logits
+    merged.to(torch.float16)
+    with report.atomic_dir(Path(out)) as tmp:
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(tmp)
+    return MergeInfo(Path(out), trained_on, "nf4-dequantized" if trained_on == "nf4" else "original-fp32",
+                     float((before - after32).abs().max()), float((before - after16).abs().max()))
+
+
+def save_bnb(merged_dir: str | Path, out: str | Path, method: str, device: torch.device) -> torch.nn.Module:
+    """The merged model quantized by bitsandbytes on load (int8 = LLM.int8, nf4 = NF4 + double quant), saved."""
+    from transformers import AutoTokenizer
+
+    model = load_causal_lm(merged_dir, method, device).eval()
+    with report.atomic_dir(Path(out)) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(merged_dir)).save_pretrained(tmp)
+    return model
+
+
+def export_gguf(merged_dir: str | Path, out_dir: str | Path, gpt2_pretokenizer: bool) -> dict[str, Path]:
+    """model.gguf (F16, llama.cpp's converter) and model-q4_0.gguf (llama.cpp's quantizer)."""
+    require_tokenizer(merged_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    f16 = gguf.convert(merged_dir, out / "model.gguf", "f16", gpt2_pretokenizer=gpt2_pretokenizer)
+    q4 = gguf.quantize(f16, out / "model-q4_0.gguf", "q4_0")
+    return {"gguf_f16": f16, "gguf_q4_0": q4}
+
+
+def weights_bytes(path: str | Path) -> int:
+    """Bytes of the weights themselves: the GGUF file, or a folder's *.safetensors (tokenizer files excluded)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    files = list(p.glob("*.safetensors"))
+    if not files:
+        raise QlabError(f"{p} holds no .safetensors weights")
+    return sum(f.stat().st_size for f in files)

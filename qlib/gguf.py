@@ -167,8 +167,9 @@ def tensor_types(path: str | Path) -> dict[str, str]:
 def _load(path: str | Path, n_ctx: int, threads: int) -> Any:
     llama_cpp = ensure_llama_cpp()
     try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=threads,
-                               n_batch=n_ctx, verbose=False)
+        with _captured_stderr():
+            return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=threads,
+                                   n_batch=n_ctx, verbose=False)
     except Exception as e:
         raise QlabError(f"llama.cpp cannot load {path}: {e}") from None
 
@@ -191,36 +192,53 @@ def perplexity(path: str | Path, tokens: list[int], context: int, threads: int =
     return {"perplexity": math.exp(nll / n), "context": context, "stride": context, "tokens": n}
 
 
+def _decode_once(llm: Any, prompt: list[int], n_new: int) -> float:
+    llm.reset()
+    llm.eval(prompt)
+    t0 = time.perf_counter()
+    for _ in range(n_new):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    return n_new / (time.perf_counter() - t0)
+
+
 def decode_speed(path: str | Path, prompt: list[int], n_new: int, threads: int = 2,
                  repeats: int = 3) -> float:
     """Greedy decode tokens/s in llama.cpp (prompt evaluated first, not timed); median of repeats."""
-    llm = _load(path, len(prompt) + n_new + 1, threads)
-    rates = []
+    return decode_speeds({"m": path}, prompt, n_new, threads, repeats)["m"]
+
+
+def decode_speeds(paths: dict[str, str | Path], prompt: list[int], n_new: int, threads: int = 2,
+                  repeats: int = 3) -> dict[str, float]:
+    """Several GGUF files decoded in turn, repeat by repeat (interleaved, so drift hits all alike);
+    median tokens/s each. The ratio between them is the number to trust, not the absolute rate."""
+    models = {k: _load(p, len(prompt) + n_new + 1, threads) for k, p in paths.items()}
+    for llm in models.values():
+        _decode_once(llm, prompt, min(n_new, 4))  # warm-up
+    rates: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(repeats):
-        llm.reset()
-        llm.eval(prompt)
-        t0 = time.perf_counter()
-        for _ in range(n_new):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            llm.eval([nxt])
-        rates.append(n_new / (time.perf_counter() - t0))
-    return float(np.median(rates))
+        for k, llm in models.items():
+            rates[k].append(_decode_once(llm, prompt, n_new))
+    return {k: float(np.median(v)) for k, v in rates.items()}
 
 
 @contextlib.contextmanager
 def _captured_stderr() -> Iterator[list[str]]:
-    """llama.cpp's C code logs every tensor to fd 2: keep it out of notebooks, keep it for errors."""
+    """llama.cpp logs every tensor, to fd 2 from C and to sys.stderr through llama-cpp-python's log
+    callback: keep both out of notebooks, keep them for error messages."""
+    import io
+
     sys.stderr.flush()
-    saved, lines = os.dup(2), []
+    saved, lines, py = os.dup(2), [], io.StringIO()
     with tempfile.TemporaryFile(mode="w+") as log:
         os.dup2(log.fileno(), 2)
         try:
-            yield lines
+            with contextlib.redirect_stderr(py):
+                yield lines
         finally:
             os.dup2(saved, 2)
             os.close(saved)
             log.seek(0)
-            lines += [ln for ln in log.read().splitlines() if ln.strip()]
+            lines += [ln for ln in (log.read() + py.getvalue()).splitlines() if ln.strip()]
 
 
 QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q4_k_m", "tq1_0", "tq2_0")

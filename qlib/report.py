@@ -290,19 +290,32 @@ def _quality(r: dict[str, Any]) -> str:
 
 def readme_table(profile: str = "default") -> str:
     """Every row of every study: quality, size, bits, speed ratio, memory, plus a reference column."""
-    lines = ["| study | method | quality | size (MiB) | bits/param | speed vs fp32 (same run) | "
-             "peak train mem (MiB) | reference (published, not ours) |", "|" + "---|" * 8]
+    lines = ["| study | method | model | quality | size (MiB) | bits/param | speed vs fp32 (same run) | "
+             "peak train mem (MiB) | reference (published, not ours) |", "|" + "---|" * 9]
     for d in collect(profile):
         for r in d["rows"]:
             if r.get("source") == "notebook 01":
                 continue  # a copy of 01's row, shown once
             lines.append("| " + " | ".join([
-                d["study"], r["method"], _quality(r), _fmt("size_bytes", r.get("size_bytes")),
+                d["study"], r["method"], str(r.get("model") or "–"), _quality(r), _fmt("size_bytes", r.get("size_bytes")),
                 _fmt("bits_per_param", r.get("bits_per_param")),
                 _speed(r),
                 _fmt("peak_mem_bytes", r.get("peak_mem_bytes")),
                 REFERENCES.get((d["study"], r["method"]), "")]) + " |")
+        lines += _projection_lines(d)
     return "\n".join(lines)
+
+
+def _projection_lines(d: dict[str, Any]) -> list[str]:
+    """Study 07's 7B-on-T4 projection (accounting, not a measurement): one README row per method."""
+    ref = d.get("reference") or {}
+    out = []
+    for p in d.get("projection_7b") or []:
+        cite = (f"Guanaco 7B listed at {ref['qlora_7b_gb']:g} GB ({ref['source']})"
+                if p["method"] == "qlora" and ref else "")
+        out.append(f"| {d['study']} | {p['method']} (7B on T4, **projected** by the accounting) | llama-7b | – | – | – | – | "
+                   f"{p['accounting_bytes'] / 2**20:.1f} | {cite} |")
+    return out
 
 
 def update_readme(path: str | Path | None = None, profile: str = "default") -> Path:

@@ -108,7 +108,7 @@ def test_readme_table_is_filled_from_results(tmp_path, monkeypatch):
     readme.write_text(f"intro\n{report.README_START}\nold\n{report.README_END}\nrest\n")
     text = report.update_readme(readme).read_text()
     assert "old" not in text and text.startswith("intro") and text.endswith("rest\n")
-    assert "| 02_ptq | ptq_int8_dynamic | acc 0.790 | 0.5 |" in text and "2.50×" in text
+    assert "| 02_ptq | ptq_int8_dynamic | – | acc 0.790 | 0.5 |" in text and "2.50×" in text
     assert "PyTorch dynamic-quantization BERT tutorial" in text  # the reference column, cited
     readme.write_text("no markers")
     with pytest.raises(QlabError, match="no <!-- results:start -->"):

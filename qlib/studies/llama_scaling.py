@@ -1,0 +1,344 @@
+"""Study 07: the QLoRA recipe scaled to LLaMA-7B: exact accounting, a measured ladder, fit and projection."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from qlib import accounting, assets, metrics, report
+from qlib.config import QlabError, compute_dtype, make_config, outputs_dir, pick_device
+from qlib.studies import StudyResult
+from qlib.train import set_seed
+
+STUDY = "07_llama_scaling"
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+METHODS = ("full", "lora", "qlora")
+# LLaMA-architecture rungs (hidden, intermediate, layers, heads) at the real 32k vocabulary
+RUNGS: dict[str, tuple[int, int, int, int]] = {
+    "llama-2m": (64, 176, 2, 4), "llama-5m": (128, 344, 2, 4),
+    "llama-20m": (256, 688, 4, 4), "llama-60m": (512, 1376, 8, 8),
+    "llama-130m": (768, 2048, 12, 12), "llama-270m": (1024, 2752, 16, 16),
+    "llama-7b": (4096, 11008, 32, 32),
+}
+# Dettmers et al. 2023 (QLoRA), Table 1: Guanaco 7B (4-bit base + LoRA) listed at 5 GB of memory
+REFERENCE_7B_QLORA_GB = 5.0
+T4_USABLE_GIB = 15.0
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """Notebook 07's parameters."""
+
+    profile: str = "default"
+    seed: int = 0
+    rungs: tuple[str, ...] = ("llama-20m", "llama-60m", "llama-130m", "llama-270m")
+    methods: tuple[str, ...] = METHODS
+    vocab_size: int = 32000
+    lora_rank: int = 16
+    seq: int = 256
+    batch: int = 1
+    steps: int = 3              # timed steps per rung and method (after one warm-up step)
+    checkpointing: bool = True
+    projection_seq: int = 512   # the 7B projection's sequence (the QLoRA recipe: seq 512, batch 1)
+    finetune_7b: bool = False   # t4: a real QLoRA fine-tune of the hub LLaMA-7B (CUDA + hub only)
+    model_id: str = "llama-2-7b"
+    finetune_steps: int = 30
+    device: str = "auto"
+
+
+SCALING_PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": dict(rungs=("llama-2m", "llama-5m"), vocab_size=1000, seq=32, steps=1, projection_seq=64),
+    "default": {},
+    "t4": dict(finetune_7b=True, seq=512),
+    "gpu": dict(rungs=("llama-60m", "llama-270m", "llama-7b"), seq=512, steps=5),
+}
+
+
+def scaling_config(profile: str = "default", **overrides: Any) -> ScalingConfig:
+    for key in ("rungs", "methods"):
+        if isinstance(overrides.get(key), list):
+            overrides[key] = tuple(overrides[key])
+    cfg = make_config(ScalingConfig, SCALING_PROFILES, profile, **overrides)
+    bad = [r for r in cfg.rungs if r not in RUNGS] + [m for m in cfg.methods if m not in METHODS]
+    if bad:
+        raise QlabError(f"unknown rung/method {bad}; rungs: {', '.join(RUNGS)}; methods: {', '.join(METHODS)}")
+    return cfg
+
+
+def rung_config(name: str, vocab_size: int) -> Any:
+    h, i, layers, heads = RUNGS[name]
+    return accounting.llama_config(vocab_size=vocab_size, hidden_size=h, intermediate_size=i,
+                                   num_hidden_layers=layers, num_attention_heads=heads,
+                                   num_key_value_heads=heads, max_position_embeddings=2048)
+
+
+def setup_for(method: str, device: torch.device, rank: int) -> accounting.TrainingSetup:
+    """The recipe each method uses on this device (what the accounting must predict)."""
+    elem = torch.finfo(compute_dtype(device)).bits // 8
+    opt = 2 if device.type == "cuda" else 8  # paged 8-bit AdamW on CUDA; torch AdamW on CPU
+    if method == "full":
+        return accounting.TrainingSetup("full", "fp32" if elem == 4 else "fp16", elem, 0, 8, elem, elem)
+    if method == "qlora":  # prepare_model_for_kbit_training upcasts everything not 4-bit to fp32
+        return accounting.TrainingSetup("qlora", "nf4", elem, rank, opt, 4, 4)
+    return accounting.TrainingSetup("lora", "fp32" if elem == 4 else "fp16", elem, rank, opt, 4, elem)
+
+
+def random_init_dir(name: str, vocab_size: int, seed: int, root: Path) -> Path:
+    """A randomly initialised rung saved once, in FP16 (bitsandbytes quantizes on load from a folder;
+    FP16 halves the disk and RAM a 7B rung needs, and each method loads it in its own dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    d = root / f"{name}-v{vocab_size}-s{seed}-fp16"
+    if (d / "config.json").is_file():
+        return d
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(rung_config(name, vocab_size), dtype=torch.float16)
+    with report.atomic_dir(d) as tmp:
+        model.save_pretrained(tmp)
+    return d
+
+
+def prepare(path: Path, method: str, rank: int, checkpointing: bool, device: torch.device) -> Any:
+    """Load the rung for `method` and make only what that method trains trainable."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from qlib.merge import load_causal_lm
+
+    model = load_causal_lm(path, "qlora" if method == "qlora" else None, device)
+    model.config.use_cache = False
+    if method == "full":
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=list(accounting.LORA_TARGETS),
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def optimizer_for(params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """Paged 8-bit AdamW on CUDA (the QLoRA recipe); plain AdamW on CPU, where paging does not apply."""
+    if device.type == "cuda":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=1e-4)
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
+def resident_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer | None = None) -> int:
+    """Bytes of every tensor the model and optimizer keep between steps: parameters, buffers,
+    bitsandbytes quantization states, optimizer states (measured from the tensors themselves)."""
+    seen: dict[int, int] = {}
+
+    def add(t: Any) -> None:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    for t in [*model.parameters(), *model.buffers()]:
+        add(t)
+        qs = getattr(t, "quant_state", None)
+        while qs is not None:
+            add(qs.absmax), add(qs.code), add(getattr(qs, "offset", None))
+            qs = getattr(qs, "state2", None)
+    for state in (opt.state.values() if opt else []):
+        for v in state.values():
+            add(v)
+    return sum(seen.values())
+
+
+def _step(model: Any, opt: torch.optim.Optimizer, ids: torch.Tensor) -> float:
+    import time
+
+    t0 = time.perf_counter()
+    with torch.autocast(ids.device.type, dtype=compute_dtype(ids.device), enabled=ids.device.type == "cuda"):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if ids.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measure_rung(name: str, method: str, cfg: ScalingConfig, device: torch.device, root: Path) -> dict[str, Any]:
+    """One rung x method: peak memory (measured and predicted), step time, tokens/s; OOM -> a status row."""
+    config = rung_config(name, cfg.vocab_size)
+    setup = setup_for(method, device, cfg.lora_rank)
+    predicted = accounting.training_bytes(config, setup, cfg.batch, cfg.seq, cfg.checkpointing)
+    row: dict[str, Any] = {"rung": name, "method": method, "status": "ok", "seq": cfg.seq, "batch": cfg.batch,
+                           "total_params": accounting.param_counts(accounting.meta_model(config))["total"],
+                           "predicted_peak_mem_bytes": predicted["total"],
+                           "predicted_resident_bytes": predicted["weights"] + predicted["trainable_weights"]
+                           + predicted["optimizer"],
+                           "trainable_params": predicted["trainable_params"]}
+    try:
+        path = random_init_dir(name, cfg.vocab_size, cfg.seed, root)
+        set_seed(cfg.seed)
+        model = prepare(path, method, cfg.lora_rank, cfg.checkpointing, device).train()
+        opt = optimizer_for([p for p in model.parameters() if p.requires_grad], device)
+        ids = torch.randint(0, cfg.vocab_size, (cfg.batch, cfg.seq), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(device)
+        _step(model, opt, ids)  # warm-up: allocates optimizer states and kernels
+        resident = resident_bytes(model, opt)
+        with metrics.PeakMemory(device) as mem:
+            times = [_step(model, opt, ids) for _ in range(cfg.steps)]
+        peak = mem.peak_bytes if device.type == "cuda" else resident + mem.peak_bytes
+        row.update(peak_mem_bytes=peak, resident_bytes=resident, peak_mem_source=(
+            mem.source if device.type == "cuda" else "resident tensors + cpu_rss_delta of the steps"),
+            step_time_s=float(np.median(times)), tokens_per_s=cfg.batch * cfg.seq / float(np.median(times)),
+            trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+        row["prediction_error"] = predicted["total"] / peak - 1
+        row["resident_prediction_error"] = row["predicted_resident_bytes"] / resident - 1
+    except torch.OutOfMemoryError:
+        row.update(status="oom", note=f"out of memory at {row['total_params']:,} params, seq {cfg.seq}")
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def fit(rows: list[dict[str, Any]], method: str, target_params: float) -> dict[str, Any] | None:
+    """Least squares over the measured rungs: memory = a + b*N (affine), step time = c*N^k (log-log)."""
+    ok = [r for r in rows if r["method"] == method and r["status"] == "ok" and r["rung"] != "llama-7b"]
+    if len(ok) < 2:
+        return None
+    n = np.array([r["total_params"] for r in ok], dtype=float)
+    mem = np.array([r["peak_mem_bytes"] for r in ok], dtype=float)
+    t = np.array([r["step_time_s"] for r in ok], dtype=float)
+    b, a = np.polyfit(n, mem, 1)
+    k, logc = np.polyfit(np.log(n), np.log(t), 1)
+    largest = max(ok, key=lambda r: r["total_params"])
+    return {"method": method, "mem_intercept_bytes": float(a), "mem_bytes_per_param": float(b),
+            "time_exponent": float(k), "time_coeff": float(math.exp(logc)),
+            "projected_peak_mem_bytes": float(a + b * target_params),
+            "projected_step_time_s": float(math.exp(logc) * target_params ** k),
+            "measured_over_predicted_largest_rung": largest["peak_mem_bytes"] / largest["predicted_peak_mem_bytes"]}
+
+
+def projection_7b(cfg: ScalingConfig, fits: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """7B on a 16 GB T4 (fp16 compute, paged 8-bit AdamW, seq 512, batch 1, checkpointing): the accounting;
+    a conservative variant scaled by how far it under-predicted this run's largest rung; the plain fit."""
+    config = accounting.llama_config()
+    model = accounting.meta_model(config)
+    rows = []
+    for method in cfg.methods:
+        setup = accounting.TrainingSetup(method, {"qlora": "nf4"}.get(method, "fp16"), 2,
+                                         0 if method == "full" else cfg.lora_rank, 2,
+                                         2 if method == "full" else 4, 4 if method == "qlora" else 2)
+        parts = accounting.training_bytes(config, setup, 1, cfg.projection_seq, True, model)
+        f = fits.get(method)
+        corrected = parts["total"] * f["measured_over_predicted_largest_rung"] if f else None
+        rows.append({"method": method, "device": "T4 16 GB (projected, fp16)", **{k: v for k, v in parts.items()},
+                     "accounting_bytes": parts["total"], "corrected_bytes": corrected,
+                     "cpu_fit_bytes": f["projected_peak_mem_bytes"] if f else None,
+                     "cpu_fit_step_time_s": f["projected_step_time_s"] if f else None,
+                     "fits_t4": parts["total"] <= T4_USABLE_GIB * 2**30,
+                     "fits_t4_conservative": corrected <= T4_USABLE_GIB * 2**30 if corrected else None})
+    return rows
+
+
+@dataclass
+class ScalingResult(StudyResult):
+    ladder: list[dict[str, Any]]
+    fits: dict[str, dict[str, Any]]
+    projection: list[dict[str, Any]]
+    accounting_7b: dict[str, Any]
+    finetune: dict[str, Any] | None
+
+
+def accounting_table() -> dict[str, Any]:
+    """LLaMA-7B: parameters by module and weight bytes by format, from the meta-device model."""
+    model = accounting.meta_model(accounting.llama_config())
+    return {"params": accounting.param_counts(model),
+            "weight_bytes": {f: accounting.weight_bytes(model, f) for f in accounting.FORMATS},
+            "lora_r16_params": accounting.lora_params(model.config, 16),
+            "activations_seq512_b1_fp16": {
+                "no_checkpointing": accounting.activation_bytes(model.config, 1, 512, 2, False)["total"],
+                "checkpointing": accounting.activation_bytes(model.config, 1, 512, 2, True)["total"]}}
+
+
+def run(cfg: ScalingConfig) -> ScalingResult:
+    """Accounting at 7B, the measured ladder, fits and the 7B projection; metrics.json."""
+    device = pick_device(cfg.device)
+    root = outputs_dir(STUDY, cfg.profile) / "random-init"
+    ladder = [measure_rung(r, m, cfg, device, root)
+              for r, m in tqdm([(r, m) for r in cfg.rungs for m in cfg.methods], desc="ladder")]
+    n_7b = accounting.param_counts(accounting.meta_model(accounting.llama_config()))["total"]
+    fits = {m: f for m in cfg.methods if (f := fit(ladder, m, n_7b)) is not None}
+    projection = projection_7b(cfg, fits)
+    acc7 = accounting_table()
+    finetune = finetune_7b(cfg, device) if cfg.finetune_7b else None
+    rows = [report.make_row(f"{r['method']}", model=r["rung"], dataset="random tokens", **{
+        k: v for k, v in r.items() if k not in ("method",)}) for r in ladder]
+    doc_assets = {"model": {"role": "llama-arch", "id": ",".join(cfg.rungs), "source": "random-init",
+                            "note": "memory and speed do not depend on the weights' values"},
+                  "data": {"id": "random tokens", "source": "torch.randint, seed 0"}}
+    path = report.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
+                                config=asdict(cfg), fits=fits, projection_7b=projection, accounting_7b=acc7,
+                                finetune_7b=finetune,
+                                reference={"qlora_7b_gb": REFERENCE_7B_QLORA_GB,
+                                           "source": "Dettmers et al. 2023, QLoRA, Table 1"})
+    return ScalingResult(rows, report.load_metrics(path), path, ladder, fits, projection, acc7, finetune)
+
+
+def finetune_7b(cfg: ScalingConfig, device: torch.device) -> dict[str, Any]:
+    """t4: a real QLoRA fine-tune of the hub LLaMA-7B (CUDA + hub); a clear error anywhere else."""
+    if device.type != "cuda":
+        raise QlabError("finetune_7b needs a CUDA GPU (a T4 or larger); this machine has none: "
+                        "set finetune_7b=False or use the t4 profile on a GPU")
+    asset = assets.resolve_model("llama-arch", cfg.model_id)  # offline: one clear line
+    from qlib.studies.llama_finetune import qlora_finetune
+
+    return qlora_finetune(asset, cfg, device)
+
+
+def findings(res: ScalingResult) -> str:
+    """Markdown findings from this run's numbers."""
+    gib = 2**30
+    a = res.accounting_7b
+    lines = [f"- LLaMA-7B counted on the meta device: {a['params']['total']:,} parameters "
+             f"({a['params']['block_linears']:,} in block linears); weights FP16 {a['weight_bytes']['fp16'] / gib:.2f} GiB, "
+             f"INT8 {a['weight_bytes']['int8'] / gib:.2f}, NF4+DQ {a['weight_bytes']['nf4'] / gib:.2f}, "
+             f"ternary {a['weight_bytes']['ternary'] / gib:.2f} GiB; LoRA r=16 on 7 projections: "
+             f"{a['lora_r16_params']:,} trainable."]
+    ok = [r for r in res.ladder if r["status"] == "ok"]
+    if ok:
+        worst = max(ok, key=lambda r: abs(r["resident_prediction_error"]))
+        big = max(r["total_params"] for r in ok)
+        lines.append(f"- Ladder: the tensors held between steps (weights, quantization states, optimizer) match "
+                     f"the accounting within {100 * abs(worst['resident_prediction_error']):.2f} % on every rung. "
+                     f"The whole step's peak on CPU (resident + RSS growth during the step) at {big / 1e6:.0f} M "
+                     "params is above the accounting by " + ", ".join(
+                         f"{-100 * r['prediction_error']:.0f} % ({r['method']})" for r in ok if r["total_params"] == big)
+                     + ": CPU kernels and the allocator add transient memory the accounting does not model "
+                     "(NF4 weights dequantized inside each matmul, fp32 logits copies, heap growth), a cost that "
+                     "grows more slowly than the model (see the fits' intercepts).")
+        for m, f in res.fits.items():
+            lines.append(f"- `{m}` on this CPU: memory grows {f['mem_bytes_per_param']:.2f} bytes/param "
+                         f"(+{f['mem_intercept_bytes'] / 2**20:.0f} MiB), step time ~ N^{f['time_exponent']:.2f}; "
+                         f"extrapolated to 7B: {f['projected_peak_mem_bytes'] / gib:.1f} GiB, "
+                         f"{f['projected_step_time_s']:.0f} s/step at seq {res.doc['config']['seq']} (this CPU's setup: "
+                         "fp32 embeddings and AdamW states, so not a T4 number).")
+    for p in res.projection:
+        cons = ("" if p["corrected_bytes"] is None else f"; scaled by the largest rung's miss "
+                f"{p['corrected_bytes'] / gib:.1f} GiB -> {'fits' if p['fits_t4_conservative'] else 'does not fit'}")
+        lines.append(f"- 7B `{p['method']}` on a T4 (fp16, paged 8-bit AdamW, seq {res.doc['config']['projection_seq']}, "
+                     f"batch 1, checkpointing): accounting {p['accounting_bytes'] / gib:.2f} GiB -> "
+                     f"{'fits' if p['fits_t4'] else 'does not fit'} in {T4_USABLE_GIB:.0f} GiB{cons}.")
+    lines.append(f"- Reference (not ours): the QLoRA paper lists Guanaco 7B at {REFERENCE_7B_QLORA_GB:.0f} GB "
+                 "(Dettmers et al. 2023, Table 1).")
+    return "\n".join(lines)

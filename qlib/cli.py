@@ -1,4 +1,4 @@
-"""`python -m qlib run|report|assets|inspect`: run notebooks with papermill, gather results, check assets."""
+"""`python -m qlib run|report|assets|inspect`, and study 06's `train|eval|sensitivity|search`."""
 from __future__ import annotations
 
 import argparse
@@ -113,7 +113,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m qlib", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m qlib", description=__doc__,
+                                epilog="study 06 (switchable precision): python -m qlib train|eval|sensitivity|search "
+                                       "--help")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run notebooks headless with papermill, then write the summary")
     r.add_argument("notebooks", nargs="*", help="stems or numbers (default: all)")
@@ -137,10 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SWITCHABLE_COMMANDS = ("train", "eval", "sensitivity", "search")  # study 06: the seed's four scripts
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SWITCHABLE_COMMANDS:
+        from qlib.studies.switchable import main as switchable_main
+
+        run = lambda: switchable_main(argv)  # noqa: E731
+    else:
+        args = build_parser().parse_args(argv)
+        run = lambda: args.fn(args)  # noqa: E731
     try:
-        return args.fn(args)
+        return run()
     except QlabError as e:
         print(f"qlab: error: {e}", file=sys.stderr)
         return 2

@@ -47,7 +47,7 @@ LM_SPECS: dict[str, LMSpec] = {
     # smoke-profile sizes: seconds to train, every code path still real
     # 256 wide: llama.cpp's ternary types (TQ1_0/TQ2_0) need rows that are multiples of 256
     "gpt2-stdlib-tiny": LMSpec("gpt2", vocab_size=512, hidden=256, layers=2, heads=4,
-                               context=64, steps=30, batch_size=8),
+                               context=128, steps=30, batch_size=8),
     "llama-stdlib-tiny": LMSpec("llama", vocab_size=512, hidden=64, layers=2, heads=2,
                                 intermediate=128, context=64, steps=30, batch_size=8),
     "qwen2-stdlib-tiny": LMSpec("qwen2", vocab_size=512, hidden=64, layers=2, heads=2,

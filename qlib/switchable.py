@@ -1,0 +1,172 @@
+"""One GPT-2 that runs each block at 2, 4, 8 or full-precision bits, chosen at run time, with one LoRA
+adapter per (block, bit width): peft's multi-adapter LoRA, switched block by block.
+
+A "layer" of a bitmap is a transformer block (`transformer.h.<i>`): its attention and MLP projections
+share one width. Bitmaps: an int (all blocks), a comma list ("8,4,8,4", one entry per block), or a dict
+{block index or "h.<i>": bits} (blocks not named keep their current width).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlib.config import QlabError
+from qlib.quant.uniform import WIDTHS, QuantLinear, check_width, patch_gpt2_with_quantization
+
+LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]
+Bitmap = int | str | dict[Any, int] | list[int] | tuple[int, ...]
+
+
+def adapter_name(bits: int) -> str:
+    return f"w{bits}"
+
+
+def _width(value: Any, where: str) -> int:
+    try:
+        bits = int(str(value).strip())
+    except ValueError:
+        raise QlabError(f"bad bitmap: {value!r} at {where} is not a bit width; valid: "
+                        f"{', '.join(map(str, WIDTHS))}") from None
+    if bits not in WIDTHS:
+        raise QlabError(f"bad bitmap: unsupported bit width {bits} at {where}; valid: {', '.join(map(str, WIDTHS))}")
+    return bits
+
+
+def parse_bitmap(bitmap: Bitmap, n_layers: int, current: list[int] | None = None,
+                 allowed: tuple[int, ...] | None = None) -> list[int]:
+    """Any accepted bitmap form -> one width per block; one clear error for anything else."""
+    widths = list(current) if current is not None else [32] * n_layers
+    if isinstance(bitmap, bool):
+        raise QlabError(f"bad bitmap: {bitmap!r} (expected an int, a comma list or a dict)")
+    if isinstance(bitmap, int) or (isinstance(bitmap, str) and "," not in bitmap and bitmap.strip().isdigit()):
+        widths = [_width(bitmap, "all blocks")] * n_layers
+    elif isinstance(bitmap, (str, list, tuple)):
+        items = bitmap.split(",") if isinstance(bitmap, str) else list(bitmap)
+        if len(items) != n_layers:
+            raise QlabError(f"bad bitmap: {len(items)} entries for a model with {n_layers} blocks "
+                            f"(give one width per block, e.g. {','.join(['8'] * n_layers)})")
+        widths = [_width(v, f"block {i}") for i, v in enumerate(items)]
+    elif isinstance(bitmap, dict):
+        for key, v in bitmap.items():
+            m = re.fullmatch(r"(?:transformer\.)?(?:h\.)?(\d+)", str(key).strip())
+            if m is None or int(m.group(1)) >= n_layers:
+                raise QlabError(f"bad bitmap: unknown layer {key!r}; valid: 0..{n_layers - 1} or h.0..h.{n_layers - 1}")
+            widths[int(m.group(1))] = _width(v, f"layer {key!r}")
+    else:
+        raise QlabError(f"bad bitmap: {type(bitmap).__name__} {bitmap!r} (expected an int, a comma list or a dict)")
+    if allowed is not None:
+        missing = sorted({w for w in widths if w not in allowed})
+        if missing:
+            raise QlabError(f"bad bitmap: no adapter was trained for width(s) {missing}; this model has "
+                            f"{', '.join(map(str, allowed))}")
+    return widths
+
+
+def bitmap_str(widths: list[int]) -> str:
+    return ",".join(map(str, widths))
+
+
+class SwitchableQuantLoRAModel(torch.nn.Module):
+    """A peft-wrapped GPT-2 whose blocks are QuantLinear + one LoRA adapter per width."""
+
+    def __init__(self, peft_model: Any, widths: tuple[int, ...]):
+        super().__init__()
+        self.model = peft_model
+        self.widths = tuple(sorted(widths))
+        self.blocks = list(peft_model.base_model.model.transformer.h)
+        self.config_widths = [max(self.widths)] * len(self.blocks)
+        self.set_config(self.config_widths)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    def set_config(self, bitmap: Bitmap) -> list[int]:
+        """Each block: its QuantLinears at that width and its LoRA layers on that width's adapter."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        widths = parse_bitmap(bitmap, self.n_layers, self.config_widths, self.widths)
+        for block, bits in zip(self.blocks, widths):
+            for m in block.modules():
+                if isinstance(m, QuantLinear):
+                    m.set_bit_width(bits)
+                if isinstance(m, BaseTunerLayer):
+                    m.set_adapter(adapter_name(bits))
+        self.config_widths = widths
+        return widths
+
+    def active(self) -> list[tuple[int, str]]:
+        """(bit width, active adapter) of each block, read back from the layers themselves."""
+        out = []
+        for block in self.blocks:
+            q = next(m for m in block.modules() if isinstance(m, QuantLinear))
+            lora = next(m for m in block.modules() if hasattr(m, "active_adapters") and hasattr(m, "lora_A"))
+            out.append((q.bit_width, lora.active_adapters[0]))
+        return out
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.model.named_parameters() if "lora_" in n]
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self.model(**kwargs)
+
+    def save(self, path: str | Path) -> Path:
+        """All adapters (peft writes one subfolder per adapter) plus the widths."""
+        import json
+
+        from qlib.report import atomic_dir
+
+        with atomic_dir(Path(path)) as tmp:
+            self.model.save_pretrained(tmp, selected_adapters=[adapter_name(b) for b in self.widths])
+            (tmp / "switchable.json").write_text(json.dumps({"widths": list(self.widths)}))
+        return Path(path)
+
+
+def build(base_dir: str | Path, widths: tuple[int, ...], rank: int, device: torch.device) -> SwitchableQuantLoRAModel:
+    """Base GPT-2 (frozen) -> QuantLinear everywhere -> one LoRA adapter per width."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    for b in widths:
+        check_width(b)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    patch_gpt2_with_quantization(base)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    first, *rest = sorted(widths)
+    model = get_peft_model(base, cfg, adapter_name=adapter_name(first))
+    for b in rest:
+        model.add_adapter(adapter_name(b), cfg)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return SwitchableQuantLoRAModel(model.to(device), tuple(widths))
+
+
+def load(base_dir: str | Path, adapters_dir: str | Path, device: torch.device) -> SwitchableQuantLoRAModel:
+    """A saved switchable model: the base, patched, and every width's adapter."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    d = Path(adapters_dir)
+    meta = d / "switchable.json"
+    if not meta.is_file():
+        raise QlabError(f"{d} is not a switchable adapter folder (switchable.json is missing)")
+    widths = tuple(json.loads(meta.read_text())["widths"])
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    patch_gpt2_with_quantization(base)
+    first, *rest = widths
+    sub = {b: d / adapter_name(b) if (d / adapter_name(b)).is_dir() else d for b in widths}
+    from qlib.adapters import check_adapter
+
+    for b in widths:
+        check_adapter(base, sub[b])
+    model = PeftModel.from_pretrained(base, str(sub[first]), adapter_name=adapter_name(first))
+    for b in rest:
+        model.load_adapter(str(sub[b]), adapter_name=adapter_name(b))
+    return SwitchableQuantLoRAModel(model.to(device).eval(), widths)

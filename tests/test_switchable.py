@@ -1,0 +1,150 @@
+"""Study 06's pieces: the uniform quantizer, QuantLinear, bitmaps and adapter switching, training styles,
+sensitivity and greedy search, the cloze QA set and SQuAD's metric."""
+import pytest
+import torch
+
+from qlib import qa, search, switchable
+from qlib.cli import main as cli_main
+from qlib.config import QlabError
+from qlib.pretrain import pretrained_lm
+from qlib.quant.uniform import QuantLinear, fake_quantize, patch_gpt2_with_quantization, row_scale
+from qlib.train import style_bitmaps, train_switchable
+
+CPU = torch.device("cpu")
+# gpt2-stdlib-tiny: 2 blocks, hidden 256; LoRA rank r on c_attn (256->768), attn c_proj (256->256),
+# c_fc (256->1024), mlp c_proj (1024->256)
+LORA_PER_WIDTH = lambda r: 2 * r * ((256 + 768) + (256 + 256) + (256 + 1024) + (1024 + 256))  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return pretrained_lm("gpt2-stdlib-tiny")
+
+
+@pytest.fixture()
+def model(tiny):
+    torch.manual_seed(0)
+    return switchable.build(tiny, (2, 4, 8, 32), 2, CPU)
+
+
+def test_quantization_error_shrinks_with_bits():
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    errs = [float((fake_quantize(w, b) - w).pow(2).mean()) for b in (2, 4, 8, 32)]
+    assert errs[0] > errs[1] > errs[2] > errs[3] == 0.0
+
+
+def test_per_row_scale_and_grid():
+    w = torch.tensor([[1.0, -0.5, 0.25], [10.0, 5.0, -10.0]])
+    assert torch.allclose(row_scale(w, 4), torch.tensor([[1 / 7], [10 / 7]]))
+    q = fake_quantize(w, 4)
+    assert torch.equal(q[:, 0].abs(), w[:, 0].abs())  # each row's absmax is exactly representable
+    levels = q / row_scale(w, 4)
+    assert torch.allclose(levels, levels.round(), atol=1e-5) and levels.abs().max() <= 7
+    assert set(fake_quantize(w, 2)[1].div(10).tolist()) <= {-1.0, 0.0, 1.0}
+
+
+def test_straight_through_gradient():
+    w = torch.randn(8, 8, requires_grad=True)
+    (fake_quantize(w, 2) * torch.arange(64.0).reshape(8, 8)).sum().backward()
+    assert torch.equal(w.grad, torch.arange(64.0).reshape(8, 8))
+
+
+def test_quantlinear_replaces_conv1d_exactly(tiny):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    patched = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    assert patch_gpt2_with_quantization(patched) == 4 * 2
+    assert sum(isinstance(m, QuantLinear) for m in patched.modules()) == 8
+    ids = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(ref(input_ids=ids).logits, patched(input_ids=ids).logits, atol=1e-5)
+        for m in patched.modules():
+            if isinstance(m, QuantLinear):
+                m.set_bit_width(2)
+        assert not torch.allclose(ref(input_ids=ids).logits, patched(input_ids=ids).logits, atol=1e-2)
+    with pytest.raises(QlabError, match="unsupported bit width 3"):
+        QuantLinear(4, 4).set_bit_width(3)
+
+
+def test_set_config_switches_width_and_adapter(model):
+    assert sum(p.numel() for p in model.lora_parameters()) == 4 * LORA_PER_WIDTH(2)
+    assert model.active() == [(32, "w32"), (32, "w32")]
+    model.set_config("8,4")
+    assert model.active() == [(8, "w8"), (4, "w4")]
+    model.set_config({"h.1": 2})
+    assert model.active() == [(8, "w8"), (2, "w2")]
+    model.set_config(4)
+    assert model.active() == [(4, "w4"), (4, "w4")]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("8,4,2", "3 entries for a model with 2 blocks"), ({"h.7": 4}, "unknown layer 'h.7'"),
+    ("8,x", "'x' at block 1 is not a bit width"), (3, "unsupported bit width 3"), (2.5, "expected an int"),
+    ({"0": 16}, "no adapter was trained for width"), ([], "0 entries"), (True, "expected an int")])
+def test_bad_bitmaps_are_named(model, bad, message):
+    before = model.active()
+    with pytest.raises(QlabError, match=message):
+        model.set_config(bad)
+    assert model.active() == before
+
+
+def test_styles_visit_the_right_bitmaps():
+    assert style_bitmaps("spnet", (2, 4, 8, 32), 4) == [[32] * 4, [8] * 4, [4] * 4, [2] * 4, [8, 4, 8, 4]]
+    assert [m[0] for m in style_bitmaps("cyclic", (2, 4, 8, 32), 2)] == [2, 4, 8, 32, 8, 4]
+    assert style_bitmaps("single", (4,), 2) == [[4, 4]]
+    with pytest.raises(ValueError, match="unknown training style"):
+        style_bitmaps("random", (2,), 2)
+
+
+@pytest.mark.parametrize("style", ["spnet", "cyclic", "instantnet"])
+def test_training_moves_only_lora(model, style):
+    base = {n: p.detach().clone() for n, p in model.model.named_parameters() if "lora_" not in n}
+    ids = torch.randint(0, 512, (4, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :16] = -100
+    loader = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}]
+    res = train_switchable(model, loader, style, 2, 1e-2, CPU)
+    assert res.steps == 2 and all(torch.isfinite(torch.tensor(res.losses)))
+    assert all(torch.equal(p, base[n]) for n, p in model.model.named_parameters() if "lora_" not in n)
+    trained = {n.split(".lora_B.")[1].split(".")[0] for n, p in model.model.named_parameters()
+               if ".lora_B." in n and p.abs().sum() > 0}
+    assert trained == ({"w2", "w4"} if style == "cyclic" else {"w2", "w4", "w8", "w32"})
+
+
+def test_sensitivity_and_greedy_search(model):
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    sens = search.sensitivity(model, [{"input_ids": ids}])
+    assert set(sens) == {"0", "1"} and all(set(v) == {"2", "4", "8"} for v in sens.values())
+    assert all(v["2"]["mse"] > v["8"]["mse"] > 0 for v in sens.values())
+
+    def fake_eval(bitmap):  # F1 drops 0.03 per 2-bit block, 0.01 per 4-bit block
+        return {"em": 0.0, "f1": 0.9 - 0.03 * bitmap.count(2) - 0.01 * bitmap.count(4)}
+    rows = search.greedy_search(model, sens, fake_eval, 0.035, [100, 100])
+    best = search.best_bitmap(rows)
+    first = search.layer_order(sens)[0]
+    assert best["bitmap"] == ("2,8" if first == 0 else "8,2") and best["avg_bits"] == 5.0
+    assert [r["accepted"] for r in rows] == [True, True, False, False, True]  # 2 ok; then 2, 4 fail, 8 ok
+
+
+def test_cloze_construction_and_squad_metric():
+    article = ("Title line\n\nShares in Acme Widgets rose sharply on Monday after strong sales.\n\n"
+               "Analysts had expected less. The board of Acme Widgets said demand was strong.\n")
+    ex = qa.cloze_from_article("x/1.txt", article)
+    assert ex.answer == "Acme Widgets" and qa.BLANK in ex.question and ex.answer not in ex.question
+    assert ex.answer in ex.context and "Monday" not in ex.context
+    code = 'def find(pattern, text, flags=0):\n    """Search ___ for pattern."""\n    return re.search(pattern, text, flags)\n'
+    ex = qa.cloze_from_function("m.find", "Search text for the pattern.", code)
+    assert ex.answer == "text" and ex.question == "Search ___ for the pattern." and '"""' not in ex.context
+    assert qa.cloze_from_function("m.one", "Return x doubled.", "def one(x):\n    return 2 * x\n") is None  # 1 param
+    assert qa.heuristic_baseline([ex]) == {"em": 1.0, "f1": 1.0}  # 'pattern' is named, so it answers 'text'
+    assert qa.exact_match("the Acme  widgets!", "Acme Widgets") == 1.0
+    assert qa.f1_score("Acme", "Acme Widgets") == pytest.approx(2 / 3)
+    assert qa.em_f1(["a", "Acme"], ["b", "Acme"]) == {"em": 0.5, "f1": 0.5}
+    with pytest.raises(QlabError, match="as many predictions"):
+        qa.em_f1(["a"], [])
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    assert cli_main(["eval", "--profile", "smoke", "--adapters", str(tmp_path), "--bitmap", "8"]) == 2
+    assert "not a switchable adapter folder" in capsys.readouterr().err

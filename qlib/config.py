@@ -1,13 +1,14 @@
 """Configs every study shares: quantization methods and plans, run names, profiles, paths, device."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterator, TypeVar
 
 import torch
 
@@ -92,12 +93,37 @@ class QuantizationPlan:
                                  "extras": dict(s.extras)}}
 
 
+_FORCED_CUDA_DTYPE: list[torch.dtype] = []  # set by `t4_conditions` to act like a T4 on a newer GPU
+
+
 def compute_dtype(device: str | torch.device | None = None) -> torch.dtype:
     """fp32 on CPU (bf16 is 4-6x slower on AVX2); bf16 on CUDA where supported, else fp16 (T4)."""
     dev = torch.device(device) if device is not None else pick_device()
     if dev.type != "cuda":
         return torch.float32
+    if _FORCED_CUDA_DTYPE:
+        return _FORCED_CUDA_DTYPE[-1]
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@contextlib.contextmanager
+def t4_conditions(device: str | torch.device, memory_gib: float = 15.0) -> Iterator[float]:
+    """On a bigger GPU, behave like a 16 GB T4: fp16 compute and the allocator capped at `memory_gib`
+    (`torch.cuda.set_per_process_memory_fraction`); yields the fraction. CUDA only: a clear error elsewhere."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise QlabError(f"the T4 memory cap is a CUDA-only option (it caps the GPU allocator); this run is on {dev.type}")
+    total = torch.cuda.get_device_properties(dev).total_memory
+    fraction = min(1.0, memory_gib * 2**30 / total)
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(fraction, dev)
+    _FORCED_CUDA_DTYPE.append(torch.float16)
+    try:
+        yield fraction
+    finally:
+        _FORCED_CUDA_DTYPE.pop()
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -35,10 +35,11 @@ def load_causal_lm(path: str | Path, method: str | None, device: torch.device) -
     """A causal LM as stored (`method` None) or quantized on load by bitsandbytes (int8 | nf4 | qlora)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": torch.float32 if device.type == "cpu" else compute_dtype(device)}
+    kwargs: dict[str, Any] = {"dtype": torch.float32 if device.type == "cpu" else compute_dtype(device),
+                              "device_map": {"": device.index or 0} if device.type == "cuda" else None}
     if method:
         kwargs["quantization_config"] = build_quantization_plan(method, device).bnb_config
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+        kwargs["device_map"] = kwargs["device_map"] or {"": "cpu"}
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as e:

@@ -49,6 +49,7 @@ class ScalingConfig:
     finetune_7b: bool = False   # t4: a real QLoRA fine-tune of the hub LLaMA-7B (CUDA + hub only)
     model_id: str = "llama-2-7b"
     finetune_steps: int = 30
+    t4_check: bool = False      # CUDA: rerun the 7B QLoRA rung as on a T4 (fp16, allocator capped at 15 GiB)
     device: str = "auto"
 
 
@@ -56,7 +57,8 @@ SCALING_PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(rungs=("llama-2m", "llama-5m"), vocab_size=1000, seq=32, steps=1, projection_seq=64),
     "default": {},
     "t4": dict(finetune_7b=True, seq=512),
-    "gpu": dict(rungs=("llama-60m", "llama-270m", "llama-7b"), seq=512, steps=5),
+    "gpu": dict(rungs=("llama-60m", "llama-130m", "llama-270m", "llama-7b"), methods=("lora", "qlora"), seq=512,
+                steps=5, t4_check=True),
 }
 
 
@@ -211,6 +213,31 @@ def measure_rung(name: str, method: str, cfg: ScalingConfig, device: torch.devic
     return row
 
 
+def run_ladder(cfg: ScalingConfig, device: torch.device, root: Path) -> list[dict[str, Any]]:
+    """Rungs in order; before each, the fit over the smaller rungs already measured predicts its step time
+    and memory (the accounting predicts memory too), so every row is a prediction checked by a measurement."""
+    rows: list[dict[str, Any]] = []
+    for rung, method in tqdm([(r, m) for r in cfg.rungs for m in cfg.methods], desc="ladder"):
+        n = accounting.param_counts(accounting.meta_model(rung_config(rung, cfg.vocab_size)))["total"]
+        f = fit(rows, method, n)
+        row = measure_rung(rung, method, cfg, device, root)
+        row["fit_predicted_peak_mem_bytes"] = f["projected_peak_mem_bytes"] if f else None
+        row["fit_predicted_step_time_s"] = f["projected_step_time_s"] if f else None
+        rows.append(row)
+    return rows
+
+
+def t4_rung(cfg: ScalingConfig, device: torch.device, root: Path) -> dict[str, Any]:
+    """The 7B QLoRA rung again as a T4 would run it: fp16 compute, allocator capped at 15 GiB."""
+    from qlib.config import t4_conditions
+
+    with t4_conditions(device, T4_USABLE_GIB) as fraction:
+        row = measure_rung("llama-7b", "qlora", cfg, device, root)
+    row.update(method="qlora_t4_conditions", memory_fraction=fraction, compute_dtype="fp16",
+               note=f"fp16, allocator capped at {T4_USABLE_GIB:g} GiB; status {row['status']}")
+    return row
+
+
 def fit(rows: list[dict[str, Any]], method: str, target_params: float) -> dict[str, Any] | None:
     """Least squares over the measured rungs: memory = a + b*N (affine), step time = c*N^k (log-log)."""
     ok = [r for r in rows if r["method"] == method and r["status"] == "ok" and r["rung"] != "llama-7b"]
@@ -251,6 +278,25 @@ def projection_7b(cfg: ScalingConfig, fits: dict[str, dict[str, Any]]) -> list[d
     return rows
 
 
+BAR_7B = {"qlora_over_lora_mem_max": 1 / 3, "qlora_over_lora_time_max": 2.0, "qlora_peak_gib_max": 5.0}
+
+
+def gpu_benchmark(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue bar at the 7B rung (measured side by side): QLoRA memory <= 1/3 of bf16 LoRA, time <= 2x, <= 5 GiB."""
+    by = {r["method"]: r for r in rows if r["rung"] == "llama-7b" and r["status"] == "ok"}
+    q, lo = by.get("qlora"), by.get("lora")
+    if not q:
+        return {"evaluated": False, "why": "no successful llama-7b QLoRA rung in this run"}
+    out: dict[str, Any] = {"evaluated": True, **BAR_7B, "qlora_peak_gib": q["peak_mem_bytes"] / 2**30}
+    out["qlora_peak_ok"] = out["qlora_peak_gib"] <= BAR_7B["qlora_peak_gib_max"]
+    if lo:
+        out["qlora_over_lora_mem"] = q["peak_mem_bytes"] / lo["peak_mem_bytes"]
+        out["qlora_over_lora_time"] = q["step_time_s"] / lo["step_time_s"]
+        out["mem_ok"] = out["qlora_over_lora_mem"] <= BAR_7B["qlora_over_lora_mem_max"]
+        out["time_ok"] = out["qlora_over_lora_time"] <= BAR_7B["qlora_over_lora_time_max"]
+    return out
+
+
 @dataclass
 class ScalingResult(StudyResult):
     ladder: list[dict[str, Any]]
@@ -275,11 +321,13 @@ def run(cfg: ScalingConfig) -> ScalingResult:
     """Accounting at 7B, the measured ladder, fits and the 7B projection; metrics.json."""
     device = pick_device(cfg.device)
     root = outputs_dir(STUDY, cfg.profile) / "random-init"
-    ladder = [measure_rung(r, m, cfg, device, root)
-              for r, m in tqdm([(r, m) for r in cfg.rungs for m in cfg.methods], desc="ladder")]
     n_7b = accounting.param_counts(accounting.meta_model(accounting.llama_config()))["total"]
+    ladder = run_ladder(cfg, device, root)
+    if cfg.t4_check:
+        ladder.append(t4_rung(cfg, device, root))
     fits = {m: f for m in cfg.methods if (f := fit(ladder, m, n_7b)) is not None}
     projection = projection_7b(cfg, fits)
+    bench = gpu_benchmark(ladder)
     acc7 = accounting_table()
     finetune = finetune_7b(cfg, device) if cfg.finetune_7b else None
     rows = [report.make_row(f"{r['method']}", model=r["rung"], dataset="random tokens", **{
@@ -289,7 +337,7 @@ def run(cfg: ScalingConfig) -> ScalingResult:
                   "data": {"id": "random tokens", "source": "torch.randint, seed 0"}}
     path = report.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
                                 config=asdict(cfg), fits=fits, projection_7b=projection, accounting_7b=acc7,
-                                finetune_7b=finetune,
+                                finetune_7b=finetune, benchmark=bench,
                                 reference={"qlora_7b_gb": REFERENCE_7B_QLORA_GB,
                                            "source": "Dettmers et al. 2023, QLoRA, Table 1"})
     return ScalingResult(rows, report.load_metrics(path), path, ladder, fits, projection, acc7, finetune)

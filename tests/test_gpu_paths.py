@@ -1,0 +1,78 @@
+"""The CUDA paths: what can be checked on a CPU is checked here (dtype choice, the T4 memory cap's handling,
+random-init provenance, the 7B bar); what needs a GPU is marked `cuda` and skipped with the reason."""
+import pytest
+import torch
+
+from qlib import assets
+from qlib.config import QlabError, compute_dtype, t4_conditions
+from qlib.studies import llama_scaling
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+def test_t4_conditions_force_fp16_and_are_cuda_only(monkeypatch):
+    with pytest.raises(QlabError, match="CUDA-only option .* this run is on cpu"):
+        with t4_conditions("cpu"):
+            pass
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80 * 2**30}))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append(f))
+    assert compute_dtype("cuda") == torch.bfloat16
+    with t4_conditions("cuda", 15.0) as fraction:
+        assert fraction == pytest.approx(15 / 80)
+        assert compute_dtype("cuda") == torch.float16  # a T4 has no bf16
+        assert llama_scaling.setup_for("qlora", torch.device("cuda"), 16).compute_elem == 2
+    assert calls == [pytest.approx(15 / 80), 1.0]  # capped, then released
+    assert compute_dtype("cuda") == torch.bfloat16
+
+
+def test_setups_follow_the_device(monkeypatch):
+    cpu = llama_scaling.setup_for("qlora", torch.device("cpu"), 16)
+    assert (cpu.compute_elem, cpu.optimizer_bytes, cpu.rest_elem) == (4, 8, 4)  # fp32, torch AdamW
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    gpu = llama_scaling.setup_for("lora", torch.device("cuda"), 16)
+    assert (gpu.weight_format, gpu.compute_elem, gpu.optimizer_bytes) == ("fp16", 2, 2)  # paged 8-bit AdamW
+
+
+def test_random_init_provenance_names_the_true_architecture():
+    r = assets.resolve_model("llama-arch", "llama-2-7b", random_init=True)
+    assert r.source == "random-init" and r.id == "meta-llama/Llama-2-7b-hf" and r.path is None
+
+
+def test_7b_bar_from_rows():
+    gib = 2**30
+    rows = [{"rung": "llama-7b", "method": "lora", "status": "ok", "peak_mem_bytes": 13 * gib, "step_time_s": 0.5},
+            {"rung": "llama-7b", "method": "qlora", "status": "ok", "peak_mem_bytes": 4.3 * gib, "step_time_s": 0.8}]
+    b = llama_scaling.gpu_benchmark(rows)
+    assert b["mem_ok"] and b["time_ok"] and b["qlora_peak_ok"]
+    assert b["qlora_over_lora_mem"] == pytest.approx(4.3 / 13)
+    rows[1]["status"] = "oom"
+    assert llama_scaling.gpu_benchmark(rows)["evaluated"] is False
+
+
+def test_oom_rung_is_a_row_not_a_crash(monkeypatch, tmp_path):
+    def boom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(llama_scaling, "prepare", boom)
+    cfg = llama_scaling.scaling_config("smoke", rungs=("llama-2m",), methods=("qlora",))
+    row = llama_scaling.measure_rung("llama-2m", "qlora", cfg, torch.device("cpu"), tmp_path)
+    assert row["status"] == "oom" and "out of memory at" in row["note"] and row["predicted_peak_mem_bytes"] > 0
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_qlora_rung_on_cuda_predicts_its_peak(tmp_path):
+    cfg = llama_scaling.scaling_config("smoke", rungs=("llama-5m",), methods=("qlora",), seq=64)
+    row = llama_scaling.measure_rung("llama-5m", "qlora", cfg, torch.device("cuda"), tmp_path)
+    assert row["status"] == "ok" and row["peak_mem_source"] == "cuda_max_allocated"
+    assert abs(row["resident_prediction_error"]) < 0.05
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_t4_conditions_on_cuda_cap_the_allocator():
+    with t4_conditions("cuda", 1.0):
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")

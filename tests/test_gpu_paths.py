@@ -76,3 +76,22 @@ def test_t4_conditions_on_cuda_cap_the_allocator():
     with t4_conditions("cuda", 1.0):
         with pytest.raises(torch.OutOfMemoryError):
             torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+
+
+def test_random_init_gpt2_rows_have_null_quality(tmp_path, monkeypatch):
+    """The gpu profile's path of study 05 on CPU at smoke size: true architecture, random weights."""
+    from qlib.studies import gpt2_bitnet
+
+    monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
+    cfg = gpt2_bitnet.gpt2_config("smoke", random_init=True, regimes=["fp32", "nf4", "qlora", "bitnet"], steps=1,
+                                  eval_tokens=256, gguf=True)
+    res = gpt2_bitnet.run(cfg)
+    assert res.doc["assets"]["model"]["source"] == "random-init"
+    assert res.doc["assets"]["data"]["id"] == "random tokens"
+    assert [r["method"] for r in res.rows] == ["fp32", "nf4", "qlora", "bitnet"]  # no GGUF rows: no tokenizer
+    assert all(r["perplexity"] is None for r in res.rows)
+    assert all(r["tokens_per_s"] > 0 and r["size_bytes"] > 0 for r in res.rows)
+    # gpt2-stdlib-tiny's architecture: vocab 512, 128 positions, hidden 256, 2 blocks (head tied)
+    block = 2 * 256 + (256 * 768 + 768) + (256 * 256 + 256) + 2 * 256 + (256 * 1024 + 1024) + (1024 * 256 + 256)
+    fp = res.rows[0]
+    assert fp["total_params"] == fp["trainable_params"] == 512 * 256 + 128 * 256 + 2 * block + 2 * 256

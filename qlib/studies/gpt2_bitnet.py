@@ -46,6 +46,7 @@ class GPT2Config:
     gen_tokens: int = 32
     latency_repeats: int = 5
     gguf: bool = True            # export the BitNet model to GGUF (F32, TQ2_0, TQ1_0) and run it in llama.cpp
+    random_init: bool = False    # gpu profile: the true architecture, random weights, random tokens; quality null
     device: str = "auto"
 
 
@@ -55,7 +56,8 @@ GPT2_PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
     "t4": dict(model_id="gpt2", dataset_id="codesearchnet-python", context=512, stride=256,
                train_tokens=4_000_000, eval_tokens=65_536, steps=1000, lr=5e-5, lora_lr=2e-4),
-    "gpu": dict(context=512, stride=256, steps=50, gguf=False),
+    "gpu": dict(model_id="gpt2", random_init=True, context=512, stride=512, steps=30, batch_size=8,
+                eval_tokens=8192, gguf=False, gen_tokens=64),
 }
 
 
@@ -260,27 +262,56 @@ class GPT2Result(StudyResult):
     packed_identical: bool | None
 
 
+def random_init_setup(cfg: GPT2Config, out: Path) -> tuple[assets.Resolved, str, int, torch.Tensor, torch.Tensor,
+                                                           assets.Resolved]:
+    """The true architecture with random weights, saved once (bitsandbytes quantizes from a folder), and
+    random token batches: memory and speed do not depend on the values, quality is not measured."""
+    from transformers import GPT2Config as HFGPT2Config
+    from transformers import GPT2LMHeadModel
+
+    from qlib.pretrain import LM_SPECS, model_config
+
+    asset = assets.resolve_model("causal-lm", cfg.model_id, random_init=True)
+    config = model_config(LM_SPECS[cfg.model_id]) if cfg.model_id in LM_SPECS else HFGPT2Config()
+    config.n_positions = max(config.n_positions, cfg.context)
+    base = out / f"random-init-{cfg.model_id.replace('/', '_')}"
+    if not (base / "config.json").is_file():
+        torch.manual_seed(cfg.seed)
+        with report.atomic_dir(base) as tmp:
+            GPT2LMHeadModel(config).save_pretrained(tmp)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    chunks = torch.randint(0, config.vocab_size, (cfg.steps * cfg.batch_size, cfg.context), generator=gen)
+    eval_ids = torch.randint(0, config.vocab_size, (cfg.eval_tokens,), generator=gen)
+    return (asset, str(base), config.eos_token_id, chunks, eval_ids,
+            assets.Resolved("causal-lm-data", "random tokens", "torch.randint"))
+
+
 def run(cfg: GPT2Config) -> GPT2Result:
     """All regimes from one base on one split; perplexity, speed, memory, sizes; metrics.json."""
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
-    asset = assets.resolve_model("causal-lm", cfg.model_id)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(asset.path)
-    train_texts, eval_texts, data_asset = data.load_code_sft(cfg.dataset_id)
-    chunks = data.lm_chunks(tok, train_texts, cfg.context, cfg.train_tokens)
-    eval_ids = data.lm_chunks(tok, eval_texts, cfg.context, cfg.eval_tokens).reshape(-1)[: cfg.eval_tokens]
-    loader = data.lm_loader(chunks, cfg.batch_size, seed=cfg.seed)
     out = outputs_dir(STUDY, cfg.profile)
-    regimes = build_regimes(cfg, asset.path, loader, out, device)
+    tok = None
+    if cfg.random_init:
+        asset, base, eos, chunks, eval_ids, data_asset = random_init_setup(cfg, out)
+    else:
+        from transformers import AutoTokenizer
+
+        asset = assets.resolve_model("causal-lm", cfg.model_id)
+        base, tok = str(asset.path), AutoTokenizer.from_pretrained(asset.path)
+        eos = tok.eos_token_id
+        train_texts, eval_texts, data_asset = data.load_code_sft(cfg.dataset_id)
+        chunks = data.lm_chunks(tok, train_texts, cfg.context, cfg.train_tokens)
+        eval_ids = data.lm_chunks(tok, eval_texts, cfg.context, cfg.eval_tokens).reshape(-1)[: cfg.eval_tokens]
+    loader = data.lm_loader(chunks, cfg.batch_size, seed=cfg.seed)
+    regimes = build_regimes(cfg, base, loader, out, device)
     prompt = eval_ids[:16].unsqueeze(0).to(device)
 
     rows, losses, identical = [], {}, None
     for r in regimes:
         with metrics.PeakMemory(device) as inf_mem:
             ppl = metrics.perplexity(r.model, eval_ids, cfg.context, cfg.stride, device)
-        tps = metrics.decode_speed(r.model, prompt, cfg.gen_tokens, cfg.latency_repeats, tok.eos_token_id, device)
+        tps = metrics.decode_speed(r.model, prompt, cfg.gen_tokens, cfg.latency_repeats, eos, device)
         size, stored_bits, extra = save_artifact(r, out)
         if r.name == "bitnet":
             identical = _check_unpacked(r.model, out / "bitnet" / "model-ternary.safetensors", eval_ids[:64])
@@ -289,7 +320,8 @@ def run(cfg: GPT2Config) -> GPT2Result:
             counts["trainable_params"] = 0  # evaluated only
         losses[r.name] = r.train.losses if r.train else []
         rows.append(report.make_row(
-            r.name, model=asset.id, dataset=data_asset.id, perplexity=ppl["perplexity"], size_bytes=size,
+            r.name, model=asset.id, dataset=data_asset.id, size_bytes=size,
+            perplexity=None if cfg.random_init else ppl["perplexity"],  # random weights: quality is not a number
             bits_per_param=metrics.bits_per_param(size, counts["total_params"]),
             quantized_bits_per_weight=stored_bits, tokens_per_s=tps, peak_mem_bytes=r.train_mem.peak_bytes if r.train_mem else None,
             peak_mem_source=(r.train_mem or inf_mem).source, inference_peak_mem_bytes=inf_mem.peak_bytes,
@@ -297,7 +329,7 @@ def run(cfg: GPT2Config) -> GPT2Result:
             note=r.note or None, layer_kinds=layer_kinds(r.model), **counts, **extra))
     gguf_types: dict = {}
     bit = next((r for r in regimes if r.name == "bitnet"), None)
-    if cfg.gguf and bit is not None:
+    if cfg.gguf and bit is not None and tok is not None:  # random-init runs have no tokenizer to convert
         grows, gguf_types = gguf_rows(bit, tok, eval_ids, prompt[0].tolist(), cfg, out,
                                       asset.source == "pretrained-here", asset.id, data_asset.id)
         rows += grows
@@ -340,12 +372,15 @@ def findings(res: GPT2Result) -> str:
     for r in res.rows:
         if r.get("backend") == "llama.cpp":
             continue  # other windows (stride = context): compared with PyTorch BitNet below
-        rel = f" ({100 * (r['perplexity'] / fp['perplexity'] - 1):+.1f} % vs fp32)" if fp and r is not fp else ""
+        has_ppl = r["perplexity"] is not None
+        rel = (f" ({100 * (r['perplexity'] / fp['perplexity'] - 1):+.1f} % vs fp32)"
+               if fp and r is not fp and has_ppl else "")
+        ppl = f"perplexity {r['perplexity']:.2f}{rel}" if has_ppl else "perplexity not measured (random init)"
         train = (f", trained {r['trainable_params']:,} of {r['total_params']:,} params in {r['train_time_s']:.0f} s"
                  if r["train_time_s"] else ", not trained")
         qbits = (f" ({r['quantized_bits_per_weight']:.2f} in its quantized layers)"
                  if r.get("quantized_bits_per_weight") else "")
-        lines.append(f"- `{r['method']}`: perplexity {r['perplexity']:.2f}{rel}; {r['size_bytes'] / 2**20:.2f} MiB "
+        lines.append(f"- `{r['method']}`: {ppl}; {r['size_bytes'] / 2**20:.2f} MiB "
                      f"stored = {r['bits_per_param']:.2f} bits/param over the whole model{qbits}; "
                      f"decode {r['tokens_per_s']:.0f} tok/s{train}.")
     if "bitnet" in by:

@@ -369,8 +369,8 @@ def findings(res: ScalingResult) -> str:
         big = max(r["total_params"] for r in ok)
         lines.append(f"- Ladder: the tensors held between steps (weights, quantization states, optimizer) match "
                      f"the accounting within {100 * abs(worst['resident_prediction_error']):.2f} % on every rung. "
-                     f"The whole step's peak on CPU (resident + RSS growth during the step) at {big / 1e6:.0f} M "
-                     "params is above the accounting by " + ", ".join(
+                     f"For the whole step's peak on CPU (resident + RSS growth during the step) at {big / 1e6:.0f} M "
+                     "params the accounting falls short of the measurement by " + ", ".join(
                          f"{-100 * r['prediction_error']:.0f} % ({r['method']})" for r in ok if r["total_params"] == big)
                      + ": CPU kernels and the allocator add transient memory the accounting does not model "
                      "(NF4 weights dequantized inside each matmul, fp32 logits copies, heap growth), a cost that "

@@ -28,7 +28,7 @@ def load_nf4_classifier(path: str | Path, num_labels: int, device: torch.device)
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, quantization_config=bnb, dtype=torch.float32,
-            device_map={"": device.index if device.type == "cuda" else "cpu"})
+            device_map={"": (device.index or 0) if device.type == "cuda" else "cpu"})
     finally:
         logging.set_verbosity(verbosity)
 

@@ -95,3 +95,20 @@ def test_random_init_gpt2_rows_have_null_quality(tmp_path, monkeypatch):
     block = 2 * 256 + (256 * 768 + 768) + (256 * 256 + 256) + 2 * 256 + (256 * 1024 + 1024) + (1024 * 256 + 256)
     fp = res.rows[0]
     assert fp["total_params"] == fp["trainable_params"] == 512 * 256 + 128 * 256 + 2 * block + 2 * 256
+
+
+def test_random_init_bert_rows_compare_fp32_and_qlora(tmp_path, monkeypatch):
+    """Study 04's gpu-profile path on CPU with a tiny BERT: same code, random weights and tokens."""
+    from qlib.studies import qlora_bert
+
+    monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
+    cfg = qlora_bert.qlora_config("gpu", random_arch="tiny", bench_steps=2, batch_size=4, seq_len=16, device="cpu")
+    res = qlora_bert.run(cfg)
+    fp, q = res.rows
+    assert (fp["method"], q["method"]) == ("fp32", "qlora") and res.doc["assets"]["model"]["source"] == "random-init"
+    assert fp["accuracy"] is None and q["accuracy"] is None
+    assert fp["trainable_params"] == fp["total_params"]
+    assert 0 < q["trainable_params"] < q["total_params"] and q["trainable_params"] < fp["trainable_params"] / 5
+    assert q["nf4_layers"] == 2 * 6 and q["bits_per_param"] == pytest.approx(4.127, abs=0.01)
+    assert q["step_time_s"] > 0 and fp["peak_mem_bytes"] >= 0
+    assert "Accuracy is not measured" in qlora_bert.findings(res)

@@ -33,6 +33,10 @@ class QLoRAConfig:
     lr: float = 1e-3
     batch_size: int = 32
     save_steps: int | None = None         # None: twice per run
+    random_init: bool = False             # gpu profile: bert-base architecture, random weights + tokens
+    random_arch: str = "bert-base"        # or "tiny" (the tests)
+    bench_steps: int = 20                 # random-init: training steps timed per method
+    seq_len: int = 128
     device: str = "auto"
 
 
@@ -40,7 +44,7 @@ QLORA_PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(ranks=(8,), epochs=1, batch_size=16),
     "default": {},
     "t4": dict(ranks=(8, 16, 64), main_rank=16, lr=2e-4),
-    "gpu": dict(ranks=(16,), main_rank=16),
+    "gpu": dict(ranks=(16,), main_rank=16, random_init=True),
 }
 
 
@@ -129,6 +133,54 @@ def verify_in_fresh_process(adapter_dir: Path, profile: str) -> dict[str, float]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+RANDOM_ARCHS = {"bert-base": models.BERT_BASE,
+                "tiny": dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=128, max_position_embeddings=512, type_vocab_size=2)}
+
+
+def random_init_rows(cfg: QLoRAConfig, device: torch.device, out: Path) -> list[dict[str, Any]]:
+    """gpu profile: the true bert-base architecture with random weights, trained on random tokens: an FP32
+    full fine-tune vs QLoRA (NF4 base + LoRA) for step time, peak memory and trainable parameters only."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from qlib.train import finetune
+
+    if cfg.random_arch not in RANDOM_ARCHS:
+        raise QlabError(f"unknown random_arch {cfg.random_arch!r}; valid: {', '.join(RANDOM_ARCHS)}")
+    arch = RANDOM_ARCHS[cfg.random_arch]
+    base = out / f"random-init-{cfg.random_arch}"
+    if not (base / "config.json").is_file():
+        torch.manual_seed(cfg.seed)
+        with report.atomic_dir(base) as tmp:
+            BertForSequenceClassification(BertConfig(**arch, num_labels=2)).save_pretrained(tmp)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batches = [{"input_ids": torch.randint(0, arch["vocab_size"], (cfg.batch_size, cfg.seq_len), generator=gen),
+                "attention_mask": torch.ones(cfg.batch_size, cfg.seq_len, dtype=torch.long),
+                "labels": torch.randint(0, 2, (cfg.batch_size,), generator=gen)} for _ in range(cfg.bench_steps)]
+    rows = []
+    for method in ("fp32", "qlora"):
+        set_seed(cfg.seed)
+        if method == "fp32":
+            model, extra = BertForSequenceClassification.from_pretrained(base).to(device), {"bits_per_param": 32.0}
+        else:
+            model = adapters.add_lora(adapters.load_nf4_classifier(base, 2, device), cfg.main_rank, mlp=cfg.mlp)
+            storage = adapters.nf4_storage(model)
+            extra = {"bits_per_param": storage["bits_per_param"], "nf4_layers": storage["nf4_layers"],
+                     "lora_rank": cfg.main_rank}
+        counts = adapters.param_counts(model)
+        with metrics.PeakMemory(device) as mem:
+            tr = finetune(model, batches, 1.0, cfg.lr, device, desc=f"{method} (random init)")
+        rows.append(report.make_row(
+            method, model=f"{cfg.random_arch} (random init)", dataset="random tokens", accuracy=None, f1=None,
+            peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, train_time_s=tr.train_time_s,
+            train_steps=tr.steps, step_time_s=tr.train_time_s / tr.steps,
+            tokens_per_s=cfg.batch_size * cfg.seq_len * tr.steps / tr.train_time_s, **counts, **extra))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 @dataclass
 class QLoRAResult(StudyResult):
     losses: dict[int, list[float]]
@@ -139,6 +191,16 @@ class QLoRAResult(StudyResult):
 def run(cfg: QLoRAConfig) -> QLoRAResult:
     """Sweep LoRA ranks on an NF4 base; keep checkpoints + final adapter of main_rank; verify reload."""
     device = pick_device(cfg.device)
+    if cfg.random_init:
+        out = outputs_dir(STUDY, cfg.profile)
+        rows = random_init_rows(cfg, device, out)
+        doc_assets = {"model": {"role": "encoder", "id": "bert-base-uncased", "source": "random-init",
+                                "architecture": cfg.random_arch},
+                      "data": {"id": "random tokens", "source": "torch.randint", "seq_len": cfg.seq_len}}
+        path = report.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
+                                    config={**asdict(cfg), "ranks": list(cfg.ranks)},
+                                    notes="random weights: memory and speed only, accuracy null")
+        return QLoRAResult(rows, report.load_metrics(path), path, {}, out, {})
     bcfg = _baseline_settings(cfg.profile)
     asset = assets.resolve_model("encoder", bcfg.model_id)
     ds = data.load_classification(bcfg.dataset_id, bcfg.n_train, bcfg.n_eval)
@@ -213,6 +275,12 @@ def findings(res: QLoRAResult) -> str:
         lines.append("- Rank sweep: " + ", ".join(f"r={r['lora_rank']}: acc {r['accuracy']:.3f}, "
                                                    f"{r['trainable_params']:,} trainable" for r in
                                                    sorted(sweep, key=lambda r: r["lora_rank"])) + ".")
+    if q["accuracy"] is None:  # random-init (gpu profile): memory and speed only
+        lines.append(f"- Random weights, random tokens ({q['model']}): peak training memory "
+                     f"{q['peak_mem_bytes'] / 2**20:.0f} MiB for QLoRA vs {fp['peak_mem_bytes'] / 2**20:.0f} MiB for the "
+                     f"FP32 full fine-tune ({q['peak_mem_source']}); {q['step_time_s']:.3f} s vs "
+                     f"{fp['step_time_s']:.3f} s per step. Accuracy is not measured (null) on random weights.")
+        return "\n".join(lines)
     lines.append(f"- The adapter is {q['size_bytes'] / 2**20:.2f} MiB on disk; a fresh process loading it with "
                  f"plain `PeftModel.from_pretrained` scores accuracy {res.fresh.get('accuracy', float('nan')):.3f} "
                  f"(in-process {q['accuracy']:.3f}).")

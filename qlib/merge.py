@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from qlib import adapters, gguf, report
-from qlib.config import QlabError, build_quantization_plan, compute_dtype
+from qlib.config import QlabError
+from qlib.models import load_causal_lm
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-QWEN_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_META = "qlab_adapter.json"  # which base the adapter was trained on: fp32 or nf4
 
 
@@ -29,32 +29,6 @@ def require_tokenizer(model_dir: str | Path) -> None:
     if missing:
         raise QlabError(f"{d} has no tokenizer ({', '.join(missing)} missing): tokenizer files must travel "
                         "with the model (save them with tokenizer.save_pretrained into the same folder)")
-
-
-def load_causal_lm(path: str | Path, method: str | None, device: torch.device) -> torch.nn.Module:
-    """A causal LM as stored (`method` None) or quantized on load by bitsandbytes (int8 | nf4 | qlora)."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"dtype": torch.float32 if device.type == "cpu" else compute_dtype(device),
-                              "device_map": {"": device.index or 0} if device.type == "cuda" else None}
-    if method:
-        kwargs["quantization_config"] = build_quantization_plan(method, device).bnb_config
-        kwargs["device_map"] = kwargs["device_map"] or {"": "cpu"}
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError) as e:
-        raise QlabError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0][:300]}") from None
-
-
-def add_lora(model: torch.nn.Module, rank: int, kbit: bool, targets: list[str] | None = None) -> Any:
-    """LoRA on all seven projections (the QLoRA recipe); `kbit` prepares a 4-/8-bit base first."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if kbit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=targets or QWEN_LORA_TARGETS,
-                     task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
 
 
 def save_adapter(model: Any, tokenizer: Any, out: Path, trained_on: str) -> Path:

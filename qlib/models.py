@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -86,3 +86,72 @@ def load_saved_classifier(path: str | Path) -> tuple[torch.nn.Module, Any]:
     except Exception as e:
         raise QlabError(f"cannot load checkpoint {p}: {type(e).__name__}: {e}") from None
     return model.eval(), tok
+
+
+# ---------------------------------------------------------------- causal LMs (studies 05-08)
+
+GPT2_LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # every projection of a GPT-2 block
+
+
+def load_causal_lm(path: str | Path, method: str | None, device: torch.device,
+                   dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A causal LM as stored (`method` None) or quantized on load by bitsandbytes (int8 | nf4 | qlora), placed
+    on `device`; unquantized weights in `dtype` (default: fp32 on CPU, the device's compute dtype on CUDA)."""
+    from transformers import AutoModelForCausalLM
+
+    from qlib.config import build_quantization_plan, compute_dtype
+
+    kwargs: dict[str, Any] = {"dtype": dtype or (torch.float32 if device.type == "cpu" else compute_dtype(device)),
+                              "device_map": {"": device.index or 0} if device.type == "cuda" else None}
+    if method:
+        kwargs["quantization_config"] = build_quantization_plan(method, device).bnb_config
+        kwargs["device_map"] = kwargs["device_map"] or {"": "cpu"}
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as e:
+        raise QlabError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0][:300]}") from None
+
+
+def add_causal_lora(model: torch.nn.Module, rank: int, kbit: bool, targets: list[str] | None = None,
+                    gradient_checkpointing: bool = False) -> Any:
+    """The QLoRA recipe's LoRA (alpha 2r, dropout 0.05; default targets: LLaMA/Qwen's seven projections);
+    `kbit` prepares a 4-/8-bit base first (peft upcasts what is not quantized to fp32)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from qlib.accounting import LORA_TARGETS
+
+    ckpt = {"use_reentrant": False}
+    if kbit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=ckpt)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+    # bnb layers, BitLinear and QuantLinear are nn.Linear-shaped; GPT-2's Conv1D is handled by peft too
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, task_type="CAUSAL_LM",
+                     target_modules=targets or list(LORA_TARGETS))
+    return get_peft_model(model, cfg)
+
+
+def save_random_init(path: str | Path, build: Callable[[], torch.nn.Module], seed: int) -> Path:
+    """A randomly initialised model, built with `seed` and saved once (bitsandbytes quantizes on load from a
+    folder); the `gpu` profile's stand-in for weights that cannot travel."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        torch.manual_seed(seed)
+        with atomic_dir(p) as tmp:
+            build().save_pretrained(tmp)
+    return p
+
+
+LAYER_KINDS = ("Conv1D", "Linear", "Linear8bitLt", "Linear4bit", "BitLinear", "TernaryLinear")
+
+
+def layer_kinds(model: torch.nn.Module) -> dict[str, int]:
+    """How many base weight layers of each kind the model holds (LoRA's own A/B layers not counted)."""
+    counts = {k: 0 for k in LAYER_KINDS}
+    for path, m in model.named_modules():
+        name = type(m).__name__
+        if name in counts and not hasattr(m, "base_layer") and ".lora_" not in path:
+            counts[name] += 1
+    return {k: v for k, v in counts.items() if v}

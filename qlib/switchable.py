@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from qlib.config import QlabError
+from qlib.models import GPT2_LORA_TARGETS
 from qlib.quant.uniform import WIDTHS, QuantLinear, check_width, patch_gpt2_with_quantization
 
-LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]
 Bitmap = int | str | dict[Any, int] | list[int] | tuple[int, ...]
 
 
@@ -107,6 +107,10 @@ class SwitchableQuantLoRAModel(torch.nn.Module):
             out.append((q.bit_width, lora.active_adapters[0]))
         return out
 
+    def block_params(self) -> list[int]:
+        """Base (non-LoRA) parameters of each block: the weights for average bits."""
+        return [sum(p.numel() for n, p in b.named_parameters() if "lora_" not in n) for b in self.blocks]
+
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.model.named_parameters() if "lora_" in n]
 
@@ -136,7 +140,7 @@ def build(base_dir: str | Path, widths: tuple[int, ...], rank: int, device: torc
     patch_gpt2_with_quantization(base)
     for p in base.parameters():
         p.requires_grad_(False)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=GPT2_LORA_TARGETS, task_type="CAUSAL_LM")
     first, *rest = sorted(widths)
     model = get_peft_model(base, cfg, adapter_name=adapter_name(first))
     for b in rest:

@@ -107,7 +107,7 @@ def test_packed_model_gives_identical_logits(tmp_path):
 def test_study_05_counts_what_each_regime_quantized():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from qlib.studies.gpt2_bitnet import layer_kinds
+    from qlib.models import layer_kinds
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2))
     assert layer_kinds(model) == {"Conv1D": 8, "Linear": 1}  # the head is a Linear

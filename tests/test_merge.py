@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from qlib import gguf, merge
+from qlib import gguf, merge, models
 from qlib.config import QlabError
 from qlib.pretrain import pretrained_lm
 
@@ -23,8 +23,8 @@ def _adapter(base, out, trained_on: str, seed: int = 0):
     from transformers import AutoTokenizer
 
     torch.manual_seed(seed)
-    model = merge.load_causal_lm(base, "qlora" if trained_on == "nf4" else None, CPU)
-    peft_model = merge.add_lora(model, 4, kbit=trained_on == "nf4")
+    model = models.load_causal_lm(base, "qlora" if trained_on == "nf4" else None, CPU)
+    peft_model = models.add_causal_lora(model, 4, kbit=trained_on == "nf4")
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:  # a trained adapter's B is non-zero; a fresh one would make the merge trivial
             torch.nn.init.normal_(p, std=0.05)
@@ -37,7 +37,7 @@ def test_merged_logits_equal_base_plus_adapter(tiny_qwen, tmp_path, trained_on):
     ids = torch.randint(0, 512, (1, 48), generator=torch.Generator().manual_seed(1))
     info = merge.merge_adapter(tiny_qwen, adapter_dir, tmp_path / "merged", trained_on, ids)
     assert info.max_abs_logit_diff_fp32 < 1e-4 and info.max_abs_logit_diff_fp16 < 2e-2
-    merged = merge.load_causal_lm(info.path, None, CPU).eval()
+    merged = models.load_causal_lm(info.path, None, CPU).eval()
     with torch.no_grad():
         theirs = peft_model.eval()(input_ids=ids).logits.float()  # the adapter on the base it trained on
         ours = merged(input_ids=ids).logits
@@ -100,7 +100,7 @@ def test_bnb_formats_reload_as_quantized(tiny_qwen, tmp_path):
     int8 = merge.save_bnb(tiny_qwen, tmp_path / "model-int8", "int8", CPU)
     nf4 = merge.save_bnb(tiny_qwen, tmp_path / "model-int4", "nf4", CPU)
     for folder, kind in (("model-int8", "Linear8bitLt"), ("model-int4", "Linear4bit")):
-        reloaded = merge.load_causal_lm(tmp_path / folder, None, CPU)
+        reloaded = models.load_causal_lm(tmp_path / folder, None, CPU)
         assert type(reloaded.model.layers[0].mlp.up_proj).__name__ == kind
         assert (tmp_path / folder / "tokenizer.json").is_file()
     assert merge.weights_bytes(tmp_path / "model-int4") < merge.weights_bytes(tmp_path / "model-int8")

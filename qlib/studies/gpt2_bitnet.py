@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from qlib import adapters, assets, data, metrics, report
-from qlib.config import build_quantization_plan, make_config, outputs_dir, pick_device
+from qlib import adapters, assets, data, metrics, models, report
+from qlib.config import make_config, outputs_dir, pick_device
 from qlib.quant import bitnet
 from qlib.studies import StudyResult
 from qlib.train import TrainResult, finetune, set_seed
@@ -21,7 +21,6 @@ STUDY = "05_gpt2_bitnet"
 # and stated in the notes; one line per matmul would bury the notebook's output.
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 REGIMES = ("fp32", "int8", "nf4", "qlora", "bitnet", "qlora_bitnet")
-LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
 @dataclass(frozen=True)
@@ -80,24 +79,11 @@ class Regime:
 
 
 def _load(path: str, plan_method: str | None, device: torch.device) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if plan_method:
-        kwargs["quantization_config"] = build_quantization_plan(plan_method, device).bnb_config
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return models.load_causal_lm(path, plan_method, device, dtype=torch.float32)  # fp32 weights, autocast on CUDA
 
 
 def _lora(model: torch.nn.Module, rank: int, kbit: bool) -> Any:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if kbit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    # bnb layers and BitLinear are nn.Linear-shaped; plain GPT-2 would need fan_in_fan_out=True
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=LORA_TARGETS,
-                     task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    return models.add_causal_lora(model, rank, kbit, models.GPT2_LORA_TARGETS)
 
 
 def _train(name: str, model: Any, loader: Any, cfg: GPT2Config, lr: float, device: torch.device) -> Regime:
@@ -145,19 +131,6 @@ def build_regimes(cfg: GPT2Config, base: str, loader: Any, out: Path, device: to
         r.model.eval()
         done.append(r)
     return done
-
-
-LAYER_KINDS = ("Conv1D", "Linear", "Linear8bitLt", "Linear4bit", "BitLinear", "TernaryLinear")
-
-
-def layer_kinds(model: torch.nn.Module) -> dict[str, int]:
-    """How many base weight layers of each kind the model holds (LoRA's own A/B layers not counted)."""
-    counts = {k: 0 for k in LAYER_KINDS}
-    for path, m in model.named_modules():
-        name = type(m).__name__
-        if name in counts and not hasattr(m, "base_layer") and ".lora_" not in path:
-            counts[name] += 1
-    return {k: v for k, v in counts.items() if v}
 
 
 def save_artifact(r: Regime, out: Path) -> tuple[int, float | None, dict[str, Any]]:
@@ -274,11 +247,8 @@ def random_init_setup(cfg: GPT2Config, out: Path) -> tuple[assets.Resolved, str,
     asset = assets.resolve_model("causal-lm", cfg.model_id, random_init=True)
     config = model_config(LM_SPECS[cfg.model_id]) if cfg.model_id in LM_SPECS else HFGPT2Config()
     config.n_positions = max(config.n_positions, cfg.context)
-    base = out / f"random-init-{cfg.model_id.replace('/', '_')}"
-    if not (base / "config.json").is_file():
-        torch.manual_seed(cfg.seed)
-        with report.atomic_dir(base) as tmp:
-            GPT2LMHeadModel(config).save_pretrained(tmp)
+    base = models.save_random_init(out / f"random-init-{cfg.model_id.replace('/', '_')}",
+                                   lambda: GPT2LMHeadModel(config), cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     chunks = torch.randint(0, config.vocab_size, (cfg.steps * cfg.batch_size, cfg.context), generator=gen)
     eval_ids = torch.randint(0, config.vocab_size, (cfg.eval_tokens,), generator=gen)
@@ -326,7 +296,7 @@ def run(cfg: GPT2Config) -> GPT2Result:
             quantized_bits_per_weight=stored_bits, tokens_per_s=tps, peak_mem_bytes=r.train_mem.peak_bytes if r.train_mem else None,
             peak_mem_source=(r.train_mem or inf_mem).source, inference_peak_mem_bytes=inf_mem.peak_bytes,
             train_time_s=r.train.train_time_s if r.train else None, train_steps=r.train.steps if r.train else None,
-            note=r.note or None, layer_kinds=layer_kinds(r.model), **counts, **extra))
+            note=r.note or None, layer_kinds=models.layer_kinds(r.model), **counts, **extra))
     gguf_types: dict = {}
     bit = next((r for r in regimes if r.name == "bitnet"), None)
     if cfg.gguf and bit is not None and tok is not None:  # random-init runs have no tokenizer to convert

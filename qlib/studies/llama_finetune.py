@@ -21,11 +21,9 @@ from qlib.config import compute_dtype
 
 def qlora_finetune(asset: Resolved, cfg: Any, device: torch.device) -> dict[str, Any]:
     """Peak VRAM, time per step, tokens/s, and held-out perplexity before and after."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
-    from qlib.accounting import LORA_TARGETS
-    from qlib.merge import load_causal_lm
+    from qlib.models import add_causal_lora, load_causal_lm
 
     local = int(os.environ.get("LOCAL_RANK", device.index or 0))
     dev = torch.device("cuda", local)
@@ -35,10 +33,7 @@ def qlora_finetune(asset: Resolved, cfg: Any, device: torch.device) -> dict[str,
     eval_ids = data.lm_chunks(tok, eval_texts, cfg.seq, 16 * cfg.seq).reshape(-1)
     model = load_causal_lm(asset.path, "qlora", dev)
     ppl_before = metrics.perplexity(model, eval_ids, cfg.seq, cfg.seq, dev)["perplexity"]
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.05,
-                                             target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
+    model = add_causal_lora(model, cfg.lora_rank, kbit=True, gradient_checkpointing=True)
     bf16 = compute_dtype(dev) == torch.bfloat16
     args = TrainingArguments(output_dir=str(cfg_output(cfg)), per_device_train_batch_size=cfg.batch,
                              max_steps=cfg.finetune_steps, learning_rate=2e-4, optim="paged_adamw_8bit",

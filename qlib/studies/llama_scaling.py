@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import accounting, assets, metrics, report
+from qlib import accounting, assets, metrics, models, report
 from qlib.config import QlabError, compute_dtype, make_config, outputs_dir, pick_device
 from qlib.studies import StudyResult
 from qlib.train import set_seed
@@ -96,40 +96,20 @@ def random_init_dir(name: str, vocab_size: int, seed: int, root: Path) -> Path:
     FP16 halves the disk and RAM a 7B rung needs, and each method loads it in its own dtype)."""
     from transformers import AutoModelForCausalLM
 
-    d = root / f"{name}-v{vocab_size}-s{seed}-fp16"
-    if (d / "config.json").is_file():
-        return d
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(rung_config(name, vocab_size), dtype=torch.float16)
-    with report.atomic_dir(d) as tmp:
-        model.save_pretrained(tmp)
-    return d
+    return models.save_random_init(
+        root / f"{name}-v{vocab_size}-s{seed}-fp16",
+        lambda: AutoModelForCausalLM.from_config(rung_config(name, vocab_size), dtype=torch.float16), seed)
 
 
 def prepare(path: Path, method: str, rank: int, checkpointing: bool, device: torch.device) -> Any:
     """Load the rung for `method` and make only what that method trains trainable."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    from qlib.merge import load_causal_lm
-
-    model = load_causal_lm(path, "qlora" if method == "qlora" else None, device)
+    model = models.load_causal_lm(path, "qlora" if method == "qlora" else None, device)
     model.config.use_cache = False
-    if method == "full":
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return model
-    if method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=list(accounting.LORA_TARGETS),
-                      task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    if method != "full":
+        return models.add_causal_lora(model, rank, kbit=method == "qlora", gradient_checkpointing=checkpointing)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def optimizer_for(params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
@@ -179,10 +159,11 @@ def _step(model: Any, opt: torch.optim.Optimizer, ids: torch.Tensor) -> float:
 def measure_rung(name: str, method: str, cfg: ScalingConfig, device: torch.device, root: Path) -> dict[str, Any]:
     """One rung x method: peak memory (measured and predicted), step time, tokens/s; OOM -> a status row."""
     config = rung_config(name, cfg.vocab_size)
+    meta = accounting.meta_model(config)
     setup = setup_for(method, device, cfg.lora_rank)
-    predicted = accounting.training_bytes(config, setup, cfg.batch, cfg.seq, cfg.checkpointing)
+    predicted = accounting.training_bytes(config, setup, cfg.batch, cfg.seq, cfg.checkpointing, meta)
     row: dict[str, Any] = {"rung": name, "method": method, "status": "ok", "seq": cfg.seq, "batch": cfg.batch,
-                           "total_params": accounting.param_counts(accounting.meta_model(config))["total"],
+                           "total_params": accounting.param_counts(meta)["total"],
                            "predicted_peak_mem_bytes": predicted["total"],
                            "predicted_resident_bytes": predicted["weights"] + predicted["trainable_weights"]
                            + predicted["optimizer"],

@@ -148,11 +148,8 @@ def random_init_rows(cfg: QLoRAConfig, device: torch.device, out: Path) -> list[
     if cfg.random_arch not in RANDOM_ARCHS:
         raise QlabError(f"unknown random_arch {cfg.random_arch!r}; valid: {', '.join(RANDOM_ARCHS)}")
     arch = RANDOM_ARCHS[cfg.random_arch]
-    base = out / f"random-init-{cfg.random_arch}"
-    if not (base / "config.json").is_file():
-        torch.manual_seed(cfg.seed)
-        with report.atomic_dir(base) as tmp:
-            BertForSequenceClassification(BertConfig(**arch, num_labels=2)).save_pretrained(tmp)
+    base = models.save_random_init(out / f"random-init-{cfg.random_arch}",
+                                   lambda: BertForSequenceClassification(BertConfig(**arch, num_labels=2)), cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = [{"input_ids": torch.randint(0, arch["vocab_size"], (cfg.batch_size, cfg.seq_len), generator=gen),
                 "attention_mask": torch.ones(cfg.batch_size, cfg.seq_len, dtype=torch.long),

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from qlib import adapters, assets, data, gguf, merge, metrics, report
+from qlib import adapters, assets, data, gguf, merge, metrics, models, report
 from qlib.config import make_config, outputs_dir, pick_device
 from qlib.studies import StudyResult
 from qlib.train import finetune, set_seed
@@ -62,7 +62,7 @@ def train_adapter(cfg: QwenMergeConfig, base: str, tok: Any, loader: Any, out: P
     """LoRA on all seven projections of the (NF4 or FP32) base; the adapter folder and its training cost."""
     set_seed(cfg.seed)
     kbit = cfg.train_base == "nf4"
-    model = merge.add_lora(merge.load_causal_lm(base, "qlora" if kbit else None, device), cfg.lora_rank, kbit)
+    model = models.add_causal_lora(models.load_causal_lm(base, "qlora" if kbit else None, device), cfg.lora_rank, kbit)
     with metrics.PeakMemory(device) as mem:
         tr = finetune(model, loader, cfg.steps / len(loader), cfg.lora_lr, device, weight_decay=0.0,
                       desc=f"LoRA r={cfg.lora_rank} on the {cfg.train_base} base")
@@ -81,15 +81,7 @@ def _hf_row(method: str, model: torch.nn.Module, path: Path, eval_ids: torch.Ten
     tps = metrics.decode_speed(model, prompt.reshape(1, -1).to(device), cfg.gen_tokens, cfg.latency_repeats, eos, device)
     return dict(method=method, backend="transformers", path=path, perplexity=ppl["perplexity"], tokens_per_s=tps,
                 inference_peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source,
-                layer_kinds=_layer_kinds(model))
-
-
-def _layer_kinds(model: torch.nn.Module) -> dict[str, int]:
-    kinds: dict[str, int] = {}
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
-    return kinds
+                layer_kinds=models.layer_kinds(model))
 
 
 def _gguf_row(method: str, path: Path, eval_ids: torch.Tensor, tps: float, cfg: QwenMergeConfig) -> dict[str, Any]:
@@ -132,7 +124,7 @@ def run(cfg: QwenMergeConfig) -> QwenMergeResult:
     info = merge.merge_adapter(asset.path, adapter_dir, out / "quantized" / "merged-fp16", trained_on, prompt)
 
     measured = []
-    merged = merge.load_causal_lm(info.path, None, device).eval()  # FP16 on disk; FP32 compute on CPU
+    merged = models.load_causal_lm(info.path, None, device).eval()  # FP16 on disk; FP32 compute on CPU
     measured.append(_hf_row("merged_fp16", merged, info.path, eval_ids, prompt, cfg, tok.eos_token_id, device))
     n_params = adapters.param_counts(merged)["total_params"]
     del merged
@@ -141,7 +133,7 @@ def run(cfg: QwenMergeConfig) -> QwenMergeResult:
             continue
         path = out / "quantized" / folder
         merge.save_bnb(info.path, path, bnb, device)
-        reloaded = merge.load_causal_lm(path, None, device).eval()  # the saved folder, as a user loads it
+        reloaded = models.load_causal_lm(path, None, device).eval()  # the saved folder, as a user loads it
         measured.append(_hf_row(method, reloaded, path, eval_ids, prompt, cfg, tok.eos_token_id, device))
         del reloaded
     files = merge.export_gguf(info.path, out / "quantized", asset.source == "pretrained-here")

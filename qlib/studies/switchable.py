@@ -144,6 +144,22 @@ def load_data(cfg: SwitchableConfig, tok: Any, max_len: int) -> QAData:
     return QAData(train, [e for e, _ in ev], [x for _, x in ev], asset, dropped)
 
 
+def load_setup(cfg: SwitchableConfig) -> tuple[assets.Resolved, Any, QAData]:
+    """The base GPT-2, its tokenizer, and the QA data encoded to fit its context."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    asset = assets.resolve_model("causal-lm", cfg.model_id)
+    tok = AutoTokenizer.from_pretrained(asset.path)
+    return asset, tok, load_data(cfg, tok, AutoConfig.from_pretrained(asset.path).n_positions)
+
+
+def calibration(data: QAData, tok: Any, cfg: SwitchableConfig, device: torch.device,
+                n_batches: int) -> list[dict[str, torch.Tensor]]:
+    """Training batches for the sensitivity analysis (their own shuffle: seed + 1)."""
+    loader = qa_loader(data.train, cfg.batch_size, tok.eos_token_id, cfg.seed + 1)
+    return [{k: v.to(device) for k, v in b.items()} for _, b in zip(range(n_batches), loader)]
+
+
 def evaluate(model: switchable.SwitchableQuantLoRAModel, tok: Any, data: QAData, bitmap: Any,
              cfg: SwitchableConfig, device: torch.device) -> dict[str, float]:
     model.set_config(bitmap)
@@ -198,16 +214,9 @@ def _uniform_rows(name: str, model: Any, tok: Any, data: QAData, cfg: Switchable
 def run(cfg: SwitchableConfig) -> SwitchableResult:
     """Train each style (and the single-width baselines), evaluate every uniform width, then sensitivity and
     greedy search on the `search_style` model; metrics.json, sensitivity.json, search_results.csv."""
-    from transformers import AutoTokenizer
-
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
-    asset = assets.resolve_model("causal-lm", cfg.model_id)
-    tok = AutoTokenizer.from_pretrained(asset.path)
-    from transformers import AutoConfig
-
-    max_len = AutoConfig.from_pretrained(asset.path).n_positions
-    data = load_data(cfg, tok, max_len)
+    asset, tok, data = load_setup(cfg)
     ids = {"model": asset.id, "data": data.asset.id}
     out = outputs_dir(STUDY, cfg.profile)
     loader = qa_loader(data.train, cfg.batch_size, tok.eos_token_id, cfg.seed)
@@ -226,17 +235,13 @@ def run(cfg: SwitchableConfig) -> SwitchableResult:
             model.save(out / f"adapters-{name}")
             trained[name] = model
     model = trained[cfg.search_style]
-    calib = [b for _, b in zip(range(max(1, cfg.n_calib // cfg.batch_size)), qa_loader(data.train, cfg.batch_size,
-                                                                                      tok.eos_token_id, cfg.seed + 1))]
-    calib = [{k: v.to(device) for k, v in b.items()} for b in calib]
-    sens = search.sensitivity(model, calib)
-    layer_params = [sum(p.numel() for n, p in b.named_parameters() if "lora_" not in n) for b in model.blocks]
+    sens = search.sensitivity(model, calibration(data, tok, cfg, device, max(1, cfg.n_calib // cfg.batch_size)))
     bar = tqdm(desc="greedy search (evaluations)")
 
     def score(bitmap: list[int]) -> dict[str, float]:
         bar.update(1)
         return evaluate(model, tok, data, bitmap, cfg, device)
-    search_rows = search.greedy_search(model, sens, score, cfg.budget, layer_params)
+    search_rows = search.greedy_search(model, sens, score, cfg.budget, model.block_params())
     bar.close()
     best = search.best_bitmap(search_rows)
     res_dir = results_dir(STUDY, cfg.profile)
@@ -311,11 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                             budget=getattr(a, "budget", None))
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
-    from transformers import AutoConfig, AutoTokenizer
-
-    asset = assets.resolve_model("causal-lm", cfg.model_id)
-    tok = AutoTokenizer.from_pretrained(asset.path)
-    data = load_data(cfg, tok, AutoConfig.from_pretrained(asset.path).n_positions)
+    asset, tok, data = load_setup(cfg)
     folder = Path(a.adapters or outputs_dir(STUDY, cfg.profile) / f"adapters-{getattr(a, 'style', 'spnet')}")
     if a.cmd == "train":
         model = switchable.build(asset.path, cfg.widths, cfg.lora_rank, device)
@@ -330,14 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"bitmap": switchable.bitmap_str(model.set_config(bitmap)),
                           **evaluate(model, tok, data, bitmap, cfg, device)}))
         return 0
-    calib = [{k: v.to(device) for k, v in b.items()}
-             for _, b in zip(range(2), qa_loader(data.train, cfg.batch_size, tok.eos_token_id, cfg.seed + 1))]
-    sens = search.sensitivity(model, calib)
+    sens = search.sensitivity(model, calibration(data, tok, cfg, device, 2))
     if a.cmd == "sensitivity":
         print(json.dumps(sens, indent=2))
         return 0
-    params = [sum(p.numel() for n, p in b.named_parameters() if "lora_" not in n) for b in model.blocks]
-    rows = search.greedy_search(model, sens, lambda bm: evaluate(model, tok, data, bm, cfg, device), cfg.budget, params)
+    rows = search.greedy_search(model, sens, lambda bm: evaluate(model, tok, data, bm, cfg, device), cfg.budget,
+                                model.block_params())
     print(_csv(rows))
     print(json.dumps(search.best_bitmap(rows)))
     return 0

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from qlib.config import PROFILES, QlabError, check_profile, repo_root
+from qlib.config import GPU_STUDIES, PROFILES, QlabError, check_profile, repo_root
 
 
 def notebooks(selected: list[str] | None = None) -> list[Path]:
@@ -59,7 +59,10 @@ def _parse_params(pairs: list[str]) -> dict[str, object]:
 def cmd_run(args: argparse.Namespace) -> int:
     check_profile(args.profile)
     params = _parse_params(args.param or [])
-    nbs = notebooks(args.notebooks)
+    nbs = notebooks(args.notebooks or (list(GPU_STUDIES) if args.profile == "gpu" else None))
+    if args.profile == "gpu" and (outside := [nb.stem for nb in nbs if nb.stem[:2] not in GPU_STUDIES]):
+        raise QlabError(f"no gpu profile for {', '.join(outside)}: the gpu profile (random-init memory and speed) "
+                        f"covers notebooks {', '.join(GPU_STUDIES)}; run the others with --profile default or t4")
     for nb in nbs:
         print(f"[qlab] running {nb.name} (profile {args.profile})", flush=True)
         out = run_notebook(nb, args.profile, params)

@@ -219,6 +219,9 @@ def outputs_dir(study: str, profile: str) -> Path:
 # ---------------------------------------------------------------- profiles
 
 PROFILES = ("smoke", "default", "t4", "gpu")
+# The `gpu` profile exists only where a study has a random-init path (memory and speed, quality null):
+# 02/03 measure CPU INT8 kernels, 06/08 need their pretrained-here models (the default profile runs them on CUDA).
+GPU_STUDIES = ("01", "04", "05", "07")
 
 C = TypeVar("C")
 
@@ -237,11 +240,14 @@ def make_config(cls: type[C], table: dict[str, dict[str, Any]], profile: str, **
     any knob as None; an unknown key is a clear error naming it.
     """
     check_profile(profile)
+    if profile not in table:
+        raise QlabError(f"{cls.__name__} has no {profile!r} profile; it has: {', '.join(table)}"
+                        + (f" (the gpu profile covers notebooks {', '.join(GPU_STUDIES)})" if profile == "gpu" else ""))
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise QlabError(f"unknown parameter(s) for {cls.__name__}: {', '.join(unknown)}")
-    values = {**table.get(profile, {}), **{k: v for k, v in overrides.items() if v is not None}}
+    values = {**table[profile], **{k: v for k, v in overrides.items() if v is not None}}
     return cls(profile=profile, **values)  # type: ignore[call-arg]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +32,13 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     train_time_s: float = 0.0
     steps: int = 0
+    step_times: list[float] = field(default_factory=list)  # per step, each ended by loss.item() (a CUDA sync)
+
+    @property
+    def median_step_s(self) -> float:
+        """Median step time without the first step (CUDA/kernel warm-up), or the mean when too few."""
+        timed = self.step_times[1:] if len(self.step_times) > 2 else self.step_times
+        return statistics.median(timed) if timed else self.train_time_s / max(1, self.steps)
 
 
 def _autocast(device: torch.device):
@@ -58,6 +66,7 @@ def finetune(model: torch.nn.Module, loader: DataLoader, epochs: float, lr: floa
     bar = tqdm(total=total, desc=desc)
     while res.steps < total:
         for batch in loader:
+            t_step = time.perf_counter()
             batch = {k: v.to(device) for k, v in batch.items()}
             with _autocast(device):
                 loss = model(**batch).loss
@@ -69,6 +78,7 @@ def finetune(model: torch.nn.Module, loader: DataLoader, epochs: float, lr: floa
             opt.zero_grad(set_to_none=True)
             sched.step()
             res.losses.append(loss.item())
+            res.step_times.append(time.perf_counter() - t_step)
             res.steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def qlib(*args, env=None):
     return subprocess.run([sys.executable, "-m", "qlib", *args], capture_output=True, text=True,
@@ -21,6 +23,17 @@ def test_unknown_profile():
 
 def test_unknown_notebook():
     _one_clear_line(qlib("run", "99_nothing", "--profile", "smoke"), "unknown notebook '99_nothing'")
+
+
+def test_gpu_profile_covers_only_the_random_init_studies():
+    _one_clear_line(qlib("run", "02", "06", "--profile", "gpu"), "no gpu profile for 02_ptq, 06_switchable_precision")
+    from qlib.cli import notebooks
+    from qlib.config import GPU_STUDIES, QlabError
+    from qlib.studies import ptq
+
+    assert [nb.stem[:2] for nb in notebooks(list(GPU_STUDIES))] == ["01", "04", "05", "07"]
+    with pytest.raises(QlabError, match=r"PTQConfig has no 'gpu' profile.*01, 04, 05, 07"):
+        ptq.ptq_config("gpu")
 
 
 def test_missing_and_corrupt_checkpoint(tmp_path):

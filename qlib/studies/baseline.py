@@ -74,7 +74,7 @@ def run(cfg: BaselineConfig) -> BaselineResult:
         latency_ms=lat1["median_ms"], latency_ms_b8=lat8["median_ms"],
         tokens_per_s=8 * cfg.max_length / (lat8["median_ms"] / 1e3), speedup_vs_fp32=1.0,
         peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, train_time_s=tr.train_time_s,
-        train_steps=tr.steps, final_loss=sum(tr.losses[-10:]) / len(tr.losses[-10:]), **params)
+        train_steps=tr.steps, step_time_s=tr.median_step_s, final_loss=sum(tr.losses[-10:]) / len(tr.losses[-10:]), **params)
     env = metrics.runtime_env(device)
     doc_assets = {"model": {"role": "encoder", **model_asset.provenance()}, "data": ds.provenance()}
     path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, [row],

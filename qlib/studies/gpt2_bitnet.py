@@ -61,6 +61,8 @@ GPT2_PROFILES: dict[str, dict[str, Any]] = {
 
 
 def gpt2_config(profile: str = "default", **overrides: Any) -> GPT2Config:
+    if isinstance(overrides.get("regimes"), str):  # `-p regimes fp32,nf4`
+        overrides["regimes"] = tuple(x.strip() for x in overrides["regimes"].split(",") if x.strip())
     if isinstance(overrides.get("regimes"), list):
         overrides["regimes"] = tuple(overrides["regimes"])
     return make_config(GPT2Config, GPT2_PROFILES, profile, **overrides)
@@ -296,6 +298,8 @@ def run(cfg: GPT2Config) -> GPT2Result:
             quantized_bits_per_weight=stored_bits, tokens_per_s=tps, peak_mem_bytes=r.train_mem.peak_bytes if r.train_mem else None,
             peak_mem_source=(r.train_mem or inf_mem).source, inference_peak_mem_bytes=inf_mem.peak_bytes,
             train_time_s=r.train.train_time_s if r.train else None, train_steps=r.train.steps if r.train else None,
+            step_time_s=r.train.median_step_s if r.train else None,
+            train_tokens_per_s=cfg.batch_size * cfg.context / r.train.median_step_s if r.train else None,
             note=r.note or None, layer_kinds=models.layer_kinds(r.model), **counts, **extra))
     gguf_types: dict = {}
     bit = next((r for r in regimes if r.name == "bitnet"), None)
@@ -346,8 +350,9 @@ def findings(res: GPT2Result) -> str:
         rel = (f" ({100 * (r['perplexity'] / fp['perplexity'] - 1):+.1f} % vs fp32)"
                if fp and r is not fp and has_ppl else "")
         ppl = f"perplexity {r['perplexity']:.2f}{rel}" if has_ppl else "perplexity not measured (random init)"
-        train = (f", trained {r['trainable_params']:,} of {r['total_params']:,} params in {r['train_time_s']:.0f} s"
-                 if r["train_time_s"] else ", not trained")
+        train = (f", trained {r['trainable_params']:,} of {r['total_params']:,} params in {r['train_time_s']:.1f} s "
+                 f"({r['step_time_s'] * 1e3:.0f} ms/step median, peak {r['peak_mem_bytes'] / 2**20:,.0f} MiB "
+                 f"{r['peak_mem_source']})" if r["train_time_s"] else ", not trained")
         qbits = (f" ({r['quantized_bits_per_weight']:.2f} in its quantized layers)"
                  if r.get("quantized_bits_per_weight") else "")
         lines.append(f"- `{r['method']}`: {ppl}; {r['size_bytes'] / 2**20:.2f} MiB "

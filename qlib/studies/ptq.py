@@ -31,7 +31,7 @@ class PTQConfig:
 
 PTQ_PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(calib_sentences=32, latency_repeats=3),
-    "default": {}, "t4": {}, "gpu": dict(onnx=False),
+    "default": {}, "t4": {},
 }
 
 

@@ -37,7 +37,7 @@ class QATConfig:
 
 QAT_PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(batch_size=16, calib_sentences=32, latency_repeats=3),
-    "default": {}, "t4": {}, "gpu": {},
+    "default": {}, "t4": {},
 }
 
 

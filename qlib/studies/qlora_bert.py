@@ -138,7 +138,8 @@ RANDOM_ARCHS = {"bert-base": models.BERT_BASE,
                              intermediate_size=128, max_position_embeddings=512, type_vocab_size=2)}
 
 
-def random_init_rows(cfg: QLoRAConfig, device: torch.device, out: Path) -> list[dict[str, Any]]:
+def random_init_rows(cfg: QLoRAConfig, device: torch.device, out: Path
+                     ) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
     """gpu profile: the true bert-base architecture with random weights, trained on random tokens: an FP32
     full fine-tune vs QLoRA (NF4 base + LoRA) for step time, peak memory and trainable parameters only."""
     from transformers import BertConfig, BertForSequenceClassification
@@ -154,7 +155,7 @@ def random_init_rows(cfg: QLoRAConfig, device: torch.device, out: Path) -> list[
     batches = [{"input_ids": torch.randint(0, arch["vocab_size"], (cfg.batch_size, cfg.seq_len), generator=gen),
                 "attention_mask": torch.ones(cfg.batch_size, cfg.seq_len, dtype=torch.long),
                 "labels": torch.randint(0, 2, (cfg.batch_size,), generator=gen)} for _ in range(cfg.bench_steps)]
-    rows = []
+    rows, losses = [], {}
     for method in ("fp32", "qlora"):
         set_seed(cfg.seed)
         if method == "fp32":
@@ -167,20 +168,21 @@ def random_init_rows(cfg: QLoRAConfig, device: torch.device, out: Path) -> list[
         counts = adapters.param_counts(model)
         with metrics.PeakMemory(device) as mem:
             tr = finetune(model, batches, 1.0, cfg.lr, device, desc=f"{method} (random init)")
+        losses[method] = tr.losses
         rows.append(report.make_row(
             method, model=f"{cfg.random_arch} (random init)", dataset="random tokens", accuracy=None, f1=None,
             peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, train_time_s=tr.train_time_s,
-            train_steps=tr.steps, step_time_s=tr.train_time_s / tr.steps,
-            tokens_per_s=cfg.batch_size * cfg.seq_len * tr.steps / tr.train_time_s, **counts, **extra))
+            train_steps=tr.steps, step_time_s=tr.median_step_s,
+            tokens_per_s=cfg.batch_size * cfg.seq_len / tr.median_step_s, **counts, **extra))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+    return rows, losses
 
 
 @dataclass
 class QLoRAResult(StudyResult):
-    losses: dict[int, list[float]]
+    losses: dict[int | str, list[float]]  # by LoRA rank; by method on random init
     adapter_dir: Path
     fresh: dict[str, float]
 
@@ -190,14 +192,15 @@ def run(cfg: QLoRAConfig) -> QLoRAResult:
     device = pick_device(cfg.device)
     if cfg.random_init:
         out = outputs_dir(STUDY, cfg.profile)
-        rows = random_init_rows(cfg, device, out)
-        doc_assets = {"model": {"role": "encoder", "id": "bert-base-uncased", "source": "random-init",
+        rows, losses = random_init_rows(cfg, device, out)
+        arch_id = "bert-base-uncased" if cfg.random_arch == "bert-base" else f"{cfg.random_arch} BERT"
+        doc_assets = {"model": {"role": "encoder", "id": arch_id, "source": "random-init",
                                 "architecture": cfg.random_arch},
                       "data": {"id": "random tokens", "source": "torch.randint", "seq_len": cfg.seq_len}}
         path = report.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
                                     config={**asdict(cfg), "ranks": list(cfg.ranks)},
                                     notes="random weights: memory and speed only, accuracy null")
-        return QLoRAResult(rows, report.load_metrics(path), path, {}, out, {})
+        return QLoRAResult(rows, report.load_metrics(path), path, losses, out, {})
     bcfg = _baseline_settings(cfg.profile)
     asset = assets.resolve_model("encoder", bcfg.model_id)
     ds = data.load_classification(bcfg.dataset_id, bcfg.n_train, bcfg.n_eval)

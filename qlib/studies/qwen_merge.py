@@ -49,7 +49,6 @@ QWEN_PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
     "t4": dict(model_id="qwen2.5-1.5b-instruct", dataset_id="codesearchnet-python", steps=300,
                lora_lr=2e-4, context=512, train_tokens=2_000_000, eval_tokens=32_768),
-    "gpu": dict(steps=50),
 }
 
 

@@ -57,7 +57,6 @@ SWITCHABLE_PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
     "t4": dict(model_id="gpt2", dataset_id="squad", steps=1000, batch_size=16, lr=5e-4, lora_rank=16,
                n_eval=1000, max_new_tokens=16),
-    "gpu": dict(steps=100),
 }
 
 

@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 PROFILE ?= default
 
-.PHONY: setup run test lab report clean-outputs
+.PHONY: setup run test gpu lab report clean-outputs
 
 setup: $(VENV)/.qlab-setup
 
@@ -27,6 +27,12 @@ run: setup
 
 test: setup
 	$(PY) -m pytest
+
+# On a CUDA machine, in an environment whose torch has CUDA (never this CPU venv): `pip install -e ".[dev]"`,
+# then `make gpu PY=python`. Runs the gpu profile (01, 04, 05, 07) and refreshes the README's GPU table.
+gpu:
+	$(PY) -m qlib run --profile gpu
+	$(PY) -m qlib report --profile gpu --readme
 
 report: setup
 	$(PY) -m qlib report --profile $(PROFILE)

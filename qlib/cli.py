@@ -82,7 +82,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.readme:
         from qlib.report import update_readme
 
-        print(f"wrote the results table of {update_readme(profile=args.profile)}")
+        print(f"wrote the results tables (default run; GPU run) of {update_readme()}")
     return 0
 
 

@@ -318,12 +318,116 @@ def _projection_lines(d: dict[str, Any]) -> list[str]:
     return out
 
 
-def update_readme(path: str | Path | None = None, profile: str = "default") -> Path:
-    """Replace the README's results section (between the markers) with the table of this profile."""
+def update_readme(path: str | Path | None = None) -> Path:
+    """Refill the README's results section (default run) and, where it has one, its GPU-results section."""
     p = Path(path) if path else repo_root() / "README.md"
     text = p.read_text()
     if README_START not in text or README_END not in text:
         raise QlabError(f"{p} has no {README_START} … {README_END} section to fill")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    return atomic_write_text(p, f"{head}{README_START}\n{readme_table(profile)}\n{README_END}{tail}")
+    text = _fill(text, README_START, README_END, readme_table("default"))
+    if GPU_START in text and GPU_END in text:
+        text = _fill(text, GPU_START, GPU_END, gpu_readme_table())
+    return atomic_write_text(p, text)
+
+
+def _fill(text: str, start: str, end: str, body: str) -> str:
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+# ---------------------------------------------------------------- README: GPU results
+
+GPU_START, GPU_END = "<!-- gpu-results:start -->", "<!-- gpu-results:end -->"
+
+# (study, method, against): one comparison measured side by side in the gpu run; the same pair from the default
+# (CPU) run sits beside it. On the CPU, 04 has no FP32 full fine-tune of its own: 01's is that run's reference.
+GPU_PAIRS = [("04_qlora_bert", "qlora", "fp32"), ("05_gpt2_bitnet", "qlora", "fp32"),
+             ("05_gpt2_bitnet", "bitnet", "fp32"), ("05_gpt2_bitnet", "qlora_bitnet", "fp32"),
+             ("07_llama_scaling", "qlora", "lora")]
+CPU_STAND_IN = {("04_qlora_bert", "fp32"): "01_baseline"}
+
+
+def _step_s(r: dict[str, Any]) -> float | None:
+    if r.get("step_time_s") is not None:
+        return r["step_time_s"]
+    return r["train_time_s"] / r["train_steps"] if r.get("train_time_s") and r.get("train_steps") else None
+
+
+def _pair(docs: dict[str, dict[str, Any]], study: str, method: str, against: str
+          ) -> tuple[dict[str, Any], dict[str, Any], str] | None:
+    """The two rows to compare (07: at the largest rung where both ran), and what they are."""
+    def rows(s: str) -> list[dict[str, Any]]:
+        return [r for r in docs[s]["rows"] if r.get("status", "ok") == "ok"] if s in docs else []
+
+    if study == "07_llama_scaling":
+        by = {(r["rung"], r["method"]): r for r in rows(study) if r.get("rung")}
+        both = [r for r, m in by if m == method and (r, against) in by]
+        if not both:
+            return None
+        rung = max(both, key=lambda x: by[(x, method)]["total_params"])
+        return by[(rung, method)], by[(rung, against)], rung
+    a = next((r for r in rows(study) if r["method"] == method), None)
+    b = next((r for r in rows(CPU_STAND_IN.get((study, against), study)) if r["method"] == against), None)
+    if b is None:
+        b = next((r for r in rows(study) if r["method"] == against), None)
+    return (a, b, str(a.get("model"))) if a and b else None
+
+
+def _ratio_cell(p: tuple[dict[str, Any], dict[str, Any], str] | None) -> str:
+    if p is None:
+        return "–"
+    a, b, what = p
+    mem = (f"{a['peak_mem_bytes'] / b['peak_mem_bytes']:.2f}×" if a.get("peak_mem_bytes") and b.get("peak_mem_bytes")
+           else "–")
+    ta, tb = _step_s(a), _step_s(b)
+    return f"mem {mem}, time {f'{ta / tb:.2f}×' if ta and tb else '–'} ({what})"
+
+
+def gpu_readme_table() -> str:
+    """GPU vs CPU: each pair's peak memory and step time on the GPU, and the same ratios from the CPU run."""
+    gpu = {d["study"]: d for d in collect("gpu")}
+    if not gpu:
+        return ("**Not run here**: no GPU was lent to the sessions so far (the device tool's `can_start_another` "
+                "was false), so this section holds no GPU number. `make gpu` on a CUDA machine fills it from "
+                "`results/gpu/`; the CPU rehearsal of the same notebooks runs in the tests.")
+    cpu = {d["study"]: d for d in collect("default")}
+    env = next(iter(gpu.values()))["env"]
+    lines = [f"Device: {env.get('gpu')} (CUDA {env.get('cuda')}, torch {env.get('torch')}, bitsandbytes "
+             f"{env.get('bitsandbytes')}). Ratios are method / reference, measured in the same run.", "",
+             "| study | method vs reference | GPU peak mem (GiB) | GPU step time (s) | GPU ratio | CPU ratio (default run) |",
+             "|" + "---|" * 6]
+    for study, method, against in GPU_PAIRS:
+        p = _pair(gpu, study, method, against)
+        if p is None:
+            continue
+        a, b, _ = p
+        mems = " / ".join(f"{r['peak_mem_bytes'] / 2**30:.2f}" if r.get("peak_mem_bytes") else "–" for r in (a, b))
+        times = " / ".join(f"{t:.3f}" if (t := _step_s(r)) else "–" for r in (a, b))
+        lines.append(f"| {study} | {method} vs {against} | {mems} | {times} | {_ratio_cell(p)} | "
+                     f"{_ratio_cell(_pair(cpu, study, method, against))} |")
+    return "\n".join(lines + _gpu_7b_lines(gpu.get("07_llama_scaling")))
+
+
+def _gpu_7b_lines(doc: dict[str, Any] | None) -> list[str]:
+    """07 at 7B: the accounting's prediction against the measurement, the T4-conditions rerun, the bars."""
+    if doc is None:
+        return []
+    out = [""]
+    for r in doc["rows"]:
+        if r.get("rung") != "llama-7b":
+            continue
+        if r.get("status") != "ok":
+            out.append(f"- 7B `{r['method']}`: {r.get('status')} — {r.get('note')}")
+            continue
+        err = r["peak_mem_bytes"] / r["predicted_peak_mem_bytes"] - 1 if r.get("predicted_peak_mem_bytes") else None
+        out.append(f"- 7B `{r['method']}`: peak {r['peak_mem_bytes'] / 2**30:.2f} GiB measured, "
+                   f"{r['predicted_peak_mem_bytes'] / 2**30:.2f} GiB predicted by the accounting before it ran "
+                   f"({'–' if err is None else f'{100 * err:+.1f} %'}); {r['step_time_s']:.3f} s/step, "
+                   f"{r['tokens_per_s']:.0f} tokens/s.")
+    b = doc.get("benchmark") or {}
+    if b.get("evaluated"):
+        out.append(f"- Bars: QLoRA peak {b['qlora_peak_gib']:.2f} GiB (≤ 5: {b['qlora_peak_ok']}); QLoRA / LoRA "
+                   f"memory {b.get('qlora_over_lora_mem', float('nan')):.2f} (≤ 1/3: {b.get('mem_ok')}), time "
+                   f"{b.get('qlora_over_lora_time', float('nan')):.2f} (≤ 2: {b.get('time_ok')}).")
+    return out

@@ -113,3 +113,41 @@ def test_readme_table_is_filled_from_results(tmp_path, monkeypatch):
     readme.write_text("no markers")
     with pytest.raises(QlabError, match="no <!-- results:start -->"):
         report.update_readme(readme)
+
+
+def _write(study, profile, rows, **extra):
+    env = {"device": "cuda", "gpu": "Test GPU", "cuda": "13.0", "torch": "2.x", "bitsandbytes": "0.50.2"}
+    report.write_metrics(study, profile, 0, env, {"model": {"source": "random-init"}},
+                         [report.make_row(m, **r) for m, r in rows], **extra)
+
+
+def test_gpu_readme_table_says_not_run_without_gpu_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
+    assert report.gpu_readme_table().startswith("**Not run here**")
+
+
+def test_gpu_readme_table_puts_gpu_ratios_beside_cpu_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
+    gib = 2**30
+    _write("04_qlora_bert", "gpu", [("fp32", dict(peak_mem_bytes=8 * gib, step_time_s=0.2, model="bert-base")),
+                                    ("qlora", dict(peak_mem_bytes=2 * gib, step_time_s=0.3, model="bert-base"))])
+    _write("01_baseline", "default", [("fp32", dict(peak_mem_bytes=1000, train_time_s=10.0, train_steps=100))])
+    _write("04_qlora_bert", "default", [("qlora", dict(peak_mem_bytes=500, train_time_s=30.0, train_steps=100,
+                                                      model="minilm"))])
+    seven = dict(rung="llama-7b", status="ok", total_params=6_738_415_616, tokens_per_s=600.0)
+    _write("07_llama_scaling", "gpu", [
+        ("lora", dict(rung="llama-270m", status="ok", total_params=2.7e8, peak_mem_bytes=gib, step_time_s=0.1)),
+        ("qlora", dict(rung="llama-270m", status="ok", total_params=2.7e8, peak_mem_bytes=gib / 2, step_time_s=0.1)),
+        ("lora", dict(seven, peak_mem_bytes=13 * gib, step_time_s=0.5, predicted_peak_mem_bytes=13 * gib)),
+        ("qlora", dict(seven, peak_mem_bytes=4.4 * gib, step_time_s=0.8, predicted_peak_mem_bytes=4 * gib)),
+        ("qlora_t4_conditions", dict(rung="llama-7b", status="oom", note="out of memory at 15 GiB"))],
+        benchmark={"evaluated": True, "qlora_peak_gib": 4.4, "qlora_peak_ok": True, "qlora_over_lora_mem": 4.4 / 13,
+                   "mem_ok": False, "qlora_over_lora_time": 1.6, "time_ok": True})
+    t = report.gpu_readme_table()
+    assert "Device: Test GPU (CUDA 13.0" in t
+    assert "| 04_qlora_bert | qlora vs fp32 | 2.00 / 8.00 | 0.300 / 0.200 | mem 0.25×, time 1.50× (bert-base) | " \
+           "mem 0.50×, time 3.00× (minilm) |" in t  # CPU: 01's FP32 fine-tune is the reference
+    assert "| 07_llama_scaling | qlora vs lora | 4.40 / 13.00 | 0.800 / 0.500 | mem 0.34×, time 1.60× (llama-7b) | – |" in t
+    assert "7B `qlora`: peak 4.40 GiB measured, 4.00 GiB predicted by the accounting before it ran (+10.0 %)" in t
+    assert "7B `qlora_t4_conditions`: oom — out of memory at 15 GiB" in t
+    assert "memory 0.34 (≤ 1/3: False)" in t

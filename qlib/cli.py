@@ -60,6 +60,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_profile(args.profile)
     params = _parse_params(args.param or [])
     nbs = notebooks(args.notebooks or (list(GPU_STUDIES) if args.profile == "gpu" else None))
+    if args.profile == "gpu" and "device" not in params:
+        from qlib.config import pick_device
+
+        pick_device("auto", "gpu")  # no CUDA: one clear line now, not a failed notebook later
     if args.profile == "gpu" and (outside := [nb.stem for nb in nbs if nb.stem[:2] not in GPU_STUDIES]):
         raise QlabError(f"no gpu profile for {', '.join(outside)}: the gpu profile (random-init memory and speed) "
                         f"covers notebooks {', '.join(GPU_STUDIES)}; run the others with --profile default or t4")

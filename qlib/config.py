@@ -183,9 +183,13 @@ def load_metadata(path: str | Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- device and paths
 
-def pick_device(prefer: str = "auto") -> torch.device:
-    """'auto' -> CUDA when present, else CPU; 'cuda' on a CPU machine is a clear error."""
+def pick_device(prefer: str = "auto", profile: str | None = None) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; 'cuda' on a CPU machine is a clear error, and so is the `gpu`
+    profile left on 'auto' there (its full sizes would run for hours on a CPU; device='cpu' rehearses it)."""
     if prefer == "auto":
+        if profile == "gpu" and not torch.cuda.is_available():
+            raise QlabError("the gpu profile measures a CUDA GPU and none is visible on this machine; "
+                            "to rehearse it on the CPU, pass device=cpu and small sizes (tests/test_gpu_profile.py)")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(prefer)
     if dev.type == "cuda" and not torch.cuda.is_available():

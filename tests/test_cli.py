@@ -25,8 +25,12 @@ def test_unknown_notebook():
     _one_clear_line(qlib("run", "99_nothing", "--profile", "smoke"), "unknown notebook '99_nothing'")
 
 
+def test_gpu_profile_on_a_cpu_machine_is_one_line():
+    _one_clear_line(qlib("run", "--profile", "gpu"), "the gpu profile measures a CUDA GPU")
+
+
 def test_gpu_profile_covers_only_the_random_init_studies():
-    _one_clear_line(qlib("run", "02", "06", "--profile", "gpu"), "no gpu profile for 02_ptq, 06_switchable_precision")
+    _one_clear_line(qlib("run", "02", "06", "--profile", "gpu", "-p", "device", "cpu"), "no gpu profile for 02_ptq, 06_switchable_precision")
     from qlib.cli import notebooks
     from qlib.config import GPU_STUDIES, QlabError
     from qlib.studies import ptq

@@ -88,3 +88,6 @@ def test_cuda_request_on_cpu_machine_is_a_clear_error(monkeypatch):
     with pytest.raises(QlabError, match="no CUDA GPU"):
         pick_device("cuda")
     assert pick_device("auto").type == "cpu"
+    with pytest.raises(QlabError, match="gpu profile measures a CUDA GPU .* pass device=cpu"):
+        pick_device("auto", "gpu")
+    assert pick_device("cpu", "gpu").type == "cpu"  # the CPU rehearsal

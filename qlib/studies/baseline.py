@@ -43,7 +43,7 @@ def classifier_latency(model: torch.nn.Module, tokenizer: Any, texts: list[str],
 
 def run(cfg: BaselineConfig) -> BaselineResult:
     """Fine-tune, evaluate on the held-out split, save baseline-model/, measure, write metrics.json."""
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, cfg.profile)
     set_seed(cfg.seed)
     model_asset = assets.resolve_model("encoder", cfg.model_id, random_init=cfg.random_init)
     ds = data.load_classification(cfg.dataset_id, cfg.n_train, cfg.n_eval)

@@ -260,7 +260,7 @@ def random_init_setup(cfg: GPT2Config, out: Path) -> tuple[assets.Resolved, str,
 
 def run(cfg: GPT2Config) -> GPT2Result:
     """All regimes from one base on one split; perplexity, speed, memory, sizes; metrics.json."""
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, cfg.profile)
     set_seed(cfg.seed)
     out = outputs_dir(STUDY, cfg.profile)
     tok = None

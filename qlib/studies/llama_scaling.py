@@ -302,7 +302,7 @@ def accounting_table() -> dict[str, Any]:
 
 def run(cfg: ScalingConfig) -> ScalingResult:
     """Accounting at 7B, the measured ladder, fits and the 7B projection; metrics.json."""
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, cfg.profile)
     root = outputs_dir(STUDY, cfg.profile) / "random-init"
     n_7b = accounting.param_counts(accounting.meta_model(accounting.llama_config()))["total"]
     ladder = run_ladder(cfg, device, root)

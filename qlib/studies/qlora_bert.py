@@ -189,7 +189,7 @@ class QLoRAResult(StudyResult):
 
 def run(cfg: QLoRAConfig) -> QLoRAResult:
     """Sweep LoRA ranks on an NF4 base; keep checkpoints + final adapter of main_rank; verify reload."""
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, cfg.profile)
     if cfg.random_init:
         out = outputs_dir(STUDY, cfg.profile)
         rows, losses = random_init_rows(cfg, device, out)

@@ -411,23 +411,6 @@ def gpu_readme_table() -> str:
 
 def _gpu_7b_lines(doc: dict[str, Any] | None) -> list[str]:
     """07 at 7B: the accounting's prediction against the measurement, the T4-conditions rerun, the bars."""
-    if doc is None:
-        return []
-    out = [""]
-    for r in doc["rows"]:
-        if r.get("rung") != "llama-7b":
-            continue
-        if r.get("status") != "ok":
-            out.append(f"- 7B `{r['method']}`: {r.get('status')} — {r.get('note')}")
-            continue
-        err = r["peak_mem_bytes"] / r["predicted_peak_mem_bytes"] - 1 if r.get("predicted_peak_mem_bytes") else None
-        out.append(f"- 7B `{r['method']}`: peak {r['peak_mem_bytes'] / 2**30:.2f} GiB measured, "
-                   f"{r['predicted_peak_mem_bytes'] / 2**30:.2f} GiB predicted by the accounting before it ran "
-                   f"({'–' if err is None else f'{100 * err:+.1f} %'}); {r['step_time_s']:.3f} s/step, "
-                   f"{r['tokens_per_s']:.0f} tokens/s.")
-    b = doc.get("benchmark") or {}
-    if b.get("evaluated"):
-        out.append(f"- Bars: QLoRA peak {b['qlora_peak_gib']:.2f} GiB (≤ 5: {b['qlora_peak_ok']}); QLoRA / LoRA "
-                   f"memory {b.get('qlora_over_lora_mem', float('nan')):.2f} (≤ 1/3: {b.get('mem_ok')}), time "
-                   f"{b.get('qlora_over_lora_time', float('nan')):.2f} (≤ 2: {b.get('time_ok')}).")
-    return out
+    from qlib.studies.llama_scaling import measured_7b_lines
+
+    return [""] + measured_7b_lines(doc) if doc else []

@@ -138,8 +138,9 @@ def test_gpu_readme_table_puts_gpu_ratios_beside_cpu_ones(tmp_path, monkeypatch)
     _write("07_llama_scaling", "gpu", [
         ("lora", dict(rung="llama-270m", status="ok", total_params=2.7e8, peak_mem_bytes=gib, step_time_s=0.1)),
         ("qlora", dict(rung="llama-270m", status="ok", total_params=2.7e8, peak_mem_bytes=gib / 2, step_time_s=0.1)),
-        ("lora", dict(seven, peak_mem_bytes=13 * gib, step_time_s=0.5, predicted_peak_mem_bytes=13 * gib)),
-        ("qlora", dict(seven, peak_mem_bytes=4.4 * gib, step_time_s=0.8, predicted_peak_mem_bytes=4 * gib)),
+        ("lora", dict(seven, peak_mem_bytes=13 * gib, step_time_s=0.5, predicted_peak_mem_bytes=13 * gib, prediction_error=0.0)),
+        ("qlora", dict(seven, peak_mem_bytes=4.4 * gib, step_time_s=0.8, predicted_peak_mem_bytes=4 * gib,
+                                prediction_error=4 / 4.4 - 1, fit_predicted_step_time_s=0.7)),
         ("qlora_t4_conditions", dict(rung="llama-7b", status="oom", note="out of memory at 15 GiB"))],
         benchmark={"evaluated": True, "qlora_peak_gib": 4.4, "qlora_peak_ok": True, "qlora_over_lora_mem": 4.4 / 13,
                    "mem_ok": False, "qlora_over_lora_time": 1.6, "time_ok": True})
@@ -148,6 +149,7 @@ def test_gpu_readme_table_puts_gpu_ratios_beside_cpu_ones(tmp_path, monkeypatch)
     assert "| 04_qlora_bert | qlora vs fp32 | 2.00 / 8.00 | 0.300 / 0.200 | mem 0.25×, time 1.50× (bert-base) | " \
            "mem 0.50×, time 3.00× (minilm) |" in t  # CPU: 01's FP32 fine-tune is the reference
     assert "| 07_llama_scaling | qlora vs lora | 4.40 / 13.00 | 0.800 / 0.500 | mem 0.34×, time 1.60× (llama-7b) | – |" in t
-    assert "7B `qlora`: peak 4.40 GiB measured, 4.00 GiB predicted by the accounting before it ran (+10.0 %)" in t
+    assert "7B `qlora`: peak 4.40 GiB measured, 4.00 GiB predicted by the accounting before it ran (-9.1 % off" in t
     assert "7B `qlora_t4_conditions`: oom — out of memory at 15 GiB" in t
-    assert "memory 0.34 (≤ 1/3: False)" in t
+    assert "s/step (the small rungs' fit said 0.700)" in t
+    assert "memory 0.34 (<= 1/3: False)" in t

@@ -144,14 +144,15 @@ def resident_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer | None = N
     return sum(seen.values())
 
 
-def _step(model: Any, opt: torch.optim.Optimizer, ids: torch.Tensor) -> float:
+def _step(model: Any, opt: torch.optim.Optimizer, ids: torch.Tensor, scaler: torch.amp.GradScaler) -> float:
     import time
 
     t0 = time.perf_counter()
     with torch.autocast(ids.device.type, dtype=compute_dtype(ids.device), enabled=ids.device.type == "cuda"):
         loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    opt.step()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
     opt.zero_grad(set_to_none=True)
     if ids.device.type == "cuda":
         torch.cuda.synchronize()
@@ -177,10 +178,12 @@ def measure_rung(name: str, method: str, cfg: ScalingConfig, device: torch.devic
         opt = optimizer_for([p for p in model.parameters() if p.requires_grad], device)
         ids = torch.randint(0, cfg.vocab_size, (cfg.batch, cfg.seq), generator=torch.Generator().manual_seed(0))
         ids = ids.to(device)
-        _step(model, opt, ids)  # warm-up: allocates optimizer states and kernels
+        # fp16 (a T4, or t4_conditions) trains with a GradScaler as a T4 user would; bf16 and fp32 need none
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and compute_dtype(device) == torch.float16)
+        _step(model, opt, ids, scaler)  # warm-up: allocates optimizer states and kernels
         resident = resident_bytes(model, opt)
         with metrics.PeakMemory(device) as mem:
-            times = [_step(model, opt, ids) for _ in range(cfg.steps)]
+            times = [_step(model, opt, ids, scaler) for _ in range(cfg.steps)]
         peak = mem.peak_bytes if device.type == "cuda" else resident + mem.peak_bytes
         row.update(peak_mem_bytes=peak, resident_bytes=resident, peak_mem_source=(
             mem.source if device.type == "cuda" else "resident tensors + cpu_rss_delta of the steps"),
@@ -346,24 +349,7 @@ def findings(res: ScalingResult) -> str:
              f"INT8 {a['weight_bytes']['int8'] / gib:.2f}, NF4+DQ {a['weight_bytes']['nf4'] / gib:.2f}, "
              f"ternary {a['weight_bytes']['ternary'] / gib:.2f} GiB; LoRA r=16 on 7 projections: "
              f"{a['lora_r16_params']:,} trainable."]
-    ok = [r for r in res.ladder if r["status"] == "ok"]
-    if ok:
-        worst = max(ok, key=lambda r: abs(r["resident_prediction_error"]))
-        big = max(r["total_params"] for r in ok)
-        lines.append(f"- Ladder: the tensors held between steps (weights, quantization states, optimizer) match "
-                     f"the accounting within {100 * abs(worst['resident_prediction_error']):.2f} % on every rung. "
-                     f"For the whole step's peak on CPU (resident + RSS growth during the step) at {big / 1e6:.0f} M "
-                     "params the accounting falls short of the measurement by " + ", ".join(
-                         f"{-100 * r['prediction_error']:.0f} % ({r['method']})" for r in ok if r["total_params"] == big)
-                     + ": CPU kernels and the allocator add transient memory the accounting does not model "
-                     "(NF4 weights dequantized inside each matmul, fp32 logits copies, heap growth), a cost that "
-                     "grows more slowly than the model (see the fits' intercepts).")
-        for m, f in res.fits.items():
-            lines.append(f"- `{m}` on this CPU: memory grows {f['mem_bytes_per_param']:.2f} bytes/param "
-                         f"(+{f['mem_intercept_bytes'] / 2**20:.0f} MiB), step time ~ N^{f['time_exponent']:.2f}; "
-                         f"extrapolated to 7B: {f['projected_peak_mem_bytes'] / gib:.1f} GiB, "
-                         f"{f['projected_step_time_s']:.0f} s/step at seq {res.doc['config']['seq']} (this CPU's setup: "
-                         "fp32 embeddings and AdamW states, so not a T4 number).")
+    lines += _ladder_lines(res) + measured_7b_lines(res.doc)
     for p in res.projection:
         cons = ("" if p["corrected_bytes"] is None else f"; scaled by the largest rung's miss "
                 f"{p['corrected_bytes'] / gib:.1f} GiB -> {'fits' if p['fits_t4_conservative'] else 'does not fit'}")
@@ -373,3 +359,53 @@ def findings(res: ScalingResult) -> str:
     lines.append(f"- Reference (not ours): the QLoRA paper lists Guanaco 7B at {REFERENCE_7B_QLORA_GB:.0f} GB "
                  "(Dettmers et al. 2023, Table 1).")
     return "\n".join(lines)
+
+
+def _ladder_lines(res: ScalingResult) -> list[str]:
+    """How the accounting and the fits did on the ladder below 7B, in the words of the device it ran on."""
+    env = res.doc["env"]
+    cuda = env["device"] == "cuda"
+    where = f"this GPU ({env.get('gpu')})" if cuda else "this CPU"
+    ok = [r for r in res.ladder if r["status"] == "ok" and r["rung"] != "llama-7b"]
+    if not ok:
+        return []
+    worst = max(ok, key=lambda r: abs(r["resident_prediction_error"]))
+    big = max(r["total_params"] for r in ok)
+    misses = ", ".join(f"{100 * r['prediction_error']:+.0f} % ({r['method']})" for r in ok if r["total_params"] == big)
+    lines = [f"- Ladder: the tensors held between steps (weights, quantization states, optimizer) match the accounting "
+             f"within {100 * abs(worst['resident_prediction_error']):.2f} % on every rung. The whole step's peak "
+             + (f"(`torch.cuda.max_memory_allocated`) at {big / 1e6:.0f} M params, accounting vs measurement: {misses}."
+                if cuda else
+                f"on CPU (resident + RSS growth during the step) at {big / 1e6:.0f} M params, accounting vs "
+                f"measurement: {misses}: CPU kernels and the allocator add transient memory the accounting does not "
+                "model (NF4 weights dequantized inside each matmul, fp32 logits copies, heap growth), a cost that "
+                "grows more slowly than the model (see the fits' intercepts).")]
+    setup = "bf16/fp16 weights, paged 8-bit AdamW" if cuda else "fp32 embeddings and AdamW states, so not a T4 number"
+    for m, f in res.fits.items():
+        lines.append(f"- `{m}` on {where}: memory grows {f['mem_bytes_per_param']:.2f} bytes/param "
+                     f"(+{f['mem_intercept_bytes'] / 2**20:.0f} MiB), step time ~ N^{f['time_exponent']:.2f}; "
+                     f"extrapolated to 7B: {f['projected_peak_mem_bytes'] / 2**30:.1f} GiB, "
+                     f"{f['projected_step_time_s']:.3g} s/step at seq {res.doc['config']['seq']} ({setup}).")
+    return lines
+
+
+def measured_7b_lines(doc: dict[str, Any]) -> list[str]:
+    """The 7B rungs that ran: measured vs predicted before they ran (accounting: memory; fit: time), the bars."""
+    out = []
+    for r in doc["rows"]:
+        if r.get("rung") != "llama-7b":
+            continue
+        if r.get("status") != "ok":
+            out.append(f"- 7B `{r['method']}`: {r.get('status')} — {r.get('note')}.")
+            continue
+        fit_t = r.get("fit_predicted_step_time_s")
+        out.append(f"- 7B `{r['method']}`: peak {r['peak_mem_bytes'] / 2**30:.2f} GiB measured, "
+                   f"{r['predicted_peak_mem_bytes'] / 2**30:.2f} GiB predicted by the accounting before it ran "
+                   f"({100 * r['prediction_error']:+.1f} % off; goal within 15 %); {r['step_time_s']:.3f} s/step "
+                   + (f"(the small rungs' fit said {fit_t:.3f}), " if fit_t else "") + f"{r['tokens_per_s']:.0f} tokens/s.")
+    b = doc.get("benchmark") or {}
+    if b.get("evaluated"):
+        out.append(f"- Bars: QLoRA peak {b['qlora_peak_gib']:.2f} GiB (<= 5: {b['qlora_peak_ok']}); QLoRA / LoRA "
+                   f"memory {b.get('qlora_over_lora_mem', float('nan')):.2f} (<= 1/3: {b.get('mem_ok')}), time "
+                   f"{b.get('qlora_over_lora_time', float('nan')):.2f} (<= 2: {b.get('time_ok')}).")
+    return out

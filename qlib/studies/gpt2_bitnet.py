@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save
 
 from qlib import adapters, assets, data, metrics, models, report
-from qlib.config import make_config, outputs_dir, pick_device
+from qlib.config import compute_dtype, make_config, outputs_dir, pick_device
 from qlib.quant import bitnet
 from qlib.studies import StudyResult
 from qlib.train import TrainResult, finetune, set_seed
@@ -298,7 +298,7 @@ def run(cfg: GPT2Config) -> GPT2Result:
             quantized_bits_per_weight=stored_bits, tokens_per_s=tps, peak_mem_bytes=r.train_mem.peak_bytes if r.train_mem else None,
             peak_mem_source=(r.train_mem or inf_mem).source, inference_peak_mem_bytes=inf_mem.peak_bytes,
             train_time_s=r.train.train_time_s if r.train else None, train_steps=r.train.steps if r.train else None,
-            step_time_s=r.train.median_step_s if r.train else None,
+            step_time_s=r.train.median_step_s if r.train else None, compute_dtype=str(compute_dtype(device)).split(".")[-1],
             train_tokens_per_s=cfg.batch_size * cfg.context / r.train.median_step_s if r.train else None,
             note=r.note or None, layer_kinds=models.layer_kinds(r.model), **counts, **extra))
     gguf_types: dict = {}
@@ -318,8 +318,14 @@ def run(cfg: GPT2Config) -> GPT2Result:
                                 config={**asdict(cfg), "regimes": list(cfg.regimes)},
                                 perplexity_window={"context": cfg.context, "stride": cfg.stride,
                                                    "gguf_rows": "llama.cpp, stride = context"},
-                                packed_ternary_identical_logits=identical)
+                                packed_ternary_identical_logits=identical,
+                                embedding_params=_embedding_params(regimes[0].model))
     return GPT2Result(rows, report.load_metrics(path), path, losses, identical)
+
+
+def _embedding_params(model: Any) -> int:
+    """Token + position embeddings: what stays 16/32-bit whatever the blocks are quantized to."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
 
 
 def _check_unpacked(model: Any, path: Path, ids: torch.Tensor) -> bool:
@@ -378,7 +384,9 @@ def findings(res: GPT2Result) -> str:
         lines.append("- GGUF export was switched off in this run (`gguf=False`): no llama.cpp rows.")
     notes = {r["note"] for r in res.rows if r.get("note")}
     lines += [f"- {n}." for n in notes]
-    lines.append("- Whole-model bits/param include what stays in FP32 (embeddings, LayerNorms, the tied head): "
-                 "at this size the 4k-token embedding is a large share, so quantizing the blocks alone "
-                 "cannot get near the layer-level figure.")
+    if fp and res.doc.get("embedding_params"):
+        share = res.doc["embedding_params"] / fp["total_params"]
+        lines.append(f"- Whole-model bits/param include what stays in FP32 (embeddings, LayerNorms, the tied head): "
+                     f"the embeddings are {100 * share:.0f} % of this model's parameters, so quantizing the blocks "
+                     "alone cannot bring the whole model near the layer-level figure.")
     return "\n".join(lines)

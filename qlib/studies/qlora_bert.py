@@ -172,7 +172,7 @@ def random_init_rows(cfg: QLoRAConfig, device: torch.device, out: Path
         rows.append(report.make_row(
             method, model=f"{cfg.random_arch} (random init)", dataset="random tokens", accuracy=None, f1=None,
             peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, train_time_s=tr.train_time_s,
-            train_steps=tr.steps, step_time_s=tr.median_step_s,
+            train_steps=tr.steps, step_time_s=tr.median_step_s, compute_dtype=str(compute_dtype(device)).split(".")[-1],
             tokens_per_s=cfg.batch_size * cfg.seq_len / tr.median_step_s, **counts, **extra))
         del model
         if device.type == "cuda":
@@ -276,10 +276,11 @@ def findings(res: QLoRAResult) -> str:
                                                    f"{r['trainable_params']:,} trainable" for r in
                                                    sorted(sweep, key=lambda r: r["lora_rank"])) + ".")
     if q["accuracy"] is None:  # random-init (gpu profile): memory and speed only
+        amp = "" if q["compute_dtype"] == "float32" else f"; FP32 weights under {q['compute_dtype']} autocast"
         lines.append(f"- Random weights, random tokens ({q['model']}): peak training memory "
                      f"{q['peak_mem_bytes'] / 2**20:.0f} MiB for QLoRA vs {fp['peak_mem_bytes'] / 2**20:.0f} MiB for the "
                      f"FP32 full fine-tune ({q['peak_mem_source']}); {q['step_time_s']:.3f} s vs "
-                     f"{fp['step_time_s']:.3f} s per step. Accuracy is not measured (null) on random weights.")
+                     f"{fp['step_time_s']:.3f} s per step (median{amp}). Accuracy is not measured (null) on random weights.")
         return "\n".join(lines)
     lines.append(f"- The adapter is {q['size_bytes'] / 2**20:.2f} MiB on disk; a fresh process loading it with "
                  f"plain `PeftModel.from_pretrained` scores accuracy {res.fresh.get('accuracy', float('nan')):.3f} "

@@ -67,6 +67,13 @@ def test_packing_round_trips_exactly(n):
     assert torch.equal(bitnet.unpack_base3(bitnet.pack_base3(codes), n), codes)
 
 
+def test_packing_stays_on_the_codes_device():
+    """A model trained on CUDA packs its codes there: no CPU-only constant may sneak in ('meta' stands in)."""
+    codes = torch.zeros(1000, dtype=torch.int8, device="meta")
+    assert bitnet.pack_base3(codes).device.type == "meta" and bitnet.pack_2bit(codes).device.type == "meta"
+    assert bitnet.unpack_base3(torch.zeros(200, dtype=torch.uint8, device="meta"), 1000).shape == (1000,)
+
+
 def test_packed_sizes():
     codes = torch.zeros(64 * 1000, dtype=torch.int8)
     p2, p3 = bitnet.pack_2bit(codes), bitnet.pack_base3(codes)

@@ -127,10 +127,10 @@ def ternary_state(model: nn.Module) -> dict[str, torch.Tensor]:
         seen.add(t.data_ptr())
         mod, _, leaf = key.rpartition(".")
         if mod in ternary and leaf == "codes":
-            out[f"{mod}.codes_base3"] = pack_base3(t)
+            out[f"{mod}.codes_base3"] = pack_base3(t).cpu()  # a file's state: CPU, whatever trained it
             out[f"{mod}.codes_shape"] = torch.tensor(list(t.shape))
         else:
-            out[key] = t.contiguous()
+            out[key] = t.detach().cpu().contiguous()
     return out
 
 
@@ -173,12 +173,12 @@ def pack_base3(codes: torch.Tensor) -> torch.Tensor:
     """Ternary codes -> base-3 digits, five per byte (1.6 bits per weight)."""
     t = (codes.reshape(-1).to(torch.int16) + 1)
     t = nn.functional.pad(t, (0, -t.numel() % 5)).view(-1, 5)
-    return (t * _POW3).sum(dim=1).to(torch.uint8)
+    return (t * _POW3.to(t.device)).sum(dim=1).to(torch.uint8)
 
 
 def unpack_base3(packed: torch.Tensor, numel: int) -> torch.Tensor:
     v = packed.to(torch.int16).unsqueeze(1)
-    digits = (v // _POW3) % 3
+    digits = (v // _POW3.to(v.device)) % 3
     return (digits.reshape(-1)[:numel] - 1).to(torch.int8)
 
 

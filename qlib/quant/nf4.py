@@ -49,7 +49,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     blocks = flat.view(-1, blocksize)
     absmax = blocks.abs().amax(dim=1)
     scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    idx = (scaled.unsqueeze(-1) - NF4_CODE).abs().argmin(dim=-1).to(torch.uint8).reshape(-1)
+    idx = (scaled.unsqueeze(-1) - NF4_CODE.to(scaled.device)).abs().argmin(dim=-1).to(torch.uint8).reshape(-1)
     packed = (idx[0::2] << 4) | idx[1::2]
     out = NF4Tensor(packed, absmax, w.shape, blocksize, dq_blocksize=dq_blocksize)
     if double_quant:
@@ -69,5 +69,5 @@ def dequantize_nf4(t: NF4Tensor) -> torch.Tensor:
     if t.dq_scale is not None:
         scale = t.dq_scale.repeat_interleave(t.dq_blocksize)[: absmax.numel()]
         absmax = (absmax - 128) * scale + t.dq_offset
-    values = NF4_CODE[idx].view(-1, t.blocksize) * absmax.unsqueeze(1)
+    values = NF4_CODE.to(idx.device)[idx].view(-1, t.blocksize) * absmax.unsqueeze(1)
     return values.reshape(t.shape)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save
@@ -96,10 +97,12 @@ def _train(name: str, model: Any, loader: Any, cfg: GPT2Config, lr: float, devic
     return Regime(name, model, tr, mem)
 
 
-def build_regimes(cfg: GPT2Config, base: str, loader: Any, out: Path, device: torch.device) -> list[Regime]:
-    """Train (or, where training is impossible, only quantize) each regime from the same base."""
-    done: list[Regime] = []
+def build_regimes(cfg: GPT2Config, base: str, loader: Any, out: Path, device: torch.device) -> Iterator[Regime]:
+    """Train (or, where training is impossible, only quantize) each regime from the same base, one at a time:
+    the caller measures each and lets it go before the next loads, so on CUDA no regime's peak memory
+    (`max_memory_allocated`) includes another regime's weights."""
     fp32_dir = out / "fp32-finetuned"
+    m = None
     for name in cfg.regimes:
         if name == "fp32":
             r = _train(name, _load(base, None, device), loader, cfg, cfg.lr, device)
@@ -131,8 +134,8 @@ def build_regimes(cfg: GPT2Config, base: str, loader: Any, out: Path, device: to
         else:
             raise ValueError(f"unknown regime {name!r}; valid: {', '.join(REGIMES)}")
         r.model.eval()
-        done.append(r)
-    return done
+        yield r
+        r = m = None  # the caller holds the only reference now
 
 
 def save_artifact(r: Regime, out: Path) -> tuple[int, float | None, dict[str, Any]]:
@@ -276,11 +279,10 @@ def run(cfg: GPT2Config) -> GPT2Result:
         chunks = data.lm_chunks(tok, train_texts, cfg.context, cfg.train_tokens)
         eval_ids = data.lm_chunks(tok, eval_texts, cfg.context, cfg.eval_tokens).reshape(-1)[: cfg.eval_tokens]
     loader = data.lm_loader(chunks, cfg.batch_size, seed=cfg.seed)
-    regimes = build_regimes(cfg, base, loader, out, device)
     prompt = eval_ids[:16].unsqueeze(0).to(device)
 
-    rows, losses, identical = [], {}, None
-    for r in regimes:
+    rows, losses, identical, bit, emb = [], {}, None, None, 0
+    for r in build_regimes(cfg, base, loader, out, device):
         with metrics.PeakMemory(device) as inf_mem:
             ppl = metrics.perplexity(r.model, eval_ids, cfg.context, cfg.stride, device)
         tps = metrics.decode_speed(r.model, prompt, cfg.gen_tokens, cfg.latency_repeats, eos, device)
@@ -301,8 +303,15 @@ def run(cfg: GPT2Config) -> GPT2Result:
             step_time_s=r.train.median_step_s if r.train else None, compute_dtype=str(compute_dtype(device)).split(".")[-1],
             train_tokens_per_s=cfg.batch_size * cfg.context / r.train.median_step_s if r.train else None,
             note=r.note or None, layer_kinds=models.layer_kinds(r.model), **counts, **extra))
+        emb = emb or _embedding_params(r.model)
+        if r.name == "bitnet":  # kept for the GGUF rows, off the GPU
+            r.model, bit = r.model.to("cpu"), r
+        else:
+            r.model = None
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
     gguf_types: dict = {}
-    bit = next((r for r in regimes if r.name == "bitnet"), None)
     if cfg.gguf and bit is not None and tok is not None:  # random-init runs have no tokenizer to convert
         grows, gguf_types = gguf_rows(bit, tok, eval_ids, prompt[0].tolist(), cfg, out,
                                       asset.source == "pretrained-here", asset.id, data_asset.id)
@@ -319,7 +328,7 @@ def run(cfg: GPT2Config) -> GPT2Result:
                                 perplexity_window={"context": cfg.context, "stride": cfg.stride,
                                                    "gguf_rows": "llama.cpp, stride = context"},
                                 packed_ternary_identical_logits=identical,
-                                embedding_params=_embedding_params(regimes[0].model))
+                                embedding_params=emb)
     return GPT2Result(rows, report.load_metrics(path), path, losses, identical)
 
 

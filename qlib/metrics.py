@@ -254,9 +254,19 @@ class Timer:
 def decode_speed(model: Any, prompt: torch.Tensor, n_new: int, repeats: int, eos: int,
                  device: torch.device) -> float:
     """Greedy decode tokens/s with the KV cache (median over repeats)."""
-    def step() -> None:
-        with torch.inference_mode():
-            model.generate(input_ids=prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                           pad_token_id=eos)
-    lat = measure_latency(step, warmup=1, repeats=repeats, device=device)
-    return n_new / (lat["median_ms"] / 1e3)
+    return decode_speeds({"model": model}, prompt, n_new, repeats, eos, device)["model"]
+
+
+def decode_speeds(models: dict[str, Any], prompt: torch.Tensor, n_new: int, repeats: int, eos: int,
+                  device: torch.device) -> dict[str, float]:
+    """Greedy decode tokens/s of several models, interleaved repeat by repeat (drift hits all alike): their
+    ratio is the number to trust, the absolute rates move run to run."""
+    def step(model: Any) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode():
+                model.generate(input_ids=prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                               pad_token_id=eos)
+        return run
+
+    lat = compare_latency({k: step(m) for k, m in models.items()}, warmup=1, repeats=repeats, device=device)
+    return {k: n_new / (v["median_ms"] / 1e3) for k, v in lat.items()}

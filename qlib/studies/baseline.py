@@ -99,7 +99,8 @@ def findings(res: BaselineResult) -> str:
                      f"({r['train_time_s']:.0f} s; final loss {r['final_loss']:.3f}).")
     lines.append(f"- **Latency** ({res.doc['env']['device']}, {res.doc['env']['threads']} threads, "
                  f"seq {res.doc['config']['max_length']}): batch 1 {r['latency_ms']:.1f} ms, batch 8 "
-                 f"{r['latency_ms_b8']:.1f} ms (medians). These are the FP32 references that the "
-                 "PTQ/QAT/QLoRA studies divide by; absolute times do not transfer between machines.")
+                 f"{r['latency_ms_b8']:.1f} ms (medians). "
+                 + ("" if r["accuracy"] is None else "These are the FP32 references that the PTQ/QAT/QLoRA studies "
+                    "divide by; ") + "absolute times do not transfer between machines.")
     lines.append(f"- **Peak training memory** ({r['peak_mem_source']}): {r['peak_mem_bytes'] / 2**20:.0f} MiB.")
     return "\n".join(lines)

@@ -29,6 +29,10 @@ RUNGS: dict[str, tuple[int, int, int, int]] = {
 # Dettmers et al. 2023 (QLoRA), Table 1: Guanaco 7B (4-bit base + LoRA) listed at 5 GB of memory
 REFERENCE_7B_QLORA_GB = 5.0
 T4_USABLE_GIB = 15.0
+# The workplace's own check with plain bitsandbytes 0.50.2 + peft on an H100 80GB (ASSETS.md, "The lent GPU"):
+# LLaMA-7B architecture, LoRA r16 on 7 projections, seq 512, batch 1, checkpointing, PagedAdamW8bit. A reference
+# for the 7B rungs to agree with, not a result of this code.
+PLAIN_BNB_PEFT_H100 = {"qlora": {"peak_gib": 4.29, "step_s": 0.78}, "lora": {"peak_gib": 13.13, "step_s": 0.45}}
 
 
 @dataclass(frozen=True)
@@ -402,7 +406,9 @@ def measured_7b_lines(doc: dict[str, Any]) -> list[str]:
         out.append(f"- 7B `{r['method']}`: peak {r['peak_mem_bytes'] / 2**30:.2f} GiB measured, "
                    f"{r['predicted_peak_mem_bytes'] / 2**30:.2f} GiB predicted by the accounting before it ran "
                    f"({100 * r['prediction_error']:+.1f} % off; goal within 15 %); {r['step_time_s']:.3f} s/step "
-                   + (f"(the small rungs' fit said {fit_t:.3f}), " if fit_t else "") + f"{r['tokens_per_s']:.0f} tokens/s.")
+                   + (f"(the small rungs' fit said {fit_t:.3f}), " if fit_t else "") + f"{r['tokens_per_s']:.0f} tokens/s"
+                   + (f"; plain bnb + peft on an H100 (ASSETS.md, reference): {ref['peak_gib']:.2f} GiB, "
+                      f"{ref['step_s']:.2f} s/step." if (ref := PLAIN_BNB_PEFT_H100.get(r["method"])) else "."))
     b = doc.get("benchmark") or {}
     if b.get("evaluated"):
         out.append(f"- Bars: QLoRA peak {b['qlora_peak_gib']:.2f} GiB (<= 5: {b['qlora_peak_ok']}); QLoRA / LoRA "

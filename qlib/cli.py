@@ -67,13 +67,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.profile == "gpu" and (outside := [nb.stem for nb in nbs if nb.stem[:2] not in GPU_STUDIES]):
         raise QlabError(f"no gpu profile for {', '.join(outside)}: the gpu profile (random-init memory and speed) "
                         f"covers notebooks {', '.join(GPU_STUDIES)}; run the others with --profile default or t4")
+    failed = []
     for nb in nbs:
         print(f"[qlab] running {nb.name} (profile {args.profile})", flush=True)
-        out = run_notebook(nb, args.profile, params)
+        try:
+            out = run_notebook(nb, args.profile, params)
+        except QlabError as e:
+            if len(nbs) == 1:
+                raise
+            print(f"[qlab] failed: {e}", file=sys.stderr, flush=True)  # the others still run
+            failed.append(nb.stem)
+            continue
         print(f"[qlab] done: {out.relative_to(repo_root())}", flush=True)
     from qlib.report import write_summary
 
-    print(f"[qlab] summary: {write_summary(args.profile).relative_to(repo_root())}")
+    if len(failed) < len(nbs):
+        print(f"[qlab] summary: {write_summary(args.profile).relative_to(repo_root())}")
+    if failed:
+        raise QlabError(f"{len(failed)} of {len(nbs)} notebooks failed: {', '.join(failed)} (errors above)")
     return 0
 
 

@@ -73,3 +73,12 @@ def test_unknown_model_id_through_a_notebook_run():
     errors = [line for line in r.stderr.splitlines() if line.startswith("qlab: error:")]
     assert len(errors) == 1 and errors[0] == r.stderr.strip().splitlines()[-1]  # above it: progress only
     assert "'no-org/no-model'" in errors[0] and "offline" in errors[0] and "failed in cell" in errors[0]
+
+
+def test_a_failing_notebook_does_not_stop_the_others():
+    r = qlib("run", "01", "07", "--profile", "smoke", "-p", "device", "cuda")  # no CUDA here: both fail fast
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    failed = [line for line in r.stderr.splitlines() if line.startswith("[qlab] failed:")]
+    assert len(failed) == 2 and "01_baseline.ipynb" in failed[0] and "07_llama_scaling.ipynb" in failed[1]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "qlab: error: 2 of 2 notebooks failed: 01_baseline, 07_llama_scaling (errors above)")

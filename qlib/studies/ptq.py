@@ -50,6 +50,11 @@ def ensure_baseline(profile: str, seed: int = 0) -> Path:
     return models.check_checkpoint(path)
 
 
+def baseline_label(bcfg: BaselineConfig) -> str:
+    """How 02/03 rows name their model: notebook 01's fine-tune of its encoder (never a local path)."""
+    return f"{bcfg.model_id} (notebook 01 fine-tune)"
+
+
 def baseline_settings(path: Path) -> BaselineConfig:
     """The config notebook 01 trained with (max_length, dataset, n_eval) so 02-04 match it."""
     meta = json.loads((path / "qlab.json").read_text())
@@ -188,7 +193,7 @@ def _rows(variants: list[Variant], quality: dict, lat: dict, fp32: torch.nn.Modu
         size = metrics.size_on_disk(v.artifact)
         b1, b8 = lat[1][v.method]["median_ms"], lat[8][v.method]["median_ms"]
         rows.append(report.make_row(
-            v.method, model=str(fp32.config._name_or_path or "baseline"), dataset=ds.asset.id,
+            v.method, model=baseline_label(bcfg), dataset=ds.asset.id,
             **quality[v.method], size_bytes=size, bits_per_param=metrics.bits_per_param(size, n_params),
             latency_ms=b1, latency_ms_b8=b8, tokens_per_s=8 * bcfg.max_length / (b8 / 1e3),
             speedup_vs_fp32=ref_b8 / b8, speedup_b1_vs_fp32=ref_b1 / b1, size_ratio=None,

@@ -13,7 +13,7 @@ from qlib import data, metrics, report
 from qlib.config import QlabError, build_quantization_plan, make_config, outputs_dir
 from qlib.quant import ptq, qat
 from qlib.report import atomic_dir
-from qlib.studies.ptq import _forward, load_setup
+from qlib.studies.ptq import _forward, baseline_label, load_setup
 from qlib.studies import StudyResult
 from qlib.train import TrainResult, finetune, predict, set_seed
 
@@ -111,7 +111,7 @@ def run(cfg: QATConfig) -> QATResult:
     reloaded = load_qat(model_dir)
     reload_ok = metrics.accuracy_f1(*predict(reloaded, ev, device, "reloaded")) == quality["qat_int8"]
 
-    rows = _rows(models_, quality, lat, trains, out, model_dir, ds, fp32)
+    rows = _rows(models_, quality, lat, trains, out, model_dir, ds, fp32, baseline_label(bcfg))
     env = metrics.runtime_env(device)
     env["quantized_engine"] = torch.backends.quantized.engine
     doc_assets = {"model": {"role": "encoder", "id": rows[0]["model"],
@@ -124,7 +124,7 @@ def run(cfg: QATConfig) -> QATResult:
 
 
 def _rows(models_: dict, quality: dict, lat: dict, trains: dict, out: Path, model_dir: Path,
-          ds: Any, fp32: torch.nn.Module) -> list[dict[str, Any]]:
+          ds: Any, fp32: torch.nn.Module, label: str) -> list[dict[str, Any]]:
     n = metrics.count_params(fp32)["total_params"]
     rows = []
     for k, m in models_.items():
@@ -135,7 +135,7 @@ def _rows(models_: dict, quality: dict, lat: dict, trains: dict, out: Path, mode
         tr, mem = trains.get(k, (None, None))
         timed = k in lat[1]
         rows.append(report.make_row(
-            k, model=str(fp32.config._name_or_path or "baseline"), dataset=ds.asset.id, **quality[k],
+            k, model=label, dataset=ds.asset.id, **quality[k],
             size_bytes=size, bits_per_param=metrics.bits_per_param(size, n),
             latency_ms=lat[1][k]["median_ms"] if timed else None,
             latency_ms_b8=lat[8][k]["median_ms"] if timed else None,

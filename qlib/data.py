@@ -225,6 +225,16 @@ def lm_chunks(tokenizer: Any, texts: list[str], context: int, max_tokens: int | 
     return torch.tensor(ids[: n * context]).view(n, context)
 
 
+def random_token_batches(vocab_size: int, batch_size: int, seq_len: int, n_batches: int, seed: int,
+                         num_labels: int = 2) -> list[dict[str, torch.Tensor]]:
+    """Classification batches of random tokens: the gpu profile's data, since memory and speed do not depend
+    on the text (and no tokenizer or corpus has to reach the GPU machine)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab_size, (batch_size, seq_len), generator=gen),
+             "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+             "labels": torch.randint(0, num_labels, (batch_size,), generator=gen)} for _ in range(n_batches)]
+
+
 def lm_loader(chunks: torch.Tensor, batch_size: int, shuffle: bool = True, seed: int = 0) -> DataLoader:
     """Batches of {"input_ids", "labels"} (labels = inputs; the model shifts them)."""
     gen = torch.Generator().manual_seed(seed)

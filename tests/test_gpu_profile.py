@@ -13,7 +13,7 @@ NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
 # (notebook, papermill parameters that shrink it, {method: (trainable, total)} expected in its rows)
 REHEARSALS = [
-    ("01_baseline", dict(n_train=16, n_eval=16, max_length=16, batch_size=8),
+    ("01_baseline", dict(n_train=16, max_length=16, batch_size=8),
      {"fp32": (109_483_778, 109_483_778)}),  # the true bert-base + a 2-way head
     ("04_qlora_bert", dict(random_arch="tiny", batch_size=4, seq_len=16),
      {"fp32": (2_057_666, 2_057_666), "qlora": (32_962, 2_090_628)}),
@@ -37,6 +37,7 @@ def test_gpu_profile_notebook_runs_headless(stem, params, counts, tmp_path, monk
     doc = json.loads((tmp_path / "results" / "gpu" / stem / "metrics.json").read_text())
     report.validate_metrics(doc, stem)
     assert doc["profile"] == "gpu" and doc["assets"]["model"]["source"] == "random-init"
+    assert doc["assets"]["data"]["id"] == "random tokens"  # nothing but the code has to reach the GPU machine
     assert all(r.get("accuracy") is None and r.get("perplexity") is None for r in doc["rows"])
     first = {}
     for r in doc["rows"]:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from qlib import assets, data, metrics, models, report
-from qlib.config import BaselineConfig, outputs_dir, pick_device
+from qlib.config import BaselineConfig, compute_dtype, outputs_dir, pick_device
 from qlib.train import TrainResult, finetune, predict, set_seed
 
 STUDY = "01_baseline"
@@ -30,8 +30,14 @@ class BaselineResult:
 def classifier_latency(model: torch.nn.Module, tokenizer: Any, texts: list[str], batch: int,
                        max_length: int, device: torch.device, repeats: int) -> dict[str, float]:
     """Median forward latency on `batch` held-out sentences padded to max_length (a fixed shape)."""
-    enc = tokenizer(texts[:batch], padding="max_length", truncation=True, max_length=max_length,
-                    return_tensors="pt").to(device)
+    enc = tokenizer(texts[:batch], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return forward_latency(model, dict(enc), device, repeats)
+
+
+def forward_latency(model: torch.nn.Module, enc: dict[str, torch.Tensor], device: torch.device,
+                    repeats: int) -> dict[str, float]:
+    """Median forward latency of one fixed batch (inference mode, CUDA synchronized)."""
+    enc = {k: v.to(device) for k, v in enc.items()}
     model.to(device).eval()
 
     def step() -> None:
@@ -45,7 +51,9 @@ def run(cfg: BaselineConfig) -> BaselineResult:
     """Fine-tune, evaluate on the held-out split, save baseline-model/, measure, write metrics.json."""
     device = pick_device(cfg.device, cfg.profile)
     set_seed(cfg.seed)
-    model_asset = assets.resolve_model("encoder", cfg.model_id, random_init=cfg.random_init)
+    if cfg.random_init:
+        return run_random_init(cfg, device)
+    model_asset = assets.resolve_model("encoder", cfg.model_id)
     ds = data.load_classification(cfg.dataset_id, cfg.n_train, cfg.n_eval)
     tok = models.load_tokenizer(model_asset)
     model = models.load_classifier(model_asset, len(ds.label_names), cfg.seed)
@@ -58,8 +66,6 @@ def run(cfg: BaselineConfig) -> BaselineResult:
                       cfg.warmup_ratio, desc="fine-tune fp32")
     preds, labels = predict(model, eval_loader, device)
     quality = metrics.accuracy_f1(preds, labels)
-    if model_asset.source == "random-init":  # random weights: quality means nothing, so none is claimed
-        quality = {"accuracy": None, "f1": None}
 
     model_dir = outputs_dir(STUDY, cfg.profile) / "baseline-model"
     models.save_model(model, tok, model_dir, metadata={"config": asdict(cfg), **quality})
@@ -84,6 +90,39 @@ def run(cfg: BaselineConfig) -> BaselineResult:
     return BaselineResult(row, tr, preds, labels, model_dir, path, doc)
 
 
+def run_random_init(cfg: BaselineConfig, device: torch.device) -> BaselineResult:
+    """gpu profile: the true bert-base architecture with random weights on random tokens (no tokenizer, no
+    corpus needed on the GPU machine): training step time, peak memory, forward latency; accuracy null."""
+    asset = assets.resolve_model("encoder", cfg.model_id, random_init=True)
+    model = models.load_classifier(asset, 2, cfg.seed)
+    vocab, n_train = model.config.vocab_size, cfg.n_train or 2048
+    batches = data.random_token_batches(vocab, cfg.batch_size, cfg.max_length, -(-n_train // cfg.batch_size), cfg.seed)
+    with metrics.PeakMemory(device) as mem:
+        tr = finetune(model, batches, cfg.epochs, cfg.lr, device, cfg.weight_decay, cfg.warmup_ratio,
+                      desc="fine-tune fp32 (random init, random tokens)")
+    model_dir = outputs_dir(STUDY, cfg.profile) / "baseline-model"
+    with report.atomic_dir(model_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+    size, params = metrics.size_on_disk(model_dir / "model.safetensors"), metrics.count_params(model)
+    inputs = {b: data.random_token_batches(vocab, b, cfg.max_length, 1, cfg.seed)[0] for b in (1, 8)}
+    lat = {b: forward_latency(model, {k: v for k, v in x.items() if k != "labels"}, device, cfg.latency_repeats)
+           for b, x in inputs.items()}
+    row = report.make_row(
+        "fp32", model=asset.id, dataset="random tokens", accuracy=None, f1=None, size_bytes=size,
+        bits_per_param=metrics.bits_per_param(size, params["total_params"]), latency_ms=lat[1]["median_ms"],
+        latency_ms_b8=lat[8]["median_ms"], tokens_per_s=8 * cfg.max_length / (lat[8]["median_ms"] / 1e3),
+        speedup_vs_fp32=1.0, peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source,
+        train_time_s=tr.train_time_s, train_steps=tr.steps, step_time_s=tr.median_step_s,
+        compute_dtype=str(compute_dtype(device)).split(".")[-1], final_loss=sum(tr.losses[-10:]) / len(tr.losses[-10:]),
+        **params)
+    doc_assets = {"model": {"role": "encoder", **asset.provenance()},
+                  "data": {"id": "random tokens", "source": "torch.randint", "n_train": n_train, "n_eval": 0}}
+    path = report.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, [row],
+                                config=asdict(cfg), latency_shape={"seq_len": cfg.max_length, "batches": [1, 8]},
+                                notes="random weights on random tokens: memory and speed only, accuracy null")
+    return BaselineResult(row, tr, [], [], model_dir, path, report.load_metrics(path))
+
+
 def findings(res: BaselineResult) -> str:
     """Markdown findings written from this run's numbers."""
     r = res.row
@@ -100,7 +139,7 @@ def findings(res: BaselineResult) -> str:
     lines.append(f"- **Latency** ({res.doc['env']['device']}, {res.doc['env']['threads']} threads, "
                  f"seq {res.doc['config']['max_length']}): batch 1 {r['latency_ms']:.1f} ms, batch 8 "
                  f"{r['latency_ms_b8']:.1f} ms (medians). "
-                 + ("" if r["accuracy"] is None else "These are the FP32 references that the PTQ/QAT/QLoRA studies "
-                    "divide by; ") + "absolute times do not transfer between machines.")
+                 + ("Absolute" if r["accuracy"] is None else "These are the FP32 references that the PTQ/QAT/QLoRA "
+                    "studies divide by; absolute") + " times do not transfer between machines.")
     lines.append(f"- **Peak training memory** ({r['peak_mem_source']}): {r['peak_mem_bytes'] / 2**20:.0f} MiB.")
     return "\n".join(lines)

@@ -151,10 +151,7 @@ def random_init_rows(cfg: QLoRAConfig, device: torch.device, out: Path
     arch = RANDOM_ARCHS[cfg.random_arch]
     base = models.save_random_init(out / f"random-init-{cfg.random_arch}",
                                    lambda: BertForSequenceClassification(BertConfig(**arch, num_labels=2)), cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batches = [{"input_ids": torch.randint(0, arch["vocab_size"], (cfg.batch_size, cfg.seq_len), generator=gen),
-                "attention_mask": torch.ones(cfg.batch_size, cfg.seq_len, dtype=torch.long),
-                "labels": torch.randint(0, 2, (cfg.batch_size,), generator=gen)} for _ in range(cfg.bench_steps)]
+    batches = data.random_token_batches(arch["vocab_size"], cfg.batch_size, cfg.seq_len, cfg.bench_steps, cfg.seed)
     rows, losses = [], {}
     for method in ("fp32", "qlora"):
         set_seed(cfg.seed)

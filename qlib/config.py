@@ -96,6 +96,11 @@ class QuantizationPlan:
 _FORCED_CUDA_DTYPE: list[torch.dtype] = []  # set by `t4_conditions` to act like a T4 on a newer GPU
 
 
+def compute_dtype_name(device: str | torch.device | None = None) -> str:
+    """The compute dtype as rows record it: float32, bfloat16 or float16."""
+    return str(compute_dtype(device)).removeprefix("torch.")
+
+
 def compute_dtype(device: str | torch.device | None = None) -> torch.dtype:
     """fp32 on CPU (bf16 is 4-6x slower on AVX2); bf16 on CUDA where supported, else fp16 (T4)."""
     dev = torch.device(device) if device is not None else pick_device()
@@ -237,6 +242,15 @@ def check_profile(profile: str) -> str:
     return profile
 
 
+def _as_tuple(value: Any, default: Any) -> Any:
+    """A tuple-valued knob as papermill or the CLI passes it: a list, or one comma-separated string
+    (`-p rungs llama-60m,llama-7b`); elements become ints where the default's are."""
+    if not isinstance(default, tuple) or not isinstance(value, (list, str)):
+        return value
+    items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else list(value)
+    return tuple(int(x) for x in items) if default and isinstance(default[0], int) else tuple(items)
+
+
 def make_config(cls: type[C], table: dict[str, dict[str, Any]], profile: str, **overrides: Any) -> C:
     """Build a study config: profile values from `table`, then papermill-style overrides.
 
@@ -247,11 +261,11 @@ def make_config(cls: type[C], table: dict[str, dict[str, Any]], profile: str, **
     if profile not in table:
         raise QlabError(f"{cls.__name__} has no {profile!r} profile; it has: {', '.join(table)}"
                         + (f" (the gpu profile covers notebooks {', '.join(GPU_STUDIES)})" if profile == "gpu" else ""))
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(overrides) - names)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise QlabError(f"unknown parameter(s) for {cls.__name__}: {', '.join(unknown)}")
-    values = {**table[profile], **{k: v for k, v in overrides.items() if v is not None}}
+    values = {**table[profile], **{k: _as_tuple(v, defaults[k]) for k, v in overrides.items() if v is not None}}
     return cls(profile=profile, **values)  # type: ignore[call-arg]
 
 

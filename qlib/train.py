@@ -35,6 +35,11 @@ class TrainResult:
     step_times: list[float] = field(default_factory=list)  # per step, each ended by loss.item() (a CUDA sync)
 
     @property
+    def final_loss(self) -> float:
+        """Mean loss of the last 10 steps (one step's loss is too noisy to quote)."""
+        return sum(self.losses[-10:]) / len(self.losses[-10:])
+
+    @property
     def median_step_s(self) -> float:
         """Median step time without the first step (CUDA/kernel warm-up), or the mean when too few."""
         timed = self.step_times[1:] if len(self.step_times) > 2 else self.step_times

@@ -91,3 +91,15 @@ def test_cuda_request_on_cpu_machine_is_a_clear_error(monkeypatch):
     with pytest.raises(QlabError, match="gpu profile measures a CUDA GPU .* pass device=cpu"):
         pick_device("auto", "gpu")
     assert pick_device("cpu", "gpu").type == "cpu"  # the CPU rehearsal
+
+
+def test_tuple_knobs_accept_a_list_or_a_comma_string():
+    """papermill/CLI pass tuples as YAML lists or one string (`-p rungs a,b`): make_config makes them tuples."""
+    from qlib.studies import llama_scaling, qlora_bert, switchable
+
+    assert llama_scaling.scaling_config("smoke", rungs="llama-2m, llama-5m").rungs == ("llama-2m", "llama-5m")
+    assert llama_scaling.scaling_config("smoke", methods=["qlora"]).methods == ("qlora",)
+    assert qlora_bert.qlora_config("smoke", ranks="4,8").ranks == (4, 8)
+    assert switchable.switchable_config("smoke", widths=["2", 8]).widths == (2, 8)
+    with pytest.raises(QlabError, match="unknown rung/method"):
+        llama_scaling.scaling_config("smoke", rungs="llama-2m,llama-99m")

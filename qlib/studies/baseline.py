@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from qlib import assets, data, metrics, models, report
-from qlib.config import BaselineConfig, compute_dtype, outputs_dir, pick_device
+from qlib.config import BaselineConfig, compute_dtype_name, outputs_dir, pick_device
 from qlib.train import TrainResult, finetune, predict, set_seed
 
 STUDY = "01_baseline"
@@ -80,7 +80,7 @@ def run(cfg: BaselineConfig) -> BaselineResult:
         latency_ms=lat1["median_ms"], latency_ms_b8=lat8["median_ms"],
         tokens_per_s=8 * cfg.max_length / (lat8["median_ms"] / 1e3), speedup_vs_fp32=1.0,
         peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, train_time_s=tr.train_time_s,
-        train_steps=tr.steps, step_time_s=tr.median_step_s, final_loss=sum(tr.losses[-10:]) / len(tr.losses[-10:]), **params)
+        train_steps=tr.steps, step_time_s=tr.median_step_s, final_loss=tr.final_loss, **params)
     env = metrics.runtime_env(device)
     doc_assets = {"model": {"role": "encoder", **model_asset.provenance()}, "data": ds.provenance()}
     path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, [row],
@@ -113,7 +113,7 @@ def run_random_init(cfg: BaselineConfig, device: torch.device) -> BaselineResult
         latency_ms_b8=lat[8]["median_ms"], tokens_per_s=8 * cfg.max_length / (lat[8]["median_ms"] / 1e3),
         speedup_vs_fp32=1.0, peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source,
         train_time_s=tr.train_time_s, train_steps=tr.steps, step_time_s=tr.median_step_s,
-        compute_dtype=str(compute_dtype(device)).split(".")[-1], final_loss=sum(tr.losses[-10:]) / len(tr.losses[-10:]),
+        compute_dtype=compute_dtype_name(device), final_loss=tr.final_loss,
         **params)
     doc_assets = {"model": {"role": "encoder", **asset.provenance()},
                   "data": {"id": "random tokens", "source": "torch.randint", "n_train": n_train, "n_eval": 0}}

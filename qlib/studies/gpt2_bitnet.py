@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save
 
 from qlib import adapters, assets, data, metrics, models, report
-from qlib.config import compute_dtype, make_config, outputs_dir, pick_device
+from qlib.config import compute_dtype_name, make_config, outputs_dir, pick_device
 from qlib.quant import bitnet
 from qlib.studies import StudyResult
 from qlib.train import TrainResult, finetune, set_seed
@@ -62,10 +62,6 @@ GPT2_PROFILES: dict[str, dict[str, Any]] = {
 
 
 def gpt2_config(profile: str = "default", **overrides: Any) -> GPT2Config:
-    if isinstance(overrides.get("regimes"), str):  # `-p regimes fp32,nf4`
-        overrides["regimes"] = tuple(x.strip() for x in overrides["regimes"].split(",") if x.strip())
-    if isinstance(overrides.get("regimes"), list):
-        overrides["regimes"] = tuple(overrides["regimes"])
     return make_config(GPT2Config, GPT2_PROFILES, profile, **overrides)
 
 
@@ -302,7 +298,7 @@ def run(cfg: GPT2Config) -> GPT2Result:
             quantized_bits_per_weight=stored_bits, tokens_per_s=tps, speedup_vs_fp32=speedup, peak_mem_bytes=r.train_mem.peak_bytes if r.train_mem else None,
             peak_mem_source=(r.train_mem or inf_mem).source, inference_peak_mem_bytes=inf_mem.peak_bytes,
             train_time_s=r.train.train_time_s if r.train else None, train_steps=r.train.steps if r.train else None,
-            step_time_s=r.train.median_step_s if r.train else None, compute_dtype=str(compute_dtype(device)).split(".")[-1],
+            step_time_s=r.train.median_step_s if r.train else None, compute_dtype=compute_dtype_name(device),
             train_tokens_per_s=cfg.batch_size * cfg.context / r.train.median_step_s if r.train else None,
             note=r.note or None, layer_kinds=models.layer_kinds(r.model), **counts, **extra))
         emb = emb or _embedding_params(r.model)

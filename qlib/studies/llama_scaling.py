@@ -67,11 +67,6 @@ SCALING_PROFILES: dict[str, dict[str, Any]] = {
 
 
 def scaling_config(profile: str = "default", **overrides: Any) -> ScalingConfig:
-    for key in ("rungs", "methods"):
-        if isinstance(overrides.get(key), str):  # `-p rungs llama-7b`: one name, or a comma-separated list
-            overrides[key] = tuple(x.strip() for x in overrides[key].split(",") if x.strip())
-        if isinstance(overrides.get(key), list):
-            overrides[key] = tuple(overrides[key])
     cfg = make_config(ScalingConfig, SCALING_PROFILES, profile, **overrides)
     bad = [r for r in cfg.rungs if r not in RUNGS] + [m for m in cfg.methods if m not in METHODS]
     if bad:

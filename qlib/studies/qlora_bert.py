@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from qlib import adapters, assets, data, metrics, models, report
-from qlib.config import BaselineConfig, QlabError, compute_dtype, make_config, outputs_dir, pick_device, results_dir
+from qlib.config import BaselineConfig, QlabError, compute_dtype, compute_dtype_name, make_config, outputs_dir, pick_device, results_dir
 from qlib.studies import baseline
 from qlib.studies import StudyResult
 from qlib.train import predict, set_seed
@@ -49,8 +49,6 @@ QLORA_PROFILES: dict[str, dict[str, Any]] = {
 
 
 def qlora_config(profile: str = "default", **overrides: Any) -> QLoRAConfig:
-    if isinstance(overrides.get("ranks"), list):
-        overrides["ranks"] = tuple(overrides["ranks"])
     cfg = make_config(QLoRAConfig, QLORA_PROFILES, profile, **overrides)
     if cfg.main_rank not in cfg.ranks:
         cfg = make_config(QLoRAConfig, QLORA_PROFILES, profile,
@@ -169,7 +167,7 @@ def random_init_rows(cfg: QLoRAConfig, device: torch.device, out: Path
         rows.append(report.make_row(
             method, model=f"{cfg.random_arch} (random init)", dataset="random tokens", accuracy=None, f1=None,
             peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, train_time_s=tr.train_time_s,
-            train_steps=tr.steps, step_time_s=tr.median_step_s, compute_dtype=str(compute_dtype(device)).split(".")[-1],
+            train_steps=tr.steps, step_time_s=tr.median_step_s, compute_dtype=compute_dtype_name(device),
             tokens_per_s=cfg.batch_size * cfg.seq_len / tr.median_step_s, **counts, **extra))
         del model
         if device.type == "cuda":

@@ -61,12 +61,6 @@ SWITCHABLE_PROFILES: dict[str, dict[str, Any]] = {
 
 
 def switchable_config(profile: str = "default", **overrides: Any) -> SwitchableConfig:
-    for key in ("styles", "widths"):
-        if isinstance(overrides.get(key), (list, str)):
-            v = overrides[key]
-            overrides[key] = tuple(v.split(",")) if isinstance(v, str) else tuple(v)
-    if "widths" in overrides and overrides["widths"] is not None:
-        overrides["widths"] = tuple(int(w) for w in overrides["widths"])
     cfg = make_config(SwitchableConfig, SWITCHABLE_PROFILES, profile, **overrides)
     bad = [s for s in cfg.styles if s not in STYLES[:3]]
     if bad or cfg.search_style not in cfg.styles:

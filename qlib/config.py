@@ -94,6 +94,12 @@ class QuantizationPlan:
 
 
 _FORCED_CUDA_DTYPE: list[torch.dtype] = []  # set by `t4_conditions` to act like a T4 on a newer GPU
+_MEMORY_FRACTION: list[float] = []          # the allocator cap `t4_conditions` set, if any
+
+
+def memory_fraction() -> float:
+    """The share of the GPU this process may allocate (1.0 unless `t4_conditions` capped it)."""
+    return _MEMORY_FRACTION[-1] if _MEMORY_FRACTION else 1.0
 
 
 def compute_dtype_name(device: str | torch.device | None = None) -> str:
@@ -102,13 +108,16 @@ def compute_dtype_name(device: str | torch.device | None = None) -> str:
 
 
 def compute_dtype(device: str | torch.device | None = None) -> torch.dtype:
-    """fp32 on CPU (bf16 is 4-6x slower on AVX2); bf16 on CUDA where supported, else fp16 (T4)."""
+    """fp32 on CPU (bf16 is 4-6x slower on AVX2); on CUDA bf16 from compute capability 8.0 (Ampere) up, else
+    fp16 (a T4 is 7.5). `torch.cuda.is_bf16_supported()` is not the test: by default it counts emulation and
+    says True on a T4, where bf16 runs emulated and slow."""
     dev = torch.device(device) if device is not None else pick_device()
     if dev.type != "cuda":
         return torch.float32
     if _FORCED_CUDA_DTYPE:
         return _FORCED_CUDA_DTYPE[-1]
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    major, _ = torch.cuda.get_device_capability(dev)
+    return torch.bfloat16 if major >= 8 else torch.float16
 
 
 @contextlib.contextmanager
@@ -123,10 +132,12 @@ def t4_conditions(device: str | torch.device, memory_gib: float = 15.0) -> Itera
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(fraction, dev)
     _FORCED_CUDA_DTYPE.append(torch.float16)
+    _MEMORY_FRACTION.append(fraction)
     try:
         yield fraction
     finally:
         _FORCED_CUDA_DTYPE.pop()
+        _MEMORY_FRACTION.pop()
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(1.0, dev)
 

@@ -26,11 +26,14 @@ def test_qlora_plan_is_nf4_double_quant_with_device_compute_dtype():
     assert plan.spec.peft == "lora" and plan.spec.base_trainable is False
 
 
-def test_compute_dtype_follows_gpu_bf16_support(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert compute_dtype("cuda") == torch.float16  # a T4
+def test_compute_dtype_follows_compute_capability_not_is_bf16_supported(monkeypatch):
+    """A T4 (sm 7.5) says True to `is_bf16_supported()` (emulation counts): it must still train in fp16."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert compute_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
+    assert compute_dtype("cuda") == torch.float16  # a T4, as Colab reports it
+    assert build_quantization_plan("qlora", device="cuda").bnb_config.bnb_4bit_compute_dtype == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))
+    assert compute_dtype("cuda") == torch.bfloat16  # A100 and newer
     assert compute_dtype("cpu") == torch.float32
     plan = build_quantization_plan(QuantMethod.NF4, device="cuda")
     assert plan.bnb_config.bnb_4bit_compute_dtype == torch.bfloat16

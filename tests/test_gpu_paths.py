@@ -15,7 +15,7 @@ def test_t4_conditions_force_fp16_and_are_cuda_only(monkeypatch):
         with t4_conditions("cpu"):
             pass
     calls = []
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))  # an H100
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80 * 2**30}))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append(f))
@@ -31,7 +31,7 @@ def test_t4_conditions_force_fp16_and_are_cuda_only(monkeypatch):
 def test_setups_follow_the_device(monkeypatch):
     cpu = llama_scaling.setup_for("qlora", torch.device("cpu"), 16)
     assert (cpu.compute_elem, cpu.optimizer_bytes, cpu.rest_elem) == (4, 8, 4)  # fp32, torch AdamW
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))  # a T4
     gpu = llama_scaling.setup_for("lora", torch.device("cuda"), 16)
     assert (gpu.weight_format, gpu.compute_elem, gpu.optimizer_bytes) == ("fp16", 2, 2)  # paged 8-bit AdamW
 

@@ -27,7 +27,7 @@ class Asset:
     key: str
     role: str           # encoder | causal-lm | llama-arch | qwen-arch | classification | code | qa
     kind: str           # model | data
-    source: str         # package:NAME==VER | pretrained-here | local | hub
+    source: str         # package:NAME==VER | pretrained-here | local (this machine) | hub | folder (a user's)
     description: str
     license: str
     hub_id: str | None = None
@@ -42,6 +42,8 @@ class Resolved:
     source: str
     path: str | None = None
     license: str | None = None
+    revision: str | None = None         # hub commit (or branch) the files came from
+    files: list[str] | None = None      # hub dataset: the files read, in the repo
 
     def provenance(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -87,8 +89,9 @@ REGISTRY: dict[str, Asset] = {a.key: a for a in [
           "meta-llama/Llama-2-7b-hf"),
     Asset("qwen2.5-1.5b-instruct", "qwen-arch", "model", "hub", "Qwen2.5-1.5B-Instruct",
           "Apache-2.0", "Qwen/Qwen2.5-1.5B-Instruct"),
-    Asset("codesearchnet-python", "code", "data", "hub", "CodeSearchNet Python", "see dataset card",
-          "code-search-net/code_search_net"),
+    Asset("codesearchnet-python", "code", "data", "hub",
+          "CodeSearchNet Python (its parquet-converter commit: the repo itself is a loading script)",
+          "see dataset card", "code-search-net/code_search_net"),
     Asset("stdlib-cloze", "qa", "data", "local",
           "cloze QA built here over the stdlib functions: question = a docstring's summary line with one of "
           "the function's parameter names blanked, context = the function's code without its docstring",
@@ -103,6 +106,11 @@ REGISTRY: dict[str, Asset] = {a.key: a for a in [
 OFFLINE_DEFAULT = {"encoder": "minilm", "classification": "mr-polarity", "code": "stdlib-code",
                    "causal-lm": "gpt2-stdlib", "llama-arch": "llama-stdlib",
                    "qwen-arch": "qwen2-stdlib", "qa": "stdlib-cloze"}
+
+
+def looks_like_path(key: str) -> bool:
+    """A local path rather than a registry key or an `org/name` hub id (absolute, ./, ~/ or ../)."""
+    return key.startswith(("/", "./", "../", "~")) or key.count("/") > 1
 
 
 def cache_dir() -> Path:
@@ -195,38 +203,33 @@ def fetch_all() -> list[Resolved]:
             resolve_data("qa", "bbc-cloze")]
 
 
-def _hub_snapshot(hub_id: str, role: str) -> Path:
-    """A local snapshot of a hub repo (cache first, then the network), or one clear error."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(hub_id, local_files_only=True))
-    except Exception:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE") != "1":
-        try:
-            return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt",
-                                                                  "*.model", "tokenizer*"]))
-        except Exception:
-            pass
-    raise QlabError(_offline_message(hub_id, role))
-
-
-def load_hub_dataset(hub_id: str, role: str, config: str | None = None) -> Any:
-    """`datasets.load_dataset` for a role's hub id; offline it is the same one-line error as models."""
-    import datasets
-
-    try:
-        return datasets.load_dataset(hub_id, config) if config else datasets.load_dataset(hub_id)
-    except Exception:
-        raise QlabError(_offline_message(hub_id, role)) from None
-
-
-def _offline_message(hub_id: str, role: str) -> str:
+def _offline_hint(role: str) -> str:
+    """What to do instead when a role's hub id cannot be had: its offline default, by the parameter's name."""
     default = OFFLINE_DEFAULT.get(role)
-    hint = f"; offline default for role {role!r}: {default!r}" if default else ""
-    return (f"{hub_id!r} is not in the local Hugging Face cache and the hub cannot be reached "
-            f"(offline){hint} (use profile 'default', or pass model_id/dataset_id={default!r})")
+    if not default:
+        return ""
+    param = "dataset_id" if REGISTRY[default].kind == "data" else "model_id"
+    return (f"offline default for role {role!r}: {default!r} (use profile 'default', or pass "
+            f"{param}={default!r}, or a local folder)")
+
+
+def dataset_for(asset: Resolved, columns: tuple[str, ...] = ()) -> Any:
+    """The asset's splits as a `datasets.DatasetDict`: a pinned hub dataset read as parquet files, any other
+    hub dataset's split files, or a local folder (parquet/jsonl/csv split files or a saved DatasetDict)."""
+    from qlib import hub
+
+    if asset.source == "folder" and asset.path:
+        return hub.load_local_dataset(asset.path, columns)
+    if asset.source != "hub":
+        raise QlabError(f"{asset.id!r} ({asset.source}) is not read as split files")
+    spec = hub.HUB_DATASETS.get(asset.id)
+    if spec is not None:
+        return hub.load_hub_dataset(spec, _offline_hint(asset.role))
+    root = hub.snapshot(asset.id, repo_type="dataset", patterns=["*.parquet", "**/*.parquet", "*.jsonl",
+                                                                 "**/*.jsonl", "*.csv", "**/*.csv", "*.py"],
+                        offline_hint=_offline_hint(asset.role))
+    hub.refuse_script_repo(root, asset.id)
+    return hub.load_local_dataset(root, columns)
 
 
 def _lookup(role: str, key: str) -> Asset | None:
@@ -248,11 +251,16 @@ def resolve_model(role: str, key: str, random_init: bool = False) -> Resolved:
         from qlib.pretrain import pretrained_lm
 
         return Resolved(role, a.key, a.source, str(pretrained_lm(a.key)), a.license)
+    from qlib import hub
+
     if Path(key).is_dir():
-        return Resolved(role, key, "local", str(Path(key).resolve()))
+        return Resolved(role, key, "folder", str(hub.check_model_folder(Path(key).resolve(), role)))
     hub_id = a.hub_id if a else key
     assert hub_id is not None
-    return Resolved(role, hub_id, "hub", str(_hub_snapshot(hub_id, role)), a.license if a else None)
+    if looks_like_path(hub_id):
+        raise QlabError(f"model folder not found: {hub_id}")
+    path = hub.model_snapshot(hub_id, role, _offline_hint(role))
+    return Resolved(role, hub_id, "hub", str(path), a.license if a else None, revision=path.name)
 
 
 def resolve_data(role: str, key: str) -> Resolved:
@@ -272,7 +280,17 @@ def resolve_data(role: str, key: str) -> Resolved:
 
         return Resolved(role, "python-stdlib-functions", "local", sysconfig.get_path("stdlib"),
                         a.license)
-    return Resolved(role, a.hub_id if a and a.hub_id else key, "hub", None, a.license if a else None)
+    if Path(key).is_dir():
+        return Resolved(role, key, "folder", str(Path(key).resolve()))
+    if looks_like_path(key):
+        raise QlabError(f"dataset folder not found: {key}")
+    from qlib.hub import HUB_DATASETS
+
+    hub_id = a.hub_id if a and a.hub_id else key
+    spec = HUB_DATASETS.get(hub_id)
+    return Resolved(role, hub_id, "hub", None, a.license if a else None,
+                    revision=spec.revision if spec else None,
+                    files=sorted(f for fs in spec.files.values() for f in fs) if spec else None)
 
 
 def describe() -> list[dict[str, Any]]:

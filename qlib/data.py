@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from qlib.assets import Resolved, load_hub_dataset, resolve_data
+from qlib.assets import Resolved, dataset_for, resolve_data
 from qlib.config import QlabError
 
 SPLIT_SEED = 1234  # fixed, independent of the run seed: every study sees the same held-out split
@@ -71,23 +71,39 @@ def _subset(texts: list[str], labels: list[int], n: int | None) -> tuple[list[st
 
 def load_classification(dataset_id: str = "mr-polarity", n_train: int | None = None,
                         n_eval: int | None = None, eval_frac: float = 0.2) -> TextClassification:
-    """The sentence-sentiment task: MR offline (80/20 stratified split), SST-2 from the hub."""
+    """The sentence-sentiment task: MR offline (80/20 stratified split); SST-2 from the hub or any folder of
+    train/validation split files (columns `sentence` or `text`, and `label`)."""
     asset = resolve_data("classification", dataset_id)
-    if asset.source == "hub":
-        return _load_hub_classification(asset, n_train, n_eval)
+    if asset.source in ("hub", "folder"):
+        return _load_split_classification(asset, n_train, n_eval)
     train, held = _stratified_split(read_mr_polarity(asset.path), eval_frac)
     tt, tl = _subset([t for t, _ in train], [y for _, y in train], n_train)
     et, el = _subset([t for t, _ in held], [y for _, y in held], n_eval)
     return TextClassification(tt, tl, et, el, ["negative", "positive"], asset)
 
 
-def _load_hub_classification(asset: Resolved, n_train: int | None,
-                             n_eval: int | None) -> TextClassification:
-    """SST-2 (train / validation) through `datasets`; offline it is one clear error."""
-    ds = load_hub_dataset(asset.id, "classification")
-    tt, tl = _subset(list(ds["train"]["sentence"]), list(ds["train"]["label"]), n_train)
-    et, el = _subset(list(ds["validation"]["sentence"]), list(ds["validation"]["label"]), n_eval)
-    return TextClassification(tt, tl, et, el, ["negative", "positive"], asset)
+def _text_column(ds: Any, names: tuple[str, ...], source: str) -> str:
+    """The first of `names` that the dataset has (hub and local files name the same thing differently)."""
+    cols = ds["train"].column_names
+    for n in names:
+        if n in cols:
+            return n
+    raise QlabError(f"{source}: no {' or '.join(names)} column (has {', '.join(cols)})")
+
+
+def _load_split_classification(asset: Resolved, n_train: int | None,
+                               n_eval: int | None) -> TextClassification:
+    """SST-2's own train / validation (its test labels are hidden), or a local folder's."""
+    ds = dataset_for(asset, ("label",))
+    col = _text_column(ds, ("sentence", "text"), asset.id)
+    feature = ds["train"].features["label"]
+    names = list(getattr(feature, "names", None) or ["negative", "positive"])
+    tt, tl = _subset(list(ds["train"][col]), [int(y) for y in ds["train"]["label"]], n_train)
+    et, el = _subset(list(ds["validation"][col]), [int(y) for y in ds["validation"]["label"]], n_eval)
+    bad = sorted({y for y in tl + el if not 0 <= y < len(names)})
+    if bad:
+        raise QlabError(f"{asset.id}: labels {bad[:5]} outside 0..{len(names) - 1} ({', '.join(names)})")
+    return TextClassification(tt, tl, et, el, names, asset)
 
 
 def classification_loader(tokenizer: Any, texts: list[str], labels: list[int], batch_size: int,
@@ -198,16 +214,19 @@ def sft_text(fn: CodeFunction) -> str:
 
 
 def load_code_sft(dataset_id: str = "stdlib-code") -> tuple[list[str], list[str], Resolved]:
-    """Train / validation SFT texts (split by module offline; CodeSearchNet's own split on the hub)."""
+    """Train / validation SFT texts: the stdlib split by module offline; CodeSearchNet's own split (by
+    repository) on the hub; or a local folder's split files (CodeSearchNet's columns, or `code` + `docstring`)."""
     asset = resolve_data("code", dataset_id)
-    if asset.source != "hub":
+    if asset.source not in ("hub", "folder"):
         train, held = split_by_module(load_code_corpus())
         return [sft_text(f) for f in train], [sft_text(f) for f in held], asset
-    ds = load_hub_dataset(asset.id, "code", "python")
+    ds = dataset_for(asset)
+    code = _text_column(ds, ("func_code_string", "code", "whole_func_string"), asset.id)
+    doc = _text_column(ds, ("func_documentation_string", "docstring"), asset.id)
 
     def texts(split: Any) -> list[str]:
-        return [f"# {d.strip().splitlines()[0] if d.strip() else ''}\n{c}\n"
-                for d, c in zip(split["func_documentation_string"], split["func_code_string"])]
+        return [f"# {d.strip().splitlines()[0] if d and d.strip() else ''}\n{c}\n"
+                for d, c in zip(split[doc], split[code])]
     return texts(ds["train"]), texts(ds["validation"]), asset
 
 

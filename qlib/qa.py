@@ -26,7 +26,7 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass
 
-from qlib.assets import Resolved, load_hub_dataset, resolve_data
+from qlib.assets import Resolved, dataset_for, resolve_data
 from qlib.config import QlabError
 
 BLANK = "___"
@@ -161,12 +161,12 @@ def load_stdlib_cloze() -> tuple[list[QAExample], list[QAExample]]:
 
 
 def load_qa(dataset_id: str = "stdlib-cloze") -> tuple[list[QAExample], list[QAExample], Resolved]:
-    """Offline cloze sets or SQuAD v1.1 from the hub (first answer of each question)."""
+    """Offline cloze sets, or SQuAD v1.1 from the hub or a local folder in SQuAD's columns (first answer of each)."""
     asset = resolve_data("qa", dataset_id)
-    if asset.source != "hub":
+    if asset.source not in ("hub", "folder"):
         train, held = load_stdlib_cloze() if dataset_id == "stdlib-cloze" else load_bbc_cloze(str(asset.path))
         return train, held, asset
-    ds = load_hub_dataset(asset.id, "qa")
+    ds = dataset_for(asset, ("id", "context", "question", "answers"))
 
     def rows(split: str) -> list[QAExample]:
         return [QAExample(r["id"], r["context"], r["question"], r["answers"]["text"][0]) for r in ds[split]]

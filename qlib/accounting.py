@@ -1,11 +1,13 @@
-"""Exact memory accounting for LLaMA-architecture models, without allocating them.
+"""Memory accounting for training transformers (LLaMA, Qwen2, GPT-2, BERT), without allocating them.
 
 Parameters are counted on a model built on the `meta` device (shapes, no storage), so a real 7B config
 costs nothing. Bytes per format follow the storage each library uses (bitsandbytes NF4 + double quant:
 4 + 8/64 + 32/(64*256) bits per weight; LLM.int8: 1 byte + one fp32 scale per row; ternary packed base-3:
-1.6 bits + one fp32 scale per layer). Activation bytes count the tensors autograd saves for backward in transformers' LLaMA layer
-(sdpa attention); `saved_activation_bytes` measures the same thing on a real model, for the tests.
-Nothing here replaces a library: no library gives these numbers for a model that is not allocated.
+1.6 bits + one fp32 scale per layer). Activation bytes count the tensors autograd saves for backward in
+transformers' layers (sdpa attention): per token and layer `a*h + c*i` elements (+ 2 kv for LLaMA-family
+k and v) plus per-token statistics; each family's coefficients were measured with `saved_activation_bytes`
+on small real models, and the tests measure them again. Nothing here replaces a library: no library gives
+these numbers for a model that is not allocated.
 """
 from __future__ import annotations
 
@@ -33,23 +35,33 @@ def llama_config(**overrides: Any) -> Any:
 
 
 def meta_model(config: Any) -> torch.nn.Module:
-    """The architecture with shapes only (meta tensors): any size, no memory."""
-    from transformers import AutoModelForCausalLM
+    """The architecture with shapes only (meta tensors): any size, no memory. Encoders get the two-way
+    sequence-classification head the BERT studies train; everything else is a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     with torch.device("meta"):
+        if getattr(config, "model_type", "") in ENCODER_TYPES:
+            return AutoModelForSequenceClassification.from_config(config)
         return AutoModelForCausalLM.from_config(config)
 
 
+# Which weights of each family are block linears (what bitsandbytes quantizes and LoRA targets), by name.
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "attn.c_proj", "attention.self.query",
+              "attention.self.key", "attention.self.value", "attention.output.dense")
+_MLP = ("gate_proj", "up_proj", "down_proj", "c_fc", "mlp.c_proj", "intermediate.dense")
+
+
 def _kind(name: str) -> str:
-    if "embed_tokens" in name:
+    if any(t in name for t in ("embed_tokens", "wte", "wpe", "embeddings.word", "embeddings.position",
+                               "embeddings.token_type")):
         return "embedding"
-    if "lm_head" in name:
+    if any(t in name for t in ("lm_head", "classifier", "pooler")):
         return "lm_head"
-    if "norm" in name:
+    if any(t in name for t in ("norm", "ln_", "LayerNorm")):
         return "norm"
-    if any(t in name for t in ("q_proj", "k_proj", "v_proj", "o_proj")):
+    if any(t in name for t in _ATTENTION):
         return "attention"
-    if any(t in name for t in ("gate_proj", "up_proj", "down_proj")):
+    if any(t in name for t in _MLP) or (".output.dense" in name and "attention" not in name):
         return "mlp"
     return "other"
 
@@ -68,8 +80,16 @@ def param_counts(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
-def _block_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
-    return [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and _kind(n) in ("attention", "mlp")]
+def _is_linear(m: torch.nn.Module) -> bool:
+    return isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"  # GPT-2's transposed linear
+
+
+def _block_linears(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for n, m in model.named_modules() if _is_linear(m) and _kind(n) in ("attention", "mlp")]
+
+
+def _rows(m: torch.nn.Module) -> int:
+    return m.out_features if isinstance(m, torch.nn.Linear) else m.nf  # type: ignore[union-attr]
 
 
 def weight_bytes(model: torch.nn.Module, fmt: str, rest_elem: int = 2) -> int:
@@ -82,7 +102,7 @@ def weight_bytes(model: torch.nn.Module, fmt: str, rest_elem: int = 2) -> int:
     if fmt == "fp16":
         return 2 * c["total"]
     if fmt == "int8":
-        return c["block_linears"] + 4 * sum(m.out_features for m in _block_linears(model)) + rest_elem * rest
+        return c["block_linears"] + 4 * sum(_rows(m) for m in _block_linears(model)) + rest_elem * rest
     if fmt == "nf4":
         return round(c["block_linears"] * NF4_DQ_BITS / 8) + rest_elem * rest
     if fmt == "ternary":
@@ -102,25 +122,81 @@ def lora_params(config: Any, rank: int, targets: tuple[str, ...] = LORA_TARGETS)
     return config.num_hidden_layers * sum(rank * sum(shapes[t]) for t in targets)
 
 
+def lora_params_of(model: torch.nn.Module, rank: int, targets: tuple[str, ...]) -> tuple[int, int]:
+    """Any architecture: LoRA parameters, and the summed input width of the targets per layer (for dropout),
+    from the modules peft would wrap (names ending in a target, as peft matches them)."""
+    n, widths = 0, 0
+    for name, m in model.named_modules():
+        if _is_linear(m) and any(name == t or name.endswith("." + t) for t in targets):
+            fan_in = m.in_features if isinstance(m, torch.nn.Linear) else m.weight.shape[0]
+            n += rank * (fan_in + _rows(m))
+            widths += fan_in
+    return n, widths // max(1, arch(model.config).layers)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The dimensions activation memory depends on, whatever a family calls them."""
+
+    family: str          # llama | gpt2 | bert (Qwen2 and Mistral layers count as llama)
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv: int              # width of k (= v): hidden / heads * kv_heads
+    vocab: int
+    causal: bool
+
+
+# Per layer and token, the fp32 elements autograd saves: a * hidden + c * intermediate (+ 2 * kv for the
+# llama family, whose k and v may be narrower), plus per-token statistics (RMSNorm 2, LayerNorm 4) and an
+# attention logsumexp per head. Measured on small models of each family (dropout masks included).
+_LAYER = {"llama": (8, 4, 2), "gpt2": (12, 5, 4), "bert": (10, 2, 4)}
+ENCODER_TYPES = ("bert", "roberta", "distilbert", "albert", "electra", "xlm-roberta", "mpnet")
+
+
+def arch(config: Any) -> Arch:
+    """The Arch of a transformers config (LLaMA, Qwen2, Mistral, GPT-2, BERT family)."""
+    t = getattr(config, "model_type", "")
+    if t == "gpt2":
+        h = config.n_embd
+        return Arch("gpt2", h, config.n_inner or 4 * h, config.n_layer, config.n_head, h, config.vocab_size, True)
+    if t in ("llama", "qwen2", "mistral"):
+        h, heads = config.hidden_size, config.num_attention_heads
+        kv = h // heads * (getattr(config, "num_key_value_heads", None) or heads)
+        return Arch("llama", h, config.intermediate_size, config.num_hidden_layers, heads, kv, config.vocab_size, True)
+    if t in ENCODER_TYPES:
+        h = config.hidden_size
+        return Arch("bert", h, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads, h,
+                    config.vocab_size, False)
+    raise QlabError(f"no memory accounting for model type {t!r}; known: llama, qwen2, mistral, gpt2, "
+                    + ", ".join(ENCODER_TYPES))
+
+
 def activation_bytes(config: Any, batch: int, seq: int, elem: int = 4, checkpointing: bool = False,
-                     lora_rank: int = 0, lora_dropout: bool = False) -> dict[str, int]:
+                     lora_rank: int = 0, lora_dropout: bool = False, lora_targets: int = len(LORA_TARGETS),
+                     lora_in_width: int | None = None) -> dict[str, int]:
     """Bytes autograd holds for backward (and, with checkpointing, the one layer recomputed at a time).
 
-    Per decoder layer (counted from transformers' LLaMA with sdpa): two RMSNorms keep 3 x (b,s,h) and a
-    (b,s) rsqrt each; q, k, v and the attention output 4 x (b,s,h) plus a (b,heads,s) logsumexp; the
-    SwiGLU MLP 4 x (b,s,intermediate). After the layers: the final norm (3 x (b,s,h)) and the logits
-    (b,s,vocab). LoRA adds (b,s,rank) per target, and with dropout each target's dropped input + mask.
+    LLaMA per decoder layer (transformers, sdpa): two RMSNorms keep 3 x (b,s,h) and a (b,s) rsqrt each; q, k,
+    v and the attention output (b,s,2h + 2kv) plus a (b,heads,s) logsumexp; the SwiGLU MLP 4 x (b,s,i).
+    GPT-2 and BERT (LayerNorm, GELU MLP, dropout) count the same way with their own measured coefficients.
+    After the layers: the final norm (3 x (b,s,h)) and, for a causal LM, the fp32 log-softmax the loss keeps
+    ((b,s,vocab) x 4 bytes: the loss upcasts even under autocast). LoRA adds (b,s,rank) per target, and with
+    dropout each target's dropped input + mask (`lora_in_width`: the targets' summed input width per layer).
     """
-    b, s, h, i = batch, seq, config.hidden_size, config.intermediate_size
-    bs, layers = b * s, config.num_hidden_layers
-    per_layer = elem * bs * (10 * h + 4 * i) + 4 * bs * 2 + 4 * b * config.num_attention_heads * s
+    a = arch(config)
+    b, s, h, i = batch, seq, a.hidden, a.intermediate
+    bs, layers = b * s, a.layers
+    ca, ci, stats = _LAYER[a.family]
+    width = ca * h + ci * i + (2 * a.kv if a.family == "llama" else 0)
+    per_layer = elem * bs * width + 4 * bs * stats + 4 * b * a.heads * s
     if lora_rank:
-        per_layer += elem * bs * lora_rank * len(LORA_TARGETS)
+        per_layer += elem * bs * lora_rank * lora_targets
         if lora_dropout:
-            per_layer += (elem + 1) * bs * (6 * h + i)  # q/k/v/o/gate/up see width h, down sees i
-    head_dim = h // config.num_attention_heads
-    rope = 2 * 4 * s * head_dim
-    tail = elem * bs * 3 * h + 4 * bs + elem * bs * config.vocab_size
+            per_layer += (elem + 1) * bs * (lora_in_width if lora_in_width is not None else 6 * h + i)
+    rope = 2 * 4 * s * (h // a.heads) if a.family == "llama" else 0
+    tail = elem * bs * 3 * h + 4 * bs + (4 * bs * a.vocab if a.causal else 0)
     if checkpointing:
         saved = layers * elem * bs * h + tail + rope
         return {"saved": saved, "recompute_peak": per_layer, "total": saved + per_layer}
@@ -139,31 +215,70 @@ class TrainingSetup:
     optimizer_bytes: float = 8  # AdamW fp32 states per trainable param (8-bit AdamW: 2)
     trainable_elem: int = 4     # LoRA adapters train in fp32; full fine-tune in the weights' dtype
     rest_elem: int = 2          # bytes of the unquantized embeddings/norms/lm_head (4 after prepare_model_for_kbit_training)
+    autocast_copy: bool = False # fp32 weights under fp16 autocast: a cast fp16 copy of every linear weight lives
+                                # through the forward (autocast's cache; saved for backward without checkpointing)
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # module-name suffixes, as peft matches them
+    lora_dropout: bool = False
+
+
+def recipe(method: str, dtype: torch.dtype, optimizer_bytes: float, rank: int = 16,
+           targets: tuple[str, ...] = LORA_TARGETS, lora_dropout: bool = False,
+           fp32_master: bool | None = None) -> TrainingSetup:
+    """What a method holds when it trains with compute `dtype`.
+
+    full: fp32 master weights autocast to the compute dtype (always under fp16: a GradScaler cannot unscale
+    fp16 gradients, and transformers' Trainer does the same with `fp16=True`; qlib's own loop always), or
+    bf16 weights under bf16 when `fp32_master` is False (study 07's ladder).
+    lora: the frozen base in the compute dtype, fp32 adapters. qlora: an NF4 base whose other weights peft's
+    `prepare_model_for_kbit_training` upcasts to fp32, fp32 adapters."""
+    elem = torch.finfo(dtype).bits // 8
+    if method == "full":
+        master = dtype in (torch.float32, torch.float16) or bool(fp32_master)
+        return TrainingSetup("full", "fp32" if master else "fp16", elem, 0, optimizer_bytes, 4 if master else 2,
+                             4 if master else 2, autocast_copy=master and dtype != torch.float32)
+    if method == "qlora":
+        return TrainingSetup("qlora", "nf4", elem, rank, optimizer_bytes, 4, 4, lora_targets=targets,
+                             lora_dropout=lora_dropout)
+    if method == "lora":
+        return TrainingSetup("lora", "fp32" if elem == 4 else "fp16", elem, rank, optimizer_bytes, 4, elem,
+                             lora_targets=targets, lora_dropout=lora_dropout)
+    raise QlabError(f"unknown training method {method!r}; valid: full, lora, qlora")
 
 
 def training_bytes(config: Any, setup: TrainingSetup, batch: int, seq: int, checkpointing: bool,
                    model: torch.nn.Module | None = None) -> dict[str, int]:
     """Predicted peak bytes of one training step: weights + trainable copies + grads + optimizer + activations."""
+    """For a causal LM the loss's backward adds, for a moment, two fp32 (b,s,vocab) gradients beside the
+    log-softmax it kept (`loss_backward`): at a 50k-150k vocabulary that is often the largest single term."""
     model = model if model is not None else meta_model(config)
     base = weight_bytes(model, setup.weight_format, setup.rest_elem)
+    lora_in = None
     if setup.method == "full":
         trainable, extra_weights = param_counts(model)["total"], 0
     elif setup.method in ("lora", "qlora"):
-        trainable = lora_params(config, setup.lora_rank)
+        trainable, lora_in = lora_params_of(model, setup.lora_rank, setup.lora_targets)
         extra_weights = trainable * setup.trainable_elem
     else:
         raise QlabError(f"unknown training method {setup.method!r}; valid: full, lora, qlora")
     grads = trainable * setup.trainable_elem
     optim = round(trainable * setup.optimizer_bytes)
+    a = arch(config)
+    targets = sum(1 for n, m in model.named_modules() if _is_linear(m)
+                  and any(n == t or n.endswith("." + t) for t in setup.lora_targets)) // max(1, a.layers)
     act = activation_bytes(config, batch, seq, setup.compute_elem, checkpointing,
-                           lora_rank=setup.lora_rank if setup.method != "full" else 0)
+                           lora_rank=setup.lora_rank if setup.method != "full" else 0, lora_dropout=setup.lora_dropout,
+                           lora_targets=targets, lora_in_width=lora_in)
+    counts = param_counts(model)
+    copies = 2 * (counts["block_linears"] + counts["lm_head"]) if setup.autocast_copy else 0
+    loss_bwd = 8 * batch * seq * a.vocab if a.causal else 0
     parts = {"weights": base, "trainable_weights": extra_weights, "gradients": grads, "optimizer": optim,
-             "activations": act["total"], "trainable_params": trainable}
-    parts["total"] = base + extra_weights + grads + optim + act["total"]
+             "autocast_copies": copies, "activations": act["total"], "loss_backward": loss_bwd,
+             "trainable_params": trainable}
+    parts["total"] = base + extra_weights + grads + optim + copies + act["total"] + loss_bwd
     return parts
 
 
-def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
+def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> int:
     """Measure: bytes of the distinct tensors autograd saves in one forward (parameters excluded)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -175,5 +290,5 @@ def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> i
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=input_ids, labels=input_ids)
+        model(input_ids=input_ids, labels=input_ids if labels is None else labels)
     return sum(seen.values())

@@ -101,9 +101,46 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def fetch_profile(profile: str) -> list[object]:
+    """Every hub model and dataset a profile's notebooks use, into the Hugging Face cache (for Kaggle offline:
+    upload that cache as a dataset and point HF_HUB_CACHE at it, with HF_HUB_OFFLINE=1)."""
+    from qlib import assets
+    from qlib.config import baseline_config
+    from qlib.studies import gpt2_bitnet, llama_scaling, qwen_merge, switchable
+
+    b, g, s = baseline_config(profile), gpt2_bitnet.gpt2_config(profile), switchable.switchable_config(profile)
+    sc, q = llama_scaling.scaling_config(profile), qwen_merge.qwen_merge_config(profile)
+    wanted = [("model", "encoder", b.model_id), ("data", "classification", b.dataset_id),
+              ("model", "causal-lm", g.model_id), ("data", "code", g.dataset_id), ("data", "qa", s.dataset_id),
+              ("model", "qwen-arch", q.model_id)] + ([("model", "llama-arch", sc.model_id)] if sc.finetune_7b else [])
+    done = []
+    for kind, role, key in dict.fromkeys(wanted):
+        if kind == "model":
+            r = assets.resolve_model(role, key)
+        else:
+            r = assets.resolve_data(role, key)
+            if r.source in ("hub", "folder"):
+                assets.dataset_for(r)
+        print(f"ok  {role:15s} {r.id}  [{r.source}{' @ ' + r.revision[:12] if r.revision else ''}]", flush=True)
+        done.append(r)
+    return done
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Every notebook's predicted peak GPU memory and time in a profile, before anything runs or downloads."""
+    from qlib import plans
+
+    check_profile(args.profile)
+    print(plans.table(plans.profile_plans(args.profile)))
+    return 0
+
+
 def cmd_assets(args: argparse.Namespace) -> int:
     from qlib import assets
 
+    if args.fetch and args.profile not in (None, "default", "smoke"):
+        fetch_profile(check_profile(args.profile))
+        return 0
     if args.fetch:
         for r in assets.fetch_all():
             print(f"ok  {r.role:15s} {r.id}  [{r.source}]  {r.path}")
@@ -150,7 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--fetch", action="store_true")
     a.add_argument("--llama-cpp", action="store_true",
                    help="with --fetch: also build llama-cpp-python (once, cached) and unpack its converter")
+    a.add_argument("--profile", default=None,
+                   help="with --fetch: download a profile's hub models and datasets into the HF cache (e.g. t4)")
     a.set_defaults(fn=cmd_assets)
+    pl = sub.add_parser("plan", help="predicted peak GPU memory and time of every notebook in a profile")
+    pl.add_argument("--profile", default="t4")
+    pl.set_defaults(fn=cmd_plan)
     i = sub.add_parser("inspect", help="verify that a saved model folder loads")
     i.add_argument("path")
     i.set_defaults(fn=cmd_inspect)

@@ -327,7 +327,14 @@ def update_readme(path: str | Path | None = None) -> Path:
     text = _fill(text, README_START, README_END, readme_table("default"))
     if GPU_START in text and GPU_END in text:
         text = _fill(text, GPU_START, GPU_END, gpu_readme_table())
+    if T4_START in text and T4_END in text:
+        from qlib import plans  # predictions from the t4 configs and the hub models' true configs
+
+        text = _fill(text, T4_START, T4_END, plans.table(plans.profile_plans("t4")))
     return atomic_write_text(p, text)
+
+
+T4_START, T4_END = "<!-- t4-plan:start -->", "<!-- t4-plan:end -->"
 
 
 def _fill(text: str, start: str, end: str, body: str) -> str:

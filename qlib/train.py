@@ -46,16 +46,17 @@ class TrainResult:
         return statistics.median(timed) if timed else self.train_time_s / max(1, self.steps)
 
 
-def _autocast(device: torch.device):
+def _autocast(device: torch.device, enabled: bool = True):
     """bf16/fp16 autocast on CUDA (fp16 on T4), plain fp32 on CPU."""
     dtype = compute_dtype(device)
-    return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled and device.type == "cuda")
 
 
 def finetune(model: torch.nn.Module, loader: DataLoader, epochs: float, lr: float,
              device: torch.device, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
-             max_grad_norm: float = 1.0, desc: str = "fine-tune") -> TrainResult:
-    """AdamW + linear warm-up/decay over `epochs` (fractions allowed); returns losses and time."""
+             max_grad_norm: float = 1.0, desc: str = "fine-tune", autocast: bool = True) -> TrainResult:
+    """AdamW + linear warm-up/decay over `epochs` (fractions allowed); returns losses and time.
+    `autocast=False` keeps a CUDA run in fp32 (torch.ao's fake-quant kernels expect fp32 inputs)."""
     import time
 
     from transformers import get_linear_schedule_with_warmup
@@ -64,7 +65,7 @@ def finetune(model: torch.nn.Module, loader: DataLoader, epochs: float, lr: floa
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = get_linear_schedule_with_warmup(opt, int(warmup_ratio * total), total)
-    use_scaler = device.type == "cuda" and compute_dtype(device) == torch.float16
+    use_scaler = autocast and device.type == "cuda" and compute_dtype(device) == torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     model.to(device).train()
     res, t0 = TrainResult(), time.perf_counter()
@@ -73,7 +74,7 @@ def finetune(model: torch.nn.Module, loader: DataLoader, epochs: float, lr: floa
         for batch in loader:
             t_step = time.perf_counter()
             batch = {k: v.to(device) for k, v in batch.items()}
-            with _autocast(device):
+            with _autocast(device, autocast):
                 loss = model(**batch).loss
             scaler.scale(loss).backward()
             scaler.unscale_(opt)

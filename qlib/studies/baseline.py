@@ -1,13 +1,14 @@
 """Study 01: full-precision fine-tune of the BERT-family encoder, the baseline every BERT study compares to."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qlib import assets, data, metrics, models, report
+from qlib import assets, budget, data, metrics, models, report
 from qlib.config import BaselineConfig, compute_dtype_name, outputs_dir, pick_device
 from qlib.train import TrainResult, finetune, predict, set_seed
 
@@ -47,6 +48,14 @@ def forward_latency(model: torch.nn.Module, enc: dict[str, torch.Tensor], device
     return metrics.measure_latency(step, warmup=max(2, repeats // 10), repeats=repeats, device=device)
 
 
+def plan(cfg: BaselineConfig, model_config: Any, n_train: int, device: torch.device) -> list[budget.Prediction]:
+    """The fine-tune's predicted peak GPU memory and time (fp32 weights, autocast, AdamW; padded to max_length)."""
+    steps = max(1, math.ceil(cfg.epochs * math.ceil(n_train / cfg.batch_size)))
+    return [budget.predict(f"01 fp32 fine-tune of {cfg.model_id}, batch {cfg.batch_size} x {cfg.max_length}",
+                           model_config, "full", batch=cfg.batch_size, seq=cfg.max_length, steps=steps,
+                           compute=budget.compute_for(device))]
+
+
 def run(cfg: BaselineConfig) -> BaselineResult:
     """Fine-tune, evaluate on the held-out split, save baseline-model/, measure, write metrics.json."""
     device = pick_device(cfg.device, cfg.profile)
@@ -60,6 +69,8 @@ def run(cfg: BaselineConfig) -> BaselineResult:
 
     train_loader = data.classification_loader(tok, ds.train_texts, ds.train_labels, cfg.batch_size,
                                               cfg.max_length, shuffle=True, seed=cfg.seed)
+    gpu_plan = budget.announce(plan(cfg, model.config, len(ds.train_texts), device), device) \
+        if budget.wanted(cfg.profile, device) else None
     eval_loader = data.classification_loader(tok, ds.eval_texts, ds.eval_labels, 64, cfg.max_length)
     with metrics.PeakMemory(device) as mem:
         tr = finetune(model, train_loader, cfg.epochs, cfg.lr, device, cfg.weight_decay,
@@ -85,7 +96,7 @@ def run(cfg: BaselineConfig) -> BaselineResult:
     doc_assets = {"model": {"role": "encoder", **model_asset.provenance()}, "data": ds.provenance()}
     path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, [row],
                                 config=asdict(cfg), latency_shape={"seq_len": cfg.max_length,
-                                                                   "batches": [1, 8]})
+                                                                   "batches": [1, 8]}, gpu_plan=gpu_plan)
     doc = report.load_metrics(path)
     return BaselineResult(row, tr, preds, labels, model_dir, path, doc)
 

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save
 
-from qlib import adapters, assets, data, metrics, models, report
+from qlib import adapters, assets, budget, data, hub, metrics, models, report
 from qlib.config import compute_dtype_name, make_config, outputs_dir, pick_device
 from qlib.quant import bitnet
 from qlib.studies import StudyResult
@@ -259,6 +259,26 @@ def random_init_setup(cfg: GPT2Config, out: Path) -> tuple[assets.Resolved, str,
             assets.Resolved("causal-lm-data", "random tokens", "torch.randint"))
 
 
+def plan(cfg: GPT2Config, model_config: Any, device: torch.device) -> list[budget.Prediction]:
+    """The regimes that train: FP32 and BitNet full fine-tunes (fp32 weights, autocast, AdamW; BitLinear keeps
+    a ternary fp32 copy of each weight for backward) and QLoRA. int8/nf4 only evaluate."""
+    from qlib import accounting
+
+    kw = dict(batch=cfg.batch_size, seq=cfg.context, steps=cfg.steps, compute=budget.compute_for(device))
+    shape = f"batch {cfg.batch_size} x {cfg.context}"
+    out = []
+    if "fp32" in cfg.regimes:
+        out.append(budget.predict(f"05 fp32 fine-tune of {cfg.model_id}, {shape}", model_config, "full", **kw))
+    if "qlora" in cfg.regimes:
+        out.append(budget.predict(f"05 qlora r={cfg.lora_rank}, {shape}", model_config, "qlora", rank=cfg.lora_rank,
+                                  targets=tuple(models.GPT2_LORA_TARGETS), lora_dropout=True, **kw))
+    if "bitnet" in cfg.regimes:
+        linears = accounting.param_counts(accounting.meta_model(model_config))["block_linears"]
+        out.append(budget.predict(f"05 bitnet fine-tune, {shape}", model_config, "full",
+                                  extra={"ternary_weight_copies": 4 * linears}, **kw))
+    return out
+
+
 def run(cfg: GPT2Config) -> GPT2Result:
     """All regimes from one base on one split; perplexity, speed, memory, sizes; metrics.json."""
     device = pick_device(cfg.device, cfg.profile)
@@ -278,6 +298,8 @@ def run(cfg: GPT2Config) -> GPT2Result:
         eval_ids = data.lm_chunks(tok, eval_texts, cfg.context, cfg.eval_tokens).reshape(-1)[: cfg.eval_tokens]
     loader = data.lm_loader(chunks, cfg.batch_size, seed=cfg.seed)
     prompt = eval_ids[:16].unsqueeze(0).to(device)
+    gpu_plan = budget.announce(plan(cfg, hub.model_config(base), device), device) \
+        if budget.wanted(cfg.profile, device) else None
 
     rows, losses, identical, bit, emb, ref = [], {}, None, None, 0, None
     for r in build_regimes(cfg, base, loader, out, device):
@@ -325,7 +347,7 @@ def run(cfg: GPT2Config) -> GPT2Result:
                   "data": {**data_asset.provenance(), "n_train_tokens": int(chunks.numel()),
                            "n_eval_tokens": int(eval_ids.numel())}}
     path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows,
-                                config={**asdict(cfg), "regimes": list(cfg.regimes)},
+                                config={**asdict(cfg), "regimes": list(cfg.regimes)}, gpu_plan=gpu_plan,
                                 perplexity_window={"context": cfg.context, "stride": cfg.stride,
                                                    "gguf_rows": "llama.cpp, stride = context"},
                                 packed_ternary_identical_logits=identical,

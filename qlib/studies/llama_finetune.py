@@ -3,7 +3,8 @@ projections, paged 8-bit AdamW, gradient checkpointing), with transformers' Trai
 
 The Trainer is used (not qlib's loop) because it is what `accelerate launch` distributes: on several GPUs,
 `accelerate launch -m qlib.studies.llama_finetune --profile t4` runs the same code data-parallel, one NF4
-copy per GPU (`device_map={"": local_rank}`), with no distribution code in qlab.
+copy per GPU (`device_map={"": local_rank}`), with no distribution code in qlab. With `device=cpu` the same
+code path runs on the CPU in fp32 with torch's AdamW: a rehearsal for small models (the tests), not a 7B run.
 """
 from __future__ import annotations
 
@@ -14,41 +15,61 @@ from typing import Any
 
 import torch
 
-from qlib import data, metrics
+from qlib import budget, data, hub, metrics
 from qlib.assets import Resolved
-from qlib.config import compute_dtype
+from qlib.config import compute_dtype, compute_dtype_name
+
+EVAL_WINDOWS = 16
+
+
+def token_budget(steps: int, batch: int, seq: int) -> int:
+    """Training tokens to tokenize: one `seq`-token window per sequence of every step (Trainer cycles the
+    windows if the text runs out, but needs one batch at least)."""
+    return steps * batch * seq + seq
+
+
+def plan(cfg: Any, model_config: Any, device: torch.device) -> list[budget.Prediction]:
+    """The 7B QLoRA fine-tune's peak and time as a GPU runs it (paged 8-bit AdamW, checkpointing)."""
+    return [budget.predict(f"07 QLoRA fine-tune of {cfg.model_id}, batch {cfg.batch} x {cfg.seq}", model_config,
+                           "qlora", batch=cfg.batch, seq=cfg.seq, steps=cfg.finetune_steps,
+                           compute=budget.compute_for(device), optimizer_bytes=2,
+                           checkpointing=True, rank=cfg.lora_rank, lora_dropout=True)]
 
 
 def qlora_finetune(asset: Resolved, cfg: Any, device: torch.device) -> dict[str, Any]:
-    """Peak VRAM, time per step, tokens/s, and held-out perplexity before and after."""
+    """Peak memory (predicted first), time per step, tokens/s, and held-out perplexity before and after."""
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
     from qlib.models import add_causal_lora, load_causal_lm
 
-    local = int(os.environ.get("LOCAL_RANK", device.index or 0))
-    dev = torch.device("cuda", local)
+    cuda = device.type == "cuda"
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0))) if cuda else device
+    predicted = budget.announce(plan(cfg, hub.model_config(asset.path), dev), dev)
     tok = AutoTokenizer.from_pretrained(asset.path)
-    train_texts, eval_texts, _ = data.load_code_sft("codesearchnet-python")
-    chunks = data.lm_chunks(tok, train_texts, cfg.seq, cfg.finetune_steps * cfg.batch * 4)
-    eval_ids = data.lm_chunks(tok, eval_texts, cfg.seq, 16 * cfg.seq).reshape(-1)
+    train_texts, eval_texts, data_asset = data.load_code_sft(cfg.dataset_id)
+    chunks = data.lm_chunks(tok, train_texts, cfg.seq, token_budget(cfg.finetune_steps, cfg.batch, cfg.seq))
+    eval_ids = data.lm_chunks(tok, eval_texts, cfg.seq, EVAL_WINDOWS * cfg.seq).reshape(-1)
     model = load_causal_lm(asset.path, "qlora", dev)
     ppl_before = metrics.perplexity(model, eval_ids, cfg.seq, cfg.seq, dev)["perplexity"]
     model = add_causal_lora(model, cfg.lora_rank, kbit=True, gradient_checkpointing=True)
-    bf16 = compute_dtype(dev) == torch.bfloat16
+    half = compute_dtype(dev)
     args = TrainingArguments(output_dir=str(cfg_output(cfg)), per_device_train_batch_size=cfg.batch,
-                             max_steps=cfg.finetune_steps, learning_rate=2e-4, optim="paged_adamw_8bit",
-                             gradient_checkpointing=True, bf16=bf16, fp16=not bf16, logging_steps=5,
-                             save_strategy="no", report_to=[], seed=cfg.seed)
+                             max_steps=cfg.finetune_steps, learning_rate=2e-4,
+                             optim="paged_adamw_8bit" if cuda else "adamw_torch", gradient_checkpointing=True,
+                             bf16=half == torch.bfloat16, fp16=half == torch.float16, use_cpu=not cuda,
+                             logging_steps=5, save_strategy="no", report_to=[], seed=cfg.seed)
     dataset = [{"input_ids": c, "labels": c} for c in chunks]
-    torch.cuda.reset_peak_memory_stats(dev)
-    out = Trainer(model=model, args=args, train_dataset=dataset).train()
-    peak = torch.cuda.max_memory_allocated(dev)
+    with metrics.PeakMemory(dev) as mem:
+        out = Trainer(model=model, args=args, train_dataset=dataset).train()
     ppl_after = metrics.perplexity(model, eval_ids, cfg.seq, cfg.seq, dev)["perplexity"]
     step_s = out.metrics["train_runtime"] / cfg.finetune_steps
-    return {"model": asset.id, "source": asset.source, "peak_mem_bytes": peak, "step_time_s": step_s,
+    return {"model": asset.id, "source": asset.source, "revision": asset.revision, "data": data_asset.provenance(),
+            "peak_mem_bytes": mem.peak_bytes, "peak_mem_source": mem.source,
+            "predicted_peak_mem_bytes": predicted[0]["peak_bytes"], "step_time_s": step_s,
             "tokens_per_s": cfg.batch * cfg.seq / step_s, "perplexity_before": ppl_before,
-            "perplexity_after": ppl_after, "steps": cfg.finetune_steps, "seq": cfg.seq, "batch": cfg.batch,
-            "compute_dtype": "bf16" if bf16 else "fp16", "world_size": int(os.environ.get("WORLD_SIZE", 1))}
+            "perplexity_after": ppl_after, "train_windows": int(chunks.shape[0]), "steps": cfg.finetune_steps,
+            "seq": cfg.seq, "batch": cfg.batch, "compute_dtype": compute_dtype_name(dev), "device": dev.type,
+            "world_size": int(os.environ.get("WORLD_SIZE", 1))}
 
 
 def cfg_output(cfg: Any) -> Any:
@@ -65,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qlib.studies.llama_finetune")
     ap.add_argument("--profile", default="t4")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--model-id", default=None, help="hub id or local folder (default: the profile's)")
     a = ap.parse_args(argv)
-    cfg = scaling_config(a.profile, finetune_steps=a.steps)
+    cfg = scaling_config(a.profile, finetune_steps=a.steps, model_id=a.model_id)
     print(json.dumps(finetune_7b(cfg, pick_device("auto")), indent=2))
     return 0
 

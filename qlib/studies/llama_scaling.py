@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import accounting, assets, metrics, models, report
+from qlib import accounting, assets, budget, hub, metrics, models, report
 from qlib.config import QlabError, compute_dtype, make_config, outputs_dir, pick_device
 from qlib.studies import StudyResult
 from qlib.train import set_seed
@@ -51,7 +51,8 @@ class ScalingConfig:
     checkpointing: bool = True
     projection_seq: int = 512   # the 7B projection's sequence (the QLoRA recipe: seq 512, batch 1)
     finetune_7b: bool = False   # t4: a real QLoRA fine-tune of the hub LLaMA-7B (CUDA + hub only)
-    model_id: str = "llama-2-7b"
+    model_id: str = "llama-2-7b"              # registry key, hub id or local folder (Kaggle input)
+    dataset_id: str = "codesearchnet-python"  # the fine-tune's text: hub id, registry key or local folder
     finetune_steps: int = 30
     t4_check: bool = False      # CUDA: rerun the 7B QLoRA rung as on a T4 (fp16, allocator capped at 15 GiB)
     device: str = "auto"
@@ -82,14 +83,14 @@ def rung_config(name: str, vocab_size: int) -> Any:
 
 
 def setup_for(method: str, device: torch.device, rank: int) -> accounting.TrainingSetup:
-    """The recipe each method uses on this device (what the accounting must predict)."""
-    elem = torch.finfo(compute_dtype(device)).bits // 8
-    opt = 2 if device.type == "cuda" else 8  # paged 8-bit AdamW on CUDA; torch AdamW on CPU
-    if method == "full":
-        return accounting.TrainingSetup("full", "fp32" if elem == 4 else "fp16", elem, 0, 8, elem, elem)
-    if method == "qlora":  # prepare_model_for_kbit_training upcasts everything not 4-bit to fp32
-        return accounting.TrainingSetup("qlora", "nf4", elem, rank, opt, 4, 4)
-    return accounting.TrainingSetup("lora", "fp32" if elem == 4 else "fp16", elem, rank, opt, 4, elem)
+    """The method's recipe on this device (its compute dtype, T4 conditions included): paged 8-bit AdamW on
+    CUDA (2 bytes of state per trainable parameter), torch's AdamW on the CPU (8)."""
+    return accounting.recipe(method, compute_dtype(device), 2 if device.type == "cuda" else 8, rank)
+
+
+def weights_dtype(method: str, device: torch.device) -> torch.dtype:
+    """The dtype `prepare` loads a rung's unquantized weights in (see `setup_for`)."""
+    return torch.float32 if setup_for(method, device, 0).weight_format == "fp32" else compute_dtype(device)
 
 
 def random_init_dir(name: str, vocab_size: int, seed: int, root: Path) -> Path:
@@ -104,7 +105,8 @@ def random_init_dir(name: str, vocab_size: int, seed: int, root: Path) -> Path:
 
 def prepare(path: Path, method: str, rank: int, checkpointing: bool, device: torch.device) -> Any:
     """Load the rung for `method` and make only what that method trains trainable."""
-    model = models.load_causal_lm(path, "qlora" if method == "qlora" else None, device)
+    model = models.load_causal_lm(path, "qlora" if method == "qlora" else None, device,
+                                  dtype=weights_dtype(method, device))
     model.config.use_cache = False
     if method != "full":
         return models.add_causal_lora(model, rank, kbit=method == "qlora", gradient_checkpointing=checkpointing)
@@ -143,11 +145,12 @@ def resident_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer | None = N
     return sum(seen.values())
 
 
-def _step(model: Any, opt: torch.optim.Optimizer, ids: torch.Tensor, scaler: torch.amp.GradScaler) -> float:
+def _step(model: Any, opt: torch.optim.Optimizer, ids: torch.Tensor, scaler: torch.amp.GradScaler,
+          dtype: torch.dtype) -> float:
     import time
 
     t0 = time.perf_counter()
-    with torch.autocast(ids.device.type, dtype=compute_dtype(ids.device), enabled=ids.device.type == "cuda"):
+    with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
         loss = model(input_ids=ids, labels=ids).loss
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -178,11 +181,12 @@ def measure_rung(name: str, method: str, cfg: ScalingConfig, device: torch.devic
         ids = torch.randint(0, cfg.vocab_size, (cfg.batch, cfg.seq), generator=torch.Generator().manual_seed(0))
         ids = ids.to(device)
         # fp16 (a T4, or t4_conditions) trains with a GradScaler as a T4 user would; bf16 and fp32 need none
-        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and compute_dtype(device) == torch.float16)
-        _step(model, opt, ids, scaler)  # warm-up: allocates optimizer states and kernels
+        dtype = compute_dtype(device)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        _step(model, opt, ids, scaler, dtype)  # warm-up: allocates optimizer states and kernels
         resident = resident_bytes(model, opt)
         with metrics.PeakMemory(device) as mem:
-            times = [_step(model, opt, ids, scaler) for _ in range(cfg.steps)]
+            times = [_step(model, opt, ids, scaler, dtype) for _ in range(cfg.steps)]
         peak = mem.peak_bytes if device.type == "cuda" else resident + mem.peak_bytes
         row.update(peak_mem_bytes=peak, resident_bytes=resident, peak_mem_source=(
             mem.source if device.type == "cuda" else "resident tensors + cpu_rss_delta of the steps"),
@@ -192,10 +196,21 @@ def measure_rung(name: str, method: str, cfg: ScalingConfig, device: torch.devic
         row["resident_prediction_error"] = row["predicted_resident_bytes"] / resident - 1
     except torch.OutOfMemoryError:
         row.update(status="oom", note=f"out of memory at {row['total_params']:,} params, seq {cfg.seq}")
+    except (RuntimeError, ValueError) as e:  # one failed rung is a row that says why; the ladder goes on
+        row.update(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def ladder_plan(cfg: ScalingConfig) -> list[budget.Prediction]:
+    """The ladder's largest rung for each method, as a T4 would train it (fp16, paged 8-bit AdamW)."""
+    top = max(cfg.rungs, key=lambda r: RUNGS[r][0] * RUNGS[r][2])
+    steps = 1 + cfg.steps
+    return [budget.predict(f"07 ladder {top} {m}, batch {cfg.batch} x {cfg.seq}", rung_config(top, cfg.vocab_size), m,
+                           batch=cfg.batch, seq=cfg.seq, steps=steps, compute=torch.float16, optimizer_bytes=2,
+                           checkpointing=cfg.checkpointing, rank=cfg.lora_rank) for m in cfg.methods]
 
 
 def run_ladder(cfg: ScalingConfig, device: torch.device, root: Path) -> list[dict[str, Any]]:
@@ -248,9 +263,7 @@ def projection_7b(cfg: ScalingConfig, fits: dict[str, dict[str, Any]]) -> list[d
     model = accounting.meta_model(config)
     rows = []
     for method in cfg.methods:
-        setup = accounting.TrainingSetup(method, {"qlora": "nf4"}.get(method, "fp16"), 2,
-                                         0 if method == "full" else cfg.lora_rank, 2,
-                                         2 if method == "full" else 4, 4 if method == "qlora" else 2)
+        setup = accounting.recipe(method, torch.float16, 2, cfg.lora_rank)  # a T4: fp16, paged 8-bit AdamW
         parts = accounting.training_bytes(config, setup, 1, cfg.projection_seq, True, model)
         f = fits.get(method)
         corrected = parts["total"] * f["measured_over_predicted_largest_rung"] if f else None
@@ -305,6 +318,15 @@ def accounting_table() -> dict[str, Any]:
 def run(cfg: ScalingConfig) -> ScalingResult:
     """Accounting at 7B, the measured ladder, fits and the 7B projection; metrics.json."""
     device = pick_device(cfg.device, cfg.profile)
+    asset_7b = None
+    if cfg.finetune_7b:  # device, hub access (gated, offline) and the memory prediction: before the ladder's minutes
+        check_finetune_device(cfg, device)
+        asset_7b = assets.resolve_model("llama-arch", cfg.model_id)
+        from qlib.studies.llama_finetune import plan
+
+        budget.announce(plan(cfg, hub.model_config(asset_7b.path), device), device)
+    if budget.wanted(cfg.profile, device) and "llama-7b" not in cfg.rungs:
+        budget.announce(ladder_plan(cfg), device)
     root = outputs_dir(STUDY, cfg.profile) / "random-init"
     n_7b = accounting.param_counts(accounting.meta_model(accounting.llama_config()))["total"]
     ladder = run_ladder(cfg, device, root)
@@ -314,7 +336,7 @@ def run(cfg: ScalingConfig) -> ScalingResult:
     projection = projection_7b(cfg, fits)
     bench = gpu_benchmark(ladder)
     acc7 = accounting_table()
-    finetune = finetune_7b(cfg, device) if cfg.finetune_7b else None
+    finetune = finetune_7b(cfg, device, asset_7b) if cfg.finetune_7b else None
     rows = [report.make_row(f"{r['method']}", model=r["rung"], dataset="random tokens", **{
         k: v for k, v in r.items() if k not in ("method",)}) for r in ladder]
     doc_assets = {"model": {"role": "llama-arch", "id": ",".join(cfg.rungs), "source": "random-init",
@@ -328,12 +350,19 @@ def run(cfg: ScalingConfig) -> ScalingResult:
     return ScalingResult(rows, report.load_metrics(path), path, ladder, fits, projection, acc7, finetune)
 
 
-def finetune_7b(cfg: ScalingConfig, device: torch.device) -> dict[str, Any]:
-    """t4: a real QLoRA fine-tune of the hub LLaMA-7B (CUDA + hub); a clear error anywhere else."""
-    if device.type != "cuda":
-        raise QlabError("finetune_7b needs a CUDA GPU (a T4 or larger); this machine has none: "
-                        "set finetune_7b=False or use the t4 profile on a GPU")
-    asset = assets.resolve_model("llama-arch", cfg.model_id)  # offline: one clear line
+def check_finetune_device(cfg: ScalingConfig, device: torch.device) -> None:
+    """The 7B fine-tune needs CUDA; device='cpu' rehearses its code path on a small model (the tests)."""
+    if device.type != "cuda" and cfg.device != "cpu":
+        raise QlabError("finetune_7b needs a CUDA GPU (a T4 or larger) and none is visible: run the t4 profile "
+                        "on a GPU, or pass finetune_7b=False (the ladder and the 7B accounting run anywhere); "
+                        "device=cpu rehearses the fine-tune on a small model")
+
+
+def finetune_7b(cfg: ScalingConfig, device: torch.device, asset: assets.Resolved | None = None) -> dict[str, Any]:
+    """t4: a real QLoRA fine-tune of the hub LLaMA-7B (CUDA + hub), its peak predicted and checked first."""
+    check_finetune_device(cfg, device)
+    if asset is None:
+        asset = assets.resolve_model("llama-arch", cfg.model_id)  # offline / gated: one clear line
     from qlib.studies.llama_finetune import qlora_finetune
 
     return qlora_finetune(asset, cfg, device)

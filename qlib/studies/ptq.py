@@ -134,6 +134,9 @@ class PTQResult(StudyResult):
 def run(cfg: PTQConfig) -> PTQResult:
     """Quantize, evaluate on notebook 01's held-out split, save ptq_int8_model.pt, measure, write."""
     device = torch.device("cpu")  # torch.ao INT8 kernels and ORT's CPU provider are CPU-only
+    if cfg.profile == "t4":
+        print("[qlab] 02 trains nothing and runs on the CPU (torch.ao and ONNX Runtime INT8 kernels are CPU "
+              "kernels): no GPU memory to predict", flush=True)
     set_seed(cfg.seed)
     st = load_setup(cfg.profile, cfg.seed, cfg.calib_sentences)
     base_dir, bcfg, fp32, tok, ds = st.base_dir, st.bcfg, st.fp32, st.tok, st.ds

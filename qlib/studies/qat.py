@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qlib import data, metrics, report
-from qlib.config import QlabError, build_quantization_plan, make_config, outputs_dir
+from qlib import budget, data, metrics, report
+from qlib.config import QlabError, build_quantization_plan, make_config, outputs_dir, pick_device
 from qlib.quant import ptq, qat
 from qlib.report import atomic_dir
 from qlib.studies.ptq import _forward, baseline_label, load_setup
@@ -33,6 +34,7 @@ class QATConfig:
     calib_sentences: int = 256
     control: bool = True          # also fine-tune FP32 for the same steps: is QAT's gain just more training?
     latency_repeats: int = 30
+    device: str = "auto"          # where fake-quant training runs (CUDA when present); INT8 always on the CPU
 
 
 QAT_PROFILES: dict[str, dict[str, Any]] = {
@@ -74,9 +76,20 @@ def load_qat(path: str | Path) -> torch.nn.Module:
     return ptq.load_quantized(p / "model_int8.pt", skeleton)
 
 
+def plan(cfg: QATConfig, model_config: Any, n_train: int, seq: int, device: torch.device) -> list[budget.Prediction]:
+    """QAT and its control on the GPU: full fine-tunes in fp32 (fake quantization runs in fp32)."""
+    steps = max(1, math.ceil(cfg.epochs * math.ceil(n_train / cfg.batch_size)))
+    runs = ["QAT (fake-quant INT8)"] + (["FP32 control"] if cfg.control else [])
+    return [budget.predict(f"03 {r}, batch {cfg.batch_size} x {seq}", model_config, "full", batch=cfg.batch_size,
+                           seq=seq, steps=steps, compute=torch.float32) for r in runs]
+
+
 def run(cfg: QATConfig) -> QATResult:
-    """Static PTQ and QAT from the same baseline in one run; the QAT model is saved and reloaded."""
-    device = torch.device("cpu")  # torch.ao's INT8 kernels are CPU kernels
+    """Static PTQ and QAT from the same baseline in one run; the QAT model is saved and reloaded.
+    Fake-quant training (and its FP32 control) runs on the GPU where there is one, in fp32; the INT8
+    conversion, evaluation and timing run on the CPU, where torch.ao's INT8 kernels are."""
+    device = torch.device("cpu")
+    train_device = pick_device(cfg.device)
     set_seed(cfg.seed)
     st = load_setup(cfg.profile, cfg.seed, cfg.calib_sentences)
     base_dir, bcfg, fp32, tok, ds, ev, calib = st.base_dir, st.bcfg, st.fp32, st.tok, st.ds, st.eval_loader, st.calib
@@ -84,18 +97,21 @@ def run(cfg: QATConfig) -> QATResult:
                                        bcfg.max_length, shuffle=True, seed=cfg.seed)
 
     static = ptq.static_int8(fp32, calib, per_channel=cfg.per_channel)
+    gpu_plan = budget.announce(plan(cfg, fp32.config, len(ds.train_texts), bcfg.max_length, train_device),
+                               train_device) if budget.wanted(cfg.profile, train_device) else None
     prepared = qat.prepare_qat_int8(fp32, per_channel=cfg.per_channel)
-    with metrics.PeakMemory(device) as mem:
-        tr = finetune(prepared, train, cfg.epochs, cfg.lr, device, desc="QAT (fake-quant INT8)")
-    int8 = qat.convert_qat(prepared)
+    with metrics.PeakMemory(train_device) as mem:
+        tr = finetune(prepared, train, cfg.epochs, cfg.lr, train_device, desc="QAT (fake-quant INT8)", autocast=False)
+    int8 = qat.convert_qat(prepared.to(device))
     models_ = {"fp32": fp32, "ptq_int8_static": static, "qat_int8": int8}
     trains = {"qat_int8": (tr, mem)}
     if cfg.control:
         more = copy.deepcopy(fp32)
         set_seed(cfg.seed)
-        with metrics.PeakMemory(device) as cmem:
-            ctr = finetune(more, train, cfg.epochs, cfg.lr, device, desc="FP32 control (same steps)")
-        models_["fp32_more_steps"] = more
+        with metrics.PeakMemory(train_device) as cmem:
+            ctr = finetune(more, train, cfg.epochs, cfg.lr, train_device, desc="FP32 control (same steps)",
+                           autocast=False)
+        models_["fp32_more_steps"] = more.to(device)
         trains["fp32_more_steps"] = (ctr, cmem)
 
     quality = {k: metrics.accuracy_f1(*predict(m, ev, device, k)) for k, m in models_.items()}
@@ -118,7 +134,7 @@ def run(cfg: QATConfig) -> QATResult:
                             "source": f"notebook 01 ({base_dir})"}, "data": ds.provenance()}
     path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows, config=asdict(cfg),
                                 latency_shape={"seq_len": bcfg.max_length, "batches": [1, 8]},
-                                reload_matches=reload_ok,
+                                reload_matches=reload_ok, train_device=train_device.type, gpu_plan=gpu_plan,
                                 fake_quant_modules=qat.fake_quant_modules(prepared))
     return QATResult(rows, report.load_metrics(path), path, tr, model_dir, reload_ok)
 

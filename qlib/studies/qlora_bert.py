@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from qlib import adapters, assets, data, metrics, models, report
+from qlib import adapters, assets, budget, data, hub, metrics, models, report
 from qlib.config import BaselineConfig, QlabError, compute_dtype, compute_dtype_name, make_config, outputs_dir, pick_device, results_dir
 from qlib.studies import baseline
 from qlib.studies import StudyResult
@@ -37,6 +37,8 @@ class QLoRAConfig:
     random_arch: str = "bert-base"        # or "tiny" (the tests)
     bench_steps: int = 20                 # random-init: training steps timed per method
     seq_len: int = 128
+    model_id: str | None = None           # None: notebook 01's encoder of this profile (as it ran); or a folder
+    dataset_id: str | None = None         # None: notebook 01's data of this profile; or a folder of split files
     device: str = "auto"
 
 
@@ -56,11 +58,31 @@ def qlora_config(profile: str = "default", **overrides: Any) -> QLoRAConfig:
     return cfg
 
 
-def _baseline_settings(profile: str) -> BaselineConfig:
-    """Same encoder, data, split and sequence length as notebook 01 of this profile."""
+def _baseline_settings(profile: str, model_id: str | None = None, dataset_id: str | None = None) -> BaselineConfig:
+    """Notebook 01's encoder, data, split and sequence length as it last ran in this profile (its saved config,
+    overrides included), else the profile's; `model_id` / `dataset_id` given to notebook 04 win."""
+    import dataclasses
+
     from qlib.config import baseline_config
 
-    return baseline_config(profile)
+    saved = outputs_dir(baseline.STUDY, profile) / "baseline-model" / "qlab.json"
+    try:
+        bcfg = BaselineConfig(**json.loads(saved.read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        bcfg = baseline_config(profile)
+    over = {k: v for k, v in (("model_id", model_id), ("dataset_id", dataset_id)) if v}
+    return dataclasses.replace(bcfg, **over)
+
+
+def plan(cfg: QLoRAConfig, bcfg: BaselineConfig, model_config: Any, n_train: int,
+         device: torch.device) -> list[budget.Prediction]:
+    """Each rank's QLoRA fine-tune (NF4 base, fp32 adapters, Trainer's AdamW), padded to max_length."""
+    steps = max(1, round(cfg.epochs * -(-n_train // cfg.batch_size)))
+    return [budget.predict(f"04 QLoRA r={r} on {bcfg.model_id}, batch {cfg.batch_size} x {bcfg.max_length}",
+                           model_config, "qlora", batch=cfg.batch_size, seq=bcfg.max_length, steps=steps,
+                           compute=budget.compute_for(device), rank=r,
+                           targets=tuple(adapters.ATTENTION + (adapters.MLP if cfg.mlp else [])), lora_dropout=True)
+            for r in cfg.ranks]
 
 
 def _hf_dataset(tok: Any, texts: list[str], labels: list[int], max_length: int) -> Any:
@@ -110,9 +132,10 @@ def evaluate(model: torch.nn.Module, tok: Any, ds: Any, max_length: int, device:
     return metrics.accuracy_f1(*predict(model, loader, device))
 
 
-def evaluate_adapter(adapter_dir: str | Path, profile: str) -> dict[str, float]:
+def evaluate_adapter(adapter_dir: str | Path, profile: str, model_id: str | None = None,
+                     dataset_id: str | None = None) -> dict[str, float]:
     """Load base (NF4) + adapter with plain peft and score the held-out split: what a user would do."""
-    bcfg = _baseline_settings(profile)
+    bcfg = _baseline_settings(profile, model_id, dataset_id)
     device = pick_device("auto")
     asset = assets.resolve_model("encoder", bcfg.model_id)
     ds = data.load_classification(bcfg.dataset_id, bcfg.n_train, bcfg.n_eval)
@@ -122,10 +145,11 @@ def evaluate_adapter(adapter_dir: str | Path, profile: str) -> dict[str, float]:
     return evaluate(model, tok, ds, bcfg.max_length, device)
 
 
-def verify_in_fresh_process(adapter_dir: Path, profile: str) -> dict[str, float]:
+def verify_in_fresh_process(adapter_dir: Path, cfg: QLoRAConfig) -> dict[str, float]:
     """Run evaluate_adapter in a new Python process (nothing shared with this one)."""
+    extra = [a for k, v in (("--model-id", cfg.model_id), ("--dataset-id", cfg.dataset_id)) if v for a in (k, v)]
     r = subprocess.run([sys.executable, "-m", "qlib.studies.qlora_bert", "verify", str(adapter_dir),
-                        "--profile", profile], capture_output=True, text=True)
+                        "--profile", cfg.profile, *extra], capture_output=True, text=True)
     if r.returncode != 0:
         raise QlabError(f"fresh-process adapter check failed: {r.stderr.strip().splitlines()[-1:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -196,10 +220,12 @@ def run(cfg: QLoRAConfig) -> QLoRAResult:
                                     config={**asdict(cfg), "ranks": list(cfg.ranks)},
                                     notes="random weights: memory and speed only, accuracy null")
         return QLoRAResult(rows, report.load_metrics(path), path, losses, out, {})
-    bcfg = _baseline_settings(cfg.profile)
+    bcfg = _baseline_settings(cfg.profile, cfg.model_id, cfg.dataset_id)
     asset = assets.resolve_model("encoder", bcfg.model_id)
     ds = data.load_classification(bcfg.dataset_id, bcfg.n_train, bcfg.n_eval)
     tok = models.load_tokenizer(asset)
+    gpu_plan = budget.announce(plan(cfg, bcfg, hub.model_config(asset.path), len(ds.train_texts), device), device) \
+        if budget.wanted(cfg.profile, device) else None
     out = outputs_dir(STUDY, cfg.profile)
     rows, losses, adapter_dir, fresh = [], {}, out / "qlora-bert-adapter", {}
     for rank in cfg.ranks:
@@ -211,7 +237,7 @@ def run(cfg: QLoRAConfig) -> QLoRAResult:
             with report.atomic_dir(adapter_dir) as tmp:
                 run_["model"].save_pretrained(tmp)
                 tok.save_pretrained(tmp)
-            fresh = verify_in_fresh_process(adapter_dir, cfg.profile)
+            fresh = verify_in_fresh_process(adapter_dir, cfg)
         adapter_bytes = metrics.size_on_disk(adapter_dir) if is_main else None
         rows.append(report.make_row(
             "qlora" if is_main else f"qlora_r{rank}", model=asset.id, dataset=ds.asset.id, **quality,
@@ -221,23 +247,32 @@ def run(cfg: QLoRAConfig) -> QLoRAResult:
             nf4_layers=run_["storage"]["nf4_layers"], **run_["counts"]))
         del run_
     rows = [r for r in rows if r["method"] == "qlora"] + [r for r in rows if r["method"] != "qlora"]
-    rows.insert(0, _fp32_reference(cfg.profile))
+    rows.insert(0, _fp32_reference(cfg.profile, bcfg))
     env = metrics.runtime_env(device)
     doc_assets = {"model": {"role": "encoder", **asset.provenance()}, "data": ds.provenance()}
     path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows,
                                 config={**asdict(cfg), "ranks": list(cfg.ranks)},
-                                fresh_process_reload=fresh,
+                                fresh_process_reload=fresh, gpu_plan=gpu_plan, baseline_settings=asdict(bcfg),
                                 notes="fp32 row copied from notebook 01's metrics.json of this profile "
                                       "(a separate process); qlora size_bytes is the adapter folder only")
     return QLoRAResult(rows, report.load_metrics(path), path, losses, adapter_dir, fresh)
 
 
-def _fp32_reference(profile: str) -> dict[str, Any]:
-    """Notebook 01's FP32 row for comparison (marked as such), or a row of nulls if 01 has not run."""
+_SAME_RUN_KEYS = ("model_id", "dataset_id", "n_train", "n_eval", "max_length")
+
+
+def _fp32_reference(profile: str, bcfg: BaselineConfig) -> dict[str, Any]:
+    """Notebook 01's FP32 row for comparison (marked as such) when 01 ran on this encoder and data; else a
+    row of nulls that says why (a reference from other data would compare nothing)."""
     p = results_dir(baseline.STUDY, profile) / "metrics.json"
     if not p.is_file():
         return report.make_row("fp32", source="notebook 01 not run in this profile")
-    row = dict(report.load_metrics(p)["rows"][0])
+    doc = report.load_metrics(p)
+    ran = {k: doc.get("config", {}).get(k) for k in _SAME_RUN_KEYS}
+    differ = [f"{k} {ran[k]!r} vs {getattr(bcfg, k)!r}" for k in _SAME_RUN_KEYS if ran[k] != getattr(bcfg, k)]
+    if differ:
+        return report.make_row("fp32", source=f"notebook 01 ran with other settings ({'; '.join(differ)}): not shown")
+    row = dict(doc["rows"][0])
     row["source"] = "notebook 01"
     return row
 
@@ -291,9 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("cmd", choices=["verify"])
     p.add_argument("adapter_dir")
     p.add_argument("--profile", default="default")
+    p.add_argument("--model-id")
+    p.add_argument("--dataset-id")
     a = p.parse_args(argv)
     try:
-        print(json.dumps(evaluate_adapter(a.adapter_dir, a.profile)))
+        print(json.dumps(evaluate_adapter(a.adapter_dir, a.profile, a.model_id, a.dataset_id)))
     except QlabError as e:
         print(f"qlab: error: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from qlib import adapters, assets, data, gguf, merge, metrics, models, report
+from qlib import adapters, assets, budget, data, gguf, hub, merge, metrics, models, report
 from qlib.config import make_config, outputs_dir, pick_device
 from qlib.studies import StudyResult
 from qlib.train import finetune, set_seed
@@ -35,6 +35,7 @@ class QwenMergeConfig:
     lora_lr: float = 2e-3
     steps: int = 120
     batch_size: int = 8
+    gradient_checkpointing: bool = False  # recompute activations in backward (t4: a 1.5B model at 512 tokens)
     context: int = 128
     train_tokens: int | None = 200_000
     eval_tokens: int = 16_384
@@ -47,8 +48,10 @@ QWEN_PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model_id="qwen2-stdlib-tiny", lora_rank=4, steps=3, batch_size=4, context=64,
                   train_tokens=10_000, eval_tokens=1024, gen_tokens=8, latency_repeats=2),
     "default": {},
-    "t4": dict(model_id="qwen2.5-1.5b-instruct", dataset_id="codesearchnet-python", steps=300,
-               lora_lr=2e-4, context=512, train_tokens=2_000_000, eval_tokens=32_768),
+    # batch 4 x 512 with checkpointing: ~6 GiB predicted (8 x 512 without it: ~19 GiB, past a T4; 152k-token
+    # logits alone take 2.3 GiB per fp32 copy at 8 x 512)
+    "t4": dict(model_id="qwen2.5-1.5b-instruct", dataset_id="codesearchnet-python", steps=300, batch_size=4,
+               gradient_checkpointing=True, lora_lr=2e-4, context=512, train_tokens=1_000_000, eval_tokens=32_768),
 }
 
 
@@ -61,7 +64,8 @@ def train_adapter(cfg: QwenMergeConfig, base: str, tok: Any, loader: Any, out: P
     """LoRA on all seven projections of the (NF4 or FP32) base; the adapter folder and its training cost."""
     set_seed(cfg.seed)
     kbit = cfg.train_base == "nf4"
-    model = models.add_causal_lora(models.load_causal_lm(base, "qlora" if kbit else None, device), cfg.lora_rank, kbit)
+    model = models.add_causal_lora(models.load_causal_lm(base, "qlora" if kbit else None, device), cfg.lora_rank, kbit,
+                                   gradient_checkpointing=cfg.gradient_checkpointing)
     with metrics.PeakMemory(device) as mem:
         tr = finetune(model, loader, cfg.steps / len(loader), cfg.lora_lr, device, weight_decay=0.0,
                       desc=f"LoRA r={cfg.lora_rank} on the {cfg.train_base} base")
@@ -99,6 +103,16 @@ class QwenMergeResult(StudyResult):
     benchmark: dict[str, Any]
 
 
+def plan(cfg: QwenMergeConfig, model_config: Any, device: torch.device) -> list[budget.Prediction]:
+    """The adapter's training run: LoRA on all seven projections of an NF4 (QLoRA) or fp32 base, AdamW."""
+    method = "qlora" if cfg.train_base == "nf4" else "lora"
+    compute = budget.compute_for(device)
+    return [budget.predict(f"08 {method} r={cfg.lora_rank} on {cfg.model_id}, batch {cfg.batch_size} x {cfg.context}"
+                           + (", checkpointing" if cfg.gradient_checkpointing else ""), model_config, method,
+                           batch=cfg.batch_size, seq=cfg.context, steps=cfg.steps, compute=compute,
+                           checkpointing=cfg.gradient_checkpointing, rank=cfg.lora_rank, lora_dropout=True)]
+
+
 def run(cfg: QwenMergeConfig) -> QwenMergeResult:
     """Train (or take) the adapter, merge, write the five formats, reload each in its tool, measure."""
     from transformers import AutoTokenizer
@@ -113,9 +127,12 @@ def run(cfg: QwenMergeConfig) -> QwenMergeResult:
     prompt = eval_ids[:16]
     out = outputs_dir(STUDY, cfg.profile)
     train: dict[str, Any] = {}
+    gpu_plan = None
     if cfg.adapter_dir:
         adapter_dir, trained_on = Path(cfg.adapter_dir), merge.adapter_trained_on(cfg.adapter_dir, cfg.train_base)
     else:
+        if budget.wanted(cfg.profile, device):
+            gpu_plan = budget.announce(plan(cfg, hub.model_config(asset.path), device), device)
         chunks = data.lm_chunks(tok, train_texts, cfg.context, cfg.train_tokens)
         loader = data.lm_loader(chunks, cfg.batch_size, seed=cfg.seed)
         adapter_dir, train = train_adapter(cfg, asset.path, tok, loader, out, device)
@@ -149,7 +166,8 @@ def run(cfg: QwenMergeConfig) -> QwenMergeResult:
                "max_abs_logit_diff_fp32": info.max_abs_logit_diff_fp32,
                "max_abs_logit_diff_fp16": info.max_abs_logit_diff_fp16},
         training={k: v for k, v in train.items() if k != "losses"} or None, benchmark=bench,
-        perplexity_window={"context": cfg.context, "stride": cfg.context, "same windows in every row": True})
+        perplexity_window={"context": cfg.context, "stride": cfg.context, "same windows in every row": True},
+        gpu_plan=gpu_plan)
     return QwenMergeResult(rows, report.load_metrics(path), path, train.get("losses", []), info, bench)
 
 

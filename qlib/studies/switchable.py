@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from qlib import assets, metrics, qa, report, search, switchable
+from qlib import assets, budget, hub, metrics, models, qa, report, search, switchable
 from qlib.config import QlabError, make_config, outputs_dir, pick_device, results_dir
 from qlib.studies import StudyResult
 from qlib.train import STYLES, set_seed, train_switchable
@@ -47,6 +47,7 @@ class SwitchableConfig:
     n_eval: int | None = 200
     n_calib: int = 32
     max_new_tokens: int = 8
+    max_len: int | None = None      # prompt + answer tokens (None: the model's context); contexts are cut to fit
     latency_repeats: int = 3
     device: str = "auto"
 
@@ -55,8 +56,10 @@ SWITCHABLE_PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model_id="gpt2-stdlib-tiny", steps=2, batch_size=4, lora_rank=2, n_eval=6, n_calib=4,
                   max_new_tokens=3, latency_repeats=1),
     "default": {},
-    "t4": dict(model_id="gpt2", dataset_id="squad", steps=1000, batch_size=16, lr=5e-4, lora_rank=16,
-               n_eval=1000, max_new_tokens=16),
+    # 7 training runs (3 styles + 4 single widths) of fp32 fake quantization on a T4: 300 steps of 8 x 384
+    # tokens keep each run to minutes and the peak near 7 GiB (16 x 1024 would need ~30 GiB)
+    "t4": dict(model_id="gpt2", dataset_id="squad", steps=300, batch_size=8, lr=5e-4, lora_rank=16,
+               n_eval=500, max_new_tokens=16, max_len=384),
 }
 
 
@@ -143,7 +146,8 @@ def load_setup(cfg: SwitchableConfig) -> tuple[assets.Resolved, Any, QAData]:
 
     asset = assets.resolve_model("causal-lm", cfg.model_id)
     tok = AutoTokenizer.from_pretrained(asset.path)
-    return asset, tok, load_data(cfg, tok, AutoConfig.from_pretrained(asset.path).n_positions)
+    n_positions = AutoConfig.from_pretrained(asset.path).n_positions
+    return asset, tok, load_data(cfg, tok, min(n_positions, cfg.max_len or n_positions))
 
 
 def calibration(data: QAData, tok: Any, cfg: SwitchableConfig, device: torch.device,
@@ -204,12 +208,39 @@ def _uniform_rows(name: str, model: Any, tok: Any, data: QAData, cfg: Switchable
     return rows
 
 
+def plan(cfg: SwitchableConfig, model_config: Any, seq: int, device: torch.device) -> list[budget.Prediction]:
+    """Every training run (styles, then single widths): LoRA on a frozen fp32 base in fp32 (no autocast), a
+    fake-quantized copy of each weight kept for backward, and instantnet's teacher logits; a step of spnet or
+    instantnet runs forward and backward once per bitmap it visits, one at a time."""
+    from qlib import accounting
+    from qlib.train import style_bitmaps
+
+    a = accounting.arch(model_config)
+    linears = accounting.param_counts(accounting.meta_model(model_config))["block_linears"]
+    runs = [(s, cfg.widths, s) for s in cfg.styles]
+    runs += [(f"single_w{w}", (w,), "single") for w in cfg.widths] if cfg.single_baselines else []
+    out = []
+    for name, widths, style in runs:
+        visits = 1 if style in ("cyclic", "single") else len(style_bitmaps(style, widths, a.layers))
+        extra = {"fake_quant_copies": 4 * linears}
+        if style == "instantnet":
+            extra["teacher_logits"] = 4 * cfg.batch_size * seq * a.vocab
+        out.append(budget.predict(f"06 {name}, batch {cfg.batch_size} x {seq}, {visits} pass(es) a step",
+                                  model_config, "lora", batch=cfg.batch_size, seq=seq, steps=cfg.steps * visits,
+                                  compute=torch.float32, rank=cfg.lora_rank,
+                                  targets=tuple(models.GPT2_LORA_TARGETS), extra=extra))
+    return out
+
+
 def run(cfg: SwitchableConfig) -> SwitchableResult:
     """Train each style (and the single-width baselines), evaluate every uniform width, then sensitivity and
     greedy search on the `search_style` model; metrics.json, sensitivity.json, search_results.csv."""
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
     asset, tok, data = load_setup(cfg)
+    seq = max(len(p) + len(a) for p, a in data.train)
+    gpu_plan = budget.announce(plan(cfg, hub.model_config(asset.path), seq, device), device) \
+        if budget.wanted(cfg.profile, device) else None
     ids = {"model": asset.id, "data": data.asset.id}
     out = outputs_dir(STUDY, cfg.profile)
     loader = qa_loader(data.train, cfg.batch_size, tok.eos_token_id, cfg.seed)
@@ -246,7 +277,7 @@ def run(cfg: SwitchableConfig) -> SwitchableResult:
                            "n_train_dropped_too_long": data.dropped}}
     path = report.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
                                 config={**asdict(cfg), "styles": list(cfg.styles), "widths": list(cfg.widths)},
-                                best_bitmap=best, heuristic_baseline=heuristic,
+                                best_bitmap=best, heuristic_baseline=heuristic, gpu_plan=gpu_plan,
                                 fake_quantization_note="weights are fake-quantized (rounded, kept in fp32): "
                                 "memory and speed do not fall with the width; the bits are what a packed "
                                 "deployment would store")

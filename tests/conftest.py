@@ -1,6 +1,16 @@
 """Tests run offline and in the smoke profile; nbval's kernels inherit this environment."""
 import os
 
+import pytest
+
 os.environ["QLAB_PROFILE"] = "smoke"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def standin_hub(tmp_path_factory):
+    """The t4 profile's hub repos, faithful at tiny sizes, in a Hugging Face cache (tests/hub_standin.py)."""
+    import hub_standin
+
+    return hub_standin.build_standin(tmp_path_factory.mktemp("hub-standin"))

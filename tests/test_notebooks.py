@@ -19,3 +19,15 @@ def test_notebook_is_stripped_and_parameterised(path):
     params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1 and "profile =" in params[0].source
     assert "QLAB_PROFILE" in params[0].source
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter(path):
+    """papermill infers each parameter from its line (a `=` in a comment made it skip the line)."""
+    import papermill as pm
+
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    names = {line.split("=")[0].strip() for line in cell.source.splitlines()
+             if "=" in line.split("#")[0] and not line.startswith(("import", " "))}
+    assert names == set(pm.inspect_notebook(str(path)))

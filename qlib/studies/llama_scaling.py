@@ -85,7 +85,8 @@ def rung_config(name: str, vocab_size: int) -> Any:
 def setup_for(method: str, device: torch.device, rank: int) -> accounting.TrainingSetup:
     """The method's recipe on this device (its compute dtype, T4 conditions included): paged 8-bit AdamW on
     CUDA (2 bytes of state per trainable parameter), torch's AdamW on the CPU (8)."""
-    return accounting.recipe(method, compute_dtype(device), 2 if device.type == "cuda" else 8, rank)
+    return accounting.recipe(method, compute_dtype(device), 2 if device.type == "cuda" else 8, rank,
+                             lora_dropout=True)  # add_causal_lora: dropout 0.05 keeps each target's input
 
 
 def weights_dtype(method: str, device: torch.device) -> torch.dtype:
@@ -263,7 +264,7 @@ def projection_7b(cfg: ScalingConfig, fits: dict[str, dict[str, Any]]) -> list[d
     model = accounting.meta_model(config)
     rows = []
     for method in cfg.methods:
-        setup = accounting.recipe(method, torch.float16, 2, cfg.lora_rank)  # a T4: fp16, paged 8-bit AdamW
+        setup = accounting.recipe(method, torch.float16, 2, cfg.lora_rank, lora_dropout=True)  # a T4, paged 8-bit AdamW
         parts = accounting.training_bytes(config, setup, 1, cfg.projection_seq, True, model)
         f = fits.get(method)
         corrected = parts["total"] * f["measured_over_predicted_largest_rung"] if f else None

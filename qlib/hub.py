@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from qlib.config import QlabError
 
@@ -67,15 +67,16 @@ def offline() -> bool:
 
 
 def snapshot(repo_id: str, *, repo_type: str = "model", revision: str | None = None,
-             patterns: list[str] | None = None, offline_hint: str = "") -> Path:
-    """A local snapshot of a hub repo: the cache first, then the network; every failure is one QlabError
-    naming its cause (gated, missing, revision, offline) and the fix."""
+             patterns: list[str] | None = None, offline_hint: str = "",
+             complete: Callable[[Path], bool] | None = None) -> Path:
+    """A local snapshot of a hub repo: the cache first (if `complete` says it is whole), then the network;
+    every failure is one QlabError naming its cause (gated, missing, revision, offline) and the fix."""
     from huggingface_hub import snapshot_download
 
     kwargs: dict[str, Any] = dict(repo_type=repo_type, revision=revision, allow_patterns=patterns)
     try:
         path = Path(snapshot_download(repo_id, local_files_only=True, **kwargs))
-        if _has_all(path, patterns):
+        if _has_all(path, patterns) and (complete is None or complete(path)):
             return path
     except Exception:
         pass
@@ -247,9 +248,16 @@ def check_model_folder(path: str | Path, role: str) -> Path:
 MODEL_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
 
 
+def _whole_model(p: Path) -> bool:
+    """A cached snapshot with config, weights and tokenizer (not just a config.json another tool fetched)."""
+    return (p / "config.json").is_file() and any(p.glob("*.safetensors")) and \
+        any((p / f).is_file() for f in _TOKENIZER_FILES)
+
+
 def model_snapshot(repo_id: str, role: str, offline_hint: str = "") -> Path:
     """A hub model's files (weights as safetensors, config, tokenizer), checked to be of the role's kind."""
-    return check_model_folder(snapshot(repo_id, patterns=MODEL_PATTERNS, offline_hint=offline_hint), role)
+    path = snapshot(repo_id, patterns=MODEL_PATTERNS, offline_hint=offline_hint, complete=_whole_model)
+    return check_model_folder(path, role)
 
 
 # ---------------------------------------------------------------- the hub models' true configs

@@ -196,3 +196,27 @@ def test_a_script_dataset_is_named_as_such(monkeypatch, tmp_path):
     with pytest.raises(QlabError, match=r"'someone/scripted' is a loading-script dataset \(code_search_net.py\).*"
                                         "refs/convert/parquet"):
         data.load_code_sft("someone/scripted")
+
+
+def test_a_partial_cache_is_completed_from_the_hub(monkeypatch, tmp_path):
+    """A cache holding only a config.json (another tool fetched it) is not taken for the model."""
+    import huggingface_hub
+
+    part, whole = tmp_path / "part", tmp_path / "whole"
+    part.mkdir(), whole.mkdir()
+    (part / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    for f, text in (("config.json", json.dumps({"model_type": "gpt2"})), ("model.safetensors", ""),
+                    ("tokenizer.json", "{}")):
+        (whole / f).write_text(text)
+    calls = []
+
+    def fake(repo_id, local_files_only=False, **kw):
+        calls.append(local_files_only)
+        return str(part if local_files_only else whole)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.setattr(hub, "offline", lambda: False)
+    assert hub.model_snapshot("gpt2", "causal-lm") == whole and calls == [True, False]
+    monkeypatch.setattr(hub, "offline", lambda: True)
+    with pytest.raises(QlabError, match="'gpt2' is not in the local Hugging Face cache"):
+        hub.model_snapshot("gpt2", "causal-lm")

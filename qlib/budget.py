@@ -31,6 +31,7 @@ class Prediction:
     """One training run's predicted peak memory (with its parts) and time on a T4."""
 
     what: str
+    method: str
     peak_bytes: int
     parts: dict[str, int]
     steps: int
@@ -43,7 +44,8 @@ class Prediction:
                           if k != "trainable_params" and v)
         return (f"{self.what}: predicted peak {self.peak_bytes / GIB:.2f} GiB ({parts}); {self.steps} steps of "
                 f"{self.tokens_per_step} tokens, about {self.time_s / 60:.0f} min on a T4 ({self.compute}, "
-                f"assumed {T4_TFLOPS[self.compute]:g} TFLOPS sustained{', x%.1f for NF4' % QLORA_SLOWDOWN if 'qlora' in self.what else ''})")
+                f"assumed {T4_TFLOPS[self.compute]:g} TFLOPS sustained"
+                f"{f', x{QLORA_SLOWDOWN:g} for NF4' if self.method == 'qlora' else ''})")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,7 +78,7 @@ def predict(what: str, config: Any, method: str, *, batch: int, seq: int, steps:
     time_s = training_flops(model, method, steps * batch * seq, seq, checkpointing) / (T4_TFLOPS[name] * 1e12)
     if method == "qlora":
         time_s *= QLORA_SLOWDOWN
-    return Prediction(what, int(peak), parts, steps, batch * seq, time_s, name)
+    return Prediction(what, method, int(peak), parts, steps, batch * seq, time_s, name)
 
 
 def device_bytes(device: torch.device) -> int | None:

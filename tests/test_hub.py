@@ -161,7 +161,7 @@ def test_finetune_text_budget_fills_every_step():
 
 
 def test_predicted_oom_stops_with_one_line(monkeypatch):
-    p = budget.Prediction("08 qlora on a big model", 13 * budget.GIB, {"weights": 13 * budget.GIB}, 10, 512, 60.0,
+    p = budget.Prediction("08 qlora on a big model", "qlora", 13 * budget.GIB, {"weights": 13 * budget.GIB}, 10, 512, 60.0,
                           "float16")
     monkeypatch.setattr(budget, "device_bytes", lambda d: 15 * budget.GIB)  # a T4's share
     with pytest.raises(QlabError, match=r"predicted out of memory: 08 qlora on a big model needs about 13.0 GiB "
@@ -180,6 +180,9 @@ def test_t4_profile_fits_a_t4_and_a_colab_session():
     for stem, preds in got.items():
         assert all(plans.fits(p) for p in preds), [(p.what, p.peak_bytes / budget.GIB) for p in preds]
         assert sum(p.time_s for p in preds) < budget.SESSION_S, stem
+    qlora = got["04_qlora_bert"][0]  # named "QLoRA": the NF4 slowdown is in its time and said in its line
+    assert qlora.method == "qlora" and f"x{budget.QLORA_SLOWDOWN:g} for NF4" in qlora.line()
+    assert "for NF4" not in got["01_baseline"][0].line()
     qwen = got["08_qwen_merge_gguf"][0]
     assert "checkpointing" in qwen.what and qwen.parts["loss_backward"] > 2 * budget.GIB  # 152k-vocab logits
     from qlib.hub import model_config

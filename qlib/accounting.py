@@ -122,16 +122,18 @@ def lora_params(config: Any, rank: int, targets: tuple[str, ...] = LORA_TARGETS)
     return config.num_hidden_layers * sum(rank * sum(shapes[t]) for t in targets)
 
 
-def lora_params_of(model: torch.nn.Module, rank: int, targets: tuple[str, ...]) -> tuple[int, int]:
-    """Any architecture: LoRA parameters, and the summed input width of the targets per layer (for dropout),
-    from the modules peft would wrap (names ending in a target, as peft matches them)."""
-    n, widths = 0, 0
+def lora_params_of(model: torch.nn.Module, rank: int, targets: tuple[str, ...]) -> tuple[int, int, int]:
+    """Any architecture: LoRA parameters, and per layer the number of wrapped modules and their summed input
+    width (for dropout), from the modules peft would wrap (names ending in a target, as peft matches them)."""
+    n, widths, wrapped = 0, 0, 0
     for name, m in model.named_modules():
         if _is_linear(m) and any(name == t or name.endswith("." + t) for t in targets):
             fan_in = m.in_features if isinstance(m, torch.nn.Linear) else m.weight.shape[0]
             n += rank * (fan_in + _rows(m))
             widths += fan_in
-    return n, widths // max(1, arch(model.config).layers)
+            wrapped += 1
+    layers = max(1, arch(model.config).layers)
+    return n, wrapped // layers, widths // layers
 
 
 @dataclass(frozen=True)
@@ -251,24 +253,22 @@ def training_bytes(config: Any, setup: TrainingSetup, batch: int, seq: int, chec
     """For a causal LM the loss's backward adds, for a moment, two fp32 (b,s,vocab) gradients beside the
     log-softmax it kept (`loss_backward`): at a 50k-150k vocabulary that is often the largest single term."""
     model = model if model is not None else meta_model(config)
+    counts = param_counts(model)
     base = weight_bytes(model, setup.weight_format, setup.rest_elem)
-    lora_in = None
+    targets, lora_in = 0, None
     if setup.method == "full":
-        trainable, extra_weights = param_counts(model)["total"], 0
+        trainable, extra_weights = counts["total"], 0
     elif setup.method in ("lora", "qlora"):
-        trainable, lora_in = lora_params_of(model, setup.lora_rank, setup.lora_targets)
+        trainable, targets, lora_in = lora_params_of(model, setup.lora_rank, setup.lora_targets)
         extra_weights = trainable * setup.trainable_elem
     else:
         raise QlabError(f"unknown training method {setup.method!r}; valid: full, lora, qlora")
     grads = trainable * setup.trainable_elem
     optim = round(trainable * setup.optimizer_bytes)
     a = arch(config)
-    targets = sum(1 for n, m in model.named_modules() if _is_linear(m)
-                  and any(n == t or n.endswith("." + t) for t in setup.lora_targets)) // max(1, a.layers)
     act = activation_bytes(config, batch, seq, setup.compute_elem, checkpointing,
                            lora_rank=setup.lora_rank if setup.method != "full" else 0, lora_dropout=setup.lora_dropout,
                            lora_targets=targets, lora_in_width=lora_in)
-    counts = param_counts(model)
     copies = 2 * (counts["block_linears"] + counts["lm_head"]) if setup.autocast_copy else 0
     loss_bwd = 8 * batch * seq * a.vocab if a.causal else 0
     parts = {"weights": base, "trainable_weights": extra_weights, "gradients": grads, "optimizer": optim,

@@ -81,7 +81,7 @@ def snapshot(repo_id: str, *, repo_type: str = "model", revision: str | None = N
     except Exception:
         pass
     if offline():
-        raise QlabError(offline_message(repo_id, repo_type, revision, offline_hint))
+        raise QlabError(offline_message(repo_id, revision, offline_hint))
     try:
         return Path(snapshot_download(repo_id, **kwargs))
     except Exception as e:
@@ -98,7 +98,7 @@ def _url(repo_id: str, repo_type: str) -> str:
     return f"{HUB}/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
 
 
-def offline_message(repo_id: str, repo_type: str = "model", revision: str | None = None, hint: str = "") -> str:
+def offline_message(repo_id: str, revision: str | None = None, hint: str = "") -> str:
     rev = f" (revision {revision})" if revision and revision != "main" else ""
     return (f"{repo_id!r}{rev} is not in the local Hugging Face cache and the hub cannot be reached (offline)"
             + (f"; {hint}" if hint else ""))
@@ -120,7 +120,7 @@ def hub_error_message(e: Exception, repo_id: str, repo_type: str, revision: str 
                 "logged in (`huggingface-cli login` / HF_TOKEN)")
     if isinstance(e, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, OSError, ConnectionError)) \
             or "connect" in str(e).lower():
-        return offline_message(repo_id, repo_type, revision, hint)
+        return offline_message(repo_id, revision, hint)
     return f"cannot fetch {repo_id!r} from the hub: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 

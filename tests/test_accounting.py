@@ -130,7 +130,7 @@ def test_every_family_counts_exactly_and_saves_what_the_formula_says(family):
     labels = torch.tensor([0, 1]) if family == "bert" else ids
     measured = accounting.saved_activation_bytes(real.train(), ids, labels)
     assert accounting.activation_bytes(cfg, 2, 48)["saved"] == pytest.approx(measured, rel=0.03)
-    n, _ = accounting.lora_params_of(meta, 8, targets)
+    n, _, _ = accounting.lora_params_of(meta, 8, targets)
     peft_model = get_peft_model(real, LoraConfig(r=8, target_modules=list(targets)))
     assert n == sum(p.numel() for nm, p in peft_model.named_parameters() if "lora_" in nm)
 

@@ -65,9 +65,10 @@ def _baseline_settings(profile: str, model_id: str | None = None, dataset_id: st
 
     from qlib.config import baseline_config
 
-    saved = outputs_dir(baseline.STUDY, profile) / "baseline-model" / "qlab.json"
+    from qlib.studies.ptq import baseline_settings
+
     try:
-        bcfg = BaselineConfig(**json.loads(saved.read_text())["config"])
+        bcfg = baseline_settings(outputs_dir(baseline.STUDY, profile) / "baseline-model")
     except (OSError, ValueError, KeyError, TypeError):
         bcfg = baseline_config(profile)
     over = {k: v for k, v in (("model_id", model_id), ("dataset_id", dataset_id)) if v}

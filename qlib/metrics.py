@@ -1,6 +1,7 @@
 """What the studies measure: quality, latency, peak memory, parameters, sizes, and the machine."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -8,7 +9,7 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,76 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000,
             "excludes_zero": bool(lo > 0 or hi < 0)}
 
 
+def accuracy_difference(ref_preds: Sequence[int], preds: Sequence[int], labels: Sequence[int],
+                        seed: int = 0) -> dict[str, Any]:
+    """Accuracy of `preds` minus that of `ref_preds` on the same examples, with the paired bootstrap 95 % interval
+    (sentences resampled together); `real` only when the interval excludes 0."""
+    a = [float(int(p) == int(y)) for p, y in zip(ref_preds, labels)]
+    b = [float(int(p) == int(y)) for p, y in zip(preds, labels)]
+    if not (len(a) == len(b) == len(labels)):
+        raise ValueError(f"need predictions for every label: {len(ref_preds)}, {len(preds)}, {len(labels)}")
+    d = paired_bootstrap(a, b, seed=seed)
+    return {"diff": d["diff"], "lo": d["lo"], "hi": d["hi"], "real": d["excludes_zero"], "n": d["n"]}
+
+
+def majority_preds(train_labels: Sequence[int], n: int) -> list[int]:
+    """The constant answer a classifier must beat: the most frequent training label, n times."""
+    from collections import Counter
+
+    return [Counter(int(y) for y in train_labels).most_common(1)[0][0]] * n
+
+
+def with_difference(row: dict[str, Any], prefix: str, d: dict[str, Any] | None) -> dict[str, Any]:
+    """Row keys `<prefix>`, `<prefix>_lo`, `<prefix>_hi`, `<prefix>_real` from a paired comparison (None: n/a)."""
+    row.update({prefix: d and d["diff"], f"{prefix}_lo": d and d["lo"], f"{prefix}_hi": d and d["hi"],
+                f"{prefix}_real": d and d["real"]})
+    return row
+
+
+def perplexity_ratio(ref_nll: Sequence[float], nll: Sequence[float], block: int, seed: int = 0) -> dict[str, Any]:
+    """Perplexity of one model over a reference's on the same tokens, exp(mean NLL difference), with the
+    paired block-bootstrap 95 % interval; `real` only when the interval excludes 1."""
+    b = paired_bootstrap(ref_nll, nll, block=block, seed=seed)
+    return {"ratio": math.exp(b["diff"]), "lo": math.exp(b["lo"]), "hi": math.exp(b["hi"]),
+            "real": b["excludes_zero"], "tokens": b["n"], "block": block}
+
+
+def bootstrap_ratio(num: Sequence[float], den: Sequence[float], block: int, n_boot: int = 2000,
+                    seed: int = 0) -> dict[str, float]:
+    """mean(num) / mean(den) over paired examples with a 95 % interval from resampling whole blocks of `block`
+    consecutive examples (e.g. how much of a fine-tune's per-token gain a format keeps)."""
+    import numpy as np
+
+    a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"need two equal, non-empty 1-D sequences; got {a.shape} and {b.shape}")
+    starts = np.arange(0, a.size, block)
+    sa, sb = np.add.reduceat(a, starts), np.add.reduceat(b, starts)
+    pick = np.random.default_rng(seed).integers(0, starts.size, size=(n_boot, starts.size))
+    lo, hi = np.percentile(sa[pick].sum(1) / sb[pick].sum(1), [2.5, 97.5])
+    return {"ratio": float(a.sum() / b.sum()), "lo": float(lo), "hi": float(hi), "n": int(a.size), "block": block}
+
+
 # ---------------------------------------------------------------- speed
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, recorded beside each timing (a loaded 2-core machine times slower)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with `n` intra-op threads (timings on one thread do not collapse when the machine is busy)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def measure_latency(fn: Callable[[], Any], warmup: int = 3, repeats: int = 20,

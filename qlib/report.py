@@ -114,6 +114,22 @@ def write_metrics(study: str, profile: str, seed: int, env: dict[str, Any],
     return atomic_write_text(d / "metrics.json", json.dumps(doc, indent=2, default=_jsonable) + "\n")
 
 
+def write_per_example(study: str, profile: str, name: str, columns: dict[str, Any]) -> Path:
+    """Per-example results (one row per sentence, answer or token; one column per method) as a gzipped CSV
+    beside metrics.json, so any comparison can be re-tested without rerunning the study."""
+    import gzip
+    import io
+
+    import pandas as pd
+
+    from qlib.config import results_dir
+
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
+        gz.write(pd.DataFrame(columns).to_csv(index=False, float_format="%.5g").encode())
+    return atomic_write_bytes(results_dir(study, profile) / f"{name}.csv.gz", buf.getvalue())
+
+
 def _jsonable(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
@@ -275,16 +291,24 @@ REFERENCES = {
 def _speed(r: dict[str, Any]) -> str:
     if r.get("speedup_vs_fp32") is not None:
         return f"{r['speedup_vs_fp32']:.2f}×"
-    if r.get("decode_vs_fp16_same_backend") is not None:  # deploy formats: vs the FP16 of the same tool
-        return f"{r['decode_vs_fp16_same_backend']:.2f}× vs FP16 ({r.get('backend')})"
+    if r.get("decode_vs_fp16_same_runtime") is not None:  # deploy formats: vs the FP16 of the same runtime
+        return f"{r['decode_vs_fp16_same_runtime']:.2f}× vs FP16 ({r.get('backend')})"
     return "–"
 
 
 def _quality(r: dict[str, Any]) -> str:
     if r.get("accuracy") is not None:
+        if r.get("accuracy_diff_vs_fp32_lo") is not None:  # paired bootstrap over the same sentences
+            d, lo, hi = (100 * r[f"accuracy_diff_vs_fp32{k}"] for k in ("", "_lo", "_hi"))
+            return f"acc {r['accuracy']:.3f} ({d:+.1f} pt [{lo:+.1f}, {hi:+.1f}] vs fp32)"
         return f"acc {r['accuracy']:.3f}"
     if r.get("perplexity") is not None:
-        return f"ppl {r['perplexity']:.2f}"
+        ci = ""
+        if r.get("perplexity_ratio_lo") is not None:  # vs a reference on the same tokens, 95 % paired bootstrap
+            lo, mid, hi = (r[f"perplexity_ratio{k}"] for k in ("_lo", "", "_hi"))
+            ci = (f" ({100 * (mid - 1):+.1f} % [{100 * (lo - 1):+.1f}, {100 * (hi - 1):+.1f}] vs {r.get('reference')})"
+                  if mid < 2 else f" (×{mid:.3g} [{lo:.3g}, {hi:.3g}] vs {r.get('reference')})")
+        return f"ppl {r['perplexity']:.2f}{ci}"
     return "–"
 
 

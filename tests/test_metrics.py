@@ -122,3 +122,40 @@ def test_token_nll_is_what_perplexity_averages():
         direct = torch.nn.functional.cross_entropy(model(input_ids=ids[:64].unsqueeze(0)).logits[0, :-1], ids[1:64],
                                                    reduction="none")
     assert torch.allclose(nll[:63], direct, atol=1e-5)
+
+
+def test_perplexity_ratio_is_exp_of_the_paired_nll_difference():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ref = rng.gamma(2.0, 1.5, size=4000)
+    same = metrics.perplexity_ratio(ref, ref + rng.normal(0, 0.01, ref.size), block=100)
+    worse = metrics.perplexity_ratio(ref, ref + 0.05 + rng.normal(0, 0.3, ref.size), block=100)
+    assert not same["real"] and same["lo"] < 1 < same["hi"]
+    assert worse["real"] and worse["lo"] > 1
+    assert worse["ratio"] == pytest.approx(np.exp(0.05), rel=0.02)
+
+
+def test_accuracy_difference_pairs_sentences_and_majority_is_the_modal_train_label():
+    labels = [0, 1] * 200
+    ref = labels[:]  # perfect
+    worse = [1 - y if i % 10 == 0 else y for i, y in enumerate(labels)]  # 10 % wrong
+    d = metrics.accuracy_difference(ref, worse, labels)
+    assert d["diff"] == pytest.approx(-0.1) and d["real"] and d["hi"] < 0
+    same = metrics.accuracy_difference(ref, ref, labels)
+    assert same["diff"] == same["lo"] == same["hi"] == 0 and not same["real"]
+    assert metrics.majority_preds([1, 1, 0], 4) == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="every label"):
+        metrics.accuracy_difference(ref[:-1], worse, labels)
+    row = metrics.with_difference({}, "acc_diff", d)
+    assert row["acc_diff_real"] is True and row["acc_diff_lo"] == d["lo"]
+    assert metrics.with_difference({}, "x", None) == {"x": None, "x_lo": None, "x_hi": None, "x_real": None}
+
+
+def test_bootstrap_ratio_of_means():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    den = rng.normal(1.0, 0.2, 1000)
+    r = metrics.bootstrap_ratio(0.5 * den + rng.normal(0, 0.05, 1000), den, block=10)
+    assert r["lo"] < 0.5 < r["hi"] and r["ratio"] == pytest.approx(0.5, abs=0.02)

@@ -300,8 +300,15 @@ def dataset_for(asset: Resolved, columns: tuple[str, ...] = ()) -> Any:
 
 
 def _lookup(role: str, key: str) -> Asset | None:
+    """The registry entry for `key`; it must serve `role`: the same role, or one whose model types the role
+    accepts (a LLaMA-architecture model serves 08's Qwen role, which takes llama and qwen2 folders)."""
+    from qlib.hub import ROLE_MODEL_TYPES
+
     a = REGISTRY.get(key)
-    if a is not None and a.role != role:
+    if a is None or a.role == role:
+        return a
+    fits = a.role in ROLE_MODEL_TYPES and set(ROLE_MODEL_TYPES[a.role]) <= set(ROLE_MODEL_TYPES.get(role, ()))
+    if not fits:
         raise QlabError(f"asset {key!r} is a {a.role!r} asset, not a {role!r} one")
     return a
 

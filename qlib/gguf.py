@@ -6,7 +6,7 @@ unpacks it from the pinned sdist (PyPI `gguf` lacks pieces the converter uses). 
 llama-cpp-python built from that same sdist with GGML_NATIVE=OFF (ON segfaults on AMX CPUs with
 GCC 12), once, and cached as a wheel under the qlab cache.
 Timing note: llama.cpp's worker threads spin-wait; beside another CPU-bound process on 2 cores both
-slowed by an order of magnitude here. Measure llama.cpp alone.
+slowed by an order of magnitude here. Decode is timed with one thread, llama.cpp alone.
 """
 from __future__ import annotations
 
@@ -92,18 +92,18 @@ def ensure_llama_cpp() -> Any:
 
 _RUNNER = """
 import runpy, sys
-tools, src, out, outtype, gpt2_pre = sys.argv[1:6]
+tools, src, out, outtype, pre = sys.argv[1:6]
 sys.path[:0] = [tools, tools + "/gguf-py"]
-if gpt2_pre == "1":
-    # qlib's tokenizers are byte-level BPE with GPT-2's pre-tokenizer but a hash llama.cpp has never
-    # seen; tell the converter what they are instead of letting it refuse them.
+if pre:
+    # qlib's tokenizers are byte-level BPE with GPT-2's (or Qwen2's) pre-tokenizer but a vocabulary whose
+    # hash llama.cpp has never seen; tell the converter what they are instead of letting it refuse them.
     from conversion import base
     known = base.TextModel.get_vocab_base_pre
     def get_vocab_base_pre(self, tokenizer):
         try:
             return known(self, tokenizer)
         except NotImplementedError:
-            return "gpt-2"
+            return pre
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
 sys.argv = ["convert_hf_to_gguf.py", src, "--outfile", out, "--outtype", outtype]
 runpy.run_path(tools + "/convert_hf_to_gguf.py", run_name="__main__")
@@ -126,8 +126,9 @@ def _staged(src: Path, stage: Path) -> Path:
     return stage
 
 
-def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", gpt2_pretokenizer: bool = False) -> Path:
-    """HF folder -> GGUF with llama.cpp's converter; a failure leaves no file that looks complete."""
+def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", pre_tokenizer: str | None = None) -> Path:
+    """HF folder -> GGUF with llama.cpp's converter; a failure leaves no file that looks complete.
+    `pre_tokenizer` names llama.cpp's pre-tokenizer (gpt-2, qwen2) for a tokenizer it does not recognise."""
     src, dst = Path(hf_dir), Path(out)
     for need in ("config.json", "tokenizer.json"):
         if not (src / need).is_file():
@@ -136,7 +137,7 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", gpt2_pret
     tmp = dst.with_name(f".{dst.name}.tmp")
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".stage-") as stage:
         r = subprocess.run([sys.executable, "-c", _RUNNER, str(tools_dir()), str(_staged(src, Path(stage))),
-                            str(tmp), outtype, "1" if gpt2_pretokenizer else "0"], capture_output=True, text=True)
+                            str(tmp), outtype, pre_tokenizer or ""], capture_output=True, text=True)
     if r.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         tail = [line for line in r.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
@@ -145,18 +146,22 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", gpt2_pret
     return dst
 
 
-def read_tensors(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Tensor name -> (GGML type name, shape as GGUF stores it), read back with llama.cpp's gguf reader."""
+def _reader(path: str | Path) -> Any:
+    """llama.cpp's own GGUF reader (its vendored gguf-py) over a file; an unreadable file is one clear error."""
     sys.path.insert(0, str(tools_dir() / "gguf-py"))
     try:
         from gguf import GGUFReader
     finally:
         sys.path.pop(0)
     try:
-        reader = GGUFReader(str(path))
+        return GGUFReader(str(path))
     except Exception as e:
         raise QlabError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from None
-    return {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in reader.tensors}
+
+
+def read_tensors(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (GGML type name, shape as GGUF stores it), read back with llama.cpp's gguf reader."""
+    return {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in _reader(path).tensors}
 
 
 def tensor_types(path: str | Path) -> dict[str, str]:
@@ -186,10 +191,12 @@ def tokenize(path: str | Path, texts: list[str]) -> list[list[int]]:
     return [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in texts]
 
 
-def perplexity(path: str | Path, tokens: list[int], context: int, threads: int = 2) -> dict[str, float]:
-    """Perplexity in llama.cpp over non-overlapping windows of `context` tokens (stride = context)."""
+def token_nll(path: str | Path, tokens: list[int], context: int, threads: int = 2) -> np.ndarray:
+    """Negative log-likelihood of every scored token in llama.cpp, over non-overlapping windows of `context`
+    tokens (each window's first token has no history and is not scored): the same tokens, in the same order,
+    as `metrics.token_nll(..., stride=context)` scores in transformers, so the two pair up."""
     llm = _load(path, context, threads)
-    nll, n = 0.0, 0
+    out = []
     for start in range(0, len(tokens) - 1, context):
         chunk = tokens[start:start + context]
         if len(chunk) < 2:
@@ -199,9 +206,14 @@ def perplexity(path: str | Path, tokens: list[int], context: int, threads: int =
         logits = np.asarray(llm.scores[: len(chunk)], dtype=np.float64)
         logp = logits - logits.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        nll -= float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
-        n += len(chunk) - 1
-    return {"perplexity": math.exp(nll / n), "context": context, "stride": context, "tokens": n}
+        out.append(-logp[np.arange(len(chunk) - 1), chunk[1:]])
+    return np.concatenate(out)
+
+
+def perplexity(path: str | Path, tokens: list[int], context: int, threads: int = 2) -> dict[str, float]:
+    """Perplexity in llama.cpp over non-overlapping windows of `context` tokens (stride = context)."""
+    nll = token_nll(path, tokens, context, threads)
+    return {"perplexity": math.exp(float(nll.mean())), "context": context, "stride": context, "tokens": int(nll.size)}
 
 
 def _decode_once(llm: Any, prompt: list[int], n_new: int) -> float:
@@ -213,16 +225,18 @@ def _decode_once(llm: Any, prompt: list[int], n_new: int) -> float:
     return n_new / (time.perf_counter() - t0)
 
 
-def decode_speed(path: str | Path, prompt: list[int], n_new: int, threads: int = 2,
+def decode_speed(path: str | Path, prompt: list[int], n_new: int, threads: int = 1,
                  repeats: int = 3) -> float:
     """Greedy decode tokens/s in llama.cpp (prompt evaluated first, not timed); median of repeats."""
     return decode_speeds({"m": path}, prompt, n_new, threads, repeats)["m"]
 
 
-def decode_speeds(paths: dict[str, str | Path], prompt: list[int], n_new: int, threads: int = 2,
+def decode_speeds(paths: dict[str, str | Path], prompt: list[int], n_new: int, threads: int = 1,
                   repeats: int = 3) -> dict[str, float]:
     """Several GGUF files decoded in turn, repeat by repeat (interleaved, so drift hits all alike);
-    median tokens/s each. The ratio between them is the number to trust, not the absolute rate."""
+    median tokens/s each. The ratio between them is the number to trust, not the absolute rate.
+    One thread by default: llama.cpp's workers spin, and two spinning threads on a 2-core machine collapse
+    3-5x as soon as anything else runs."""
     models = {k: _load(p, len(prompt) + n_new + 1, threads) for k, p in paths.items()}
     for llm in models.values():
         _decode_once(llm, prompt, min(n_new, 4))  # warm-up
@@ -231,6 +245,25 @@ def decode_speeds(paths: dict[str, str | Path], prompt: list[int], n_new: int, t
         for k, llm in models.items():
             rates[k].append(_decode_once(llm, prompt, n_new))
     return {k: float(np.median(v)) for k, v in rates.items()}
+
+
+def tokenizer_agreement(path: str | Path, tokenizer: Any, texts: list[str]) -> dict[str, Any]:
+    """How many texts a Hugging Face tokenizer and the GGUF's own vocabulary turn into the same ids (no
+    special tokens): a model shipped as GGUF must read text as it was trained and evaluated on."""
+    ours = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    theirs = tokenize(path, texts)
+    same = sum(a == b for a, b in zip(ours, theirs))
+    first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    return {"texts": len(texts), "identical": same, "first_mismatch": first}
+
+
+def bits_per_weight(path: str | Path) -> dict[str, float]:
+    """Stored bits per element: over every tensor, and over the 2-D weight matrices only (what a format
+    quantizes; norms and biases stay F32), from the tensors' own byte sizes, header excluded."""
+    tensors = _reader(path).tensors
+    mats = [t for t in tensors if len(t.shape) == 2]
+    return {"all_tensors": 8.0 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors),
+            "weight_matrices": 8.0 * sum(int(t.n_bytes) for t in mats) / sum(int(t.n_elements) for t in mats)}
 
 
 @contextlib.contextmanager
@@ -253,7 +286,7 @@ def _captured_stderr() -> Iterator[list[str]]:
             lines += [ln for ln in (log.read() + py.getvalue()).splitlines() if ln.strip()]
 
 
-QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q4_k_m", "tq1_0", "tq2_0")
+QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q4_k_m", "q3_k_m", "q2_k", "q2_0", "tq1_0", "tq2_0")
 
 
 def quantize(src: str | Path, dst: str | Path, qtype: str = "q4_0", threads: int = 2) -> Path:

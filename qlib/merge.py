@@ -1,4 +1,4 @@
-"""From a LoRA adapter to the files people deploy: merged FP16, bitsandbytes INT8 / NF4, GGUF F16 / Q4_0.
+"""From a LoRA adapter to the files people deploy: merged FP16, bitsandbytes INT8 / NF4, GGUF F16 and quantized types.
 
 Every step is the library's own: peft's `merge_and_unload`, transformers' `dequantize` for a 4-bit
 base, bitsandbytes through `from_pretrained(quantization_config=...)`, llama.cpp's converter and
@@ -8,6 +8,7 @@ atomic folders, and a logit-level proof that the merge changed nothing.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,14 +105,58 @@ def save_bnb(merged_dir: str | Path, out: str | Path, method: str, device: torch
     return model
 
 
-def export_gguf(merged_dir: str | Path, out_dir: str | Path, gpt2_pretokenizer: bool) -> dict[str, Path]:
-    """model.gguf (F16, llama.cpp's converter) and model-q4_0.gguf (llama.cpp's quantizer)."""
+def export_gguf(merged_dir: str | Path, out_dir: str | Path, pre_tokenizer: str | None,
+                types: tuple[str, ...] = ("q4_0",)) -> dict[str, Path]:
+    """model.gguf (F16, llama.cpp's converter) and model-<type>.gguf for each type (llama.cpp's quantizer)."""
     require_tokenizer(merged_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    f16 = gguf.convert(merged_dir, out / "model.gguf", "f16", gpt2_pretokenizer=gpt2_pretokenizer)
-    q4 = gguf.quantize(f16, out / "model-q4_0.gguf", "q4_0")
-    return {"gguf_f16": f16, "gguf_q4_0": q4}
+    f16 = gguf.convert(merged_dir, out / "model.gguf", "f16", pre_tokenizer=pre_tokenizer)
+    files = {"gguf_f16": f16}
+    for t in types:
+        files[f"gguf_{t}"] = gguf.quantize(f16, out / f"model-{t}.gguf", t)
+    return files
+
+
+def quantized_weight_bits(folder: str | Path) -> float | None:
+    """Stored bits per weight of the bitsandbytes-quantized linears of a saved folder, every companion tensor
+    (absmax, nested absmax, quant map, SCB) counted: NF4 with double quantization comes to ~4.13, LLM.int8
+    to 8 + 32 / in_features. None when nothing in the folder is quantized."""
+    from safetensors import safe_open
+
+    n_bytes, n_weights = 0, 0
+    for f in Path(folder).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            keys = set(st.keys())
+            for k in keys:
+                if not k.endswith(".weight"):
+                    continue
+                nf4, int8 = f"{k}.absmax" in keys, f"{k[:-len('weight')]}SCB" in keys
+                if not (nf4 or int8):
+                    continue
+                w = st.get_slice(k)
+                n_weights += math.prod(w.get_shape()) * (2 if nf4 else 1)  # NF4 packs two codes per byte
+                parts = [c for c in keys if c == k or c.startswith(f"{k}.") or (int8 and c == f"{k[:-6]}SCB")]
+                n_bytes += sum(_tensor_bytes(st, c) for c in parts)
+    return 8.0 * n_bytes / n_weights if n_weights else None
+
+
+def stored_params(folder: str | Path) -> int:
+    """Elements stored in an unquantized folder's *.safetensors (a tied matrix is stored, and counted, once)."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in Path(folder).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    if not n:
+        raise QlabError(f"{folder} holds no .safetensors weights")
+    return n
+
+
+def _tensor_bytes(st: Any, key: str) -> int:
+    t = st.get_tensor(key)
+    return t.numel() * t.element_size()
 
 
 def weights_bytes(path: str | Path) -> int:

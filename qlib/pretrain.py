@@ -38,12 +38,13 @@ class LMSpec:
     batch_size: int = 16
     lr: float = 1e-3
     seed: int = 0
+    pre_tokenizer: str = "gpt-2"  # gpt-2 | qwen2: the splitting rules transformers applies to this architecture
 
 
 LM_SPECS: dict[str, LMSpec] = {
     "gpt2-stdlib": LMSpec("gpt2"),
     "llama-stdlib": LMSpec("llama"),
-    "qwen2-stdlib": LMSpec("qwen2"),
+    "qwen2-stdlib": LMSpec("qwen2", pre_tokenizer="qwen2"),
     # smoke-profile sizes: seconds to train, every code path still real
     # 256 wide: llama.cpp's ternary types (TQ1_0/TQ2_0) need rows that are multiples of 256
     "gpt2-stdlib-tiny": LMSpec("gpt2", vocab_size=512, hidden=256, layers=2, heads=4,
@@ -51,8 +52,13 @@ LM_SPECS: dict[str, LMSpec] = {
     "llama-stdlib-tiny": LMSpec("llama", vocab_size=512, hidden=64, layers=2, heads=2,
                                 intermediate=128, context=64, steps=30, batch_size=8),
     "qwen2-stdlib-tiny": LMSpec("qwen2", vocab_size=512, hidden=64, layers=2, heads=2,
-                                intermediate=128, context=64, steps=30, batch_size=8),
+                                intermediate=128, context=64, steps=30, batch_size=8, pre_tokenizer="qwen2"),
 }
+# transformers 5 picks the tokenizer class from config.json's model_type and applies that class's splitting
+# rules whatever tokenizer.json says: a Qwen2 model is read with Qwen2's regex (and NFC), so its BPE is trained
+# with those rules, and llama.cpp is told "qwen2"; the three runtimes then agree (tested).
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 ARCH_ROLE = {"gpt2": "causal-lm", "llama": "llama-arch", "qwen2": "qwen-arch"}
 
 
@@ -75,13 +81,22 @@ def model_config(spec: LMSpec, vocab_size: int | None = None) -> Any:
     raise QlabError(f"unknown architecture {spec.arch!r}; valid: gpt2, llama, qwen2")
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
-    """Byte-level BPE on the training texts (GPT-2's scheme at a CPU-sized vocab), as a HF fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts: list[str], vocab_size: int, pre_tokenizer: str = "gpt-2") -> Any:
+    """Byte-level BPE on the training texts (GPT-2's scheme at a CPU-sized vocab, split by GPT-2's or Qwen2's
+    rules), as a HF fast tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pre_tokenizer == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre_tokenizer == "gpt-2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        raise QlabError(f"unknown pre-tokenizer {pre_tokenizer!r}; valid: gpt-2, qwen2")
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -89,6 +104,16 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
                                    eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def gguf_pre_tokenizer(model_dir: str | Path) -> str | None:
+    """llama.cpp's pre-tokenizer name for a qlib-pretrained model's tokenizer (None for any other model: the
+    converter recognises real tokenizers by their hash)."""
+    meta = Path(model_dir) / "qlab.json"
+    if not meta.is_file():
+        return None
+    spec = json.loads(meta.read_text()).get("spec")
+    return spec.get("pre_tokenizer", "gpt-2") if spec else None
 
 
 def encode_corpus(tokenizer: Any, texts: list[str]) -> torch.Tensor:
@@ -101,7 +126,10 @@ def encode_corpus(tokenizer: Any, texts: list[str]) -> torch.Tensor:
 
 
 def _fingerprint(spec: LMSpec, texts: list[str]) -> str:
-    h = hashlib.sha256(json.dumps({"v": VERSION, **asdict(spec)}, sort_keys=True).encode())
+    fields = asdict(spec)
+    if fields["pre_tokenizer"] == "gpt-2":
+        del fields["pre_tokenizer"]  # the original recipe: caches made before the field existed stay valid
+    h = hashlib.sha256(json.dumps({"v": VERSION, **fields}, sort_keys=True).encode())
     for t in texts:
         h.update(t.encode())
     return h.hexdigest()[:12]
@@ -149,7 +177,7 @@ def pretrained_lm(name: str, cache: Path | None = None) -> Path:
         return dest
     set_seed(spec.seed)
     t0 = time.perf_counter()
-    tok = train_tokenizer(texts, spec.vocab_size)
+    tok = train_tokenizer(texts, spec.vocab_size, spec.pre_tokenizer)
     stream = encode_corpus(tok, texts)
     model = AutoModelForCausalLM.from_config(model_config(spec, len(tok)))
     losses = _train(model, stream, spec, desc=f"pretraining {name} (cached after this run)")

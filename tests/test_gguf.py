@@ -15,8 +15,8 @@ def tiny_gpt2():
 
 
 def test_round_trip_names_shapes_types(tiny_gpt2, tmp_path):
-    f32 = gguf.convert(tiny_gpt2, tmp_path / "m-f32.gguf", "f32", gpt2_pretokenizer=True)
-    tq2 = gguf.convert(tiny_gpt2, tmp_path / "m-tq2.gguf", "tq2_0", gpt2_pretokenizer=True)
+    f32 = gguf.convert(tiny_gpt2, tmp_path / "m-f32.gguf", "f32", pre_tokenizer="gpt-2")
+    tq2 = gguf.convert(tiny_gpt2, tmp_path / "m-tq2.gguf", "tq2_0", pre_tokenizer="gpt-2")
     t32, t2 = gguf.tensor_types(f32), gguf.tensor_types(tq2)
     assert t32.keys() == t2.keys()
     blocks = [f"blk.{i}.{n}.weight" for i in range(2) for n in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")]
@@ -28,12 +28,16 @@ def test_round_trip_names_shapes_types(tiny_gpt2, tmp_path):
 def test_llama_cpp_perplexity_matches_torch(tiny_gpt2, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    f32 = gguf.convert(tiny_gpt2, tmp_path / "m.gguf", "f32", gpt2_pretokenizer=True)
+    f32 = gguf.convert(tiny_gpt2, tmp_path / "m.gguf", "f32", pre_tokenizer="gpt-2")
     ids = torch.randint(0, 512, (256,), generator=torch.Generator().manual_seed(0))
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
     ours = metrics.perplexity(model, ids, context=64, stride=64)["perplexity"]
     theirs = gguf.perplexity(f32, ids.tolist(), context=64)["perplexity"]
     assert theirs == pytest.approx(ours, rel=1e-3)
+    per_token_ours = metrics.token_nll(model, ids, 64, 64).double().numpy()
+    per_token_theirs = gguf.token_nll(f32, ids.tolist(), 64)
+    assert per_token_theirs.shape == per_token_ours.shape == (256 - 4,)  # same tokens, same order: they pair
+    assert abs(per_token_theirs - per_token_ours).max() < 1e-2
     assert gguf.decode_speed(f32, ids[:8].tolist(), n_new=4, repeats=1) > 0
 
 
@@ -47,7 +51,20 @@ def test_conversion_failures_are_clear_and_leave_nothing(tiny_gpt2, tmp_path):
     shutil.copytree(tiny_gpt2, broken)
     (broken / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(QlabError, match="GGUF conversion .* failed"):
-        gguf.convert(broken, tmp_path / "y.gguf", gpt2_pretokenizer=True)
+        gguf.convert(broken, tmp_path / "y.gguf", pre_tokenizer="gpt-2")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
     with pytest.raises(QlabError, match="llama.cpp cannot load"):
         gguf.perplexity(tmp_path / "missing.gguf", [1, 2, 3], context=8)
+
+
+def test_bits_per_weight_read_from_the_tensors(tiny_gpt2, tmp_path):
+    f32 = gguf.convert(tiny_gpt2, tmp_path / "m.gguf", "f32", pre_tokenizer="gpt-2")
+    q8 = gguf.quantize(f32, tmp_path / "m-q8_0.gguf", "q8_0")
+    assert gguf.bits_per_weight(f32) == {"all_tensors": 32.0, "weight_matrices": 32.0}
+    # each type's own width (Q8_0: 32 int8 codes + one fp16 scale = 8.5 bits), weighted by the matrices' sizes
+    width = {"Q8_0": 8.5, "F16": 16.0, "F32": 32.0}
+    mats = [(kind, torch.Size(shape).numel()) for kind, shape in gguf.read_tensors(q8).values() if len(shape) == 2]
+    assert {k for k, _ in mats} >= {"Q8_0"}
+    expected = sum(width[k] * n for k, n in mats) / sum(n for _, n in mats)
+    assert gguf.bits_per_weight(q8)["weight_matrices"] == pytest.approx(expected)
+    assert gguf.bits_per_weight(q8)["all_tensors"] > gguf.bits_per_weight(q8)["weight_matrices"]  # norms stay F32

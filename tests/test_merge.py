@@ -76,10 +76,25 @@ def test_missing_tokenizer_and_foreign_adapter(tiny_qwen, tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("m1", "m2", "m3", ".m"))]
 
 
+def test_qwen2_tokenizer_is_the_same_in_transformers_and_llama_cpp(tiny_qwen, tmp_path):
+    """transformers 5 reads any qwen2 folder with Qwen2's splitting rules: the stand-in is trained with them and
+    llama.cpp is told so, and the three agree on held-out code (they disagreed on every text before)."""
+    from transformers import AutoTokenizer
+
+    from qlib import data, pretrain
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen)
+    assert type(tok).__name__ == "Qwen2Tokenizer"
+    f16 = gguf.convert(tiny_qwen, tmp_path / "m.gguf", "f16", pre_tokenizer=pretrain.gguf_pre_tokenizer(tiny_qwen))
+    _, held, _ = data.load_code_sft("stdlib-code")
+    got = gguf.tokenizer_agreement(f16, tok, held[:100] + ["x = 12345  \t\n\n  y", "Ünïcödé's 'll"])
+    assert got == {"texts": 102, "identical": 102, "first_mismatch": None}
+
+
 def test_gguf_round_trip_names_shapes_types(tiny_qwen, tmp_path):
-    files = merge.export_gguf(tiny_qwen, tmp_path, gpt2_pretokenizer=True)
+    files = merge.export_gguf(tiny_qwen, tmp_path, pre_tokenizer="qwen2", types=("q8_0", "q4_0"))
     f16, q4 = gguf.read_tensors(files["gguf_f16"]), gguf.read_tensors(files["gguf_q4_0"])
-    assert f16.keys() == q4.keys()
+    assert f16.keys() == q4.keys() == gguf.read_tensors(files["gguf_q8_0"]).keys()
     assert {name: shape for name, (_, shape) in f16.items()} == {name: shape for name, (_, shape) in q4.items()}
     assert f16["blk.0.ffn_up.weight"] == ("F16", (64, 128))  # GGUF lists dims fastest-first: (in, out)
     assert f16["blk.1.attn_q.bias"][0] == "F32"
@@ -104,4 +119,10 @@ def test_bnb_formats_reload_as_quantized(tiny_qwen, tmp_path):
         assert type(reloaded.model.layers[0].mlp.up_proj).__name__ == kind
         assert (tmp_path / folder / "tokenizer.json").is_file()
     assert merge.weights_bytes(tmp_path / "model-int4") < merge.weights_bytes(tmp_path / "model-int8")
+    # every block linear is 64 wide in: LLM.int8 adds one fp32 scale per output row = 32/64 bit per weight;
+    # NF4 blocks of 64 add an int8 absmax (0.125 bit), plus per-layer second-level constants at this tiny size
+    assert merge.quantized_weight_bits(tmp_path / "model-int8") == pytest.approx(8 + 32 / 64, abs=0.06)
+    assert 4.125 < merge.quantized_weight_bits(tmp_path / "model-int4") < 5.0
+    assert merge.quantized_weight_bits(tiny_qwen) is None
+    assert merge.stored_params(tiny_qwen) == TINY_TOTAL  # the tied output matrix stored once
     assert int8 is not None and nf4 is not None

@@ -1,22 +1,26 @@
-"""Study 08: a LoRA adapter on a Qwen2-architecture model, merged, then shipped as FP16, INT8, NF4, GGUF F16, GGUF Q4_0."""
+"""Study 08: a LoRA adapter on a LLaMA/Qwen2-architecture model, merged, then shipped as FP16, bitsandbytes
+INT8/NF4 and GGUF F16/Q8_0/Q4_1/Q4_0/Q4_K_M/Q3_K_M, each reloaded and measured in its own runtime."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from qlib import adapters, assets, budget, data, gguf, hub, merge, metrics, models, report
+from qlib import adapters, assets, budget, data, gguf, hub, merge, metrics, models, ngram, pretrain, report
 from qlib.config import make_config, outputs_dir, pick_device
 from qlib.studies import StudyResult
 from qlib.train import finetune, set_seed
 
 STUDY = "08_qwen_merge_gguf"
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # see study 05
-FORMATS = ("merged_fp16", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q4_0")
-BAR = {"q4_0_perplexity_ratio_max": 1.05, "q4_0_decode_speedup_min": 2.0}
+BNB_FORMATS = (("bnb_int8", "model-int8", "int8"), ("bnb_nf4", "model-int4", "nf4"))
+# The issue's bar, on SmolLM2-135M (llama.cpp, this CPU, one thread, interleaved repeats)
+BAR = {"q4_0_decode_speedup_min": 1.8, "q8_0_perplexity_ratio_max": 1.005}
 # llama.cpp's own figure for Q4_0 on LLaMA-7B (README "quantization" table, 2023): +4.2 % perplexity vs F16
 REFERENCE_Q4_0_PPL_INCREASE = 0.042
 
@@ -27,31 +31,35 @@ class QwenMergeConfig:
 
     profile: str = "default"
     seed: int = 0
-    model_id: str = "qwen2-stdlib"
+    model_id: str = "smollm2-135m"
     dataset_id: str = "stdlib-code"
     adapter_dir: str | None = None   # a trained adapter to merge instead of training one here
-    train_base: str = "nf4"          # nf4: QLoRA (dequantize-then-merge) | fp32: plain LoRA
+    train_base: str = "fp32"         # fp32: plain LoRA | nf4: QLoRA (dequantize-then-merge)
     lora_rank: int = 16
-    lora_lr: float = 2e-3
-    steps: int = 120
-    batch_size: int = 8
+    lora_lr: float = 1e-3
+    steps: int = 60
+    batch_size: int = 4
     gradient_checkpointing: bool = False  # recompute activations in backward (t4: a 1.5B model at 512 tokens)
-    context: int = 128
+    context: int = 256               # training window, and the perplexity window of every row (stride = window)
     train_tokens: int | None = 200_000
-    eval_tokens: int = 16_384
+    eval_tokens: int = 4_096           # x 2 models x 9 formats: llama.cpp scores ~250 tokens/s here
+    gguf_types: tuple[str, ...] = ("q8_0", "q4_1", "q4_0", "q4_k_m", "q3_k_m")  # q4_1: the grid control
     gen_tokens: int = 64
-    latency_repeats: int = 5         # HF decode; llama.cpp decodes F16 and Q4_0 interleaved, 3x as many
+    latency_repeats: int = 5         # llama.cpp decodes interleaved; transformers decodes half as many tokens
+    timing_threads: int = 1          # decode timed on one thread: spinning threads collapse on a busy 2-core machine
     device: str = "auto"
 
 
 QWEN_PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(model_id="qwen2-stdlib-tiny", lora_rank=4, steps=3, batch_size=4, context=64,
-                  train_tokens=10_000, eval_tokens=1024, gen_tokens=8, latency_repeats=2),
+    "smoke": dict(model_id="qwen2-stdlib-tiny", train_base="nf4", lora_rank=4, steps=3, batch_size=4, context=64,
+                  train_tokens=10_000, eval_tokens=1024, gguf_types=("q8_0", "q4_0"), gen_tokens=8,
+                  latency_repeats=2),
     "default": {},
     # batch 4 x 512 with checkpointing: ~6 GiB predicted (8 x 512 without it: ~19 GiB, past a T4; 152k-token
     # logits alone take 2.3 GiB per fp32 copy at 8 x 512)
-    "t4": dict(model_id="qwen2.5-1.5b-instruct", dataset_id="codesearchnet-python", steps=300, batch_size=4,
-               gradient_checkpointing=True, lora_lr=2e-4, context=512, train_tokens=1_000_000, eval_tokens=32_768),
+    "t4": dict(model_id="qwen2.5-1.5b-instruct", dataset_id="codesearchnet-python", train_base="nf4", steps=300,
+               batch_size=4, gradient_checkpointing=True, lora_lr=2e-4, context=512, train_tokens=1_000_000,
+               eval_tokens=32_768),
 }
 
 
@@ -77,23 +85,42 @@ def train_adapter(cfg: QwenMergeConfig, base: str, tok: Any, loader: Any, out: P
                   "adapter_bytes": metrics.size_on_disk(path / "adapter_model.safetensors")}
 
 
-def _hf_row(method: str, model: torch.nn.Module, path: Path, eval_ids: torch.Tensor, prompt: torch.Tensor,
-            cfg: QwenMergeConfig, eos: int, device: torch.device) -> dict[str, Any]:
-    with metrics.PeakMemory(device) as mem:
-        ppl = metrics.perplexity(model, eval_ids, cfg.context, cfg.context, device)
-    tps = metrics.decode_speed(model, prompt.reshape(1, -1).to(device), cfg.gen_tokens, cfg.latency_repeats, eos, device)
-    return dict(method=method, backend="transformers", path=path, perplexity=ppl["perplexity"], tokens_per_s=tps,
-                inference_peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source,
-                layer_kinds=models.layer_kinds(model))
+@dataclass
+class Measured:
+    """One artifact (or baseline) as measured: per-token NLL on the shared windows, and what it is."""
+
+    method: str
+    backend: str                     # transformers | llama.cpp | counts (n-gram baselines)
+    nll: np.ndarray
+    path: Path | None = None
+    bits_per_weight: float | None = None   # stored bits per quantized weight (None: not quantized)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _gguf_row(method: str, path: Path, eval_ids: torch.Tensor, tps: float, cfg: QwenMergeConfig) -> dict[str, Any]:
-    with metrics.PeakMemory("cpu") as mem:
-        ppl = gguf.perplexity(path, eval_ids.tolist(), cfg.context)
+def _hf(method: str, path: Path, cfg: QwenMergeConfig, eval_ids: torch.Tensor, device: torch.device,
+        bnb: str | None = None) -> tuple[Measured, torch.nn.Module]:
+    """A transformers folder reloaded as a user loads it, scored on the shared windows."""
+    model = models.load_causal_lm(path, None, device).eval()
+    with torch.no_grad():
+        nll = metrics.token_nll(model, eval_ids, cfg.context, cfg.context, device).double().numpy()
+    bits = merge.quantized_weight_bits(path) if bnb else None
+    return Measured(method, "transformers", nll, path, bits, {"layer_kinds": models.layer_kinds(model)}), model
+
+
+def _gguf(method: str, path: Path, cfg: QwenMergeConfig, eval_ids: torch.Tensor) -> Measured:
+    """A GGUF file loaded by llama.cpp, scored on the same token ids and windows."""
     kinds = gguf.tensor_types(path)
-    return dict(method=method, backend="llama.cpp", path=path, perplexity=ppl["perplexity"], tokens_per_s=tps,
-                inference_peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source,
-                tensor_types={k: sum(v == k for v in kinds.values()) for k in sorted(set(kinds.values()))})
+    bits = gguf.bits_per_weight(path)["weight_matrices"]
+    return Measured(method, "llama.cpp", gguf.token_nll(path, eval_ids.tolist(), cfg.context), path,
+                    None if method == "gguf_f16" else bits,
+                    {"tensor_types": {k: sum(v == k for v in kinds.values()) for k in sorted(set(kinds.values()))}})
+
+
+def _baselines(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab: int, context: int) -> list[Measured]:
+    """Unigram and Kneser-Ney bigram fitted on the adapter's training tokens: the floor for every row."""
+    tr, ev = train_ids.reshape(-1).numpy(), eval_ids.numpy()
+    return [Measured("unigram", "counts", ngram.Unigram(tr, vocab).token_nll(ev, context)),
+            Measured("bigram_kn", "counts", ngram.KneserNeyBigram(tr, vocab).token_nll(ev, context))]
 
 
 @dataclass
@@ -101,6 +128,7 @@ class QwenMergeResult(StudyResult):
     losses: list[float]
     merge: merge.MergeInfo
     benchmark: dict[str, Any]
+    tokenizer: dict[str, Any]
 
 
 def plan(cfg: QwenMergeConfig, model_config: Any, device: torch.device) -> list[budget.Prediction]:
@@ -113,8 +141,52 @@ def plan(cfg: QwenMergeConfig, model_config: Any, device: torch.device) -> list[
                            checkpointing=cfg.gradient_checkpointing, rank=cfg.lora_rank, lora_dropout=True)]
 
 
+def _decode(cfg: QwenMergeConfig, hf: dict[str, torch.nn.Module], files: dict[str, Path], prompt: torch.Tensor,
+            eos: int, device: torch.device) -> dict[str, dict[str, Any]]:
+    """Greedy decode tokens/s: each runtime's artifacts interleaved repeat by repeat, on `timing_threads`
+    threads, the load average read before and after. Ratios are only taken inside one runtime."""
+    out: dict[str, dict[str, Any]] = {}
+    load0 = metrics.load_average()
+    with metrics.torch_threads(cfg.timing_threads):
+        speeds = metrics.decode_speeds(hf, prompt.reshape(1, -1).to(device), max(1, cfg.gen_tokens // 2),
+                                       cfg.latency_repeats, eos, device)
+    load1 = metrics.load_average()
+    speeds.update(gguf.decode_speeds(files, prompt.tolist(), cfg.gen_tokens, cfg.timing_threads,
+                                     cfg.latency_repeats))
+    load2 = metrics.load_average()
+    for k, v in speeds.items():
+        llama = k in files
+        out[k] = {"tokens_per_s": v, "timing_threads": cfg.timing_threads if llama or device.type == "cpu" else None,
+                  "load_avg_1m": [load1, load2] if llama else [load0, load1]}
+    return out
+
+
+def _stage(stage: str, src: Path, out: Path, cfg: QwenMergeConfig, eval_ids: torch.Tensor, pre: str | None,
+           device: torch.device) -> tuple[list[Measured], dict[str, torch.nn.Module], dict[str, Path]]:
+    """One model (the base before the adapter, or the merged model) written in every format, each reloaded in
+    its own runtime and scored on the shared windows. Method names: the merged model's plain, the base's
+    prefixed `base_` (its transformers row is `base`)."""
+    name = (lambda m: m) if stage == "merged" else (lambda m: "base" if m == "merged_fp16" else f"base_{m}")
+    measured, hf = [], {}
+    for method, folder, bnb in [("merged_fp16", None, None)] + list(BNB_FORMATS):
+        path = src
+        if bnb:
+            path = out / folder
+            merge.save_bnb(src, path, bnb, device)
+        m, model = _hf(name(method), path, cfg, eval_ids, device, bnb)
+        measured.append(m)
+        if stage == "merged":  # kept for the decode timing; the base's are let go at once (GPU memory)
+            hf[name(method)] = model
+        del model
+    files = merge.export_gguf(src, out, pre, cfg.gguf_types)
+    files = {name(k): v for k, v in files.items()}
+    measured += [_gguf(method, path, cfg, eval_ids) for method, path in tqdm(files.items(), desc=f"llama.cpp ({stage})")]
+    return measured, hf, files
+
+
 def run(cfg: QwenMergeConfig) -> QwenMergeResult:
-    """Train (or take) the adapter, merge, write the five formats, reload each in its tool, measure."""
+    """Train (or take) the adapter, merge; write the base and the merged model in every format, reload each in
+    its own runtime, measure; decode speed on the merged model's artifacts."""
     from transformers import AutoTokenizer
 
     device = pick_device(cfg.device)
@@ -124,6 +196,7 @@ def run(cfg: QwenMergeConfig) -> QwenMergeResult:
     tok = AutoTokenizer.from_pretrained(asset.path)
     train_texts, eval_texts, data_asset = data.load_code_sft(cfg.dataset_id)
     eval_ids = data.lm_chunks(tok, eval_texts, cfg.context, cfg.eval_tokens).reshape(-1)[: cfg.eval_tokens]
+    train_chunks = data.lm_chunks(tok, train_texts, cfg.context, cfg.train_tokens)
     prompt = eval_ids[:16]
     out = outputs_dir(STUDY, cfg.profile)
     train: dict[str, Any] = {}
@@ -133,31 +206,24 @@ def run(cfg: QwenMergeConfig) -> QwenMergeResult:
     else:
         if budget.wanted(cfg.profile, device):
             gpu_plan = budget.announce(plan(cfg, hub.model_config(asset.path), device), device)
-        chunks = data.lm_chunks(tok, train_texts, cfg.context, cfg.train_tokens)
-        loader = data.lm_loader(chunks, cfg.batch_size, seed=cfg.seed)
+        loader = data.lm_loader(train_chunks, cfg.batch_size, seed=cfg.seed)
         adapter_dir, train = train_adapter(cfg, asset.path, tok, loader, out, device)
         trained_on = cfg.train_base
     info = merge.merge_adapter(asset.path, adapter_dir, out / "quantized" / "merged-fp16", trained_on, prompt)
-
-    measured = []
-    merged = models.load_causal_lm(info.path, None, device).eval()  # FP16 on disk; FP32 compute on CPU
-    measured.append(_hf_row("merged_fp16", merged, info.path, eval_ids, prompt, cfg, tok.eos_token_id, device))
-    n_params = adapters.param_counts(merged)["total_params"]
-    del merged
-    for method, folder, bnb in (("bnb_int8", "model-int8", "int8"), ("bnb_nf4", "model-int4", "nf4")):
-        if method not in FORMATS:
-            continue
-        path = out / "quantized" / folder
-        merge.save_bnb(info.path, path, bnb, device)
-        reloaded = models.load_causal_lm(path, None, device).eval()  # the saved folder, as a user loads it
-        measured.append(_hf_row(method, reloaded, path, eval_ids, prompt, cfg, tok.eos_token_id, device))
-        del reloaded
-    files = merge.export_gguf(info.path, out / "quantized", asset.source == "pretrained-here")
-    speeds = gguf.decode_speeds(files, prompt.tolist(), cfg.gen_tokens, repeats=3 * cfg.latency_repeats)
-    for method, path in files.items():
-        measured.append(_gguf_row(method, path, eval_ids, speeds[method], cfg))
-    rows = _rows(measured, n_params, train, asset.id, data_asset.id)
+    pre = pretrain.gguf_pre_tokenizer(asset.path)
+    n_params = merge.stored_params(info.path)
+    measured, _, _ = _stage("base", Path(asset.path), out / "quantized-base", cfg, eval_ids, pre, device)
+    merged, hf, files = _stage("merged", info.path, out / "quantized", cfg, eval_ids, pre, device)
+    measured += merged
+    measured += _baselines(train_chunks, eval_ids, len(tok), cfg.context)
+    speeds = _decode(cfg, hf, files, prompt, tok.eos_token_id, device)
+    del hf
+    tokenizer = gguf.tokenizer_agreement(files["gguf_f16"], tok, eval_texts[:64])
+    rows = _rows(measured, speeds, n_params, train, asset.id, data_asset.id, cfg)
     bench = benchmark(rows)
+    report.write_per_example(STUDY, cfg.profile, "per_token_nll",
+                             {"token_id": eval_ids[ngram.scored_positions(eval_ids.numel(), cfg.context)].numpy(),
+                              **{m.method: m.nll for m in measured}})
     doc_assets = {"model": {"role": "qwen-arch", **asset.provenance()},
                   "data": {**data_asset.provenance(), "n_eval_tokens": int(eval_ids.numel())}}
     path = report.write_metrics(
@@ -166,70 +232,155 @@ def run(cfg: QwenMergeConfig) -> QwenMergeResult:
                "max_abs_logit_diff_fp32": info.max_abs_logit_diff_fp32,
                "max_abs_logit_diff_fp16": info.max_abs_logit_diff_fp16},
         training={k: v for k, v in train.items() if k != "losses"} or None, benchmark=bench,
-        perplexity_window={"context": cfg.context, "stride": cfg.context, "same windows in every row": True},
+        adapter_kept=adapter_kept(measured, cfg), tokenizer_agreement=tokenizer, definitions=DEFINITIONS,
+        perplexity_window={"context": cfg.context, "stride": cfg.context, "scored_tokens": int(measured[0].nll.size),
+                           "same windows in every row": True},
         gpu_plan=gpu_plan)
-    return QwenMergeResult(rows, report.load_metrics(path), path, train.get("losses", []), info, bench)
+    return QwenMergeResult(rows, report.load_metrics(path), path, train.get("losses", []), info, bench, tokenizer)
 
 
-def _rows(measured: list[dict[str, Any]], n_params: int, train: dict[str, Any], model_id: str,
-          data_id: str) -> list[dict[str, Any]]:
-    """Schema rows; sizes and decode speed also as ratios to the FP16 artifact of the same tool."""
+def adapter_kept(measured: list[Measured], cfg: QwenMergeConfig) -> dict[str, dict[str, float]]:
+    """Per format, the share of the adapter's gain that survives quantization: (NLL of the base in that format -
+    NLL of the merged model in it) / (the same difference at FP16 in the same runtime), with a 95 % bootstrap
+    interval over windows. 1: the format keeps the fine-tune; 0: it rounds it away."""
+    by = {m.method: m for m in measured}
+    out = {}
+    for m in measured:
+        base = by.get("base" if m.method == "merged_fp16" else f"base_{m.method}")
+        if base is None or m.backend == "counts":
+            continue
+        ref, ref_base = (by["merged_fp16"], by["base"]) if m.backend == "transformers" else \
+            (by["gguf_f16"], by["base_gguf_f16"])
+        out[m.method] = metrics.bootstrap_ratio(base.nll - m.nll, ref_base.nll - ref.nll, block=cfg.context - 1,
+                                                seed=cfg.seed)
+    return out
+
+
+DEFINITIONS = {
+    "size_bytes": "the whole artifact a user loads: the GGUF file, or the folder's *.safetensors (no adapter needed "
+                  "after the merge; tokenizer files excluded)",
+    "bits_per_param": "8 x size_bytes / parameters of the model (headers, embeddings and norms included)",
+    "bits_per_quantized_weight": "stored bits per element of the quantized weights only: bitsandbytes' linears with "
+                                 "all their scale tensors; every 2-D matrix of a GGUF file (embeddings included)",
+    "perplexity_ratio": "perplexity / that of the FP16 artifact of the same runtime on the same tokens, "
+                        "exp(mean NLL difference), 95 % paired bootstrap over whole windows",
+    "decode_vs_fp16_same_runtime": "greedy decode tokens/s over the FP16 artifact's, same runtime, interleaved repeats",
+}
+
+
+def _rows(measured: list[Measured], speeds: dict[str, dict[str, Any]], n_params: int, train: dict[str, Any],
+          model_id: str, data_id: str, cfg: QwenMergeConfig) -> list[dict[str, Any]]:
+    """Schema rows; perplexity ratios with intervals against the reference of `reference_of`, decode ratios against
+    the FP16 artifact of the same runtime."""
+    by = {m.method: m for m in measured}
     rows = []
     for m in measured:
-        size = merge.weights_bytes(m["path"])
-        # the adapter's training cost belongs to the row it produced; the other formats are conversions
-        trained = train if m["method"] == "merged_fp16" else {}
+        size = merge.weights_bytes(m.path) if m.path else None
+        trained = train if m.method == "merged_fp16" else {}  # the adapter's cost belongs to the row it produced
+        ref = by.get(reference_of(m))
+        ratio = metrics.perplexity_ratio(ref.nll, m.nll, block=cfg.context - 1, seed=cfg.seed) if ref else None
+        speed = speeds.get(m.method, {})
+        ref_speed = speeds.get("gguf_f16" if m.backend == "llama.cpp" else "merged_fp16", {})
         rows.append(report.make_row(
-            m["method"], model=model_id, dataset=data_id, perplexity=m["perplexity"], size_bytes=size,
-            bits_per_param=metrics.bits_per_param(size, n_params), tokens_per_s=m["tokens_per_s"],
-            total_params=n_params, trainable_params=trained.get("trainable_params", 0),
+            m.method, model=model_id, dataset=data_id, perplexity=float(np.exp(m.nll.mean())), size_bytes=size,
+            bits_per_param=metrics.bits_per_param(size, n_params) if size else None,
+            bits_per_quantized_weight=m.bits_per_weight, backend=m.backend,
+            artifact=m.path.name if m.path else None, total_params=n_params if m.path else None,
+            trainable_params=trained.get("trainable_params", 0) if m.path else None,
             train_time_s=trained.get("train_time_s"), peak_mem_bytes=trained.get("peak_mem_bytes"),
-            peak_mem_source=m["peak_mem_source"], inference_peak_mem_bytes=m["inference_peak_mem_bytes"],
-            backend=m["backend"], artifact=str(Path(m["path"]).name),
-            layer_kinds=m.get("layer_kinds"), tensor_types=m.get("tensor_types")))
-    by = {r["method"]: r for r in rows}
-    for r in rows:
-        ref = by.get("gguf_f16" if r["backend"] == "llama.cpp" else "merged_fp16")
-        fp16 = by.get("merged_fp16")
-        r["size_vs_fp16"] = r["size_bytes"] / fp16["size_bytes"] if fp16 else None
-        r["decode_vs_fp16_same_backend"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
-        r["perplexity_vs_fp16_same_backend"] = r["perplexity"] / ref["perplexity"] if ref else None
+            peak_mem_source=trained.get("peak_mem_source"),
+            perplexity_ratio=ratio and ratio["ratio"], perplexity_ratio_lo=ratio and ratio["lo"],
+            perplexity_ratio_hi=ratio and ratio["hi"], perplexity_ratio_real=ratio and ratio["real"],
+            reference=ref.method if ref else None, tokens_per_s=speed.get("tokens_per_s"),
+            decode_vs_fp16_same_runtime=(speed["tokens_per_s"] / ref_speed["tokens_per_s"]
+                                         if speed and ref_speed else None),
+            timing_threads=speed.get("timing_threads"), load_avg_1m=speed.get("load_avg_1m"),
+            size_vs_fp16=size / merge.weights_bytes(by["merged_fp16"].path) if size else None, **m.extra))
     return rows
 
 
+def reference_of(m: Measured) -> str | None:
+    """What a row's perplexity is compared with: a format against the FP16 of its own model (base or merged) and
+    runtime; each runtime's FP16 against transformers' (do the runtimes agree?); the model before the adapter
+    and the count baselines against the merged model (what the adapter, and the network, are worth)."""
+    if m.backend == "counts" or m.method == "base":
+        return "merged_fp16"
+    stage = "base" if m.method.startswith("base") else "merged"
+    fp16 = {"base": "base", "merged": "merged_fp16"}[stage]
+    if m.backend == "transformers" or m.method.endswith("gguf_f16"):
+        return None if m.method == fp16 else fp16
+    return "base_gguf_f16" if stage == "base" else "gguf_f16"
+
+
 def benchmark(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's bar: Q4_0 perplexity within 5 % of F16 and decode at least 2x F16 (llama.cpp, this CPU)."""
+    """The issue's bar on SmolLM2-135M as shipped (the base): Q4_0 decode at least 1.8x F16 (llama.cpp, one thread),
+    Q8_0 perplexity within 0.5 % of F16, the Q4_1 control within noise; the merged model's figures beside them."""
     by = {r["method"]: r for r in rows}
-    q4, f16 = by.get("gguf_q4_0"), by.get("gguf_f16")
-    if not (q4 and f16):
+    ci = lambda r: [r["perplexity_ratio"], r["perplexity_ratio_lo"], r["perplexity_ratio_hi"]] if r else None  # noqa: E731
+    q4, q8 = by.get("gguf_q4_0"), by.get("base_gguf_q8_0")
+    if not (q4 and q8 and q4["decode_vs_fp16_same_runtime"]):
         return {"evaluated": False}
-    ppl_ratio, speed = q4["perplexity"] / f16["perplexity"], q4["tokens_per_s"] / f16["tokens_per_s"]
-    return {"evaluated": True, "q4_0_perplexity_ratio": ppl_ratio, "q4_0_decode_speedup": speed,
-            "perplexity_ok": ppl_ratio <= BAR["q4_0_perplexity_ratio_max"],
-            "decode_ok": speed >= BAR["q4_0_decode_speedup_min"], **BAR,
-            "reference_q4_0_ppl_increase_llama7b": REFERENCE_Q4_0_PPL_INCREASE}
+    out = {"evaluated": True, **BAR, "reference_q4_0_ppl_increase_llama7b": REFERENCE_Q4_0_PPL_INCREASE,
+           "q4_0_decode_speedup": q4["decode_vs_fp16_same_runtime"], "q8_0_perplexity_ratio_base": ci(q8),
+           "q8_0_perplexity_ratio_merged": ci(by.get("gguf_q8_0")), "q4_1_control_base": ci(by.get("base_gguf_q4_1")),
+           "runtimes_agree_fp16": ci(by.get("base_gguf_f16"))}
+    out["decode_ok"] = out["q4_0_decode_speedup"] >= BAR["q4_0_decode_speedup_min"]
+    out["q8_0_ok"] = q8["perplexity_ratio"] <= BAR["q8_0_perplexity_ratio_max"]
+    q41 = by.get("base_gguf_q4_1")
+    out["q4_1_control_within_noise"] = None if q41 is None else not q41["perplexity_ratio_real"]
+    return out
+
+
+def _pct(r: dict[str, Any] | None) -> str:
+    if not r or r["perplexity_ratio"] is None:
+        return "n/a"
+    return (f"{100 * (r['perplexity_ratio'] - 1):+.2f} % [{100 * (r['perplexity_ratio_lo'] - 1):+.2f}, "
+            f"{100 * (r['perplexity_ratio_hi'] - 1):+.2f}]" + ("" if r["perplexity_ratio_real"] else " (within noise)"))
 
 
 def findings(res: QwenMergeResult) -> str:
-    """Markdown findings from this run's numbers."""
-    m, b = res.merge, res.benchmark
+    """Markdown findings from this run's numbers; a difference is called real only when its interval excludes 0."""
+    m, b, t = res.merge, res.benchmark, res.tokenizer
     by = {r["method"]: r for r in res.rows}
+    kept = res.doc.get("adapter_kept", {})
     lines = [f"- Merge (`merge_and_unload` into the {m.merge_base} base): largest logit change "
              f"{m.max_abs_logit_diff_fp32:.1e} in FP32 and {m.max_abs_logit_diff_fp16:.1e} after rounding to FP16 "
-             "(rounding, not a change of model)."]
+             "(rounding, not a change of model).",
+             f"- Tokenizers: transformers and llama.cpp give identical ids on {t['identical']} of {t['texts']} "
+             "held-out texts." + ("" if t["identical"] == t["texts"] else " **They disagree**: llama.cpp users "
+                                  "would feed this model other ids than it was fine-tuned and evaluated on."),
+             f"- Runtimes agree at FP16: llama.cpp F16 vs transformers, base {_pct(by.get('base_gguf_f16'))}, merged "
+             f"{_pct(by.get('gguf_f16'))}.",
+             f"- The adapter: perplexity {by['base']['perplexity']:.2f} before, {by['merged_fp16']['perplexity']:.2f} "
+             f"after; the model before it is {_pct(by['base'])} against the merged model."]
+    floor = [by[k] for k in ("unigram", "bigram_kn") if k in by]
+    if floor:
+        lines.append("- Count baselines on the same tokens: " + ", ".join(
+            f"{r['method']} {r['perplexity']:.1f}" for r in floor) + ".")
+    lines.append("- Each shipped format (merged model): perplexity vs the FP16 of its runtime; the same format "
+                 "applied to the base before the adapter; the share of the adapter's gain it keeps; decode speed:")
     for r in res.rows:
-        lines.append(f"- `{r['method']}` ({r['backend']}): {r['size_bytes'] / 2**20:.2f} MiB = "
-                     f"{r['size_vs_fp16']:.2f}x FP16, {r['bits_per_param']:.2f} bits/param; perplexity "
-                     f"{r['perplexity']:.2f} ({100 * (r['perplexity_vs_fp16_same_backend'] - 1):+.1f} % vs the FP16 "
-                     f"of the same tool); decode {r['tokens_per_s']:.0f} tok/s "
-                     f"({r['decode_vs_fp16_same_backend']:.2f}x)")
+        if r["backend"] == "counts" or r["method"].startswith("base") or r["method"] in ("merged_fp16", "gguf_f16"):
+            continue
+        k = kept.get(r["method"])
+        keep = f"keeps {k['ratio']:.2f} [{k['lo']:.2f}, {k['hi']:.2f}] of the adapter's gain" if k else ""
+        lines.append(f"  - `{r['method']}` ({r['backend']}; {r['size_bytes'] / 2**20:.1f} MiB, {r['bits_per_param']:.2f} "
+                     f"bits/param, {r['bits_per_quantized_weight']:.2f} bits/quantized weight): {_pct(r)}; on the base "
+                     f"{_pct(by.get('base_' + r['method']))}; {keep}; decode "
+                     f"{r['decode_vs_fp16_same_runtime']:.2f}x FP16.")
+    lost = [k for k, v in kept.items() if v["hi"] < 0.5]
+    if lost:
+        lines.append(f"- {', '.join(f'`{k}`' for k in lost)} round most of the adapter away: the base was shipped on "
+                     "that grid, so re-rounding the merged weights snaps them back toward the base (the same format "
+                     "costs the base itself almost nothing). Ship such a fine-tune in another format.")
     if b.get("evaluated"):
-        lines.append(f"- Bar: Q4_0 perplexity {100 * (b['q4_0_perplexity_ratio'] - 1):+.1f} % vs F16 "
-                     f"({'within' if b['perplexity_ok'] else 'outside'} 5 %; llama.cpp reports +4.2 % on LLaMA-7B); "
-                     f"decode {b['q4_0_decode_speedup']:.2f}x F16 ({'meets' if b['decode_ok'] else 'misses'} 2x).")
-    bnb = [m for m in ("bnb_int8", "bnb_nf4") if m in by]
-    if bnb and by[bnb[0]]["peak_mem_source"].startswith("cpu"):
-        lines.append("- bitsandbytes ran on its CPU backend (weights dequantized inside each matmul): decode "
-                     + ", ".join(f"{m} {by[m]['decode_vs_fp16_same_backend']:.2f}x" for m in bnb)
-                     + " the merged model computed in FP32; on CPU they buy size, llama.cpp's formats buy speed.")
+        q8, q41 = b["q8_0_perplexity_ratio_base"], b.get("q4_1_control_base")
+        lines.append(f"- Bar (the base model as loaded): Q4_0 decode {b['q4_0_decode_speedup']:.2f}x F16 "
+                     f"({'meets' if b['decode_ok'] else 'misses'} 1.8x); Q8_0 perplexity {100 * (q8[0] - 1):+.2f} % "
+                     f"[{100 * (q8[1] - 1):+.2f}, {100 * (q8[2] - 1):+.2f}] ({'within' if b['q8_0_ok'] else 'outside'} "
+                     "0.5 %)"
+                     + (f"; the Q4_1 control {100 * (q41[0] - 1):+.2f} % [{100 * (q41[1] - 1):+.2f}, "
+                        f"{100 * (q41[2] - 1):+.2f}] ({'within' if b['q4_1_control_within_noise'] else 'outside'} noise)"
+                        if q41 else "")
+                     + ". llama.cpp reports +4.2 % for Q4_0 on LLaMA-7B (a reference, not this run).")
     return "\n".join(lines)

@@ -13,8 +13,8 @@ from safetensors.torch import save
 
 from qlib import adapters, assets, budget, data, hub, metrics, models, report
 from qlib.config import compute_dtype_name, make_config, outputs_dir, pick_device
-from qlib.quant import bitnet
-from qlib.studies import StudyResult
+from qlib.quant import bitnet, ladder
+from qlib.studies import StudyResult, ptq_ladder
 from qlib.train import TrainResult, finetune, set_seed
 
 STUDY = "05_gpt2_bitnet"
@@ -47,17 +47,22 @@ class GPT2Config:
     latency_repeats: int = 5
     gguf: bool = True            # export the BitNet model to GGUF (F32, TQ2_0, TQ1_0) and run it in llama.cpp
     random_init: bool = False    # gpu profile: the true architecture, random weights, random tokens; quality null
+    ladder_model_id: str | None = "smollm2-135m"  # post-training ladder on a real model (None: skip it)
+    ladder_rungs: tuple[str, ...] = tuple(ladder.RUNGS)
+    ladder_context: int = 256
+    ladder_eval_tokens: int = 8_192
     device: str = "auto"
 
 
 GPT2_PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model_id="gpt2-stdlib-tiny", context=64, stride=32, train_tokens=20_000,
-                  eval_tokens=1024, steps=3, batch_size=4, lora_rank=4, gen_tokens=4, latency_repeats=2),
+                  eval_tokens=1024, steps=3, batch_size=4, lora_rank=4, gen_tokens=4, latency_repeats=2,
+                  ladder_model_id="llama-stdlib-tiny", ladder_context=64, ladder_eval_tokens=1024),
     "default": {},
     "t4": dict(model_id="gpt2", dataset_id="codesearchnet-python", context=512, stride=256,
                train_tokens=4_000_000, eval_tokens=65_536, steps=1000, lr=5e-5, lora_lr=2e-4),
     "gpu": dict(model_id="gpt2", random_init=True, context=512, stride=512, steps=30, batch_size=8,
-                eval_tokens=8192, gguf=False, gen_tokens=64),
+                eval_tokens=8192, gguf=False, gen_tokens=64, ladder_model_id=None),
 }
 
 
@@ -214,7 +219,7 @@ def gguf_rows(r: Regime, tok: Any, eval_ids: torch.Tensor, prompt: list[int], cf
     rows, types, paths = [], {}, {}
     n_params = adapters.param_counts(r.model)["total_params"]
     for outtype in ("f32", "tq2_0", "tq1_0"):
-        path = gguf.convert(hf, out / f"bitnet-{outtype}.gguf", outtype, gpt2_pretokenizer=pretokenizer_is_gpt2)
+        path = gguf.convert(hf, out / f"bitnet-{outtype}.gguf", outtype, pre_tokenizer="gpt-2" if pretokenizer_is_gpt2 else None)
         kinds = gguf.tensor_types(path)
         types[outtype] = {k: sum(v == k for v in kinds.values()) for k in sorted(set(kinds.values()))}
         with metrics.PeakMemory("cpu") as mem:
@@ -342,6 +347,15 @@ def run(cfg: GPT2Config) -> GPT2Result:
     for x in rows:
         if x.get("backend") == "llama.cpp":  # another runtime: against the PyTorch FP32 row, not interleaved
             x["speedup_vs_fp32"] = x["tokens_per_s"] / fp["tokens_per_s"] if fp else None
+    ladder_doc = None
+    if cfg.ladder_model_id and not cfg.random_init:
+        lad = ptq_ladder.run_ladder(ptq_ladder.LadderSpec(
+            cfg.ladder_model_id, cfg.dataset_id, cfg.ladder_rungs, cfg.ladder_context, cfg.ladder_eval_tokens,
+            cfg.train_tokens or 200_000, cfg.seed), device)
+        rows += lad.rows
+        ladder_doc = {**lad.model, "context": cfg.ladder_context, "stride": cfg.ladder_context,
+                      "per_token_nll": "ladder_per_token_nll.csv.gz"}
+        report.write_per_example(STUDY, cfg.profile, "ladder_per_token_nll", lad.nll)
     env = metrics.runtime_env(device)
     doc_assets = {"model": {"role": "causal-lm", **asset.provenance()},
                   "data": {**data_asset.provenance(), "n_train_tokens": int(chunks.numel()),
@@ -350,7 +364,7 @@ def run(cfg: GPT2Config) -> GPT2Result:
                                 config={**asdict(cfg), "regimes": list(cfg.regimes)}, gpu_plan=gpu_plan,
                                 perplexity_window={"context": cfg.context, "stride": cfg.stride,
                                                    "gguf_rows": "llama.cpp, stride = context"},
-                                packed_ternary_identical_logits=identical,
+                                packed_ternary_identical_logits=identical, ladder=ladder_doc,
                                 embedding_params=emb)
     return GPT2Result(rows, report.load_metrics(path), path, losses, identical)
 
@@ -397,8 +411,8 @@ def findings(res: GPT2Result) -> str:
     fp = by.get("fp32")
     lines = []
     for r in res.rows:
-        if r.get("backend") == "llama.cpp":
-            continue  # other windows (stride = context): compared with PyTorch BitNet below
+        if r.get("backend") == "llama.cpp" or r.get("section") == "post-training ladder":
+            continue  # other windows (stride = context) or another model: their own lines below
         has_ppl = r["perplexity"] is not None
         rel = (f" ({100 * (r['perplexity'] / fp['perplexity'] - 1):+.1f} % vs fp32)"
                if fp and r is not fp and has_ppl else "")

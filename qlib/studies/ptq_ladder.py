@@ -1,0 +1,122 @@
+"""Study 05's post-training ladder: weight formats applied to a real pretrained causal LM without training.
+
+Beside 05's six training regimes (which need a model small enough to train on 2 cores, and so show only a
+method's mechanics), the ladder measures where each format breaks on a real model: SmolLM2-135M offline.
+Every rung is scored on the same held-out tokens and windows as the reference, per token, and compared with
+it by a paired bootstrap over whole windows; a unigram and a Kneser-Ney bigram give the floor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from qlib import assets, data, metrics, models, ngram, report
+from qlib.quant import ladder
+
+
+@dataclass(frozen=True)
+class LadderSpec:
+    """What the ladder runs on (05's `ladder_*` parameters)."""
+
+    model_id: str
+    dataset_id: str
+    rungs: tuple[str, ...]
+    context: int
+    eval_tokens: int
+    train_tokens: int
+    seed: int = 0
+
+
+@dataclass
+class LadderResult:
+    rows: list[dict[str, Any]]
+    nll: dict[str, np.ndarray]
+    model: dict[str, Any]
+
+
+def run_ladder(spec: LadderSpec, device: torch.device) -> LadderResult:
+    """Reference, every rung, and the count baselines, each a row with its perplexity ratio and interval."""
+    from transformers import AutoTokenizer
+
+    unknown = [r for r in spec.rungs if r not in ladder.RUNGS]
+    if unknown:
+        from qlib.config import QlabError
+
+        raise QlabError(f"unknown ladder rung(s) {unknown}; valid: {', '.join(ladder.RUNGS)}")
+    asset = assets.resolve_model("llama-arch", spec.model_id)
+    tok = AutoTokenizer.from_pretrained(asset.path)
+    train_texts, eval_texts, data_asset = data.load_code_sft(spec.dataset_id)
+    eval_ids = data.lm_chunks(tok, eval_texts, spec.context, spec.eval_tokens).reshape(-1)[: spec.eval_tokens]
+    train_ids = data.lm_chunks(tok, train_texts, spec.context, spec.train_tokens).reshape(-1)
+    model = models.load_causal_lm(asset.path, None, device, dtype=torch.float32).eval()
+    original = {n: m.weight.detach().clone() for n, m in ladder.block_linears(model)}
+    n_params = metrics.count_params(model)["total_params"]
+
+    def score() -> np.ndarray:
+        with torch.no_grad():
+            return metrics.token_nll(model, eval_ids, spec.context, spec.context, device).double().numpy()
+
+    nll = {"reference": score()}
+    for name in tqdm(spec.rungs, desc="post-training ladder"):
+        ladder.apply(model, name)
+        nll[name] = score()
+        with torch.no_grad():
+            for n, m in ladder.block_linears(model):
+                m.weight.copy_(original[n])
+    ev, tr = eval_ids.numpy(), train_ids.numpy()
+    nll["unigram"] = ngram.Unigram(tr, len(tok)).token_nll(ev, spec.context)
+    nll["bigram_kn"] = ngram.KneserNeyBigram(tr, len(tok)).token_nll(ev, spec.context)
+    block_weights = sum(w.numel() for w in original.values())
+    rows = [_row(name, v, nll["reference"], spec, asset.id, data_asset.id, n_params, block_weights)
+            for name, v in nll.items()]
+    return LadderResult(rows, nll, {"asset": asset.provenance(), "data": data_asset.provenance(),
+                                    "block_linear_weights": block_weights, "total_params": n_params,
+                                    "eval_tokens": int(eval_ids.numel())})
+
+
+def _row(name: str, nll: np.ndarray, ref: np.ndarray, spec: LadderSpec, model_id: str, data_id: str,
+         n_params: int, block_weights: int) -> dict[str, Any]:
+    rung = ladder.RUNGS.get(name)
+    ratio = None if name == "reference" else metrics.perplexity_ratio(ref, nll, block=spec.context - 1,
+                                                                       seed=spec.seed)
+    kind = "count baseline" if name in ("unigram", "bigram_kn") else "post-training (no training)"
+    return report.make_row(
+        f"ptq_{name}" if rung else name, model=model_id, dataset=data_id, perplexity=float(np.exp(nll.mean())),
+        total_params=n_params if kind != "count baseline" else None, trainable_params=0 if rung else None,
+        bits_per_quantized_weight=rung.bits_per_weight if rung else (None if kind == "count baseline" else 32.0),
+        quantized_share_of_params=block_weights / n_params if rung else None, section="post-training ladder",
+        regime_kind=kind if name != "reference" else "reference: the model as loaded (SmolLM2: its dequantized Q4_1 weights)",
+        format=rung.what if rung else None, reference="reference" if ratio else None,
+        perplexity_ratio=ratio and ratio["ratio"], perplexity_ratio_lo=ratio and ratio["lo"],
+        perplexity_ratio_hi=ratio and ratio["hi"], perplexity_ratio_real=ratio and ratio["real"])
+
+
+def findings(rows: list[dict[str, Any]]) -> str:
+    """Markdown: each rung's perplexity against the reference with its interval, and where the ladder breaks
+    (the first rung worse than the bigram baseline)."""
+    lad = [r for r in rows if r.get("section") == "post-training ladder"]
+    if not lad:
+        return "- The post-training ladder did not run (`ladder_model_id=None`)."
+    by = {r["method"]: r for r in lad}
+    ref, bigram = by["reference"], by.get("bigram_kn")
+    lines = [f"- Reference ({ref['model']}, no training): perplexity {ref['perplexity']:.2f}; count baselines on the "
+             "same tokens: " + ", ".join(f"{k} {by[k]['perplexity']:.1f}" for k in ("unigram", "bigram_kn") if k in by)
+             + "."]
+    for r in lad:
+        if r["perplexity_ratio"] is None or r["regime_kind"] == "count baseline":
+            continue
+        pct = lambda x: f"{100 * (x - 1):+.1f} %" if x < 2 else f"x{x:.3g}"  # noqa: E731
+        verdict = "within noise" if not r["perplexity_ratio_real"] else (
+            "worse than the bigram" if bigram and r["perplexity"] > bigram["perplexity"] else "real")
+        lines.append(f"- `{r['method']}` ({r['bits_per_quantized_weight']:.2f} bits/weight in the blocks' linears: "
+                     f"{r['format']}): perplexity {r['perplexity']:.2f}, {pct(r['perplexity_ratio'])} "
+                     f"[{pct(r['perplexity_ratio_lo'])}, {pct(r['perplexity_ratio_hi'])}], {verdict}.")
+    share = next((r["quantized_share_of_params"] for r in lad if r.get("quantized_share_of_params")), None)
+    if share:
+        lines.append(f"- Only the blocks' linear layers are quantized ({100 * share:.0f} % of the parameters); the tied "
+                     "embedding/output matrix stays as loaded, so these are the formats' costs on the blocks alone.")
+    return "\n".join(lines)

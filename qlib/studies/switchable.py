@@ -49,12 +49,20 @@ class SwitchableConfig:
     max_new_tokens: int = 8
     max_len: int | None = None      # prompt + answer tokens (None: the model's context); contexts are cut to fit
     latency_repeats: int = 3
+    block_model_id: str | None = "smollm2-135m"  # post-training block search on a real model (None/"": skip)
+    block_low: int = 4
+    block_high: int = 8
+    block_budget: float = 0.05      # block search: largest calibration perplexity increase over all-`high`
+    block_context: int = 256
+    block_calib_tokens: int = 1024
+    block_eval_tokens: int = 4096
     device: str = "auto"
 
 
 SWITCHABLE_PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model_id="gpt2-stdlib-tiny", steps=2, batch_size=4, lora_rank=2, n_eval=6, n_calib=4,
-                  max_new_tokens=3, latency_repeats=1),
+                  max_new_tokens=3, latency_repeats=1, block_model_id="llama-stdlib-tiny", block_context=64, block_calib_tokens=256,
+                  block_eval_tokens=512),
     "default": {},
     # 7 training runs (3 styles + 4 single widths) of fp32 fake quantization on a T4: 300 steps of 8 x 384
     # tokens keep each run to minutes and the peak near 7 GiB (16 x 1024 would need ~30 GiB)
@@ -185,6 +193,7 @@ class SwitchableResult(StudyResult):
     search_rows: list[dict[str, Any]]
     best: dict[str, Any]
     heuristic: dict[str, float]
+    blocks: Any = None              # block_precision.BlockSearchResult (None: not run)
 
 
 def _uniform_rows(name: str, model: Any, tok: Any, data: QAData, cfg: SwitchableConfig, device: torch.device,
@@ -272,16 +281,35 @@ def run(cfg: SwitchableConfig) -> SwitchableResult:
     report.atomic_write_text(res_dir / "sensitivity.json", json.dumps(sens, indent=2))
     report.atomic_write_text(res_dir / "search_results.csv", _csv(search_rows))
     heuristic = qa.heuristic_baseline(data.eval_examples)
+    blocks = run_blocks(cfg, device)
     doc_assets = {"model": {"role": "causal-lm", **asset.provenance()},
                   "data": {**data.asset.provenance(), "n_train": len(data.train), "n_eval": len(data.eval_items),
                            "n_train_dropped_too_long": data.dropped}}
     path = report.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
                                 config={**asdict(cfg), "styles": list(cfg.styles), "widths": list(cfg.widths)},
                                 best_bitmap=best, heuristic_baseline=heuristic, gpu_plan=gpu_plan,
+                                block_search=blocks and {"spec": asdict(blocks[1]), "sensitivity": blocks[0].sensitivity,
+                                                         "chosen": blocks[0].chosen, "steps": blocks[0].steps,
+                                                         "rows": blocks[0].rows, **blocks[0].info},
                                 fake_quantization_note="weights are fake-quantized (rounded, kept in fp32): "
                                 "memory and speed do not fall with the width; the bits are what a packed "
                                 "deployment would store")
-    return SwitchableResult(rows, report.load_metrics(path), path, losses, sens, search_rows, best, heuristic)
+    return SwitchableResult(rows, report.load_metrics(path), path, losses, sens, search_rows, best, heuristic,
+                            blocks[0] if blocks else None)
+
+
+def run_blocks(cfg: SwitchableConfig, device: torch.device) -> tuple[Any, Any] | None:
+    """The post-training block search on a real model (`block_*` parameters), per-token losses saved."""
+    from qlib.studies import block_precision
+
+    if not cfg.block_model_id:
+        return None
+    spec = block_precision.BlockSearchSpec(cfg.block_model_id, "stdlib-code", cfg.block_low, cfg.block_high,
+                                           cfg.block_budget, cfg.block_context,
+                                           cfg.block_calib_tokens, cfg.block_eval_tokens, cfg.seed)
+    res = block_precision.run_block_search(spec, device)
+    report.write_per_example(STUDY, cfg.profile, "block_search_per_token_nll", res.nll)
+    return res, spec
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:

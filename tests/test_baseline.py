@@ -50,6 +50,16 @@ def test_same_seed_same_metrics_and_checkpoint_reloads(tmp_path, monkeypatch):
     loader = data.classification_loader(tok, ds.eval_texts, ds.eval_labels, 64, 32)
     assert predict(model, loader, torch.device("cpu"))[0] == a.preds
 
+    import pandas as pd  # per-example predictions saved beside metrics.json, with the majority-answer floor
+
+    per = pd.read_csv(a.metrics_path.parent / "per_example.csv.gz")
+    assert per["fp32"].tolist() == a.preds and per["label"].tolist() == ds.eval_labels
+    majority = a.doc["rows"][1]
+    assert majority["method"] == "majority" and len(set(per["majority"])) == 1
+    assert majority["accuracy"] == pytest.approx((per["majority"] == per["label"]).mean())
+    assert majority["accuracy_diff_vs_fp32"] == pytest.approx(majority["accuracy"] - a.row["accuracy"])
+    assert majority["accuracy_diff_vs_fp32_lo"] <= majority["accuracy_diff_vs_fp32"] <= majority["accuracy_diff_vs_fp32_hi"]
+
 
 def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(QlabError, match="not found"):

@@ -94,7 +94,12 @@ def run(cfg: BaselineConfig) -> BaselineResult:
         train_steps=tr.steps, step_time_s=tr.median_step_s, final_loss=tr.final_loss, **params)
     env = metrics.runtime_env(device)
     doc_assets = {"model": {"role": "encoder", **model_asset.provenance()}, "data": ds.provenance()}
-    path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, [row],
+    maj = metrics.majority_preds(ds.train_labels, len(labels))
+    majority = metrics.with_difference(
+        report.make_row("majority", model="constant answer", dataset=ds.asset.id, **metrics.accuracy_f1(maj, labels)),
+        "accuracy_diff_vs_fp32", metrics.accuracy_difference(preds, maj, labels, cfg.seed))
+    report.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, "fp32": preds, "majority": maj})
+    path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, [row, majority],
                                 config=asdict(cfg), latency_shape={"seq_len": cfg.max_length,
                                                                    "batches": [1, 8]}, gpu_plan=gpu_plan)
     doc = report.load_metrics(path)
@@ -146,7 +151,10 @@ def findings(res: BaselineResult) -> str:
     else:
         lines.append(f"- **Quality** on {n_eval} held-out sentences: accuracy {r['accuracy']:.3f}, "
                      f"macro-F1 {r['f1']:.3f}, after {r['train_steps']} steps "
-                     f"({r['train_time_s']:.0f} s; final loss {r['final_loss']:.3f}).")
+                     f"({r['train_time_s']:.0f} s; final loss {r['final_loss']:.3f}). Always answering the majority "
+                     f"class scores {res.doc['rows'][1]['accuracy']:.3f}; a 95 % interval on an accuracy from "
+                     f"{n_eval} sentences is about ±{196 * (r['accuracy'] * (1 - r['accuracy']) / n_eval) ** 0.5:.1f} "
+                     "points.")
     lines.append(f"- **Latency** ({res.doc['env']['device']}, {res.doc['env']['threads']} threads, "
                  f"seq {res.doc['config']['max_length']}): batch 1 {r['latency_ms']:.1f} ms, batch 8 "
                  f"{r['latency_ms_b8']:.1f} ms (medians). "

@@ -14,7 +14,7 @@ from qlib import budget, data, metrics, report
 from qlib.config import QlabError, build_quantization_plan, make_config, outputs_dir, pick_device
 from qlib.quant import ptq, qat
 from qlib.report import atomic_dir
-from qlib.studies.ptq import _forward, baseline_label, load_setup
+from qlib.studies.ptq import _forward, baseline_label, compare_to_fp32, load_setup
 from qlib.studies import StudyResult
 from qlib.train import TrainResult, finetune, predict, set_seed
 
@@ -97,13 +97,14 @@ def run(cfg: QATConfig) -> QATResult:
                                        bcfg.max_length, shuffle=True, seed=cfg.seed)
 
     static = ptq.static_int8(fp32, calib, per_channel=cfg.per_channel)
+    dynamic = ptq.dynamic_int8(fp32, per_channel=cfg.per_channel)  # notebook 02's most accurate torch.ao PTQ
     gpu_plan = budget.announce(plan(cfg, fp32.config, len(ds.train_texts), bcfg.max_length, train_device),
                                train_device) if budget.wanted(cfg.profile, train_device) else None
     prepared = qat.prepare_qat_int8(fp32, per_channel=cfg.per_channel)
     with metrics.PeakMemory(train_device) as mem:
         tr = finetune(prepared, train, cfg.epochs, cfg.lr, train_device, desc="QAT (fake-quant INT8)", autocast=False)
     int8 = qat.convert_qat(prepared.to(device))
-    models_ = {"fp32": fp32, "ptq_int8_static": static, "qat_int8": int8}
+    models_ = {"fp32": fp32, "ptq_int8_static": static, "ptq_int8_dynamic": dynamic, "qat_int8": int8}
     trains = {"qat_int8": (tr, mem)}
     if cfg.control:
         more = copy.deepcopy(fp32)
@@ -114,7 +115,9 @@ def run(cfg: QATConfig) -> QATResult:
         models_["fp32_more_steps"] = more.to(device)
         trains["fp32_more_steps"] = (ctr, cmem)
 
-    quality = {k: metrics.accuracy_f1(*predict(m, ev, device, k)) for k, m in models_.items()}
+    preds = {k: predict(m, ev, device, k)[0] for k, m in models_.items()}
+    labels = list(ds.eval_labels)
+    quality = {k: metrics.accuracy_f1(p, labels) for k, p in preds.items()}
     timed = {k: m for k, m in models_.items() if k != "fp32_more_steps"}
     lat = {b: metrics.compare_latency({k: _forward(m, enc) for k, m in timed.items()},
                                       warmup=max(2, cfg.latency_repeats // 10),
@@ -128,6 +131,13 @@ def run(cfg: QATConfig) -> QATResult:
     reload_ok = metrics.accuracy_f1(*predict(reloaded, ev, device, "reloaded")) == quality["qat_int8"]
 
     rows = _rows(models_, quality, lat, trains, out, model_dir, ds, fp32, baseline_label(bcfg))
+    rows = compare_to_fp32(rows, preds, labels, ds.train_labels, cfg.seed)
+    by = {r["method"]: r for r in rows}
+    for ref in ("ptq_int8_static", "ptq_int8_dynamic", "fp32_more_steps"):
+        if ref in preds:  # is QAT better than the best PTQ, and than the same steps in FP32?
+            metrics.with_difference(by["qat_int8"], f"accuracy_diff_vs_{ref}",
+                                    metrics.accuracy_difference(preds[ref], preds["qat_int8"], labels, cfg.seed))
+    report.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, **preds})
     env = metrics.runtime_env(device)
     env["quantized_engine"] = torch.backends.quantized.engine
     doc_assets = {"model": {"role": "encoder", "id": rows[0]["model"],
@@ -163,28 +173,39 @@ def _rows(models_: dict, quality: dict, lat: dict, trains: dict, out: Path, mode
     return rows
 
 
+def _d(r: dict[str, Any], key: str) -> str:
+    d, lo, hi = (100 * r[k] for k in (key, f"{key}_lo", f"{key}_hi"))
+    return f"{d:+.1f} pt [{lo:+.1f}, {hi:+.1f}]" + ("" if r[f"{key}_real"] else ", within noise")
+
+
 def findings(res: QATResult) -> str:
-    """Markdown findings from this run's numbers: does QAT recover what static PTQ lost?"""
+    """Markdown findings from this run's numbers; a difference is called real only when its paired 95 % interval
+    (bootstrap over the same held-out sentences) excludes zero."""
     by = {r["method"]: r for r in res.rows}
     fp, pt, qa = by["fp32"], by["ptq_int8_static"], by["qat_int8"]
-    lost = fp["accuracy"] - pt["accuracy"]
-    gained = qa["accuracy"] - pt["accuracy"]
-    lines = [f"- FP32 baseline {fp['accuracy']:.3f}; static PTQ INT8 {pt['accuracy']:.3f} "
-             f"({-100 * lost:+.1f} pt); QAT INT8 {qa['accuracy']:.3f} ({100 * (qa['accuracy'] - fp['accuracy']):+.1f} pt "
-             f"vs FP32) after {qa['train_steps']} fake-quant steps ({qa['train_time_s']:.0f} s)."]
-    if gained > 0:
-        lines.append(f"- QAT recovers {100 * gained:.1f} of the {100 * lost:.1f} points static PTQ lost.")
-    else:
-        lines.append(f"- QAT does **not** beat static PTQ on this data ({100 * gained:+.1f} pt): "
-                     "with a held-out set this size, one point is ~8 sentences.")
+    n = res.doc["assets"]["data"]["n_eval"]
+    lines = [f"- {n} held-out sentences. FP32 {fp['accuracy']:.3f}; static PTQ INT8 {pt['accuracy']:.3f} "
+             f"({_d(pt, 'accuracy_diff_vs_fp32')} vs FP32); QAT INT8 {qa['accuracy']:.3f} "
+             f"({_d(qa, 'accuracy_diff_vs_fp32')} vs FP32) after {qa['train_steps']} fake-quant steps "
+             f"({qa['train_time_s']:.0f} s)."]
+    lines.append(f"- QAT vs static PTQ: {_d(qa, 'accuracy_diff_vs_ptq_int8_static')}.")
+    if "ptq_int8_dynamic" in by:
+        dy = by["ptq_int8_dynamic"]
+        lines.append(f"- QAT vs the best torch.ao PTQ (dynamic INT8, {dy['accuracy']:.3f}): "
+                     f"{_d(qa, 'accuracy_diff_vs_ptq_int8_dynamic')}. Dynamic INT8 needs no calibration and no "
+                     "training; notebook 02 also has ONNX Runtime's dynamic INT8.")
     if "fp32_more_steps" in by:
         c = by["fp32_more_steps"]
-        lines.append(f"- Control: FP32 fine-tuned for the same extra steps reaches {c['accuracy']:.3f}; "
-                     "QAT's gain over PTQ should be read against this, not only against the baseline.")
+        lines.append(f"- Control: FP32 fine-tuned for the same extra steps reaches {c['accuracy']:.3f}; QAT vs it: "
+                     f"{_d(qa, 'accuracy_diff_vs_fp32_more_steps')}. QAT's gain over PTQ is read against this.")
+    if "majority" in by:
+        lines.append(f"- Always answering the majority class scores {by['majority']['accuracy']:.3f}.")
     if qa["train_time_s"] and by.get("fp32_more_steps", {}).get("train_time_s"):
         ratio = qa["train_time_s"] / by["fp32_more_steps"]["train_time_s"]
         lines.append(f"- A fake-quant step costs {ratio:.2f}× an FP32 step here.")
     lines.append(f"- INT8 size {qa['size_bytes'] / 2**20:.1f} MiB ({qa['bits_per_param']:.2f} bits/param), "
                  f"batch-8 speedup {qa['speedup_vs_fp32']:.2f}× vs FP32 in this run. "
                  f"`qat_bert_int8/` reloads (weights_only) with identical accuracy: {res.reload_ok}.")
+    lines.append("- One seed: the intervals above are over sentences, not over training runs (seed-to-seed "
+                 "variation of the fine-tunes is not in them).")
     return "\n".join(lines)

@@ -26,10 +26,10 @@ class QLoRAConfig:
 
     profile: str = "default"
     seed: int = 0
-    ranks: tuple[int, ...] = (4, 8, 16)   # LoRA ranks swept; the first of main_rank's run keeps checkpoints
+    ranks: tuple[int, ...] = (8, 16)      # LoRA ranks swept; the first of main_rank's run keeps checkpoints
     main_rank: int = 8
     mlp: bool = True                      # LoRA on the MLP projections too (False: attention only)
-    epochs: float = 1.0
+    epochs: float | None = None           # None: notebook 01's epochs, so QLoRA and FP32 take the same steps
     lr: float = 1e-3
     batch_size: int = 32
     save_steps: int | None = None         # None: twice per run
@@ -43,7 +43,7 @@ class QLoRAConfig:
 
 
 QLORA_PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(ranks=(8,), epochs=1, batch_size=16),
+    "smoke": dict(ranks=(8,), batch_size=16),
     "default": {},
     "t4": dict(ranks=(8, 16, 64), main_rank=16, lr=2e-4),
     "gpu": dict(ranks=(16,), main_rank=16, random_init=True),
@@ -78,12 +78,17 @@ def _baseline_settings(profile: str, model_id: str | None = None, dataset_id: st
 def plan(cfg: QLoRAConfig, bcfg: BaselineConfig, model_config: Any, n_train: int,
          device: torch.device) -> list[budget.Prediction]:
     """Each rank's QLoRA fine-tune (NF4 base, fp32 adapters, Trainer's AdamW), padded to max_length."""
-    steps = max(1, round(cfg.epochs * -(-n_train // cfg.batch_size)))
+    steps = max(1, round(_epochs(cfg, bcfg) * -(-n_train // cfg.batch_size)))
     return [budget.predict(f"04 QLoRA r={r} on {bcfg.model_id}, batch {cfg.batch_size} x {bcfg.max_length}",
                            model_config, "qlora", batch=cfg.batch_size, seq=bcfg.max_length, steps=steps,
                            compute=budget.compute_for(device), rank=r,
                            targets=tuple(adapters.ATTENTION + (adapters.MLP if cfg.mlp else [])), lora_dropout=True)
             for r in cfg.ranks]
+
+
+def _epochs(cfg: QLoRAConfig, bcfg: BaselineConfig) -> float:
+    """Notebook 01's epochs unless given: with 01's batch size too, both fine-tunes take the same steps."""
+    return cfg.epochs if cfg.epochs is not None else bcfg.epochs
 
 
 def _hf_dataset(tok: Any, texts: list[str], labels: list[int], max_length: int) -> Any:
@@ -105,7 +110,7 @@ def train_qlora(cfg: QLoRAConfig, rank: int, bcfg: BaselineConfig, ds: Any, tok:
     counts = adapters.param_counts(model)
     storage = adapters.nf4_storage(model)
     train = _hf_dataset(tok, ds.train_texts, ds.train_labels, bcfg.max_length)
-    steps = max(1, round(cfg.epochs * -(-len(train) // cfg.batch_size)))
+    steps = max(1, round(_epochs(cfg, bcfg) * -(-len(train) // cfg.batch_size)))
     half = compute_dtype(device)
     args = TrainingArguments(
         output_dir=str(out_dir or outputs_dir(STUDY, cfg.profile) / f".scratch-r{rank}"),
@@ -124,13 +129,18 @@ def train_qlora(cfg: QLoRAConfig, rank: int, bcfg: BaselineConfig, ds: Any, tok:
         trainer.train()
         train_time = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"model": model.eval(), "counts": counts, "storage": storage, "mem": mem,
+    base_bytes = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if "lora_" not in k)
+    return {"model": model.eval(), "counts": counts, "storage": storage, "mem": mem, "base_bytes": base_bytes,
             "train_time_s": train_time, "steps": steps, "losses": losses}
 
 
-def evaluate(model: torch.nn.Module, tok: Any, ds: Any, max_length: int, device: torch.device) -> dict[str, float]:
+def predictions(model: torch.nn.Module, tok: Any, ds: Any, max_length: int, device: torch.device) -> list[int]:
     loader = data.classification_loader(tok, ds.eval_texts, ds.eval_labels, 64, max_length)
-    return metrics.accuracy_f1(*predict(model, loader, device))
+    return predict(model, loader, device)[0]
+
+
+def evaluate(model: torch.nn.Module, tok: Any, ds: Any, max_length: int, device: torch.device) -> dict[str, float]:
+    return metrics.accuracy_f1(predictions(model, tok, ds, max_length, device), ds.eval_labels)
 
 
 def evaluate_adapter(adapter_dir: str | Path, profile: str, model_id: str | None = None,
@@ -228,38 +238,83 @@ def run(cfg: QLoRAConfig) -> QLoRAResult:
     gpu_plan = budget.announce(plan(cfg, bcfg, hub.model_config(asset.path), len(ds.train_texts), device), device) \
         if budget.wanted(cfg.profile, device) else None
     out = outputs_dir(STUDY, cfg.profile)
-    rows, losses, adapter_dir, fresh = [], {}, out / "qlora-bert-adapter", {}
+    rows, losses, adapter_dir, fresh, preds = [], {}, out / "qlora-bert-adapter", {}, {}
     for rank in cfg.ranks:
         is_main = rank == cfg.main_rank
+        method = "qlora" if is_main else f"qlora_r{rank}"
         run_ = train_qlora(cfg, rank, bcfg, ds, tok, asset.path, out / "bert-qlora" if is_main else None, device)
-        quality = evaluate(run_["model"], tok, ds, bcfg.max_length, device)
+        preds[method] = predictions(run_["model"], tok, ds, bcfg.max_length, device)
+        quality = metrics.accuracy_f1(preds[method], ds.eval_labels)
         losses[rank] = run_["losses"]
         if is_main:
             with report.atomic_dir(adapter_dir) as tmp:
                 run_["model"].save_pretrained(tmp)
                 tok.save_pretrained(tmp)
             fresh = verify_in_fresh_process(adapter_dir, cfg)
-        adapter_bytes = metrics.size_on_disk(adapter_dir) if is_main else None
+        adapter_bytes = metrics.size_on_disk(adapter_dir / "adapter_model.safetensors") if is_main else None
+        whole = run_["base_bytes"] + adapter_bytes if adapter_bytes else None  # what a user loads: base + adapter
         rows.append(report.make_row(
-            "qlora" if is_main else f"qlora_r{rank}", model=asset.id, dataset=ds.asset.id, **quality,
-            size_bytes=adapter_bytes, bits_per_param=run_["storage"]["bits_per_param"],
+            method, model=asset.id, dataset=ds.asset.id, **quality, size_bytes=whole, adapter_bytes=adapter_bytes,
+            bits_per_param=metrics.bits_per_param(whole, run_["counts"]["total_params"]) if whole else None,
+            bits_per_quantized_weight=run_["storage"]["bits_per_param"],
             peak_mem_bytes=run_["mem"].peak_bytes, peak_mem_source=run_["mem"].source,
             train_time_s=run_["train_time_s"], train_steps=run_["steps"], lora_rank=rank,
             nf4_layers=run_["storage"]["nf4_layers"], **run_["counts"]))
         del run_
     rows = [r for r in rows if r["method"] == "qlora"] + [r for r in rows if r["method"] != "qlora"]
     rows.insert(0, _fp32_reference(cfg.profile, bcfg))
+    rows = _compare(rows, preds, ds, cfg)
     env = metrics.runtime_env(device)
     doc_assets = {"model": {"role": "encoder", **asset.provenance()}, "data": ds.provenance()}
     path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows,
                                 config={**asdict(cfg), "ranks": list(cfg.ranks)},
                                 fresh_process_reload=fresh, gpu_plan=gpu_plan, baseline_settings=asdict(bcfg),
                                 notes="fp32 row copied from notebook 01's metrics.json of this profile "
-                                      "(a separate process); qlora size_bytes is the adapter folder only")
+                                      "(a separate process), compared on its saved per-example predictions",
+                                definitions=DEFINITIONS)
     return QLoRAResult(rows, report.load_metrics(path), path, losses, adapter_dir, fresh)
 
 
+DEFINITIONS = {
+    "size_bytes": "the whole artifact a user loads: the NF4 base as stored (NF4 linears with their constants, "
+                  "embeddings, norms and classifier as they are) + the adapter file; FP32: its safetensors file",
+    "bits_per_param": "8 x size_bytes / all parameters",
+    "bits_per_quantized_weight": "bits per weight of the NF4 linears only (4-bit codes + double-quantized absmax)",
+    "accuracy_diff_vs_fp32": "accuracy minus notebook 01's FP32 fine-tune's, same sentences, 95 % paired bootstrap",
+}
 _SAME_RUN_KEYS = ("model_id", "dataset_id", "n_train", "n_eval", "max_length")
+
+
+def _compare(rows: list[dict[str, Any]], preds: dict[str, list[int]], ds: Any, cfg: QLoRAConfig) -> list[dict[str, Any]]:
+    """Each QLoRA row against notebook 01's FP32 predictions on the same sentences (when 01 ran on them), and the
+    majority-answer row."""
+    labels = list(ds.eval_labels)
+    fp32 = _fp32_predictions(cfg.profile, labels) if rows[0].get("accuracy") is not None else None
+    preds = {**({"fp32": fp32} if fp32 else {}), **preds, "majority": metrics.majority_preds(ds.train_labels, len(labels))}
+    rows.append(report.make_row("majority", model="constant answer", dataset=ds.asset.id,
+                                **metrics.accuracy_f1(preds["majority"], labels)))
+    for r in rows:
+        d = metrics.accuracy_difference(fp32, preds[r["method"]], labels, cfg.seed) \
+            if fp32 and r["method"] != "fp32" else None
+        metrics.with_difference(r, "accuracy_diff_vs_fp32", d)
+    report.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, **preds})
+    return rows
+
+
+def _fp32_predictions(profile: str, labels: list[int]) -> list[int] | None:
+    """Notebook 01's saved per-example predictions, if they are for these very labels."""
+    import pandas as pd
+
+    p = results_dir(baseline.STUDY, profile) / "per_example.csv.gz"
+    if not p.is_file():
+        return None
+    t = pd.read_csv(p)
+    if "fp32" not in t or t["label"].tolist() != labels:
+        return None
+    return t["fp32"].astype(int).tolist()
+
+
+
 
 
 def _fp32_reference(profile: str, bcfg: BaselineConfig) -> dict[str, Any]:
@@ -284,12 +339,21 @@ def findings(res: QLoRAResult) -> str:
     fp, q = by["fp32"], by["qlora"]
     lines = [f"- QLoRA r={q['lora_rank']}: {q['trainable_params']:,} trainable of {q['total_params']:,} "
              f"parameters ({100 * q['trainable_params'] / q['total_params']:.2f} %); the {q['nf4_layers']} "
-             f"NF4 + double-quant linears store {q['bits_per_param']:.3f} bits per weight "
-             "(4 + 8/64 + 32/(64·256) = 4.127 expected)."]
+             f"NF4 + double-quant linears store {q['bits_per_quantized_weight']:.3f} bits per weight as saved "
+             "(4 + 8/64 + 32/(64·256) = 4.127 expected; bitsandbytes' CPU backend repacks them after the first "
+             "forward: bf16 absmax, double quantization undone, 4.25 bits in memory)."]
+    if q.get("size_bytes"):
+        lines.append(f"- The whole artifact (NF4 base as stored + adapter) is {q['size_bytes'] / 2**20:.1f} MiB = "
+                     f"{q['bits_per_param']:.1f} bits/param: the embeddings and everything else that stays 32-bit "
+                     f"dominate at this size (FP32 file: {fp.get('bits_per_param') or float('nan'):.1f} bits/param).")
     if fp.get("accuracy") is not None and q["accuracy"] is not None:
+        d = (f"{100 * q['accuracy_diff_vs_fp32']:+.1f} pt [{100 * q['accuracy_diff_vs_fp32_lo']:+.1f}, "
+             f"{100 * q['accuracy_diff_vs_fp32_hi']:+.1f}]" + ("" if q["accuracy_diff_vs_fp32_real"] else ", within noise")
+             if q.get("accuracy_diff_vs_fp32") is not None else "no paired predictions from notebook 01")
         lines.append(f"- Accuracy {q['accuracy']:.3f} vs {fp['accuracy']:.3f} for the full FP32 fine-tune of "
-                     f"notebook 01 ({100 * (q['accuracy'] - fp['accuracy']):+.1f} pt) after {q['train_steps']} steps "
-                     f"vs {fp.get('train_steps')}.")
+                     f"notebook 01 ({d}) after {q['train_steps']} steps vs {fp.get('train_steps')}; the majority "
+                     f"answer scores {by['majority']['accuracy']:.3f}. One seed each: the interval is over sentences, "
+                     "not over training runs.")
         if fp.get("peak_mem_bytes"):
             ratio = q["peak_mem_bytes"] / fp["peak_mem_bytes"]
             verdict = (f"QLoRA needs {100 * (1 - ratio):.0f} % less" if ratio < 1 else
@@ -313,7 +377,7 @@ def findings(res: QLoRAResult) -> str:
                      f"FP32 full fine-tune ({q['peak_mem_source']}); {q['step_time_s']:.3f} s vs "
                      f"{fp['step_time_s']:.3f} s per step (median{amp}). Accuracy is not measured (null) on random weights.")
         return "\n".join(lines)
-    lines.append(f"- The adapter is {q['size_bytes'] / 2**20:.2f} MiB on disk; a fresh process loading it with "
+    lines.append(f"- The adapter alone is {q['adapter_bytes'] / 2**20:.2f} MiB on disk; a fresh process loading it with "
                  f"plain `PeftModel.from_pretrained` scores accuracy {res.fresh.get('accuracy', float('nan')):.3f} "
                  f"(in-process {q['accuracy']:.3f}).")
     return "\n".join(lines)

@@ -112,7 +112,8 @@ def test_random_init_bert_rows_compare_fp32_and_qlora(tmp_path, monkeypatch):
     assert fp["accuracy"] is None and q["accuracy"] is None
     assert fp["trainable_params"] == fp["total_params"]
     assert 0 < q["trainable_params"] < q["total_params"] and q["trainable_params"] < fp["trainable_params"] / 5
-    assert q["nf4_layers"] == 2 * 6 and q["bits_per_param"] == pytest.approx(4.127, abs=0.01)
+    assert q["nf4_layers"] == 2 * 6 and q["bits_per_quantized_weight"] == pytest.approx(4.127, abs=0.01)
+    assert q["bits_per_param"] > 8  # the whole base as stored: the tiny BERT is mostly fp32 embeddings
     assert q["step_time_s"] > 0 and fp["peak_mem_bytes"] >= 0
     assert "Accuracy is not measured" in qlora_bert.findings(res)
 

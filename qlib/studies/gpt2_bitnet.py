@@ -1,6 +1,7 @@
 """Study 05: GPT-2 fine-tuned on Python code under six regimes: FP32, 8-bit, 4-bit, QLoRA, BitNet, QLoRA+BitNet."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
@@ -229,11 +230,12 @@ def gguf_rows(r: Regime, tok: Any, eval_ids: torch.Tensor, prompt: list[int], cf
             f"gguf_{outtype}", model=asset_id, dataset=data_id, perplexity=ppl["perplexity"], size_bytes=size,
             bits_per_param=metrics.bits_per_param(size, n_params),
             inference_peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, total_params=n_params,
-            trainable_params=0, backend="llama.cpp", tensor_types=types[outtype],
+            trainable_params=0, backend="llama.cpp", tensor_types=types[outtype], timing_threads=1,
             torch_bitnet_perplexity_same_windows=torch_ppl))
     speeds = gguf.decode_speeds(paths, prompt, cfg.gen_tokens, repeats=cfg.latency_repeats)  # interleaved
+    load = metrics.load_average()
     for row in rows:
-        row["tokens_per_s"] = speeds[row["method"]]
+        row["tokens_per_s"], row["load_avg_1m"] = speeds[row["method"]], load
     return rows, types
 
 
@@ -322,7 +324,8 @@ def run(cfg: GPT2Config) -> GPT2Result:
             r.name, model=asset.id, dataset=data_asset.id, size_bytes=size,
             perplexity=None if cfg.random_init else ppl["perplexity"],  # random weights: quality is not a number
             bits_per_param=metrics.bits_per_param(size, counts["total_params"]),
-            quantized_bits_per_weight=stored_bits, tokens_per_s=tps, speedup_vs_fp32=speedup, peak_mem_bytes=r.train_mem.peak_bytes if r.train_mem else None,
+            quantized_bits_per_weight=stored_bits, tokens_per_s=tps, speedup_vs_fp32=speedup, load_avg_1m=metrics.load_average(),
+            timing_threads=1 if device.type == "cpu" else None, peak_mem_bytes=r.train_mem.peak_bytes if r.train_mem else None,
             peak_mem_source=(r.train_mem or inf_mem).source, inference_peak_mem_bytes=inf_mem.peak_bytes,
             train_time_s=r.train.train_time_s if r.train else None, train_steps=r.train.steps if r.train else None,
             step_time_s=r.train.median_step_s if r.train else None, compute_dtype=compute_dtype_name(device),
@@ -343,10 +346,11 @@ def run(cfg: GPT2Config) -> GPT2Result:
         grows, gguf_types = gguf_rows(bit, tok, eval_ids, prompt[0].tolist(), cfg, out,
                                       asset.source == "pretrained-here", asset.id, data_asset.id)
         rows += grows
-    fp = next((x for x in rows if x["method"] == "fp32"), None)
+    f32 = next((x for x in rows if x["method"] == "gguf_f32"), None)
     for x in rows:
-        if x.get("backend") == "llama.cpp":  # another runtime: against the PyTorch FP32 row, not interleaved
-            x["speedup_vs_fp32"] = x["tokens_per_s"] / fp["tokens_per_s"] if fp else None
+        if x.get("backend") == "llama.cpp":  # speed ratios inside one runtime: against the F32 GGUF, interleaved
+            x["speedup_vs_fp32"] = x["tokens_per_s"] / f32["tokens_per_s"] if f32 else None
+            x["speed_reference"] = "gguf_f32"
     ladder_doc = None
     if cfg.ladder_model_id and not cfg.random_init:
         lad = ptq_ladder.run_ladder(ptq_ladder.LadderSpec(
@@ -373,12 +377,16 @@ def _decode_vs_fp32(r: Regime, ref: Any, prompt: torch.Tensor, eos: int, cfg: GP
                     device: torch.device) -> tuple[float, float | None]:
     """Decode tokens/s, and its ratio to the FP32 fine-tune decoded interleaved with it in the same repeats
     (the reference visits the GPU only while it is timed, so it never counts in another regime's memory)."""
-    if r.name == "fp32" or ref is None:
-        tps = metrics.decode_speed(r.model, prompt, cfg.gen_tokens, cfg.latency_repeats, eos, device)
+    threads = metrics.torch_threads(1) if device.type == "cpu" else contextlib.nullcontext()
+    if r.name == "fp32" or ref is None:  # one thread on a CPU: spinning threads collapse on a busy 2-core machine
+        with threads:
+            tps = metrics.decode_speed(r.model, prompt, cfg.gen_tokens, cfg.latency_repeats, eos, device)
         return tps, 1.0 if r.name == "fp32" else None
     ref.to(device)
     try:
-        s = metrics.decode_speeds({"x": r.model, "fp32": ref}, prompt, cfg.gen_tokens, cfg.latency_repeats, eos, device)
+        with threads:
+            s = metrics.decode_speeds({"x": r.model, "fp32": ref}, prompt, cfg.gen_tokens, cfg.latency_repeats, eos,
+                                      device)
     finally:
         ref.to("cpu")
     return s["x"], s["x"] / s["fp32"]

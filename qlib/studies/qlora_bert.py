@@ -129,9 +129,13 @@ def train_qlora(cfg: QLoRAConfig, rank: int, bcfg: BaselineConfig, ds: Any, tok:
         trainer.train()
         train_time = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    base_bytes = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if "lora_" not in k)
-    return {"model": model.eval(), "counts": counts, "storage": storage, "mem": mem, "base_bytes": base_bytes,
+    return {"model": model.eval(), "counts": counts, "storage": storage, "mem": mem, "base_bytes": base_bytes(model),
             "train_time_s": train_time, "steps": steps, "losses": losses}
+
+
+def base_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the base as stored (NF4 linears with their constants, everything else at its dtype), no LoRA."""
+    return sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if "lora_" not in k)
 
 
 def predictions(model: torch.nn.Module, tok: Any, ds: Any, max_length: int, device: torch.device) -> list[int]:
@@ -192,9 +196,9 @@ def random_init_rows(cfg: QLoRAConfig, device: torch.device, out: Path
             model, extra = BertForSequenceClassification.from_pretrained(base).to(device), {"bits_per_param": 32.0}
         else:
             model = adapters.add_lora(adapters.load_nf4_classifier(base, 2, device), cfg.main_rank, mlp=cfg.mlp)
-            storage = adapters.nf4_storage(model)
-            extra = {"bits_per_param": storage["bits_per_param"], "nf4_layers": storage["nf4_layers"],
-                     "lora_rank": cfg.main_rank}
+            storage, n = adapters.nf4_storage(model), adapters.param_counts(model)["total_params"]
+            extra = {"bits_per_param": 8 * base_bytes(model) / n, "bits_per_quantized_weight": storage["bits_per_param"],
+                     "nf4_layers": storage["nf4_layers"], "lora_rank": cfg.main_rank}
         counts = adapters.param_counts(model)
         with metrics.PeakMemory(device) as mem:
             tr = finetune(model, batches, 1.0, cfg.lr, device, desc=f"{method} (random init)")

@@ -131,12 +131,12 @@ def quantized_weight_bits(folder: str | Path) -> float | None:
             for k in keys:
                 if not k.endswith(".weight"):
                     continue
-                nf4, int8 = f"{k}.absmax" in keys, f"{k[:-len('weight')]}SCB" in keys
+                scb = f"{k[:-len('weight')]}SCB"  # LLM.int8's per-row scales sit beside the weight
+                nf4, int8 = f"{k}.absmax" in keys, scb in keys
                 if not (nf4 or int8):
                     continue
-                w = st.get_slice(k)
-                n_weights += math.prod(w.get_shape()) * (2 if nf4 else 1)  # NF4 packs two codes per byte
-                parts = [c for c in keys if c == k or c.startswith(f"{k}.") or (int8 and c == f"{k[:-6]}SCB")]
+                n_weights += math.prod(st.get_slice(k).get_shape()) * (2 if nf4 else 1)  # NF4: two codes a byte
+                parts = [k, *(c for c in keys if c.startswith(f"{k}.")), *([scb] if int8 else [])]
                 n_bytes += sum(_tensor_bytes(st, c) for c in parts)
     return 8.0 * n_bytes / n_weights if n_weights else None
 

@@ -61,6 +61,15 @@ def perplexity(model: torch.nn.Module, input_ids: torch.Tensor, context: int, st
             "tokens": int(nll.numel())}
 
 
+def _block_bootstrap(series: Sequence[Any], block: int, n_boot: int, seed: int) -> list[Any]:
+    """Each series' sum over the same resampled blocks of `block` consecutive examples: n_boot sums per series."""
+    import numpy as np
+
+    starts = np.arange(0, len(series[0]), block)
+    pick = np.random.default_rng(seed).integers(0, starts.size, size=(n_boot, starts.size))
+    return [np.add.reduceat(np.asarray(s, dtype=float), starts)[pick].sum(1) for s in series]
+
+
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0,
                      block: int = 1) -> dict[str, float]:
     """Mean of b - a over paired examples with a 95 % percentile interval, resampling whole blocks of `block`
@@ -70,13 +79,8 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000,
     d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
     if d.ndim != 1 or d.size == 0:
         raise ValueError(f"need two equal, non-empty 1-D sequences; got {np.shape(a)} and {np.shape(b)}")
-    n_blocks = -(-d.size // block)
-    sums = np.add.reduceat(d, np.arange(0, d.size, block))
-    sizes = np.diff(np.append(np.arange(0, d.size, block), d.size))
-    rng = np.random.default_rng(seed)
-    pick = rng.integers(0, n_blocks, size=(n_boot, n_blocks))
-    means = sums[pick].sum(1) / sizes[pick].sum(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
+    sums, sizes = _block_bootstrap([d, np.ones_like(d)], block, n_boot, seed)
+    lo, hi = np.percentile(sums / sizes, [2.5, 97.5])
     return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(d.size), "block": block,
             "excludes_zero": bool(lo > 0 or hi < 0)}
 
@@ -100,9 +104,10 @@ def majority_preds(train_labels: Sequence[int], n: int) -> list[int]:
     return [Counter(int(y) for y in train_labels).most_common(1)[0][0]] * n
 
 
-def with_difference(row: dict[str, Any], prefix: str, d: dict[str, Any] | None) -> dict[str, Any]:
-    """Row keys `<prefix>`, `<prefix>_lo`, `<prefix>_hi`, `<prefix>_real` from a paired comparison (None: n/a)."""
-    row.update({prefix: d and d["diff"], f"{prefix}_lo": d and d["lo"], f"{prefix}_hi": d and d["hi"],
+def with_difference(row: dict[str, Any], prefix: str, d: dict[str, Any] | None, value: str = "diff") -> dict[str, Any]:
+    """Row keys `<prefix>`, `<prefix>_lo`, `<prefix>_hi`, `<prefix>_real` from a paired comparison whose estimate is
+    `d[value]` (an accuracy difference's "diff", a perplexity ratio's "ratio"); None: n/a."""
+    row.update({prefix: d and d[value], f"{prefix}_lo": d and d["lo"], f"{prefix}_hi": d and d["hi"],
                 f"{prefix}_real": d and d["real"]})
     return row
 
@@ -124,10 +129,8 @@ def bootstrap_ratio(num: Sequence[float], den: Sequence[float], block: int, n_bo
     a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"need two equal, non-empty 1-D sequences; got {a.shape} and {b.shape}")
-    starts = np.arange(0, a.size, block)
-    sa, sb = np.add.reduceat(a, starts), np.add.reduceat(b, starts)
-    pick = np.random.default_rng(seed).integers(0, starts.size, size=(n_boot, starts.size))
-    lo, hi = np.percentile(sa[pick].sum(1) / sb[pick].sum(1), [2.5, 97.5])
+    sa, sb = _block_bootstrap([a, b], block, n_boot, seed)
+    lo, hi = np.percentile(sa / sb, [2.5, 97.5])
     return {"ratio": float(a.sum() / b.sum()), "lo": float(lo), "hi": float(hi), "n": int(a.size), "block": block}
 
 

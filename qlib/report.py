@@ -130,6 +130,12 @@ def write_per_example(study: str, profile: str, name: str, columns: dict[str, An
     return atomic_write_bytes(results_dir(study, profile) / f"{name}.csv.gz", buf.getvalue())
 
 
+def points_interval(row: dict[str, Any], key: str, label: str = "") -> str:
+    """'-1.2 pt [-2.5, +0.1]<label>, within noise' from the `key`, `key_lo/_hi/_real` of an accuracy difference."""
+    d, lo, hi = (100 * row[k] for k in (key, f"{key}_lo", f"{key}_hi"))
+    return f"{d:+.1f} pt [{lo:+.1f}, {hi:+.1f}]{label}" + ("" if row[f"{key}_real"] else ", within noise")
+
+
 def _jsonable(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()

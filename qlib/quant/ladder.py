@@ -89,6 +89,22 @@ def block_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
     return found
 
 
+def block_index(name: str) -> int:
+    """The transformer block a `model.layers.N.*` module belongs to."""
+    return int(name.split(".layers.")[1].split(".")[0])
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the block linears' weights, to round from and to restore."""
+    return {n: m.weight.detach().clone() for n, m in block_linears(model)}
+
+
+@torch.no_grad()
+def restore(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    for n, m in block_linears(model):
+        m.weight.copy_(weights[n])
+
+
 @torch.no_grad()
 def apply(model: torch.nn.Module, rung: str | Rung) -> int:
     """Replace every block linear's weight by its round trip through `rung`, in place; how many weights."""

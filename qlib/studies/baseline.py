@@ -94,16 +94,24 @@ def run(cfg: BaselineConfig) -> BaselineResult:
         train_steps=tr.steps, step_time_s=tr.median_step_s, final_loss=tr.final_loss, **params)
     env = metrics.runtime_env(device)
     doc_assets = {"model": {"role": "encoder", **model_asset.provenance()}, "data": ds.provenance()}
-    maj = metrics.majority_preds(ds.train_labels, len(labels))
-    majority = metrics.with_difference(
-        report.make_row("majority", model="constant answer", dataset=ds.asset.id, **metrics.accuracy_f1(maj, labels)),
-        "accuracy_diff_vs_fp32", metrics.accuracy_difference(preds, maj, labels, cfg.seed))
+    majority, maj = majority_row(ds.asset.id, ds.train_labels, labels, preds, cfg.seed)
     report.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, "fp32": preds, "majority": maj})
     path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, [row, majority],
                                 config=asdict(cfg), latency_shape={"seq_len": cfg.max_length,
                                                                    "batches": [1, 8]}, gpu_plan=gpu_plan)
     doc = report.load_metrics(path)
     return BaselineResult(row, tr, preds, labels, model_dir, path, doc)
+
+
+def majority_row(dataset: str, train_labels: list[int], labels: list[int], fp32_preds: list[int] | None, seed: int,
+                 **extra: Any) -> tuple[dict[str, Any], list[int]]:
+    """The majority-answer floor as a results row (and its predictions), against the FP32 fine-tune's predictions
+    on the same sentences when there are some."""
+    maj = metrics.majority_preds(train_labels, len(labels))
+    row = report.make_row("majority", model="constant answer", dataset=dataset, **metrics.accuracy_f1(maj, labels),
+                          **extra)
+    d = metrics.accuracy_difference(fp32_preds, maj, labels, seed) if fp32_preds else None
+    return metrics.with_difference(row, "accuracy_diff_vs_fp32", d), maj
 
 
 def run_random_init(cfg: BaselineConfig, device: torch.device) -> BaselineResult:

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import assets, data, metrics, models
+from qlib import metrics
 from qlib.quant import ladder
+from qlib.studies.ptq_ladder import load_real_lm
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,9 @@ class Rounder:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.layers = [n for n, _ in ladder.block_linears(model)]
-        self.n_blocks = 1 + max(int(n.split(".layers.")[1].split(".")[0]) for n in self.layers)
-        self.original = {n: m.weight.detach().clone() for n, m in ladder.block_linears(model)}
+        self.original = ladder.snapshot(model)
+        self.layers = list(self.original)
+        self.n_blocks = 1 + max(ladder.block_index(n) for n in self.layers)
         self.cache: dict[tuple[str, int], torch.Tensor] = {}
 
     def _rounded(self, name: str, bits: int) -> torch.Tensor:
@@ -67,26 +68,18 @@ class Rounder:
     @torch.no_grad()
     def set(self, bitmap: list[int]) -> None:
         for name, m in ladder.block_linears(self.model):
-            block = int(name.split(".layers.")[1].split(".")[0])
-            m.weight.copy_(self._rounded(name, bitmap[block]))
+            m.weight.copy_(self._rounded(name, bitmap[ladder.block_index(name)]))
 
 
 def run_block_search(spec: BlockSearchSpec, device: torch.device) -> BlockSearchResult:
     """Sensitivity, greedy search on calibration tokens, then the chosen bitmap and its controls held out."""
-    from transformers import AutoTokenizer
-
-    asset = assets.resolve_model("llama-arch", spec.model_id)
-    tok = AutoTokenizer.from_pretrained(asset.path)
-    train_texts, eval_texts, data_asset = data.load_code_sft(spec.dataset_id)
-    calib = data.lm_chunks(tok, train_texts, spec.context, spec.calib_tokens).reshape(-1)[: spec.calib_tokens]
-    held = data.lm_chunks(tok, eval_texts, spec.context, spec.eval_tokens).reshape(-1)[: spec.eval_tokens]
-    model = models.load_causal_lm(asset.path, None, device, dtype=torch.float32).eval()
-    r = Rounder(model)
+    lm = load_real_lm(spec.model_id, spec.dataset_id, spec.context, spec.calib_tokens, spec.eval_tokens, device)
+    calib, held = lm.train_ids[: spec.calib_tokens], lm.eval_ids
+    r = Rounder(lm.model)
 
     def nll(ids: torch.Tensor, bitmap: list[int]) -> np.ndarray:
         r.set(bitmap)
-        with torch.no_grad():
-            return metrics.token_nll(model, ids, spec.context, spec.context, device).double().numpy()
+        return lm.nll(ids, spec.context)
 
     n = r.n_blocks
     high, low = [spec.high] * n, [spec.low] * n
@@ -112,7 +105,7 @@ def run_block_search(spec: BlockSearchSpec, device: torch.device) -> BlockSearch
     r.set([32] * n)
     params = {b: sum(r.original[nm].numel() for nm in r.layers if f".layers.{b}." in nm) for b in range(n)}
     rows = [_row(name, bm, held_nll, params, spec) for name, bm in bitmaps.items()]
-    info = {"model": asset.provenance(), "data": data_asset.provenance(), "blocks": n,
+    info = {"model": lm.asset.provenance(), "data": lm.data_asset.provenance(), "blocks": n,
             "calib_tokens": int(calib.numel()), "eval_tokens": int(held.numel()), "low_blocks": k,
             "calib_nll_all_high": float(base)}
     return BlockSearchResult(sens, chosen, steps, rows, held_nll, info)
@@ -126,14 +119,11 @@ def _row(name: str, bitmap: list[int], held: dict[str, np.ndarray], params: dict
     vs_ref = None if name == "reference" else metrics.perplexity_ratio(held["reference"], held[name], block, spec.seed)
     vs_rnd = metrics.perplexity_ratio(held["random_order"], held[name], block, spec.seed) \
         if name in ("greedy", "most_sensitive_first") else None
-    pick = lambda d, k: d and d[k]  # noqa: E731
-    return {"bitmap_name": name, "bitmap": ",".join(map(str, bitmap)),
-            "avg_bits": sum(min(bits, 32) * params[b] for b, bits in enumerate(bitmap)) / total,
-            "perplexity": float(np.exp(held[name].mean())), "perplexity_ratio": pick(vs_ref, "ratio"),
-            "perplexity_ratio_lo": pick(vs_ref, "lo"), "perplexity_ratio_hi": pick(vs_ref, "hi"),
-            "perplexity_ratio_real": pick(vs_ref, "real"), "vs_random_order": pick(vs_rnd, "ratio"),
-            "vs_random_order_lo": pick(vs_rnd, "lo"), "vs_random_order_hi": pick(vs_rnd, "hi"),
-            "vs_random_order_real": pick(vs_rnd, "real")}
+    row = {"bitmap_name": name, "bitmap": ",".join(map(str, bitmap)),
+           "avg_bits": sum(min(bits, 32) * params[b] for b, bits in enumerate(bitmap)) / total,
+           "perplexity": float(np.exp(held[name].mean()))}
+    metrics.with_difference(row, "perplexity_ratio", vs_ref, value="ratio")
+    return metrics.with_difference(row, "vs_random_order", vs_rnd, value="ratio")
 
 
 def findings(res: BlockSearchResult, spec: BlockSearchSpec) -> str:

@@ -205,12 +205,9 @@ def compare_to_fp32(rows: list[dict[str, Any]], preds: dict[str, list[int]], lab
         d = None if r["method"] == "fp32" else metrics.accuracy_difference(preds["fp32"], preds[r["method"]], labels,
                                                                             seed)
         metrics.with_difference(r, "accuracy_diff_vs_fp32", d)
-    maj = metrics.majority_preds(train_labels, len(labels))
-    preds["majority"] = maj
-    row = report.make_row("majority", model="constant answer", dataset=rows[0]["dataset"],
-                          **metrics.accuracy_f1(maj, labels), backend="none")
-    rows.append(metrics.with_difference(row, "accuracy_diff_vs_fp32",
-                                        metrics.accuracy_difference(preds["fp32"], maj, labels, seed)))
+    row, preds["majority"] = baseline.majority_row(rows[0]["dataset"], train_labels, labels, preds["fp32"], seed,
+                                                   backend="none")
+    rows.append(row)
     return rows
 
 
@@ -266,12 +263,6 @@ def load_int8(path: str | Path, profile: str = "default") -> torch.nn.Module:
     return ptq.load_quantized(path, ptq.dynamic_int8(fp32, per_channel=True))
 
 
-def _diff(r: dict[str, Any]) -> str:
-    """'-1.2 pt [-2.5, +0.1] vs FP32, within noise' from a row's paired comparison."""
-    d, lo, hi = (100 * r[k] for k in ("accuracy_diff_vs_fp32", "accuracy_diff_vs_fp32_lo", "accuracy_diff_vs_fp32_hi"))
-    return f"{d:+.1f} pt [{lo:+.1f}, {hi:+.1f}] vs FP32" + ("" if r["accuracy_diff_vs_fp32_real"] else ", within noise")
-
-
 def findings(res: PTQResult) -> str:
     """Markdown findings from this run's numbers: what passes the bar and why the rest does not."""
     by = {r["method"]: r for r in res.rows}
@@ -284,7 +275,7 @@ def findings(res: PTQResult) -> str:
         r = by[m]
         verdict = "**passes**" if b["passes"] else "misses"
         lines.append(f"- `{m}` ({r['backend']}): accuracy {r['accuracy']:.3f} "
-                     f"({_diff(r)}), size {b['size_ratio']:.2f}× FP32, speedup {b['speedup_b8']:.2f}× at batch 8 / "
+                     f"({report.points_interval(r, 'accuracy_diff_vs_fp32', ' vs FP32')}), size {b['size_ratio']:.2f}× FP32, speedup {b['speedup_b8']:.2f}× at batch 8 / "
                      f"{r['speedup_b1_vs_fp32']:.2f}× at batch 1 against `{r['speed_reference']}` — {verdict} the bar.")
     if "onnx_fp32" in by:
         o = by["onnx_fp32"]

@@ -38,44 +38,64 @@ class LadderResult:
     model: dict[str, Any]
 
 
-def run_ladder(spec: LadderSpec, device: torch.device) -> LadderResult:
-    """Reference, every rung, and the count baselines, each a row with its perplexity ratio and interval."""
+@dataclass
+class RealLM:
+    """A real pretrained causal LM in fp32 with its tokenizer and code tokens: what the post-training studies
+    (this ladder, 06's block search) round and score."""
+
+    asset: assets.Resolved
+    data_asset: assets.Resolved
+    tok: Any
+    model: torch.nn.Module
+    train_ids: torch.Tensor
+    eval_ids: torch.Tensor
+    device: torch.device
+
+    def nll(self, ids: torch.Tensor, context: int) -> np.ndarray:
+        """Per-token NLL over non-overlapping windows of `context` (the tokens every row is scored on)."""
+        with torch.no_grad():
+            return metrics.token_nll(self.model, ids, context, context, self.device).double().numpy()
+
+
+def load_real_lm(model_id: str, dataset_id: str, context: int, train_tokens: int, eval_tokens: int,
+                 device: torch.device) -> RealLM:
+    """The LLaMA-architecture model (SmolLM2 offline), its training-split tokens (about `train_tokens`) and exactly
+    `eval_tokens` held-out tokens, packed in windows of `context`."""
     from transformers import AutoTokenizer
 
+    asset = assets.resolve_model("llama-arch", model_id)
+    tok = AutoTokenizer.from_pretrained(asset.path)
+    train_texts, eval_texts, data_asset = data.load_code_sft(dataset_id)
+    eval_ids = data.lm_chunks(tok, eval_texts, context, eval_tokens).reshape(-1)[:eval_tokens]
+    train_ids = data.lm_chunks(tok, train_texts, context, train_tokens).reshape(-1)
+    model = models.load_causal_lm(asset.path, None, device, dtype=torch.float32).eval()
+    return RealLM(asset, data_asset, tok, model, train_ids, eval_ids, device)
+
+
+def run_ladder(spec: LadderSpec, device: torch.device) -> LadderResult:
+    """Reference, every rung, and the count baselines, each a row with its perplexity ratio and interval."""
     unknown = [r for r in spec.rungs if r not in ladder.RUNGS]
     if unknown:
         from qlib.config import QlabError
 
         raise QlabError(f"unknown ladder rung(s) {unknown}; valid: {', '.join(ladder.RUNGS)}")
-    asset = assets.resolve_model("llama-arch", spec.model_id)
-    tok = AutoTokenizer.from_pretrained(asset.path)
-    train_texts, eval_texts, data_asset = data.load_code_sft(spec.dataset_id)
-    eval_ids = data.lm_chunks(tok, eval_texts, spec.context, spec.eval_tokens).reshape(-1)[: spec.eval_tokens]
-    train_ids = data.lm_chunks(tok, train_texts, spec.context, spec.train_tokens).reshape(-1)
-    model = models.load_causal_lm(asset.path, None, device, dtype=torch.float32).eval()
-    original = {n: m.weight.detach().clone() for n, m in ladder.block_linears(model)}
-    n_params = metrics.count_params(model)["total_params"]
-
-    def score() -> np.ndarray:
-        with torch.no_grad():
-            return metrics.token_nll(model, eval_ids, spec.context, spec.context, device).double().numpy()
-
-    nll = {"reference": score()}
+    lm = load_real_lm(spec.model_id, spec.dataset_id, spec.context, spec.train_tokens, spec.eval_tokens, device)
+    original = ladder.snapshot(lm.model)
+    n_params = metrics.count_params(lm.model)["total_params"]
+    nll = {"reference": lm.nll(lm.eval_ids, spec.context)}
     for name in tqdm(spec.rungs, desc="post-training ladder"):
-        ladder.apply(model, name)
-        nll[name] = score()
-        with torch.no_grad():
-            for n, m in ladder.block_linears(model):
-                m.weight.copy_(original[n])
-    ev, tr = eval_ids.numpy(), train_ids.numpy()
-    nll["unigram"] = ngram.Unigram(tr, len(tok)).token_nll(ev, spec.context)
-    nll["bigram_kn"] = ngram.KneserNeyBigram(tr, len(tok)).token_nll(ev, spec.context)
+        ladder.apply(lm.model, name)
+        nll[name] = lm.nll(lm.eval_ids, spec.context)
+        ladder.restore(lm.model, original)
+    ev, tr = lm.eval_ids.numpy(), lm.train_ids.numpy()
+    nll["unigram"] = ngram.Unigram(tr, len(lm.tok)).token_nll(ev, spec.context)
+    nll["bigram_kn"] = ngram.KneserNeyBigram(tr, len(lm.tok)).token_nll(ev, spec.context)
     block_weights = sum(w.numel() for w in original.values())
-    rows = [_row(name, v, nll["reference"], spec, asset.id, data_asset.id, n_params, block_weights)
+    rows = [_row(name, v, nll["reference"], spec, lm.asset.id, lm.data_asset.id, n_params, block_weights)
             for name, v in nll.items()]
-    return LadderResult(rows, nll, {"asset": asset.provenance(), "data": data_asset.provenance(),
+    return LadderResult(rows, nll, {"asset": lm.asset.provenance(), "data": lm.data_asset.provenance(),
                                     "block_linear_weights": block_weights, "total_params": n_params,
-                                    "eval_tokens": int(eval_ids.numel())})
+                                    "eval_tokens": int(lm.eval_ids.numel())})
 
 
 def _row(name: str, nll: np.ndarray, ref: np.ndarray, spec: LadderSpec, model_id: str, data_id: str,
@@ -84,15 +104,14 @@ def _row(name: str, nll: np.ndarray, ref: np.ndarray, spec: LadderSpec, model_id
     ratio = None if name == "reference" else metrics.perplexity_ratio(ref, nll, block=spec.context - 1,
                                                                        seed=spec.seed)
     kind = "count baseline" if name in ("unigram", "bigram_kn") else "post-training (no training)"
-    return report.make_row(
+    row = report.make_row(
         f"ptq_{name}" if rung else name, model=model_id, dataset=data_id, perplexity=float(np.exp(nll.mean())),
         total_params=n_params if kind != "count baseline" else None, trainable_params=0 if rung else None,
         bits_per_quantized_weight=rung.bits_per_weight if rung else (None if kind == "count baseline" else 32.0),
         quantized_share_of_params=block_weights / n_params if rung else None, section="post-training ladder",
         regime_kind=kind if name != "reference" else "reference: the model as loaded (SmolLM2: its dequantized Q4_1 weights)",
-        format=rung.what if rung else None, reference="reference" if ratio else None,
-        perplexity_ratio=ratio and ratio["ratio"], perplexity_ratio_lo=ratio and ratio["lo"],
-        perplexity_ratio_hi=ratio and ratio["hi"], perplexity_ratio_real=ratio and ratio["real"])
+        format=rung.what if rung else None, reference="reference" if ratio else None)
+    return metrics.with_difference(row, "perplexity_ratio", ratio, value="ratio")
 
 
 def findings(rows: list[dict[str, Any]]) -> str:

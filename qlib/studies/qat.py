@@ -173,11 +173,6 @@ def _rows(models_: dict, quality: dict, lat: dict, trains: dict, out: Path, mode
     return rows
 
 
-def _d(r: dict[str, Any], key: str) -> str:
-    d, lo, hi = (100 * r[k] for k in (key, f"{key}_lo", f"{key}_hi"))
-    return f"{d:+.1f} pt [{lo:+.1f}, {hi:+.1f}]" + ("" if r[f"{key}_real"] else ", within noise")
-
-
 def findings(res: QATResult) -> str:
     """Markdown findings from this run's numbers; a difference is called real only when its paired 95 % interval
     (bootstrap over the same held-out sentences) excludes zero."""
@@ -185,19 +180,19 @@ def findings(res: QATResult) -> str:
     fp, pt, qa = by["fp32"], by["ptq_int8_static"], by["qat_int8"]
     n = res.doc["assets"]["data"]["n_eval"]
     lines = [f"- {n} held-out sentences. FP32 {fp['accuracy']:.3f}; static PTQ INT8 {pt['accuracy']:.3f} "
-             f"({_d(pt, 'accuracy_diff_vs_fp32')} vs FP32); QAT INT8 {qa['accuracy']:.3f} "
-             f"({_d(qa, 'accuracy_diff_vs_fp32')} vs FP32) after {qa['train_steps']} fake-quant steps "
+             f"({report.points_interval(pt, 'accuracy_diff_vs_fp32')} vs FP32); QAT INT8 {qa['accuracy']:.3f} "
+             f"({report.points_interval(qa, 'accuracy_diff_vs_fp32')} vs FP32) after {qa['train_steps']} fake-quant steps "
              f"({qa['train_time_s']:.0f} s)."]
-    lines.append(f"- QAT vs static PTQ: {_d(qa, 'accuracy_diff_vs_ptq_int8_static')}.")
+    lines.append(f"- QAT vs static PTQ: {report.points_interval(qa, 'accuracy_diff_vs_ptq_int8_static')}.")
     if "ptq_int8_dynamic" in by:
         dy = by["ptq_int8_dynamic"]
         lines.append(f"- QAT vs the best torch.ao PTQ (dynamic INT8, {dy['accuracy']:.3f}): "
-                     f"{_d(qa, 'accuracy_diff_vs_ptq_int8_dynamic')}. Dynamic INT8 needs no calibration and no "
+                     f"{report.points_interval(qa, 'accuracy_diff_vs_ptq_int8_dynamic')}. Dynamic INT8 needs no calibration and no "
                      "training; notebook 02 also has ONNX Runtime's dynamic INT8.")
     if "fp32_more_steps" in by:
         c = by["fp32_more_steps"]
         lines.append(f"- Control: FP32 fine-tuned for the same extra steps reaches {c['accuracy']:.3f}; QAT vs it: "
-                     f"{_d(qa, 'accuracy_diff_vs_fp32_more_steps')}. QAT's gain over PTQ is read against this.")
+                     f"{report.points_interval(qa, 'accuracy_diff_vs_fp32_more_steps')}. QAT's gain over PTQ is read against this.")
     if "majority" in by:
         lines.append(f"- Always answering the majority class scores {by['majority']['accuracy']:.3f}.")
     if qa["train_time_s"] and by.get("fp32_more_steps", {}).get("train_time_s"):

@@ -294,13 +294,13 @@ def _compare(rows: list[dict[str, Any]], preds: dict[str, list[int]], ds: Any, c
     majority-answer row."""
     labels = list(ds.eval_labels)
     fp32 = _fp32_predictions(cfg.profile, labels) if rows[0].get("accuracy") is not None else None
-    preds = {**({"fp32": fp32} if fp32 else {}), **preds, "majority": metrics.majority_preds(ds.train_labels, len(labels))}
-    rows.append(report.make_row("majority", model="constant answer", dataset=ds.asset.id,
-                                **metrics.accuracy_f1(preds["majority"], labels)))
+    preds = {**({"fp32": fp32} if fp32 else {}), **preds}
     for r in rows:
         d = metrics.accuracy_difference(fp32, preds[r["method"]], labels, cfg.seed) \
             if fp32 and r["method"] != "fp32" else None
         metrics.with_difference(r, "accuracy_diff_vs_fp32", d)
+    row, preds["majority"] = baseline.majority_row(ds.asset.id, ds.train_labels, labels, fp32, cfg.seed)
+    rows.append(row)
     report.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, **preds})
     return rows
 
@@ -351,9 +351,8 @@ def findings(res: QLoRAResult) -> str:
                      f"{q['bits_per_param']:.1f} bits/param: the embeddings and everything else that stays 32-bit "
                      f"dominate at this size (FP32 file: {fp.get('bits_per_param') or float('nan'):.1f} bits/param).")
     if fp.get("accuracy") is not None and q["accuracy"] is not None:
-        d = (f"{100 * q['accuracy_diff_vs_fp32']:+.1f} pt [{100 * q['accuracy_diff_vs_fp32_lo']:+.1f}, "
-             f"{100 * q['accuracy_diff_vs_fp32_hi']:+.1f}]" + ("" if q["accuracy_diff_vs_fp32_real"] else ", within noise")
-             if q.get("accuracy_diff_vs_fp32") is not None else "no paired predictions from notebook 01")
+        d = (report.points_interval(q, "accuracy_diff_vs_fp32") if q.get("accuracy_diff_vs_fp32") is not None
+             else "no paired predictions from notebook 01")
         lines.append(f"- Accuracy {q['accuracy']:.3f} vs {fp['accuracy']:.3f} for the full FP32 fine-tune of "
                      f"notebook 01 ({d}) after {q['train_steps']} steps vs {fp.get('train_steps')}; the majority "
                      f"answer scores {by['majority']['accuracy']:.3f}. One seed each: the interval is over sentences, "

@@ -281,21 +281,19 @@ def _rows(measured: list[Measured], speeds: dict[str, dict[str, Any]], n_params:
         ratio = metrics.perplexity_ratio(ref.nll, m.nll, block=cfg.context - 1, seed=cfg.seed) if ref else None
         speed = speeds.get(m.method, {})
         ref_speed = speeds.get("gguf_f16" if m.backend == "llama.cpp" else "merged_fp16", {})
-        rows.append(report.make_row(
+        rows.append(metrics.with_difference(report.make_row(
             m.method, model=model_id, dataset=data_id, perplexity=float(np.exp(m.nll.mean())), size_bytes=size,
             bits_per_param=metrics.bits_per_param(size, n_params) if size else None,
             bits_per_quantized_weight=m.bits_per_weight, backend=m.backend,
             artifact=m.path.name if m.path else None, total_params=n_params if m.path else None,
             trainable_params=trained.get("trainable_params", 0) if m.path else None,
             train_time_s=trained.get("train_time_s"), peak_mem_bytes=trained.get("peak_mem_bytes"),
-            peak_mem_source=trained.get("peak_mem_source"),
-            perplexity_ratio=ratio and ratio["ratio"], perplexity_ratio_lo=ratio and ratio["lo"],
-            perplexity_ratio_hi=ratio and ratio["hi"], perplexity_ratio_real=ratio and ratio["real"],
-            reference=ref.method if ref else None, tokens_per_s=speed.get("tokens_per_s"),
+            peak_mem_source=trained.get("peak_mem_source"), reference=ref.method if ref else None, tokens_per_s=speed.get("tokens_per_s"),
             decode_vs_fp16_same_runtime=(speed["tokens_per_s"] / ref_speed["tokens_per_s"]
                                          if speed and ref_speed else None),
             timing_threads=speed.get("timing_threads"), load_avg_1m=speed.get("load_avg_1m"),
-            size_vs_fp16=size / merge.weights_bytes(by["merged_fp16"].path) if size else None, **m.extra))
+            size_vs_fp16=size / merge.weights_bytes(by["merged_fp16"].path) if size else None, **m.extra),
+            "perplexity_ratio", ratio, value="ratio"))
     return rows
 
 

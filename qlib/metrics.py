@@ -156,35 +156,44 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
+TIMING_THREADS = 1  # CPU timings: one thread, so a busy 2-core machine slows every variant alike instead of 3-5x
+
+
 def measure_latency(fn: Callable[[], Any], warmup: int = 3, repeats: int = 20,
-                    device: str | torch.device = "cpu") -> dict[str, float]:
+                    device: str | torch.device = "cpu", threads: int | None = TIMING_THREADS) -> dict[str, float]:
     """Median (and p10/p90) wall time of `fn` in ms after warm-up; CUDA is synchronized."""
-    return compare_latency({"fn": fn}, warmup, repeats, device)["fn"]
+    return compare_latency({"fn": fn}, warmup, repeats, device, threads)["fn"]
 
 
 def compare_latency(fns: dict[str, Callable[[], Any]], warmup: int = 3, repeats: int = 20,
-                    device: str | torch.device = "cpu") -> dict[str, dict[str, float]]:
-    """Latency of several variants, interleaved round-robin so machine drift hits all of them alike.
+                    device: str | torch.device = "cpu", threads: int | None = TIMING_THREADS
+                    ) -> dict[str, dict[str, float]]:
+    """Latency of several variants, interleaved round-robin so machine drift hits all of them alike; on CPU with
+    `threads` intra-op threads (None: as set), the load average beside each result.
 
     Use this for ratios (quantized vs fp32) measured in one run; each entry is as measure_latency.
     """
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    n = threads if threads and not cuda else torch.get_num_threads()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+    with torch_threads(n):
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    load = load_average()
     out = {}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
         out[name] = {"median_ms": statistics.median(ts), "p10_ms": q[0], "p90_ms": q[-1],
-                     "repeats": repeats}
+                     "repeats": repeats, "threads": n, "load_avg_1m": load}
     return out
 
 

@@ -3,16 +3,19 @@
 No QA dataset ships in any package, so the offline sets are built the way CNN/DailyMail's reading-
 comprehension set was (Hermann et al. 2015): a summary sentence with one entity blanked is the question,
 the text it summarises is the context, the blanked entity (a span of the context) is the answer.
-- `stdlib-cloze` (the default, because the offline GPT-2 is pretrained on Python code): the summary line
-  of a stdlib function's docstring with one of the function's parameter names blanked; the context is
-  the function's code with the docstring removed; only functions with two or more parameters, so the
-  model must pick which one. Train/eval follow the corpus's split by module (the eval modules were also
+- `stdlib-cloze` (the default, because the offline GPT-2 is pretrained on Python code): a sentence of a
+  stdlib function's docstring with one of the function's parameter names blanked (one question per
+  sentence that names a parameter); the context is the function's code with the docstring removed; only
+  functions with two or more parameters, so the model must pick which one. Train/eval follow the corpus's split by module (the eval modules were also
   held out of the base model's pretraining).
 - `bbc-cloze`: a BBC News article's lead sentence with a named entity blanked; the context is the later
   sentences that mention it. (The code-pretrained GPT-2 learned nothing on it within the CPU budget.)
-The model never sees the answer in the question, but simple heuristics exist ("the first parameter not
-named in the question", "the first capitalised span"): `heuristic_baseline` scores them on the same
-questions so the notebook can show what the model adds. Limits: answers are single identifiers or
+The offline sets carry each question's candidates (the parameters, or the entities, of the context), so a
+model is scored by multiple choice: the candidate whose filled-in sentence it finds most likely after the
+context (a small model's greedy generations score below the constant answer). The model never sees the
+answer in the question, but simple answers exist: chance over the candidates, the candidate most often
+the answer in training (`majority_choices`), and heuristics ("the first parameter not named in the
+question", "the first capitalised span": `heuristic_preds`), all scored on the same questions. Limits: answers are single identifiers or
 entities, contexts are cut to fit a 128-token model, and the entity finder is a regular expression.
 """
 from __future__ import annotations
@@ -44,9 +47,14 @@ class QAExample:
     context: str
     question: str
     answer: str
+    choices: tuple[str, ...] = ()   # candidate spans for multiple-choice scoring (empty: generation only)
 
     def prompt(self) -> str:
         return f"{self.context}\nQ: {self.question}\nA:"
+
+    def filled(self, candidate: str) -> str:
+        """The cloze sentence with `candidate` in the blank: what multiple-choice scoring reads after the context."""
+        return self.question.replace(BLANK, candidate, 1)
 
 
 def _sentences(text: str) -> list[str]:
@@ -83,7 +91,9 @@ def cloze_from_article(aid: str, text: str, max_context_chars: int = 260) -> QAE
                 if 0 <= j < len(later) and len(ctx) + len(later[j]) + 1 <= max_context_chars:
                     ctx = f"{later[j]} {ctx}" if j < i else f"{ctx} {later[j]}"
             if len(ctx) <= max_context_chars:
-                return QAExample(aid, ctx, lead[:start] + BLANK + lead[end:], ent)
+                cands = tuple(dict.fromkeys(e for _, _, e in _entities(ctx)))
+                return QAExample(aid, ctx, lead[:start] + BLANK + lead[end:], ent,
+                                 tuple(sorted({ent, *cands})))
             break
     return None
 
@@ -131,21 +141,25 @@ def _parameters(code: str) -> tuple[list[str], str] | None:
     return [n for n in names if n not in ("self", "cls")], "\n".join(lines)
 
 
-def cloze_from_function(fid: str, docstring: str, code: str, max_context_chars: int = 240,
-                        max_question_chars: int = 140) -> QAExample | None:
-    """The first parameter named in the docstring's summary line, blanked; context = the code sans docstring."""
+def clozes_from_function(fid: str, docstring: str, code: str, max_context_chars: int = 240,
+                         max_question_chars: int = 140, max_sentences: int = 6) -> list[QAExample]:
+    """One question per docstring sentence (of the first `max_sentences`) that names a parameter: its first
+    named parameter blanked; context = the code sans docstring; candidates = the parameters in the context."""
     parsed = _parameters(code)
     if parsed is None or len(parsed[0]) < 2:
-        return None
+        return []
     params, body = parsed
-    summary = " ".join(docstring.strip().split("\n\n")[0].split())[:max_question_chars]
-    for m in re.finditer(r"\b[A-Za-z_]\w*\b", summary):
-        word = m.group(0)
-        if word in params and len(word) >= 2 and not keyword.iskeyword(word):
-            context = body[:max_context_chars]
-            if word in context:
-                return QAExample(fid, context, summary[:m.start()] + BLANK + summary[m.end():], word)
-    return None
+    context = body[:max_context_chars]
+    choices = tuple(p for p in params if p in context)
+    out = []
+    for k, sent in enumerate(_sentences(" ".join(docstring.split()))[:max_sentences]):
+        sent = sent[:max_question_chars]
+        for m in re.finditer(r"\b[A-Za-z_]\w*\b", sent):
+            word = m.group(0)
+            if word in params and len(word) >= 2 and not keyword.iskeyword(word) and word in context:
+                out.append(QAExample(f"{fid}#{k}", context, sent[:m.start()] + BLANK + sent[m.end():], word, choices))
+                break
+    return out
 
 
 def load_stdlib_cloze() -> tuple[list[QAExample], list[QAExample]]:
@@ -155,8 +169,7 @@ def load_stdlib_cloze() -> tuple[list[QAExample], list[QAExample]]:
     train_f, eval_f = split_by_module(load_code_corpus())
 
     def build(funcs: list) -> list[QAExample]:
-        out = (cloze_from_function(f"{f.module}.{f.name}", f.docstring, f.code) for f in funcs)
-        return [ex for ex in out if ex is not None]
+        return [ex for f in funcs for ex in clozes_from_function(f"{f.module}.{f.name}", f.docstring, f.code)]
     return build(train_f), build(eval_f)
 
 
@@ -205,9 +218,21 @@ def em_f1(preds: list[str], golds: list[str]) -> dict[str, float]:
             "f1": sum(map(f1_score, preds, golds)) / len(golds)}
 
 
-def heuristic_baseline(examples: list[QAExample]) -> dict[str, float]:
-    """What the obvious heuristic scores: the first parameter (code) or capitalised span (prose) of the
-    context that the question does not already name."""
+def chance_accuracy(examples: list[QAExample]) -> float:
+    """Expected accuracy of picking one candidate at random: the floor of multiple-choice scoring."""
+    return sum(1 / len(ex.choices) for ex in examples) / len(examples)
+
+
+def majority_choices(train: list[QAExample], examples: list[QAExample]) -> list[str]:
+    """The constant answer generalised to candidates: of each question's candidates, the one given most often as
+    the answer in training (ties: the first)."""
+    counts = Counter(ex.answer for ex in train)
+    return [max(ex.choices, key=lambda c: counts[c]) for ex in examples]
+
+
+def heuristic_preds(examples: list[QAExample]) -> list[str]:
+    """The obvious heuristic: the first parameter (code) or capitalised span (prose) of the context that the
+    question does not already name."""
     preds = []
     for ex in examples:
         sig = re.search(r"def\s+\w+\s*\(([^)]*)", ex.context)
@@ -218,4 +243,9 @@ def heuristic_baseline(examples: list[QAExample]) -> dict[str, float]:
         else:
             cands = [e for _, _, e in _entities(ex.context) if e not in ex.question]
         preds.append(cands[0] if cands else "")
-    return em_f1(preds, [ex.answer for ex in examples])
+    return preds
+
+
+def heuristic_baseline(examples: list[QAExample]) -> dict[str, float]:
+    """What the obvious heuristic (`heuristic_preds`) scores on these questions."""
+    return em_f1(heuristic_preds(examples), [ex.answer for ex in examples])

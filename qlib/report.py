@@ -303,17 +303,22 @@ def _speed(r: dict[str, Any]) -> str:
 
 
 def _quality(r: dict[str, Any]) -> str:
+    """Accuracy or perplexity, with the first paired interval the row has (vs fp32, the majority answer, or the
+    reference of the same tokens)."""
     if r.get("accuracy") is not None:
-        if r.get("accuracy_diff_vs_fp32_lo") is not None:  # paired bootstrap over the same sentences
-            d, lo, hi = (100 * r[f"accuracy_diff_vs_fp32{k}"] for k in ("", "_lo", "_hi"))
-            return f"acc {r['accuracy']:.3f} ({d:+.1f} pt [{lo:+.1f}, {hi:+.1f}] vs fp32)"
+        for key, label in (("accuracy_diff_vs_fp32", "fp32"), ("accuracy_diff_vs_majority", "majority answer")):
+            if r.get(f"{key}_lo") is not None:  # paired bootstrap over the same sentences / questions
+                d, lo, hi = (100 * r[f"{key}{k}"] for k in ("", "_lo", "_hi"))
+                return f"acc {r['accuracy']:.3f} ({d:+.1f} pt [{lo:+.1f}, {hi:+.1f}] vs {label})"
         return f"acc {r['accuracy']:.3f}"
     if r.get("perplexity") is not None:
         ci = ""
-        if r.get("perplexity_ratio_lo") is not None:  # vs a reference on the same tokens, 95 % paired bootstrap
-            lo, mid, hi = (r[f"perplexity_ratio{k}"] for k in ("_lo", "", "_hi"))
-            ci = (f" ({100 * (mid - 1):+.1f} % [{100 * (lo - 1):+.1f}, {100 * (hi - 1):+.1f}] vs {r.get('reference')})"
-                  if mid < 2 else f" (×{mid:.3g} [{lo:.3g}, {hi:.3g}] vs {r.get('reference')})")
+        for key, label in (("perplexity_ratio", r.get("reference")), ("perplexity_ratio_vs_fp32", "fp32")):
+            if r.get(f"{key}_lo") is not None:  # vs a reference on the same tokens, 95 % paired bootstrap
+                lo, mid, hi = (r[f"{key}{k}"] for k in ("_lo", "", "_hi"))
+                ci = (f" ({100 * (mid - 1):+.1f} % [{100 * (lo - 1):+.1f}, {100 * (hi - 1):+.1f}] vs {label})"
+                      if mid < 2 else f" (×{mid:.3g} [{lo:.3g}, {hi:.3g}] vs {label})")
+                break
         return f"ppl {r['perplexity']:.2f}{ci}"
     return "–"
 
@@ -337,12 +342,13 @@ def readme_table(profile: str = "default") -> str:
 
 
 def _projection_lines(d: dict[str, Any]) -> list[str]:
-    """Study 07's 7B-on-T4 projection (accounting, not a measurement): one README row per method."""
+    """Study 07's 7B-on-T4 projection (accounting, not a measurement): one README row per method, the measured H100
+    peak of the same recipe in the reference column."""
     ref = d.get("reference") or {}
     out = []
     for p in d.get("projection_7b") or []:
-        cite = (f"Guanaco 7B listed at {ref['qlora_7b_gb']:g} GB ({ref['source']})"
-                if p["method"] == "qlora" and ref else "")
+        peak = ref.get(f"{p['method']}_7b_peak_gib")
+        cite = f"{peak:g} GiB measured in bf16 ({ref['source']})" if peak else ""
         out.append(f"| {d['study']} | {p['method']} (7B on T4, **projected** by the accounting) | llama-7b | – | – | – | – | "
                    f"{p['accounting_bytes'] / 2**20:.1f} | {cite} |")
     return out

@@ -1,4 +1,4 @@
-"""Mixed precision for a switchable model: per-layer sensitivity, then a greedy search under an F1 budget."""
+"""Mixed precision for a switchable model: per-layer sensitivity, then a greedy search under a quality budget."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from qlib.config import QlabError
 from qlib.quant.uniform import QuantLinear
 from qlib.switchable import SwitchableQuantLoRAModel, bitmap_str
 
@@ -77,22 +78,26 @@ def average_bits(bitmap: list[int], layer_params: list[int]) -> float:
 
 def greedy_search(model: SwitchableQuantLoRAModel, sens: dict[str, Any],
                   evaluate: Callable[[list[int]], dict[str, float]], budget: float,
-                  layer_params: list[int]) -> list[dict[str, Any]]:
+                  layer_params: list[int], metric: str = "f1") -> list[dict[str, Any]]:
     """Start at full precision; take blocks from least to most sensitive and give each the lowest width
-    whose F1 stays within `budget` (absolute, F1 in 0..1) of full precision. Every trial is a row."""
+    whose `metric` (0..1, higher is better) stays within `budget` (absolute) of full precision. Every trial
+    is a row, its drop under `drop`."""
     fp = max(model.widths)
     current = [fp] * model.n_layers
     base = evaluate(current)
+    if metric not in base:
+        raise QlabError(f"the search metric {metric!r} is not among the scores {sorted(base)}")
     rows = [{"step": 0, "layer": None, "width": None, "bitmap": bitmap_str(current),
-             "avg_bits": average_bits(current, layer_params), **base, "f1_drop": 0.0, "accepted": True}]
+             "avg_bits": average_bits(current, layer_params), **base, "metric": metric, "drop": 0.0,
+             "accepted": True}]
     for layer in layer_order(sens):
         for w in sorted(w for w in model.widths if w < fp):
             trial = [w if j == layer else b for j, b in enumerate(current)]
             got = evaluate(trial)
-            ok = base["f1"] - got["f1"] <= budget
+            ok = base[metric] - got[metric] <= budget
             rows.append({"step": len(rows), "layer": layer, "width": w, "bitmap": bitmap_str(trial),
-                         "avg_bits": average_bits(trial, layer_params), **got,
-                         "f1_drop": base["f1"] - got["f1"], "accepted": ok})
+                         "avg_bits": average_bits(trial, layer_params), **got, "metric": metric,
+                         "drop": base[metric] - got[metric], "accepted": ok})
             if ok:
                 current = trial
                 break

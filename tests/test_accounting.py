@@ -1,4 +1,6 @@
 """Study 07's accounting: exact counts vs numel, bytes per format, activations vs what autograd saves."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -173,3 +175,20 @@ def test_predictions_agree_with_the_h100_measurements(repo, method, batch, seq, 
     p = budget.predict("h100", hub.model_config(repo), method, batch=batch, seq=seq, steps=1, compute=torch.bfloat16,
                        optimizer_bytes=opt, checkpointing=ckpt, targets=targets, lora_dropout=method != "full")
     assert p.peak_bytes / 2**30 == pytest.approx(gib, rel=0.15)
+
+
+def test_the_7b_projection_takes_the_h100_gap_additively_and_no_cpu_factor():
+    """The T4 projection shifts the fp16 accounting by the bf16 accounting's gap at the measured H100 peak."""
+    cfg = llama_scaling.scaling_config("default")
+    fits = {"qlora": {"projected_peak_mem_bytes": 1e12, "projected_step_time_s": 9.0,
+                      "measured_over_predicted_largest_rung": 3.0}}
+    by = {p["method"]: p for p in llama_scaling.projection_7b(cfg, fits)}
+    for m in ("qlora", "lora"):
+        p, measured = by[m], llama_scaling.PLAIN_BNB_PEFT_H100[m]["peak_gib"] * 2**30
+        assert p["h100_measured_bytes"] == measured and p["h100_gap_bytes"] == measured - p["h100_accounting_bytes"]
+        assert p["corrected_bytes"] == p["accounting_bytes"] + p["h100_gap_bytes"]
+        assert abs(p["h100_gap_bytes"]) < 0.15 * measured
+    assert by["full"]["corrected_bytes"] is None  # no measured peak for full fine-tuning
+    assert by["qlora"]["fits_t4_corrected"] and by["qlora"]["cpu_fit_bytes"] == 1e12  # the CPU fit shown, not applied
+    other = llama_scaling.projection_7b(dataclasses.replace(cfg, lora_rank=8), {})
+    assert all(p["corrected_bytes"] is None for p in other)  # another recipe than the measured one: no correction

@@ -120,3 +120,24 @@ def test_study_05_counts_what_each_regime_quantized():
     assert layer_kinds(model) == {"Conv1D": 8, "Linear": 1}  # the head is a Linear
     bitnet.to_bitnet(model)
     assert layer_kinds(model) == {"Linear": 1, "BitLinear": 8}
+
+
+def test_05_regimes_are_paired_with_fp32_and_their_controls():
+    """Every regime's perplexity ratio to FP32 and to its control comes from the same tokens' losses."""
+    import numpy as np
+
+    from qlib.studies import gpt2_bitnet
+
+    rng = np.random.default_rng(0)
+    base = rng.exponential(2.0, 640)
+    nll = {"fp32": base, "lora": base + 0.01, "qlora": base + 0.11, "bitnet_ptq": base + 3.0, "bitnet": base + 0.5}
+    rows = [{"method": m} for m in nll]
+    cfg = gpt2_bitnet.gpt2_config("smoke")
+    gpt2_bitnet.paired_differences(rows, nll, cfg)
+    by = {r["method"]: r for r in rows}
+    assert by["fp32"]["perplexity_ratio_vs_fp32"] is None and by["fp32"]["control"] is None
+    assert by["qlora"]["control"] == "lora" and by["bitnet"]["control"] == "bitnet_ptq"
+    assert by["qlora"]["perplexity_ratio_vs_control"] == pytest.approx(np.exp(0.10))
+    assert by["bitnet"]["perplexity_ratio_vs_control"] == pytest.approx(np.exp(-2.5))
+    assert by["bitnet"]["perplexity_ratio_vs_control_real"] and by["qlora"]["perplexity_ratio_vs_fp32_real"]
+    assert by["lora"]["perplexity_ratio_vs_control"] is None  # lora is a control, not a regime with one

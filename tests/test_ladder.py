@@ -59,3 +59,4 @@ def test_ladder_on_a_tiny_llama_scores_every_rung_on_the_same_tokens():
     assert by["ptq_int2"]["perplexity_ratio_real"] and by["ptq_int2"]["perplexity_ratio_lo"] > 1
     again = ptq_ladder.run_ladder(spec, torch.device("cpu"))
     assert [r["perplexity"] for r in again.rows] == [r["perplexity"] for r in res.rows]  # same seed, same numbers
+

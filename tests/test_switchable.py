@@ -3,7 +3,7 @@ sensitivity and greedy search, the cloze QA set and SQuAD's metric."""
 import pytest
 import torch
 
-from qlib import qa, search, switchable
+from qlib import choice, qa, search, switchable
 from qlib.cli import main as cli_main
 from qlib.config import QlabError
 from qlib.pretrain import pretrained_lm
@@ -133,11 +133,21 @@ def test_cloze_construction_and_squad_metric():
     ex = qa.cloze_from_article("x/1.txt", article)
     assert ex.answer == "Acme Widgets" and qa.BLANK in ex.question and ex.answer not in ex.question
     assert ex.answer in ex.context and "Monday" not in ex.context
+    assert ex.choices == ("Acme Widgets", "Analysts")  # the context's entities, sorted: no position gives it away
     code = 'def find(pattern, text, flags=0):\n    """Search ___ for pattern."""\n    return re.search(pattern, text, flags)\n'
-    ex = qa.cloze_from_function("m.find", "Search text for the pattern.", code)
-    assert ex.answer == "text" and ex.question == "Search ___ for the pattern." and '"""' not in ex.context
-    assert qa.cloze_from_function("m.one", "Return x doubled.", "def one(x):\n    return 2 * x\n") is None  # 1 param
+    doc = "Search text for the pattern. Nothing here names one. Return None unless flags match."
+    first, second = qa.clozes_from_function("m.find", doc, code)  # one question per sentence naming a parameter
+    assert (first.id, first.answer, first.question) == ("m.find#0", "text", "Search ___ for the pattern.")
+    assert (second.id, second.answer, second.question) == ("m.find#2", "flags", "Return None unless ___ match.")
+    assert first.choices == ("pattern", "text", "flags") and '"""' not in first.context
+    assert first.filled("flags") == "Search flags for the pattern."
+    assert qa.clozes_from_function("m.one", "Return x doubled.", "def one(x):\n    return 2 * x\n") == []  # 1 param
+    ex = first
     assert qa.heuristic_baseline([ex]) == {"em": 1.0, "f1": 1.0}  # 'pattern' is named, so it answers 'text'
+    assert qa.heuristic_preds([first, second]) == ["text", "pattern"]  # the first one each question leaves unnamed
+    assert qa.chance_accuracy([first, second]) == pytest.approx(1 / 3)
+    train = [qa.QAExample(str(i), "", "", a) for i, a in enumerate(["flags", "flags", "text"])]
+    assert qa.majority_choices(train, [first, second]) == ["flags", "flags"]
     assert qa.exact_match("the Acme  widgets!", "Acme Widgets") == 1.0
     assert qa.f1_score("Acme", "Acme Widgets") == pytest.approx(2 / 3)
     assert qa.em_f1(["a", "Acme"], ["b", "Acme"]) == {"em": 0.5, "f1": 0.5}
@@ -148,3 +158,57 @@ def test_cloze_construction_and_squad_metric():
 def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert cli_main(["eval", "--profile", "smoke", "--adapters", str(tmp_path), "--bitmap", "8"]) == 2
     assert "not a switchable adapter folder" in capsys.readouterr().err
+
+
+def _cloze(answer: str) -> qa.QAExample:
+    code = "def find(pattern, text, flags=0):\n    return re.search(pattern, text, flags)"
+    return qa.QAExample("m.find#0", code, "Search ___ for the pattern.", answer, ("pattern", "text", "flags"))
+
+
+def test_multiple_choice_prompt_does_not_depend_on_the_answer_and_picks_the_likeliest(tiny, model):
+    from transformers import AutoTokenizer
+
+    from qlib.studies import switchable as study
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    items = {a: study.encode(_cloze(a), tok, 40, 8) for a in ("pattern", "text", "flags")}
+    assert len({tuple(p) for p, _ in items.values()}) == 1  # one prompt, cut from the context's end, for every answer
+    prompt, target = items["text"]
+    assert len(prompt) + max(len(t) for t in choice.cloze_targets(_cloze("text"), tok)) <= 40
+    assert tok.decode(target[:-1]).strip() == "Search text for the pattern." and target[-1] == tok.eos_token_id
+    model.set_config(32)
+    scores = {}
+    for c, t in zip(_cloze("text").choices, choice.cloze_targets(_cloze("text"), tok)):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + t])).logits[0, :-1], -1)
+        scores[c] = float(sum(logp[len(prompt) - 1 + i, tok_id] for i, tok_id in enumerate(t)))
+    best = [max(scores, key=scores.get)]
+    assert choice.choose(model, tok, [_cloze("text")], [prompt], CPU) == best  # the prompt's KV cache shared
+    assert choice.choose(model, tok, [_cloze("text")], [prompt], CPU, share_prompt=False) == best  # whole sequences
+    for way in (choice._cached_scores, choice._batched_scores):
+        assert way(model, tok, [_cloze("text")], [prompt], CPU)[0] == pytest.approx(list(scores.values()), abs=1e-4)
+    assert len(set(scores.values())) == 3  # no tie decides it
+
+
+def test_paired_accuracy_against_a_baseline():
+    from qlib.studies import switchable as study
+
+    exs = [_cloze(a) for a in ("text",) * 30 + ("flags",) * 30]
+    data = study.QAData([], [], exs, [([], [])] * 60, None, 0)
+    assert data.multiple_choice and data.metric == "accuracy"
+    always_text = ["text"] * 60
+    d = choice.versus(exs, always_text, [e.answer for e in exs], seed=0)
+    assert d["diff"] == pytest.approx(0.5) and d["real"] and 0.3 < d["lo"] < 0.5 < d["hi"] <= 0.7
+    d = choice.versus(exs, always_text, ["flags"] * 30 + ["text"] * 30, seed=0)  # all wrong vs half right
+    assert d["diff"] == pytest.approx(-0.5) and d["real"]
+    assert not choice.versus(exs, always_text, ["text"] * 59 + ["flags"], seed=0)["real"]  # one answer: noise
+
+
+def test_the_search_budgets_the_named_metric(model):
+    sens = {"0": {"2": {"mse": 1.0}, "4": {"mse": 0.5}, "8": {"mse": 0.1}},
+            "1": {"2": {"mse": 2.0}, "4": {"mse": 0.6}, "8": {"mse": 0.2}}}
+    rows = search.greedy_search(model, sens, lambda bm: {"accuracy": 0.8 - 0.05 * bm.count(2)}, 0.02, [1, 1],
+                                metric="accuracy")
+    assert [r["width"] for r in rows if r["accepted"]] == [None, 4, 4] and rows[1]["drop"] == pytest.approx(0.05)
+    with pytest.raises(QlabError, match="search metric 'accuracy' is not among the scores"):
+        search.greedy_search(model, sens, lambda bm: {"f1": 0.5}, 0.02, [1, 1], metric="accuracy")

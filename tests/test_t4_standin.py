@@ -23,7 +23,7 @@ RUNS = [
                             gen_tokens=4, latency_repeats=1, ladder_eval_tokens=512),
      {"model": "gpt2", "data": "code-search-net/code_search_net"}),
     ("06_switchable_precision", dict(steps=2, batch_size=2, lora_rank=2, max_len=128, n_eval=4, n_calib=2,
-                                     max_new_tokens=3), {"model": "gpt2", "data": "rajpurkar/squad"}),
+                                     max_new_tokens=3, block_qa_questions=8), {"model": "gpt2", "data": "rajpurkar/squad"}),
     ("07_llama_scaling", dict(rungs="llama-2m", seq=32, steps=1, finetune_steps=2, device="cpu"), {}),
     ("08_qwen_merge_gguf", dict(steps=2, batch_size=2, context=64, train_tokens=4000, eval_tokens=512, gen_tokens=4,
                                 latency_repeats=1),

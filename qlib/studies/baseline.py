@@ -89,6 +89,7 @@ def run(cfg: BaselineConfig) -> BaselineResult:
         "fp32", model=model_asset.id, dataset=ds.asset.id, **quality, size_bytes=size,
         bits_per_param=metrics.bits_per_param(size, params["total_params"]),
         latency_ms=lat1["median_ms"], latency_ms_b8=lat8["median_ms"],
+        timing_threads=lat8["threads"], load_avg_1m=lat8["load_avg_1m"],
         tokens_per_s=8 * cfg.max_length / (lat8["median_ms"] / 1e3), speedup_vs_fp32=1.0,
         peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, train_time_s=tr.train_time_s,
         train_steps=tr.steps, step_time_s=tr.median_step_s, final_loss=tr.final_loss, **params)

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import metrics
+from qlib import choice, metrics, qa
 from qlib.quant import ladder
 from qlib.studies.ptq_ladder import load_real_lm
 
@@ -38,6 +38,8 @@ class BlockSearchSpec:
     calib_tokens: int = 1024    # from the training split
     eval_tokens: int = 4096     # held out
     seed: int = 0
+    qa_questions: int = 160     # held-out cloze questions scored by multiple choice per bitmap (0: skip)
+    qa_max_len: int = 256
 
 
 @dataclass
@@ -48,6 +50,8 @@ class BlockSearchResult:
     rows: list[dict[str, Any]]          # chosen bitmap and controls, held out, with intervals
     nll: dict[str, np.ndarray]
     info: dict[str, Any]
+    qa_rows: list[dict[str, Any]] = field(default_factory=list)   # bitmaps and baselines on the cloze questions
+    qa_answers: dict[str, list[str]] = field(default_factory=dict)  # per question
 
 
 class Rounder:
@@ -102,13 +106,42 @@ def run_block_search(spec: BlockSearchSpec, device: torch.device) -> BlockSearch
                "random_order": [spec.low if b in rnd else spec.high for b in range(n)],
                f"uniform_{spec.low}bit": low}
     held_nll = {name: nll(held, bm) for name, bm in tqdm(bitmaps.items(), desc="held-out bitmaps")}
+    on_qa = ("reference", "greedy", f"uniform_{spec.low}bit")
+    qa_rows, answers = qa_accuracy(lm, r, {k: bitmaps[k] for k in on_qa}, spec) if spec.qa_questions else ([], {})
     r.set([32] * n)
     params = {b: sum(r.original[nm].numel() for nm in r.layers if f".layers.{b}." in nm) for b in range(n)}
     rows = [_row(name, bm, held_nll, params, spec) for name, bm in bitmaps.items()]
     info = {"model": lm.asset.provenance(), "data": lm.data_asset.provenance(), "blocks": n,
             "calib_tokens": int(calib.numel()), "eval_tokens": int(held.numel()), "low_blocks": k,
             "calib_nll_all_high": float(base)}
-    return BlockSearchResult(sens, chosen, steps, rows, held_nll, info)
+    return BlockSearchResult(sens, chosen, steps, rows, held_nll, info, qa_rows, answers)
+
+
+def qa_accuracy(lm: Any, r: Rounder, bitmaps: dict[str, list[int]],
+                spec: BlockSearchSpec) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """The bitmaps on 06's held-out cloze questions (multiple choice, a seeded sample), beside the most frequent
+    training answer and the heuristic; each row with paired intervals against the majority and the reference."""
+    train, held, _ = qa.load_qa("stdlib-cloze")
+    max_len = min(spec.qa_max_len, getattr(lm.model.config, "max_position_embeddings", spec.qa_max_len))
+    pairs = [(ex, it) for ex in held if (it := choice.encode_cloze(ex, lm.tok, max_len)) is not None]
+    if not pairs:
+        return [], {}
+    pick = sorted(random.Random(spec.seed).sample(range(len(pairs)), min(spec.qa_questions, len(pairs))))
+    exs, prompts = [pairs[i][0] for i in pick], [pairs[i][1][0] for i in pick]
+    answers = {"id": [ex.id for ex in exs], "answer": [ex.answer for ex in exs],
+               "baseline_majority": qa.majority_choices(train, exs), "baseline_heuristic": qa.heuristic_preds(exs)}
+    for name, bm in tqdm(bitmaps.items(), desc=f"cloze questions ({len(exs)}) per bitmap"):
+        r.set(bm)
+        answers[name] = choice.choose(lm.model, lm.tok, exs, prompts, lm.device)
+    rows = []
+    for name in [*bitmaps, "baseline_majority", "baseline_heuristic"]:
+        row = {"bitmap_name": name, "accuracy": choice.accuracy(exs, answers[name]), "n": len(exs),
+               "chance": qa.chance_accuracy(exs)}
+        metrics.with_difference(row, "accuracy_diff_vs_majority", None if name == "baseline_majority" else
+                                choice.versus(exs, answers["baseline_majority"], answers[name], spec.seed))
+        rows.append(metrics.with_difference(row, "accuracy_diff_vs_reference", None if name == "reference" else
+                                            choice.versus(exs, answers["reference"], answers[name], spec.seed)))
+    return rows, answers
 
 
 def _row(name: str, bitmap: list[int], held: dict[str, np.ndarray], params: dict[int, int],
@@ -148,4 +181,24 @@ def findings(res: BlockSearchResult, spec: BlockSearchSpec) -> str:
                      f"— the search {verdict} chance by more than the interval; most-sensitive-first vs random: "
                      f"{pct(worst['vs_random_order'])} [{pct(worst['vs_random_order_lo'])}, "
                      f"{pct(worst['vs_random_order_hi'])}].")
-    return "\n".join(lines)
+    return "\n".join(lines + qa_lines(res))
+
+
+def qa_lines(res: BlockSearchResult) -> list[str]:
+    """Markdown: the bitmaps on the cloze questions against the constant answer and the reference."""
+    if not res.qa_rows:
+        return []
+    by = {r["bitmap_name"]: r for r in res.qa_rows}
+    pt = lambda r, k: (f"{100 * r[k]:+.1f} pt [{100 * r[k + '_lo']:+.1f}, {100 * r[k + '_hi']:+.1f}]"  # noqa: E731
+                       + ("" if r[k + "_real"] else ", within noise"))
+    ref, maj, heur = by["reference"], by["baseline_majority"], by["baseline_heuristic"]
+    lines = [f"- Cloze questions ({ref['n']} held out, multiple choice over the context's parameters): chance "
+             f"{ref['chance']:.3f}, most frequent training answer {maj['accuracy']:.3f}, heuristic "
+             f"{heur['accuracy']:.3f}; the reference reads the code: {ref['accuracy']:.3f}, "
+             f"{pt(ref, 'accuracy_diff_vs_majority')} over the constant answer."]
+    for r in res.qa_rows[1:]:
+        if not r["bitmap_name"].startswith("baseline_"):
+            lines.append(f"- `{r['bitmap_name']}` on the questions: {r['accuracy']:.3f}, "
+                         f"{pt(r, 'accuracy_diff_vs_reference')} vs the reference, "
+                         f"{pt(r, 'accuracy_diff_vs_majority')} vs the constant answer.")
+    return lines

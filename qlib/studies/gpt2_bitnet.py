@@ -1,4 +1,6 @@
-"""Study 05: GPT-2 fine-tuned on Python code under six regimes: FP32, 8-bit, 4-bit, QLoRA, BitNet, QLoRA+BitNet."""
+"""Study 05: GPT-2 fine-tuned on Python code under six regimes (FP32, 8-bit, 4-bit, QLoRA, BitNet, QLoRA+BitNet)
+and their controls (LoRA on the FP32 base beside QLoRA; the FP32 fine-tune rounded to ternary with no training
+beside BitNet), every perplexity paired per token with an interval."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from safetensors.torch import save
 
@@ -22,7 +25,9 @@ STUDY = "05_gpt2_bitnet"
 # bitsandbytes' LLM.int8 logs "inputs will be cast to float16" once per layer per call: true, known,
 # and stated in the notes; one line per matmul would bury the notebook's output.
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-REGIMES = ("fp32", "int8", "nf4", "qlora", "bitnet", "qlora_bitnet")
+REGIMES = ("fp32", "int8", "nf4", "lora", "qlora", "bitnet_ptq", "bitnet", "qlora_bitnet")
+# each regime's control: the same training on a full-precision base, or the same format with no training
+CONTROLS = {"qlora": "lora", "bitnet": "bitnet_ptq", "int8": "fp32", "nf4": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class Regime:
     train_mem: metrics.PeakMemory | None = None
     note: str = ""
     artifacts: dict[str, Path] = field(default_factory=dict)
+    base_bytes: int = 0             # a frozen base shipped beside an adapter (as stored)
 
 
 def _load(path: str, plan_method: str | None, device: torch.device) -> torch.nn.Module:
@@ -110,14 +116,23 @@ def build_regimes(cfg: GPT2Config, base: str, loader: Any, out: Path, device: to
             r = _train(name, _load(base, None, device), loader, cfg, cfg.lr, device)
             with report.atomic_dir(fp32_dir) as tmp:
                 r.model.save_pretrained(tmp)
+        elif name in ("int8", "nf4", "bitnet_ptq") and not fp32_dir.is_dir():
+            raise ValueError(f"regime {name!r} quantizes the fp32 fine-tune: put 'fp32' before it")
+        elif name == "bitnet_ptq":
+            m = _load(str(fp32_dir), None, device)
+            bitnet.to_bitnet(m)
+            r = Regime(name, m, note="bitnet_ptq: the FP32 fine-tune rounded to ternary (BitLinear: absmean "
+                                     "weights, 8-bit activations) with no training, the control of BitNet's training")
         elif name in ("int8", "nf4"):
-            if not fp32_dir.is_dir():
-                raise ValueError(f"regime {name!r} quantizes the fp32 fine-tune: put 'fp32' before it")
             method = "int8" if name == "int8" else "nf4"
             r = Regime(name, _load(str(fp32_dir), method, device),
                        note="evaluated only: bitsandbytes stores the quantized weights as frozen integer "
                             "buffers, so full-parameter training of an 8-/4-bit base is impossible; this "
                             "row is the FP32 fine-tune quantized after training")
+        elif name == "lora":
+            r = _train(name, _lora(_load(base, None, device), cfg.lora_rank, kbit=False), loader, cfg, cfg.lora_lr,
+                       device)
+            r.base_bytes = metrics.size_on_disk(Path(base) / "model.safetensors")
         elif name == "qlora":
             m = _load(base, "qlora", device)
             with report.atomic_dir(out / name / "base-nf4") as tmp:
@@ -154,7 +169,9 @@ def save_artifact(r: Regime, out: Path) -> tuple[int, float | None, dict[str, An
     if r.name == "qlora":
         base = metrics.size_on_disk(d / "base-nf4" / "model.safetensors")
         return base + adapter, _quantized_bits(r.model), {"adapter_bytes": adapter}
-    if r.name == "bitnet":
+    if r.name == "lora":  # the FP32 base as shipped + the adapter
+        return r.base_bytes + adapter, None, {"adapter_bytes": adapter}
+    if r.name in ("bitnet", "bitnet_ptq"):
         size, bits, n = _pack_ternary(r.model, d / "model-ternary.safetensors")
         return size, bits, {"ternary_layers": n}
     # qlora_bitnet: merged LoRA deltas would not be ternary, so the packed base and the adapter ship apart
@@ -268,7 +285,7 @@ def random_init_setup(cfg: GPT2Config, out: Path) -> tuple[assets.Resolved, str,
 
 def plan(cfg: GPT2Config, model_config: Any, device: torch.device) -> list[budget.Prediction]:
     """The regimes that train: FP32 and BitNet full fine-tunes (fp32 weights, autocast, AdamW; BitLinear keeps
-    a ternary fp32 copy of each weight for backward) and QLoRA. int8/nf4 only evaluate."""
+    a ternary fp32 copy of each weight for backward), LoRA and QLoRA. int8/nf4/bitnet_ptq only evaluate."""
     from qlib import accounting
 
     kw = dict(batch=cfg.batch_size, seq=cfg.context, steps=cfg.steps, compute=budget.compute_for(device))
@@ -276,6 +293,10 @@ def plan(cfg: GPT2Config, model_config: Any, device: torch.device) -> list[budge
     out = []
     if "fp32" in cfg.regimes:
         out.append(budget.predict(f"05 fp32 fine-tune of {cfg.model_id}, {shape}", model_config, "full", **kw))
+    if "lora" in cfg.regimes:
+        out.append(budget.predict(f"05 lora r={cfg.lora_rank} on the full-precision base, {shape}", model_config,
+                                  "lora", rank=cfg.lora_rank, targets=tuple(models.GPT2_LORA_TARGETS),
+                                  lora_dropout=True, **kw))
     if "qlora" in cfg.regimes:
         out.append(budget.predict(f"05 qlora r={cfg.lora_rank}, {shape}", model_config, "qlora", rank=cfg.lora_rank,
                                   targets=tuple(models.GPT2_LORA_TARGETS), lora_dropout=True, **kw))
@@ -308,10 +329,11 @@ def run(cfg: GPT2Config) -> GPT2Result:
     gpu_plan = budget.announce(plan(cfg, hub.model_config(base), device), device) \
         if budget.wanted(cfg.profile, device) else None
 
-    rows, losses, identical, bit, emb, ref = [], {}, None, None, 0, None
+    rows, losses, identical, bit, emb, ref, nll = [], {}, None, None, 0, None, {}
     for r in build_regimes(cfg, base, loader, out, device):
-        with metrics.PeakMemory(device) as inf_mem:
-            ppl = metrics.perplexity(r.model, eval_ids, cfg.context, cfg.stride, device)
+        with metrics.PeakMemory(device) as inf_mem, torch.no_grad():
+            nll[r.name] = metrics.token_nll(r.model, eval_ids, cfg.context, cfg.stride, device).double().numpy()
+        ppl = {"perplexity": float(np.exp(nll[r.name].mean()))}
         tps, speedup = _decode_vs_fp32(r, ref, prompt, eos, cfg, device)
         size, stored_bits, extra = save_artifact(r, out)
         if r.name == "bitnet":
@@ -341,6 +363,9 @@ def run(cfg: GPT2Config) -> GPT2Result:
         if device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
+    if not cfg.random_init:
+        paired_differences(rows, nll, cfg)
+        report.write_per_example(STUDY, cfg.profile, "regime_per_token_nll", nll)
     gguf_types: dict = {}
     if cfg.gguf and bit is not None and tok is not None:  # random-init runs have no tokenizer to convert
         grows, gguf_types = gguf_rows(bit, tok, eval_ids, prompt[0].tolist(), cfg, out,
@@ -371,6 +396,18 @@ def run(cfg: GPT2Config) -> GPT2Result:
                                 packed_ternary_identical_logits=identical, ladder=ladder_doc,
                                 embedding_params=emb)
     return GPT2Result(rows, report.load_metrics(path), path, losses, identical)
+
+
+def paired_differences(rows: list[dict[str, Any]], nll: dict[str, Any], cfg: GPT2Config) -> None:
+    """Each regime's perplexity over the FP32 fine-tune's and over its control's (`CONTROLS`), on the same tokens,
+    with the paired block-bootstrap interval (blocks of `stride` tokens: one window's new tokens)."""
+    for row in rows:
+        name = row["method"]
+        for key, ref in (("perplexity_ratio_vs_fp32", "fp32"), ("perplexity_ratio_vs_control", CONTROLS.get(name))):
+            d = metrics.perplexity_ratio(nll[ref], nll[name], cfg.stride, cfg.seed) \
+                if ref in nll and ref != name else None
+            metrics.with_difference(row, key, d, value="ratio")
+        row["control"] = CONTROLS.get(name) if CONTROLS.get(name) in nll else None
 
 
 def _decode_vs_fp32(r: Regime, ref: Any, prompt: torch.Tensor, eos: int, cfg: GPT2Config,
@@ -413,6 +450,13 @@ def _check_unpacked(model: Any, path: Path, ids: torch.Tensor) -> bool:
         return bool(torch.equal(skeleton(input_ids=x).logits, model(input_ids=x).logits))
 
 
+def _ratio(row: dict[str, Any], key: str) -> str:
+    """A perplexity ratio as a % change with its interval and verdict."""
+    pct = lambda x: f"{100 * (x - 1):+.1f} %"  # noqa: E731
+    return (f"{pct(row[key])} [{pct(row[key + '_lo'])}, {pct(row[key + '_hi'])}]"
+            + ("" if row[key + "_real"] else ", within noise"))
+
+
 def findings(res: GPT2Result) -> str:
     """Markdown findings from this run's numbers."""
     by = {r["method"]: r for r in res.rows}
@@ -422,8 +466,10 @@ def findings(res: GPT2Result) -> str:
         if r.get("backend") == "llama.cpp" or r.get("section") == "post-training ladder":
             continue  # other windows (stride = context) or another model: their own lines below
         has_ppl = r["perplexity"] is not None
-        rel = (f" ({100 * (r['perplexity'] / fp['perplexity'] - 1):+.1f} % vs fp32)"
-               if fp and r is not fp and has_ppl else "")
+        rel = (f" ({_ratio(r, 'perplexity_ratio_vs_fp32')} vs fp32"
+               + (f"; {_ratio(r, 'perplexity_ratio_vs_control')} vs its control `{r['control']}`"
+                  if r.get("control") and r["control"] != "fp32" else "") + ")"
+               if r.get("perplexity_ratio_vs_fp32") is not None else "")
         ppl = f"perplexity {r['perplexity']:.2f}{rel}" if has_ppl else "perplexity not measured (random init)"
         train = (f", trained {r['trainable_params']:,} of {r['total_params']:,} params in {r['train_time_s']:.1f} s "
                  f"({r['step_time_s'] * 1e3:.0f} ms/step median, peak {r['peak_mem_bytes'] / 2**20:,.0f} MiB "

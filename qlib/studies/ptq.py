@@ -119,9 +119,10 @@ def build_variants(fp32: torch.nn.Module, tok: Any, calib: list[dict[str, torch.
         dyn = export.ort_quantize_dynamic(f32, out / "model_int8_dynamic.onnx")
         np_calib = [{k: v.numpy() for k, v in b.items() if k != "labels"} for b in calib]
         sta = export.ort_quantize_static(f32, out / "model_int8_static.onnx", np_calib)
-        vs += [Variant("onnx_fp32", export.OrtClassifier(f32), f32, "onnxruntime"),
-               Variant("ort_int8_dynamic", export.OrtClassifier(dyn), dyn, "onnxruntime"),
-               Variant("ort_int8_static", export.OrtClassifier(sta), sta, "onnxruntime")]
+        one = metrics.TIMING_THREADS  # timed beside PyTorch on as many threads
+        vs += [Variant("onnx_fp32", export.OrtClassifier(f32, one), f32, "onnxruntime"),
+               Variant("ort_int8_dynamic", export.OrtClassifier(dyn, one), dyn, "onnxruntime"),
+               Variant("ort_int8_static", export.OrtClassifier(sta, one), sta, "onnxruntime")]
     return vs
 
 
@@ -224,6 +225,7 @@ def _rows(variants: list[Variant], quality: dict, lat: dict, fp32: torch.nn.Modu
             v.method, model=baseline_label(bcfg), dataset=ds.asset.id,
             **quality[v.method], size_bytes=size, bits_per_param=metrics.bits_per_param(size, n_params),
             latency_ms=b1, latency_ms_b8=b8, tokens_per_s=8 * bcfg.max_length / (b8 / 1e3),
+            timing_threads=lat[8][v.method]["threads"], load_avg_1m=lat[8][v.method]["load_avg_1m"],
             speedup_vs_fp32=ref_b8 / b8, speedup_b1_vs_fp32=ref_b1 / b1, speed_reference=ref,
             speedup_vs_pytorch_fp32=lat[8]["fp32"]["median_ms"] / b8, size_ratio=None,
             total_params=n_params, backend=v.backend, quantized_modules=v.quantized))

@@ -165,6 +165,8 @@ def _rows(models_: dict, quality: dict, lat: dict, trains: dict, out: Path, mode
             size_bytes=size, bits_per_param=metrics.bits_per_param(size, n),
             latency_ms=lat[1][k]["median_ms"] if timed else None,
             latency_ms_b8=lat[8][k]["median_ms"] if timed else None,
+            timing_threads=lat[8][k]["threads"] if timed else None,
+            load_avg_1m=lat[8][k]["load_avg_1m"] if timed else None,
             speedup_vs_fp32=lat[8]["fp32"]["median_ms"] / lat[8][k]["median_ms"] if timed else None,
             peak_mem_bytes=mem.peak_bytes if mem else None, peak_mem_source=mem.source if mem else None,
             train_time_s=tr.train_time_s if tr else None, train_steps=tr.steps if tr else None,

@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from qlib import assets, budget, hub, metrics, models, qa, report, search, switchable
+from qlib import assets, budget, choice, hub, metrics, models, qa, report, search, switchable
+from qlib.choice import Item
 from qlib.config import QlabError, make_config, outputs_dir, pick_device, results_dir
 from qlib.studies import StudyResult
 from qlib.train import STYLES, set_seed, train_switchable
@@ -37,14 +38,15 @@ class SwitchableConfig:
     styles: tuple[str, ...] = ("spnet", "cyclic", "instantnet")
     widths: tuple[int, ...] = (2, 4, 8, 32)
     single_baselines: bool = True   # one model per width trained at that width alone
+    gen_data: bool = True           # also train search_style on the FP model's own completions (LLM-QAT)
     steps: int = 100                # optimizer steps per training run, whatever the style
     batch_size: int = 8
     lr: float = 3e-3
     lora_rank: int = 8
     kd_temperature: float = 1.0
-    budget: float = 0.02            # greedy search: largest F1 drop (0..1) vs full precision
+    budget: float = 0.02            # greedy search: largest drop (0..1) of the metric (accuracy or F1) vs full precision
     search_style: str = "instantnet"
-    n_eval: int | None = 200
+    n_eval: int | None = None       # eval questions (None: all)
     n_calib: int = 32
     max_new_tokens: int = 8
     max_len: int | None = None      # prompt + answer tokens (None: the model's context); contexts are cut to fit
@@ -56,13 +58,14 @@ class SwitchableConfig:
     block_context: int = 256
     block_calib_tokens: int = 1024
     block_eval_tokens: int = 4096
+    block_qa_questions: int = 160   # held-out cloze questions per bitmap on the real model (0: skip)
     device: str = "auto"
 
 
 SWITCHABLE_PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model_id="gpt2-stdlib-tiny", steps=2, batch_size=4, lora_rank=2, n_eval=6, n_calib=4,
                   max_new_tokens=3, latency_repeats=1, block_model_id="llama-stdlib-tiny", block_context=64, block_calib_tokens=256,
-                  block_eval_tokens=512),
+                  block_eval_tokens=512, block_qa_questions=6),
     "default": {},
     # 7 training runs (3 styles + 4 single widths) of fp32 fake quantization on a T4: 300 steps of 8 x 384
     # tokens keep each run to minutes and the peak near 7 GiB (16 x 1024 would need ~30 GiB)
@@ -82,8 +85,12 @@ def switchable_config(profile: str = "default", **overrides: Any) -> SwitchableC
 
 # ---------------------------------------------------------------- QA as a language-model task
 
-def encode(ex: qa.QAExample, tok: Any, max_len: int, answer_room: int) -> tuple[list[int], list[int]] | None:
-    """Prompt and answer ids; a context too long for the model is cut around the answer, never the answer."""
+def encode(ex: qa.QAExample, tok: Any, max_len: int, answer_room: int) -> Item | None:
+    """Prompt and target ids. Multiple-choice examples: `choice.encode_cloze` (the filled-in sentence is the
+    target). Others: context + question + "A:", target the answer, a context too long for the model cut around
+    the answer, never the answer."""
+    if ex.choices:
+        return choice.encode_cloze(ex, tok, max_len)
     ans = tok(" " + ex.answer)["input_ids"] + [tok.eos_token_id]
     ctx, at = ex.context, ex.context.find(ex.answer)
     while True:
@@ -97,9 +104,9 @@ def encode(ex: qa.QAExample, tok: Any, max_len: int, answer_room: int) -> tuple[
         at = ctx.find(ex.answer)
 
 
-def qa_loader(items: list[tuple[list[int], list[int]]], batch_size: int, pad: int, seed: int) -> DataLoader:
-    """Right-padded batches; the loss is on the answer (and its end token) only."""
-    def collate(batch: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+def qa_loader(items: list[Item], batch_size: int, pad: int, seed: int) -> DataLoader:
+    """Right-padded batches; the loss is on the target (and its end token) only."""
+    def collate(batch: list[Item]) -> dict[str, torch.Tensor]:
         n = max(len(p) + len(a) for p, a in batch)
         ids = torch.full((len(batch), n), pad)
         labels = torch.full((len(batch), n), -100)
@@ -115,37 +122,58 @@ def qa_loader(items: list[tuple[list[int], list[int]]], batch_size: int, pad: in
 
 
 @torch.no_grad()
-def answer(model: Any, tok: Any, prompts: list[list[int]], max_new: int, device: torch.device,
-           batch_size: int = 32) -> list[str]:
-    """Greedy answers, cut at the first newline or end token; prompts left-padded in batches."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        n = max(map(len, chunk))
-        ids = torch.tensor([[tok.eos_token_id] * (n - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in chunk], device=device)
-        gen = model.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                                   pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-        out += [tok.decode(g[n:], skip_special_tokens=True).split("\n")[0].strip() for g in gen]
-    return out
+def generate(model: Any, tok: Any, prompts: list[list[int]], max_new: int, device: torch.device,
+             batch_size: int = 32) -> list[list[int]]:
+    """Greedy continuations (ids, cut at the first newline or end token), leaving room in the context for an end token;
+    prompts of similar length left-padded together."""
+    out: dict[int, list[int]] = {}
+    newline, limit = set(tok("\n")["input_ids"]), model.config.n_positions
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for i in range(0, len(order), batch_size):
+        chunk = order[i:i + batch_size]
+        n = max(len(prompts[j]) for j in chunk)
+        ids = torch.tensor([[tok.eos_token_id] * (n - len(prompts[j])) + prompts[j] for j in chunk], device=device)
+        mask = torch.tensor([[0] * (n - len(prompts[j])) + [1] * len(prompts[j]) for j in chunk], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(1, min(max_new, limit - n - 1)),
+                             do_sample=False, pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        for j, g in zip(chunk, gen[:, n:].tolist()):
+            cut = next((k for k, t in enumerate(g) if t == tok.eos_token_id or t in newline), len(g))
+            out[j] = g[:cut]
+    return [out[j] for j in range(len(prompts))]
+
+
+def answer(model: Any, tok: Any, prompts: list[list[int]], max_new: int, device: torch.device) -> list[str]:
+    """Greedy answers as text (generation scoring, for datasets without candidates)."""
+    return [tok.decode(g, skip_special_tokens=True).strip() for g in generate(model.model, tok, prompts, max_new,
+                                                                               device)]
 
 
 @dataclass
 class QAData:
-    train: list[tuple[list[int], list[int]]]
+    train: list[Item]
+    train_examples: list[qa.QAExample]
     eval_examples: list[qa.QAExample]
-    eval_items: list[tuple[list[int], list[int]]]
+    eval_items: list[Item]
     asset: assets.Resolved
     dropped: int
+
+    @property
+    def multiple_choice(self) -> bool:
+        return all(ex.choices for ex in self.eval_examples)
+
+    @property
+    def metric(self) -> str:
+        """What the study reports and the search budgets: accuracy over candidates, else SQuAD's F1."""
+        return "accuracy" if self.multiple_choice else "f1"
 
 
 def load_data(cfg: SwitchableConfig, tok: Any, max_len: int) -> QAData:
     train_ex, eval_ex, asset = qa.load_qa(cfg.dataset_id)
     enc = lambda exs: [(e, encode(e, tok, max_len, cfg.max_new_tokens)) for e in exs]  # noqa: E731
-    train = [x for _, x in enc(train_ex) if x is not None]
+    train = [(e, x) for e, x in enc(train_ex) if x is not None]
     ev = [(e, x) for e, x in enc(eval_ex) if x is not None][: cfg.n_eval]
-    dropped = len(train_ex) - len(train)
-    return QAData(train, [e for e, _ in ev], [x for _, x in ev], asset, dropped)
+    return QAData([x for _, x in train], [e for e, _ in train], [e for e, _ in ev], [x for _, x in ev], asset,
+                  len(train_ex) - len(train))
 
 
 def load_setup(cfg: SwitchableConfig) -> tuple[assets.Resolved, Any, QAData]:
@@ -165,15 +193,42 @@ def calibration(data: QAData, tok: Any, cfg: SwitchableConfig, device: torch.dev
     return [{k: v.to(device) for k, v in b.items()} for _, b in zip(range(n_batches), loader)]
 
 
-def evaluate(model: switchable.SwitchableQuantLoRAModel, tok: Any, data: QAData, bitmap: Any,
-             cfg: SwitchableConfig, device: torch.device) -> dict[str, float]:
+def predict(model: switchable.SwitchableQuantLoRAModel, tok: Any, data: QAData, bitmap: Any,
+            cfg: SwitchableConfig, device: torch.device) -> list[str]:
+    """One answer per eval question at `bitmap`: the chosen candidate, or the generated text."""
     model.set_config(bitmap)
-    preds = answer(model, tok, [p for p, _ in data.eval_items], cfg.max_new_tokens, device)
+    prompts = [p for p, _ in data.eval_items]
+    if data.multiple_choice:
+        return choice.choose(model, tok, data.eval_examples, prompts, device, share_prompt=False)  # a small model
+    return answer(model, tok, prompts, cfg.max_new_tokens, device)
+
+
+def scores(preds: list[str], data: QAData) -> dict[str, float]:
+    """Accuracy over candidates (multiple choice) or SQuAD's EM and F1."""
+    if data.multiple_choice:
+        return {"accuracy": choice.accuracy(data.eval_examples, preds)}
     return qa.em_f1(preds, [e.answer for e in data.eval_examples])
 
 
+def evaluate(model: switchable.SwitchableQuantLoRAModel, tok: Any, data: QAData, bitmap: Any,
+             cfg: SwitchableConfig, device: torch.device) -> dict[str, float]:
+    return scores(predict(model, tok, data, bitmap, cfg, device), data)
+
+
+def baselines(data: QAData) -> dict[str, Any]:
+    """What a model that reads nothing (chance, the most frequent training answer) or a rule of thumb (the first
+    parameter or entity the question does not name) scores on the same questions, with their answers."""
+    golds = [e.answer for e in data.eval_examples]
+    heur = qa.heuristic_preds(data.eval_examples)
+    if not data.multiple_choice:
+        return {"heuristic": qa.em_f1(heur, golds)}
+    preds = {"majority": qa.majority_choices(data.train_examples, data.eval_examples), "heuristic": heur}
+    return {"chance": {"accuracy": qa.chance_accuracy(data.eval_examples)},
+            **{k: {**scores(p, data), "preds": p} for k, p in preds.items()}}
+
+
 def perplexity_on_answers(model: switchable.SwitchableQuantLoRAModel, data: QAData, pad: int) -> float:
-    """exp(mean CE) on the answer tokens of the eval set (teacher forcing)."""
+    """exp(mean CE) on the gold target tokens of the eval set (teacher forcing)."""
     loader = qa_loader(data.eval_items, 16, pad, 0)
     nll, n = 0.0, 0
     with torch.no_grad():
@@ -184,6 +239,25 @@ def perplexity_on_answers(model: switchable.SwitchableQuantLoRAModel, data: QADa
     return float(torch.exp(torch.tensor(nll / n)))
 
 
+def self_generated(asset: assets.Resolved, tok: Any, data: QAData, cfg: SwitchableConfig,
+                   device: torch.device) -> tuple[list[Item], list[dict[str, str]]]:
+    """LLM-QAT's data (Liu et al. 2023, the seed's `gen_data`): the full-precision model, prompted with each
+    training question, writes its own completion, which replaces the gold target; as many questions as the
+    training run reads (steps x batch), drawn with the run's seed."""
+    from transformers import AutoModelForCausalLM
+
+    fp = AutoModelForCausalLM.from_pretrained(asset.path).to(device).eval()
+    g = torch.Generator().manual_seed(cfg.seed)
+    pick = torch.randperm(len(data.train), generator=g)[: cfg.steps * cfg.batch_size].tolist()
+    prompts = [data.train[i][0] for i in pick]
+    n_new = max(len(data.train[i][1]) for i in pick)
+    outs = generate(fp, tok, prompts, n_new, device)
+    items = [(p, o + [tok.eos_token_id]) for p, o in zip(prompts, outs)]
+    rows = [{"id": data.train_examples[i].id, "prompt": tok.decode(p), "completion": tok.decode(o),
+             "gold": tok.decode(data.train[i][1][:-1])} for i, p, o in zip(pick, prompts, outs)]
+    return items, rows
+
+
 # ---------------------------------------------------------------- the study
 
 @dataclass
@@ -192,28 +266,36 @@ class SwitchableResult(StudyResult):
     sensitivity: dict[str, Any]
     search_rows: list[dict[str, Any]]
     best: dict[str, Any]
-    heuristic: dict[str, float]
+    baselines: dict[str, Any]
     blocks: Any = None              # block_precision.BlockSearchResult (None: not run)
 
 
 def _uniform_rows(name: str, model: Any, tok: Any, data: QAData, cfg: SwitchableConfig, device: torch.device,
-                  widths: tuple[int, ...], train: Any, ids: dict[str, str]) -> list[dict[str, Any]]:
+                  widths: tuple[int, ...], train: Any, ids: dict[str, str], base: dict[str, Any],
+                  answers: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """One row per width; each width's answers go to `answers` (per-example file), with paired differences
+    against the majority answer and the heuristic where the questions are multiple choice."""
     rows = []
     prompt = torch.tensor([data.eval_items[0][0]], device=device)
     lora = sum(p.numel() for p in model.lora_parameters())  # every width's adapter
     total = sum(p.numel() for n, p in model.model.named_parameters() if "lora_" not in n) + lora
     for w in widths:
+        method = f"switchable_{name}_{w}"
         with metrics.PeakMemory(device) as mem:
-            scores = evaluate(model, tok, data, w, cfg, device)
+            answers[method] = predict(model, tok, data, w, cfg, device)
         ppl = perplexity_on_answers(model, data, tok.eos_token_id)
         tps = metrics.decode_speed(model.model, prompt, cfg.max_new_tokens, cfg.latency_repeats,
                                    tok.eos_token_id, device)
-        rows.append(report.make_row(
-            f"switchable_{name}_{w}", model=ids["model"], dataset=ids["data"], em=scores["em"], f1=scores["f1"],
+        row = report.make_row(
+            method, model=ids["model"], dataset=ids["data"], **scores(answers[method], data),
             perplexity=ppl, bits_per_param=float(w), tokens_per_s=tps, inference_peak_mem_bytes=mem.peak_bytes,
             peak_mem_source=mem.source, train_time_s=train.train_time_s, train_steps=train.steps,
             trainable_params=lora, total_params=total, style=name, bitmap=str(w),
-            perplexity_note="answer tokens of the eval questions, teacher-forced"))
+            perplexity_note="gold target tokens of the eval questions, teacher-forced")
+        for ref in ("majority", "heuristic") if data.multiple_choice else ():
+            metrics.with_difference(row, f"accuracy_diff_vs_{ref}", choice.versus(data.eval_examples, base[ref]["preds"],
+                                                                           answers[method], cfg.seed))
+        rows.append(row)
     return rows
 
 
@@ -226,10 +308,8 @@ def plan(cfg: SwitchableConfig, model_config: Any, seq: int, device: torch.devic
 
     a = accounting.arch(model_config)
     linears = accounting.param_counts(accounting.meta_model(model_config))["block_linears"]
-    runs = [(s, cfg.widths, s) for s in cfg.styles]
-    runs += [(f"single_w{w}", (w,), "single") for w in cfg.widths] if cfg.single_baselines else []
     out = []
-    for name, widths, style in runs:
+    for name, widths, style, _ in _runs(cfg):
         visits = 1 if style in ("cyclic", "single") else len(style_bitmaps(style, widths, a.layers))
         extra = {"fake_quant_copies": 4 * linears}
         if style == "instantnet":
@@ -241,9 +321,17 @@ def plan(cfg: SwitchableConfig, model_config: Any, seq: int, device: torch.devic
     return out
 
 
+def _runs(cfg: SwitchableConfig) -> list[tuple[str, tuple[int, ...], str, bool]]:
+    """(name, widths, style, on self-generated data) of every training run."""
+    runs = [(s, cfg.widths, s, False) for s in cfg.styles]
+    runs += [(f"single_w{w}", (w,), "single", False) for w in cfg.widths] if cfg.single_baselines else []
+    return runs + ([(f"{cfg.search_style}_selfgen", cfg.widths, cfg.search_style, True)] if cfg.gen_data else [])
+
+
 def run(cfg: SwitchableConfig) -> SwitchableResult:
-    """Train each style (and the single-width baselines), evaluate every uniform width, then sensitivity and
-    greedy search on the `search_style` model; metrics.json, sensitivity.json, search_results.csv."""
+    """Train each style (the single-width baselines, and the search style on its own generations), evaluate every
+    uniform width against the baselines, then sensitivity and greedy search on the `search_style` model;
+    metrics.json, per_example.csv.gz, sensitivity.json, search_results.csv, gen_data.jsonl."""
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
     asset, tok, data = load_setup(cfg)
@@ -251,51 +339,98 @@ def run(cfg: SwitchableConfig) -> SwitchableResult:
     gpu_plan = budget.announce(plan(cfg, hub.model_config(asset.path), seq, device), device) \
         if budget.wanted(cfg.profile, device) else None
     ids = {"model": asset.id, "data": data.asset.id}
-    out = outputs_dir(STUDY, cfg.profile)
-    loader = qa_loader(data.train, cfg.batch_size, tok.eos_token_id, cfg.seed)
+    out, res_dir = outputs_dir(STUDY, cfg.profile), results_dir(STUDY, cfg.profile)
+    base = baselines(data)
+    answers = {"id": [e.id for e in data.eval_examples], "answer": [e.answer for e in data.eval_examples],
+               **{f"baseline_{k}": v["preds"] for k, v in base.items() if "preds" in v}}
+    gen_items, gen_rows = self_generated(asset, tok, data, cfg, device) if cfg.gen_data else ([], [])
+    if gen_rows:
+        report.atomic_write_text(res_dir / "gen_data.jsonl", "".join(json.dumps(r) + "\n" for r in gen_rows))
     rows, losses, trained = [], {}, {}
-    plans = [(s, cfg.widths, s) for s in cfg.styles]
-    if cfg.single_baselines:
-        plans += [(f"single_w{w}", (w,), "single") for w in cfg.widths]
-    for name, widths, style in plans:
+    for name, widths, style, selfgen in _runs(cfg):
         set_seed(cfg.seed)
         model = switchable.build(asset.path, widths, cfg.lora_rank, device)
+        loader = qa_loader(gen_items if selfgen else data.train, cfg.batch_size, tok.eos_token_id, cfg.seed)
         tr = train_switchable(model, loader, style, cfg.steps, cfg.lr, device, cfg.kd_temperature,
                               desc=f"{name}: {cfg.steps} steps")
         losses[name] = tr.losses
-        rows += _uniform_rows(name, model, tok, data, cfg, device, widths, tr, ids)
-        if style != "single":
+        rows += _uniform_rows(name, model, tok, data, cfg, device, widths, tr, ids, base, answers)
+        if style != "single" and not selfgen:
             model.save(out / f"adapters-{name}")
             trained[name] = model
+    if cfg.gen_data:
+        _selfgen_differences(rows, answers, data, cfg)
     model = trained[cfg.search_style]
     sens = search.sensitivity(model, calibration(data, tok, cfg, device, max(1, cfg.n_calib // cfg.batch_size)))
+    search_rows, best = _search(model, tok, data, cfg, device, sens, base, answers)
+    report.atomic_write_text(res_dir / "sensitivity.json", json.dumps(sens, indent=2))
+    report.atomic_write_text(res_dir / "search_results.csv", _csv(search_rows))
+    report.write_per_example(STUDY, cfg.profile, "per_example", answers)
+    blocks = run_blocks(cfg, device)
+    doc_assets = {"model": {"role": "causal-lm", **asset.provenance()},
+                  "data": {**data.asset.provenance(), "n_train": len(data.train), "n_eval": len(data.eval_items),
+                           "n_train_dropped_too_long": data.dropped, "n_self_generated": len(gen_items)}}
+    path = report.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
+                                config={**asdict(cfg), "styles": list(cfg.styles), "widths": list(cfg.widths)},
+                                metric=data.metric, best_bitmap=best,
+                                baselines={k: {m: v for m, v in b.items() if m != "preds"} for k, b in base.items()},
+                                gpu_plan=gpu_plan,
+                                block_search=blocks and {"spec": asdict(blocks[1]), "sensitivity": blocks[0].sensitivity,
+                                                         "chosen": blocks[0].chosen, "steps": blocks[0].steps,
+                                                         "rows": blocks[0].rows, "qa_rows": blocks[0].qa_rows,
+                                                         **blocks[0].info},
+                                benchmark=benchmark(best, blocks[0] if blocks else None),
+                                fake_quantization_note="weights are fake-quantized (rounded, kept in fp32): "
+                                "memory and speed do not fall with the width; the bits are what a packed "
+                                "deployment would store")
+    return SwitchableResult(rows, report.load_metrics(path), path, losses, sens, search_rows, best, base,
+                            blocks[0] if blocks else None)
+
+
+def _selfgen_differences(rows: list[dict[str, Any]], answers: dict[str, list[str]], data: QAData,
+                         cfg: SwitchableConfig) -> None:
+    """Self-generated-data rows: their accuracy minus the gold-trained model's at the same width (paired)."""
+    for row in rows:
+        gold = row["method"].replace("_selfgen_", "_")
+        if "_selfgen_" in row["method"] and data.multiple_choice:
+            metrics.with_difference(row, "accuracy_diff_vs_gold_data",
+                                    choice.versus(data.eval_examples, answers[gold], answers[row["method"]], cfg.seed))
+
+
+def _search(model: Any, tok: Any, data: QAData, cfg: SwitchableConfig, device: torch.device, sens: dict[str, Any],
+            base: dict[str, Any], answers: dict[str, list[str]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Greedy search under the budget; the best bitmap's answers saved and compared with the baselines."""
     bar = tqdm(desc="greedy search (evaluations)")
 
     def score(bitmap: list[int]) -> dict[str, float]:
         bar.update(1)
         return evaluate(model, tok, data, bitmap, cfg, device)
-    search_rows = search.greedy_search(model, sens, score, cfg.budget, model.block_params())
+    rows = search.greedy_search(model, sens, score, cfg.budget, model.block_params(), data.metric)
     bar.close()
-    best = search.best_bitmap(search_rows)
-    res_dir = results_dir(STUDY, cfg.profile)
-    report.atomic_write_text(res_dir / "sensitivity.json", json.dumps(sens, indent=2))
-    report.atomic_write_text(res_dir / "search_results.csv", _csv(search_rows))
-    heuristic = qa.heuristic_baseline(data.eval_examples)
-    blocks = run_blocks(cfg, device)
-    doc_assets = {"model": {"role": "causal-lm", **asset.provenance()},
-                  "data": {**data.asset.provenance(), "n_train": len(data.train), "n_eval": len(data.eval_items),
-                           "n_train_dropped_too_long": data.dropped}}
-    path = report.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
-                                config={**asdict(cfg), "styles": list(cfg.styles), "widths": list(cfg.widths)},
-                                best_bitmap=best, heuristic_baseline=heuristic, gpu_plan=gpu_plan,
-                                block_search=blocks and {"spec": asdict(blocks[1]), "sensitivity": blocks[0].sensitivity,
-                                                         "chosen": blocks[0].chosen, "steps": blocks[0].steps,
-                                                         "rows": blocks[0].rows, **blocks[0].info},
-                                fake_quantization_note="weights are fake-quantized (rounded, kept in fp32): "
-                                "memory and speed do not fall with the width; the bits are what a packed "
-                                "deployment would store")
-    return SwitchableResult(rows, report.load_metrics(path), path, losses, sens, search_rows, best, heuristic,
-                            blocks[0] if blocks else None)
+    best = dict(search.best_bitmap(rows))
+    answers["best_bitmap"] = predict(model, tok, data, best["bitmap"], cfg, device)
+    model.set_config(max(model.widths))
+    for ref in ("majority", "heuristic") if data.multiple_choice else ():
+        metrics.with_difference(best, f"accuracy_diff_vs_{ref}",
+                                choice.versus(data.eval_examples, base[ref]["preds"], answers["best_bitmap"], cfg.seed))
+    return rows, best
+
+
+def benchmark(best: dict[str, Any], blocks: Any) -> dict[str, Any]:
+    """Issue bar: the best switchable configuration above the constant answer by more than its interval, for the
+    trained stand-in (the search's bitmap) and the real model (the block search's bitmap on the questions)."""
+    out: dict[str, Any] = {"bar": "accuracy above the most frequent training answer, 95 % interval excluding 0"}
+    if "accuracy_diff_vs_majority" in best:
+        out["trained_standin"] = {k: best[k] for k in ("bitmap", "accuracy", "accuracy_diff_vs_majority",
+                                                       "accuracy_diff_vs_majority_lo", "accuracy_diff_vs_majority_hi")}
+        out["trained_standin"]["met"] = bool(best["accuracy_diff_vs_majority_lo"] > 0)
+    greedy = next((r for r in (blocks.qa_rows if blocks else []) if r["bitmap_name"] == "greedy"), None)
+    if greedy:
+        out["real_model_greedy"] = {k: greedy[k] for k in ("accuracy", "accuracy_diff_vs_majority",
+                                                            "accuracy_diff_vs_majority_lo",
+                                                            "accuracy_diff_vs_majority_hi")}
+        out["real_model_greedy"]["met"] = bool(greedy["accuracy_diff_vs_majority_lo"] > 0)
+    return out
 
 
 def run_blocks(cfg: SwitchableConfig, device: torch.device) -> tuple[Any, Any] | None:
@@ -306,9 +441,12 @@ def run_blocks(cfg: SwitchableConfig, device: torch.device) -> tuple[Any, Any] |
         return None
     spec = block_precision.BlockSearchSpec(cfg.block_model_id, "stdlib-code", cfg.block_low, cfg.block_high,
                                            cfg.block_budget, cfg.block_context,
-                                           cfg.block_calib_tokens, cfg.block_eval_tokens, cfg.seed)
+                                           cfg.block_calib_tokens, cfg.block_eval_tokens, cfg.seed,
+                                           cfg.block_qa_questions)
     res = block_precision.run_block_search(spec, device)
     report.write_per_example(STUDY, cfg.profile, "block_search_per_token_nll", res.nll)
+    if res.qa_answers:
+        report.write_per_example(STUDY, cfg.profile, "block_search_qa_per_example", res.qa_answers)
     return res, spec
 
 
@@ -320,31 +458,52 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _interval(row: dict[str, Any], key: str) -> str:
+    if row.get(key) is None:
+        return ""
+    verdict = "real" if row[f"{key}_real"] else "within noise"
+    return f"{100 * row[key]:+.1f} pt [{100 * row[f'{key}_lo']:+.1f}, {100 * row[f'{key}_hi']:+.1f}], {verdict}"
+
+
 def findings(res: SwitchableResult) -> str:
     """Markdown findings from this run's numbers."""
+    metric, base = res.doc["metric"], res.baselines
     by = {r["method"]: r for r in res.rows}
-    styles = sorted({r["style"] for r in res.rows if not r["style"].startswith("single")})
+    names = list(dict.fromkeys(r["style"] for r in res.rows))
     widths = sorted({int(r["bitmap"]) for r in res.rows})
-    lines = [f"- The obvious heuristic (the first parameter, or capitalised span, of the context that the question "
-             f"does not name) scores EM {res.heuristic['em']:.3f} / F1 {res.heuristic['f1']:.3f} on the same "
-             "questions: the floor a model that reads the context should beat."]
+    if metric == "accuracy":
+        lines = [f"- Baselines on the same {res.doc['assets']['data']['n_eval']} questions (multiple choice over the "
+                 f"context's parameters): chance {base['chance']['accuracy']:.3f}, the most frequent training answer "
+                 f"{base['majority']['accuracy']:.3f}, the first parameter the question does not name "
+                 f"{base['heuristic']['accuracy']:.3f}."]
+    else:
+        lines = [f"- The heuristic (the first parameter, or capitalised span, of the context that the question does "
+                 f"not name) scores EM {base['heuristic']['em']:.3f} / F1 {base['heuristic']['f1']:.3f}."]
     for w in widths:
-        single = by.get(f"switchable_single_w{w}_{w}")
-        parts = [f"{s} {by[f'switchable_{s}_{w}']['f1']:.3f}" for s in styles if f"switchable_{s}_{w}" in by]
-        base = f"; trained at {w} bits alone {single['f1']:.3f}" if single else ""
-        lines.append(f"- {w} bits, F1: " + ", ".join(parts) + base + ".")
+        parts = [f"{n} {by[f'switchable_{n}_{w}'][metric]:.3f}" for n in names if f"switchable_{n}_{w}" in by]
+        lines.append(f"- {w} bits, {metric}: " + ", ".join(parts) + ".")
+    if metric == "accuracy":
+        top = max(res.rows, key=lambda r: r["accuracy"])
+        lines.append(f"- Best uniform row `{top['method']}` vs the majority answer: "
+                     f"{_interval(top, 'accuracy_diff_vs_majority')}; vs the heuristic: "
+                     f"{_interval(top, 'accuracy_diff_vs_heuristic')}.")
+        gen = [r for r in res.rows if r.get("accuracy_diff_vs_gold_data") is not None]
+        if gen:
+            lines.append("- Trained on the FP model's own completions (LLM-QAT) minus trained on the gold sentences, "
+                         "same style and steps: " + "; ".join(f"{r['bitmap']} bits {_interval(r, 'accuracy_diff_vs_gold_data')}"
+                                                              for r in gen) + ".")
     b = res.best
-    lines.append(f"- Greedy search (budget: F1 drop <= {res.doc['config']['budget']}): best bitmap `{b['bitmap']}` "
-                 f"= {b['avg_bits']:.1f} average bits at F1 {b['f1']:.3f} (drop {b['f1_drop']:+.3f}).")
+    lines.append(f"- Greedy search (budget: {metric} drop <= {res.doc['config']['budget']}): best bitmap `{b['bitmap']}` "
+                 f"= {b['avg_bits']:.1f} average bits at {metric} {b[metric]:.3f} (drop {b['drop']:+.3f})"
+                 + (f"; vs the majority answer {_interval(b, 'accuracy_diff_vs_majority')}, vs the heuristic "
+                    f"{_interval(b, 'accuracy_diff_vs_heuristic')}." if metric == "accuracy" else "."))
     order = search.layer_order(res.sensitivity)
     lines.append(f"- Blocks from least to most sensitive: {order} (MSE of the block output when only its weights are "
                  "rounded to the lowest width).")
-    n = res.doc["assets"]["data"]["n_eval"]
-    f1s = [r["f1"] for r in res.rows]
-    p = sum(f1s) / len(f1s)
-    lines.append(f"- Noise: {n} questions, so one answer moves EM by {1 / n:.3f}; at EM ~{p:.2f} the standard error is "
-                 f"~{(p * (1 - p) / n) ** 0.5:.3f}. Differences smaller than about twice that are not evidence either "
-                 "way; the answer perplexity (teacher-forced, in the table) is the finer signal.")
+    if "stdlib" in res.doc["assets"]["model"]["id"]:
+            lines.append("- The trained model is a small stand-in pretrained here on the standard library: these rows "
+                     "show the mechanics of switchable training, not its quality at scale (the post-training block "
+                     "search below runs on a real model).")
     return "\n".join(lines)
 
 
@@ -388,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(sens, indent=2))
         return 0
     rows = search.greedy_search(model, sens, lambda bm: evaluate(model, tok, data, bm, cfg, device), cfg.budget,
-                                model.block_params())
+                                model.block_params(), data.metric)
     print(_csv(rows))
     print(json.dumps(search.best_bitmap(rows)))
     return 0

@@ -141,3 +141,22 @@ def test_05_regimes_are_paired_with_fp32_and_their_controls():
     assert by["bitnet"]["perplexity_ratio_vs_control"] == pytest.approx(np.exp(-2.5))
     assert by["bitnet"]["perplexity_ratio_vs_control_real"] and by["qlora"]["perplexity_ratio_vs_fp32_real"]
     assert by["lora"]["perplexity_ratio_vs_control"] is None  # lora is a control, not a regime with one
+
+
+def test_05_regimes_train_on_the_same_batches_in_the_same_order(monkeypatch):
+    """Adding a regime must not change another's data: each training restarts the loader's shuffle."""
+    from qlib import data
+    from qlib.studies import gpt2_bitnet
+    from qlib.train import TrainResult
+
+    seen = []
+
+    def fake_finetune(model, loader, epochs, lr, device, **kw):
+        seen.append(torch.cat([b["input_ids"] for b in loader]))
+        return TrainResult()
+    monkeypatch.setattr(gpt2_bitnet, "finetune", fake_finetune)
+    loader = data.lm_loader(torch.arange(40).reshape(10, 4), 2, seed=0)
+    cfg = gpt2_bitnet.gpt2_config("smoke")
+    for name in ("lora", "qlora"):
+        gpt2_bitnet._train(name, torch.nn.Linear(1, 1), loader, cfg, 1e-3, torch.device("cpu"))
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], torch.arange(40).reshape(10, 4))

@@ -98,7 +98,10 @@ def _lora(model: torch.nn.Module, rank: int, kbit: bool) -> Any:
 
 
 def _train(name: str, model: Any, loader: Any, cfg: GPT2Config, lr: float, device: torch.device) -> Regime:
+    """Every regime from the same seed and the same batches in the same order (the loader's shuffle restarts)."""
     set_seed(cfg.seed)
+    if getattr(loader, "generator", None) is not None:
+        loader.generator.manual_seed(cfg.seed)
     with metrics.PeakMemory(device) as mem:
         tr = finetune(model, loader, cfg.steps / len(loader), lr, device, weight_decay=0.0,
                       desc=f"{name}: fine-tune")

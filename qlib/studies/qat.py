@@ -109,6 +109,7 @@ def run(cfg: QATConfig) -> QATResult:
     if cfg.control:
         more = copy.deepcopy(fp32)
         set_seed(cfg.seed)
+        train.generator.manual_seed(cfg.seed)  # the same batches in the same order as QAT saw
         with metrics.PeakMemory(train_device) as cmem:
             ctr = finetune(more, train, cfg.epochs, cfg.lr, train_device, desc="FP32 control (same steps)",
                            autocast=False)

@@ -33,7 +33,6 @@ def encode_cloze(ex: QAExample, tok: Any, max_len: int) -> Item | None:
     return tok(ex.context)["input_ids"][:room] + tail, targets[ex.choices.index(ex.answer)]
 
 
-@torch.no_grad()
 def choose(model: Any, tok: Any, examples: list[QAExample], prompts: list[list[int]], device: torch.device,
            share_prompt: bool = True) -> list[str]:
     """Per question, the candidate with the highest summed log-probability of its target (end token included).

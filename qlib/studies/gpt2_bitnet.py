@@ -350,7 +350,7 @@ def run(cfg: GPT2Config) -> GPT2Result:
             perplexity=None if cfg.random_init else ppl["perplexity"],  # random weights: quality is not a number
             bits_per_param=metrics.bits_per_param(size, counts["total_params"]),
             quantized_bits_per_weight=stored_bits, tokens_per_s=tps, speedup_vs_fp32=speedup, load_avg_1m=metrics.load_average(),
-            timing_threads=1 if device.type == "cpu" else None, peak_mem_bytes=r.train_mem.peak_bytes if r.train_mem else None,
+            timing_threads=metrics.TIMING_THREADS if device.type == "cpu" else None, peak_mem_bytes=r.train_mem.peak_bytes if r.train_mem else None,
             peak_mem_source=(r.train_mem or inf_mem).source, inference_peak_mem_bytes=inf_mem.peak_bytes,
             train_time_s=r.train.train_time_s if r.train else None, train_steps=r.train.steps if r.train else None,
             step_time_s=r.train.median_step_s if r.train else None, compute_dtype=compute_dtype_name(device),
@@ -417,7 +417,7 @@ def _decode_vs_fp32(r: Regime, ref: Any, prompt: torch.Tensor, eos: int, cfg: GP
                     device: torch.device) -> tuple[float, float | None]:
     """Decode tokens/s, and its ratio to the FP32 fine-tune decoded interleaved with it in the same repeats
     (the reference visits the GPU only while it is timed, so it never counts in another regime's memory)."""
-    threads = metrics.torch_threads(1) if device.type == "cpu" else contextlib.nullcontext()
+    threads = metrics.torch_threads(metrics.TIMING_THREADS) if device.type == "cpu" else contextlib.nullcontext()
     if r.name == "fp32" or ref is None:  # one thread on a CPU: spinning threads collapse on a busy 2-core machine
         with threads:
             tps = metrics.decode_speed(r.model, prompt, cfg.gen_tokens, cfg.latency_repeats, eos, device)

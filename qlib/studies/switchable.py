@@ -421,16 +421,17 @@ def benchmark(best: dict[str, Any], blocks: Any) -> dict[str, Any]:
     trained stand-in (the search's bitmap) and the real model (the block search's bitmap on the questions)."""
     out: dict[str, Any] = {"bar": "accuracy above the most frequent training answer, 95 % interval excluding 0"}
     if "accuracy_diff_vs_majority" in best:
-        out["trained_standin"] = {k: best[k] for k in ("bitmap", "accuracy", "accuracy_diff_vs_majority",
-                                                       "accuracy_diff_vs_majority_lo", "accuracy_diff_vs_majority_hi")}
-        out["trained_standin"]["met"] = bool(best["accuracy_diff_vs_majority_lo"] > 0)
+        out["trained_standin"] = _against_bar(best, "bitmap")
     greedy = next((r for r in (blocks.qa_rows if blocks else []) if r["bitmap_name"] == "greedy"), None)
     if greedy:
-        out["real_model_greedy"] = {k: greedy[k] for k in ("accuracy", "accuracy_diff_vs_majority",
-                                                            "accuracy_diff_vs_majority_lo",
-                                                            "accuracy_diff_vs_majority_hi")}
-        out["real_model_greedy"]["met"] = bool(greedy["accuracy_diff_vs_majority_lo"] > 0)
+        out["real_model_greedy"] = _against_bar(greedy)
     return out
+
+
+def _against_bar(row: dict[str, Any], *extra: str) -> dict[str, Any]:
+    keys = (*extra, "accuracy", "accuracy_diff_vs_majority", "accuracy_diff_vs_majority_lo",
+            "accuracy_diff_vs_majority_hi")
+    return {**{k: row[k] for k in keys}, "met": bool(row["accuracy_diff_vs_majority_lo"] > 0)}
 
 
 def run_blocks(cfg: SwitchableConfig, device: torch.device) -> tuple[Any, Any] | None:
@@ -458,13 +459,6 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _interval(row: dict[str, Any], key: str) -> str:
-    if row.get(key) is None:
-        return ""
-    verdict = "real" if row[f"{key}_real"] else "within noise"
-    return f"{100 * row[key]:+.1f} pt [{100 * row[f'{key}_lo']:+.1f}, {100 * row[f'{key}_hi']:+.1f}], {verdict}"
-
-
 def findings(res: SwitchableResult) -> str:
     """Markdown findings from this run's numbers."""
     metric, base = res.doc["metric"], res.baselines
@@ -485,23 +479,23 @@ def findings(res: SwitchableResult) -> str:
     if metric == "accuracy":
         top = max(res.rows, key=lambda r: r["accuracy"])
         lines.append(f"- Best uniform row `{top['method']}` vs the majority answer: "
-                     f"{_interval(top, 'accuracy_diff_vs_majority')}; vs the heuristic: "
-                     f"{_interval(top, 'accuracy_diff_vs_heuristic')}.")
+                     f"{report.points_interval(top, 'accuracy_diff_vs_majority')}; vs the heuristic: "
+                     f"{report.points_interval(top, 'accuracy_diff_vs_heuristic')}.")
         gen = [r for r in res.rows if r.get("accuracy_diff_vs_gold_data") is not None]
         if gen:
+            diffs = [f"{r['bitmap']} bits {report.points_interval(r, 'accuracy_diff_vs_gold_data')}" for r in gen]
             lines.append("- Trained on the FP model's own completions (LLM-QAT) minus trained on the gold sentences, "
-                         "same style and steps: " + "; ".join(f"{r['bitmap']} bits {_interval(r, 'accuracy_diff_vs_gold_data')}"
-                                                              for r in gen) + ".")
+                         "same style and steps: " + "; ".join(diffs) + ".")
     b = res.best
     lines.append(f"- Greedy search (budget: {metric} drop <= {res.doc['config']['budget']}): best bitmap `{b['bitmap']}` "
                  f"= {b['avg_bits']:.1f} average bits at {metric} {b[metric]:.3f} (drop {b['drop']:+.3f})"
-                 + (f"; vs the majority answer {_interval(b, 'accuracy_diff_vs_majority')}, vs the heuristic "
-                    f"{_interval(b, 'accuracy_diff_vs_heuristic')}." if metric == "accuracy" else "."))
+                 + (f"; vs the majority answer {report.points_interval(b, 'accuracy_diff_vs_majority')}, vs the heuristic "
+                    f"{report.points_interval(b, 'accuracy_diff_vs_heuristic')}." if metric == "accuracy" else "."))
     order = search.layer_order(res.sensitivity)
     lines.append(f"- Blocks from least to most sensitive: {order} (MSE of the block output when only its weights are "
                  "rounded to the lowest width).")
     if "stdlib" in res.doc["assets"]["model"]["id"]:
-            lines.append("- The trained model is a small stand-in pretrained here on the standard library: these rows "
+        lines.append("- The trained model is a small stand-in pretrained here on the standard library: these rows "
                      "show the mechanics of switchable training, not its quality at scale (the post-training block "
                      "search below runs on a real model).")
     return "\n".join(lines)

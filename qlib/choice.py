@@ -66,18 +66,23 @@ def _cached_scores(model: Any, tok: Any, examples: list[QAExample], prompts: lis
 
 @torch.no_grad()
 def _batched_scores(model: Any, tok: Any, examples: list[QAExample], prompts: list[list[int]],
-                    device: torch.device, batch_size: int = 32) -> list[list[float]]:
+                    device: torch.device, batch_size: int = 16) -> list[list[float]]:
     seqs = [(q, p + t, len(p)) for q, (ex, p) in enumerate(zip(examples, prompts)) for t in cloze_targets(ex, tok)]
+    scores: list[float | None] = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][1]))  # similar lengths together: little padding
+    for i in range(0, len(order), batch_size):
+        chunk = order[i:i + batch_size]
+        n = max(len(seqs[j][1]) for j in chunk)
+        ids = torch.tensor([seqs[j][1] + [tok.eos_token_id] * (n - len(seqs[j][1])) for j in chunk], device=device)
+        mask = torch.tensor([[1] * len(seqs[j][1]) + [0] * (n - len(seqs[j][1])) for j in chunk], device=device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        for row, j in zip(logits, chunk):  # normalise only the positions that predict the target
+            _, s, start = seqs[j]
+            logp = torch.log_softmax(row[start - 1:len(s) - 1].float(), -1)
+            scores[j] = float(logp.gather(-1, torch.tensor(s[start:], device=device)[:, None]).sum())
     result: list[list[float]] = [[] for _ in examples]
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
-        n = max(len(s) for _, s, _ in chunk)
-        ids = torch.tensor([s + [tok.eos_token_id] * (n - len(s)) for _, s, _ in chunk], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for _, s, _ in chunk], device=device)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        tok_lp = logp.gather(-1, ids[:, 1:, None])[..., 0]
-        for row, (q, s, start) in zip(tok_lp, chunk):
-            result[q].append(float(row[start - 1:len(s) - 1].sum()))
+    for (q, _, _), sc in zip(seqs, scores):
+        result[q].append(sc)
     return result
 
 

@@ -296,6 +296,7 @@ class BaselineConfig:
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
+    n_seeds: int = 3                  # fine-tunes from seeds seed, seed+1, ...: accuracy mean ± sd (04 compares)
     latency_repeats: int = 30
     device: str = "auto"
     random_init: bool = False         # `gpu` profile: true architecture, random weights
@@ -303,7 +304,7 @@ class BaselineConfig:
 
 BASELINE_PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(n_train=64, n_eval=64, epochs=1, batch_size=16, max_length=32,
-                  latency_repeats=3),
+                  latency_repeats=3, n_seeds=2),
     "default": dict(),
     "t4": dict(model_id="bert-base-uncased", dataset_id="sst2", max_length=128, epochs=3,
                lr=2e-5),

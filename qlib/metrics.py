@@ -112,6 +112,23 @@ def with_difference(row: dict[str, Any], prefix: str, d: dict[str, Any] | None, 
     return row
 
 
+def seed_spread(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation over training seeds: the run-to-run noise that an interval over the
+    examples of one run does not contain (sd None with one seed)."""
+    v = [float(x) for x in values]
+    if not v:
+        raise ValueError("need at least one seed's value")
+    return {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else None, "n": len(v), "values": v}
+
+
+def with_seeds(row: dict[str, Any], key: str, values: Sequence[float]) -> dict[str, Any]:
+    """Row keys `<key>_seed_mean`, `<key>_seed_sd`, `<key>_seed_values` (and `n_seeds`) from one value per seed."""
+    s = seed_spread(values)
+    row.update({f"{key}_seed_mean": s["mean"], f"{key}_seed_sd": s["sd"], f"{key}_seed_values": s["values"],
+                "n_seeds": s["n"]})
+    return row
+
+
 def perplexity_ratio(ref_nll: Sequence[float], nll: Sequence[float], block: int, seed: int = 0) -> dict[str, Any]:
     """Perplexity of one model over a reference's on the same tokens, exp(mean NLL difference), with the
     paired block-bootstrap 95 % interval; `real` only when the interval excludes 1."""

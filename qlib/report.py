@@ -136,6 +136,16 @@ def points_interval(row: dict[str, Any], key: str, label: str = "") -> str:
     return f"{d:+.1f} pt [{lo:+.1f}, {hi:+.1f}]{label}" + ("" if row[f"{key}_real"] else ", within noise")
 
 
+def seed_spread_text(row: dict[str, Any], key: str, scale: float = 1.0, fmt: str = ".3f", unit: str = "") -> str:
+    """'0.805 ± 0.004 over 3 seeds' from `key_seed_mean/_sd` (`scale` 100 and unit ' pt' for differences)."""
+    mean, sd, n = row.get(f"{key}_seed_mean"), row.get(f"{key}_seed_sd"), row.get("n_seeds")
+    if mean is None:
+        return "one seed"
+    if sd is None:
+        return f"{scale * mean:{fmt}}{unit}, one seed"
+    return f"{scale * mean:{fmt}} ± {scale * sd:{fmt.lstrip('+')}}{unit} over {n} seeds"
+
+
 def _jsonable(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
@@ -304,7 +314,15 @@ def _speed(r: dict[str, Any]) -> str:
 
 def _quality(r: dict[str, Any]) -> str:
     """Accuracy or perplexity, with the first paired interval the row has (vs fp32, the majority answer, or the
-    reference of the same tokens)."""
+    reference of the same tokens), and the spread over training seeds where the row was trained several times."""
+    q = _quality_of_run(r)
+    for key, fmt in (("accuracy", ".3f"), ("perplexity", ".2f")):
+        if r.get(f"{key}_seed_sd") is not None:
+            return f"{q}; {seed_spread_text(r, key, fmt=fmt)}"
+    return q
+
+
+def _quality_of_run(r: dict[str, Any]) -> str:
     if r.get("accuracy") is not None:
         for key, label in (("accuracy_diff_vs_fp32", "fp32"), ("accuracy_diff_vs_majority", "majority answer")):
             if r.get(f"{key}_lo") is not None:  # paired bootstrap over the same sentences / questions

@@ -129,14 +129,24 @@ class SwitchableQuantLoRAModel(torch.nn.Module):
         return Path(path)
 
 
+def load_base(base_dir: str | Path) -> torch.nn.Module:
+    """The GPT-2 base in fp32. GPT-2's tanh-approximated GELU (`gelu_new`, which transformers writes out in five
+    Python-level tensor ops) is computed by torch's fused kernel of the same formula (`gelu_pytorch_tanh`): the
+    same function to float rounding, fewer passes over the activations."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.from_pretrained(str(base_dir))
+    fused = {"activation_function": "gelu_pytorch_tanh"} if getattr(conf, "activation_function", "") == "gelu_new" else {}
+    return AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, **fused)
+
+
 def build(base_dir: str | Path, widths: tuple[int, ...], rank: int, device: torch.device) -> SwitchableQuantLoRAModel:
     """Base GPT-2 (frozen) -> QuantLinear everywhere -> one LoRA adapter per width."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     for b in widths:
         check_width(b)
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    base = load_base(base_dir)
     patch_gpt2_with_quantization(base)
     for p in base.parameters():
         p.requires_grad_(False)
@@ -155,14 +165,13 @@ def load(base_dir: str | Path, adapters_dir: str | Path, device: torch.device) -
     import json
 
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     d = Path(adapters_dir)
     meta = d / "switchable.json"
     if not meta.is_file():
         raise QlabError(f"{d} is not a switchable adapter folder (switchable.json is missing)")
     widths = tuple(json.loads(meta.read_text())["widths"])
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    base = load_base(base_dir)
     patch_gpt2_with_quantization(base)
     first, *rest = widths
     sub = {b: d / adapter_name(b) if (d / adapter_name(b)).is_dir() else d for b in widths}

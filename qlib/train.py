@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from qlib.config import compute_dtype
+from qlib.config import QlabError, compute_dtype
 
 
 def set_seed(seed: int, threads: int | None = None) -> None:
@@ -23,6 +23,18 @@ def set_seed(seed: int, threads: int | None = None) -> None:
     if threads is None:
         threads = int(os.environ.get("QLAB_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(threads)
+
+
+def seeds(seed: int, n: int) -> list[int]:
+    """Training seeds of a comparison run `n` times: seed, seed+1, ... (the first is the main, saved run)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise QlabError(f"n_seeds must be an integer >= 1, got {n!r}")
+    return [seed + i for i in range(n)]
+
+
+def seed_column(method: str, seed: int) -> str:
+    """Per-example column name of a replicate run."""
+    return f"{method}@seed{seed}"
 
 
 @dataclass

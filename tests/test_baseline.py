@@ -60,6 +60,12 @@ def test_same_seed_same_metrics_and_checkpoint_reloads(tmp_path, monkeypatch):
     assert majority["accuracy_diff_vs_fp32"] == pytest.approx(majority["accuracy"] - a.row["accuracy"])
     assert majority["accuracy_diff_vs_fp32_lo"] <= majority["accuracy_diff_vs_fp32"] <= majority["accuracy_diff_vs_fp32_hi"]
 
+    # seeds: a's second fine-tune (seed 1) is the very run c made as its first, and the spread is over both
+    assert a.row["n_seeds"] == 2 and per["fp32@seed1"].tolist() == c.preds
+    assert a.row["accuracy_seed_values"] == [a.row["accuracy"], c.row["accuracy"]]
+    assert a.row["accuracy_seed_mean"] == pytest.approx((a.row["accuracy"] + c.row["accuracy"]) / 2)
+    assert [r["seed"] for r in a.doc["seed_runs"]] == [0, 1]
+
 
 def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(QlabError, match="not found"):

@@ -160,3 +160,21 @@ def test_05_regimes_train_on_the_same_batches_in_the_same_order(monkeypatch):
     for name in ("lora", "qlora"):
         gpt2_bitnet._train(name, torch.nn.Linear(1, 1), loader, cfg, 1e-3, torch.device("cpu"))
     assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], torch.arange(40).reshape(10, 4))
+
+
+def test_05_seed_spread_pairs_each_seed_with_its_own_reference():
+    import numpy as np
+
+    from qlib.studies import gpt2_bitnet
+
+    base = np.full(64, 2.0)
+    nll = {0: {"fp32": base, "lora": base + 0.01, "qlora": base + 0.03, "int8": base},
+           1: {"fp32": base + 0.2, "lora": base + 0.23, "qlora": base + 0.24}}
+    rows = [{"method": m} for m in ("fp32", "int8", "lora", "qlora")]
+    gpt2_bitnet.seed_spread(rows, nll)
+    by = {r["method"]: r for r in rows}
+    assert "n_seeds" not in by["int8"]  # not retrained per seed: no spread claimed
+    assert by["fp32"]["perplexity_seed_values"] == pytest.approx([np.exp(2.0), np.exp(2.2)])
+    assert by["qlora"]["perplexity_change_vs_fp32_seed_values"] == pytest.approx([np.expm1(0.03), np.expm1(0.04)])
+    assert by["qlora"]["perplexity_change_vs_control_seed_values"] == pytest.approx([np.expm1(0.02), np.expm1(0.01)])
+    assert "perplexity_change_vs_control_seed_mean" not in by["lora"]

@@ -159,3 +159,28 @@ def test_bootstrap_ratio_of_means():
     den = rng.normal(1.0, 0.2, 1000)
     r = metrics.bootstrap_ratio(0.5 * den + rng.normal(0, 0.05, 1000), den, block=10)
     assert r["lo"] < 0.5 < r["hi"] and r["ratio"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_seed_spread_is_mean_and_sample_sd():
+    s = metrics.seed_spread([0.80, 0.82, 0.84])
+    assert s["mean"] == pytest.approx(0.82) and s["sd"] == pytest.approx(0.02) and s["n"] == 3
+    assert metrics.seed_spread([0.8])["sd"] is None
+    with pytest.raises(ValueError):
+        metrics.seed_spread([])
+    row = metrics.with_seeds({}, "accuracy", [0.80, 0.82, 0.84])
+    assert row["accuracy_seed_values"] == [0.80, 0.82, 0.84] and row["n_seeds"] == 3
+    from qlib import report
+    assert report.seed_spread_text(row, "accuracy") == "0.820 ± 0.020 over 3 seeds"
+    d = metrics.with_seeds({}, "accuracy_diff_vs_fp32", [-0.01, 0.01, 0.03])
+    assert report.seed_spread_text(d, "accuracy_diff_vs_fp32", 100, "+.1f", " pt") == "+1.0 ± 2.0 pt over 3 seeds"
+    assert report.seed_spread_text({}, "accuracy") == "one seed"
+
+
+def test_training_seeds_follow_the_first_and_refuse_nonsense():
+    from qlib.config import QlabError
+    from qlib.train import seeds
+
+    assert seeds(5, 3) == [5, 6, 7]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(QlabError, match="n_seeds"):
+            seeds(0, bad)

@@ -50,3 +50,26 @@ def test_prepare_train_convert_reload(tmp_path):
     b = {k: v for k, v in _batch(1).items() if k != "labels"}
     with torch.no_grad():
         assert torch.equal(back(**b).logits, int8(**b).logits)
+
+
+def test_weight_fake_quant_is_rtn_ptq_untrained_and_trains_through_the_grid():
+    torch.manual_seed(0)
+    fp32 = BertForSequenceClassification(BertConfig(**TINY)).eval()
+    original = fp32.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    q = qat.fake_quant_weights(fp32, 4)
+    layers = [m for n, m in q.named_modules() if isinstance(m, nn.Linear) and "classifier" not in n and "pooler" not in n]
+    # every encoder linear: 4 attention + 2 MLP per layer, 2 layers; pooler and classifier untouched
+    assert len(layers) == 12
+    assert qat.fake_quant_weight_count(q) == 2 * (4 * 32 * 32 + 2 * 32 * 64)
+    w = layers[0].weight  # read through the grid: at most 15 levels per row, each a multiple of the row's scale
+    scale = layers[0].parametrizations.weight.original.abs().amax(1, keepdim=True) / 7
+    assert all(len(torch.unique(row)) <= 15 for row in w)
+    assert torch.allclose(w / scale, torch.round(w / scale), atol=1e-4)
+    assert torch.equal(q.classifier.weight, fp32.classifier.weight)
+    assert not torch.equal(w, fp32.bert.encoder.layer[0].attention.self.query.weight)  # rounded: PTQ as is
+    before = layers[0].parametrizations.weight.original.detach().clone()
+    q.train()
+    q(**_batch()).loss.backward()  # the straight-through estimator reaches the stored weights
+    torch.optim.SGD(q.parameters(), lr=0.5).step()
+    assert not torch.equal(before, layers[0].parametrizations.weight.original)
+    assert torch.equal(fp32.bert.encoder.layer[0].attention.self.query.weight, original)  # a copy was trained

@@ -1,4 +1,5 @@
-"""Quantization-aware training to INT8 with torch.ao (eager mode): fake-quant, fine-tune, convert.
+"""Quantization-aware training: to INT8 with torch.ao (eager mode: fake-quant, fine-tune, convert), and weight-only
+at 4 bits (or 2/8) on the textbook per-row grid, simulated (`fake_quant_weights`).
 
 Same INT8 islands as static PTQ (`qlib.quant.ptq.static_int8`): every nn.Linear wrapped in
 quant/dequant stubs, so QAT and PTQ differ only in how the ranges and weights were found. Each
@@ -17,6 +18,7 @@ from torch.ao import quantization as tq
 
 from qlib.config import QlabError
 from qlib.quant.ptq import _wrap_linears, set_engine
+from qlib.quant.uniform import check_width, fake_quantize
 
 
 def prepare_qat_int8(model: nn.Module, per_channel: bool = True) -> nn.Module:
@@ -52,3 +54,43 @@ def ste_check(scale: float = 0.1) -> torch.Tensor:
     torch.fake_quantize_per_tensor_affine(x, scale, 0, -128, 127).sum().backward()
     assert x.grad is not None
     return x.grad
+
+
+# ---------------------------------------------------------------- weight-only QAT below 8 bits (simulated)
+
+def _weight_linears(model: nn.Module, skip: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and not any(s in n for s in skip)]
+
+
+class _FakeQuantWeight(nn.Module):
+    """A parametrization: the stored full-precision weight is read through the per-row absmax grid."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(w, self.bits)
+
+
+def fake_quant_weights(model: nn.Module, bits: int = 4, skip: tuple[str, ...] = ("classifier", "pooler")) -> nn.Module:
+    """A copy whose linear weights (all but `skip`) are read through the `bits` grid (symmetric, one absmax scale
+    per output row; `qlib.quant.uniform`) on every forward, gradients passed straight through to the stored
+    weights. Evaluated as is, it is round-to-nearest PTQ; trained, it is weight-only QAT on the same grid.
+    Simulated in fp32: torch.ao has no 4-bit kernel on CPU, so no size or speed is claimed for it."""
+    from torch.nn.utils import parametrize
+
+    check_width(bits)
+    q = copy.deepcopy(model)
+    targets = _weight_linears(q, skip)
+    if not targets:
+        raise QlabError("weight fake-quant: the model has no nn.Linear outside " + ", ".join(skip))
+    for _, m in targets:
+        parametrize.register_parametrization(m, "weight", _FakeQuantWeight(bits))
+    return q
+
+
+def fake_quant_weight_count(model: nn.Module) -> int:
+    """Weights read through a fake-quant grid (a check that `fake_quant_weights` reached the layers)."""
+    return sum(m.parametrizations.weight.original.numel() for m in model.modules()
+               if hasattr(m, "parametrizations") and "weight" in m.parametrizations)

@@ -10,7 +10,7 @@ import torch
 
 from qlib import assets, budget, data, metrics, models, report
 from qlib.config import BaselineConfig, compute_dtype_name, outputs_dir, pick_device
-from qlib.train import TrainResult, finetune, predict, set_seed
+from qlib.train import TrainResult, finetune, predict, seed_column, seeds, set_seed
 
 STUDY = "01_baseline"
 
@@ -77,6 +77,7 @@ def run(cfg: BaselineConfig) -> BaselineResult:
                       cfg.warmup_ratio, desc="fine-tune fp32")
     preds, labels = predict(model, eval_loader, device)
     quality = metrics.accuracy_f1(preds, labels)
+    replicas = {s: replicate(cfg, s, model_asset, ds, tok, eval_loader, device) for s in seeds(cfg.seed, cfg.n_seeds)[1:]}
 
     model_dir = outputs_dir(STUDY, cfg.profile) / "baseline-model"
     models.save_model(model, tok, model_dir, metadata={"config": asdict(cfg), **quality})
@@ -93,15 +94,33 @@ def run(cfg: BaselineConfig) -> BaselineResult:
         tokens_per_s=8 * cfg.max_length / (lat8["median_ms"] / 1e3), speedup_vs_fp32=1.0,
         peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, train_time_s=tr.train_time_s,
         train_steps=tr.steps, step_time_s=tr.median_step_s, final_loss=tr.final_loss, **params)
+    metrics.with_seeds(row, "accuracy", [quality["accuracy"]] + [metrics.accuracy_f1(p, labels)["accuracy"]
+                                                                 for p in replicas.values()])
     env = metrics.runtime_env(device)
     doc_assets = {"model": {"role": "encoder", **model_asset.provenance()}, "data": ds.provenance()}
     majority, maj = majority_row(ds.asset.id, ds.train_labels, labels, preds, cfg.seed)
-    report.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, "fp32": preds, "majority": maj})
+    report.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, "fp32": preds, "majority": maj,
+                                                                 **{seed_column("fp32", s): p for s, p in replicas.items()}})
     path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, [row, majority],
                                 config=asdict(cfg), latency_shape={"seq_len": cfg.max_length,
-                                                                   "batches": [1, 8]}, gpu_plan=gpu_plan)
+                                                                   "batches": [1, 8]}, gpu_plan=gpu_plan,
+                                seed_runs=[{"method": "fp32", "seed": s, **metrics.accuracy_f1(p, labels)}
+                                           for s, p in {cfg.seed: preds, **replicas}.items()])
     doc = report.load_metrics(path)
     return BaselineResult(row, tr, preds, labels, model_dir, path, doc)
+
+
+def replicate(cfg: BaselineConfig, seed: int, model_asset: Any, ds: Any, tok: Any, eval_loader: Any,
+              device: torch.device) -> list[int]:
+    """The same fine-tune from another seed (head init and data order), evaluated on the same sentences: its
+    predictions. Nothing is saved but the predictions."""
+    set_seed(seed)
+    model = models.load_classifier(model_asset, len(ds.label_names), seed)
+    loader = data.classification_loader(tok, ds.train_texts, ds.train_labels, cfg.batch_size, cfg.max_length,
+                                        shuffle=True, seed=seed)
+    finetune(model, loader, cfg.epochs, cfg.lr, device, cfg.weight_decay, cfg.warmup_ratio,
+             desc=f"fine-tune fp32 (seed {seed})")
+    return predict(model, eval_loader, device)[0]
 
 
 def majority_row(dataset: str, train_labels: list[int], labels: list[int], fp32_preds: list[int] | None, seed: int,
@@ -164,6 +183,9 @@ def findings(res: BaselineResult) -> str:
                      f"class scores {res.doc['rows'][1]['accuracy']:.3f}; a 95 % interval on an accuracy from "
                      f"{n_eval} sentences is about ±{196 * (r['accuracy'] * (1 - r['accuracy']) / n_eval) ** 0.5:.1f} "
                      "points.")
+        lines.append(f"- **Seeds**: the same fine-tune from {r['n_seeds']} seeds (head initialisation and data order) "
+                     f"scores {report.seed_spread_text(r, 'accuracy')} (values "
+                     f"{', '.join(f'{v:.3f}' for v in r['accuracy_seed_values'])}); the saved model is the first.")
     lines.append(f"- **Latency** ({res.doc['env']['device']}, {res.doc['env']['threads']} threads, "
                  f"seq {res.doc['config']['max_length']}): batch 1 {r['latency_ms']:.1f} ms, batch 8 "
                  f"{r['latency_ms_b8']:.1f} ms (medians). "

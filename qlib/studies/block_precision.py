@@ -38,7 +38,7 @@ class BlockSearchSpec:
     calib_tokens: int = 1024    # from the training split
     eval_tokens: int = 4096     # held out
     seed: int = 0
-    qa_questions: int = 160     # held-out cloze questions scored by multiple choice per bitmap (0: skip)
+    qa_questions: int = 120     # held-out cloze questions scored by multiple choice per bitmap (0: skip)
     qa_max_len: int = 256
 
 

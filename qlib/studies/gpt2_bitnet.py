@@ -19,7 +19,7 @@ from qlib import adapters, assets, budget, data, hub, metrics, models, report
 from qlib.config import compute_dtype_name, make_config, outputs_dir, pick_device
 from qlib.quant import bitnet, ladder
 from qlib.studies import StudyResult, ptq_ladder
-from qlib.train import TrainResult, finetune, set_seed
+from qlib.train import TrainResult, finetune, seed_column, seeds, set_seed
 
 STUDY = "05_gpt2_bitnet"
 # bitsandbytes' LLM.int8 logs "inputs will be cast to float16" once per layer per call: true, known,
@@ -43,12 +43,13 @@ class GPT2Config:
     stride: int = 64
     train_tokens: int | None = 400_000
     eval_tokens: int = 16_384
-    steps: int = 150
+    steps: int = 100
     batch_size: int = 8
     lr: float = 3e-4             # full fine-tunes (fp32)
     bitnet_lr: float = 1e-3      # ternary training wants a larger step (BitNet b1.58 recipe)
     lora_rank: int = 16
     lora_lr: float = 2e-3
+    n_seeds: int = 3             # the trained regimes (and their controls) from seeds seed, seed+1, ...: mean ± sd
     gen_tokens: int = 32
     latency_repeats: int = 5
     gguf: bool = True            # export the BitNet model to GGUF (F32, TQ2_0, TQ1_0) and run it in llama.cpp
@@ -62,7 +63,7 @@ class GPT2Config:
 
 GPT2_PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model_id="gpt2-stdlib-tiny", context=64, stride=32, train_tokens=20_000,
-                  eval_tokens=1024, steps=3, batch_size=4, lora_rank=4, gen_tokens=4, latency_repeats=2,
+                  eval_tokens=1024, steps=3, batch_size=4, lora_rank=4, gen_tokens=4, latency_repeats=2, n_seeds=2,
                   ladder_model_id="llama-stdlib-tiny", ladder_context=64, ladder_eval_tokens=1024),
     "default": {},
     "t4": dict(model_id="gpt2", dataset_id="codesearchnet-python", context=512, stride=256,
@@ -73,7 +74,9 @@ GPT2_PROFILES: dict[str, dict[str, Any]] = {
 
 
 def gpt2_config(profile: str = "default", **overrides: Any) -> GPT2Config:
-    return make_config(GPT2Config, GPT2_PROFILES, profile, **overrides)
+    cfg = make_config(GPT2Config, GPT2_PROFILES, profile, **overrides)
+    seeds(cfg.seed, cfg.n_seeds)
+    return cfg
 
 
 @dataclass
@@ -368,7 +371,10 @@ def run(cfg: GPT2Config) -> GPT2Result:
             torch.cuda.empty_cache()
     if not cfg.random_init:
         paired_differences(rows, nll, cfg)
-        report.write_per_example(STUDY, cfg.profile, "regime_per_token_nll", nll)
+        replicas = {s: replicate(cfg, s, base, chunks, eval_ids, out, device) for s in seeds(cfg.seed, cfg.n_seeds)[1:]}
+        seed_spread(rows, {cfg.seed: nll, **replicas})
+        report.write_per_example(STUDY, cfg.profile, "regime_per_token_nll", {
+            **nll, **{seed_column(k, s): v for s, r in replicas.items() for k, v in r.items()}})
     gguf_types: dict = {}
     if cfg.gguf and bit is not None and tok is not None:  # random-init runs have no tokenizer to convert
         grows, gguf_types = gguf_rows(bit, tok, eval_ids, prompt[0].tolist(), cfg, out,
@@ -411,6 +417,41 @@ def paired_differences(rows: list[dict[str, Any]], nll: dict[str, Any], cfg: GPT
                 if ref in nll and ref != name else None
             metrics.with_difference(row, key, d, value="ratio")
         row["control"] = CONTROLS.get(name) if CONTROLS.get(name) in nll else None
+
+
+SEEDED = ("fp32", "lora", "qlora", "bitnet_ptq", "bitnet", "qlora_bitnet")  # what a training seed changes
+
+
+def replicate(cfg: GPT2Config, seed: int, base: str, chunks: Any, eval_ids: torch.Tensor, out: Path,
+              device: torch.device) -> dict[str, np.ndarray]:
+    """The trained regimes (and the ternary control of the FP32 fine-tune) again from another seed (data order,
+    adapter init): per-token losses on the same tokens. Their weights go to a temporary folder."""
+    import dataclasses
+    import tempfile
+
+    c = dataclasses.replace(cfg, seed=seed, regimes=tuple(r for r in cfg.regimes if r in SEEDED))
+    loader = data.lm_loader(chunks, cfg.batch_size, seed=seed)
+    nll = {}
+    with tempfile.TemporaryDirectory(dir=out, prefix=f".seed{seed}-") as tmp:
+        for r in build_regimes(c, base, loader, Path(tmp), device):
+            with torch.no_grad():
+                nll[r.name] = metrics.token_nll(r.model, eval_ids, cfg.context, cfg.stride, device).double().numpy()
+            r.model = None
+    return nll
+
+
+def seed_spread(rows: list[dict[str, Any]], nll: dict[int, dict[str, np.ndarray]]) -> None:
+    """Per regime trained in every seed: perplexity and its ratios to fp32 and to its control, mean ± sd over seeds
+    (each seed's regime against the same seed's reference)."""
+    ppl = lambda x: float(np.exp(x.mean()))  # noqa: E731
+    for row in rows:
+        name, runs = row["method"], [n for n in nll.values() if row["method"] in n]
+        if len(runs) < 2:
+            continue
+        metrics.with_seeds(row, "perplexity", [ppl(n[name]) for n in runs])
+        for key, ref in (("perplexity_change_vs_fp32", "fp32"), ("perplexity_change_vs_control", CONTROLS.get(name))):
+            if ref and ref != name and all(ref in n for n in runs):  # ratio - 1, seed by seed
+                metrics.with_seeds(row, key, [float(np.expm1(n[name].mean() - n[ref].mean())) for n in runs])
 
 
 def _decode_vs_fp32(r: Regime, ref: Any, prompt: torch.Tensor, eos: int, cfg: GPT2Config,
@@ -474,6 +515,11 @@ def findings(res: GPT2Result) -> str:
                   if r.get("control") and r["control"] != "fp32" else "") + ")"
                if r.get("perplexity_ratio_vs_fp32") is not None else "")
         ppl = f"perplexity {r['perplexity']:.2f}{rel}" if has_ppl else "perplexity not measured (random init)"
+        if r.get("perplexity_seed_mean") is not None:
+            ppl += f"; over seeds {report.seed_spread_text(r, 'perplexity', fmt='.2f')}" + "".join(
+                f", {lab} {report.seed_spread_text(r, key, 100, '+.1f', ' %')}" for key, lab in (
+                    ("perplexity_change_vs_fp32", "vs fp32"), ("perplexity_change_vs_control", "vs its control"))
+                if r.get(f"{key}_seed_mean") is not None)
         train = (f", trained {r['trainable_params']:,} of {r['total_params']:,} params in {r['train_time_s']:.1f} s "
                  f"({r['step_time_s'] * 1e3:.0f} ms/step median, peak {r['peak_mem_bytes'] / 2**20:,.0f} MiB "
                  f"{r['peak_mem_source']})" if r["train_time_s"] else ", not trained")

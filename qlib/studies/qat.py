@@ -16,7 +16,7 @@ from qlib.quant import ptq, qat
 from qlib.report import atomic_dir
 from qlib.studies.ptq import _forward, baseline_label, compare_to_fp32, load_setup
 from qlib.studies import StudyResult
-from qlib.train import TrainResult, finetune, predict, set_seed
+from qlib.train import TrainResult, finetune, predict, seed_column, seeds, set_seed
 
 STUDY = "03_qat"
 
@@ -27,24 +27,30 @@ class QATConfig:
 
     profile: str = "default"
     seed: int = 0
-    epochs: float = 1.0
+    epochs: float = 0.5           # QAT from notebook 01's converged fine-tune: a short second stage
     lr: float = 2e-5
     batch_size: int = 32
     per_channel: bool = True
     calib_sentences: int = 256
     control: bool = True          # also fine-tune FP32 for the same steps: is QAT's gain just more training?
+    low_bits: int | None = 4      # also weight-only QAT vs round-to-nearest PTQ at this width (None: skip)
+    n_seeds: int = 3              # every training run from seeds seed, seed+1, ...: accuracy mean ± sd
     latency_repeats: int = 30
     device: str = "auto"          # where fake-quant training runs (CUDA when present); INT8 always on the CPU
 
 
 QAT_PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(batch_size=16, calib_sentences=32, latency_repeats=3),
+    "smoke": dict(batch_size=16, calib_sentences=32, latency_repeats=3, n_seeds=2),
     "default": {}, "t4": {},
 }
 
 
 def qat_config(profile: str = "default", **overrides: Any) -> QATConfig:
-    return make_config(QATConfig, QAT_PROFILES, profile, **overrides)
+    cfg = make_config(QATConfig, QAT_PROFILES, profile, **overrides)
+    if cfg.low_bits not in (None, 0, 2, 4, 8):
+        raise QlabError(f"low_bits must be 2, 4 or 8 (0 or None: skip); got {cfg.low_bits!r}")
+    seeds(cfg.seed, cfg.n_seeds)
+    return cfg
 
 
 @dataclass
@@ -100,26 +106,20 @@ def run(cfg: QATConfig) -> QATResult:
     dynamic = ptq.dynamic_int8(fp32, per_channel=cfg.per_channel)  # notebook 02's most accurate torch.ao PTQ
     gpu_plan = budget.announce(plan(cfg, fp32.config, len(ds.train_texts), bcfg.max_length, train_device),
                                train_device) if budget.wanted(cfg.profile, train_device) else None
-    prepared = qat.prepare_qat_int8(fp32, per_channel=cfg.per_channel)
-    with metrics.PeakMemory(train_device) as mem:
-        tr = finetune(prepared, train, cfg.epochs, cfg.lr, train_device, desc="QAT (fake-quant INT8)", autocast=False)
+    trained = train_runs(cfg, cfg.seed, fp32, train, train_device)
+    prepared, (tr, mem) = trained.pop("qat_int8")
     int8 = qat.convert_qat(prepared.to(device))
     models_ = {"fp32": fp32, "ptq_int8_static": static, "ptq_int8_dynamic": dynamic, "qat_int8": int8}
     trains = {"qat_int8": (tr, mem)}
-    if cfg.control:
-        more = copy.deepcopy(fp32)
-        set_seed(cfg.seed)
-        train.generator.manual_seed(cfg.seed)  # the same batches in the same order as QAT saw
-        with metrics.PeakMemory(train_device) as cmem:
-            ctr = finetune(more, train, cfg.epochs, cfg.lr, train_device, desc="FP32 control (same steps)",
-                           autocast=False)
-        models_["fp32_more_steps"] = more.to(device)
-        trains["fp32_more_steps"] = (ctr, cmem)
-
+    if cfg.low_bits:
+        models_[f"ptq_w{cfg.low_bits}"] = qat.fake_quant_weights(fp32, cfg.low_bits)
+    for k, (m, t) in trained.items():
+        models_[k], trains[k] = m.to(device), t
     preds = {k: predict(m, ev, device, k)[0] for k, m in models_.items()}
     labels = list(ds.eval_labels)
     quality = {k: metrics.accuracy_f1(p, labels) for k, p in preds.items()}
-    timed = {k: m for k, m in models_.items() if k != "fp32_more_steps"}
+    replicas = {s: replicate(cfg, s, fp32, train, ev, train_device, device) for s in seeds(cfg.seed, cfg.n_seeds)[1:]}
+    timed = {k: m for k, m in models_.items() if k in ("fp32", "ptq_int8_static", "ptq_int8_dynamic", "qat_int8")}
     lat = {b: metrics.compare_latency({k: _forward(m, enc) for k, m in timed.items()},
                                       warmup=max(2, cfg.latency_repeats // 10),
                                       repeats=cfg.latency_repeats) for b, enc in st.shapes.items()}
@@ -133,12 +133,9 @@ def run(cfg: QATConfig) -> QATResult:
 
     rows = _rows(models_, quality, lat, trains, out, model_dir, ds, fp32, baseline_label(bcfg))
     rows = compare_to_fp32(rows, preds, labels, ds.train_labels, cfg.seed)
-    by = {r["method"]: r for r in rows}
-    for ref in ("ptq_int8_static", "ptq_int8_dynamic", "fp32_more_steps"):
-        if ref in preds:  # is QAT better than the best PTQ, and than the same steps in FP32?
-            metrics.with_difference(by["qat_int8"], f"accuracy_diff_vs_{ref}",
-                                    metrics.accuracy_difference(preds[ref], preds["qat_int8"], labels, cfg.seed))
-    report.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, **preds})
+    compare_runs({r["method"]: r for r in rows}, {cfg.seed: preds, **replicas}, labels, cfg)
+    report.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, **preds, **{
+        seed_column(k, s): p for s, ps in replicas.items() for k, p in ps.items()}})
     env = metrics.runtime_env(device)
     env["quantized_engine"] = torch.backends.quantized.engine
     doc_assets = {"model": {"role": "encoder", "id": rows[0]["model"],
@@ -146,8 +143,69 @@ def run(cfg: QATConfig) -> QATResult:
     path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows, config=asdict(cfg),
                                 latency_shape={"seq_len": bcfg.max_length, "batches": [1, 8]},
                                 reload_matches=reload_ok, train_device=train_device.type, gpu_plan=gpu_plan,
-                                fake_quant_modules=qat.fake_quant_modules(prepared))
+                                fake_quant_modules=qat.fake_quant_modules(prepared),
+                                low_bit_weights=cfg.low_bits and {
+                                    "bits": cfg.low_bits, "grid": "symmetric, one absmax scale per output row",
+                                    "layers": "every nn.Linear but the pooler and the classifier",
+                                    "weights": qat.fake_quant_weight_count(models_[f"ptq_w{cfg.low_bits}"]),
+                                    "note": "simulated (fake-quant in fp32): no 4-bit kernel in torch.ao on CPU, "
+                                            "so no size, bits/param or speed is claimed for these rows"},
+                                seed_runs=[{"method": k, "seed": s, **metrics.accuracy_f1(p, labels)}
+                                           for s, ps in {cfg.seed: preds, **replicas}.items() for k, p in ps.items()
+                                           if k in TRAINED])
     return QATResult(rows, report.load_metrics(path), path, tr, model_dir, reload_ok)
+
+
+TRAINED = ("qat_int8", "fp32_more_steps", "qat_w2", "qat_w4", "qat_w8")
+# (row, reference): QAT against the best PTQ of its width and against FP32 fine-tuned for the same steps
+COMPARISONS = (("qat_int8", "ptq_int8_static"), ("qat_int8", "ptq_int8_dynamic"), ("qat_int8", "fp32_more_steps"),
+               *((f"qat_w{b}", f"ptq_w{b}") for b in (2, 4, 8)), *((f"qat_w{b}", "fp32_more_steps") for b in (2, 4, 8)))
+
+
+def train_runs(cfg: QATConfig, seed: int, fp32: torch.nn.Module, train: Any,
+               device: torch.device) -> dict[str, tuple[torch.nn.Module, tuple[TrainResult, Any]]]:
+    """The training runs of one seed, each from the FP32 baseline on the same batches in the same order: INT8
+    QAT, the FP32 control, weight-only QAT at `low_bits`. Fake-quant training runs in fp32 (no autocast)."""
+    runs = {"qat_int8": lambda: qat.prepare_qat_int8(fp32, per_channel=cfg.per_channel)}
+    if cfg.control:
+        runs["fp32_more_steps"] = lambda: copy.deepcopy(fp32)
+    if cfg.low_bits:
+        runs[f"qat_w{cfg.low_bits}"] = lambda: qat.fake_quant_weights(fp32, cfg.low_bits)
+    out = {}
+    for name, make in runs.items():
+        set_seed(seed)
+        train.generator.manual_seed(seed)  # the loader's shuffle restarts: every run sees the same batches
+        model = make()
+        with metrics.PeakMemory(device) as mem:
+            tr = finetune(model, train, cfg.epochs, cfg.lr, device, desc=f"{name} (seed {seed})", autocast=False)
+        out[name] = (model, (tr, mem))
+    return out
+
+
+def replicate(cfg: QATConfig, seed: int, fp32: torch.nn.Module, train: Any, ev: Any, train_device: torch.device,
+              device: torch.device) -> dict[str, list[int]]:
+    """Every training run again from another seed (data order): the predictions on the same sentences."""
+    runs = train_runs(cfg, seed, fp32, train, train_device)
+    models_ = {k: (qat.convert_qat(m.to(device)) if k == "qat_int8" else m.to(device)) for k, (m, _) in runs.items()}
+    return {k: predict(m, ev, device, f"{k} (seed {seed})")[0] for k, m in models_.items()}
+
+
+def compare_runs(by: dict[str, dict[str, Any]], preds: dict[int, dict[str, list[int]]], labels: list[int],
+                 cfg: QATConfig) -> None:
+    """Main-seed paired intervals (bootstrap over sentences) and, per trained row, mean ± sd over seeds of its
+    accuracy and of each difference (a PTQ reference is the same in every seed; the control is its own seed's)."""
+    main = preds[cfg.seed]
+    for row, ref in COMPARISONS:
+        if row in main and ref in main:
+            metrics.with_difference(by[row], f"accuracy_diff_vs_{ref}",
+                                    metrics.accuracy_difference(main[ref], main[row], labels, cfg.seed))
+            acc = lambda p: metrics.accuracy_f1(p, labels)["accuracy"]  # noqa: E731
+            metrics.with_seeds(by[row], f"accuracy_diff_vs_{ref}",
+                               [acc(ps[row]) - acc(ps.get(ref, main[ref])) for ps in preds.values()])
+    for row in TRAINED:
+        if row in main:
+            metrics.with_seeds(by[row], "accuracy", [metrics.accuracy_f1(ps[row], labels)["accuracy"]
+                                                     for ps in preds.values()])
 
 
 def _rows(models_: dict, quality: dict, lat: dict, trains: dict, out: Path, model_dir: Path,
@@ -155,15 +213,16 @@ def _rows(models_: dict, quality: dict, lat: dict, trains: dict, out: Path, mode
     n = metrics.count_params(fp32)["total_params"]
     rows = []
     for k, m in models_.items():
+        simulated = k.startswith(("ptq_w", "qat_w"))  # fake-quant in fp32: nothing smaller to store or time
         if k == "qat_int8":
             size = metrics.size_on_disk(model_dir / "model_int8.pt")
         else:
-            size = metrics.size_on_disk(ptq.save_quantized(m, out / f"{k}.pt"))
+            size = None if simulated else metrics.size_on_disk(ptq.save_quantized(m, out / f"{k}.pt"))
         tr, mem = trains.get(k, (None, None))
         timed = k in lat[1]
         rows.append(report.make_row(
             k, model=label, dataset=ds.asset.id, **quality[k],
-            size_bytes=size, bits_per_param=metrics.bits_per_param(size, n),
+            size_bytes=size, bits_per_param=metrics.bits_per_param(size, n) if size else None,
             latency_ms=lat[1][k]["median_ms"] if timed else None,
             latency_ms_b8=lat[8][k]["median_ms"] if timed else None,
             timing_threads=lat[8][k]["threads"] if timed else None,
@@ -172,7 +231,9 @@ def _rows(models_: dict, quality: dict, lat: dict, trains: dict, out: Path, mode
             peak_mem_bytes=mem.peak_bytes if mem else None, peak_mem_source=mem.source if mem else None,
             train_time_s=tr.train_time_s if tr else None, train_steps=tr.steps if tr else None,
             trainable_params=n if tr else 0, total_params=n,
-            quantized_modules=ptq.count_quantized(m) if "int8" in k else None))
+            quantized_modules=ptq.count_quantized(m) if "int8" in k else None,
+            note=f"weights on the {k.split('_w')[1]}-bit per-row grid, simulated in fp32 (no size or speed claimed)"
+            if simulated else None))
     return rows
 
 
@@ -204,6 +265,26 @@ def findings(res: QATResult) -> str:
     lines.append(f"- INT8 size {qa['size_bytes'] / 2**20:.1f} MiB ({qa['bits_per_param']:.2f} bits/param), "
                  f"batch-8 speedup {qa['speedup_vs_fp32']:.2f}× vs FP32 in this run. "
                  f"`qat_bert_int8/` reloads (weights_only) with identical accuracy: {res.reload_ok}.")
-    lines.append("- One seed: the intervals above are over sentences, not over training runs (seed-to-seed "
-                 "variation of the fine-tunes is not in them).")
+    low = next((r for r in res.rows if r["method"].startswith("qat_w")), None)
+    if low:
+        b = low["method"].split("_w")[1]
+        ptq_low = by[f"ptq_w{b}"]
+        lines.append(f"- {b}-bit weights (per-row grid, simulated): round-to-nearest PTQ {ptq_low['accuracy']:.3f} "
+                     f"({report.points_interval(ptq_low, 'accuracy_diff_vs_fp32')} vs FP32); QAT at {b} bits "
+                     f"{low['accuracy']:.3f}: {report.points_interval(low, f'accuracy_diff_vs_ptq_w{b}')} vs that PTQ, "
+                     f"{report.points_interval(low, 'accuracy_diff_vs_fp32_more_steps')} vs the FP32 control.")
+    lines += _seed_lines(by)
     return "\n".join(lines)
+
+
+def _seed_lines(by: dict[str, dict[str, Any]]) -> list[str]:
+    """Mean ± sd over training seeds: what the intervals over sentences of one run leave out."""
+    trained = [by[k] for k in TRAINED if k in by]
+    if not trained or trained[0].get("n_seeds", 1) < 2:
+        return ["- One seed: the intervals above are over sentences, not over training runs."]
+    accs = "; ".join(f"{r['method']} {report.seed_spread_text(r, 'accuracy')}" for r in trained)
+    diffs = "; ".join(f"{row} − {ref} {report.seed_spread_text(by[row], f'accuracy_diff_vs_{ref}', 100, '+.1f', ' pt')}"
+                      for row, ref in COMPARISONS if by.get(row, {}).get(f"accuracy_diff_vs_{ref}_seed_mean") is not None)
+    return [f"- Over training seeds (data order; the same FP32 start): {accs}.",
+            f"- Differences over seeds: {diffs}. A difference is read as real only when the sentence interval "
+            "excludes zero and the seeds agree in sign."]

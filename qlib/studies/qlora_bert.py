@@ -1,6 +1,7 @@
 """Study 04: QLoRA for the BERT-family encoder: NF4 + double-quant base, LoRA adapters, HF checkpoints."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from qlib import adapters, assets, budget, data, hub, metrics, models, report
 from qlib.config import BaselineConfig, QlabError, compute_dtype, compute_dtype_name, make_config, outputs_dir, pick_device, results_dir
 from qlib.studies import baseline
 from qlib.studies import StudyResult
-from qlib.train import predict, set_seed
+from qlib.train import predict, seed_column, seeds, set_seed
 
 STUDY = "04_qlora_bert"
 
@@ -26,13 +27,14 @@ class QLoRAConfig:
 
     profile: str = "default"
     seed: int = 0
-    ranks: tuple[int, ...] = (8, 16)      # LoRA ranks swept; the first of main_rank's run keeps checkpoints
+    ranks: tuple[int, ...] = (8,)         # LoRA ranks swept (t4: 8, 16, 64); main_rank's run keeps checkpoints
     main_rank: int = 8
     mlp: bool = True                      # LoRA on the MLP projections too (False: attention only)
     epochs: float | None = None           # None: notebook 01's epochs, so QLoRA and FP32 take the same steps
     lr: float = 1e-3
     batch_size: int = 32
     save_steps: int | None = None         # None: twice per run
+    n_seeds: int = 3                      # main_rank's fine-tune from seeds seed, seed+1, ... (01 runs as many)
     random_init: bool = False             # gpu profile: bert-base architecture, random weights + tokens
     random_arch: str = "bert-base"        # or "tiny" (the tests)
     bench_steps: int = 20                 # random-init: training steps timed per method
@@ -43,7 +45,7 @@ class QLoRAConfig:
 
 
 QLORA_PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(ranks=(8,), batch_size=16),
+    "smoke": dict(ranks=(8,), batch_size=16, n_seeds=2),
     "default": {},
     "t4": dict(ranks=(8, 16, 64), main_rank=16, lr=2e-4),
     "gpu": dict(ranks=(16,), main_rank=16, random_init=True),
@@ -55,14 +57,13 @@ def qlora_config(profile: str = "default", **overrides: Any) -> QLoRAConfig:
     if cfg.main_rank not in cfg.ranks:
         cfg = make_config(QLoRAConfig, QLORA_PROFILES, profile,
                           **{**overrides, "main_rank": cfg.ranks[0]})
+    seeds(cfg.seed, cfg.n_seeds)
     return cfg
 
 
 def _baseline_settings(profile: str, model_id: str | None = None, dataset_id: str | None = None) -> BaselineConfig:
     """Notebook 01's encoder, data, split and sequence length as it last ran in this profile (its saved config,
     overrides included), else the profile's; `model_id` / `dataset_id` given to notebook 04 win."""
-    import dataclasses
-
     from qlib.config import baseline_config
 
     from qlib.studies.ptq import baseline_settings
@@ -265,6 +266,10 @@ def run(cfg: QLoRAConfig) -> QLoRAResult:
             train_time_s=run_["train_time_s"], train_steps=run_["steps"], lora_rank=rank,
             nf4_layers=run_["storage"]["nf4_layers"], **run_["counts"]))
         del run_
+    for s_ in seeds(cfg.seed, cfg.n_seeds)[1:]:  # the same recipe from other seeds: predictions only
+        run_ = train_qlora(dataclasses.replace(cfg, seed=s_), cfg.main_rank, bcfg, ds, tok, asset.path, None, device)
+        preds[seed_column("qlora", s_)] = predictions(run_["model"], tok, ds, bcfg.max_length, device)
+        del run_
     rows = [r for r in rows if r["method"] == "qlora"] + [r for r in rows if r["method"] != "qlora"]
     rows.insert(0, _fp32_reference(cfg.profile, bcfg))
     rows = _compare(rows, preds, ds, cfg)
@@ -299,10 +304,40 @@ def _compare(rows: list[dict[str, Any]], preds: dict[str, list[int]], ds: Any, c
         d = metrics.accuracy_difference(fp32, preds[r["method"]], labels, cfg.seed) \
             if fp32 and r["method"] != "fp32" else None
         metrics.with_difference(r, "accuracy_diff_vs_fp32", d)
+    _seed_spread(rows[1] if rows[1]["method"] == "qlora" else None, preds, labels, cfg)
     row, preds["majority"] = baseline.majority_row(ds.asset.id, ds.train_labels, labels, fp32, cfg.seed)
     rows.append(row)
     report.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, **preds})
     return rows
+
+
+def _seed_spread(q: dict[str, Any] | None, preds: dict[str, list[int]], labels: list[int], cfg: QLoRAConfig) -> None:
+    """QLoRA's accuracy over its seeds, and QLoRA minus FP32 seed by seed (seed i of both: 01 ran the same seeds)."""
+    if q is None:
+        return
+    acc = lambda p: metrics.accuracy_f1(p, labels)["accuracy"]  # noqa: E731
+    runs = {s: preds["qlora" if s == cfg.seed else seed_column("qlora", s)] for s in seeds(cfg.seed, cfg.n_seeds)}
+    metrics.with_seeds(q, "accuracy", [acc(p) for p in runs.values()])
+    fp32 = _fp32_seed_predictions(cfg.profile, labels)
+    pairs = [(acc(runs[s]), acc(fp32[s])) for s in runs if s in fp32]
+    if pairs:
+        metrics.with_seeds(q, "accuracy_diff_vs_fp32", [a - b for a, b in pairs])
+        q["n_seeds"] = len(runs)
+        q["seeds_paired_with_fp32"] = len(pairs)
+
+
+def _fp32_seed_predictions(profile: str, labels: list[int]) -> dict[int, list[int]]:
+    """Notebook 01's predictions of every seed it fine-tuned, if they are for these very labels."""
+    import pandas as pd
+
+    p, m = (results_dir(baseline.STUDY, profile) / f for f in ("per_example.csv.gz", "metrics.json"))
+    if not p.is_file() or not m.is_file():
+        return {}
+    t, seed0 = pd.read_csv(p), report.load_metrics(m).get("seed", 0)
+    if t["label"].tolist() != labels:
+        return {}
+    cols = {seed0: "fp32", **{int(c.split("@seed")[1]): c for c in t.columns if c.startswith("fp32@seed")}}
+    return {s: t[c].astype(int).tolist() for s, c in cols.items() if c in t}
 
 
 def _fp32_predictions(profile: str, labels: list[int]) -> list[int] | None:
@@ -355,8 +390,11 @@ def findings(res: QLoRAResult) -> str:
              else "no paired predictions from notebook 01")
         lines.append(f"- Accuracy {q['accuracy']:.3f} vs {fp['accuracy']:.3f} for the full FP32 fine-tune of "
                      f"notebook 01 ({d}) after {q['train_steps']} steps vs {fp.get('train_steps')}; the majority "
-                     f"answer scores {by['majority']['accuracy']:.3f}. One seed each: the interval is over sentences, "
-                     "not over training runs.")
+                     f"answer scores {by['majority']['accuracy']:.3f}. The interval is over sentences of one run each.")
+        if q.get("accuracy_diff_vs_fp32_seed_mean") is not None:
+            lines.append(f"- Over training seeds: QLoRA {report.seed_spread_text(q, 'accuracy')}, FP32 "
+                         f"{report.seed_spread_text(fp, 'accuracy')}; QLoRA minus FP32, seed by seed: "
+                         f"{report.seed_spread_text(q, 'accuracy_diff_vs_fp32', 100, '+.1f', ' pt')}.")
         if fp.get("peak_mem_bytes"):
             ratio = q["peak_mem_bytes"] / fp["peak_mem_bytes"]
             verdict = (f"QLoRA needs {100 * (1 - ratio):.0f} % less" if ratio < 1 else

@@ -37,7 +37,7 @@ class QwenMergeConfig:
     train_base: str = "fp32"         # fp32: plain LoRA | nf4: QLoRA (dequantize-then-merge)
     lora_rank: int = 16
     lora_lr: float = 1e-3
-    steps: int = 60
+    steps: int = 30
     batch_size: int = 4
     gradient_checkpointing: bool = False  # recompute activations in backward (t4: a 1.5B model at 512 tokens)
     context: int = 256               # training window, and the perplexity window of every row (stride = window)
@@ -45,7 +45,7 @@ class QwenMergeConfig:
     eval_tokens: int = 4_096           # x 2 models x 9 formats: llama.cpp scores ~250 tokens/s here
     gguf_types: tuple[str, ...] = ("q8_0", "q4_1", "q4_0", "q4_k_m", "q3_k_m")  # q4_1: the grid control
     gen_tokens: int = 64
-    latency_repeats: int = 5         # llama.cpp decodes interleaved; transformers decodes half as many tokens
+    latency_repeats: int = 3         # llama.cpp decodes interleaved; transformers decodes half as many tokens
     timing_threads: int = 1          # decode timed on one thread: spinning threads collapse on a busy 2-core machine
     device: str = "auto"
 

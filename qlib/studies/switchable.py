@@ -39,7 +39,7 @@ class SwitchableConfig:
     widths: tuple[int, ...] = (2, 4, 8, 32)
     single_baselines: bool = True   # one model per width trained at that width alone
     gen_data: bool = True           # also train search_style on the FP model's own completions (LLM-QAT)
-    steps: int = 100                # optimizer steps per training run, whatever the style
+    steps: int = 40                 # optimizer steps per training run, whatever the style (t4: 300)
     batch_size: int = 8
     lr: float = 3e-3
     lora_rank: int = 8
@@ -58,7 +58,7 @@ class SwitchableConfig:
     block_context: int = 256
     block_calib_tokens: int = 1024
     block_eval_tokens: int = 4096
-    block_qa_questions: int = 160   # held-out cloze questions per bitmap on the real model (0: skip)
+    block_qa_questions: int = 120   # held-out cloze questions per bitmap on the real model (0: skip)
     device: str = "auto"
 
 
@@ -244,9 +244,7 @@ def self_generated(asset: assets.Resolved, tok: Any, data: QAData, cfg: Switchab
     """LLM-QAT's data (Liu et al. 2023, the seed's `gen_data`): the full-precision model, prompted with each
     training question, writes its own completion, which replaces the gold target; as many questions as the
     training run reads (steps x batch), drawn with the run's seed."""
-    from transformers import AutoModelForCausalLM
-
-    fp = AutoModelForCausalLM.from_pretrained(asset.path).to(device).eval()
+    fp = switchable.load_base(asset.path).to(device).eval()
     g = torch.Generator().manual_seed(cfg.seed)
     pick = torch.randperm(len(data.train), generator=g)[: cfg.steps * cfg.batch_size].tolist()
     prompts = [data.train[i][0] for i in pick]

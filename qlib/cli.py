@@ -49,6 +49,40 @@ def run_notebook(nb: Path, profile: str, params: dict[str, object]) -> Path:
     return final
 
 
+def notebook_parameters(nb: Path) -> list[str]:
+    """The names a notebook's papermill `parameters` cell assigns, in order."""
+    import ast
+    import json
+
+    try:
+        cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+        cell = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+        body = ast.parse("".join(cell["source"])).body
+    except (OSError, ValueError, KeyError, StopIteration, SyntaxError) as e:
+        raise QlabError(f"{nb.name}: no readable cell tagged 'parameters' ({type(e).__name__})") from None
+    return [t.id for n in body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)]
+
+
+def check_params(nbs: list[Path], profile: str, params: dict[str, object]) -> None:
+    """Before papermill starts (it only warns): every `-p` name is a parameter of every selected notebook, and the
+    values pass the study's own config checks (types, ranges), so a typo cannot run on the defaults."""
+    import importlib
+
+    from qlib.config import pick_device
+    from qlib.studies import CONFIG_BUILDERS
+
+    if isinstance(params.get("device"), str) and params["device"].startswith("cuda"):
+        pick_device(params["device"])  # no CUDA here: one line now, not minutes into a notebook
+    for nb in nbs:
+        names = [n for n in notebook_parameters(nb) if n != "profile"]
+        unknown = sorted(set(params) - set(names))
+        if unknown:
+            raise QlabError(f"unknown parameter(s) for {nb.stem}: {', '.join(unknown)}; valid: {', '.join(names)}")
+        if nb.stem in CONFIG_BUILDERS and params:
+            module, fn = CONFIG_BUILDERS[nb.stem].split(":")
+            getattr(importlib.import_module(module), fn)(profile, **params)
+
+
 def _parse_params(pairs: list[str]) -> dict[str, object]:
     """`-p key value` pairs, values parsed as YAML scalars like papermill does."""
     import yaml
@@ -67,6 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.profile == "gpu" and (outside := [nb.stem for nb in nbs if nb.stem[:2] not in GPU_STUDIES]):
         raise QlabError(f"no gpu profile for {', '.join(outside)}: the gpu profile (random-init memory and speed) "
                         f"covers notebooks {', '.join(GPU_STUDIES)}; run the others with --profile default or t4")
+    check_params(nbs, args.profile, params)
     failed = []
     for nb in nbs:
         print(f"[qlab] running {nb.name} (profile {args.profile})", flush=True)
@@ -81,23 +116,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"[qlab] done: {out.relative_to(repo_root())}", flush=True)
     from qlib.report import write_summary
 
+    skipped: list[str] = []
     if len(failed) < len(nbs):
-        print(f"[qlab] summary: {write_summary(args.profile).relative_to(repo_root())}")
+        print(f"[qlab] summary: {write_summary(args.profile, skipped).relative_to(repo_root())}")
+    _name_skipped(skipped)
     if failed:
         raise QlabError(f"{len(failed)} of {len(nbs)} notebooks failed: {', '.join(failed)} (errors above)")
+    if skipped:
+        raise QlabError(f"the notebooks ran; the summary left out {len(skipped)} malformed results file(s) (above)")
     return 0
+
+
+def _name_skipped(skipped: list[str]) -> None:
+    for m in skipped:
+        print(f"[qlab] left out of the summary: {m}", file=sys.stderr, flush=True)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from qlib.report import write_summary
 
     check_profile(args.profile)
-    path = write_summary(args.profile)
+    skipped: list[str] = []
+    path = write_summary(args.profile, skipped)
     print(path.read_text() if args.show else f"wrote {path}")
+    _name_skipped(skipped)
     if args.readme:
         from qlib.report import update_readme
 
         print(f"wrote the results tables (default run; GPU run) of {update_readme()}")
+    if skipped:
+        raise QlabError(f"the summary left out {len(skipped)} malformed results file(s) (above)")
     return 0
 
 
@@ -156,14 +204,10 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Verify a saved model folder loads; print its parameters and size."""
-    from qlib.metrics import count_params, size_on_disk
-    from qlib.models import load_saved_classifier
+    """Verify a saved artifact (model folder, adapter, switchable set, QAT INT8 folder, GGUF) loads whole."""
+    from qlib.artifacts import verify
 
-    model, _ = load_saved_classifier(args.path)
-    n = count_params(model)["total_params"]
-    size = size_on_disk(Path(args.path) / "model.safetensors")
-    print(f"{args.path}: {type(model).__name__}, {n:,} params, {size / 2**20:.1f} MiB safetensors")
+    print("\n".join(verify(args.path)))
     return 0
 
 
@@ -193,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="predicted peak GPU memory and time of every notebook in a profile")
     pl.add_argument("--profile", default="t4")
     pl.set_defaults(fn=cmd_plan)
-    i = sub.add_parser("inspect", help="verify that a saved model folder loads")
+    i = sub.add_parser("inspect", help="verify that a saved artifact (model, adapter, QAT folder, GGUF) loads whole")
     i.add_argument("path")
     i.set_defaults(fn=cmd_inspect)
     return p

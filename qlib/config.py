@@ -225,15 +225,57 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+_STAGING: dict[tuple[str, str], dict[str, Path]] = {}  # (study, profile) -> its staging folders while it runs
+
+
 def results_dir(study: str, profile: str) -> Path:
-    """results/<study>/ for the default profile, results/<profile>/<study>/ otherwise."""
+    """results/<study>/ for the default profile, results/<profile>/<study>/ otherwise (its staging folder while
+    that study runs)."""
+    if (study, profile) in _STAGING:
+        return _STAGING[(study, profile)]["results"]
     base = repo_root() / "results"
     return base / study if profile == "default" else base / profile / study
 
 
 def outputs_dir(study: str, profile: str) -> Path:
-    """Ignored folder for weights and checkpoints of one study and profile."""
+    """Ignored folder for weights and checkpoints of one study and profile (staged like results_dir)."""
+    if (study, profile) in _STAGING:
+        return _STAGING[(study, profile)]["outputs"]
     return repo_root() / "outputs" / profile / study
+
+
+@contextlib.contextmanager
+def staged_run(study: str, profile: str) -> Iterator[dict[str, tuple[Path, Path]]]:
+    """While the block runs, the study's results/ and outputs/ folders are fresh staging folders beside them; when
+    it succeeds both replace the previous ones together, so a kill or a failed write leaves the previous run whole
+    (model and metrics from the same run). Yields {kind: (staging, final)}."""
+    import shutil
+
+    if (study, profile) in _STAGING:  # already staged by an outer call
+        yield {k: (v, v) for k, v in _STAGING[(study, profile)].items()}
+        return
+    finals = {"results": results_dir(study, profile), "outputs": outputs_dir(study, profile)}
+    stages = {k: p.with_name(f".{p.name}.staging") for k, p in finals.items()}
+    for d in stages.values():
+        shutil.rmtree(d, ignore_errors=True)  # what a killed run left
+        d.mkdir(parents=True)
+    _STAGING[(study, profile)] = stages
+    try:
+        yield {k: (stages[k], finals[k]) for k in finals}
+    except BaseException:
+        for d in stages.values():
+            shutil.rmtree(d, ignore_errors=True)
+        raise
+    finally:
+        _STAGING.pop((study, profile), None)
+    olds = {k: p.with_name(f".{p.name}.old") for k, p in finals.items()}
+    for k, final in finals.items():
+        shutil.rmtree(olds[k], ignore_errors=True)
+        if final.exists():
+            os.replace(final, olds[k])
+        os.replace(stages[k], final)
+    for old in olds.values():
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- profiles
@@ -253,13 +295,70 @@ def check_profile(profile: str) -> str:
     return profile
 
 
-def _as_tuple(value: Any, default: Any) -> Any:
+def _as_tuple(name: str, value: Any, default: Any) -> Any:
     """A tuple-valued knob as papermill or the CLI passes it: a list, or one comma-separated string
     (`-p rungs llama-60m,llama-7b`); elements become ints where the default's are."""
-    if not isinstance(default, tuple) or not isinstance(value, (list, str)):
+    if not isinstance(default, tuple) or not isinstance(value, (list, tuple, str)):
         return value
     items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else list(value)
-    return tuple(int(x) for x in items) if default and isinstance(default[0], int) else tuple(items)
+    if not (default and isinstance(default[0], int)):
+        return tuple(items)
+    try:
+        return tuple(int(x) for x in items)
+    except (TypeError, ValueError):
+        raise QlabError(f"parameter {name} must be a list of integers, got {value!r}") from None
+
+
+# Ranges of the knobs several studies share, by name; any other field is checked for its annotated type only.
+AT_LEAST_1 = frozenset({
+    "steps", "batch_size", "batch", "n_seeds", "latency_repeats", "lora_rank", "main_rank", "ranks", "context",
+    "stride", "max_length", "max_len", "seq", "seq_len", "projection_seq", "gen_tokens", "n_calib",
+    "max_new_tokens", "bench_steps", "calib_sentences", "n_train", "n_eval", "train_tokens", "eval_tokens",
+    "ladder_context", "ladder_eval_tokens", "block_context", "block_calib_tokens", "block_eval_tokens",
+    "save_steps", "finetune_steps", "timing_threads", "vocab_size"})
+AT_LEAST_0 = frozenset({"seed", "block_qa_questions", "low_bits"})
+POSITIVE = frozenset({"epochs", "lr", "bitnet_lr", "lora_lr", "kd_temperature"})
+FRACTION = frozenset({"budget", "block_budget", "weight_decay", "warmup_ratio"})
+_KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
+
+
+def check_fields(cfg: Any) -> None:
+    """Every field of a study config has its annotated type and, for the shared knobs, a sane range: the
+    library refuses what the command line refuses (e.g. `epochs -1`, `lr abc`, `budget nan`)."""
+    import typing
+
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        _check_value(f.name, getattr(cfg, f.name), hints[f.name])
+
+
+def _check_value(name: str, v: Any, hint: Any) -> None:
+    import math
+    import typing
+
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if v is None:
+            return
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(v, tuple) or not v:
+            raise QlabError(f"parameter {name} must be a non-empty list, got {v!r}")
+        for x in v:
+            _check_value(name, x, typing.get_args(hint)[0])
+        return
+    ok = {int: isinstance(v, int) and not isinstance(v, bool),
+          float: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+          bool: isinstance(v, bool), str: isinstance(v, str)}.get(hint, True)
+    if not ok:
+        raise QlabError(f"parameter {name} must be {_KINDS[hint]}, got {v!r}")
+    lo = 1 if name in AT_LEAST_1 else 0 if name in AT_LEAST_0 else None
+    if lo is not None and v < lo:
+        raise QlabError(f"parameter {name} must be at least {lo}, got {v!r}")
+    if name in POSITIVE and not v > 0:
+        raise QlabError(f"parameter {name} must be greater than 0, got {v!r}")
+    if name in FRACTION and not 0 <= v <= 1:
+        raise QlabError(f"parameter {name} must be between 0 and 1, got {v!r}")
 
 
 def make_config(cls: type[C], table: dict[str, dict[str, Any]], profile: str, **overrides: Any) -> C:
@@ -276,8 +375,10 @@ def make_config(cls: type[C], table: dict[str, dict[str, Any]], profile: str, **
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise QlabError(f"unknown parameter(s) for {cls.__name__}: {', '.join(unknown)}")
-    values = {**table[profile], **{k: _as_tuple(v, defaults[k]) for k, v in overrides.items() if v is not None}}
-    return cls(profile=profile, **values)  # type: ignore[call-arg]
+    values = {**table[profile], **{k: _as_tuple(k, v, defaults[k]) for k, v in overrides.items() if v is not None}}
+    cfg = cls(profile=profile, **values)  # type: ignore[call-arg]
+    check_fields(cfg)
+    return cfg
 
 
 @dataclass(frozen=True)

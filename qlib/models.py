@@ -75,16 +75,45 @@ def check_checkpoint(path: str | Path) -> Path:
     return p
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")  # any one of them
+
+
+def check_loading(p: Path, info: dict[str, list[Any]]) -> None:
+    """transformers' loading report must be clean: a missing weight would be silently random, an unexpected or
+    mis-shaped one means the file is for another architecture."""
+    problems = {k: [x if isinstance(x, str) else x[0] for x in info.get(k) or []]
+                for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    bad = {k.split("_")[0]: v for k, v in problems.items() if v}
+    if bad:
+        raise QlabError(f"checkpoint {p} does not match its config.json: " + "; ".join(
+            f"{k} weights {', '.join(v[:3])}{' …' if len(v) > 3 else ''} ({len(v)})" for k, v in bad.items()))
+
+
+def check_tokenizer(p: Path, tok: Any, vocab_size: int) -> None:
+    """The tokenizer files are there and the tokenizer fits the model's embedding table (a truncated vocabulary
+    loads without complaint and maps every text to a handful of ids)."""
+    n = len(tok)
+    if n > vocab_size or vocab_size - n > max(1024, vocab_size // 100):
+        raise QlabError(f"checkpoint {p}: the tokenizer has {n:,} tokens for a model with {vocab_size:,} embeddings "
+                        "(tokenizer files from another model, or truncated)")
+
+
 def load_saved_classifier(path: str | Path) -> tuple[torch.nn.Module, Any]:
-    """Load a checkpoint written by `save_model` (verified first), with its tokenizer."""
+    """Load a checkpoint written by `save_model`, verified: files, weights against the config, tokenizer against
+    the embeddings."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     p = check_checkpoint(path)
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise QlabError(f"checkpoint {p} is incomplete: no tokenizer file ({' or '.join(TOKENIZER_FILES)})")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32)
+        model, info = AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32,
+                                                                         output_loading_info=True)
         tok = AutoTokenizer.from_pretrained(p)
     except Exception as e:
-        raise QlabError(f"cannot load checkpoint {p}: {type(e).__name__}: {e}") from None
+        raise QlabError(f"cannot load checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    check_loading(p, info)
+    check_tokenizer(p, tok, model.config.vocab_size)
     return model.eval(), tok
 
 
@@ -107,9 +136,12 @@ def load_causal_lm(path: str | Path, method: str | None, device: torch.device,
         kwargs["quantization_config"] = build_quantization_plan(method, device).bnb_config
         kwargs["device_map"] = kwargs["device_map"] or {"": "cpu"}
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         raise QlabError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0][:300]}") from None
+    if not method:  # bitsandbytes renames what it quantizes on load; a plain load must be complete
+        check_loading(Path(path), info)
+    return model
 
 
 def add_causal_lora(model: torch.nn.Module, rank: int, kbit: bool, targets: list[str] | None = None,

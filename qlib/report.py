@@ -22,15 +22,19 @@ TOP_KEYS = ("study", "profile", "seed", "env", "assets", "rows")
 
 # ---------------------------------------------------------------- atomic writes
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -53,6 +57,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved model is meant to be shared like any folder
     try:
         yield tmp
         old = p.with_name(f".{p.name}.old")
@@ -89,16 +94,56 @@ def make_row(method: str, **metrics: Any) -> dict[str, Any]:
     return row
 
 
-def validate_metrics(doc: dict[str, Any], where: str = "metrics") -> dict[str, Any]:
-    """Check a metrics document against the schema; raise a QlabError naming what is wrong."""
+# The results schema (DESIGN.md, "Results schema"): each row key's type and range; null where it does not apply.
+NUM, INT = (int, float), (int,)
+ROW_SCHEMA: dict[str, tuple[tuple[type, ...], float | None, float | None]] = {
+    "accuracy": (NUM, 0, 1), "f1": (NUM, 0, 1), "em": (NUM, 0, 1), "perplexity": (NUM, 1, None),
+    "size_bytes": (INT, 0, None), "bits_per_param": (NUM, 0, None), "latency_ms": (NUM, 0, None),
+    "tokens_per_s": (NUM, 0, None), "speedup_vs_fp32": (NUM, 0, None), "peak_mem_bytes": (NUM, None, None),
+    "train_time_s": (NUM, 0, None), "trainable_params": (INT, 0, None), "total_params": (INT, 0, None)}
+TOP_SCHEMA: dict[str, type | tuple[type, ...]] = {"study": str, "profile": str, "seed": int, "env": dict,
+                                                  "assets": dict, "rows": list}
+
+
+def validate_metrics(doc: Any, where: str = "metrics") -> dict[str, Any]:
+    """Check a metrics document against the results schema (keys, types, ranges); raise a QlabError naming the
+    first thing that is wrong. Used for writing and for reading."""
+    if not isinstance(doc, dict):
+        raise QlabError(f"{where}: a metrics document is a JSON object, got {type(doc).__name__}")
     missing = [k for k in TOP_KEYS if k not in doc]
     if missing:
         raise QlabError(f"{where}: missing top-level keys {missing}")
+    for k, t in TOP_SCHEMA.items():
+        if not isinstance(doc[k], t) or isinstance(doc[k], bool):
+            raise QlabError(f"{where}: {k} must be {getattr(t, '__name__', t)}, got {type(doc[k]).__name__}")
+    if not doc["rows"]:
+        raise QlabError(f"{where}: rows is empty")
     for i, row in enumerate(doc["rows"]):
-        lacking = [k for k in ROW_KEYS if k not in row]
-        if lacking:
-            raise QlabError(f"{where}: row {i} ({row.get('method')}) lacks keys {lacking}")
+        _validate_row(row, f"{where}: row {i}")
     return doc
+
+
+def _validate_row(row: Any, where: str) -> None:
+    if not isinstance(row, dict):
+        raise QlabError(f"{where} must be an object, got {type(row).__name__}")
+    lacking = [k for k in ROW_KEYS if k not in row]
+    if lacking:
+        raise QlabError(f"{where} ({row.get('method')}) lacks keys {lacking}")
+    if not isinstance(row["method"], str) or not row["method"]:
+        raise QlabError(f"{where}: method must be a non-empty string, got {row['method']!r}")
+    for k in ("model", "dataset"):
+        if row[k] is not None and not isinstance(row[k], str):
+            raise QlabError(f"{where} ({row['method']}): {k} must be a string or null, got {row[k]!r}")
+    for k, (types, lo, hi) in ROW_SCHEMA.items():
+        v = row[k]
+        if v is None:
+            continue
+        whole_ok = types != INT or isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+        if isinstance(v, bool) or not isinstance(v, NUM) or not whole_ok or (isinstance(v, float) and not math.isfinite(v)):
+            raise QlabError(f"{where} ({row['method']}): {k} must be a {'whole' if types == INT else 'finite'} "
+                            f"number or null, got {v!r}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise QlabError(f"{where} ({row['method']}): {k} = {v!r} is outside [{lo}, {hi if hi is not None else '∞'}]")
 
 
 def write_metrics(study: str, profile: str, seed: int, env: dict[str, Any],
@@ -160,9 +205,9 @@ def load_metrics(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise QlabError(f"results file not found: {p}")
     try:
-        doc = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise QlabError(f"corrupt results file {p}: {e}") from None
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QlabError(f"corrupt results file {p}: {type(e).__name__}: {e}") from None
     return validate_metrics(doc, str(p))
 
 
@@ -202,11 +247,20 @@ def metrics_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def collect(profile: str = "default") -> list[dict[str, Any]]:
-    """Every study's metrics.json of one profile, in notebook order."""
+def collect(profile: str = "default", skipped: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every study's metrics.json of one profile, in notebook order; a malformed one is left out and named in
+    `skipped` (one line each), so it cannot take the others down with it."""
     base = repo_root() / "results"
     base = base if profile == "default" else base / profile
-    return [load_metrics(p) for p in sorted(base.glob("[0-9][0-9]_*/metrics.json"))]
+    docs = []
+    for p in sorted(base.glob("[0-9][0-9]_*/metrics.json")):
+        try:
+            docs.append(load_metrics(p))
+        except QlabError as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
+    return docs
 
 
 # Rows gathered across studies into one comparison table (study, method), in this order.
@@ -230,9 +284,11 @@ def cross_table(docs: list[dict[str, Any]], picks: list[tuple[str, str]]) -> str
     return "\n".join(lines)
 
 
-def write_summary(profile: str = "default") -> Path:
-    """results/summary.md (or results/<profile>/summary.md): one table per study, with provenance."""
-    docs = collect(profile)
+def write_summary(profile: str = "default", skipped: list[str] | None = None) -> Path:
+    """results/summary.md (or results/<profile>/summary.md): one table per study, with provenance; malformed
+    results files are named in `skipped` and in the summary, and left out."""
+    skipped = [] if skipped is None else skipped
+    docs = collect(profile, skipped)
     if not docs:
         raise QlabError(f"no results for profile {profile!r} yet: run `python -m qlib run --profile {profile}`")
     out = [f"# qlab results ({profile} profile)", "",
@@ -252,6 +308,7 @@ def write_summary(profile: str = "default") -> Path:
                 f"Assets: {assets}.", "", metrics_table(d), ""]
         if d.get("notes"):
             out += [f"Notes: {d['notes']}", ""]
+    out += ["## Left out (malformed results)", ""] + [f"- {m}" for m in skipped] + [""] if skipped else []
     base = repo_root() / "results"
     path = base / "summary.md" if profile == "default" else base / profile / "summary.md"
     return atomic_write_text(path, "\n".join(out))
@@ -345,7 +402,7 @@ def readme_table(profile: str = "default") -> str:
     """Every row of every study: quality, size, bits, speed ratio, memory, plus a reference column."""
     lines = ["| study | method | model | quality | size (MiB) | bits/param | speed vs fp32 (same run) | "
              "peak train mem (MiB) | reference (published, not ours) |", "|" + "---|" * 9]
-    for d in collect(profile):
+    for d in collect(profile, []):
         for r in d["rows"]:
             if r.get("source") == "notebook 01":
                 continue  # a copy of 01's row, shown once
@@ -447,12 +504,12 @@ def _ratio_cell(p: tuple[dict[str, Any], dict[str, Any], str] | None) -> str:
 
 def gpu_readme_table() -> str:
     """GPU vs CPU: each pair's peak memory and step time on the GPU, and the same ratios from the CPU run."""
-    gpu = {d["study"]: d for d in collect("gpu")}
+    gpu = {d["study"]: d for d in collect("gpu", [])}
     if not gpu:
         return ("**Not run here**: no GPU was lent to the sessions so far (the device tool's `can_start_another` "
                 "was false), so this section holds no GPU number. `make gpu` on a CUDA machine fills it from "
                 "`results/gpu/`; the CPU rehearsal of the same notebooks runs in the tests.")
-    cpu = {d["study"]: d for d in collect("default")}
+    cpu = {d["study"]: d for d in collect("default", [])}
     env = next(iter(gpu.values()))["env"]
     lines = [f"Device: {env.get('gpu')} (CUDA {env.get('cuda')}, torch {env.get('torch')}, bitsandbytes "
              f"{env.get('bitsandbytes')}). Ratios are method / reference, measured in the same run.", "",

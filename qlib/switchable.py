@@ -41,7 +41,10 @@ def parse_bitmap(bitmap: Bitmap, n_layers: int, current: list[int] | None = None
     widths = list(current) if current is not None else [32] * n_layers
     if isinstance(bitmap, bool):
         raise QlabError(f"bad bitmap: {bitmap!r} (expected an int, a comma list or a dict)")
-    if isinstance(bitmap, int) or (isinstance(bitmap, str) and "," not in bitmap and bitmap.strip().isdigit()):
+    if isinstance(bitmap, str) and not bitmap.strip():
+        raise QlabError(f"bad bitmap: empty (give one width for all blocks, e.g. 8, or one per block, e.g. "
+                        f"{','.join(['8'] * n_layers)})")
+    if isinstance(bitmap, int) or (isinstance(bitmap, str) and "," not in bitmap):
         widths = [_width(bitmap, "all blocks")] * n_layers
     elif isinstance(bitmap, (str, list, tuple)):
         items = bitmap.split(",") if isinstance(bitmap, str) else list(bitmap)
@@ -170,11 +173,20 @@ def load(base_dir: str | Path, adapters_dir: str | Path, device: torch.device) -
     meta = d / "switchable.json"
     if not meta.is_file():
         raise QlabError(f"{d} is not a switchable adapter folder (switchable.json is missing)")
-    widths = tuple(json.loads(meta.read_text())["widths"])
+    try:
+        widths = tuple(check_width(b) for b in json.loads(meta.read_text(encoding="utf-8"))["widths"])
+    except (ValueError, KeyError, TypeError, QlabError) as e:
+        raise QlabError(f"corrupt {meta} (expected {{\"widths\": [2, 4, 8, 32]}}): {type(e).__name__}") from None
+    if not widths:
+        raise QlabError(f"corrupt {meta}: no widths")
+    sub = {b: d / adapter_name(b) if (d / adapter_name(b)).is_dir() or len(widths) > 1 else d for b in widths}
+    gone = [f"{adapter_name(b)}/" for b in widths if not (sub[b] / "adapter_config.json").is_file()]
+    if gone:
+        raise QlabError(f"{d} is incomplete: the adapter of width(s) {', '.join(gone)} is missing "
+                        f"(switchable.json lists {', '.join(map(str, widths))})")
     base = load_base(base_dir)
     patch_gpt2_with_quantization(base)
     first, *rest = widths
-    sub = {b: d / adapter_name(b) if (d / adapter_name(b)).is_dir() else d for b in widths}
     from qlib.adapters import check_adapter
 
     for b in widths:

@@ -1,4 +1,6 @@
 """Study 01 on tiny data: exact parameter counts, determinism, and the saved checkpoint."""
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
@@ -77,3 +79,42 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
     with pytest.raises(QlabError, match="corrupt checkpoint"):
         models.check_checkpoint(tmp_path / "ckpt")
+
+
+def test_inspect_cannot_say_loads_for_a_broken_checkpoint(tmp_path):
+    """A missing weight (that layer would be random) and a wrong or missing tokenizer are named, not loaded."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from qlib.assets import minilm_dir
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=2))
+    good = models.save_model(model, tok, tmp_path / "good")
+    assert models.load_saved_classifier(good)[0].config.num_hidden_layers == 1
+
+    import shutil
+
+    def variant(name):
+        return Path(shutil.copytree(good, tmp_path / name))
+
+    w = variant("missing-weight")
+    state = load_file(w / "model.safetensors")
+    state.pop("bert.encoder.layer.0.attention.self.query.weight")
+    save_file(state, w / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(QlabError, match=r"does not match its config.json: missing weights "
+                                        r"bert.encoder.layer.0.attention.self.query.weight \(1\)"):
+        models.load_saved_classifier(w)
+
+    t = variant("no-tokenizer")
+    for f in ("tokenizer.json", "vocab.txt"):
+        (t / f).unlink(missing_ok=True)
+    with pytest.raises(QlabError, match="no tokenizer file"):
+        models.load_saved_classifier(t)
+
+    s = variant("tiny-vocab")
+    (s / "tokenizer.json").unlink()
+    (s / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    with pytest.raises(QlabError, match=r"the tokenizer has 5 tokens for a model with 30,522 embeddings"):
+        models.load_saved_classifier(s)

@@ -76,9 +76,43 @@ def test_unknown_model_id_through_a_notebook_run():
 
 
 def test_a_failing_notebook_does_not_stop_the_others():
-    r = qlib("run", "01", "07", "--profile", "smoke", "-p", "device", "cuda")  # no CUDA here: both fail fast
+    r = qlib("run", "01", "04", "--profile", "smoke", "-p", "dataset_id", "no-org/no-data")  # both fail fast offline
     assert r.returncode == 2 and "Traceback" not in r.stderr
     failed = [line for line in r.stderr.splitlines() if line.startswith("[qlab] failed:")]
-    assert len(failed) == 2 and "01_baseline.ipynb" in failed[0] and "07_llama_scaling.ipynb" in failed[1]
+    assert len(failed) == 2 and "01_baseline.ipynb" in failed[0] and "04_qlora_bert.ipynb" in failed[1]
     assert r.stderr.strip().splitlines()[-1] == (
-        "qlab: error: 2 of 2 notebooks failed: 01_baseline, 07_llama_scaling (errors above)")
+        "qlab: error: 2 of 2 notebooks failed: 01_baseline, 04_qlora_bert (errors above)")
+
+
+def _root_with_notebooks(tmp_path):
+    """An empty results/outputs root that sees the repository's notebooks."""
+    import os
+    from pathlib import Path
+
+    (tmp_path / "notebooks").symlink_to(Path(__file__).resolve().parent.parent / "notebooks")
+    return {**os.environ, "QLAB_ROOT": str(tmp_path)}
+
+
+def test_a_cuda_request_without_cuda_is_refused_before_any_notebook_runs(tmp_path):
+    r = qlib("run", "01", "07", "--profile", "smoke", "-p", "device", "cuda", env=_root_with_notebooks(tmp_path))
+    _one_clear_line(r, "device 'cuda' was asked for but no CUDA GPU is visible")
+    assert "[qlab] running" not in r.stdout and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["01", "-p", "epoch", "3"], "unknown parameter(s) for 01_baseline: epoch; valid: seed, model_id"),
+    (["01", "02", "-p", "epochs", "3"], "unknown parameter(s) for 02_ptq: epochs"),
+    (["01", "-p", "epochs", "-1"], "parameter epochs must be greater than 0, got -1"),
+    (["01", "-p", "lr", "abc"], "parameter lr must be a finite number, got 'abc'"),
+    (["01", "-p", "batch_size", "0"], "parameter batch_size must be at least 1, got 0"),
+    (["06", "-p", "budget", "-1"], "parameter budget must be between 0 and 1, got -1"),
+    (["04", "-p", "ranks", "8,x"], "parameter ranks must be a list of integers, got '8,x'"),
+])
+def test_bad_parameters_are_refused_before_anything_runs(tmp_path, args, needle):
+    _one_clear_line(qlib("run", *args, "--profile", "smoke", env=_root_with_notebooks(tmp_path)), needle)
+    assert not (tmp_path / "results").exists()  # nothing ran, nothing was written
+
+
+@pytest.mark.parametrize("budget", ["-1", "nan", "1.5"])
+def test_search_budget_outside_0_1_is_refused(budget):
+    _one_clear_line(qlib("search", "--profile", "smoke", "--budget", budget), "parameter budget must be")

@@ -106,3 +106,30 @@ def test_tuple_knobs_accept_a_list_or_a_comma_string():
     assert switchable.switchable_config("smoke", widths=["2", 8]).widths == (2, 8)
     with pytest.raises(QlabError, match="unknown rung/method"):
         llama_scaling.scaling_config("smoke", rungs="llama-2m,llama-99m")
+
+
+@pytest.mark.parametrize("override, needle", [
+    (dict(epochs=-1), "epochs must be greater than 0"),
+    (dict(epochs=float("nan")), "epochs must be a finite number"),
+    (dict(lr="abc"), "lr must be a finite number, got 'abc'"),
+    (dict(batch_size=2.5), "batch_size must be an integer"),
+    (dict(batch_size=True), "batch_size must be an integer"),
+    (dict(n_eval=0), "n_eval must be at least 1"),
+    (dict(seed=-1), "seed must be at least 0"),
+    (dict(warmup_ratio=1.5), "warmup_ratio must be between 0 and 1"),
+    (dict(random_init="yes"), "random_init must be true or false"),
+])
+def test_config_values_are_checked_by_type_and_range(override, needle):
+    from qlib.config import QlabError, baseline_config
+
+    with pytest.raises(QlabError, match=needle):
+        baseline_config("smoke", **override)
+
+
+def test_config_accepts_what_it_should():
+    from qlib.config import baseline_config
+    from qlib.studies import qlora_bert, switchable
+
+    assert baseline_config("smoke", epochs=1, n_eval=None).epochs == 1  # an int where a float belongs
+    assert qlora_bert.qlora_config("smoke", ranks=[4, 8]).ranks == (4, 8)
+    assert switchable.switchable_config("smoke", budget=0).budget == 0

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 
@@ -28,6 +29,14 @@ def test_atomic_write_respects_umask(tmp_path):
     finally:
         os.umask(old)
     assert p.stat().st_mode & 0o777 == 0o644
+    old = os.umask(0o022)
+    try:
+        with report.atomic_dir(tmp_path / "model") as d:
+            report.atomic_write_text(d / "config.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    assert (tmp_path / "model" / "config.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_atomic_write_failure_on_new_file_leaves_nothing(tmp_path, monkeypatch):
@@ -153,3 +162,85 @@ def test_gpu_readme_table_puts_gpu_ratios_beside_cpu_ones(tmp_path, monkeypatch)
     assert "7B `qlora_t4_conditions`: oom — out of memory at 15 GiB" in t
     assert "s/step (the small rungs' fit said 0.700)" in t
     assert "memory 0.34 (<= 1/3: False)" in t
+
+
+def _doc(**row):
+    return {"study": "01_baseline", "profile": "default", "seed": 0, "env": {"device": "cpu"}, "assets": {},
+            "rows": [report.make_row("fp32", model="m", **row)]}
+
+
+@pytest.mark.parametrize("doc, needle", [
+    (5, "a metrics document is a JSON object, got int"),
+    ({**_doc(), "rows": {"method": "fp32"}}, "rows must be list, got dict"),
+    ({**_doc(), "env": None}, "env must be dict, got NoneType"),
+    ({**_doc(), "rows": []}, "rows is empty"),
+    (_doc(accuracy="0.8"), "accuracy must be a finite number or null, got '0.8'"),
+    (_doc(accuracy=1.5), "accuracy = 1.5 is outside [0, 1]"),
+    (_doc(size_bytes=1.5), "size_bytes must be a whole number or null"),
+    (_doc(perplexity=0.5), "perplexity = 0.5 is outside"),
+    (_doc(total_params=True), "total_params must be a whole number"),
+])
+def test_schema_checks_types_and_ranges_not_only_key_names(doc, needle):
+    with pytest.raises(QlabError, match=re.escape(needle)):
+        report.validate_metrics(doc, "x")
+
+
+def test_schema_refuses_non_finite_numbers_a_file_can_hold():
+    doc = _doc()
+    doc["rows"][0]["latency_ms"] = float("nan")  # json.loads reads NaN; make_row would have written null
+    with pytest.raises(QlabError, match="latency_ms must be a finite number"):
+        report.validate_metrics(json.loads(json.dumps(doc)), "x")
+    doc["rows"][0].update(latency_ms=None, size_bytes=2.0**20)  # a whole number written as a float is whole
+    assert report.validate_metrics(doc, "x") is doc
+
+
+def test_a_malformed_sibling_is_named_and_left_out_of_the_summary(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
+    env = {"device": "cpu", "cpu": "test-cpu", "isa": ["avx2"], "threads": 2, "torch": "t"}
+    report.write_metrics("01_baseline", "default", 0, env, {"model": {"id": "m", "source": "s"}},
+                         [report.make_row("fp32", model="m", accuracy=0.81)])
+    for study, content in (("02_ptq", b"5"), ("03_qat", b"\xff\xfe not utf-8")):
+        (tmp_path / "results" / study).mkdir(parents=True)
+        (tmp_path / "results" / study / "metrics.json").write_bytes(content)
+    skipped: list[str] = []
+    text = report.write_summary("default", skipped).read_text()
+    assert "## 01_baseline" in text and "0.810" in text
+    assert len(skipped) == 2 and "02_ptq" in skipped[0] and "03_qat" in skipped[1] and "UnicodeDecodeError" in skipped[1]
+    assert "## Left out (malformed results)" in text
+    with pytest.raises(QlabError, match="a metrics document is a JSON object"):
+        report.collect("default")  # without a list to name them in, the first one is an error
+
+
+def test_a_study_run_moves_results_and_artifacts_into_place_together_or_not_at_all(tmp_path, monkeypatch):
+    from qlib.config import outputs_dir, results_dir
+    from qlib.studies import StudyResult, staged
+
+    monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
+    env = {"device": "cpu"}
+
+    class Cfg:
+        profile = "smoke"
+
+    @staged("99_x")
+    def run(cfg, fail=False):
+        model = outputs_dir("99_x", "smoke") / "model"
+        model.mkdir(parents=True)
+        (model / "weights").write_text("new")
+        if fail:
+            raise RuntimeError("killed after the model, before the metrics")
+        p = report.write_metrics("99_x", "smoke", 0, env, {"model": {"id": str(model)}},
+                                 [report.make_row("fp32", model="m")])
+        return StudyResult([], report.load_metrics(p), p)
+
+    first = run(Cfg())
+    assert first.metrics_path == results_dir("99_x", "smoke") / "metrics.json" and first.metrics_path.is_file()
+    assert ".staging" not in first.metrics_path.read_text() and ".staging" not in first.doc["assets"]["model"]["id"]
+    (outputs_dir("99_x", "smoke") / "model" / "weights").write_text("previous")
+    with pytest.raises(RuntimeError):
+        run(Cfg(), fail=True)
+    assert (outputs_dir("99_x", "smoke") / "model" / "weights").read_text() == "previous"  # the previous run, whole
+    assert report.load_metrics(first.metrics_path)["rows"][0]["method"] == "fp32"
+    leftovers = [p.name for d in (tmp_path / "results" / "smoke", tmp_path / "outputs" / "smoke") for p in d.iterdir()]
+    assert leftovers == ["99_x", "99_x"]  # no staging folders left behind
+    run(Cfg())
+    assert (outputs_dir("99_x", "smoke") / "model" / "weights").read_text() == "new"

@@ -81,7 +81,9 @@ def test_set_config_switches_width_and_adapter(model):
 @pytest.mark.parametrize("bad, message", [
     ("8,4,2", "3 entries for a model with 2 blocks"), ({"h.7": 4}, "unknown layer 'h.7'"),
     ("8,x", "'x' at block 1 is not a bit width"), (3, "unsupported bit width 3"), (2.5, "expected an int"),
-    ({"0": 16}, "no adapter was trained for width"), ([], "0 entries"), (True, "expected an int")])
+    ({"0": 16}, "no adapter was trained for width"), ([], "0 entries"), (True, "expected an int"),
+    ("-1", "unsupported bit width -1 at all blocks"), ("abc", "'abc' at all blocks is not a bit width"),
+    ("  ", "bad bitmap: empty")])
 def test_bad_bitmaps_are_named(model, bad, message):
     before = model.active()
     with pytest.raises(QlabError, match=message):
@@ -155,9 +157,29 @@ def test_cloze_construction_and_squad_metric():
         qa.em_f1(["a"], [])
 
 
-def test_command_line_errors_are_one_line(tmp_path, capsys):
-    assert cli_main(["eval", "--profile", "smoke", "--adapters", str(tmp_path), "--bitmap", "8"]) == 2
-    assert "not a switchable adapter folder" in capsys.readouterr().err
+def test_command_line_errors_are_one_line(tmp_path, capsys, model):
+    def one_line(args, needle):  # progress bars of model loading may come before it; no traceback
+        capsys.readouterr()
+        assert cli_main(args) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("qlab: error:")]
+        assert "Traceback" not in err and len(errors) == 1 and needle in errors[0], err
+        assert err.strip().splitlines()[-1] == errors[0]
+
+    ev = ["eval", "--profile", "smoke", "--adapters"]
+    one_line(ev + [str(tmp_path), "--bitmap", "8"], "not a switchable adapter folder")
+    saved = model.save(tmp_path / "adapters")
+    one_line(ev + [str(saved), "--bitmap", "{8: 4"], "is not valid JSON")
+    (saved / "switchable.json").write_text("")
+    one_line(ev + [str(saved), "--bitmap", "8"], "corrupt")
+    (saved / "switchable.json").write_text('{"widths": [2, 4, 8, 32]}')
+    import shutil
+
+    shutil.rmtree(saved / "w4")
+    one_line(ev + [str(saved), "--bitmap", "8"], "the adapter of width(s) w4/ is missing")
+    one_line(["train", "--profile", "smoke", "--steps", "0", "--adapters", str(tmp_path / "new")],
+             "parameter steps must be at least 1, got 0")
+    assert not (tmp_path / "new").exists()  # refused before anything was trained or saved
 
 
 def _cloze(answer: str) -> qa.QAExample:

@@ -10,6 +10,7 @@ import torch
 
 from qlib import assets, budget, data, metrics, models, report
 from qlib.config import BaselineConfig, compute_dtype_name, outputs_dir, pick_device
+from qlib.studies import staged
 from qlib.train import TrainResult, finetune, predict, seed_column, seeds, set_seed
 
 STUDY = "01_baseline"
@@ -56,6 +57,7 @@ def plan(cfg: BaselineConfig, model_config: Any, n_train: int, device: torch.dev
                            compute=budget.compute_for(device))]
 
 
+@staged(STUDY)
 def run(cfg: BaselineConfig) -> BaselineResult:
     """Fine-tune, evaluate on the held-out split, save baseline-model/, measure, write metrics.json."""
     device = pick_device(cfg.device, cfg.profile)

@@ -18,7 +18,7 @@ from safetensors.torch import save
 from qlib import adapters, assets, budget, data, hub, metrics, models, report
 from qlib.config import compute_dtype_name, make_config, outputs_dir, pick_device
 from qlib.quant import bitnet, ladder
-from qlib.studies import StudyResult, ptq_ladder
+from qlib.studies import StudyResult, ptq_ladder, staged
 from qlib.train import TrainResult, finetune, seed_column, seeds, set_seed
 
 STUDY = "05_gpt2_bitnet"
@@ -313,6 +313,7 @@ def plan(cfg: GPT2Config, model_config: Any, device: torch.device) -> list[budge
     return out
 
 
+@staged(STUDY)
 def run(cfg: GPT2Config) -> GPT2Result:
     """All regimes from one base on one split; perplexity, speed, memory, sizes; metrics.json."""
     device = pick_device(cfg.device, cfg.profile)

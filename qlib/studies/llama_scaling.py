@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from qlib import accounting, assets, budget, hub, metrics, models, report
 from qlib.config import QlabError, compute_dtype, make_config, outputs_dir, pick_device
-from qlib.studies import StudyResult
+from qlib.studies import StudyResult, staged
 from qlib.train import set_seed
 
 STUDY = "07_llama_scaling"
@@ -328,6 +328,7 @@ def accounting_table() -> dict[str, Any]:
                 "checkpointing": accounting.activation_bytes(model.config, 1, 512, 2, True)["total"]}}
 
 
+@staged(STUDY)
 def run(cfg: ScalingConfig) -> ScalingResult:
     """Accounting at 7B, the measured ladder, fits and the 7B projection; metrics.json."""
     device = pick_device(cfg.device, cfg.profile)

@@ -12,7 +12,7 @@ from qlib import data, export, metrics, models, report
 from qlib.config import BaselineConfig, QlabError, make_config, outputs_dir
 from qlib.quant import ptq
 from qlib.studies import baseline
-from qlib.studies import StudyResult
+from qlib.studies import StudyResult, staged
 from qlib.train import predict, set_seed
 
 STUDY = "02_ptq"
@@ -132,6 +132,7 @@ class PTQResult(StudyResult):
     benchmark: dict[str, Any]
 
 
+@staged(STUDY)
 def run(cfg: PTQConfig) -> PTQResult:
     """Quantize, evaluate on notebook 01's held-out split, save ptq_int8_model.pt, measure, write."""
     device = torch.device("cpu")  # torch.ao INT8 kernels and ORT's CPU provider are CPU-only

@@ -15,7 +15,7 @@ from qlib.config import QlabError, build_quantization_plan, make_config, outputs
 from qlib.quant import ptq, qat
 from qlib.report import atomic_dir
 from qlib.studies.ptq import _forward, baseline_label, compare_to_fp32, load_setup
-from qlib.studies import StudyResult
+from qlib.studies import StudyResult, staged
 from qlib.train import TrainResult, finetune, predict, seed_column, seeds, set_seed
 
 STUDY = "03_qat"
@@ -90,6 +90,7 @@ def plan(cfg: QATConfig, model_config: Any, n_train: int, seq: int, device: torc
                            seq=seq, steps=steps, compute=torch.float32) for r in runs]
 
 
+@staged(STUDY)
 def run(cfg: QATConfig) -> QATResult:
     """Static PTQ and QAT from the same baseline in one run; the QAT model is saved and reloaded.
     Fake-quant training (and its FP32 control) runs on the GPU where there is one, in fp32; the INT8

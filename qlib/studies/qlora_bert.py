@@ -15,7 +15,7 @@ import torch
 from qlib import adapters, assets, budget, data, hub, metrics, models, report
 from qlib.config import BaselineConfig, QlabError, compute_dtype, compute_dtype_name, make_config, outputs_dir, pick_device, results_dir
 from qlib.studies import baseline
-from qlib.studies import StudyResult
+from qlib.studies import StudyResult, staged
 from qlib.train import predict, seed_column, seeds, set_seed
 
 STUDY = "04_qlora_bert"
@@ -222,6 +222,7 @@ class QLoRAResult(StudyResult):
     fresh: dict[str, float]
 
 
+@staged(STUDY)
 def run(cfg: QLoRAConfig) -> QLoRAResult:
     """Sweep LoRA ranks on an NF4 base; keep checkpoints + final adapter of main_rank; verify reload."""
     device = pick_device(cfg.device, cfg.profile)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from qlib import adapters, assets, budget, data, gguf, hub, merge, metrics, models, ngram, pretrain, report
 from qlib.config import make_config, outputs_dir, pick_device
-from qlib.studies import StudyResult
+from qlib.studies import StudyResult, staged
 from qlib.train import finetune, set_seed
 
 STUDY = "08_qwen_merge_gguf"
@@ -184,6 +184,7 @@ def _stage(stage: str, src: Path, out: Path, cfg: QwenMergeConfig, eval_ids: tor
     return measured, hf, files
 
 
+@staged(STUDY)
 def run(cfg: QwenMergeConfig) -> QwenMergeResult:
     """Train (or take) the adapter, merge; write the base and the merged model in every format, reload each in
     its own runtime, measure; decode speed on the merged model's artifacts."""

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from qlib import assets, budget, choice, hub, metrics, models, qa, report, search, switchable
 from qlib.choice import Item
 from qlib.config import QlabError, make_config, outputs_dir, pick_device, results_dir
-from qlib.studies import StudyResult
+from qlib.studies import StudyResult, staged
 from qlib.train import STYLES, set_seed, train_switchable
 
 STUDY = "06_switchable_precision"
@@ -326,6 +326,7 @@ def _runs(cfg: SwitchableConfig) -> list[tuple[str, tuple[int, ...], str, bool]]
     return runs + ([(f"{cfg.search_style}_selfgen", cfg.widths, cfg.search_style, True)] if cfg.gen_data else [])
 
 
+@staged(STUDY)
 def run(cfg: SwitchableConfig) -> SwitchableResult:
     """Train each style (the single-width baselines, and the search style on its own generations), evaluate every
     uniform width against the baselines, then sensitivity and greedy search on the `search_style` model;
@@ -530,7 +531,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     model = switchable.load(asset.path, folder, device)
     if a.cmd == "eval":
-        bitmap = json.loads(a.bitmap) if a.bitmap.strip().startswith("{") else a.bitmap
+        try:
+            bitmap = json.loads(a.bitmap) if a.bitmap.strip().startswith("{") else a.bitmap
+        except json.JSONDecodeError as e:
+            raise QlabError(f"bad bitmap: {a.bitmap!r} is not valid JSON ({e.msg})") from None
         print(json.dumps({"bitmap": switchable.bitmap_str(model.set_config(bitmap)),
                           **evaluate(model, tok, data, bitmap, cfg, device)}))
         return 0

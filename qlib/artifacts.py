@@ -1,0 +1,158 @@
+"""What `python -m qlib inspect PATH` verifies, per kind of artifact the studies write: a model folder (classifier
+or causal LM), a LoRA adapter, a switchable adapter set, a QAT INT8 folder, a GGUF file. Each check loads what a
+user would load and refuses a broken artifact with one line naming the problem, so "loads" means whole."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlib.config import QlabError
+
+
+def kind(path: Path) -> str:
+    """Which artifact a path holds, from the files it has."""
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf"
+        raise QlabError(f"{path}: not an artifact qlab knows (a .gguf file, or a folder)")
+    if not path.is_dir():
+        raise QlabError(f"checkpoint folder not found: {path}")
+    for name, k in (("switchable.json", "switchable"), ("adapter_config.json", "adapter"),
+                    ("model_int8.pt", "qat_int8"), ("config.json", "model")):
+        if (path / name).is_file():
+            return k
+    raise QlabError(f"{path} is not a model folder: no config.json (nor adapter_config.json, switchable.json, "
+                    "model_int8.pt)")
+
+
+def verify(path: str | Path) -> list[str]:
+    """Verify the artifact at `path` and describe it in a few lines."""
+    p = Path(path)
+    return {"gguf": _gguf, "switchable": _switchable, "adapter": _adapter, "qat_int8": _qat,
+            "model": _model}[kind(p)](p)
+
+
+def _model(p: Path) -> list[str]:
+    from qlib.metrics import count_params, size_on_disk
+    from qlib.models import check_checkpoint, check_tokenizer, load_causal_lm, load_saved_classifier
+
+    arch = _architectures(p)
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in arch):  # GPT-2 names its LM class GPT2LMHeadModel
+        check_checkpoint(p)
+        model = load_causal_lm(p, None, torch.device("cpu"), dtype=torch.float32)
+        tok = _tokenizer(p)
+        check_tokenizer(p, tok, model.config.vocab_size)
+    else:
+        model, tok = load_saved_classifier(p)
+    n = count_params(model)["total_params"]
+    return [f"{p}: {type(model).__name__}, {n:,} params, {size_on_disk(p / 'model.safetensors') / 2**20:.1f} MiB "
+            f"safetensors, tokenizer {len(tok):,} tokens: loads whole"]
+
+
+def _architectures(p: Path) -> list[str]:
+    try:
+        return list(json.loads((p / "config.json").read_text(encoding="utf-8")).get("architectures") or [])
+    except (ValueError, AttributeError) as e:
+        raise QlabError(f"corrupt checkpoint {p}: config.json: {type(e).__name__}") from None
+
+
+def _tokenizer(p: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    from qlib.models import TOKENIZER_FILES
+
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise QlabError(f"checkpoint {p} is incomplete: no tokenizer file ({' or '.join(TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(p)
+    except Exception as e:
+        raise QlabError(f"{p}: the tokenizer does not load: {type(e).__name__}") from None
+
+
+def _adapter_config(d: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    weights = d / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise QlabError(f"adapter folder {d} is incomplete: adapter_model.safetensors is missing")
+    try:
+        cfg = json.loads((d / "adapter_config.json").read_text(encoding="utf-8"))
+        with safe_open(weights, framework="pt") as f:
+            for k in f.keys():
+                f.get_slice(k)
+    except Exception as e:
+        raise QlabError(f"corrupt adapter in {d}: {type(e).__name__}") from None
+    return cfg
+
+
+def _adapter(p: Path) -> list[str]:
+    """The adapter's files; against its base where the base is a local folder (adapter/base match)."""
+    cfg = _adapter_config(p)
+    base = cfg.get("base_model_name_or_path")
+    line = (f"{p}: LoRA adapter r={cfg.get('r')}, alpha {cfg.get('lora_alpha')}, targets "
+            f"{sorted(cfg.get('target_modules') or [])}, base {base!r}")
+    if base and Path(base).is_dir() and (Path(base) / "config.json").is_file():
+        import transformers
+
+        from qlib.adapters import check_adapter
+
+        conf = transformers.AutoConfig.from_pretrained(base)
+        cls = getattr(transformers, (conf.architectures or [""])[0], None)
+        with torch.device("meta"):  # the shapes are all the match needs
+            skeleton = cls(conf) if cls is not None else transformers.AutoModel.from_config(conf)
+        check_adapter(skeleton, p)
+        return [line, "  matches its base (every adapted layer exists with the right shape)"]
+    return [line, "  base not on this machine: files verified, the match with the base is not"]
+
+
+def _switchable(p: Path) -> list[str]:
+    from qlib.switchable import adapter_name
+    from qlib.quant.uniform import check_width
+
+    meta = p / "switchable.json"
+    try:
+        widths = [check_width(b) for b in json.loads(meta.read_text(encoding="utf-8"))["widths"]]
+    except (ValueError, KeyError, TypeError, QlabError) as e:
+        raise QlabError(f"corrupt {meta} (expected {{\"widths\": [2, 4, 8, 32]}}): {type(e).__name__}") from None
+    for b in widths:
+        if not (p / adapter_name(b) / "adapter_config.json").is_file():
+            raise QlabError(f"{p} is incomplete: the adapter of width {adapter_name(b)}/ is missing")
+        _adapter_config(p / adapter_name(b))
+    return [f"{p}: switchable adapters for widths {', '.join(map(str, widths))}, each whole"]
+
+
+def _qat(p: Path) -> list[str]:
+    from qlib.studies.qat import load_qat
+
+    try:
+        model = load_qat(p)
+    except QlabError:
+        raise
+    except Exception as e:
+        raise QlabError(f"{p}: the INT8 model does not load: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    from qlib.quant.ptq import count_quantized
+
+    return [f"{p}: torch.ao INT8 model (weights_only load), {count_quantized(model)}"]
+
+
+def _gguf(p: Path) -> list[str]:
+    """Header, tensor count and every tensor's bytes inside the file (a truncated file is named)."""
+    from qlib import gguf
+
+    reader = gguf._reader(p)
+    size = p.stat().st_size
+    header = reader.fields.get("GGUF.tensor_count")
+    declared = int(header.parts[header.data[0]][0]) if header is not None else len(reader.tensors)
+    if declared != len(reader.tensors):
+        raise QlabError(f"{p}: the header declares {declared} tensors, {len(reader.tensors)} were read")
+    short = [t.name for t in reader.tensors if t.data_offset + t.n_bytes > size]
+    if short:
+        raise QlabError(f"{p} is truncated: tensor {short[0]} ends past the end of the file")
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return [f"{p}: GGUF, {len(reader.tensors)} tensors ({', '.join(f'{k} {v}' for k, v in sorted(types.items()))}), "
+            f"{size / 2**20:.1f} MiB: header and tensors whole"]

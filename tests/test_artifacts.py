@@ -1,0 +1,61 @@
+"""`python -m qlib inspect`: each kind of artifact is verified whole, and a broken one is named, never "loads"."""
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from qlib import adapters, artifacts, gguf
+from qlib.config import QlabError
+from qlib.pretrain import pretrained_lm
+
+TINY = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=128, max_position_embeddings=64, num_labels=2)
+
+
+def test_an_adapter_is_checked_against_its_local_base(tmp_path):
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(**TINY)).save_pretrained(tmp_path / "base")
+    BertForSequenceClassification(BertConfig(**{**TINY, "hidden_size": 128})).save_pretrained(tmp_path / "wide")
+    model = adapters.add_lora(adapters.load_nf4_classifier(tmp_path / "base", 2, torch.device("cpu")), rank=4)
+    model.save_pretrained(tmp_path / "adapter")
+    lines = artifacts.verify(tmp_path / "adapter")
+    assert "LoRA adapter r=4" in lines[0] and "matches its base" in lines[1]
+    cfg_path = tmp_path / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": str(tmp_path / "wide")}))
+    with pytest.raises(QlabError, match="hidden size differs"):
+        artifacts.verify(tmp_path / "adapter")
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00garbage")
+    with pytest.raises(QlabError, match="corrupt adapter"):
+        artifacts.verify(tmp_path / "adapter")
+
+
+def test_a_truncated_gguf_is_named(tmp_path):
+    f32 = gguf.convert(pretrained_lm("gpt2-stdlib-tiny"), tmp_path / "m.gguf", "f32", pre_tokenizer="gpt-2")
+    line = artifacts.verify(f32)[0]
+    n = len(gguf.read_tensors(f32))
+    assert f"GGUF, {n} tensors (F32 {n})" in line and "whole" in line
+    data = f32.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(QlabError, match=r"cut.gguf (is truncated|is not a readable GGUF)"):
+        artifacts.verify(cut)
+
+
+def test_a_causal_lm_folder_loads_whole_or_is_named(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = pretrained_lm("gpt2-stdlib-tiny")
+    assert "loads whole" in artifacts.verify(src)[0]
+    broken = shutil.copytree(src, tmp_path / "lm")
+    state = load_file(broken / "model.safetensors")
+    key = next(k for k in state if k.endswith("attn.c_attn.weight"))
+    state.pop(key)
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(QlabError, match="does not match its config.json: missing weights"):
+        artifacts.verify(broken)
+    with pytest.raises(QlabError, match="not an artifact qlab knows"):
+        artifacts.verify(broken / "config.json")

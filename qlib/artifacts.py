@@ -109,19 +109,12 @@ def _adapter(p: Path) -> list[str]:
 
 
 def _switchable(p: Path) -> list[str]:
-    from qlib.switchable import adapter_name
-    from qlib.quant.uniform import check_width
+    from qlib.switchable import saved_widths
 
-    meta = p / "switchable.json"
-    try:
-        widths = [check_width(b) for b in json.loads(meta.read_text(encoding="utf-8"))["widths"]]
-    except (ValueError, KeyError, TypeError, QlabError) as e:
-        raise QlabError(f"corrupt {meta} (expected {{\"widths\": [2, 4, 8, 32]}}): {type(e).__name__}") from None
-    for b in widths:
-        if not (p / adapter_name(b) / "adapter_config.json").is_file():
-            raise QlabError(f"{p} is incomplete: the adapter of width {adapter_name(b)}/ is missing")
-        _adapter_config(p / adapter_name(b))
-    return [f"{p}: switchable adapters for widths {', '.join(map(str, widths))}, each whole"]
+    sub = saved_widths(p)
+    for d in sub.values():
+        _adapter_config(d)
+    return [f"{p}: switchable adapters for widths {', '.join(map(str, sub))}, each whole"]
 
 
 def _qat(p: Path) -> list[str]:

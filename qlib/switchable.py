@@ -163,11 +163,9 @@ def build(base_dir: str | Path, widths: tuple[int, ...], rank: int, device: torc
     return SwitchableQuantLoRAModel(model.to(device), tuple(widths))
 
 
-def load(base_dir: str | Path, adapters_dir: str | Path, device: torch.device) -> SwitchableQuantLoRAModel:
-    """A saved switchable model: the base, patched, and every width's adapter."""
+def saved_widths(adapters_dir: str | Path) -> dict[int, Path]:
+    """Each width a saved switchable folder lists (switchable.json) and its adapter folder, all verified present."""
     import json
-
-    from peft import PeftModel
 
     d = Path(adapters_dir)
     meta = d / "switchable.json"
@@ -184,6 +182,15 @@ def load(base_dir: str | Path, adapters_dir: str | Path, device: torch.device) -
     if gone:
         raise QlabError(f"{d} is incomplete: the adapter of width(s) {', '.join(gone)} is missing "
                         f"(switchable.json lists {', '.join(map(str, widths))})")
+    return sub
+
+
+def load(base_dir: str | Path, adapters_dir: str | Path, device: torch.device) -> SwitchableQuantLoRAModel:
+    """A saved switchable model: the base, patched, and every width's adapter."""
+    from peft import PeftModel
+
+    sub = saved_widths(adapters_dir)
+    widths = tuple(sub)
     base = load_base(base_dir)
     patch_gpt2_with_quantization(base)
     first, *rest = widths

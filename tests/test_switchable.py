@@ -169,6 +169,9 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, model):
     ev = ["eval", "--profile", "smoke", "--adapters"]
     one_line(ev + [str(tmp_path), "--bitmap", "8"], "not a switchable adapter folder")
     saved = model.save(tmp_path / "adapters")
+    from qlib import artifacts
+
+    assert artifacts.verify(saved) == [f"{saved}: switchable adapters for widths 2, 4, 8, 32, each whole"]
     one_line(ev + [str(saved), "--bitmap", "{8: 4"], "is not valid JSON")
     (saved / "switchable.json").write_text("")
     one_line(ev + [str(saved), "--bitmap", "8"], "corrupt")
@@ -177,6 +180,8 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, model):
 
     shutil.rmtree(saved / "w4")
     one_line(ev + [str(saved), "--bitmap", "8"], "the adapter of width(s) w4/ is missing")
+    with pytest.raises(QlabError, match=r"w4/ is missing"):
+        artifacts.verify(saved)
     one_line(["train", "--profile", "smoke", "--steps", "0", "--adapters", str(tmp_path / "new")],
              "parameter steps must be at least 1, got 0")
     assert not (tmp_path / "new").exists()  # refused before anything was trained or saved

@@ -107,6 +107,7 @@ def test_a_cuda_request_without_cuda_is_refused_before_any_notebook_runs(tmp_pat
     (["01", "-p", "batch_size", "0"], "parameter batch_size must be at least 1, got 0"),
     (["06", "-p", "budget", "-1"], "parameter budget must be between 0 and 1, got -1"),
     (["04", "-p", "ranks", "8,x"], "parameter ranks must be a list of integers, got '8,x'"),
+    (["06", "-p", "widths", "2,3"], "unsupported bit width 3"),
 ])
 def test_bad_parameters_are_refused_before_anything_runs(tmp_path, args, needle):
     _one_clear_line(qlib("run", *args, "--profile", "smoke", env=_root_with_notebooks(tmp_path)), needle)

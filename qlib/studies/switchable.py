@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from qlib import assets, budget, choice, hub, metrics, models, qa, report, search, switchable
 from qlib.choice import Item
+from qlib.quant.uniform import check_width
 from qlib.config import QlabError, make_config, outputs_dir, pick_device, results_dir
 from qlib.studies import StudyResult, staged
 from qlib.train import STYLES, set_seed, train_switchable
@@ -76,6 +77,8 @@ SWITCHABLE_PROFILES: dict[str, dict[str, Any]] = {
 
 def switchable_config(profile: str = "default", **overrides: Any) -> SwitchableConfig:
     cfg = make_config(SwitchableConfig, SWITCHABLE_PROFILES, profile, **overrides)
+    for w in cfg.widths:
+        check_width(w)
     bad = [s for s in cfg.styles if s not in STYLES[:3]]
     if bad or cfg.search_style not in cfg.styles:
         raise QlabError(f"styles must be among spnet, cyclic, instantnet and include search_style "

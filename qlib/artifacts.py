@@ -36,20 +36,25 @@ def verify(path: str | Path) -> list[str]:
 
 
 def _model(p: Path) -> list[str]:
-    from qlib.metrics import count_params, size_on_disk
+    from qlib.adapters import param_counts  # 4-bit weights counted as the weights they stand for
+    from qlib.metrics import size_on_disk
     from qlib.models import check_checkpoint, check_tokenizer, load_causal_lm, load_saved_classifier
+
+    from qlib.models import TOKENIZER_FILES
 
     arch = _architectures(p)
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in arch):  # GPT-2 names its LM class GPT2LMHeadModel
         check_checkpoint(p)
         model = load_causal_lm(p, None, torch.device("cpu"), dtype=torch.float32)
-        tok = _tokenizer(p)
-        check_tokenizer(p, tok, model.config.vocab_size)
+        tok = _tokenizer(p) if any((p / f).is_file() for f in TOKENIZER_FILES) else None  # a base beside an adapter
+        if tok is not None:
+            check_tokenizer(p, tok, model.config.vocab_size)
     else:
         model, tok = load_saved_classifier(p)
-    n = count_params(model)["total_params"]
+    n = param_counts(model)["total_params"]
+    said = f"tokenizer {len(tok):,} tokens" if tok is not None else "no tokenizer saved in the folder"
     return [f"{p}: {type(model).__name__}, {n:,} params, {size_on_disk(p / 'model.safetensors') / 2**20:.1f} MiB "
-            f"safetensors, tokenizer {len(tok):,} tokens: loads whole"]
+            f"safetensors, {said}: loads whole"]
 
 
 def _architectures(p: Path) -> list[str]:
@@ -62,10 +67,6 @@ def _architectures(p: Path) -> list[str]:
 def _tokenizer(p: Path) -> Any:
     from transformers import AutoTokenizer
 
-    from qlib.models import TOKENIZER_FILES
-
-    if not any((p / f).is_file() for f in TOKENIZER_FILES):
-        raise QlabError(f"checkpoint {p} is incomplete: no tokenizer file ({' or '.join(TOKENIZER_FILES)})")
     try:
         return AutoTokenizer.from_pretrained(p)
     except Exception as e:
@@ -95,17 +96,32 @@ def _adapter(p: Path) -> list[str]:
     line = (f"{p}: LoRA adapter r={cfg.get('r')}, alpha {cfg.get('lora_alpha')}, targets "
             f"{sorted(cfg.get('target_modules') or [])}, base {base!r}")
     if base and Path(base).is_dir() and (Path(base) / "config.json").is_file():
-        import transformers
-
         from qlib.adapters import check_adapter
 
-        conf = transformers.AutoConfig.from_pretrained(base)
-        cls = getattr(transformers, (conf.architectures or [""])[0], None)
-        with torch.device("meta"):  # the shapes are all the match needs
-            skeleton = cls(conf) if cls is not None else transformers.AutoModel.from_config(conf)
-        check_adapter(skeleton, p)
+        check_adapter(_skeleton(Path(base), cfg.get("task_type"), p), p)
         return [line, "  matches its base (every adapted layer exists with the right shape)"]
     return [line, "  base not on this machine: files verified, the match with the base is not"]
+
+
+def _skeleton(base: Path, task: str | None, adapter: Path) -> torch.nn.Module:
+    """The base as the adapter was trained on it (peft's task type picks the head), on the meta device: the shapes
+    are all the match needs. A classifier gets as many labels as the adapter's saved head has rows."""
+    import transformers
+    from safetensors import safe_open
+
+    conf = transformers.AutoConfig.from_pretrained(base)
+    auto = {"SEQ_CLS": transformers.AutoModelForSequenceClassification,
+            "CAUSAL_LM": transformers.AutoModelForCausalLM}.get(task or "")
+    if auto is transformers.AutoModelForSequenceClassification:
+        with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
+            heads = [f.get_slice(k).get_shape()[0] for k in f.keys()
+                     if k.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight"))]
+        conf.num_labels = heads[0] if heads else conf.num_labels
+    cls = getattr(transformers, (conf.architectures or [""])[0], None)
+    with torch.device("meta"):
+        if auto is not None:
+            return auto.from_config(conf)
+        return cls(conf) if cls is not None else transformers.AutoModel.from_config(conf)
 
 
 def _switchable(p: Path) -> list[str]:

@@ -59,3 +59,14 @@ def test_a_causal_lm_folder_loads_whole_or_is_named(tmp_path):
         artifacts.verify(broken)
     with pytest.raises(QlabError, match="not an artifact qlab knows"):
         artifacts.verify(broken / "config.json")
+
+
+def test_a_classifier_adapter_on_a_plain_encoder_base_matches(tmp_path):
+    """MiniLM ships as a plain BertModel: the adapter's task type, not the base's architecture, picks the head."""
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(**TINY)).save_pretrained(tmp_path / "encoder")
+    base = adapters.load_nf4_classifier(tmp_path / "encoder", 3, torch.device("cpu"))
+    adapters.add_lora(base, rank=2).save_pretrained(tmp_path / "adapter")
+    assert "matches its base" in artifacts.verify(tmp_path / "adapter")[1]

@@ -196,17 +196,19 @@ def compare_runs(by: dict[str, dict[str, Any]], preds: dict[int, dict[str, list[
     """Main-seed paired intervals (bootstrap over sentences) and, per trained row, mean ± sd over seeds of its
     accuracy and of each difference (a PTQ reference is the same in every seed; the control is its own seed's)."""
     main = preds[cfg.seed]
+
+    def acc(p: list[int]) -> float:
+        return metrics.accuracy_f1(p, labels)["accuracy"]
+
     for row, ref in COMPARISONS:
         if row in main and ref in main:
             metrics.with_difference(by[row], f"accuracy_diff_vs_{ref}",
                                     metrics.accuracy_difference(main[ref], main[row], labels, cfg.seed))
-            acc = lambda p: metrics.accuracy_f1(p, labels)["accuracy"]  # noqa: E731
             metrics.with_seeds(by[row], f"accuracy_diff_vs_{ref}",
                                [acc(ps[row]) - acc(ps.get(ref, main[ref])) for ps in preds.values()])
     for row in TRAINED:
         if row in main:
-            metrics.with_seeds(by[row], "accuracy", [metrics.accuracy_f1(ps[row], labels)["accuracy"]
-                                                     for ps in preds.values()])
+            metrics.with_seeds(by[row], "accuracy", [acc(ps[row]) for ps in preds.values()])
 
 
 def _rows(models_: dict, quality: dict, lat: dict, trains: dict, out: Path, model_dir: Path,

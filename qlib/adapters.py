@@ -81,8 +81,9 @@ def nf4_storage(model: torch.nn.Module) -> dict[str, float]:
     return {"nf4_layers": n_layers, "nf4_weights": n_weights, "bits_per_param": n_bits / n_weights}
 
 
-def check_adapter(base: torch.nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
-    """Refuse an adapter made for another base: name the first missing layer or mismatched shape."""
+def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """An adapter folder's config and the shape of every tensor it stores; a missing or corrupt file is one clear
+    error."""
     from safetensors import safe_open
 
     d = Path(adapter_dir)
@@ -91,11 +92,23 @@ def check_adapter(base: torch.nn.Module, adapter_dir: str | Path) -> dict[str, A
         if not f.is_file():
             raise QlabError(f"adapter folder {d} is incomplete: {f.name} is missing")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         with safe_open(weights, framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:
         raise QlabError(f"corrupt adapter in {d}: {type(e).__name__}: {e}") from None
+    return cfg, shapes
+
+
+def check_adapter(base: torch.nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
+    """Refuse an adapter made for another base: name the first missing layer or mismatched shape."""
+    cfg, shapes = read_adapter(adapter_dir)
+    match_adapter(base, shapes)
+    return cfg
+
+
+def match_adapter(base: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor of an adapter (`read_adapter`'s shapes) lands on a layer of `base` with the right shape."""
     modules = dict(base.named_modules())
     for key, shape in shapes.items():
         name = key.replace("base_model.model.", "", 1).rsplit(".", 1)[0]
@@ -116,7 +129,6 @@ def check_adapter(base: torch.nn.Module, adapter_dir: str | Path) -> dict[str, A
             raise QlabError(f"adapter/base mismatch at {name}.{attr}: adapter has shape {shape}, "
                             f"base has {tuple(param.shape)}{what}; "
                             f"base num_labels={getattr(base.config, 'num_labels', '?')}")
-    return cfg
 
 
 def _check_lora_shape(name: str, mod: torch.nn.Module, key: str, shape: tuple[int, ...]) -> None:

@@ -40,13 +40,13 @@ def _model(p: Path) -> list[str]:
     from qlib.metrics import size_on_disk
     from qlib.models import check_checkpoint, check_tokenizer, load_causal_lm, load_saved_classifier
 
-    from qlib.models import TOKENIZER_FILES
+    from qlib.models import has_tokenizer_files
 
     arch = _architectures(p)
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in arch):  # GPT-2 names its LM class GPT2LMHeadModel
         check_checkpoint(p)
         model = load_causal_lm(p, None, torch.device("cpu"), dtype=torch.float32)
-        tok = _tokenizer(p) if any((p / f).is_file() for f in TOKENIZER_FILES) else None  # a base beside an adapter
+        tok = _tokenizer(p) if has_tokenizer_files(p) else None  # a base beside an adapter
         if tok is not None:
             check_tokenizer(p, tok, model.config.vocab_size)
     else:
@@ -73,49 +73,31 @@ def _tokenizer(p: Path) -> Any:
         raise QlabError(f"{p}: the tokenizer does not load: {type(e).__name__}") from None
 
 
-def _adapter_config(d: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    weights = d / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise QlabError(f"adapter folder {d} is incomplete: adapter_model.safetensors is missing")
-    try:
-        cfg = json.loads((d / "adapter_config.json").read_text(encoding="utf-8"))
-        with safe_open(weights, framework="pt") as f:
-            for k in f.keys():
-                f.get_slice(k)
-    except Exception as e:
-        raise QlabError(f"corrupt adapter in {d}: {type(e).__name__}") from None
-    return cfg
-
-
 def _adapter(p: Path) -> list[str]:
     """The adapter's files; against its base where the base is a local folder (adapter/base match)."""
-    cfg = _adapter_config(p)
+    from qlib.adapters import match_adapter, read_adapter
+
+    cfg, shapes = read_adapter(p)
     base = cfg.get("base_model_name_or_path")
     line = (f"{p}: LoRA adapter r={cfg.get('r')}, alpha {cfg.get('lora_alpha')}, targets "
             f"{sorted(cfg.get('target_modules') or [])}, base {base!r}")
     if base and Path(base).is_dir() and (Path(base) / "config.json").is_file():
-        from qlib.adapters import check_adapter
-
-        check_adapter(_skeleton(Path(base), cfg.get("task_type"), p), p)
+        match_adapter(_skeleton(Path(base), cfg.get("task_type"), shapes), shapes)
         return [line, "  matches its base (every adapted layer exists with the right shape)"]
     return [line, "  base not on this machine: files verified, the match with the base is not"]
 
 
-def _skeleton(base: Path, task: str | None, adapter: Path) -> torch.nn.Module:
+def _skeleton(base: Path, task: str | None, shapes: dict[str, tuple[int, ...]]) -> torch.nn.Module:
     """The base as the adapter was trained on it (peft's task type picks the head), on the meta device: the shapes
     are all the match needs. A classifier gets as many labels as the adapter's saved head has rows."""
     import transformers
-    from safetensors import safe_open
 
     conf = transformers.AutoConfig.from_pretrained(base)
     auto = {"SEQ_CLS": transformers.AutoModelForSequenceClassification,
             "CAUSAL_LM": transformers.AutoModelForCausalLM}.get(task or "")
     if auto is transformers.AutoModelForSequenceClassification:
-        with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
-            heads = [f.get_slice(k).get_shape()[0] for k in f.keys()
-                     if k.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight"))]
+        heads = [shape[0] for k, shape in shapes.items()
+                 if k.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight"))]
         conf.num_labels = heads[0] if heads else conf.num_labels
     cls = getattr(transformers, (conf.architectures or [""])[0], None)
     with torch.device("meta"):
@@ -125,11 +107,12 @@ def _skeleton(base: Path, task: str | None, adapter: Path) -> torch.nn.Module:
 
 
 def _switchable(p: Path) -> list[str]:
+    from qlib.adapters import read_adapter
     from qlib.switchable import saved_widths
 
     sub = saved_widths(p)
     for d in sub.values():
-        _adapter_config(d)
+        read_adapter(d)
     return [f"{p}: switchable adapters for widths {', '.join(map(str, sub))}, each whole"]
 
 

@@ -32,6 +32,11 @@ def accuracy_f1(preds: Sequence[int], labels: Sequence[int]) -> dict[str, float]
     return {"accuracy": acc, "f1": sum(f1s) / len(f1s)}
 
 
+def accuracy(preds: Sequence[int], labels: Sequence[int]) -> float:
+    """Accuracy alone (`accuracy_f1`'s), e.g. one value per training seed."""
+    return accuracy_f1(preds, labels)["accuracy"]
+
+
 @torch.no_grad()
 def token_nll(model: torch.nn.Module, input_ids: torch.Tensor, context: int, stride: int,
               device: str | torch.device = "cpu") -> torch.Tensor:

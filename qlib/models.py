@@ -78,6 +78,11 @@ def check_checkpoint(path: str | Path) -> Path:
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")  # any one of them
 
 
+def has_tokenizer_files(p: Path) -> bool:
+    """A saved folder holds tokenizer files (any of `TOKENIZER_FILES`)."""
+    return any((p / f).is_file() for f in TOKENIZER_FILES)
+
+
 def check_loading(p: Path, info: dict[str, list[Any]]) -> None:
     """transformers' loading report must be clean: a missing weight would be silently random, an unexpected or
     mis-shaped one means the file is for another architecture."""
@@ -104,7 +109,7 @@ def load_saved_classifier(path: str | Path) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     p = check_checkpoint(path)
-    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+    if not has_tokenizer_files(p):
         raise QlabError(f"checkpoint {p} is incomplete: no tokenizer file ({' or '.join(TOKENIZER_FILES)})")
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32,

@@ -96,8 +96,7 @@ def run(cfg: BaselineConfig) -> BaselineResult:
         tokens_per_s=8 * cfg.max_length / (lat8["median_ms"] / 1e3), speedup_vs_fp32=1.0,
         peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, train_time_s=tr.train_time_s,
         train_steps=tr.steps, step_time_s=tr.median_step_s, final_loss=tr.final_loss, **params)
-    metrics.with_seeds(row, "accuracy", [quality["accuracy"]] + [metrics.accuracy_f1(p, labels)["accuracy"]
-                                                                 for p in replicas.values()])
+    metrics.with_seeds(row, "accuracy", [quality["accuracy"]] + [metrics.accuracy(p, labels) for p in replicas.values()])
     env = metrics.runtime_env(device)
     doc_assets = {"model": {"role": "encoder", **model_asset.provenance()}, "data": ds.provenance()}
     majority, maj = majority_row(ds.asset.id, ds.train_labels, labels, preds, cfg.seed)

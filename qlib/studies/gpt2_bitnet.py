@@ -74,9 +74,7 @@ GPT2_PROFILES: dict[str, dict[str, Any]] = {
 
 
 def gpt2_config(profile: str = "default", **overrides: Any) -> GPT2Config:
-    cfg = make_config(GPT2Config, GPT2_PROFILES, profile, **overrides)
-    seeds(cfg.seed, cfg.n_seeds)
-    return cfg
+    return make_config(GPT2Config, GPT2_PROFILES, profile, **overrides)
 
 
 @dataclass

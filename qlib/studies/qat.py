@@ -49,7 +49,6 @@ def qat_config(profile: str = "default", **overrides: Any) -> QATConfig:
     cfg = make_config(QATConfig, QAT_PROFILES, profile, **overrides)
     if cfg.low_bits not in (None, 0, 2, 4, 8):
         raise QlabError(f"low_bits must be 2, 4 or 8 (0 or None: skip); got {cfg.low_bits!r}")
-    seeds(cfg.seed, cfg.n_seeds)
     return cfg
 
 
@@ -196,19 +195,16 @@ def compare_runs(by: dict[str, dict[str, Any]], preds: dict[int, dict[str, list[
     """Main-seed paired intervals (bootstrap over sentences) and, per trained row, mean ± sd over seeds of its
     accuracy and of each difference (a PTQ reference is the same in every seed; the control is its own seed's)."""
     main = preds[cfg.seed]
-
-    def acc(p: list[int]) -> float:
-        return metrics.accuracy_f1(p, labels)["accuracy"]
-
     for row, ref in COMPARISONS:
         if row in main and ref in main:
             metrics.with_difference(by[row], f"accuracy_diff_vs_{ref}",
                                     metrics.accuracy_difference(main[ref], main[row], labels, cfg.seed))
             metrics.with_seeds(by[row], f"accuracy_diff_vs_{ref}",
-                               [acc(ps[row]) - acc(ps.get(ref, main[ref])) for ps in preds.values()])
+                               [metrics.accuracy(ps[row], labels) - metrics.accuracy(ps.get(ref, main[ref]), labels)
+                                for ps in preds.values()])
     for row in TRAINED:
         if row in main:
-            metrics.with_seeds(by[row], "accuracy", [acc(ps[row]) for ps in preds.values()])
+            metrics.with_seeds(by[row], "accuracy", [metrics.accuracy(ps[row], labels) for ps in preds.values()])
 
 
 def _rows(models_: dict, quality: dict, lat: dict, trains: dict, out: Path, model_dir: Path,

@@ -57,7 +57,6 @@ def qlora_config(profile: str = "default", **overrides: Any) -> QLoRAConfig:
     if cfg.main_rank not in cfg.ranks:
         cfg = make_config(QLoRAConfig, QLORA_PROFILES, profile,
                           **{**overrides, "main_rank": cfg.ranks[0]})
-    seeds(cfg.seed, cfg.n_seeds)
     return cfg
 
 
@@ -316,42 +315,44 @@ def _seed_spread(q: dict[str, Any] | None, preds: dict[str, list[int]], labels: 
     """QLoRA's accuracy over its seeds, and QLoRA minus FP32 seed by seed (seed i of both: 01 ran the same seeds)."""
     if q is None:
         return
-    acc = lambda p: metrics.accuracy_f1(p, labels)["accuracy"]  # noqa: E731
-    runs = {s: preds["qlora" if s == cfg.seed else seed_column("qlora", s)] for s in seeds(cfg.seed, cfg.n_seeds)}
-    metrics.with_seeds(q, "accuracy", [acc(p) for p in runs.values()])
+    runs = {s: metrics.accuracy(preds["qlora" if s == cfg.seed else seed_column("qlora", s)], labels)
+            for s in seeds(cfg.seed, cfg.n_seeds)}
+    metrics.with_seeds(q, "accuracy", list(runs.values()))
     fp32 = _fp32_seed_predictions(cfg.profile, labels)
-    pairs = [(acc(runs[s]), acc(fp32[s])) for s in runs if s in fp32]
+    pairs = [(runs[s], metrics.accuracy(fp32[s], labels)) for s in runs if s in fp32]
     if pairs:
         metrics.with_seeds(q, "accuracy_diff_vs_fp32", [a - b for a, b in pairs])
         q["n_seeds"] = len(runs)
         q["seeds_paired_with_fp32"] = len(pairs)
 
 
-def _fp32_seed_predictions(profile: str, labels: list[int]) -> dict[int, list[int]]:
-    """Notebook 01's predictions of every seed it fine-tuned, if they are for these very labels."""
-    import pandas as pd
-
-    p, m = (results_dir(baseline.STUDY, profile) / f for f in ("per_example.csv.gz", "metrics.json"))
-    if not p.is_file() or not m.is_file():
-        return {}
-    t, seed0 = pd.read_csv(p), report.load_metrics(m).get("seed", 0)
-    if t["label"].tolist() != labels:
-        return {}
-    cols = {seed0: "fp32", **{int(c.split("@seed")[1]): c for c in t.columns if c.startswith("fp32@seed")}}
-    return {s: t[c].astype(int).tolist() for s, c in cols.items() if c in t}
-
-
-def _fp32_predictions(profile: str, labels: list[int]) -> list[int] | None:
-    """Notebook 01's saved per-example predictions, if they are for these very labels."""
+def _fp32_columns(profile: str, labels: list[int]) -> dict[str, list[int]]:
+    """Notebook 01's saved per-example FP32 predictions (`fp32`, then `fp32@seedN`), if they are for these very
+    labels."""
     import pandas as pd
 
     p = results_dir(baseline.STUDY, profile) / "per_example.csv.gz"
     if not p.is_file():
-        return None
+        return {}
     t = pd.read_csv(p)
-    if "fp32" not in t or t["label"].tolist() != labels:
-        return None
-    return t["fp32"].astype(int).tolist()
+    if t["label"].tolist() != labels:
+        return {}
+    return {c: t[c].astype(int).tolist() for c in t.columns if c == "fp32" or c.startswith("fp32@seed")}
+
+
+def _fp32_seed_predictions(profile: str, labels: list[int]) -> dict[int, list[int]]:
+    """Notebook 01's predictions of every seed it fine-tuned (its first seed from its metrics.json)."""
+    m = results_dir(baseline.STUDY, profile) / "metrics.json"
+    cols = _fp32_columns(profile, labels)
+    if not m.is_file() or not cols:
+        return {}
+    seed0 = report.load_metrics(m).get("seed", 0)
+    return {seed0 if c == "fp32" else int(c.split("@seed")[1]): p for c, p in cols.items()}
+
+
+def _fp32_predictions(profile: str, labels: list[int]) -> list[int] | None:
+    """Notebook 01's saved per-example predictions of its first seed, if they are for these very labels."""
+    return _fp32_columns(profile, labels).get("fp32")
 
 
 

@@ -11,6 +11,25 @@ from qlib.config import QlabError, build_quantization_plan
 
 ATTENTION = ["query", "key", "value"]
 MLP = ["attention.output.dense", "intermediate.dense", "output.dense"]
+_LLAMA_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# LoRA target presets per architecture (module-name suffixes, as peft matches them)
+TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
+    "bert": {"attention": ATTENTION, "attention+mlp": ATTENTION + MLP},
+    "gpt2": {"attention": ["c_attn", "attn.c_proj"], "attention+mlp": ["c_attn", "c_proj", "c_fc"]},
+    "llama": {"attention": _LLAMA_ATTENTION, "attention+mlp": _LLAMA_ATTENTION + ["gate_proj", "up_proj", "down_proj"]},
+}
+TARGET_PRESETS["qwen2"] = TARGET_PRESETS["llama"]
+CLASSIFIER_SKIP = ("classifier", "pooler.dense")  # stay full precision in an NF4 classifier (trained)
+
+
+def target_modules(model_type: str, preset: str) -> list[str]:
+    """The LoRA targets of a preset (attention | attention+mlp) for an architecture; unknown ones named."""
+    family = TARGET_PRESETS.get(model_type)
+    if family is None:
+        raise QlabError(f"no LoRA target presets for architecture {model_type!r}; known: {', '.join(TARGET_PRESETS)}")
+    if preset not in family:
+        raise QlabError(f"unknown LoRA target preset {preset!r}; valid: {', '.join(family)}")
+    return list(family[preset])
 
 
 def load_nf4_classifier(path: str | Path, num_labels: int, device: torch.device) -> torch.nn.Module:
@@ -18,11 +37,9 @@ def load_nf4_classifier(path: str | Path, num_labels: int, device: torch.device)
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
 
-    plan = build_quantization_plan("qlora", device)
-    bnb = plan.bnb_config
     # the fresh head and the pooler train in full precision: sentence-embedding encoders (MiniLM) were
     # trained with mean pooling, so their frozen CLS pooler gives a new head almost nothing to learn from
-    bnb.llm_int8_skip_modules = ["classifier", "pooler.dense"]
+    bnb = build_quantization_plan("qlora", device, keep_lm_head=False, skip_modules=CLASSIFIER_SKIP).bnb_config
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # "classifier newly initialised" is expected
     try:
@@ -33,14 +50,15 @@ def load_nf4_classifier(path: str | Path, num_labels: int, device: torch.device)
         logging.set_verbosity(verbosity)
 
 
-def add_lora(model: torch.nn.Module, rank: int, mlp: bool = False, dropout: float = 0.1,
-             gradient_checkpointing: bool = False) -> Any:
-    """prepare_model_for_kbit_training + LoRA (alpha = 2r) on attention (and MLP) projections."""
+def add_lora(model: torch.nn.Module, rank: int, targets: str = "attention", alpha: int | None = None,
+             dropout: float = 0.1, gradient_checkpointing: bool = False) -> Any:
+    """prepare_model_for_kbit_training + LoRA (alpha default 2r) on a target preset of the encoder's projections."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, task_type="SEQ_CLS",
-                     target_modules=ATTENTION + (MLP if mlp else []), modules_to_save=["pooler"])
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, task_type="SEQ_CLS",
+                     target_modules=target_modules("bert", targets), modules_to_save=["pooler"])
     return get_peft_model(model, cfg)
 
 

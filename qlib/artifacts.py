@@ -1,6 +1,10 @@
 """What `python -m qlib inspect PATH` verifies, per kind of artifact the studies write: a model folder (classifier
-or causal LM), a LoRA adapter, a switchable adapter set, a QAT INT8 folder, a GGUF file. Each check loads what a
-user would load and refuses a broken artifact with one line naming the problem, so "loads" means whole."""
+or causal LM), a LoRA adapter, a switchable adapter set, a QAT INT8 folder, a packed ternary model, a GGUF file.
+Each check loads what a user would load and refuses a broken artifact with one line naming the problem, so
+"loads" means whole; the run metadata beside it (`runmeta`) is printed and held against the run name.
+
+`load(PATH)` is the flag-free loader: it detects the method from the metadata (or the run name) and rebuilds the
+quantization config it was made with (NF4 base of a QLoRA adapter, bitsandbytes on load, the ternary skeleton)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +13,8 @@ from typing import Any
 
 import torch
 
-from qlib.config import QlabError
+from qlib import runmeta
+from qlib.config import QlabError, compute_dtype
 
 
 def kind(path: Path) -> str:
@@ -21,18 +26,114 @@ def kind(path: Path) -> str:
     if not path.is_dir():
         raise QlabError(f"checkpoint folder not found: {path}")
     for name, k in (("switchable.json", "switchable"), ("adapter_config.json", "adapter"),
-                    ("model_int8.pt", "qat_int8"), ("config.json", "model")):
+                    ("model_int8.pt", "qat_int8"), (TERNARY_FILE, "ternary"), ("config.json", "model")):
         if (path / name).is_file():
             return k
     raise QlabError(f"{path} is not a model folder: no config.json (nor adapter_config.json, switchable.json, "
                     "model_int8.pt)")
 
 
+TERNARY_FILE = "model-ternary.safetensors"  # study 05's packed BitNet (config.json beside it)
+
+
 def verify(path: str | Path) -> list[str]:
-    """Verify the artifact at `path` and describe it in a few lines."""
+    """Verify the artifact at `path` and describe it in a few lines, its run metadata included."""
     p = Path(path)
-    return {"gguf": _gguf, "switchable": _switchable, "adapter": _adapter, "qat_int8": _qat,
-            "model": _model}[kind(p)](p)
+    k = kind(p)
+    detected = runmeta.detect(p)  # a corrupt metadata file or a name that contradicts it: one line, first
+    lines = {"gguf": _gguf, "switchable": _switchable, "adapter": _adapter, "qat_int8": _qat,
+             "ternary": _ternary, "model": _model}[k](p)
+    return lines + runmeta.describe(detected)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dequantize: bool = False
+         ) -> tuple[torch.nn.Module, runmeta.Detected]:
+    """The artifact as a model on `device`, quantized as it was made: no flags, the method read from its metadata
+    or run name (`dequantize`: an adapter's 4-/8-bit base dequantized to fp32 first, the start of a merge).
+    A GGUF file, a switchable set or a QAT folder have their own runtimes: named, not loaded."""
+    p, dev = Path(path), torch.device(device)
+    k, d = kind(p), runmeta.detect(p)
+    if k == "adapter":
+        return _load_adapter(p, d, dev, dequantize), d
+    if k == "ternary":
+        return _load_ternary(p), d
+    if k == "model":
+        return _load_model(p, d, dev), d
+    where = {"gguf": "llama.cpp (qlib.gguf)", "switchable": "qlib.switchable.SwitchableModel.load",
+             "qat_int8": "qlib.studies.qat.load_qat"}[k]
+    raise QlabError(f"{p} is a {k} artifact: it loads with {where}, not as a transformers model")
+
+
+def _base_path(p: Path, d: runmeta.Detected, fallback: str | None) -> str:
+    """Where an adapter's base is: the metadata's local path, else its id, else the adapter config's."""
+    m = d.meta or {}
+    local = m.get("base_model_path")
+    base = local if local and Path(local).is_dir() else m.get("base_model") or fallback
+    if not base:
+        raise QlabError(f"{p}: no base model named in its metadata or adapter_config.json")
+    return str(base)
+
+
+def _load_adapter(p: Path, d: runmeta.Detected, dev: torch.device, dequantize: bool = False) -> torch.nn.Module:
+    """LoRA on a plain base, QLoRA on the NF4 base it was trained on (the recorded quant type, double quant and
+    skipped modules, this device's compute dtype), LoRA on a ternary base; then plain peft."""
+    from qlib import adapters, models
+    from qlib.quant import bitnet
+
+    cfg, shapes = adapters.read_adapter(p)
+    base = _base_path(p, d, cfg.get("base_model_name_or_path"))
+    if cfg.get("task_type") == "SEQ_CLS":
+        labels = [s[0] for k, s in shapes.items() if k.endswith(("classifier.weight", "score.weight"))]
+        if d.method not in ("qlora", "nf4"):
+            raise QlabError(f"{p}: a classifier adapter on a {d.method} base is not a kind qlab writes")
+        model = adapters.load_nf4_classifier(base, labels[0] if labels else 2, dev)
+    elif d.method in ("qlora", "nf4", "int8"):
+        model = models.load_causal_lm(base, d.method, dev, torch.float32,
+                                      keep_lm_head=d.extras.get("keep_lm_head_fp16", True))
+    else:
+        model = models.load_causal_lm(base, None, dev, torch.float32)
+        if d.method in ("bitnet", "qlora_bitnet"):
+            bitnet.to_bitnet(model)  # the frozen base quantizes on the fly, as it trained
+    if dequantize and d.method in ("qlora", "nf4", "int8"):
+        model = model.dequantize().to(torch.float32)
+    return adapters.load_adapter(model, p)
+
+
+def _load_ternary(p: Path) -> torch.nn.Module:
+    """The packed BitNet: the architecture from config.json, frozen to ternary form, codes unpacked into it."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlib.quant import bitnet
+
+    if not (p / "config.json").is_file():
+        raise QlabError(f"{p}: the packed ternary model has no config.json beside it")
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(p))
+    bitnet.to_bitnet(model)
+    bitnet.freeze_ternary(model)
+    try:
+        bitnet.load_ternary_state(model, load_file(p / TERNARY_FILE))
+    except Exception as e:
+        raise QlabError(f"{p}: the packed ternary weights do not load: {type(e).__name__}: {str(e)[:200]}") from None
+    return model.eval()
+
+
+def _load_model(p: Path, d: runmeta.Detected, dev: torch.device) -> torch.nn.Module:
+    """A folder saved quantized loads as saved (its config.json must agree with the metadata); a full-precision
+    folder whose run says int8/nf4 is quantized on load with that plan; merged and plain folders load as stored."""
+    from qlib import models
+
+    saved = runmeta._saved_bnb_method(p)
+    wanted = "nf4" if d.method == "qlora" else d.method
+    if saved and d.source == "metadata" and d.part is None and wanted != saved:
+        raise QlabError(f"{p}: config.json holds a bitsandbytes {saved} model but its metadata says {d.method}")
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in _architectures(p)):
+        return models.load_saved_classifier(p)[0].to(dev)
+    quantize = wanted in ("int8", "nf4") and not saved and d.part not in runmeta.PARTS
+    method = wanted if quantize else None
+    dtype = torch.float32 if dev.type == "cpu" else compute_dtype(dev)
+    return models.load_causal_lm(p, method, dev, None if saved else dtype,
+                                 keep_lm_head=d.extras.get("keep_lm_head_fp16", True)).eval()
 
 
 def _model(p: Path) -> list[str]:
@@ -128,6 +229,16 @@ def _qat(p: Path) -> list[str]:
     from qlib.quant.ptq import count_quantized
 
     return [f"{p}: torch.ao INT8 model (weights_only load), {count_quantized(model)}"]
+
+
+def _ternary(p: Path) -> list[str]:
+    from qlib.adapters import param_counts
+    from qlib.quant.bitnet import TernaryLinear
+
+    model = _load_ternary(p)
+    n = sum(isinstance(m, TernaryLinear) for m in model.modules())
+    return [f"{p}: packed ternary {type(model).__name__}, {n} ternary layers, "
+            f"{param_counts(model)['total_params']:,} params: loads whole"]
 
 
 def _gguf(p: Path) -> list[str]:

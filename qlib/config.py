@@ -1,10 +1,10 @@
-"""Configs every study shares: quantization methods and plans, run names, profiles, paths, device."""
+"""Configs every study shares: quantization methods and plans, profiles, paths, device (run names and the
+metadata beside each artifact: `runmeta`)."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import enum
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ class QuantMethod(str, enum.Enum):
 
     FP32 = "fp32"
     NONE = "fp32"  # alias: no quantization
+    FP16 = "fp16"
     INT8 = "int8"
     NF4 = "nf4"
     QLORA = "qlora"
@@ -30,6 +31,7 @@ class QuantMethod(str, enum.Enum):
     PTQ_INT8 = "ptq_int8"
     QAT_INT8 = "qat_int8"
     SWITCHABLE = "switchable"
+    GGUF = "gguf"  # a llama.cpp file: its tensor types say the rest
 
     @classmethod
     def parse(cls, value: str | QuantMethod) -> QuantMethod:
@@ -59,12 +61,13 @@ class QuantSpec:
 
 _SPECS: dict[QuantMethod, QuantSpec] = {
     QuantMethod.FP32: QuantSpec(QuantMethod.FP32, 32, "torch", True, None, "fp32"),
+    QuantMethod.FP16: QuantSpec(QuantMethod.FP16, 16, "torch", True, None, "fp16"),
     QuantMethod.INT8: QuantSpec(QuantMethod.INT8, 8, "bitsandbytes", False, None, "fp32",
                                 {"llm_int8_threshold": 6.0}),
     QuantMethod.NF4: QuantSpec(QuantMethod.NF4, 4, "bitsandbytes", False, None, "fp32",
-                               {"quant_type": "nf4", "double_quant": False}),
+                               {"base_quant_type": "nf4", "double_quant": False}),
     QuantMethod.QLORA: QuantSpec(QuantMethod.QLORA, 4, "bitsandbytes", False, "lora", "fp32",
-                                 {"quant_type": "nf4", "double_quant": True}),
+                                 {"base_quant_type": "nf4", "double_quant": True}),
     QuantMethod.BITNET: QuantSpec(QuantMethod.BITNET, 1.58, "qlib.quant.bitnet", True, None, "fp32",
                                   {"weights": "absmean ternary", "activations": "absmax int8"}),
     QuantMethod.QLORA_BITNET: QuantSpec(QuantMethod.QLORA_BITNET, 1.58, "qlib.quant.bitnet", False,
@@ -75,6 +78,7 @@ _SPECS: dict[QuantMethod, QuantSpec] = {
                                     {"fake_quant": "observers + STE"}),
     QuantMethod.SWITCHABLE: QuantSpec(QuantMethod.SWITCHABLE, 8, "qlib.quant.uniform", False,
                                       "lora-per-bit", "fp32", {"bit_widths": [2, 4, 8]}),
+    QuantMethod.GGUF: QuantSpec(QuantMethod.GGUF, 16, "llama.cpp", False, None, "f16"),  # bits: the file's type
 }
 
 
@@ -84,13 +88,17 @@ class QuantizationPlan:
 
     spec: QuantSpec
     bnb_config: Any | None  # transformers.BitsAndBytesConfig
+    skip_modules: tuple[str, ...] = ()  # left in full precision by bitsandbytes (the LM head unless asked)
 
     def metadata(self) -> dict[str, Any]:
-        """The `quantization` block of the run metadata JSON."""
-        s = self.spec
+        """The `quantization` block of the run metadata JSON (the QLoRA method's keys)."""
+        s, extras = self.spec, dict(self.spec.extras)
+        if self.bnb_config is not None:
+            extras["skip_modules"] = list(self.skip_modules)
+            if self.bnb_config.load_in_4bit:
+                extras["compute_dtype"] = dtype_name(self.bnb_config.bnb_4bit_compute_dtype)
         return {"quantization": {"method": s.method.value, "weights_bits": s.weights_bits,
-                                 "lm_head_dtype": s.lm_head_dtype, "backend": s.backend,
-                                 "extras": dict(s.extras)}}
+                                 "lm_head_dtype": s.lm_head_dtype, "backend": s.backend, "extras": extras}}
 
 
 _FORCED_CUDA_DTYPE: list[torch.dtype] = []  # set by `t4_conditions` to act like a T4 on a newer GPU
@@ -147,54 +155,26 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 
-def build_quantization_plan(method: str | QuantMethod,
-                            device: str | torch.device | None = None) -> QuantizationPlan:
-    """Spec + BitsAndBytesConfig for `method`; compute dtype follows the device."""
+def build_quantization_plan(method: str | QuantMethod, device: str | torch.device | None = None,
+                            keep_lm_head: bool = True, skip_modules: tuple[str, ...] = (),
+                            compute: torch.dtype | None = None) -> QuantizationPlan:
+    """Spec + BitsAndBytesConfig for `method`; compute dtype follows the device unless given. bitsandbytes leaves
+    `skip_modules` in full precision, and the LM head too unless `keep_lm_head` is False."""
     spec = _SPECS[QuantMethod.parse(method)]
-    bnb = None
+    bnb, skip = None, tuple(skip_modules) + (("lm_head",) if keep_lm_head else ())
     if spec.backend == "bitsandbytes":
         from transformers import BitsAndBytesConfig
 
         if spec.weights_bits == 8:
-            bnb = BitsAndBytesConfig(load_in_8bit=True,
-                                     llm_int8_threshold=spec.extras["llm_int8_threshold"])
+            bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=spec.extras["llm_int8_threshold"],
+                                     llm_int8_skip_modules=list(skip))
         else:
             bnb = BitsAndBytesConfig(load_in_4bit=True,
-                                     bnb_4bit_quant_type=spec.extras["quant_type"],
+                                     bnb_4bit_quant_type=spec.extras["base_quant_type"],
                                      bnb_4bit_use_double_quant=spec.extras["double_quant"],
-                                     bnb_4bit_compute_dtype=compute_dtype(device))
-    return QuantizationPlan(spec, bnb)
-
-
-def run_name(base: str, dataset: str, task: str, peft: str | None, method: str | QuantMethod,
-             bits: float, head_dtype: str) -> str:
-    """`{base}-{dataset}_{task}_{peft}_{method}_w{bits}_head{dtype}`, e.g. for checkpoint folders."""
-    m = QuantMethod.parse(method)
-    short = base.rstrip("/").split("/")[-1]
-    b = f"{bits:g}".replace(".", "p")
-    return f"{short}-{dataset}_{task}_{peft or 'full'}_{m.name}_w{b}_head{head_dtype}"
-
-
-def save_metadata(path: str | Path, plan: QuantizationPlan, **extra: Any) -> Path:
-    """Write the run metadata JSON (quantization block + extra keys) atomically."""
-    from qlib.report import atomic_write_text
-
-    doc = {**extra, **plan.metadata()}
-    return atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True))
-
-
-def load_metadata(path: str | Path) -> dict[str, Any]:
-    """Read a run metadata JSON back; a missing or corrupt file is a clear QlabError."""
-    p = Path(path)
-    if not p.is_file():
-        raise QlabError(f"metadata file not found: {p}")
-    try:
-        doc = json.loads(p.read_text())
-        q = doc["quantization"]
-        QuantMethod.parse(q["method"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise QlabError(f"corrupt metadata file {p}: {e}") from None
-    return doc
+                                     bnb_4bit_compute_dtype=compute or compute_dtype(device),
+                                     llm_int8_skip_modules=list(skip))
+    return QuantizationPlan(spec, bnb, skip if bnb is not None else ())
 
 
 # ---------------------------------------------------------------- device and paths

@@ -257,6 +257,25 @@ def tokenizer_agreement(path: str | Path, tokenizer: Any, texts: list[str]) -> d
     return {"texts": len(texts), "identical": same, "first_mismatch": first}
 
 
+def ship(written: str | Path, info: Any, task: str, peft: str, outtype: str, folder: str | Path | None = None,
+         **extra: Any) -> Path:
+    """Rename a GGUF file `convert` / `quantize` wrote to its run name (`info`: a `runmeta.RunInfo`; method GGUF,
+    the type as variant, bits per weight matrix as stored, the output tensor's type as head), its metadata
+    beside it."""
+    from qlib import runmeta
+
+    src = Path(written)
+    bits = round(bits_per_weight(src)["weight_matrices"], 2)
+    types = tensor_types(src)
+    head = (types.get("output.weight") or types.get("token_embd.weight") or "none").lower()
+    name = info.name(task, peft, "gguf", bits, head, variant=outtype)
+    dst = Path(folder or src.parent) / (name + ".gguf")
+    runmeta.write_meta(dst, info.meta(name, "gguf", "gguf", head, weights_bits=bits,
+                                      extras={"type": outtype, "runtime": "llama.cpp"}, **extra))
+    os.replace(src, dst)
+    return dst
+
+
 def bits_per_weight(path: str | Path) -> dict[str, float]:
     """Stored bits per element: over every tensor, and over the 2-D weight matrices only (what a format
     quantizes; norms and biases stay F32), from the tensors' own byte sizes, header excluded."""

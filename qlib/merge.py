@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from qlib import adapters, gguf, report
+from qlib import adapters, gguf, report, runmeta
 from qlib.config import QlabError
 from qlib.models import load_causal_lm
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-ADAPTER_META = "qlab_adapter.json"  # which base the adapter was trained on: fp32 or nf4
+ADAPTER_META = "qlab_adapter.json"  # earlier runs' note of the base precision (runs now write runmeta's qlab.json)
 
 
 def require_tokenizer(model_dir: str | Path) -> None:
@@ -32,16 +32,24 @@ def require_tokenizer(model_dir: str | Path) -> None:
                         "with the model (save them with tokenizer.save_pretrained into the same folder)")
 
 
-def save_adapter(model: Any, tokenizer: Any, out: Path, trained_on: str) -> Path:
-    """The adapter folder plus a note of the base precision it was trained against."""
+def save_adapter(model: Any, tokenizer: Any, out: Path, trained_on: str, meta: dict[str, Any] | None = None) -> Path:
+    """The adapter folder with its run metadata (`meta`, else a minimal one naming the base precision)."""
     with report.atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / ADAPTER_META).write_text(json.dumps({"trained_on": trained_on}, indent=2))
+        if meta is None:
+            (tmp / ADAPTER_META).write_text(json.dumps({"trained_on": trained_on}, indent=2))
+        else:
+            runmeta.write_meta(tmp, meta)
     return out
 
 
 def adapter_trained_on(adapter_dir: str | Path, default: str) -> str:
+    """The base precision an adapter was trained against: from its run metadata or name (qlora: nf4), else the
+    older note, else `default`."""
+    d = runmeta.detect(adapter_dir)
+    if d.source in ("metadata", "run name"):
+        return "nf4" if d.method in ("qlora", "nf4") else "fp32"
     meta = Path(adapter_dir) / ADAPTER_META
     return json.loads(meta.read_text())["trained_on"] if meta.is_file() else default
 
@@ -70,7 +78,7 @@ class MergeInfo:
 
 
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out: str | Path, trained_on: str,
-                  probe: torch.Tensor) -> MergeInfo:
+                  probe: torch.Tensor, meta: dict[str, Any] | None = None) -> MergeInfo:
     """Base + adapter -> one FP16 model with tokenizer files; logits on `probe` compared before/after."""
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -90,18 +98,23 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out: str | Path
     with report.atomic_dir(Path(out)) as tmp:
         merged.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(tmp)
+        if meta is not None:
+            runmeta.write_meta(tmp, meta)
     return MergeInfo(Path(out), trained_on, "nf4-dequantized" if trained_on == "nf4" else "original-fp32",
                      float((before - after32).abs().max()), float((before - after16).abs().max()))
 
 
-def save_bnb(merged_dir: str | Path, out: str | Path, method: str, device: torch.device) -> torch.nn.Module:
+def save_bnb(merged_dir: str | Path, out: str | Path, method: str, device: torch.device,
+             meta: dict[str, Any] | None = None, keep_lm_head: bool = True) -> torch.nn.Module:
     """The merged model quantized by bitsandbytes on load (int8 = LLM.int8, nf4 = NF4 + double quant), saved."""
     from transformers import AutoTokenizer
 
-    model = load_causal_lm(merged_dir, method, device).eval()
+    model = load_causal_lm(merged_dir, method, device, keep_lm_head=keep_lm_head).eval()
     with report.atomic_dir(Path(out)) as tmp:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(merged_dir)).save_pretrained(tmp)
+        if meta is not None:
+            runmeta.write_meta(tmp, meta)
     return model
 
 

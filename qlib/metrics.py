@@ -249,7 +249,8 @@ class PeakMemory:
     """Peak memory of a block: CUDA max_allocated on GPU, else process-RSS growth on CPU.
 
     On CPU the peak is the larger of a 5 ms RSS sampler and the kernel's exact high-water mark
-    (ru_maxrss) when the block raised it. `source` says which kind, so a row can state it.
+    (ru_maxrss) when the block raised it. `source` says which kind, so a row can state it; `report()` gives the
+    QLoRA method's peak-memory report (CUDA reserved and allocated, overall and per GPU; on CPU the RSS figures).
     """
 
     def __init__(self, device: str | torch.device = "cpu", interval_s: float = 0.005):
@@ -257,11 +258,14 @@ class PeakMemory:
         self.interval_s = interval_s
         self.peak_bytes = 0
         self.source = "cuda_max_allocated" if self.device.type == "cuda" else "cpu_rss_delta"
+        self.per_gpu: list[dict[str, Any]] = []
+        self.rss_peak_bytes = 0
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(i)
+                torch.cuda.reset_peak_memory_stats(i)
             self._base = torch.cuda.memory_allocated()
             return self
         gc.collect()
@@ -280,14 +284,32 @@ class PeakMemory:
 
     def __exit__(self, *exc: Any) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(i)
+                self.per_gpu.append({"gpu": i, "name": torch.cuda.get_device_name(i),
+                                     "max_allocated_bytes": torch.cuda.max_memory_allocated(i),
+                                     "max_reserved_bytes": torch.cuda.max_memory_reserved(i)})
             self.peak_bytes = torch.cuda.max_memory_allocated()
             return
         self._stop.set()
         self._thread.join()
         hwm = _maxrss()
         exact = hwm if hwm > self._hwm else 0  # the block set a new lifetime peak: it is exact
+        self.rss_peak_bytes = max(self._max, _rss(), hwm)
         self.peak_bytes = max(self._max, _rss(), exact) - self._base
+
+    def report(self) -> dict[str, Any]:
+        """The peak-memory report: on CUDA `overall_max_reserved_gb` / `overall_max_allocated_gb` (the largest over
+        the GPUs) and `per_gpu`; on CPU the process's RSS, labelled as such (there is no VRAM to report)."""
+        gb = lambda b: round(b / 2**30, 4)  # noqa: E731
+        if self.device.type == "cuda":
+            return {"memory": "cuda", "overall_max_reserved_gb": gb(max(g["max_reserved_bytes"] for g in self.per_gpu)),
+                    "overall_max_allocated_gb": gb(max(g["max_allocated_bytes"] for g in self.per_gpu)),
+                    "per_gpu": [{"gpu": g["gpu"], "name": g["name"], "max_reserved_gb": gb(g["max_reserved_bytes"]),
+                                 "max_allocated_gb": gb(g["max_allocated_bytes"])} for g in self.per_gpu]}
+        return {"memory": "cpu_rss", "rss_peak_gb": gb(self.rss_peak_bytes), "rss_growth_peak_gb": gb(self.peak_bytes),
+                "note": "CPU run: process resident memory (RSS), not GPU memory; rss_peak_gb is the process's peak "
+                        "so far, rss_growth_peak_gb what this block added"}
 
 
 # ---------------------------------------------------------------- parameters and sizes

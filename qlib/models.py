@@ -128,9 +128,10 @@ GPT2_LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # every projection of a GPT-2 
 
 
 def load_causal_lm(path: str | Path, method: str | None, device: torch.device,
-                   dtype: torch.dtype | None = None) -> torch.nn.Module:
+                   dtype: torch.dtype | None = None, keep_lm_head: bool = True) -> torch.nn.Module:
     """A causal LM as stored (`method` None) or quantized on load by bitsandbytes (int8 | nf4 | qlora), placed
-    on `device`; unquantized weights in `dtype` (default: fp32 on CPU, the device's compute dtype on CUDA)."""
+    on `device`; unquantized weights in `dtype` (default: fp32 on CPU, the device's compute dtype on CUDA).
+    `keep_lm_head=False` lets bitsandbytes quantize an untied LM head too."""
     from transformers import AutoModelForCausalLM
 
     from qlib.config import build_quantization_plan, compute_dtype
@@ -138,7 +139,9 @@ def load_causal_lm(path: str | Path, method: str | None, device: torch.device,
     kwargs: dict[str, Any] = {"dtype": dtype or (torch.float32 if device.type == "cpu" else compute_dtype(device)),
                               "device_map": {"": device.index or 0} if device.type == "cuda" else None}
     if method:
-        kwargs["quantization_config"] = build_quantization_plan(method, device).bnb_config
+        if not keep_lm_head:
+            require_untied_head(path)
+        kwargs["quantization_config"] = build_quantization_plan(method, device, keep_lm_head=keep_lm_head).bnb_config
         kwargs["device_map"] = kwargs["device_map"] or {"": "cpu"}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
@@ -149,13 +152,23 @@ def load_causal_lm(path: str | Path, method: str | None, device: torch.device,
     return model
 
 
-def add_causal_lora(model: torch.nn.Module, rank: int, kbit: bool, targets: list[str] | None = None,
-                    gradient_checkpointing: bool = False) -> Any:
-    """The QLoRA recipe's LoRA (alpha 2r, dropout 0.05; default targets: LLaMA/Qwen's seven projections);
-    `kbit` prepares a 4-/8-bit base first (peft upcasts what is not quantized to fp32)."""
+def require_untied_head(path: str | Path) -> None:
+    """A tied LM head is the input embedding: quantizing it is not an option bitsandbytes has."""
+    from transformers import AutoConfig
+
+    if getattr(AutoConfig.from_pretrained(str(path)), "tie_word_embeddings", False):
+        raise QlabError(f"keep_lm_head_fp16=False: {path} ties its LM head to the input embeddings, which stay "
+                        "16/32-bit; only an untied head (e.g. LLaMA-2) can be quantized")
+
+
+def add_causal_lora(model: torch.nn.Module, rank: int, kbit: bool, targets: list[str] | str | None = None,
+                    gradient_checkpointing: bool = False, alpha: int | None = None) -> Any:
+    """The QLoRA recipe's LoRA (alpha default 2r, dropout 0.05; targets: a preset name or module names, default
+    every projection of the architecture); `kbit` prepares a 4-/8-bit base first (peft upcasts what is not
+    quantized to fp32)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from qlib.accounting import LORA_TARGETS
+    from qlib.adapters import target_modules
 
     ckpt = {"use_reentrant": False}
     if kbit:
@@ -164,9 +177,11 @@ def add_causal_lora(model: torch.nn.Module, rank: int, kbit: bool, targets: list
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+    if targets is None or isinstance(targets, str):
+        targets = target_modules(model.config.model_type, targets or "attention+mlp")
     # bnb layers, BitLinear and QuantLinear are nn.Linear-shaped; GPT-2's Conv1D is handled by peft too
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, task_type="CAUSAL_LM",
-                     target_modules=targets or list(LORA_TARGETS))
+    cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.05, task_type="CAUSAL_LM",
+                     target_modules=list(targets))
     return get_peft_model(model, cfg)
 
 

@@ -82,6 +82,18 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
 
 # ---------------------------------------------------------------- the schema
 
+def peak_memory_text(rep: dict[str, Any] | None) -> str:
+    """One line of a peak-memory report (`metrics.PeakMemory.report`): CUDA reserved/allocated, or CPU RSS."""
+    if not rep:
+        return "not measured"
+    if rep.get("memory") == "cuda":
+        gpus = "; ".join(f"GPU {g['gpu']} {g['max_reserved_gb']:.2f}/{g['max_allocated_gb']:.2f}" for g in rep["per_gpu"])
+        return (f"CUDA max reserved {rep['overall_max_reserved_gb']:.2f} GiB, max allocated "
+                f"{rep['overall_max_allocated_gb']:.2f} GiB (per GPU reserved/allocated: {gpus})")
+    return (f"CPU RSS (no GPU): process peak {rep['rss_peak_gb']:.2f} GiB, of which the run added "
+            f"{rep['rss_growth_peak_gb']:.2f} GiB")
+
+
 def make_row(method: str, **metrics: Any) -> dict[str, Any]:
     """A results row with every schema key (None where it does not apply) plus any extra keys."""
     if not method or method != method.lower():

@@ -64,18 +64,38 @@ def _autocast(device: torch.device, enabled: bool = True):
     return torch.autocast(device.type, dtype=dtype, enabled=enabled and device.type == "cuda")
 
 
+OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit")  # transformers' `optim` names
+
+
+def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float
+                   ) -> torch.optim.Optimizer:
+    """AdamW by transformers' `optim` name: torch's, or bitsandbytes' paged AdamW with 32- or 8-bit state (its
+    state pages to host memory under GPU pressure; on a CPU bitsandbytes runs it unpaged and warns so, the 8-bit
+    state still 8-bit)."""
+    if name == "adamw_torch":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name not in OPTIMIZERS:
+        raise QlabError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.PagedAdamW
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
 def finetune(model: torch.nn.Module, loader: DataLoader, epochs: float, lr: float,
              device: torch.device, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
-             max_grad_norm: float = 1.0, desc: str = "fine-tune", autocast: bool = True) -> TrainResult:
-    """AdamW + linear warm-up/decay over `epochs` (fractions allowed); returns losses and time.
-    `autocast=False` keeps a CUDA run in fp32 (torch.ao's fake-quant kernels expect fp32 inputs)."""
+             max_grad_norm: float = 1.0, desc: str = "fine-tune", autocast: bool = True,
+             optimizer: str = "adamw_torch") -> TrainResult:
+    """AdamW (`optimizer`: torch's, or bitsandbytes' paged 32-/8-bit) + linear warm-up/decay over `epochs`
+    (fractions allowed); returns losses and time. `autocast=False` keeps a CUDA run in fp32 (torch.ao's
+    fake-quant kernels expect fp32 inputs)."""
     import time
 
     from transformers import get_linear_schedule_with_warmup
 
     total = max(1, math.ceil(epochs * len(loader)))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = make_optimizer(params, optimizer, lr, weight_decay)
     sched = get_linear_schedule_with_warmup(opt, int(warmup_ratio * total), total)
     use_scaler = autocast and device.type == "cuda" and compute_dtype(device) == torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from qlib.config import (BaselineConfig, QlabError, QuantMethod, baseline_config,
-                         build_quantization_plan, compute_dtype, load_metadata, pick_device,
-                         run_name, save_metadata)
+                         build_quantization_plan, compute_dtype, pick_device)
+from qlib.runmeta import parse_run_name, read_meta, run_name, write_meta
 
 
 def test_enum_parse_accepts_names_values_and_aliases():
@@ -49,29 +49,31 @@ def test_int8_and_non_bnb_plans():
 
 def test_run_name_format():
     name = run_name("gpt2", "codesearchnet", "SFT", "LoRa64", "qlora", 4, "bf16")
-    assert name == "gpt2-codesearchnet_SFT_LoRa64_QLORA_w4_headbf16"
+    assert name == "gpt2-codesearchnet_SFT_LoRa64_QLORA_w4_headbf16"  # the QLoRA method's own example
     assert run_name("Qwen/Qwen2.5-1.5B", "squad", "QA", None, "bitnet", 1.58, "fp16") == \
         "Qwen2.5-1.5B-squad_QA_full_BITNET_w1p58_headfp16"
+    assert parse_run_name(name)["method"] == "qlora" and parse_run_name("baseline-model") is None
+    with pytest.raises(QlabError, match="unknown run task 'sft'"):
+        run_name("gpt2", "x", "sft", None, "fp32", 32, "fp32")
 
 
 def test_metadata_round_trip(tmp_path):
-    plan = build_quantization_plan("qlora")
-    p = save_metadata(tmp_path / "run.json", plan, run_name="x", base="gpt2")
-    doc = load_metadata(p)
+    plan = build_quantization_plan("qlora", "cpu")
+    write_meta(tmp_path, {"run_name": "x", "base": "gpt2", **plan.metadata()})
+    doc = read_meta(tmp_path)
     assert doc["run_name"] == "x"
     assert doc["quantization"] == {"method": "qlora", "weights_bits": 4, "lm_head_dtype": "fp32",
                                    "backend": "bitsandbytes",
-                                   "extras": {"quant_type": "nf4", "double_quant": True}}
-    assert json.loads(p.read_text()) == doc
+                                   "extras": {"base_quant_type": "nf4", "double_quant": True, "compute_dtype": "fp32",
+                                              "skip_modules": ["lm_head"]}}
+    assert json.loads((tmp_path / "qlab.json").read_text()) == doc
 
 
 def test_metadata_corrupt_or_missing(tmp_path):
-    with pytest.raises(QlabError, match="not found"):
-        load_metadata(tmp_path / "nope.json")
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"quantization": {"method": "int3"')
+    assert read_meta(tmp_path) is None  # none written: detection falls back to the run name
+    (tmp_path / "qlab.json").write_text('{"quantization": {"method": "int3"')
     with pytest.raises(QlabError, match="corrupt metadata"):
-        load_metadata(bad)
+        read_meta(tmp_path)
 
 
 def test_profiles_and_overrides():

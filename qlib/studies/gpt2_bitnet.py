@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from qlib import adapters, assets, budget, data, hub, metrics, models, report
-from qlib.config import compute_dtype_name, make_config, outputs_dir, pick_device
+from qlib import adapters, assets, budget, data, hub, metrics, models, report, runmeta
+from qlib.config import QlabError, build_quantization_plan, compute_dtype_name, make_config, outputs_dir, pick_device
 from qlib.quant import bitnet, ladder
 from qlib.studies import StudyResult, ptq_ladder, staged
-from qlib.train import TrainResult, finetune, seed_column, seeds, set_seed
+from qlib.artifacts import TERNARY_FILE
+from qlib.train import OPTIMIZERS, TrainResult, finetune, seed_column, seeds, set_seed
 
 STUDY = "05_gpt2_bitnet"
 # bitsandbytes' LLM.int8 logs "inputs will be cast to float16" once per layer per call: true, known,
@@ -47,8 +48,13 @@ class GPT2Config:
     batch_size: int = 8
     lr: float = 3e-4             # full fine-tunes (fp32)
     bitnet_lr: float = 1e-3      # ternary training wants a larger step (BitNet b1.58 recipe)
-    lora_rank: int = 16
+    lora_rank: int = 16          # lora_r of the lora, qlora and qlora_bitnet regimes
+    lora_alpha: int | None = None        # None: 2 x rank
+    lora_targets: str = "attention+mlp"  # preset: attention (c_attn, attn.c_proj) | attention+mlp (+ c_fc, mlp.c_proj)
     lora_lr: float = 2e-3
+    keep_lm_head_fp16: bool = True       # False: bitsandbytes quantizes the head too (GPT-2 ties it: refused)
+    gradient_checkpointing: bool = False  # LoRA regimes
+    optimizer: str = "adamw_torch"       # every trained regime: adamw_torch | paged_adamw_32bit | paged_adamw_8bit
     n_seeds: int = 3             # the trained regimes (and their controls) from seeds seed, seed+1, ...: mean ± sd
     gen_tokens: int = 32
     latency_repeats: int = 5
@@ -74,7 +80,30 @@ GPT2_PROFILES: dict[str, dict[str, Any]] = {
 
 
 def gpt2_config(profile: str = "default", **overrides: Any) -> GPT2Config:
-    return make_config(GPT2Config, GPT2_PROFILES, profile, **overrides)
+    cfg = make_config(GPT2Config, GPT2_PROFILES, profile, **overrides)
+    adapters.target_modules("gpt2", cfg.lora_targets)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise QlabError(f"unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    return cfg
+
+
+def knobs(cfg: GPT2Config) -> runmeta.LoraKnobs:
+    return runmeta.LoraKnobs(r=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                             keep_lm_head_fp16=cfg.keep_lm_head_fp16,
+                             gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer)
+
+
+# each regime as a run: task (trained in this format, or quantized after the FP32 fine-tune), LoRA or not, method
+RUNS = {"fp32": ("SFT", False, "fp32"), "int8": ("PTQ", False, "int8"), "nf4": ("PTQ", False, "nf4"),
+        "lora": ("SFT", True, "fp32"), "qlora": ("SFT", True, "qlora"), "bitnet_ptq": ("PTQ", False, "bitnet"),
+        "bitnet": ("SFT", False, "bitnet"), "qlora_bitnet": ("SFT", True, "qlora_bitnet")}
+
+
+def run_of(regime: str, cfg: GPT2Config, info: runmeta.RunInfo) -> tuple[str, str]:
+    """A regime's run name and method (every head stays fp32 here: GPT-2 ties it to the embeddings)."""
+    task, lora, method = RUNS[regime]
+    bits = build_quantization_plan(method).spec.weights_bits
+    return info.name(task, knobs(cfg).token() if lora else "full", method, bits, "fp32"), method
 
 
 @dataclass
@@ -90,12 +119,14 @@ class Regime:
     base_bytes: int = 0             # a frozen base shipped beside an adapter (as stored)
 
 
-def _load(path: str, plan_method: str | None, device: torch.device) -> torch.nn.Module:
-    return models.load_causal_lm(path, plan_method, device, dtype=torch.float32)  # fp32 weights, autocast on CUDA
+def _load(path: str, plan_method: str | None, device: torch.device, keep_lm_head: bool = True) -> torch.nn.Module:
+    # fp32 weights, autocast on CUDA
+    return models.load_causal_lm(path, plan_method, device, dtype=torch.float32, keep_lm_head=keep_lm_head)
 
 
-def _lora(model: torch.nn.Module, rank: int, kbit: bool) -> Any:
-    return models.add_causal_lora(model, rank, kbit, models.GPT2_LORA_TARGETS)
+def _lora(model: torch.nn.Module, cfg: GPT2Config, kbit: bool) -> Any:
+    return models.add_causal_lora(model, cfg.lora_rank, kbit, cfg.lora_targets, cfg.gradient_checkpointing,
+                                  cfg.lora_alpha)
 
 
 def _train(name: str, model: Any, loader: Any, cfg: GPT2Config, lr: float, device: torch.device) -> Regime:
@@ -105,21 +136,25 @@ def _train(name: str, model: Any, loader: Any, cfg: GPT2Config, lr: float, devic
         loader.generator.manual_seed(cfg.seed)
     with metrics.PeakMemory(device) as mem:
         tr = finetune(model, loader, cfg.steps / len(loader), lr, device, weight_decay=0.0,
-                      desc=f"{name}: fine-tune")
+                      desc=f"{name}: fine-tune", optimizer=cfg.optimizer)
     return Regime(name, model, tr, mem)
 
 
-def build_regimes(cfg: GPT2Config, base: str, loader: Any, out: Path, device: torch.device) -> Iterator[Regime]:
+def build_regimes(cfg: GPT2Config, base: str, loader: Any, out: Path, device: torch.device,
+                  info: runmeta.RunInfo) -> Iterator[Regime]:
     """Train (or, where training is impossible, only quantize) each regime from the same base, one at a time:
     the caller measures each and lets it go before the next loads, so on CUDA no regime's peak memory
-    (`max_memory_allocated`) includes another regime's weights."""
-    fp32_dir = out / "fp32-finetuned"
+    (`max_memory_allocated`) includes another regime's weights. The FP32 fine-tune is saved at once under its run
+    name: int8, nf4 and bitnet_ptq start from it."""
+    fp32_dir = out / run_of("fp32", cfg, info)[0]
+    keep = cfg.keep_lm_head_fp16
     m = None
     for name in cfg.regimes:
         if name == "fp32":
             r = _train(name, _load(base, None, device), loader, cfg, cfg.lr, device)
             with report.atomic_dir(fp32_dir) as tmp:
                 r.model.save_pretrained(tmp)
+                runmeta.write_meta(tmp, _meta(r, cfg, info, fp32_dir.name, "fp32", "model"))
         elif name in ("int8", "nf4", "bitnet_ptq") and not fp32_dir.is_dir():
             raise ValueError(f"regime {name!r} quantizes the fp32 fine-tune: put 'fp32' before it")
         elif name == "bitnet_ptq":
@@ -128,20 +163,16 @@ def build_regimes(cfg: GPT2Config, base: str, loader: Any, out: Path, device: to
             r = Regime(name, m, note="bitnet_ptq: the FP32 fine-tune rounded to ternary (BitLinear: absmean "
                                      "weights, 8-bit activations) with no training, the control of BitNet's training")
         elif name in ("int8", "nf4"):
-            method = "int8" if name == "int8" else "nf4"
-            r = Regime(name, _load(str(fp32_dir), method, device),
+            r = Regime(name, _load(str(fp32_dir), name, device, keep),
                        note="evaluated only: bitsandbytes stores the quantized weights as frozen integer "
                             "buffers, so full-parameter training of an 8-/4-bit base is impossible; this "
                             "row is the FP32 fine-tune quantized after training")
         elif name == "lora":
-            r = _train(name, _lora(_load(base, None, device), cfg.lora_rank, kbit=False), loader, cfg, cfg.lora_lr,
-                       device)
+            r = _train(name, _lora(_load(base, None, device), cfg, kbit=False), loader, cfg, cfg.lora_lr, device)
             r.base_bytes = metrics.size_on_disk(Path(base) / "model.safetensors")
         elif name == "qlora":
-            m = _load(base, "qlora", device)
-            with report.atomic_dir(out / name / "base-nf4") as tmp:
-                m.save_pretrained(tmp)  # the frozen NF4 base ships beside the adapter
-            r = _train(name, _lora(m, cfg.lora_rank, kbit=True), loader, cfg, cfg.lora_lr, device)
+            r = _train(name, _lora(_load(base, "qlora", device, keep), cfg, kbit=True), loader, cfg, cfg.lora_lr,
+                       device)
         elif name == "bitnet":
             m = _load(base, None, device)
             bitnet.to_bitnet(m)
@@ -151,7 +182,7 @@ def build_regimes(cfg: GPT2Config, base: str, loader: Any, out: Path, device: to
             bitnet.to_bitnet(m)
             for p in m.parameters():
                 p.requires_grad_(False)
-            r = _train(name, _lora(m, cfg.lora_rank, kbit=False), loader, cfg, cfg.lora_lr, device)
+            r = _train(name, _lora(m, cfg, kbit=False), loader, cfg, cfg.lora_lr, device)
         else:
             raise ValueError(f"unknown regime {name!r}; valid: {', '.join(REGIMES)}")
         r.model.eval()
@@ -159,29 +190,68 @@ def build_regimes(cfg: GPT2Config, base: str, loader: Any, out: Path, device: to
         r = m = None  # the caller holds the only reference now
 
 
-def save_artifact(r: Regime, out: Path) -> tuple[int, float | None, dict[str, Any]]:
-    """Store the regime as it would ship; bytes on disk (base + adapter where there is one), the
-    bits per weight of its quantized layers, and extras."""
-    d = out / r.name
-    if r.name in ("fp32", "int8", "nf4"):
-        with report.atomic_dir(d) as tmp:
-            r.model.save_pretrained(tmp)
-        return metrics.size_on_disk(d / "model.safetensors"), _quantized_bits(r.model), {}
-    with report.atomic_dir(d / "adapter") as tmp:
+def _meta(r: Regime, cfg: GPT2Config, info: runmeta.RunInfo, name: str, method: str, artifact: str,
+          **extra: Any) -> dict[str, Any]:
+    """A regime's metadata: its plan (the head kept or not), the LoRA knobs where it trains an adapter, what its
+    training cost (the peak-memory report)."""
+    lora = RUNS[r.name][1]
+    plan = build_quantization_plan(method, keep_lm_head=cfg.keep_lm_head_fp16)
+    return info.meta(name, plan, artifact, runmeta.head_dtype(r.model), knobs=knobs(cfg) if lora else None,
+                     regime=r.name, trained=r.train is not None, train_steps=r.train.steps if r.train else None,
+                     peak_memory=r.train_mem.report() if r.train_mem else None, **extra)
+
+
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")  # what peft's save_pretrained writes
+
+
+def save_artifact(r: Regime, out: Path, cfg: GPT2Config, info: runmeta.RunInfo, base: str, device: torch.device
+                  ) -> tuple[Path, int, float | None, dict[str, Any]]:
+    """Store the regime as it would ship, under its run name with its metadata; the folder, bytes on disk (base +
+    adapter where there is one), the bits per weight of its quantized layers, and extras."""
+    name, method = run_of(r.name, cfg, info)
+    d = out / name
+    if r.name == "fp32":  # saved when it was trained
+        return d, metrics.size_on_disk(d / "model.safetensors"), None, {}
+    artifact = "adapter" if RUNS[r.name][1] else "ternary" if method == "bitnet" else "model"
+    with report.atomic_dir(d) as tmp:
+        extra = _write(r, tmp, base, device, cfg)
+        runmeta.write_meta(tmp, _meta(r, cfg, info, name, method, artifact))
+    return d, *_sizes(r, d, extra)
+
+
+def _write(r: Regime, tmp: Path, base: str, device: torch.device, cfg: GPT2Config) -> dict[str, Any]:
+    """The regime's files into its (staging) folder: a bitsandbytes model, an adapter (with the frozen base it needs:
+    NF4 as bitsandbytes stores it, or packed ternary), or the packed ternary model with its config."""
+    if r.name in ("int8", "nf4"):
         r.model.save_pretrained(tmp)
-    adapter = metrics.size_on_disk(d / "adapter")
+        return {}
+    if r.name in ("bitnet", "bitnet_ptq"):
+        r.model.config.save_pretrained(tmp)
+        size, bits, n = _pack_ternary(r.model, tmp / TERNARY_FILE)
+        return {"ternary_layers": n, "_bits": bits}
+    r.model.save_pretrained(tmp)
+    if r.name == "qlora":  # the frozen NF4 base ships beside the adapter, as bitsandbytes stores it
+        _load(base, "qlora", device, cfg.keep_lm_head_fp16).save_pretrained(tmp / "base-nf4")
+    if r.name == "qlora_bitnet":  # merged LoRA deltas would not be ternary, so the packed base and the adapter ship apart
+        _, bits, n = _pack_ternary(copy.deepcopy(r.model).unload(), tmp / "base-ternary.safetensors")
+        return {"ternary_layers": n, "_bits": bits}
+    return {}
+
+
+def _sizes(r: Regime, d: Path, extra: dict[str, Any]) -> tuple[int, float | None, dict[str, Any]]:
+    """Bytes a user loads (base + adapter where there is one) and the stored bits per quantized weight."""
+    bits = extra.pop("_bits", None)
+    if r.name in ("int8", "nf4"):
+        return metrics.size_on_disk(d / "model.safetensors"), _quantized_bits(r.model), {}
+    if r.name in ("bitnet", "bitnet_ptq"):
+        return metrics.size_on_disk(d / TERNARY_FILE), bits, extra
+    adapter = sum(metrics.size_on_disk(d / f) for f in PEFT_FILES if (d / f).is_file())
     if r.name == "qlora":
-        base = metrics.size_on_disk(d / "base-nf4" / "model.safetensors")
-        return base + adapter, _quantized_bits(r.model), {"adapter_bytes": adapter}
+        return metrics.size_on_disk(d / "base-nf4" / "model.safetensors") + adapter, _quantized_bits(r.model), \
+            {"adapter_bytes": adapter}
     if r.name == "lora":  # the FP32 base as shipped + the adapter
         return r.base_bytes + adapter, None, {"adapter_bytes": adapter}
-    if r.name in ("bitnet", "bitnet_ptq"):
-        size, bits, n = _pack_ternary(r.model, d / "model-ternary.safetensors")
-        return size, bits, {"ternary_layers": n}
-    # qlora_bitnet: merged LoRA deltas would not be ternary, so the packed base and the adapter ship apart
-    base_model = copy.deepcopy(r.model).unload()  # the ternary base without the LoRA layers
-    size, bits, n = _pack_ternary(base_model, d / "base-ternary.safetensors")
-    return size + adapter, bits, {"ternary_layers": n, "adapter_bytes": adapter}
+    return metrics.size_on_disk(d / "base-ternary.safetensors") + adapter, bits, {**extra, "adapter_bytes": adapter}
 
 
 def _quantized_bits(model: torch.nn.Module) -> float | None:
@@ -209,7 +279,7 @@ def _pack_ternary(model: torch.nn.Module, path: Path) -> tuple[int, float, int]:
     return metrics.size_on_disk(path), codes * 8 / weights, n
 
 
-def export_ternary_hf(model: torch.nn.Module, tok: Any, out: Path) -> Path:
+def export_ternary_hf(model: torch.nn.Module, tok: Any, out: Path, meta: dict[str, Any] | None = None) -> Path:
     """The trained BitNet as a plain HF GPT-2 folder: each BitLinear's weight = codes x scale, written
     back in Conv1D layout (in x out), so llama.cpp's converter reads it like any GPT-2."""
     from transformers import GPT2LMHeadModel
@@ -227,32 +297,39 @@ def export_ternary_hf(model: torch.nn.Module, tok: Any, out: Path) -> Path:
     with report.atomic_dir(out) as tmp:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        if meta is not None:
+            runmeta.write_meta(tmp, meta)
     return out
 
 
 def gguf_rows(r: Regime, tok: Any, eval_ids: torch.Tensor, prompt: list[int], cfg: GPT2Config,
-              out: Path, pretokenizer_is_gpt2: bool, asset_id: str, data_id: str) -> tuple[list[dict], dict]:
-    """BitNet -> GGUF F32 / TQ2_0 / TQ1_0 with llama.cpp's converter; perplexity and decode in llama.cpp."""
+              out: Path, pretokenizer_is_gpt2: bool, info: runmeta.RunInfo) -> tuple[list[dict], dict]:
+    """BitNet -> GGUF F32 / TQ2_0 / TQ1_0 with llama.cpp's converter; perplexity and decode in llama.cpp. The
+    dense export and each file under the BitNet run's name."""
     from qlib import gguf
 
-    hf = export_ternary_hf(r.model, tok, out / "bitnet-hf")
+    bit_name = run_of("bitnet", cfg, info)[0]
+    hf = export_ternary_hf(r.model, tok, out / f"{bit_name}_dense",
+                           _meta(r, cfg, info, f"{bit_name}_dense", "bitnet", "dense"))
     with torch.no_grad():
         torch_ppl = metrics.perplexity(r.model, eval_ids, cfg.context, cfg.context)["perplexity"]
     rows, types, paths = [], {}, {}
     n_params = adapters.param_counts(r.model)["total_params"]
     for outtype in ("f32", "tq2_0", "tq1_0"):
-        path = gguf.convert(hf, out / f"bitnet-{outtype}.gguf", outtype, pre_tokenizer="gpt-2" if pretokenizer_is_gpt2 else None)
+        path = gguf.convert(hf, out / f".bitnet-{outtype}.gguf", outtype,
+                            pre_tokenizer="gpt-2" if pretokenizer_is_gpt2 else None)
+        path = gguf.ship(path, info, "SFT", "full", outtype, regime="bitnet", source=hf.name)
         kinds = gguf.tensor_types(path)
         types[outtype] = {k: sum(v == k for v in kinds.values()) for k in sorted(set(kinds.values()))}
         with metrics.PeakMemory("cpu") as mem:
             ppl = gguf.perplexity(path, eval_ids.tolist(), cfg.context)
         size, paths[f"gguf_{outtype}"] = metrics.size_on_disk(path), path
         rows.append(report.make_row(
-            f"gguf_{outtype}", model=asset_id, dataset=data_id, perplexity=ppl["perplexity"], size_bytes=size,
-            bits_per_param=metrics.bits_per_param(size, n_params),
+            f"gguf_{outtype}", model=info.base_model, dataset=info.dataset, perplexity=ppl["perplexity"],
+            size_bytes=size, bits_per_param=metrics.bits_per_param(size, n_params),
             inference_peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, total_params=n_params,
             trainable_params=0, backend="llama.cpp", tensor_types=types[outtype], timing_threads=1,
-            torch_bitnet_perplexity_same_windows=torch_ppl))
+            torch_bitnet_perplexity_same_windows=torch_ppl, artifact=path.name))
     speeds = gguf.decode_speeds(paths, prompt, cfg.gen_tokens, repeats=cfg.latency_repeats)  # interleaved
     load = metrics.load_average()
     for row in rows:
@@ -335,14 +412,20 @@ def run(cfg: GPT2Config) -> GPT2Result:
         if budget.wanted(cfg.profile, device) else None
 
     rows, losses, identical, bit, emb, ref, nll = [], {}, None, None, 0, None, {}
-    for r in build_regimes(cfg, base, loader, out, device):
+    info = runmeta.RunInfo(STUDY, cfg.profile, cfg.seed, asset.id, base, data_asset.id)
+    if not cfg.keep_lm_head_fp16:  # before any training: a tied head cannot be quantized
+        models.require_untied_head(base)
+    peak_memory: dict[str, Any] = {}
+    for r in build_regimes(cfg, base, loader, out, device, info):
         with metrics.PeakMemory(device) as inf_mem, torch.no_grad():
             nll[r.name] = metrics.token_nll(r.model, eval_ids, cfg.context, cfg.stride, device).double().numpy()
         ppl = {"perplexity": float(np.exp(nll[r.name].mean()))}
         tps, speedup = _decode_vs_fp32(r, ref, prompt, eos, cfg, device)
-        size, stored_bits, extra = save_artifact(r, out)
+        folder, size, stored_bits, extra = save_artifact(r, out, cfg, info, base, device)
+        if r.train_mem:
+            peak_memory[r.name] = r.train_mem.report()
         if r.name == "bitnet":
-            identical = _check_unpacked(r.model, out / "bitnet" / "model-ternary.safetensors", eval_ids[:64])
+            identical = _check_unpacked(r.model, folder / TERNARY_FILE, eval_ids[:64])
         counts = adapters.param_counts(r.model)
         if r.train is None:
             counts["trainable_params"] = 0  # evaluated only
@@ -357,7 +440,7 @@ def run(cfg: GPT2Config) -> GPT2Result:
             train_time_s=r.train.train_time_s if r.train else None, train_steps=r.train.steps if r.train else None,
             step_time_s=r.train.median_step_s if r.train else None, compute_dtype=compute_dtype_name(device),
             train_tokens_per_s=cfg.batch_size * cfg.context / r.train.median_step_s if r.train else None,
-            note=r.note or None, layer_kinds=models.layer_kinds(r.model), **counts, **extra))
+            note=r.note or None, layer_kinds=models.layer_kinds(r.model), artifact=folder.name, **counts, **extra))
         emb = emb or _embedding_params(r.model)
         if r.name == "fp32":  # the reference every later regime decodes against, off the GPU between uses
             ref = r.model.to("cpu")
@@ -370,14 +453,15 @@ def run(cfg: GPT2Config) -> GPT2Result:
             torch.cuda.empty_cache()
     if not cfg.random_init:
         paired_differences(rows, nll, cfg)
-        replicas = {s: replicate(cfg, s, base, chunks, eval_ids, out, device) for s in seeds(cfg.seed, cfg.n_seeds)[1:]}
+        replicas = {s: replicate(cfg, s, base, chunks, eval_ids, out, device, info)
+                    for s in seeds(cfg.seed, cfg.n_seeds)[1:]}
         seed_spread(rows, {cfg.seed: nll, **replicas})
         report.write_per_example(STUDY, cfg.profile, "regime_per_token_nll", {
             **nll, **{seed_column(k, s): v for s, r in replicas.items() for k, v in r.items()}})
     gguf_types: dict = {}
     if cfg.gguf and bit is not None and tok is not None:  # random-init runs have no tokenizer to convert
         grows, gguf_types = gguf_rows(bit, tok, eval_ids, prompt[0].tolist(), cfg, out,
-                                      asset.source == "pretrained-here", asset.id, data_asset.id)
+                                      asset.source == "pretrained-here", info)
         rows += grows
     f32 = next((x for x in rows if x["method"] == "gguf_f32"), None)
     for x in rows:
@@ -402,7 +486,7 @@ def run(cfg: GPT2Config) -> GPT2Result:
                                 perplexity_window={"context": cfg.context, "stride": cfg.stride,
                                                    "gguf_rows": "llama.cpp, stride = context"},
                                 packed_ternary_identical_logits=identical, ladder=ladder_doc,
-                                embedding_params=emb)
+                                embedding_params=emb, peak_memory=peak_memory)
     return GPT2Result(rows, report.load_metrics(path), path, losses, identical)
 
 
@@ -422,7 +506,7 @@ SEEDED = ("fp32", "lora", "qlora", "bitnet_ptq", "bitnet", "qlora_bitnet")  # wh
 
 
 def replicate(cfg: GPT2Config, seed: int, base: str, chunks: Any, eval_ids: torch.Tensor, out: Path,
-              device: torch.device) -> dict[str, np.ndarray]:
+              device: torch.device, info: runmeta.RunInfo) -> dict[str, np.ndarray]:
     """The trained regimes (and the ternary control of the FP32 fine-tune) again from another seed (data order,
     adapter init): per-token losses on the same tokens. Their weights go to a temporary folder."""
     import dataclasses
@@ -432,7 +516,7 @@ def replicate(cfg: GPT2Config, seed: int, base: str, chunks: Any, eval_ids: torc
     loader = data.lm_loader(chunks, cfg.batch_size, seed=seed)
     nll = {}
     with tempfile.TemporaryDirectory(dir=out, prefix=f".seed{seed}-") as tmp:
-        for r in build_regimes(c, base, loader, Path(tmp), device):
+        for r in build_regimes(c, base, loader, Path(tmp), device, info):
             with torch.no_grad():
                 nll[r.name] = metrics.token_nll(r.model, eval_ids, cfg.context, cfg.stride, device).double().numpy()
             r.model = None

@@ -1,5 +1,7 @@
 """Study 07 on a GPU with the hub: a real QLoRA fine-tune of LLaMA-7B (NF4 base, LoRA r=16 on all seven
-projections, paged 8-bit AdamW, gradient checkpointing), with transformers' Trainer.
+projections, paged 8-bit AdamW, gradient checkpointing: each a knob of the config), with transformers' Trainer.
+The adapter is saved under its run name with its metadata and the peak-memory report. (No merge here: merging
+7B in fp32 needs 28 GB of host memory, more than Colab's; study 08 is the merge study.)
 
 The Trainer is used (not qlib's loop) because it is what `accelerate launch` distributes: on several GPUs,
 `accelerate launch -m qlib.studies.llama_finetune --profile t4` runs the same code data-parallel, one NF4
@@ -15,9 +17,9 @@ from typing import Any
 
 import torch
 
-from qlib import budget, data, hub, metrics
+from qlib import budget, data, hub, metrics, report, runmeta
 from qlib.assets import Resolved
-from qlib.config import compute_dtype, compute_dtype_name
+from qlib.config import build_quantization_plan, compute_dtype, compute_dtype_name
 
 EVAL_WINDOWS = 16
 
@@ -32,15 +34,22 @@ def plan(cfg: Any, model_config: Any, device: torch.device) -> list[budget.Predi
     """The 7B QLoRA fine-tune's peak and time as a GPU runs it (paged 8-bit AdamW, checkpointing)."""
     return [budget.predict(f"07 QLoRA fine-tune of {cfg.model_id}, batch {cfg.batch} x {cfg.seq}", model_config,
                            "qlora", batch=cfg.batch, seq=cfg.seq, steps=cfg.finetune_steps,
-                           compute=budget.compute_for(device), optimizer_bytes=2,
-                           checkpointing=True, rank=cfg.lora_rank, lora_dropout=True)]
+                           compute=budget.compute_for(device),
+                           optimizer_bytes=2 if cfg.optimizer == "paged_adamw_8bit" else 8,
+                           checkpointing=cfg.checkpointing, rank=cfg.lora_rank, lora_dropout=True)]
+
+
+def knobs(cfg: Any) -> runmeta.LoraKnobs:
+    return runmeta.LoraKnobs(r=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                             keep_lm_head_fp16=cfg.keep_lm_head_fp16, gradient_checkpointing=cfg.checkpointing,
+                             optimizer=cfg.optimizer)
 
 
 def qlora_finetune(asset: Resolved, cfg: Any, device: torch.device) -> dict[str, Any]:
     """Peak memory (predicted first), time per step, tokens/s, and held-out perplexity before and after."""
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
-    from qlib.models import add_causal_lora, load_causal_lm
+    from qlib.models import add_causal_lora, load_causal_lm, require_untied_head
 
     cuda = device.type == "cuda"
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0))) if cuda else device
@@ -49,13 +58,15 @@ def qlora_finetune(asset: Resolved, cfg: Any, device: torch.device) -> dict[str,
     train_texts, eval_texts, data_asset = data.load_code_sft(cfg.dataset_id)
     chunks = data.lm_chunks(tok, train_texts, cfg.seq, token_budget(cfg.finetune_steps, cfg.batch, cfg.seq))
     eval_ids = data.lm_chunks(tok, eval_texts, cfg.seq, EVAL_WINDOWS * cfg.seq).reshape(-1)
-    model = load_causal_lm(asset.path, "qlora", dev)
+    if not cfg.keep_lm_head_fp16:
+        require_untied_head(asset.path)
+    model = load_causal_lm(asset.path, "qlora", dev, keep_lm_head=cfg.keep_lm_head_fp16)
     ppl_before = metrics.perplexity(model, eval_ids, cfg.seq, cfg.seq, dev)["perplexity"]
-    model = add_causal_lora(model, cfg.lora_rank, kbit=True, gradient_checkpointing=True)
+    model = add_causal_lora(model, cfg.lora_rank, True, cfg.lora_targets, cfg.checkpointing, cfg.lora_alpha)
     half = compute_dtype(dev)
-    args = TrainingArguments(output_dir=str(cfg_output(cfg)), per_device_train_batch_size=cfg.batch,
+    args = TrainingArguments(output_dir=str(cfg_output(cfg) / ".trainer"), per_device_train_batch_size=cfg.batch,
                              max_steps=cfg.finetune_steps, learning_rate=2e-4,
-                             optim="paged_adamw_8bit" if cuda else "adamw_torch", gradient_checkpointing=True,
+                             optim=cfg.optimizer, gradient_checkpointing=cfg.checkpointing,
                              bf16=half == torch.bfloat16, fp16=half == torch.float16, use_cpu=not cuda,
                              logging_steps=5, save_strategy="no", report_to=[], seed=cfg.seed)
     dataset = [{"input_ids": c, "labels": c} for c in chunks]
@@ -63,7 +74,9 @@ def qlora_finetune(asset: Resolved, cfg: Any, device: torch.device) -> dict[str,
         out = Trainer(model=model, args=args, train_dataset=dataset).train()
     ppl_after = metrics.perplexity(model, eval_ids, cfg.seq, cfg.seq, dev)["perplexity"]
     step_s = out.metrics["train_runtime"] / cfg.finetune_steps
-    return {"model": asset.id, "source": asset.source, "revision": asset.revision, "data": data_asset.provenance(),
+    adapter = save_adapter(model, tok, asset, data_asset.id, cfg, dev,
+                           peak_memory=mem.report(), perplexity_before=ppl_before, perplexity_after=ppl_after)
+    return {"adapter": adapter.name, "peak_memory": mem.report(), "model": asset.id, "source": asset.source, "revision": asset.revision, "data": data_asset.provenance(),
             "peak_mem_bytes": mem.peak_bytes, "peak_mem_source": mem.source,
             "predicted_peak_mem_bytes": predicted[0]["peak_bytes"], "step_time_s": step_s,
             "tokens_per_s": cfg.batch * cfg.seq / step_s, "perplexity_before": ppl_before,
@@ -75,7 +88,26 @@ def qlora_finetune(asset: Resolved, cfg: Any, device: torch.device) -> dict[str,
 def cfg_output(cfg: Any) -> Any:
     from qlib.config import outputs_dir
 
-    return outputs_dir("07_llama_scaling", cfg.profile) / "finetune-7b"
+    return outputs_dir("07_llama_scaling", cfg.profile)
+
+
+def save_adapter(model: Any, tok: Any, asset: Resolved, dataset: str, cfg: Any, device: torch.device,
+                 **extra: Any) -> Any:
+    """The fine-tune's adapter under its run name, with the metadata (plan, knobs, seed, profile, peak memory)."""
+    from pathlib import Path
+
+    k = knobs(cfg)
+    plan = build_quantization_plan("qlora", device, keep_lm_head=cfg.keep_lm_head_fp16)
+    info = runmeta.RunInfo("07_llama_scaling", cfg.profile, cfg.seed, asset.id, str(asset.path), dataset)
+    head = runmeta.head_dtype(model)
+    name = info.name("SFT", k.token(), "qlora", plan.spec.weights_bits, head)
+    out = Path(cfg_output(cfg)) / name
+    with report.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        runmeta.write_meta(tmp, info.meta(name, plan, "adapter", head, knobs=k, train_steps=cfg.finetune_steps,
+                                          **extra))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

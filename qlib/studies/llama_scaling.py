@@ -55,6 +55,10 @@ class ScalingConfig:
     model_id: str = "llama-2-7b"              # registry key, hub id or local folder (Kaggle input)
     dataset_id: str = "codesearchnet-python"  # the fine-tune's text: hub id, registry key or local folder
     finetune_steps: int = 30
+    lora_alpha: int | None = None          # the fine-tune's LoRA alpha (None: 2 x lora_rank)
+    lora_targets: str = "attention+mlp"    # the fine-tune's preset: attention (q/k/v/o_proj) | attention+mlp (all 7)
+    keep_lm_head_fp16: bool = True         # False: NF4 for LLaMA's untied lm_head too
+    optimizer: str = "paged_adamw_8bit"    # the fine-tune's: paged_adamw_8bit | paged_adamw_32bit | adamw_torch
     t4_check: bool = False      # CUDA: rerun the 7B QLoRA rung as on a T4 (fp16, allocator capped at 15 GiB)
     device: str = "auto"
 
@@ -73,6 +77,12 @@ def scaling_config(profile: str = "default", **overrides: Any) -> ScalingConfig:
     bad = [r for r in cfg.rungs if r not in RUNGS] + [m for m in cfg.methods if m not in METHODS]
     if bad:
         raise QlabError(f"unknown rung/method {bad}; rungs: {', '.join(RUNGS)}; methods: {', '.join(METHODS)}")
+    from qlib.adapters import target_modules
+    from qlib.train import OPTIMIZERS
+
+    target_modules("llama", cfg.lora_targets)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise QlabError(f"unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     return cfg
 
 

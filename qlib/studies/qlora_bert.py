@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from qlib import adapters, assets, budget, data, hub, metrics, models, report
-from qlib.config import BaselineConfig, QlabError, compute_dtype, compute_dtype_name, make_config, outputs_dir, pick_device, results_dir
+from qlib import adapters, artifacts, assets, budget, data, hub, metrics, models, report, runmeta
+from qlib.config import BaselineConfig, QlabError, build_quantization_plan, compute_dtype, compute_dtype_name, make_config, outputs_dir, pick_device, results_dir
 from qlib.studies import baseline
 from qlib.studies import StudyResult, staged
-from qlib.train import predict, seed_column, seeds, set_seed
+from qlib.train import OPTIMIZERS, predict, seed_column, seeds, set_seed
 
 STUDY = "04_qlora_bert"
 
@@ -28,8 +28,12 @@ class QLoRAConfig:
     profile: str = "default"
     seed: int = 0
     ranks: tuple[int, ...] = (8,)         # LoRA ranks swept (t4: 8, 16, 64); main_rank's run keeps checkpoints
-    main_rank: int = 8
-    mlp: bool = True                      # LoRA on the MLP projections too (False: attention only)
+    main_rank: int = 8                    # lora_r of the run whose checkpoints and adapter are kept
+    lora_alpha: int | None = None         # None: 2 x rank
+    lora_targets: str = "attention+mlp"   # preset: attention (query/key/value) | attention+mlp
+    merge_after_train: bool = False       # also save main_rank's adapter merged into the dequantized base
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw_torch"        # adamw_torch | paged_adamw_32bit | paged_adamw_8bit (bitsandbytes)
     epochs: float | None = None           # None: notebook 01's epochs, so QLoRA and FP32 take the same steps
     lr: float = 1e-3
     batch_size: int = 32
@@ -54,6 +58,9 @@ QLORA_PROFILES: dict[str, dict[str, Any]] = {
 
 def qlora_config(profile: str = "default", **overrides: Any) -> QLoRAConfig:
     cfg = make_config(QLoRAConfig, QLORA_PROFILES, profile, **overrides)
+    adapters.target_modules("bert", cfg.lora_targets)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise QlabError(f"unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     if cfg.main_rank not in cfg.ranks:
         cfg = make_config(QLoRAConfig, QLORA_PROFILES, profile,
                           **{**overrides, "main_rank": cfg.ranks[0]})
@@ -82,8 +89,17 @@ def plan(cfg: QLoRAConfig, bcfg: BaselineConfig, model_config: Any, n_train: int
     return [budget.predict(f"04 QLoRA r={r} on {bcfg.model_id}, batch {cfg.batch_size} x {bcfg.max_length}",
                            model_config, "qlora", batch=cfg.batch_size, seq=bcfg.max_length, steps=steps,
                            compute=budget.compute_for(device), rank=r,
-                           targets=tuple(adapters.ATTENTION + (adapters.MLP if cfg.mlp else [])), lora_dropout=True)
+                           targets=tuple(adapters.target_modules("bert", cfg.lora_targets)), lora_dropout=True,
+                           checkpointing=cfg.gradient_checkpointing,
+                           optimizer_bytes=2 if cfg.optimizer == "paged_adamw_8bit" else 8)
             for r in cfg.ranks]
+
+
+def knobs(cfg: QLoRAConfig, rank: int) -> runmeta.LoraKnobs:
+    """The recipe's knobs of one rank's run (the head is a new classifier: it always trains in full precision)."""
+    return runmeta.LoraKnobs(r=rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                             merge_after_train=cfg.merge_after_train,
+                             gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer)
 
 
 def _epochs(cfg: QLoRAConfig, bcfg: BaselineConfig) -> float:
@@ -106,7 +122,8 @@ def train_qlora(cfg: QLoRAConfig, rank: int, bcfg: BaselineConfig, ds: Any, tok:
 
     set_seed(cfg.seed)
     base = adapters.load_nf4_classifier(model_path, len(ds.label_names), device)
-    model = adapters.add_lora(base, rank, mlp=cfg.mlp)
+    model = adapters.add_lora(base, rank, cfg.lora_targets, cfg.lora_alpha,
+                              gradient_checkpointing=cfg.gradient_checkpointing)
     counts = adapters.param_counts(model)
     storage = adapters.nf4_storage(model)
     train = _hf_dataset(tok, ds.train_texts, ds.train_labels, bcfg.max_length)
@@ -121,7 +138,7 @@ def train_qlora(cfg: QLoRAConfig, rank: int, bcfg: BaselineConfig, ds: Any, tok:
         data_seed=cfg.seed, report_to="none", use_cpu=device.type != "cuda",
         bf16=device.type == "cuda" and half == torch.bfloat16,
         fp16=device.type == "cuda" and half == torch.float16, dataloader_num_workers=0,
-        disable_tqdm=False)
+        optim=cfg.optimizer, disable_tqdm=False)
     trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tok,
                       data_collator=DataCollatorWithPadding(tok))
     with metrics.PeakMemory(device) as mem:
@@ -131,6 +148,38 @@ def train_qlora(cfg: QLoRAConfig, rank: int, bcfg: BaselineConfig, ds: Any, tok:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"model": model.eval(), "counts": counts, "storage": storage, "mem": mem, "base_bytes": base_bytes(model),
             "train_time_s": train_time, "steps": steps, "losses": losses}
+
+
+def save_run(run_: dict[str, Any], info: runmeta.RunInfo, cfg: QLoRAConfig, tok: Any, adapter_dir: Path,
+             quality: dict[str, float], device: torch.device) -> dict[str, Any]:
+    """The adapter under its run name with its metadata (and, with merge_after_train, the merged model beside it,
+    scored); what the metrics file says about them."""
+    k, mem = knobs(cfg, cfg.main_rank), run_["mem"].report()
+    plan = build_quantization_plan("qlora", device, keep_lm_head=False, skip_modules=adapters.CLASSIFIER_SKIP)
+    extra = dict(knobs=k, peak_memory=mem, accuracy=quality["accuracy"], train_steps=run_["steps"],
+                 train_time_s=run_["train_time_s"], **run_["counts"])
+    with report.atomic_dir(adapter_dir) as tmp:
+        run_["model"].save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        runmeta.write_meta(tmp, info.meta(adapter_dir.name, plan, "adapter", "fp32", **extra))
+    out = {"artifacts": {"adapter": adapter_dir.name}, "peak_memory": {"qlora": mem}}
+    if cfg.merge_after_train:
+        merged_dir = adapter_dir.with_name(adapter_dir.name + "_merged")
+        with report.atomic_dir(merged_dir) as tmp:
+            merged = merge_classifier(adapter_dir, device)
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            runmeta.write_meta(tmp, info.meta(merged_dir.name, plan, "merged", "fp32", merged_from=adapter_dir.name,
+                                              stored_dtype="fp32", **extra))
+        out["artifacts"]["merged"] = merged_dir.name
+    return out
+
+
+def merge_classifier(adapter_dir: Path, device: torch.device) -> torch.nn.Module:
+    """Dequantize-then-merge: the adapter loaded the flag-free way, its NF4 base dequantized to fp32, the LoRA
+    deltas merged in (merging into NF4 would re-round the sum onto the 4-bit grid)."""
+    model, _ = artifacts.load(adapter_dir, device, dequantize=True)
+    return model.merge_and_unload().to(torch.float32).eval()
 
 
 def base_bytes(model: torch.nn.Module) -> int:
@@ -149,14 +198,14 @@ def evaluate(model: torch.nn.Module, tok: Any, ds: Any, max_length: int, device:
 
 def evaluate_adapter(adapter_dir: str | Path, profile: str, model_id: str | None = None,
                      dataset_id: str | None = None) -> dict[str, float]:
-    """Load base (NF4) + adapter with plain peft and score the held-out split: what a user would do."""
+    """Load the adapter with `artifacts.load` (its NF4 base rebuilt from the metadata beside it; plain peft
+    underneath) and score the held-out split: what a user would do."""
     bcfg = _baseline_settings(profile, model_id, dataset_id)
     device = pick_device("auto")
     asset = assets.resolve_model("encoder", bcfg.model_id)
     ds = data.load_classification(bcfg.dataset_id, bcfg.n_train, bcfg.n_eval)
     tok = models.load_tokenizer(asset)
-    base = adapters.load_nf4_classifier(asset.path, len(ds.label_names), device)
-    model = adapters.load_adapter(base, adapter_dir)
+    model, _ = artifacts.load(adapter_dir, device)  # no flags: the NF4 base as the metadata records it
     return evaluate(model, tok, ds, bcfg.max_length, device)
 
 
@@ -195,7 +244,8 @@ def random_init_rows(cfg: QLoRAConfig, device: torch.device, out: Path
         if method == "fp32":
             model, extra = BertForSequenceClassification.from_pretrained(base).to(device), {"bits_per_param": 32.0}
         else:
-            model = adapters.add_lora(adapters.load_nf4_classifier(base, 2, device), cfg.main_rank, mlp=cfg.mlp)
+            model = adapters.add_lora(adapters.load_nf4_classifier(base, 2, device), cfg.main_rank, cfg.lora_targets,
+                                      cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing)
             storage, n = adapters.nf4_storage(model), adapters.param_counts(model)["total_params"]
             extra = {"bits_per_param": 8 * base_bytes(model) / n, "bits_per_quantized_weight": storage["bits_per_param"],
                      "nf4_layers": storage["nf4_layers"], "lora_rank": cfg.main_rank}
@@ -243,19 +293,24 @@ def run(cfg: QLoRAConfig) -> QLoRAResult:
     gpu_plan = budget.announce(plan(cfg, bcfg, hub.model_config(asset.path), len(ds.train_texts), device), device) \
         if budget.wanted(cfg.profile, device) else None
     out = outputs_dir(STUDY, cfg.profile)
-    rows, losses, adapter_dir, fresh, preds = [], {}, out / "qlora-bert-adapter", {}, {}
+    info = runmeta.RunInfo(STUDY, cfg.profile, cfg.seed, asset.id, str(asset.path), ds.asset.id)
+    rows, losses, fresh, preds, saved = [], {}, {}, {}, {}
+    adapter_dir = out / info.name("CLS", knobs(cfg, cfg.main_rank).token(), "qlora", 4, "fp32")
     for rank in cfg.ranks:
         is_main = rank == cfg.main_rank
         method = "qlora" if is_main else f"qlora_r{rank}"
-        run_ = train_qlora(cfg, rank, bcfg, ds, tok, asset.path, out / "bert-qlora" if is_main else None, device)
+        run_ = train_qlora(cfg, rank, bcfg, ds, tok, asset.path, out / "checkpoints" / adapter_dir.name if is_main
+                           else None, device)
         preds[method] = predictions(run_["model"], tok, ds, bcfg.max_length, device)
         quality = metrics.accuracy_f1(preds[method], ds.eval_labels)
         losses[rank] = run_["losses"]
         if is_main:
-            with report.atomic_dir(adapter_dir) as tmp:
-                run_["model"].save_pretrained(tmp)
-                tok.save_pretrained(tmp)
+            saved = save_run(run_, info, cfg, tok, adapter_dir, quality, device)
             fresh = verify_in_fresh_process(adapter_dir, cfg)
+            if "merged" in saved["artifacts"]:  # reloaded the flag-free way: a plain fp32 classifier
+                merged, _ = artifacts.load(out / saved["artifacts"]["merged"], device)
+                saved["merged_accuracy"] = evaluate(merged, tok, ds, bcfg.max_length, device)["accuracy"]
+                del merged
         adapter_bytes = metrics.size_on_disk(adapter_dir / "adapter_model.safetensors") if is_main else None
         whole = run_["base_bytes"] + adapter_bytes if adapter_bytes else None  # what a user loads: base + adapter
         rows.append(report.make_row(
@@ -278,6 +333,8 @@ def run(cfg: QLoRAConfig) -> QLoRAResult:
     path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows,
                                 config={**asdict(cfg), "ranks": list(cfg.ranks)},
                                 fresh_process_reload=fresh, gpu_plan=gpu_plan, baseline_settings=asdict(bcfg),
+                                artifacts=saved.get("artifacts"), peak_memory=saved.get("peak_memory"),
+                                merged_accuracy=saved.get("merged_accuracy"),
                                 notes="fp32 row copied from notebook 01's metrics.json of this profile "
                                       "(a separate process), compared on its saved per-example predictions",
                                 definitions=DEFINITIONS)
@@ -420,9 +477,14 @@ def findings(res: QLoRAResult) -> str:
                      f"FP32 full fine-tune ({q['peak_mem_source']}); {q['step_time_s']:.3f} s vs "
                      f"{fp['step_time_s']:.3f} s per step (median{amp}). Accuracy is not measured (null) on random weights.")
         return "\n".join(lines)
-    lines.append(f"- The adapter alone is {q['adapter_bytes'] / 2**20:.2f} MiB on disk; a fresh process loading it with "
-                 f"plain `PeftModel.from_pretrained` scores accuracy {res.fresh.get('accuracy', float('nan')):.3f} "
-                 f"(in-process {q['accuracy']:.3f}).")
+    lines.append(f"- The adapter alone is {q['adapter_bytes'] / 2**20:.2f} MiB on disk, saved as "
+                 f"`{res.adapter_dir.name}/` with its metadata; a fresh process loading it with no flags "
+                 "(`qlib.artifacts.load`: the NF4 base rebuilt from the metadata, plain peft underneath) scores "
+                 f"accuracy {res.fresh.get('accuracy', float('nan')):.3f} (in-process {q['accuracy']:.3f}).")
+    if res.doc.get("merged_accuracy") is not None:
+        lines.append(f"- Merged after training (dequantize-then-merge, fp32): accuracy {res.doc['merged_accuracy']:.3f}.")
+    lines.append("- Peak-memory report of the QLoRA fine-tune: "
+                 + report.peak_memory_text((res.doc.get("peak_memory") or {}).get("qlora")) + ".")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ INT8/NF4 and GGUF F16/Q8_0/Q4_1/Q4_0/Q4_K_M/Q3_K_M, each reloaded and measured i
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,14 +12,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import adapters, assets, budget, data, gguf, hub, merge, metrics, models, ngram, pretrain, report
-from qlib.config import make_config, outputs_dir, pick_device
+from qlib import adapters, assets, budget, data, gguf, hub, merge, metrics, models, ngram, pretrain, report, runmeta
+from qlib.config import (QlabError, build_quantization_plan, compute_dtype, dtype_name, make_config, outputs_dir,
+                         pick_device)
 from qlib.studies import StudyResult, staged
-from qlib.train import finetune, set_seed
+from qlib.train import OPTIMIZERS, finetune, set_seed
 
 STUDY = "08_qwen_merge_gguf"
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # see study 05
-BNB_FORMATS = (("bnb_int8", "model-int8", "int8"), ("bnb_nf4", "model-int4", "nf4"))
+BNB_FORMATS = (("bnb_int8", "int8"), ("bnb_nf4", "nf4"))
 # The issue's bar, on SmolLM2-135M (llama.cpp, this CPU, one thread, interleaved repeats)
 BAR = {"q4_0_decode_speedup_min": 1.8, "q8_0_perplexity_ratio_max": 1.005}
 # llama.cpp's own figure for Q4_0 on LLaMA-7B (README "quantization" table, 2023): +4.2 % perplexity vs F16
@@ -35,8 +37,12 @@ class QwenMergeConfig:
     dataset_id: str = "stdlib-code"
     adapter_dir: str | None = None   # a trained adapter to merge instead of training one here
     train_base: str = "fp32"         # fp32: plain LoRA | nf4: QLoRA (dequantize-then-merge)
-    lora_rank: int = 16
+    lora_rank: int = 16              # lora_r
+    lora_alpha: int | None = None    # None: 2 x rank
+    lora_targets: str = "attention+mlp"  # preset: attention (q/k/v/o_proj) | attention+mlp (+ gate/up/down_proj)
     lora_lr: float = 1e-3
+    keep_lm_head_fp16: bool = True   # False: the NF4 base's head quantized too (untied heads only: refused here)
+    optimizer: str = "adamw_torch"   # adamw_torch | paged_adamw_32bit | paged_adamw_8bit (bitsandbytes)
     steps: int = 30
     batch_size: int = 4
     gradient_checkpointing: bool = False  # recompute activations in backward (t4: a 1.5B model at 512 tokens)
@@ -64,24 +70,51 @@ QWEN_PROFILES: dict[str, dict[str, Any]] = {
 
 
 def qwen_merge_config(profile: str = "default", **overrides: Any) -> QwenMergeConfig:
-    return make_config(QwenMergeConfig, QWEN_PROFILES, profile, **overrides)
+    cfg = make_config(QwenMergeConfig, QWEN_PROFILES, profile, **overrides)
+    adapters.target_modules("llama", cfg.lora_targets)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise QlabError(f"unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    if cfg.train_base not in ("fp32", "nf4"):
+        raise QlabError(f"unknown train_base {cfg.train_base!r}; valid: fp32, nf4")
+    return cfg
 
 
-def train_adapter(cfg: QwenMergeConfig, base: str, tok: Any, loader: Any, out: Path,
-                  device: torch.device) -> tuple[Path, dict[str, Any]]:
-    """LoRA on all seven projections of the (NF4 or FP32) base; the adapter folder and its training cost."""
+def knobs(cfg: QwenMergeConfig) -> runmeta.LoraKnobs:
+    """The adapter's recipe (08 always merges it: that is the study)."""
+    return runmeta.LoraKnobs(r=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                             keep_lm_head_fp16=cfg.keep_lm_head_fp16, merge_after_train=True,
+                             gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer)
+
+
+def _head(device: torch.device, method: str | None, cfg: QwenMergeConfig) -> str:
+    """The LM head as a run name states it: the load dtype unless bitsandbytes was let quantize it."""
+    if method in ("int8", "nf4", "qlora") and not cfg.keep_lm_head_fp16:
+        return "int8" if method == "int8" else "nf4"
+    return dtype_name(torch.float32 if device.type == "cpu" else compute_dtype(device))
+
+
+def train_adapter(cfg: QwenMergeConfig, base: str, tok: Any, loader: Any, out: Path, device: torch.device,
+                  info: runmeta.RunInfo) -> tuple[Path, dict[str, Any]]:
+    """LoRA on the preset's projections of the (NF4 or FP32) base; the adapter folder (under its run name, with its
+    metadata) and its training cost."""
     set_seed(cfg.seed)
-    kbit = cfg.train_base == "nf4"
-    model = models.add_causal_lora(models.load_causal_lm(base, "qlora" if kbit else None, device), cfg.lora_rank, kbit,
-                                   gradient_checkpointing=cfg.gradient_checkpointing)
+    kbit, k = cfg.train_base == "nf4", knobs(cfg)
+    method = "qlora" if kbit else "fp32"
+    model = models.add_causal_lora(
+        models.load_causal_lm(base, method if kbit else None, device, keep_lm_head=cfg.keep_lm_head_fp16),
+        cfg.lora_rank, kbit, cfg.lora_targets, cfg.gradient_checkpointing, cfg.lora_alpha)
     with metrics.PeakMemory(device) as mem:
         tr = finetune(model, loader, cfg.steps / len(loader), cfg.lora_lr, device, weight_decay=0.0,
-                      desc=f"LoRA r={cfg.lora_rank} on the {cfg.train_base} base")
-    path = merge.save_adapter(model, tok, out / "adapter", cfg.train_base)
+                      desc=f"LoRA r={cfg.lora_rank} on the {cfg.train_base} base", optimizer=cfg.optimizer)
+    plan = build_quantization_plan(method, device, keep_lm_head=cfg.keep_lm_head_fp16)
+    name = info.name("SFT", k.token(), method, plan.spec.weights_bits, runmeta.head_dtype(model))
     counts = adapters.param_counts(model)
-    return path, {"losses": tr.losses, "train_time_s": tr.train_time_s, "train_steps": tr.steps,
-                  "peak_mem_bytes": mem.peak_bytes, "peak_mem_source": mem.source,
-                  "trainable_params": counts["trainable_params"],
+    cost = {"train_time_s": tr.train_time_s, "train_steps": tr.steps, "peak_mem_bytes": mem.peak_bytes,
+            "peak_mem_source": mem.source, "trainable_params": counts["trainable_params"],
+            "peak_memory": mem.report()}
+    path = merge.save_adapter(model, tok, out / name, cfg.train_base,
+                              info.meta(name, plan, "adapter", runmeta.head_dtype(model), knobs=k, **cost))
+    return path, {"losses": tr.losses, **cost,
                   "adapter_bytes": metrics.size_on_disk(path / "adapter_model.safetensors")}
 
 
@@ -162,24 +195,32 @@ def _decode(cfg: QwenMergeConfig, hf: dict[str, torch.nn.Module], files: dict[st
 
 
 def _stage(stage: str, src: Path, out: Path, cfg: QwenMergeConfig, eval_ids: torch.Tensor, pre: str | None,
-           device: torch.device) -> tuple[list[Measured], dict[str, torch.nn.Module], dict[str, Path]]:
-    """One model (the base before the adapter, or the merged model) written in every format, each reloaded in
-    its own runtime and scored on the shared windows. Method names: the merged model's plain, the base's
-    prefixed `base_` (its transformers row is `base`)."""
+           device: torch.device, info: runmeta.RunInfo
+           ) -> tuple[list[Measured], dict[str, torch.nn.Module], dict[str, Path]]:
+    """One model (the base before the adapter, or the merged model) written in every format, each under its run name
+    with its metadata, reloaded in its own runtime and scored on the shared windows. Method names: the merged
+    model's plain, the base's prefixed `base_` (its transformers row is `base`)."""
     name = (lambda m: m) if stage == "merged" else (lambda m: "base" if m == "merged_fp16" else f"base_{m}")
+    peft = knobs(cfg).token() if stage == "merged" else "none"  # the base: not fine-tuned
     measured, hf = [], {}
-    for method, folder, bnb in [("merged_fp16", None, None)] + list(BNB_FORMATS):
+    for method, bnb in [("merged_fp16", None)] + list(BNB_FORMATS):
         path = src
         if bnb:
-            path = out / folder
-            merge.save_bnb(src, path, bnb, device)
+            plan = build_quantization_plan(bnb, device, keep_lm_head=cfg.keep_lm_head_fp16)
+            run = info.name("PTQ", peft, bnb, plan.spec.weights_bits, _head(device, bnb, cfg))
+            path = out / run
+            merge.save_bnb(src, path, bnb, device, info.meta(run, plan, "model", _head(device, bnb, cfg),
+                                                             stage=stage, source=src.name),
+                           keep_lm_head=cfg.keep_lm_head_fp16)
         m, model = _hf(name(method), path, cfg, eval_ids, device, bnb)
         measured.append(m)
         if stage == "merged":  # kept for the decode timing; the base's are let go at once (GPU memory)
             hf[name(method)] = model
         del model
-    files = merge.export_gguf(src, out, pre, cfg.gguf_types)
-    files = {name(k): v for k, v in files.items()}
+    written = merge.export_gguf(src, out / f".gguf-{stage}", pre, cfg.gguf_types)
+    files = {name(k): gguf.ship(v, info, "PTQ", peft, "f16" if k == "gguf_f16" else k.removeprefix("gguf_"), out,
+                                stage=stage, source=src.name) for k, v in written.items()}
+    shutil.rmtree(out / f".gguf-{stage}", ignore_errors=True)
     measured += [_gguf(method, path, cfg, eval_ids) for method, path in tqdm(files.items(), desc=f"llama.cpp ({stage})")]
     return measured, hf, files
 
@@ -200,6 +241,9 @@ def run(cfg: QwenMergeConfig) -> QwenMergeResult:
     train_chunks = data.lm_chunks(tok, train_texts, cfg.context, cfg.train_tokens)
     prompt = eval_ids[:16]
     out = outputs_dir(STUDY, cfg.profile)
+    info = runmeta.RunInfo(STUDY, cfg.profile, cfg.seed, asset.id, str(asset.path), data_asset.id)
+    if not cfg.keep_lm_head_fp16:  # before any training: a tied head cannot be quantized
+        models.require_untied_head(asset.path)
     train: dict[str, Any] = {}
     gpu_plan = None
     if cfg.adapter_dir:
@@ -208,13 +252,15 @@ def run(cfg: QwenMergeConfig) -> QwenMergeResult:
         if budget.wanted(cfg.profile, device):
             gpu_plan = budget.announce(plan(cfg, hub.model_config(asset.path), device), device)
         loader = data.lm_loader(train_chunks, cfg.batch_size, seed=cfg.seed)
-        adapter_dir, train = train_adapter(cfg, asset.path, tok, loader, out, device)
+        adapter_dir, train = train_adapter(cfg, asset.path, tok, loader, out, device, info)
         trained_on = cfg.train_base
-    info = merge.merge_adapter(asset.path, adapter_dir, out / "quantized" / "merged-fp16", trained_on, prompt)
+    merged_dir = out / (adapter_dir.name + "_merged")
+    mi = merge.merge_adapter(asset.path, adapter_dir, merged_dir, trained_on, prompt,
+                             _merged_meta(adapter_dir, merged_dir.name, info, trained_on, device))
     pre = pretrain.gguf_pre_tokenizer(asset.path)
-    n_params = merge.stored_params(info.path)
-    measured, _, _ = _stage("base", Path(asset.path), out / "quantized-base", cfg, eval_ids, pre, device)
-    merged, hf, files = _stage("merged", info.path, out / "quantized", cfg, eval_ids, pre, device)
+    n_params = merge.stored_params(mi.path)
+    measured, _, _ = _stage("base", Path(asset.path), out, cfg, eval_ids, pre, device, info)
+    merged, hf, files = _stage("merged", mi.path, out, cfg, eval_ids, pre, device, info)
     measured += merged
     measured += _baselines(train_chunks, eval_ids, len(tok), cfg.context)
     speeds = _decode(cfg, hf, files, prompt, tok.eos_token_id, device)
@@ -229,15 +275,31 @@ def run(cfg: QwenMergeConfig) -> QwenMergeResult:
                   "data": {**data_asset.provenance(), "n_eval_tokens": int(eval_ids.numel())}}
     path = report.write_metrics(
         STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows, config=asdict(cfg),
-        merge={"trained_on": info.trained_on, "merge_base": info.merge_base,
-               "max_abs_logit_diff_fp32": info.max_abs_logit_diff_fp32,
-               "max_abs_logit_diff_fp16": info.max_abs_logit_diff_fp16},
-        training={k: v for k, v in train.items() if k != "losses"} or None, benchmark=bench,
+        merge={"trained_on": mi.trained_on, "merge_base": mi.merge_base,
+               "max_abs_logit_diff_fp32": mi.max_abs_logit_diff_fp32,
+               "max_abs_logit_diff_fp16": mi.max_abs_logit_diff_fp16, "adapter": adapter_dir.name,
+               "merged": merged_dir.name},
+        peak_memory={"adapter": train["peak_memory"]} if train else None,
+        training={k: v for k, v in train.items() if k not in ("losses", "peak_memory")} or None, benchmark=bench,
         adapter_kept=adapter_kept(measured, cfg), tokenizer_agreement=tokenizer, definitions=DEFINITIONS,
         perplexity_window={"context": cfg.context, "stride": cfg.context, "scored_tokens": int(measured[0].nll.size),
                            "same windows in every row": True},
         gpu_plan=gpu_plan)
-    return QwenMergeResult(rows, report.load_metrics(path), path, train.get("losses", []), info, bench, tokenizer)
+    return QwenMergeResult(rows, report.load_metrics(path), path, train.get("losses", []), mi, bench, tokenizer)
+
+
+def _merged_meta(adapter_dir: Path, name: str, info: runmeta.RunInfo, trained_on: str, device: torch.device
+                 ) -> dict[str, Any]:
+    """The merged model's metadata: the adapter run's (its method, knobs and head), stored FP16, `merged`."""
+    a = runmeta.read_meta(adapter_dir)
+    if a is None or a.get("quantization") is None:  # an adapter brought from elsewhere: its base precision only
+        method = "qlora" if trained_on == "nf4" else "fp32"
+        plan = build_quantization_plan(method, device)
+        return info.meta(name, plan, "merged", "fp16", stored_dtype="fp16", merged_from=str(adapter_dir),
+                         extras={"merge_after_train": True})
+    q = a["quantization"]
+    return {**a, "run_name": name, "artifact": "merged", "stored_dtype": "fp16", "merged_from": adapter_dir.name,
+            "quantization": {**q, "extras": {**q["extras"], "merge_after_train": True}}}
 
 
 def adapter_kept(measured: list[Measured], cfg: QwenMergeConfig) -> dict[str, dict[str, float]]:
@@ -352,6 +414,10 @@ def findings(res: QwenMergeResult) -> str:
              f"{_pct(by.get('gguf_f16'))}.",
              f"- The adapter: perplexity {by['base']['perplexity']:.2f} before, {by['merged_fp16']['perplexity']:.2f} "
              f"after; the model before it is {_pct(by['base'])} against the merged model."]
+    if res.doc["merge"].get("adapter"):
+        lines.append(f"- Artifacts under their run names with metadata beside each: adapter `{res.doc['merge']['adapter']}`, "
+                     f"merged `{res.doc['merge']['merged']}`; the adapter's training peak: "
+                     + report.peak_memory_text((res.doc.get("peak_memory") or {}).get("adapter")) + ".")
     floor = [by[k] for k in ("unigram", "bigram_kn") if k in by]
     if floor:
         lines.append("- Count baselines on the same tokens: " + ", ".join(

@@ -314,3 +314,6 @@ def test_04_writes_its_adapter_and_merged_model_under_run_names(tmp_path, monkey
     assert res.fresh["accuracy"] == q["accuracy"]
     assert abs(res.doc["merged_accuracy"] - q["accuracy"]) <= 2 / 400  # fp32 rounding of a merge: a sentence or two
     assert res.doc["peak_memory"]["qlora"]["memory"] == "cpu_rss"
+    ckpts = sorted((res.adapter_dir.parent / "checkpoints" / names["adapter"]).glob("checkpoint-*"))
+    assert ckpts and all(runmeta.detect(c).method == "qlora" for c in ckpts)
+    assert runmeta.read_meta(ckpts[-1])["checkpoint_step"] == q["train_steps"]

@@ -162,6 +162,9 @@ def save_run(run_: dict[str, Any], info: runmeta.RunInfo, cfg: QLoRAConfig, tok:
         run_["model"].save_pretrained(tmp)
         tok.save_pretrained(tmp)
         runmeta.write_meta(tmp, info.meta(adapter_dir.name, plan, "adapter", "fp32", **extra))
+    for ckpt in sorted((adapter_dir.parent / "checkpoints" / adapter_dir.name).glob("checkpoint-*")):
+        step = int(ckpt.name.split("-")[-1])  # each Trainer checkpoint loads like the adapter: say how it was made
+        runmeta.write_meta(ckpt, info.meta(adapter_dir.name, plan, "adapter", "fp32", knobs=k, checkpoint_step=step))
     out = {"artifacts": {"adapter": adapter_dir.name}, "peak_memory": {"qlora": mem}}
     if cfg.merge_after_train:
         merged_dir = adapter_dir.with_name(adapter_dir.name + "_merged")

@@ -64,16 +64,16 @@ def _autocast(device: torch.device, enabled: bool = True):
     return torch.autocast(device.type, dtype=dtype, enabled=enabled and device.type == "cuda")
 
 
-OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit")  # transformers' `optim` names
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit")  # transformers' names
 
 
 def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float
                    ) -> torch.optim.Optimizer:
-    """AdamW by transformers' `optim` name: torch's, or bitsandbytes' paged AdamW with 32- or 8-bit state (its
+    """AdamW by transformers' `optim` name: torch's (fused or not), or bitsandbytes' paged AdamW with 32- or 8-bit state (its
     state pages to host memory under GPU pressure; on a CPU bitsandbytes runs it unpaged and warns so, the 8-bit
     state still 8-bit)."""
-    if name == "adamw_torch":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name in ("adamw_torch", "adamw_torch_fused"):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=name == "adamw_torch_fused")
     if name not in OPTIMIZERS:
         raise QlabError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
     import bitsandbytes as bnb

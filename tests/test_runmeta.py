@@ -143,6 +143,9 @@ def test_lora_knobs_reach_the_model(untied):
     assert lora == layers * r * ((h + h) + (h + kv) + (h + kv) + (h + h))  # r x (in + out) per projection
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], "paged_adamw_8bit", 1e-3, 0.0)
     assert type(opt).__name__ == "PagedAdamW8bit"
+    assert make_optimizer([torch.nn.Parameter(torch.zeros(2))], "adamw_torch_fused", 1e-3, 0.0).defaults["fused"]
+    with pytest.raises(QlabError, match="unknown optimizer 'sgd'"):
+        make_optimizer([], "sgd", 1e-3, 0.0)
     with pytest.raises(QlabError, match="unknown LoRA target preset 'mlp'"):
         adapters.target_modules("llama", "mlp")
 

@@ -33,7 +33,7 @@ class QLoRAConfig:
     lora_targets: str = "attention+mlp"   # preset: attention (query/key/value) | attention+mlp
     merge_after_train: bool = False       # also save main_rank's adapter merged into the dequantized base
     gradient_checkpointing: bool = False
-    optimizer: str = "adamw_torch"        # adamw_torch | paged_adamw_32bit | paged_adamw_8bit (bitsandbytes)
+    optimizer: str = "adamw_torch_fused"  # the Trainer's default; adamw_torch | paged_adamw_32bit | paged_adamw_8bit
     epochs: float | None = None           # None: notebook 01's epochs, so QLoRA and FP32 take the same steps
     lr: float = 1e-3
     batch_size: int = 32

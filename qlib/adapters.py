@@ -32,14 +32,15 @@ def target_modules(model_type: str, preset: str) -> list[str]:
     return list(family[preset])
 
 
-def load_nf4_classifier(path: str | Path, num_labels: int, device: torch.device) -> torch.nn.Module:
-    """The encoder with every linear but the new head in NF4 + double quant (bitsandbytes)."""
+def load_nf4_classifier(path: str | Path, num_labels: int, device: torch.device,
+                        skip: tuple[str, ...] = CLASSIFIER_SKIP) -> torch.nn.Module:
+    """The encoder with every linear but `skip` (the new head, the pooler) in NF4 + double quant (bitsandbytes)."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
 
     # the fresh head and the pooler train in full precision: sentence-embedding encoders (MiniLM) were
     # trained with mean pooling, so their frozen CLS pooler gives a new head almost nothing to learn from
-    bnb = build_quantization_plan("qlora", device, keep_lm_head=False, skip_modules=CLASSIFIER_SKIP).bnb_config
+    bnb = build_quantization_plan("qlora", device, keep_lm_head=False, skip_modules=tuple(skip)).bnb_config
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # "classifier newly initialised" is expected
     try:

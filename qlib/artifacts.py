@@ -86,7 +86,8 @@ def _load_adapter(p: Path, d: runmeta.Detected, dev: torch.device, dequantize: b
         labels = [s[0] for k, s in shapes.items() if k.endswith(("classifier.weight", "score.weight"))]
         if d.method not in ("qlora", "nf4"):
             raise QlabError(f"{p}: a classifier adapter on a {d.method} base is not a kind qlab writes")
-        model = adapters.load_nf4_classifier(base, labels[0] if labels else 2, dev)
+        skip = tuple(d.extras.get("skip_modules", adapters.CLASSIFIER_SKIP))  # as it was quantized
+        model = adapters.load_nf4_classifier(base, labels[0] if labels else 2, dev, skip)
     elif d.method in ("qlora", "nf4", "int8"):
         model = models.load_causal_lm(base, d.method, dev, torch.float32,
                                       keep_lm_head=d.extras.get("keep_lm_head_fp16", True))
@@ -123,7 +124,7 @@ def _load_model(p: Path, d: runmeta.Detected, dev: torch.device) -> torch.nn.Mod
     folder whose run says int8/nf4 is quantized on load with that plan; merged and plain folders load as stored."""
     from qlib import models
 
-    saved = runmeta._saved_bnb_method(p)
+    saved = runmeta.saved_bnb_method(p)
     wanted = "nf4" if d.method == "qlora" else d.method
     if saved and d.source == "metadata" and d.part is None and wanted != saved:
         raise QlabError(f"{p}: config.json holds a bitsandbytes {saved} model but its metadata says {d.method}")

@@ -225,7 +225,7 @@ def detect(artifact: str | Path) -> Detected:
         return Detected(p, QuantMethod.parse(q["method"]).value, "metadata", meta, name)
     if name is not None:
         return Detected(p, name["method"], "run name", meta, name)
-    bnb = _saved_bnb_method(p)
+    bnb = saved_bnb_method(p)
     if bnb:
         return Detected(p, bnb, "config.json", meta, None)
     return Detected(p, "gguf" if p.suffix == ".gguf" else "fp32", "nothing (plain model)", meta, None)
@@ -247,7 +247,7 @@ def _check_name(p: Path, name: dict[str, Any], meta: dict[str, Any]) -> None:
                             "one of them was edited or belongs to another artifact")
 
 
-def _saved_bnb_method(p: Path) -> str | None:
+def saved_bnb_method(p: Path) -> str | None:
     """int8 / nf4 for a folder transformers saved quantized (its config.json carries `quantization_config`)."""
     cfg = p / "config.json"
     if not (p.is_dir() and cfg.is_file()):

@@ -1,3 +1,3 @@
 """Quantizers, one file each: ptq (torch.ao INT8 dynamic/static), qat (torch.ao QAT INT8, fake-quant weights at low
-bits), uniform (symmetric absmax grids), nf4 (the NF4 codebook, for the ladder), bitnet (b1.58 BitLinear, packed
-ternary), ladder (the post-training rungs of study 05)."""
+bits), uniform (switchable fake quantization at 2/4/8 bits, symmetric absmax grids), nf4 (NF4 in plain torch, the
+test oracle for bitsandbytes), bitnet (b1.58 BitLinear, packed ternary), ladder (post-training round trips, study 05)."""

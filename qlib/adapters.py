@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-from qlib.config import QlabError, build_quantization_plan
+from qlib import runmeta
+from qlib.config import QlabError, QuantizationPlan, build_quantization_plan
+from qlib.report import atomic_dir
 
 ATTENTION = ["query", "key", "value"]
 MLP = ["attention.output.dense", "intermediate.dense", "output.dense"]
@@ -32,6 +34,20 @@ def target_modules(model_type: str, preset: str) -> list[str]:
     return list(family[preset])
 
 
+def nf4_classifier_plan(device: torch.device, skip: tuple[str, ...] = CLASSIFIER_SKIP) -> QuantizationPlan:
+    """QLoRA's NF4 + double quant for an encoder classifier: every linear but `skip` (no LM head to keep)."""
+    return build_quantization_plan("qlora", device, keep_lm_head=False, skip_modules=tuple(skip))
+
+
+def save_adapter(model: Any, tokenizer: Any, out: str | Path, meta: dict[str, Any]) -> Path:
+    """An adapter folder with its tokenizer and its run metadata (`runmeta`), all-or-nothing."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        runmeta.write_meta(tmp, meta)
+    return Path(out)
+
+
 def load_nf4_classifier(path: str | Path, num_labels: int, device: torch.device,
                         skip: tuple[str, ...] = CLASSIFIER_SKIP) -> torch.nn.Module:
     """The encoder with every linear but `skip` (the new head, the pooler) in NF4 + double quant (bitsandbytes)."""
@@ -40,7 +56,7 @@ def load_nf4_classifier(path: str | Path, num_labels: int, device: torch.device,
 
     # the fresh head and the pooler train in full precision: sentence-embedding encoders (MiniLM) were
     # trained with mean pooling, so their frozen CLS pooler gives a new head almost nothing to learn from
-    bnb = build_quantization_plan("qlora", device, keep_lm_head=False, skip_modules=tuple(skip)).bnb_config
+    bnb = nf4_classifier_plan(device, skip).bnb_config
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # "classifier newly initialised" is expected
     try:

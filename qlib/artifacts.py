@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from qlib import runmeta
-from qlib.config import QlabError, compute_dtype
+from qlib.config import QlabError
 
 
 def kind(path: Path) -> str:
@@ -131,9 +131,7 @@ def _load_model(p: Path, d: runmeta.Detected, dev: torch.device) -> torch.nn.Mod
     if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in _architectures(p)):
         return models.load_saved_classifier(p)[0].to(dev)
     quantize = wanted in ("int8", "nf4") and not saved and d.part not in runmeta.PARTS
-    method = wanted if quantize else None
-    dtype = torch.float32 if dev.type == "cpu" else compute_dtype(dev)
-    return models.load_causal_lm(p, method, dev, None if saved else dtype,
+    return models.load_causal_lm(p, wanted if quantize else None, dev,  # the device's default dtype
                                  keep_lm_head=d.extras.get("keep_lm_head_fp16", True)).eval()
 
 

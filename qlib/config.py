@@ -156,9 +156,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def build_quantization_plan(method: str | QuantMethod, device: str | torch.device | None = None,
-                            keep_lm_head: bool = True, skip_modules: tuple[str, ...] = (),
-                            compute: torch.dtype | None = None) -> QuantizationPlan:
-    """Spec + BitsAndBytesConfig for `method`; compute dtype follows the device unless given. bitsandbytes leaves
+                            keep_lm_head: bool = True, skip_modules: tuple[str, ...] = ()) -> QuantizationPlan:
+    """Spec + BitsAndBytesConfig for `method`; compute dtype follows the device. bitsandbytes leaves
     `skip_modules` in full precision, and the LM head too unless `keep_lm_head` is False."""
     spec = _SPECS[QuantMethod.parse(method)]
     bnb, skip = None, tuple(skip_modules) + (("lm_head",) if keep_lm_head else ())
@@ -172,7 +171,7 @@ def build_quantization_plan(method: str | QuantMethod, device: str | torch.devic
             bnb = BitsAndBytesConfig(load_in_4bit=True,
                                      bnb_4bit_quant_type=spec.extras["base_quant_type"],
                                      bnb_4bit_use_double_quant=spec.extras["double_quant"],
-                                     bnb_4bit_compute_dtype=compute or compute_dtype(device),
+                                     bnb_4bit_compute_dtype=compute_dtype(device),
                                      llm_int8_skip_modules=list(skip))
     return QuantizationPlan(spec, bnb, skip if bnb is not None else ())
 

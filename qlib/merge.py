@@ -20,7 +20,7 @@ from qlib.config import QlabError
 from qlib.models import load_causal_lm
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-ADAPTER_META = "qlab_adapter.json"  # earlier runs' note of the base precision (runs now write runmeta's qlab.json)
+ADAPTER_META = "qlab_adapter.json"  # `save_adapter`'s note of the base precision (study runs write runmeta's qlab.json)
 
 
 def require_tokenizer(model_dir: str | Path) -> None:
@@ -32,15 +32,13 @@ def require_tokenizer(model_dir: str | Path) -> None:
                         "with the model (save them with tokenizer.save_pretrained into the same folder)")
 
 
-def save_adapter(model: Any, tokenizer: Any, out: Path, trained_on: str, meta: dict[str, Any] | None = None) -> Path:
-    """The adapter folder with its run metadata (`meta`, else a minimal one naming the base precision)."""
+def save_adapter(model: Any, tokenizer: Any, out: Path, trained_on: str) -> Path:
+    """The adapter folder plus a note of the base precision it was trained against (the studies save theirs with
+    `adapters.save_adapter` and full run metadata)."""
     with report.atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if meta is None:
-            (tmp / ADAPTER_META).write_text(json.dumps({"trained_on": trained_on}, indent=2))
-        else:
-            runmeta.write_meta(tmp, meta)
+        (tmp / ADAPTER_META).write_text(json.dumps({"trained_on": trained_on}, indent=2))
     return out
 
 

@@ -29,6 +29,8 @@ PARTS = ("merged", "dense")
 _NAME = re.compile(r"^(?P<stem>.+)_(?P<task>[A-Z]+)_(?P<peft>[A-Za-z0-9-]+)_(?P<method>[A-Z0-9]+(?:_[A-Z0-9]+)*)"
                    r"(?:-(?P<variant>[A-Z0-9-]+))?_w(?P<bits>\d+(?:p\d+)?)_head(?P<head>[a-z0-9]+)"
                    r"(?:_(?P<part>merged|dense))?$")
+TARGET_PRESETS = ("attention", "attention+mlp")  # LoRA target presets (`adapters.target_modules` per architecture)
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit")  # transformers' names
 _PEFT = re.compile(r"^LoRa(?P<r>\d+)a(?P<alpha>\d+)-(?P<targets>attn|attnmlp)(?P<flags>(?:-[a-z0-9]+)*)$")
 
 
@@ -79,7 +81,14 @@ class LoraKnobs:
     keep_lm_head_fp16: bool = True       # False: bitsandbytes quantizes the LM head too (untied heads only)
     merge_after_train: bool = False      # also save the adapter merged into its (dequantized) base
     gradient_checkpointing: bool = False
-    optimizer: str = "adamw_torch"       # adamw_torch | paged_adamw_32bit | paged_adamw_8bit
+    optimizer: str = "adamw_torch"       # one of OPTIMIZERS (`train.make_optimizer`)
+
+    def __post_init__(self) -> None:
+        """A study's config builder makes its knobs, so a bad preset or optimizer is one line before anything runs."""
+        if self.targets not in TARGET_PRESETS:
+            raise QlabError(f"unknown LoRA target preset {self.targets!r}; valid: {', '.join(TARGET_PRESETS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise QlabError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
 
     @property
     def lora_alpha(self) -> int:
@@ -186,9 +195,9 @@ def read_meta(artifact: str | Path) -> dict[str, Any] | None:
     if not isinstance(q, dict) or not isinstance(q.get("method"), str):
         raise QlabError(f"corrupt metadata {p}: the quantization block has no method")
     QuantMethod.parse(q["method"])  # an unknown method is named with the valid ones
-    for k in ("weights_bits",):
-        if not isinstance(q.get(k), (int, float)) or isinstance(q.get(k), bool):
-            raise QlabError(f"corrupt metadata {p}: quantization.{k} must be a number, got {q.get(k)!r}")
+    bits = q.get("weights_bits")
+    if not isinstance(bits, (int, float)) or isinstance(bits, bool):
+        raise QlabError(f"corrupt metadata {p}: quantization.weights_bits must be a number, got {bits!r}")
     return doc
 
 

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from qlib.config import QlabError, compute_dtype
+from qlib.runmeta import OPTIMIZERS
 
 
 def set_seed(seed: int, threads: int | None = None) -> None:
@@ -64,7 +65,6 @@ def _autocast(device: torch.device, enabled: bool = True):
     return torch.autocast(device.type, dtype=dtype, enabled=enabled and device.type == "cuda")
 
 
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit")  # transformers' names
 
 
 def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import save
 
 from qlib import adapters, assets, budget, data, hub, metrics, models, report, runmeta
-from qlib.config import QlabError, build_quantization_plan, compute_dtype_name, make_config, outputs_dir, pick_device
+from qlib.config import build_quantization_plan, compute_dtype_name, make_config, outputs_dir, pick_device
 from qlib.quant import bitnet, ladder
 from qlib.studies import StudyResult, ptq_ladder, staged
 from qlib.artifacts import TERNARY_FILE
-from qlib.train import OPTIMIZERS, TrainResult, finetune, seed_column, seeds, set_seed
+from qlib.train import TrainResult, finetune, seed_column, seeds, set_seed
 
 STUDY = "05_gpt2_bitnet"
 # bitsandbytes' LLM.int8 logs "inputs will be cast to float16" once per layer per call: true, known,
@@ -81,9 +81,7 @@ GPT2_PROFILES: dict[str, dict[str, Any]] = {
 
 def gpt2_config(profile: str = "default", **overrides: Any) -> GPT2Config:
     cfg = make_config(GPT2Config, GPT2_PROFILES, profile, **overrides)
-    adapters.target_modules("gpt2", cfg.lora_targets)
-    if cfg.optimizer not in OPTIMIZERS:
-        raise QlabError(f"unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    knobs(cfg)  # a bad preset or optimizer: one line
     return cfg
 
 
@@ -214,44 +212,43 @@ def save_artifact(r: Regime, out: Path, cfg: GPT2Config, info: runmeta.RunInfo, 
         return d, metrics.size_on_disk(d / "model.safetensors"), None, {}
     artifact = "adapter" if RUNS[r.name][1] else "ternary" if method == "bitnet" else "model"
     with report.atomic_dir(d) as tmp:
-        extra = _write(r, tmp, base, device, cfg)
+        ternary = _write(r, tmp, base, device, cfg)
         runmeta.write_meta(tmp, _meta(r, cfg, info, name, method, artifact))
-    return d, *_sizes(r, d, extra)
+    return d, *_sizes(r, d, ternary)
 
 
-def _write(r: Regime, tmp: Path, base: str, device: torch.device, cfg: GPT2Config) -> dict[str, Any]:
+def _write(r: Regime, tmp: Path, base: str, device: torch.device, cfg: GPT2Config) -> tuple[float, int] | None:
     """The regime's files into its (staging) folder: a bitsandbytes model, an adapter (with the frozen base it needs:
-    NF4 as bitsandbytes stores it, or packed ternary), or the packed ternary model with its config."""
+    NF4 as bitsandbytes stores it, or packed ternary), or the packed ternary model with its config. For the ternary
+    ones: bits per packed block weight and ternary layers."""
     if r.name in ("int8", "nf4"):
         r.model.save_pretrained(tmp)
-        return {}
+        return None
     if r.name in ("bitnet", "bitnet_ptq"):
         r.model.config.save_pretrained(tmp)
-        size, bits, n = _pack_ternary(r.model, tmp / TERNARY_FILE)
-        return {"ternary_layers": n, "_bits": bits}
+        return _pack_ternary(r.model, tmp / TERNARY_FILE)[1:]
     r.model.save_pretrained(tmp)
     if r.name == "qlora":  # the frozen NF4 base ships beside the adapter, as bitsandbytes stores it
         _load(base, "qlora", device, cfg.keep_lm_head_fp16).save_pretrained(tmp / "base-nf4")
     if r.name == "qlora_bitnet":  # merged LoRA deltas would not be ternary, so the packed base and the adapter ship apart
-        _, bits, n = _pack_ternary(copy.deepcopy(r.model).unload(), tmp / "base-ternary.safetensors")
-        return {"ternary_layers": n, "_bits": bits}
-    return {}
+        return _pack_ternary(copy.deepcopy(r.model).unload(), tmp / "base-ternary.safetensors")[1:]
+    return None
 
 
-def _sizes(r: Regime, d: Path, extra: dict[str, Any]) -> tuple[int, float | None, dict[str, Any]]:
-    """Bytes a user loads (base + adapter where there is one) and the stored bits per quantized weight."""
-    bits = extra.pop("_bits", None)
+def _sizes(r: Regime, d: Path, ternary: tuple[float, int] | None) -> tuple[int, float | None, dict[str, Any]]:
+    """Bytes a user loads (base + adapter where there is one), the stored bits per quantized weight, extras."""
     if r.name in ("int8", "nf4"):
         return metrics.size_on_disk(d / "model.safetensors"), _quantized_bits(r.model), {}
     if r.name in ("bitnet", "bitnet_ptq"):
-        return metrics.size_on_disk(d / TERNARY_FILE), bits, extra
+        return metrics.size_on_disk(d / TERNARY_FILE), ternary[0], {"ternary_layers": ternary[1]}
     adapter = sum(metrics.size_on_disk(d / f) for f in PEFT_FILES if (d / f).is_file())
     if r.name == "qlora":
         return metrics.size_on_disk(d / "base-nf4" / "model.safetensors") + adapter, _quantized_bits(r.model), \
             {"adapter_bytes": adapter}
     if r.name == "lora":  # the FP32 base as shipped + the adapter
         return r.base_bytes + adapter, None, {"adapter_bytes": adapter}
-    return metrics.size_on_disk(d / "base-ternary.safetensors") + adapter, bits, {**extra, "adapter_bytes": adapter}
+    return metrics.size_on_disk(d / "base-ternary.safetensors") + adapter, ternary[0], \
+        {"ternary_layers": ternary[1], "adapter_bytes": adapter}
 
 
 def _quantized_bits(model: torch.nn.Module) -> float | None:

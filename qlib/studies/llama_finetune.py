@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from qlib import budget, data, hub, metrics, report, runmeta
+from qlib import adapters, budget, data, hub, metrics, runmeta
 from qlib.assets import Resolved
 from qlib.config import build_quantization_plan, compute_dtype, compute_dtype_name
 
@@ -94,20 +94,13 @@ def cfg_output(cfg: Any) -> Any:
 def save_adapter(model: Any, tok: Any, asset: Resolved, dataset: str, cfg: Any, device: torch.device,
                  **extra: Any) -> Any:
     """The fine-tune's adapter under its run name, with the metadata (plan, knobs, seed, profile, peak memory)."""
-    from pathlib import Path
-
     k = knobs(cfg)
     plan = build_quantization_plan("qlora", device, keep_lm_head=cfg.keep_lm_head_fp16)
     info = runmeta.RunInfo("07_llama_scaling", cfg.profile, cfg.seed, asset.id, str(asset.path), dataset)
     head = runmeta.head_dtype(model)
     name = info.name("SFT", k.token(), "qlora", plan.spec.weights_bits, head)
-    out = Path(cfg_output(cfg)) / name
-    with report.atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        runmeta.write_meta(tmp, info.meta(name, plan, "adapter", head, knobs=k, train_steps=cfg.finetune_steps,
-                                          **extra))
-    return out
+    return adapters.save_adapter(model, tok, cfg_output(cfg) / name,
+                                 info.meta(name, plan, "adapter", head, knobs=k, train_steps=cfg.finetune_steps, **extra))
 
 
 def main(argv: list[str] | None = None) -> int:

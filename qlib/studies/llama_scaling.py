@@ -77,12 +77,9 @@ def scaling_config(profile: str = "default", **overrides: Any) -> ScalingConfig:
     bad = [r for r in cfg.rungs if r not in RUNGS] + [m for m in cfg.methods if m not in METHODS]
     if bad:
         raise QlabError(f"unknown rung/method {bad}; rungs: {', '.join(RUNGS)}; methods: {', '.join(METHODS)}")
-    from qlib.adapters import target_modules
-    from qlib.train import OPTIMIZERS
+    from qlib.studies.llama_finetune import knobs
 
-    target_modules("llama", cfg.lora_targets)
-    if cfg.optimizer not in OPTIMIZERS:
-        raise QlabError(f"unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    knobs(cfg)  # the fine-tune's preset and optimizer: one line
     return cfg
 
 

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from qlib import adapters, artifacts, assets, budget, data, hub, metrics, models, report, runmeta
-from qlib.config import BaselineConfig, QlabError, build_quantization_plan, compute_dtype, compute_dtype_name, make_config, outputs_dir, pick_device, results_dir
+from qlib.config import BaselineConfig, QlabError, compute_dtype, compute_dtype_name, make_config, outputs_dir, pick_device, results_dir
 from qlib.studies import baseline
 from qlib.studies import StudyResult, staged
-from qlib.train import OPTIMIZERS, predict, seed_column, seeds, set_seed
+from qlib.train import predict, seed_column, seeds, set_seed
 
 STUDY = "04_qlora_bert"
 
@@ -58,9 +58,7 @@ QLORA_PROFILES: dict[str, dict[str, Any]] = {
 
 def qlora_config(profile: str = "default", **overrides: Any) -> QLoRAConfig:
     cfg = make_config(QLoRAConfig, QLORA_PROFILES, profile, **overrides)
-    adapters.target_modules("bert", cfg.lora_targets)
-    if cfg.optimizer not in OPTIMIZERS:
-        raise QlabError(f"unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    knobs(cfg, cfg.main_rank)  # a bad preset or optimizer: one line
     if cfg.main_rank not in cfg.ranks:
         cfg = make_config(QLoRAConfig, QLORA_PROFILES, profile,
                           **{**overrides, "main_rank": cfg.ranks[0]})
@@ -155,25 +153,18 @@ def save_run(run_: dict[str, Any], info: runmeta.RunInfo, cfg: QLoRAConfig, tok:
     """The adapter under its run name with its metadata (and, with merge_after_train, the merged model beside it,
     scored); what the metrics file says about them."""
     k, mem = knobs(cfg, cfg.main_rank), run_["mem"].report()
-    plan = build_quantization_plan("qlora", device, keep_lm_head=False, skip_modules=adapters.CLASSIFIER_SKIP)
+    plan = adapters.nf4_classifier_plan(device)
     extra = dict(knobs=k, peak_memory=mem, accuracy=quality["accuracy"], train_steps=run_["steps"],
                  train_time_s=run_["train_time_s"], **run_["counts"])
-    with report.atomic_dir(adapter_dir) as tmp:
-        run_["model"].save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        runmeta.write_meta(tmp, info.meta(adapter_dir.name, plan, "adapter", "fp32", **extra))
+    adapters.save_adapter(run_["model"], tok, adapter_dir, info.meta(adapter_dir.name, plan, "adapter", "fp32", **extra))
     for ckpt in sorted((adapter_dir.parent / "checkpoints" / adapter_dir.name).glob("checkpoint-*")):
         step = int(ckpt.name.split("-")[-1])  # each Trainer checkpoint loads like the adapter: say how it was made
         runmeta.write_meta(ckpt, info.meta(adapter_dir.name, plan, "adapter", "fp32", knobs=k, checkpoint_step=step))
     out = {"artifacts": {"adapter": adapter_dir.name}, "peak_memory": {"qlora": mem}}
     if cfg.merge_after_train:
         merged_dir = adapter_dir.with_name(adapter_dir.name + "_merged")
-        with report.atomic_dir(merged_dir) as tmp:
-            merged = merge_classifier(adapter_dir, device)
-            merged.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            runmeta.write_meta(tmp, info.meta(merged_dir.name, plan, "merged", "fp32", merged_from=adapter_dir.name,
-                                              stored_dtype="fp32", **extra))
+        models.save_model(merge_classifier(adapter_dir, device), tok, merged_dir, info.meta(
+            merged_dir.name, plan, "merged", "fp32", merged_from=adapter_dir.name, stored_dtype="fp32", **extra))
         out["artifacts"]["merged"] = merged_dir.name
     return out
 

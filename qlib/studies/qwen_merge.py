@@ -16,7 +16,7 @@ from qlib import adapters, assets, budget, data, gguf, hub, merge, metrics, mode
 from qlib.config import (QlabError, build_quantization_plan, compute_dtype, dtype_name, make_config, outputs_dir,
                          pick_device)
 from qlib.studies import StudyResult, staged
-from qlib.train import OPTIMIZERS, finetune, set_seed
+from qlib.train import finetune, set_seed
 
 STUDY = "08_qwen_merge_gguf"
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # see study 05
@@ -71,9 +71,7 @@ QWEN_PROFILES: dict[str, dict[str, Any]] = {
 
 def qwen_merge_config(profile: str = "default", **overrides: Any) -> QwenMergeConfig:
     cfg = make_config(QwenMergeConfig, QWEN_PROFILES, profile, **overrides)
-    adapters.target_modules("llama", cfg.lora_targets)
-    if cfg.optimizer not in OPTIMIZERS:
-        raise QlabError(f"unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    knobs(cfg)  # a bad preset or optimizer: one line
     if cfg.train_base not in ("fp32", "nf4"):
         raise QlabError(f"unknown train_base {cfg.train_base!r}; valid: fp32, nf4")
     return cfg
@@ -112,8 +110,8 @@ def train_adapter(cfg: QwenMergeConfig, base: str, tok: Any, loader: Any, out: P
     cost = {"train_time_s": tr.train_time_s, "train_steps": tr.steps, "peak_mem_bytes": mem.peak_bytes,
             "peak_mem_source": mem.source, "trainable_params": counts["trainable_params"],
             "peak_memory": mem.report()}
-    path = merge.save_adapter(model, tok, out / name, cfg.train_base,
-                              info.meta(name, plan, "adapter", runmeta.head_dtype(model), knobs=k, **cost))
+    path = adapters.save_adapter(model, tok, out / name,
+                                 info.meta(name, plan, "adapter", runmeta.head_dtype(model), knobs=k, **cost))
     return path, {"losses": tr.losses, **cost,
                   "adapter_bytes": metrics.size_on_disk(path / "adapter_model.safetensors")}
 

@@ -1,7 +1,7 @@
 """qlab's shared package: assets, data, quantizers, training, metrics and reports for the notebooks."""
-__version__ = "0.1.0"
-
-from qlib.config import QlabError, QuantMethod, build_quantization_plan  # noqa: E402
+from qlib.config import QuantMethod, build_quantization_plan
+from qlib.core import __version__
+from qlib.core.errors import QlabError
 from qlib.runmeta import run_name  # noqa: E402
 
-__all__ = ["QlabError", "QuantMethod", "build_quantization_plan", "run_name"]
+__all__ = ["__version__", "QlabError", "QuantMethod", "build_quantization_plan", "run_name"]

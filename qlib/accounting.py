@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from qlib.config import QlabError
+from qlib.core.errors import QlabError
 
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from qlib import runmeta
-from qlib.config import QlabError, QuantizationPlan, build_quantization_plan
-from qlib.report import atomic_dir
+from qlib.config import QuantizationPlan, build_quantization_plan
+from qlib.core.errors import QlabError
+from qlib.core.io import atomic_dir
 
 ATTENTION = ["query", "key", "value"]
 MLP = ["attention.output.dense", "intermediate.dense", "output.dense"]
@@ -65,6 +66,28 @@ def load_nf4_classifier(path: str | Path, num_labels: int, device: torch.device,
             device_map={"": (device.index or 0) if device.type == "cuda" else "cpu"})
     finally:
         logging.set_verbosity(verbosity)
+
+
+def add_causal_lora(model: torch.nn.Module, rank: int, kbit: bool, targets: list[str] | str | None = None,
+                    gradient_checkpointing: bool = False, alpha: int | None = None) -> Any:
+    """The QLoRA recipe's LoRA (alpha default 2r, dropout 0.05; targets: a preset name or module names, default
+    every projection of the architecture); `kbit` prepares a 4-/8-bit base first (peft upcasts what is not
+    quantized to fp32)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    ckpt = {"use_reentrant": False}
+    if kbit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=ckpt)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+    if targets is None or isinstance(targets, str):
+        targets = target_modules(model.config.model_type, targets or "attention+mlp")
+    # bnb layers, BitLinear and QuantLinear are nn.Linear-shaped; GPT-2's Conv1D is handled by peft too
+    cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.05, task_type="CAUSAL_LM",
+                     target_modules=list(targets))
+    return get_peft_model(model, cfg)
 
 
 def add_lora(model: torch.nn.Module, rank: int, targets: str = "attention", alpha: int | None = None,

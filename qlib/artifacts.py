@@ -13,8 +13,16 @@ from typing import Any
 
 import torch
 
-from qlib import runmeta
-from qlib.config import QlabError
+from qlib import adapters, gguf, models, quant, runmeta
+from qlib.adapters import match_adapter, param_counts, read_adapter
+from qlib.core.errors import QlabError
+from qlib.metrics import size_on_disk
+from qlib.models import check_checkpoint, check_tokenizer, has_tokenizer_files, load_causal_lm, load_saved_classifier
+from qlib.quant import bitnet
+from qlib.quant.bitnet import TernaryLinear
+from qlib.quant.ptq import count_quantized
+from qlib.quant.qat import load_qat
+from qlib.switchable import saved_widths
 
 
 def kind(path: Path) -> str:
@@ -60,7 +68,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dequantize: bool 
     if k == "model":
         return _load_model(p, d, dev), d
     where = {"gguf": "llama.cpp (qlib.gguf)", "switchable": "qlib.switchable.SwitchableModel.load",
-             "qat_int8": "qlib.studies.qat.load_qat"}[k]
+             "qat_int8": "qlib.quant.qat.load_qat"}[k]
     raise QlabError(f"{p} is a {k} artifact: it loads with {where}, not as a transformers model")
 
 
@@ -77,9 +85,6 @@ def _base_path(p: Path, d: runmeta.Detected, fallback: str | None) -> str:
 def _load_adapter(p: Path, d: runmeta.Detected, dev: torch.device, dequantize: bool = False) -> torch.nn.Module:
     """LoRA on a plain base, QLoRA on the NF4 base it was trained on (the recorded quant type, double quant and
     skipped modules, this device's compute dtype), LoRA on a ternary base; then plain peft."""
-    from qlib import adapters, models
-    from qlib.quant import bitnet
-
     cfg, shapes = adapters.read_adapter(p)
     base = _base_path(p, d, cfg.get("base_model_name_or_path"))
     if cfg.get("task_type") == "SEQ_CLS":
@@ -94,7 +99,7 @@ def _load_adapter(p: Path, d: runmeta.Detected, dev: torch.device, dequantize: b
     else:
         model = models.load_causal_lm(base, None, dev, torch.float32)
         if d.method in ("bitnet", "qlora_bitnet"):
-            bitnet.to_bitnet(model)  # the frozen base quantizes on the fly, as it trained
+            quant.apply(model, "bitnet")  # the frozen base quantizes on the fly, as it trained
     if dequantize and d.method in ("qlora", "nf4", "int8"):
         model = model.dequantize().to(torch.float32)
     return adapters.load_adapter(model, p)
@@ -105,12 +110,10 @@ def _load_ternary(p: Path) -> torch.nn.Module:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlib.quant import bitnet
-
     if not (p / "config.json").is_file():
         raise QlabError(f"{p}: the packed ternary model has no config.json beside it")
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(p))
-    bitnet.to_bitnet(model)
+    quant.apply(model, "bitnet")
     bitnet.freeze_ternary(model)
     try:
         bitnet.load_ternary_state(model, load_file(p / TERNARY_FILE))
@@ -122,8 +125,6 @@ def _load_ternary(p: Path) -> torch.nn.Module:
 def _load_model(p: Path, d: runmeta.Detected, dev: torch.device) -> torch.nn.Module:
     """A folder saved quantized loads as saved (its config.json must agree with the metadata); a full-precision
     folder whose run says int8/nf4 is quantized on load with that plan; merged and plain folders load as stored."""
-    from qlib import models
-
     saved = runmeta.saved_bnb_method(p)
     wanted = "nf4" if d.method == "qlora" else d.method
     if saved and d.source == "metadata" and d.part is None and wanted != saved:
@@ -136,12 +137,6 @@ def _load_model(p: Path, d: runmeta.Detected, dev: torch.device) -> torch.nn.Mod
 
 
 def _model(p: Path) -> list[str]:
-    from qlib.adapters import param_counts  # 4-bit weights counted as the weights they stand for
-    from qlib.metrics import size_on_disk
-    from qlib.models import check_checkpoint, check_tokenizer, load_causal_lm, load_saved_classifier
-
-    from qlib.models import has_tokenizer_files
-
     arch = _architectures(p)
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in arch):  # GPT-2 names its LM class GPT2LMHeadModel
         check_checkpoint(p)
@@ -175,8 +170,6 @@ def _tokenizer(p: Path) -> Any:
 
 def _adapter(p: Path) -> list[str]:
     """The adapter's files; against its base where the base is a local folder (adapter/base match)."""
-    from qlib.adapters import match_adapter, read_adapter
-
     cfg, shapes = read_adapter(p)
     base = cfg.get("base_model_name_or_path")
     line = (f"{p}: LoRA adapter r={cfg.get('r')}, alpha {cfg.get('lora_alpha')}, targets "
@@ -207,9 +200,6 @@ def _skeleton(base: Path, task: str | None, shapes: dict[str, tuple[int, ...]]) 
 
 
 def _switchable(p: Path) -> list[str]:
-    from qlib.adapters import read_adapter
-    from qlib.switchable import saved_widths
-
     sub = saved_widths(p)
     for d in sub.values():
         read_adapter(d)
@@ -217,23 +207,17 @@ def _switchable(p: Path) -> list[str]:
 
 
 def _qat(p: Path) -> list[str]:
-    from qlib.studies.qat import load_qat
-
     try:
         model = load_qat(p)
     except QlabError:
         raise
     except Exception as e:
         raise QlabError(f"{p}: the INT8 model does not load: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    from qlib.quant.ptq import count_quantized
 
     return [f"{p}: torch.ao INT8 model (weights_only load), {count_quantized(model)}"]
 
 
 def _ternary(p: Path) -> list[str]:
-    from qlib.adapters import param_counts
-    from qlib.quant.bitnet import TernaryLinear
-
     model = _load_ternary(p)
     n = sum(isinstance(m, TernaryLinear) for m in model.modules())
     return [f"{p}: packed ternary {type(model).__name__}, {n} ternary layers, "
@@ -242,8 +226,6 @@ def _ternary(p: Path) -> list[str]:
 
 def _gguf(p: Path) -> list[str]:
     """Header, tensor count and every tensor's bytes inside the file (a truncated file is named)."""
-    from qlib import gguf
-
     reader = gguf._reader(p)
     size = p.stat().st_size
     header = reader.fields.get("GGUF.tensor_count")

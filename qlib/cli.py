@@ -6,7 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-from qlib.config import GPU_STUDIES, PROFILES, QlabError, check_profile, repo_root
+from qlib.config import GPU_STUDIES, PROFILES, check_profile
+from qlib.core.errors import QlabError
+from qlib.core.paths import repo_root
 
 
 def notebooks(selected: list[str] | None = None) -> list[Path]:
@@ -66,10 +68,8 @@ def notebook_parameters(nb: Path) -> list[str]:
 def check_params(nbs: list[Path], profile: str, params: dict[str, object]) -> None:
     """Before papermill starts (it only warns): every `-p` name is a parameter of every selected notebook, and the
     values pass the study's own config checks (types, ranges), so a typo cannot run on the defaults."""
-    import importlib
-
-    from qlib.config import pick_device
-    from qlib.studies import CONFIG_BUILDERS
+    from qlib.core.device import pick_device
+    from qlib.studies import STUDIES, study
 
     if isinstance(params.get("device"), str) and params["device"].startswith("cuda"):
         pick_device(params["device"])  # no CUDA here: one line now, not minutes into a notebook
@@ -78,9 +78,8 @@ def check_params(nbs: list[Path], profile: str, params: dict[str, object]) -> No
         unknown = sorted(set(params) - set(names))
         if unknown:
             raise QlabError(f"unknown parameter(s) for {nb.stem}: {', '.join(unknown)}; valid: {', '.join(names)}")
-        if nb.stem in CONFIG_BUILDERS and params:
-            module, fn = CONFIG_BUILDERS[nb.stem].split(":")
-            getattr(importlib.import_module(module), fn)(profile, **params)
+        if nb.stem in STUDIES and params:
+            study(nb.stem).config(profile, **params)
 
 
 def _parse_params(pairs: list[str]) -> dict[str, object]:
@@ -95,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     params = _parse_params(args.param or [])
     nbs = notebooks(args.notebooks or (list(GPU_STUDIES) if args.profile == "gpu" else None))
     if args.profile == "gpu" and "device" not in params:
-        from qlib.config import pick_device
+        from qlib.core.device import pick_device
 
         pick_device("auto", "gpu")  # no CUDA: one clear line now, not a failed notebook later
     if args.profile == "gpu" and (outside := [nb.stem for nb in nbs if nb.stem[:2] not in GPU_STUDIES]):
@@ -141,9 +140,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(path.read_text() if args.show else f"wrote {path}")
     _name_skipped(skipped)
     if args.readme:
+        from qlib import plans
         from qlib.report import update_readme
 
-        print(f"wrote the results tables (default run; GPU run) of {update_readme()}")
+        t4_plan = plans.table(plans.profile_plans("t4"))  # predictions from the t4 configs and the hub's true configs
+        print(f"wrote the results tables (default run; GPU run; t4 plan) of {update_readme(t4_plan=t4_plan)}")
     if skipped:
         raise QlabError(f"the summary left out {len(skipped)} malformed results file(s) (above)")
     return 0
@@ -153,11 +154,10 @@ def fetch_profile(profile: str) -> list[object]:
     """Every hub model and dataset a profile's notebooks use, into the Hugging Face cache (for Kaggle offline:
     upload that cache as a dataset and point HF_HUB_CACHE at it, with HF_HUB_OFFLINE=1)."""
     from qlib import assets
-    from qlib.config import baseline_config
-    from qlib.studies import gpt2_bitnet, llama_scaling, qwen_merge, switchable
+    from qlib.studies import baseline, gpt2_bitnet, llama_scaling, qwen_merge, switchable
 
-    b, g, s = baseline_config(profile), gpt2_bitnet.gpt2_config(profile), switchable.switchable_config(profile)
-    sc, q = llama_scaling.scaling_config(profile), qwen_merge.qwen_merge_config(profile)
+    b, g, s = baseline.config(profile), gpt2_bitnet.config(profile), switchable.config(profile)
+    sc, q = llama_scaling.config(profile), qwen_merge.config(profile)
     wanted = [("model", "encoder", b.model_id), ("data", "classification", b.dataset_id),
               ("model", "causal-lm", g.model_id), ("data", "code", g.dataset_id), ("data", "qa", s.dataset_id),
               ("model", "qwen-arch", q.model_id)] + ([("model", "llama-arch", sc.model_id)] if sc.finetune_7b else [])

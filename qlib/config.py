@@ -1,20 +1,17 @@
-"""Configs every study shares: quantization methods and plans, profiles, paths, device (run names and the
-metadata beside each artifact: `runmeta`)."""
+"""What every study's config stands on: the quantization-method registry (QuantMethod, its QuantSpec, the
+bitsandbytes plan), the profiles, and `make_config` (a frozen dataclass per study, a table of profile values,
+strict overrides). Run names and metadata: `runmeta`; device, paths, errors: `qlib.core`."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
-
-class QlabError(Exception):
-    """A user-facing error: the CLI prints its message on one line and exits non-zero."""
+from qlib.core.device import compute_dtype, dtype_name
+from qlib.core.errors import QlabError
 
 
 class QuantMethod(str, enum.Enum):
@@ -101,60 +98,6 @@ class QuantizationPlan:
                                  "lm_head_dtype": s.lm_head_dtype, "backend": s.backend, "extras": extras}}
 
 
-_FORCED_CUDA_DTYPE: list[torch.dtype] = []  # set by `t4_conditions` to act like a T4 on a newer GPU
-_MEMORY_FRACTION: list[float] = []          # the allocator cap `t4_conditions` set, if any
-
-
-def memory_fraction() -> float:
-    """The share of the GPU this process may allocate (1.0 unless `t4_conditions` capped it)."""
-    return _MEMORY_FRACTION[-1] if _MEMORY_FRACTION else 1.0
-
-
-def compute_dtype_name(device: str | torch.device | None = None) -> str:
-    """The compute dtype as rows record it: float32, bfloat16 or float16."""
-    return str(compute_dtype(device)).removeprefix("torch.")
-
-
-def compute_dtype(device: str | torch.device | None = None) -> torch.dtype:
-    """fp32 on CPU (bf16 is 4-6x slower on AVX2); on CUDA bf16 from compute capability 8.0 (Ampere) up, else
-    fp16 (a T4 is 7.5). `torch.cuda.is_bf16_supported()` is not the test: by default it counts emulation and
-    says True on a T4, where bf16 runs emulated and slow."""
-    dev = torch.device(device) if device is not None else pick_device()
-    if dev.type != "cuda":
-        return torch.float32
-    if _FORCED_CUDA_DTYPE:
-        return _FORCED_CUDA_DTYPE[-1]
-    major, _ = torch.cuda.get_device_capability(dev)
-    return torch.bfloat16 if major >= 8 else torch.float16
-
-
-@contextlib.contextmanager
-def t4_conditions(device: str | torch.device, memory_gib: float = 15.0) -> Iterator[float]:
-    """On a bigger GPU, behave like a 16 GB T4: fp16 compute and the allocator capped at `memory_gib`
-    (`torch.cuda.set_per_process_memory_fraction`); yields the fraction. CUDA only: a clear error elsewhere."""
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        raise QlabError(f"the T4 memory cap is a CUDA-only option (it caps the GPU allocator); this run is on {dev.type}")
-    total = torch.cuda.get_device_properties(dev).total_memory
-    fraction = min(1.0, memory_gib * 2**30 / total)
-    torch.cuda.empty_cache()
-    torch.cuda.set_per_process_memory_fraction(fraction, dev)
-    _FORCED_CUDA_DTYPE.append(torch.float16)
-    _MEMORY_FRACTION.append(fraction)
-    try:
-        yield fraction
-    finally:
-        _FORCED_CUDA_DTYPE.pop()
-        _MEMORY_FRACTION.pop()
-        torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(1.0, dev)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> 'bf16' (the short names run names and metadata use)."""
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-
-
 def build_quantization_plan(method: str | QuantMethod, device: str | torch.device | None = None,
                             keep_lm_head: bool = True, skip_modules: tuple[str, ...] = ()) -> QuantizationPlan:
     """Spec + BitsAndBytesConfig for `method`; compute dtype follows the device. bitsandbytes leaves
@@ -174,87 +117,6 @@ def build_quantization_plan(method: str | QuantMethod, device: str | torch.devic
                                      bnb_4bit_compute_dtype=compute_dtype(device),
                                      llm_int8_skip_modules=list(skip))
     return QuantizationPlan(spec, bnb, skip if bnb is not None else ())
-
-
-# ---------------------------------------------------------------- device and paths
-
-def pick_device(prefer: str = "auto", profile: str | None = None) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; 'cuda' on a CPU machine is a clear error, and so is the `gpu`
-    profile left on 'auto' there (its full sizes would run for hours on a CPU; device='cpu' rehearses it)."""
-    if prefer == "auto":
-        if profile == "gpu" and not torch.cuda.is_available():
-            raise QlabError("the gpu profile measures a CUDA GPU and none is visible on this machine; "
-                            "to rehearse it on the CPU, pass device=cpu and small sizes (tests/test_gpu_profile.py)")
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(prefer)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise QlabError("device 'cuda' was asked for but no CUDA GPU is visible on this machine")
-    return dev
-
-
-def repo_root() -> Path:
-    """The qlab checkout (QLAB_ROOT, else the nearest parent holding pyproject.toml + qlib/)."""
-    env = os.environ.get("QLAB_ROOT")
-    if env:
-        return Path(env).resolve()
-    here = Path.cwd().resolve()
-    for p in (here, *here.parents):
-        if (p / "pyproject.toml").is_file() and (p / "qlib").is_dir():
-            return p
-    return Path(__file__).resolve().parent.parent
-
-
-_STAGING: dict[tuple[str, str], dict[str, Path]] = {}  # (study, profile) -> its staging folders while it runs
-
-
-def results_dir(study: str, profile: str) -> Path:
-    """results/<study>/ for the default profile, results/<profile>/<study>/ otherwise (its staging folder while
-    that study runs)."""
-    if (study, profile) in _STAGING:
-        return _STAGING[(study, profile)]["results"]
-    base = repo_root() / "results"
-    return base / study if profile == "default" else base / profile / study
-
-
-def outputs_dir(study: str, profile: str) -> Path:
-    """Ignored folder for weights and checkpoints of one study and profile (staged like results_dir)."""
-    if (study, profile) in _STAGING:
-        return _STAGING[(study, profile)]["outputs"]
-    return repo_root() / "outputs" / profile / study
-
-
-@contextlib.contextmanager
-def staged_run(study: str, profile: str) -> Iterator[dict[str, tuple[Path, Path]]]:
-    """While the block runs, the study's results/ and outputs/ folders are fresh staging folders beside them; when
-    it succeeds both replace the previous ones together, so a kill or a failed write leaves the previous run whole
-    (model and metrics from the same run). Yields {kind: (staging, final)}."""
-    import shutil
-
-    if (study, profile) in _STAGING:  # already staged by an outer call
-        yield {k: (v, v) for k, v in _STAGING[(study, profile)].items()}
-        return
-    finals = {"results": results_dir(study, profile), "outputs": outputs_dir(study, profile)}
-    stages = {k: p.with_name(f".{p.name}.staging") for k, p in finals.items()}
-    for d in stages.values():
-        shutil.rmtree(d, ignore_errors=True)  # what a killed run left
-        d.mkdir(parents=True)
-    _STAGING[(study, profile)] = stages
-    try:
-        yield {k: (stages[k], finals[k]) for k in finals}
-    except BaseException:
-        for d in stages.values():
-            shutil.rmtree(d, ignore_errors=True)
-        raise
-    finally:
-        _STAGING.pop((study, profile), None)
-    olds = {k: p.with_name(f".{p.name}.old") for k, p in finals.items()}
-    for k, final in finals.items():
-        shutil.rmtree(olds[k], ignore_errors=True)
-        if final.exists():
-            os.replace(final, olds[k])
-        os.replace(stages[k], final)
-    for old in olds.values():
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- profiles
@@ -340,6 +202,11 @@ def _check_value(name: str, v: Any, hint: Any) -> None:
         raise QlabError(f"parameter {name} must be between 0 and 1, got {v!r}")
 
 
+def _name(cls: type) -> str:
+    """'ptq.Config': a study's config class as errors name it (every study calls its class Config)."""
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+
 def make_config(cls: type[C], table: dict[str, dict[str, Any]], profile: str, **overrides: Any) -> C:
     """Build a study config: profile values from `table`, then papermill-style overrides.
 
@@ -348,51 +215,13 @@ def make_config(cls: type[C], table: dict[str, dict[str, Any]], profile: str, **
     """
     check_profile(profile)
     if profile not in table:
-        raise QlabError(f"{cls.__name__} has no {profile!r} profile; it has: {', '.join(table)}"
+        raise QlabError(f"{_name(cls)} has no {profile!r} profile; it has: {', '.join(table)}"
                         + (f" (the gpu profile covers notebooks {', '.join(GPU_STUDIES)})" if profile == "gpu" else ""))
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
-        raise QlabError(f"unknown parameter(s) for {cls.__name__}: {', '.join(unknown)}")
+        raise QlabError(f"unknown parameter(s) for {_name(cls)}: {', '.join(unknown)}")
     values = {**table[profile], **{k: _as_tuple(k, v, defaults[k]) for k, v in overrides.items() if v is not None}}
     cfg = cls(profile=profile, **values)  # type: ignore[call-arg]
     check_fields(cfg)
     return cfg
-
-
-@dataclass(frozen=True)
-class BaselineConfig:
-    """Notebook 01: full-precision fine-tune of the BERT-family encoder (one field per parameter)."""
-
-    profile: str = "default"
-    seed: int = 0
-    model_id: str = "minilm"          # registry key or hub id
-    dataset_id: str = "mr-polarity"   # registry key or hub id
-    max_length: int = 64
-    n_train: int | None = None        # None: the whole training split
-    n_eval: int | None = None
-    epochs: float = 2.0
-    batch_size: int = 32
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    n_seeds: int = 3                  # fine-tunes from seeds seed, seed+1, ...: accuracy mean ± sd (04 compares)
-    latency_repeats: int = 30
-    device: str = "auto"
-    random_init: bool = False         # `gpu` profile: true architecture, random weights
-
-
-BASELINE_PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(n_train=64, n_eval=64, epochs=1, batch_size=16, max_length=32,
-                  latency_repeats=3, n_seeds=2),
-    "default": dict(),
-    "t4": dict(model_id="bert-base-uncased", dataset_id="sst2", max_length=128, epochs=3,
-               lr=2e-5),
-    "gpu": dict(model_id="bert-base-uncased", random_init=True, max_length=128, epochs=1,
-                n_train=2048, n_eval=512, latency_repeats=50),
-}
-
-
-def baseline_config(profile: str = "default", **overrides: Any) -> BaselineConfig:
-    """The notebook-01 config for a profile, with overrides."""
-    return make_config(BaselineConfig, BASELINE_PROFILES, profile, **overrides)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qlib.config import QlabError
+from qlib.core.errors import QlabError
 
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 

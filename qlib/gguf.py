@@ -24,9 +24,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from qlib.assets import _pip, cache_dir
-from qlib.config import QlabError
-from qlib.report import atomic_dir
+from qlib import runmeta
+from qlib.core.errors import QlabError
+from qlib.core.io import atomic_dir
+from qlib.core.paths import cache_dir
+from qlib.core.pip import pip
 
 LLAMA_CPP_PYTHON = "0.3.36"
 _SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
@@ -38,7 +40,7 @@ def sdist() -> Path:
     path = dl / f"{_SDIST}.tar.gz"
     if not path.is_file():
         dl.mkdir(parents=True, exist_ok=True)
-        _pip("download", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+        pip("download", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
              "-d", str(dl))
     return path
 
@@ -81,7 +83,7 @@ def ensure_llama_cpp() -> Any:
         if r.returncode != 0 or not found:
             tail = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise QlabError(f"building llama-cpp-python failed: {tail}")
-    _pip("install", str(found[-1]))
+    pip("install", str(found[-1]))
     import importlib
 
     importlib.invalidate_caches()
@@ -262,8 +264,6 @@ def ship(written: str | Path, info: Any, task: str, peft: str, outtype: str, fol
     """Rename a GGUF file `convert` / `quantize` wrote to its run name (`info`: a `runmeta.RunInfo`; method GGUF,
     the type as variant, bits per weight matrix as stored, the output tensor's type as head), its metadata
     beside it."""
-    from qlib import runmeta
-
     src = Path(written)
     bits = round(bits_per_weight(src)["weight_matrices"], 2)
     types = tensor_types(src)

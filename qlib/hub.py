@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from qlib.config import QlabError
+from qlib.core.errors import QlabError
 
 HUB = "https://huggingface.co"
 

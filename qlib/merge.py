@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from qlib import adapters, gguf, report, runmeta
-from qlib.config import QlabError
+from qlib import adapters, gguf, runmeta
+from qlib.core.errors import QlabError
+from qlib.core.io import atomic_dir
 from qlib.models import load_causal_lm
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -35,7 +36,7 @@ def require_tokenizer(model_dir: str | Path) -> None:
 def save_adapter(model: Any, tokenizer: Any, out: Path, trained_on: str) -> Path:
     """The adapter folder plus a note of the base precision it was trained against (the studies save theirs with
     `adapters.save_adapter` and full run metadata)."""
-    with report.atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / ADAPTER_META).write_text(json.dumps({"trained_on": trained_on}, indent=2))
@@ -93,7 +94,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out: str | Path
         merged.to(torch.float16).float()  # weights rounded to FP16, computed in FP32 (CPU has no fast FP16)
         after16 = merged(input_ids=x).logits
     merged.to(torch.float16)
-    with report.atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out)) as tmp:
         merged.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(tmp)
         if meta is not None:
@@ -108,7 +109,7 @@ def save_bnb(merged_dir: str | Path, out: str | Path, method: str, device: torch
     from transformers import AutoTokenizer
 
     model = load_causal_lm(merged_dir, method, device, keep_lm_head=keep_lm_head).eval()
-    with report.atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out)) as tmp:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(merged_dir)).save_pretrained(tmp)
         if meta is not None:

@@ -7,9 +7,11 @@ from typing import Any, Callable
 
 import torch
 
-from qlib.assets import Resolved
-from qlib.config import QlabError
-from qlib.report import atomic_dir
+from qlib.assets import Resolved, minilm_dir
+from qlib.config import build_quantization_plan
+from qlib.core.device import compute_dtype
+from qlib.core.errors import QlabError
+from qlib.core.io import atomic_dir
 
 # The true bert-base architecture, for the `gpu` profile's random-init rows (no weights travel).
 BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -21,8 +23,6 @@ def load_tokenizer(asset: Resolved) -> Any:
     from transformers import AutoTokenizer
 
     if asset.path is None:
-        from qlib.assets import minilm_dir
-
         return AutoTokenizer.from_pretrained(minilm_dir())
     return AutoTokenizer.from_pretrained(asset.path)
 
@@ -134,8 +134,6 @@ def load_causal_lm(path: str | Path, method: str | None, device: torch.device,
     `keep_lm_head=False` lets bitsandbytes quantize an untied LM head too."""
     from transformers import AutoModelForCausalLM
 
-    from qlib.config import build_quantization_plan, compute_dtype
-
     kwargs: dict[str, Any] = {"dtype": dtype or (torch.float32 if device.type == "cpu" else compute_dtype(device)),
                               "device_map": {"": device.index or 0} if device.type == "cuda" else None}
     if method:
@@ -159,30 +157,6 @@ def require_untied_head(path: str | Path) -> None:
     if getattr(AutoConfig.from_pretrained(str(path)), "tie_word_embeddings", False):
         raise QlabError(f"keep_lm_head_fp16=False: {path} ties its LM head to the input embeddings, which stay "
                         "16/32-bit; only an untied head (e.g. LLaMA-2) can be quantized")
-
-
-def add_causal_lora(model: torch.nn.Module, rank: int, kbit: bool, targets: list[str] | str | None = None,
-                    gradient_checkpointing: bool = False, alpha: int | None = None) -> Any:
-    """The QLoRA recipe's LoRA (alpha default 2r, dropout 0.05; targets: a preset name or module names, default
-    every projection of the architecture); `kbit` prepares a 4-/8-bit base first (peft upcasts what is not
-    quantized to fp32)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    from qlib.adapters import target_modules
-
-    ckpt = {"use_reentrant": False}
-    if kbit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=ckpt)
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
-        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
-    if targets is None or isinstance(targets, str):
-        targets = target_modules(model.config.model_type, targets or "attention+mlp")
-    # bnb layers, BitLinear and QuantLinear are nn.Linear-shaped; GPT-2's Conv1D is handled by peft too
-    cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.05, task_type="CAUSAL_LM",
-                     target_modules=list(targets))
-    return get_peft_model(model, cfg)
 
 
 def save_random_init(path: str | Path, build: Callable[[], torch.nn.Module], seed: int) -> Path:

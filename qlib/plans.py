@@ -9,6 +9,7 @@ import torch
 
 from qlib import assets, budget, hub
 from qlib.budget import Prediction
+from qlib.studies import baseline, gpt2_bitnet, llama_finetune, llama_scaling, qat, qlora_bert, qwen_merge, switchable
 
 # Training rows of the hub datasets (their cards), for predictions made before anything is downloaded
 TRAIN_ROWS = {"stanfordnlp/sst2": 67_349}
@@ -27,21 +28,17 @@ def _rows(dataset_id: str, n: int | None) -> int:
 
 def profile_plans(profile: str = "t4") -> dict[str, list[Prediction]]:
     """Predictions per notebook stem for the profile's own sizes (hub models only)."""
-    from qlib.config import baseline_config
-    from qlib.studies import (baseline, gpt2_bitnet, llama_finetune, llama_scaling, qat, qlora_bert, qwen_merge,
-                              switchable)
-
-    b = baseline_config(profile)
+    b = baseline.config(profile)
     n = _rows(b.dataset_id, b.n_train)
-    q = qlora_bert.qlora_config(profile)
-    g = gpt2_bitnet.gpt2_config(profile)
-    s = switchable.switchable_config(profile)
-    sc = llama_scaling.scaling_config(profile)
-    w = qwen_merge.qwen_merge_config(profile)
+    q = qlora_bert.config(profile)
+    g = gpt2_bitnet.config(profile)
+    s = switchable.config(profile)
+    sc = llama_scaling.config(profile)
+    w = qwen_merge.config(profile)
     out = {
         "01_baseline": baseline.plan(b, _config(b.model_id), n, _T4),
         "02_ptq": [],  # INT8 kernels are CPU kernels: nothing trains on the GPU
-        "03_qat": qat.plan(qat.qat_config(profile), _config(b.model_id), n, b.max_length, _T4),
+        "03_qat": qat.plan(qat.config(profile), _config(b.model_id), n, b.max_length, _T4),
         "04_qlora_bert": qlora_bert.plan(q, b, _config(b.model_id), n, _T4),
         "05_gpt2_bitnet": gpt2_bitnet.plan(g, _config(g.model_id), _T4),
         "06_switchable_precision": switchable.plan(s, _config(s.model_id), s.max_len or 1024, _T4),

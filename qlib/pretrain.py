@@ -18,7 +18,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from qlib.config import QlabError
+from qlib.core.device import set_seed
+from qlib.core.errors import QlabError
+from qlib.core.io import atomic_dir
+from qlib.core.paths import cache_dir
+from qlib.corpus import load_code_corpus, split_by_module
+from qlib.metrics import perplexity
 
 VERSION = 1  # bump when the recipe changes: old caches are then ignored, not reused
 
@@ -160,12 +165,6 @@ def _train(model: torch.nn.Module, stream: torch.Tensor, spec: LMSpec, desc: str
 def pretrained_lm(name: str, cache: Path | None = None) -> Path:
     """Folder of the cached qlib-pretrained LM `name` (trained now, once, if missing)."""
     from transformers import AutoModelForCausalLM
-
-    from qlib.assets import cache_dir
-    from qlib.data import load_code_corpus, split_by_module
-    from qlib.metrics import perplexity
-    from qlib.report import atomic_dir
-    from qlib.train import set_seed
 
     if name not in LM_SPECS:
         raise QlabError(f"unknown pretrained-here model {name!r}; valid: {', '.join(LM_SPECS)}")

@@ -30,7 +30,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from qlib.assets import Resolved, dataset_for, resolve_data
-from qlib.config import QlabError
+from qlib.core.errors import QlabError
+from qlib.corpus import load_code_corpus, split_by_module
 
 BLANK = "___"
 _ENTITY = re.compile(r"\b[A-Z][\w&'.-]*(?:\s+(?:of\s+|de\s+)?[A-Z][\w&'.-]*)*")
@@ -164,8 +165,6 @@ def clozes_from_function(fid: str, docstring: str, code: str, max_context_chars:
 
 def load_stdlib_cloze() -> tuple[list[QAExample], list[QAExample]]:
     """Train / eval code cloze sets on the stdlib corpus's own split by module."""
-    from qlib.data import load_code_corpus, split_by_module
-
     train_f, eval_f = split_by_module(load_code_corpus())
 
     def build(funcs: list) -> list[QAExample]:

@@ -1,229 +1,14 @@
-"""Results on disk: atomic writes, the metrics.json schema, results/summary.md and figures."""
+"""Across studies: results/summary.md and the README's results tables, from the studies' metrics.json files
+(it reads results; it imports no study)."""
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qlib.config import QlabError, repo_root
-
-# Every row carries all of these; a metric that does not apply is None (null), never left out.
-ROW_KEYS = ("method", "model", "dataset", "accuracy", "f1", "perplexity", "em", "size_bytes",
-            "bits_per_param", "latency_ms", "tokens_per_s", "speedup_vs_fp32", "peak_mem_bytes",
-            "train_time_s", "trainable_params", "total_params")
-TOP_KEYS = ("study", "profile", "seed", "env", "assets", "rows")
-
-
-# ---------------------------------------------------------------- atomic writes
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return p
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temp folder to fill; on success it replaces `path`, on error it is removed."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved model is meant to be shared like any folder
-    try:
-        yield tmp
-        old = p.with_name(f".{p.name}.old")
-        if p.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(p, old)
-        os.replace(tmp, p)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Save a matplotlib figure as PNG atomically."""
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
-    return atomic_write_bytes(path, buf.getvalue())
-
-
-# ---------------------------------------------------------------- the schema
-
-def peak_memory_text(rep: dict[str, Any] | None) -> str:
-    """One line of a peak-memory report (`metrics.PeakMemory.report`): CUDA reserved/allocated, or CPU RSS."""
-    if not rep:
-        return "not measured"
-    if rep.get("memory") == "cuda":
-        gpus = "; ".join(f"GPU {g['gpu']} {g['max_reserved_gb']:.2f}/{g['max_allocated_gb']:.2f}" for g in rep["per_gpu"])
-        return (f"CUDA max reserved {rep['overall_max_reserved_gb']:.2f} GiB, max allocated "
-                f"{rep['overall_max_allocated_gb']:.2f} GiB (per GPU reserved/allocated: {gpus})")
-    return (f"CPU RSS (no GPU): process peak {rep['rss_peak_gb']:.2f} GiB, of which the run added "
-            f"{rep['rss_growth_peak_gb']:.2f} GiB")
-
-
-def make_row(method: str, **metrics: Any) -> dict[str, Any]:
-    """A results row with every schema key (None where it does not apply) plus any extra keys."""
-    if not method or method != method.lower():
-        raise ValueError(f"method must be a non-empty lower-case name, got {method!r}")
-    row: dict[str, Any] = {k: None for k in ROW_KEYS}
-    row.update(method=method, **metrics)
-    for k, v in row.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            row[k] = None
-    return row
-
-
-# The results schema (DESIGN.md, "Results schema"): each row key's type and range; null where it does not apply.
-NUM, INT = (int, float), (int,)
-ROW_SCHEMA: dict[str, tuple[tuple[type, ...], float | None, float | None]] = {
-    "accuracy": (NUM, 0, 1), "f1": (NUM, 0, 1), "em": (NUM, 0, 1), "perplexity": (NUM, 1, None),
-    "size_bytes": (INT, 0, None), "bits_per_param": (NUM, 0, None), "latency_ms": (NUM, 0, None),
-    "tokens_per_s": (NUM, 0, None), "speedup_vs_fp32": (NUM, 0, None), "peak_mem_bytes": (NUM, None, None),
-    "train_time_s": (NUM, 0, None), "trainable_params": (INT, 0, None), "total_params": (INT, 0, None)}
-TOP_SCHEMA: dict[str, type | tuple[type, ...]] = {"study": str, "profile": str, "seed": int, "env": dict,
-                                                  "assets": dict, "rows": list}
-
-
-def validate_metrics(doc: Any, where: str = "metrics") -> dict[str, Any]:
-    """Check a metrics document against the results schema (keys, types, ranges); raise a QlabError naming the
-    first thing that is wrong. Used for writing and for reading."""
-    if not isinstance(doc, dict):
-        raise QlabError(f"{where}: a metrics document is a JSON object, got {type(doc).__name__}")
-    missing = [k for k in TOP_KEYS if k not in doc]
-    if missing:
-        raise QlabError(f"{where}: missing top-level keys {missing}")
-    for k, t in TOP_SCHEMA.items():
-        if not isinstance(doc[k], t) or isinstance(doc[k], bool):
-            raise QlabError(f"{where}: {k} must be {getattr(t, '__name__', t)}, got {type(doc[k]).__name__}")
-    if not doc["rows"]:
-        raise QlabError(f"{where}: rows is empty")
-    for i, row in enumerate(doc["rows"]):
-        _validate_row(row, f"{where}: row {i}")
-    return doc
-
-
-def _validate_row(row: Any, where: str) -> None:
-    if not isinstance(row, dict):
-        raise QlabError(f"{where} must be an object, got {type(row).__name__}")
-    lacking = [k for k in ROW_KEYS if k not in row]
-    if lacking:
-        raise QlabError(f"{where} ({row.get('method')}) lacks keys {lacking}")
-    if not isinstance(row["method"], str) or not row["method"]:
-        raise QlabError(f"{where}: method must be a non-empty string, got {row['method']!r}")
-    for k in ("model", "dataset"):
-        if row[k] is not None and not isinstance(row[k], str):
-            raise QlabError(f"{where} ({row['method']}): {k} must be a string or null, got {row[k]!r}")
-    for k, (types, lo, hi) in ROW_SCHEMA.items():
-        v = row[k]
-        if v is None:
-            continue
-        whole_ok = types != INT or isinstance(v, int) or (isinstance(v, float) and v.is_integer())
-        if isinstance(v, bool) or not isinstance(v, NUM) or not whole_ok or (isinstance(v, float) and not math.isfinite(v)):
-            raise QlabError(f"{where} ({row['method']}): {k} must be a {'whole' if types == INT else 'finite'} "
-                            f"number or null, got {v!r}")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise QlabError(f"{where} ({row['method']}): {k} = {v!r} is outside [{lo}, {hi if hi is not None else '∞'}]")
-
-
-def write_metrics(study: str, profile: str, seed: int, env: dict[str, Any],
-                  assets: dict[str, Any], rows: list[dict[str, Any]],
-                  out_dir: str | Path | None = None, **extra: Any) -> Path:
-    """Write results/<study>/metrics.json (or results/<profile>/<study>/) atomically."""
-    from qlib.config import results_dir
-
-    doc = {"study": study, "profile": profile, "seed": seed, "env": env, "assets": assets,
-           "rows": rows, **extra}
-    validate_metrics(doc, study)
-    d = Path(out_dir) if out_dir else results_dir(study, profile)
-    return atomic_write_text(d / "metrics.json", json.dumps(doc, indent=2, default=_jsonable) + "\n")
-
-
-def write_per_example(study: str, profile: str, name: str, columns: dict[str, Any]) -> Path:
-    """Per-example results (one row per sentence, answer or token; one column per method) as a gzipped CSV
-    beside metrics.json, so any comparison can be re-tested without rerunning the study."""
-    import gzip
-    import io
-
-    import pandas as pd
-
-    from qlib.config import results_dir
-
-    buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
-        gz.write(pd.DataFrame(columns).to_csv(index=False, float_format="%.5g").encode())
-    return atomic_write_bytes(results_dir(study, profile) / f"{name}.csv.gz", buf.getvalue())
-
-
-def points_interval(row: dict[str, Any], key: str, label: str = "") -> str:
-    """'-1.2 pt [-2.5, +0.1]<label>, within noise' from the `key`, `key_lo/_hi/_real` of an accuracy difference."""
-    d, lo, hi = (100 * row[k] for k in (key, f"{key}_lo", f"{key}_hi"))
-    return f"{d:+.1f} pt [{lo:+.1f}, {hi:+.1f}]{label}" + ("" if row[f"{key}_real"] else ", within noise")
-
-
-def seed_spread_text(row: dict[str, Any], key: str, scale: float = 1.0, fmt: str = ".3f", unit: str = "") -> str:
-    """'0.805 ± 0.004 over 3 seeds' from `key_seed_mean/_sd` (`scale` 100 and unit ' pt' for differences)."""
-    mean, sd, n = row.get(f"{key}_seed_mean"), row.get(f"{key}_seed_sd"), row.get("n_seeds")
-    if mean is None:
-        return "one seed"
-    if sd is None:
-        return f"{scale * mean:{fmt}}{unit}, one seed"
-    return f"{scale * mean:{fmt}} ± {scale * sd:{fmt.lstrip('+')}}{unit} over {n} seeds"
-
-
-def _jsonable(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def load_metrics(path: str | Path) -> dict[str, Any]:
-    """Read and validate one metrics.json; a missing or corrupt file is a clear error."""
-    p = Path(path)
-    if not p.is_file():
-        raise QlabError(f"results file not found: {p}")
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QlabError(f"corrupt results file {p}: {type(e).__name__}: {e}") from None
-    return validate_metrics(doc, str(p))
-
-
-# ---------------------------------------------------------------- summary
+from qlib.core.errors import QlabError
+from qlib.core.io import atomic_write_text
+from qlib.core.paths import repo_root
+from qlib.results import load_metrics, seed_spread_text
 
 SUMMARY_COLS = ("method", "model", "accuracy", "f1", "perplexity", "em", "size_bytes",
                 "bits_per_param", "latency_ms", "latency_ms_b8", "tokens_per_s", "speedup_vs_fp32", "peak_mem_bytes",
@@ -326,37 +111,6 @@ def write_summary(profile: str = "default", skipped: list[str] | None = None) ->
     return atomic_write_text(path, "\n".join(out))
 
 
-# ---------------------------------------------------------------- figures
-
-def plot_loss(losses: list[float], ax: Any, window: int = 10, title: str = "training loss") -> Any:
-    """Per-step loss and its rolling mean."""
-    import pandas as pd
-    import seaborn as sns
-
-    df = pd.DataFrame({"step": range(1, len(losses) + 1), "loss": losses})
-    df["rolling mean"] = df["loss"].rolling(min(window, len(df)), min_periods=1).mean()
-    sns.lineplot(data=df, x="step", y="loss", ax=ax, alpha=0.35, label="per step")
-    sns.lineplot(data=df, x="step", y="rolling mean", ax=ax, label=f"mean of {window}")
-    ax.set(title=title, ylabel="cross-entropy")
-    return ax
-
-
-def plot_confusion(preds: list[int], labels: list[int], names: list[str], ax: Any,
-                   title: str = "held-out confusion matrix") -> Any:
-    """Counts of (true, predicted) label pairs as an annotated heat-map."""
-    import numpy as np
-    import seaborn as sns
-
-    k = len(names)
-    m = np.zeros((k, k), dtype=int)
-    for p, y in zip(preds, labels):
-        m[y, p] += 1
-    sns.heatmap(m, annot=True, fmt="d", cmap="Blues", cbar=False, xticklabels=names,
-                yticklabels=names, ax=ax)
-    ax.set(title=title, xlabel="predicted", ylabel="true")
-    return ax
-
-
 # ---------------------------------------------------------------- README
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -441,8 +195,9 @@ def _projection_lines(d: dict[str, Any]) -> list[str]:
     return out
 
 
-def update_readme(path: str | Path | None = None) -> Path:
-    """Refill the README's results section (default run) and, where it has one, its GPU-results section."""
+def update_readme(path: str | Path | None = None, t4_plan: str | None = None) -> Path:
+    """Refill the README's results section (default run) and, where it has them, its GPU-results section and
+    (given `t4_plan`, the CLI's table of the t4 predictions) its T4-plan section."""
     p = Path(path) if path else repo_root() / "README.md"
     text = p.read_text()
     if README_START not in text or README_END not in text:
@@ -450,10 +205,8 @@ def update_readme(path: str | Path | None = None) -> Path:
     text = _fill(text, README_START, README_END, readme_table("default"))
     if GPU_START in text and GPU_END in text:
         text = _fill(text, GPU_START, GPU_END, gpu_readme_table())
-    if T4_START in text and T4_END in text:
-        from qlib import plans  # predictions from the t4 configs and the hub models' true configs
-
-        text = _fill(text, T4_START, T4_END, plans.table(plans.profile_plans("t4")))
+    if t4_plan is not None and T4_START in text and T4_END in text:
+        text = _fill(text, T4_START, T4_END, t4_plan)
     return atomic_write_text(p, text)
 
 
@@ -540,7 +293,5 @@ def gpu_readme_table() -> str:
 
 
 def _gpu_7b_lines(doc: dict[str, Any] | None) -> list[str]:
-    """07 at 7B: the accounting's prediction against the measurement, the T4-conditions rerun, the bars."""
-    from qlib.studies.llama_scaling import measured_7b_lines
-
-    return [""] + measured_7b_lines(doc) if doc else []
+    """The lines a study put into its metrics for the README (07: the 7B rungs measured against the prediction)."""
+    return [""] + doc["readme_lines"] if doc and doc.get("readme_lines") else []

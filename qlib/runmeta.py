@@ -19,8 +19,11 @@ from typing import Any
 
 import torch
 
-from qlib.config import QlabError, QuantMethod, QuantizationPlan, build_quantization_plan, dtype_name
-from qlib.report import atomic_write_text
+from qlib.config import QuantizationPlan, QuantMethod, build_quantization_plan
+from qlib.core import __version__
+from qlib.core.device import dtype_name
+from qlib.core.errors import QlabError
+from qlib.core.io import atomic_write_text
 
 META_FILE = "qlab.json"
 FILE_SUFFIXES = (".gguf", ".safetensors", ".pt", ".onnx")  # artifacts that are one file (folder names hold dots)
@@ -138,8 +141,6 @@ def metadata(name: str, plan: QuantizationPlan, *, study: str, profile: str, see
              knobs: LoraKnobs | None = None, weights_bits: float | None = None,
              extras: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """The metadata document of one artifact (the quantization block with this run's head dtype, knobs and bits)."""
-    from qlib import __version__
-
     q = plan.metadata()["quantization"]
     q["lm_head_dtype"] = lm_head_dtype
     if weights_bits is not None:

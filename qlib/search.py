@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from qlib.config import QlabError
+from qlib.core.errors import QlabError
 from qlib.quant.uniform import QuantLinear
 from qlib.switchable import SwitchableQuantLoRAModel, bitmap_str
 

@@ -13,9 +13,12 @@ from typing import Any
 
 import torch
 
-from qlib.config import QlabError
+from qlib import quant
+from qlib.adapters import check_adapter
+from qlib.core.errors import QlabError
+from qlib.core.io import atomic_dir
 from qlib.models import GPT2_LORA_TARGETS
-from qlib.quant.uniform import WIDTHS, QuantLinear, check_width, patch_gpt2_with_quantization
+from qlib.quant.uniform import WIDTHS, QuantLinear, check_width
 
 Bitmap = int | str | dict[Any, int] | list[int] | tuple[int, ...]
 
@@ -124,8 +127,6 @@ class SwitchableQuantLoRAModel(torch.nn.Module):
         """All adapters (peft writes one subfolder per adapter) plus the widths."""
         import json
 
-        from qlib.report import atomic_dir
-
         with atomic_dir(Path(path)) as tmp:
             self.model.save_pretrained(tmp, selected_adapters=[adapter_name(b) for b in self.widths])
             (tmp / "switchable.json").write_text(json.dumps({"widths": list(self.widths)}))
@@ -150,7 +151,7 @@ def build(base_dir: str | Path, widths: tuple[int, ...], rank: int, device: torc
     for b in widths:
         check_width(b)
     base = load_base(base_dir)
-    patch_gpt2_with_quantization(base)
+    quant.apply(base, "switchable")
     for p in base.parameters():
         p.requires_grad_(False)
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=GPT2_LORA_TARGETS, task_type="CAUSAL_LM")
@@ -192,9 +193,8 @@ def load(base_dir: str | Path, adapters_dir: str | Path, device: torch.device) -
     sub = saved_widths(adapters_dir)
     widths = tuple(sub)
     base = load_base(base_dir)
-    patch_gpt2_with_quantization(base)
+    quant.apply(base, "switchable")
     first, *rest = widths
-    from qlib.adapters import check_adapter
 
     for b in widths:
         check_adapter(base, sub[b])

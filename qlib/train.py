@@ -2,28 +2,16 @@
 from __future__ import annotations
 
 import math
-import os
-import random
 import statistics
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from qlib.config import QlabError, compute_dtype
+from qlib.core.device import compute_dtype
+from qlib.core.errors import QlabError
 from qlib.runmeta import OPTIMIZERS
-
-
-def set_seed(seed: int, threads: int | None = None) -> None:
-    """Seed python, numpy and torch, and fix the thread count: same seed + machine -> same numbers."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if threads is None:
-        threads = int(os.environ.get("QLAB_THREADS", os.cpu_count() or 1))
-    torch.set_num_threads(threads)
 
 
 def seeds(seed: int, n: int) -> list[int]:

@@ -209,7 +209,7 @@ def _code_search_net(rows: int = 300) -> dict[str, Any]:
     """CodeSearchNet's python features over real stdlib functions (split by module, as CSN splits by repo)."""
     import datasets
 
-    from qlib.data import load_code_corpus, split_by_module
+    from qlib.corpus import load_code_corpus, split_by_module
 
     train, held = split_by_module(load_code_corpus())
     seq = datasets.Sequence(datasets.Value("string"))

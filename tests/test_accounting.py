@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from qlib import accounting
-from qlib.config import QlabError
-from qlib.studies import llama_scaling
+from qlib.core.errors import QlabError
+from qlib.studies import llama_finetune, llama_scaling
 
 SMALL = [dict(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=4),
@@ -67,7 +67,7 @@ def test_activation_formula_matches_saved_tensors(kw):
 
 
 def test_resident_bytes_of_a_measured_rung_match_the_accounting(tmp_path):
-    cfg = llama_scaling.scaling_config("smoke", rungs=("llama-5m",), methods=("qlora", "full"))
+    cfg = llama_scaling.config("smoke", rungs=("llama-5m",), methods=("qlora", "full"))
     cpu = torch.device("cpu")
     rows = [llama_scaling.measure_rung("llama-5m", m, cfg, cpu, tmp_path) for m in cfg.methods]
     by = {r["method"]: r for r in rows}
@@ -82,9 +82,9 @@ def test_resident_bytes_of_a_measured_rung_match_the_accounting(tmp_path):
 
 def test_bad_ladder_settings_are_named():
     with pytest.raises(QlabError, match="unknown rung/method"):
-        llama_scaling.scaling_config("smoke", rungs=["llama-3b"])
+        llama_scaling.config("smoke", rungs=["llama-3b"])
     with pytest.raises(QlabError, match="needs a CUDA GPU"):
-        llama_scaling.finetune_7b(llama_scaling.scaling_config("smoke"), torch.device("cpu"))
+        llama_finetune.finetune_7b(llama_scaling.config("smoke"), torch.device("cpu"))
 
 
 def test_fit_recovers_a_known_line():
@@ -141,7 +141,7 @@ def test_full_rung_at_fp16_trains_with_a_grad_scaler(tmp_path, monkeypatch):
     """A T4 (fp16) full fine-tune with a GradScaler: fp32 master weights under fp16 autocast. fp16 weights
     raised "Attempting to unscale FP16 gradients" and killed notebook 07. CPU autocast runs the same code."""
     monkeypatch.setattr(llama_scaling, "compute_dtype", lambda d=None: torch.float16)
-    cfg = llama_scaling.scaling_config("smoke", rungs=("llama-2m",), methods=("full",), vocab_size=500, seq=16, steps=1)
+    cfg = llama_scaling.config("smoke", rungs=("llama-2m",), methods=("full",), vocab_size=500, seq=16, steps=1)
     row = llama_scaling.measure_rung("llama-2m", "full", cfg, torch.device("cpu"), tmp_path)
     assert row["status"] == "ok", row.get("note")
     setup = llama_scaling.setup_for("full", torch.device("cpu"), 16)
@@ -154,7 +154,7 @@ def test_full_rung_at_fp16_trains_with_a_grad_scaler(tmp_path, monkeypatch):
 def test_the_7b_finetune_fails_before_the_ladder_without_cuda(monkeypatch):
     monkeypatch.setattr(llama_scaling, "run_ladder", lambda *a: pytest.fail("the ladder ran first"))
     with pytest.raises(QlabError, match="finetune_7b needs a CUDA GPU .* device=cpu rehearses"):
-        llama_scaling.run(llama_scaling.scaling_config("t4"))
+        llama_scaling.run(llama_scaling.config("t4"))
 
 
 # Peaks measured with plain bitsandbytes 0.50.2 + peft on an H100 (../shared/ASSETS.md, "The GPU machine"; bf16
@@ -179,7 +179,7 @@ def test_predictions_agree_with_the_h100_measurements(repo, method, batch, seq, 
 
 def test_the_7b_projection_takes_the_h100_gap_additively_and_no_cpu_factor():
     """The T4 projection shifts the fp16 accounting by the bf16 accounting's gap at the measured H100 peak."""
-    cfg = llama_scaling.scaling_config("default")
+    cfg = llama_scaling.config("default")
     fits = {"qlora": {"projected_peak_mem_bytes": 1e12, "projected_step_time_s": 9.0,
                       "measured_over_predicted_largest_rung": 3.0}}
     by = {p["method"]: p for p in llama_scaling.projection_7b(cfg, fits)}

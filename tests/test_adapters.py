@@ -4,7 +4,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from qlib import adapters
-from qlib.config import QlabError
+from qlib.core.errors import QlabError
 
 TINY = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=128, max_position_embeddings=64, num_labels=2)

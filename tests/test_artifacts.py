@@ -6,7 +6,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from qlib import adapters, artifacts, gguf
-from qlib.config import QlabError
+from qlib.core.errors import QlabError
 from qlib.pretrain import pretrained_lm
 
 TINY = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,

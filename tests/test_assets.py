@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from qlib import assets, data
-from qlib.config import QlabError
+from qlib.core.errors import QlabError
+from qlib.corpus import load_code_corpus, sft_text, split_by_module
 
 
 def test_hub_model_offline_is_one_clear_error(monkeypatch, tmp_path):
@@ -54,11 +55,11 @@ def test_corrupt_csv_is_a_clear_error(tmp_path):
 
 
 def test_code_corpus_is_real_stdlib_functions_split_by_module():
-    funcs = data.load_code_corpus()
+    funcs = load_code_corpus()
     assert len(funcs) > 3000
     assert all(len(f.docstring) >= 20 and f.code.lstrip().startswith(("def", "async def", "@"))
                for f in funcs[:200])
-    train, held = data.split_by_module(funcs)
+    train, held = split_by_module(funcs)
     assert not {f.module for f in train} & {f.module for f in held}
     assert len({f.module for f in held}) > 20  # many modules, not one package
     assert 0.05 < len(held) / len(funcs) < 0.2
@@ -88,8 +89,8 @@ def test_smollm2_tokenizer_agrees_with_llama_cpp():
     from qlib import gguf
 
     tok = AutoTokenizer.from_pretrained(assets.smollm2_dir())
-    _, held = data.split_by_module(data.load_code_corpus())
-    texts = [data.sft_text(f) for f in held[:200]] + ["        #     4 digits?", "2024-11-24 v3.11 x=1234567",
+    _, held = split_by_module(load_code_corpus())
+    texts = [sft_text(f) for f in held[:200]] + ["        #     4 digits?", "2024-11-24 v3.11 x=1234567",
                                                       " leading space\tand\n\n  blank lines", "Ünïcödé 🦙 text"]
     assert gguf.tokenize(assets.smollm2_gguf(), texts) == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 

@@ -6,8 +6,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from qlib import assets, data, metrics, models
+from qlib.core.errors import QlabError
 from qlib.studies import baseline
-from qlib.config import QlabError, baseline_config
 from qlib.train import predict
 
 TINY_BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -30,7 +30,7 @@ def test_minilm_classifier_exact_parameter_count():
 
 def _run(tmp_path, monkeypatch, seed):
     monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
-    cfg = baseline_config("smoke", seed=seed, n_train=32, n_eval=32, latency_repeats=2)
+    cfg = baseline.config("smoke", seed=seed, n_train=32, n_eval=32, latency_repeats=2)
     return baseline.run(cfg)
 
 

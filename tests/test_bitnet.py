@@ -132,7 +132,7 @@ def test_05_regimes_are_paired_with_fp32_and_their_controls():
     base = rng.exponential(2.0, 640)
     nll = {"fp32": base, "lora": base + 0.01, "qlora": base + 0.11, "bitnet_ptq": base + 3.0, "bitnet": base + 0.5}
     rows = [{"method": m} for m in nll]
-    cfg = gpt2_bitnet.gpt2_config("smoke")
+    cfg = gpt2_bitnet.config("smoke")
     gpt2_bitnet.paired_differences(rows, nll, cfg)
     by = {r["method"]: r for r in rows}
     assert by["fp32"]["perplexity_ratio_vs_fp32"] is None and by["fp32"]["control"] is None
@@ -156,7 +156,7 @@ def test_05_regimes_train_on_the_same_batches_in_the_same_order(monkeypatch):
         return TrainResult()
     monkeypatch.setattr(gpt2_bitnet, "finetune", fake_finetune)
     loader = data.lm_loader(torch.arange(40).reshape(10, 4), 2, seed=0)
-    cfg = gpt2_bitnet.gpt2_config("smoke")
+    cfg = gpt2_bitnet.config("smoke")
     for name in ("lora", "qlora"):
         gpt2_bitnet._train(name, torch.nn.Linear(1, 1), loader, cfg, 1e-3, torch.device("cpu"))
     assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], torch.arange(40).reshape(10, 4))

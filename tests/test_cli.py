@@ -32,12 +32,13 @@ def test_gpu_profile_on_a_cpu_machine_is_one_line():
 def test_gpu_profile_covers_only_the_random_init_studies():
     _one_clear_line(qlib("run", "02", "06", "--profile", "gpu", "-p", "device", "cpu"), "no gpu profile for 02_ptq, 06_switchable_precision")
     from qlib.cli import notebooks
-    from qlib.config import GPU_STUDIES, QlabError
+    from qlib.config import GPU_STUDIES
+    from qlib.core.errors import QlabError
     from qlib.studies import ptq
 
     assert [nb.stem[:2] for nb in notebooks(list(GPU_STUDIES))] == ["01", "04", "05", "07"]
-    with pytest.raises(QlabError, match=r"PTQConfig has no 'gpu' profile.*01, 04, 05, 07"):
-        ptq.ptq_config("gpu")
+    with pytest.raises(QlabError, match=r"ptq.Config has no 'gpu' profile.*01, 04, 05, 07"):
+        ptq.config("gpu")
 
 
 def test_missing_and_corrupt_checkpoint(tmp_path):

@@ -3,9 +3,11 @@ import json
 import pytest
 import torch
 
-from qlib.config import (BaselineConfig, QlabError, QuantMethod, baseline_config,
-                         build_quantization_plan, compute_dtype, pick_device)
+from qlib.config import QuantMethod, build_quantization_plan
+from qlib.core.device import compute_dtype, pick_device
+from qlib.core.errors import QlabError
 from qlib.runmeta import parse_run_name, read_meta, run_name, write_meta
+from qlib.studies import baseline
 
 
 def test_enum_parse_accepts_names_values_and_aliases():
@@ -77,15 +79,15 @@ def test_metadata_corrupt_or_missing(tmp_path):
 
 
 def test_profiles_and_overrides():
-    assert baseline_config("default") == BaselineConfig()
-    smoke = baseline_config("smoke", lr=1e-3, epochs=None)
+    assert baseline.config("default") == baseline.Config()
+    smoke = baseline.config("smoke", lr=1e-3, epochs=None)
     assert smoke.lr == 1e-3 and smoke.epochs == 1 and smoke.n_train == 64
-    assert baseline_config("t4").model_id == "bert-base-uncased"
-    assert baseline_config("gpu").random_init is True
+    assert baseline.config("t4").model_id == "bert-base-uncased"
+    assert baseline.config("gpu").random_init is True
     with pytest.raises(QlabError, match="unknown profile 'fast'"):
-        baseline_config("fast")
+        baseline.config("fast")
     with pytest.raises(QlabError, match="unknown parameter.*learning_rate"):
-        baseline_config("default", learning_rate=1.0)
+        baseline.config("default", learning_rate=1.0)
 
 
 def test_cuda_request_on_cpu_machine_is_a_clear_error(monkeypatch):
@@ -102,12 +104,12 @@ def test_tuple_knobs_accept_a_list_or_a_comma_string():
     """papermill/CLI pass tuples as YAML lists or one string (`-p rungs a,b`): make_config makes them tuples."""
     from qlib.studies import llama_scaling, qlora_bert, switchable
 
-    assert llama_scaling.scaling_config("smoke", rungs="llama-2m, llama-5m").rungs == ("llama-2m", "llama-5m")
-    assert llama_scaling.scaling_config("smoke", methods=["qlora"]).methods == ("qlora",)
-    assert qlora_bert.qlora_config("smoke", ranks="4,8").ranks == (4, 8)
-    assert switchable.switchable_config("smoke", widths=["2", 8]).widths == (2, 8)
+    assert llama_scaling.config("smoke", rungs="llama-2m, llama-5m").rungs == ("llama-2m", "llama-5m")
+    assert llama_scaling.config("smoke", methods=["qlora"]).methods == ("qlora",)
+    assert qlora_bert.config("smoke", ranks="4,8").ranks == (4, 8)
+    assert switchable.config("smoke", widths=["2", 8]).widths == (2, 8)
     with pytest.raises(QlabError, match="unknown rung/method"):
-        llama_scaling.scaling_config("smoke", rungs="llama-2m,llama-99m")
+        llama_scaling.config("smoke", rungs="llama-2m,llama-99m")
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -122,16 +124,15 @@ def test_tuple_knobs_accept_a_list_or_a_comma_string():
     (dict(random_init="yes"), "random_init must be true or false"),
 ])
 def test_config_values_are_checked_by_type_and_range(override, needle):
-    from qlib.config import QlabError, baseline_config
+    from qlib.core.errors import QlabError
 
     with pytest.raises(QlabError, match=needle):
-        baseline_config("smoke", **override)
+        baseline.config("smoke", **override)
 
 
 def test_config_accepts_what_it_should():
-    from qlib.config import baseline_config
     from qlib.studies import qlora_bert, switchable
 
-    assert baseline_config("smoke", epochs=1, n_eval=None).epochs == 1  # an int where a float belongs
-    assert qlora_bert.qlora_config("smoke", ranks=[4, 8]).ranks == (4, 8)
-    assert switchable.switchable_config("smoke", budget=0).budget == 0
+    assert baseline.config("smoke", epochs=1, n_eval=None).epochs == 1  # an int where a float belongs
+    assert qlora_bert.config("smoke", ranks=[4, 8]).ranks == (4, 8)
+    assert switchable.config("smoke", budget=0).budget == 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qlib import gguf, metrics
-from qlib.config import QlabError
+from qlib.core.errors import QlabError
 from qlib.pretrain import pretrained_lm
 
 

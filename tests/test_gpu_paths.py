@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from qlib import assets
-from qlib.config import QlabError, compute_dtype, t4_conditions
+from qlib.core.device import compute_dtype, t4_conditions
+from qlib.core.errors import QlabError
 from qlib.studies import llama_scaling
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
@@ -56,7 +57,7 @@ def test_oom_rung_is_a_row_not_a_crash(monkeypatch, tmp_path):
     def boom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
     monkeypatch.setattr(llama_scaling, "prepare", boom)
-    cfg = llama_scaling.scaling_config("smoke", rungs=("llama-2m",), methods=("qlora",))
+    cfg = llama_scaling.config("smoke", rungs=("llama-2m",), methods=("qlora",))
     row = llama_scaling.measure_rung("llama-2m", "qlora", cfg, torch.device("cpu"), tmp_path)
     assert row["status"] == "oom" and "out of memory at" in row["note"] and row["predicted_peak_mem_bytes"] > 0
 
@@ -64,7 +65,7 @@ def test_oom_rung_is_a_row_not_a_crash(monkeypatch, tmp_path):
 @pytest.mark.cuda
 @needs_cuda
 def test_qlora_rung_on_cuda_predicts_its_peak(tmp_path):
-    cfg = llama_scaling.scaling_config("smoke", rungs=("llama-5m",), methods=("qlora",), seq=64)
+    cfg = llama_scaling.config("smoke", rungs=("llama-5m",), methods=("qlora",), seq=64)
     row = llama_scaling.measure_rung("llama-5m", "qlora", cfg, torch.device("cuda"), tmp_path)
     assert row["status"] == "ok" and row["peak_mem_source"] == "cuda_max_allocated"
     assert abs(row["resident_prediction_error"]) < 0.05
@@ -83,7 +84,7 @@ def test_random_init_gpt2_rows_have_null_quality(tmp_path, monkeypatch):
     from qlib.studies import gpt2_bitnet
 
     monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
-    cfg = gpt2_bitnet.gpt2_config("smoke", random_init=True, regimes=["fp32", "nf4", "qlora", "bitnet"], steps=1,
+    cfg = gpt2_bitnet.config("smoke", random_init=True, regimes=["fp32", "nf4", "qlora", "bitnet"], steps=1,
                                   eval_tokens=256, gguf=True)
     res = gpt2_bitnet.run(cfg)
     assert res.doc["assets"]["model"]["source"] == "random-init"
@@ -105,7 +106,7 @@ def test_random_init_bert_rows_compare_fp32_and_qlora(tmp_path, monkeypatch):
     from qlib.studies import qlora_bert
 
     monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
-    cfg = qlora_bert.qlora_config("gpu", random_arch="tiny", bench_steps=2, batch_size=4, seq_len=16, device="cpu")
+    cfg = qlora_bert.config("gpu", random_arch="tiny", bench_steps=2, batch_size=4, seq_len=16, device="cpu")
     res = qlora_bert.run(cfg)
     fp, q = res.rows
     assert (fp["method"], q["method"]) == ("fp32", "qlora") and res.doc["assets"]["model"]["source"] == "random-init"

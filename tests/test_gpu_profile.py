@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qlib import report
+from qlib import results
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
@@ -35,7 +35,7 @@ def test_gpu_profile_notebook_runs_headless(stem, params, counts, tmp_path, monk
                         parameters={"profile": "gpu", "device": "cpu", **params}, kernel_name="python3",
                         progress_bar=False)
     doc = json.loads((tmp_path / "results" / "gpu" / stem / "metrics.json").read_text())
-    report.validate_metrics(doc, stem)
+    results.validate_metrics(doc, stem)
     assert doc["profile"] == "gpu" and doc["assets"]["model"]["source"] == "random-init"
     assert doc["assets"]["data"]["id"] == "random tokens"  # nothing but the code has to reach the GPU machine
     assert all(r.get("accuracy") is None and r.get("perplexity") is None for r in doc["rows"])

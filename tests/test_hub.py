@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qlib import assets, budget, data, hub, plans, qa
-from qlib.config import QlabError
+from qlib.core.errors import QlabError
 
 T4_DATA = [("classification", "sst2", "stanfordnlp/sst2", ("sentence", "label")),
            ("code", "codesearchnet-python", "code-search-net/code_search_net",
@@ -188,7 +188,7 @@ def test_t4_profile_fits_a_t4_and_a_colab_session():
     from qlib.hub import model_config
     from qlib.studies import qwen_merge
 
-    old = qwen_merge.qwen_merge_config("t4", batch_size=8, gradient_checkpointing=False)  # the old t4 setting
+    old = qwen_merge.config("t4", batch_size=8, gradient_checkpointing=False)  # the old t4 setting
     assert not plans.fits(qwen_merge.plan(old, model_config("Qwen/Qwen2.5-1.5B-Instruct"), torch.device("cpu"))[0])
 
 

@@ -4,8 +4,8 @@ import shutil
 import pytest
 import torch
 
-from qlib import gguf, merge, models
-from qlib.config import QlabError
+from qlib import adapters, gguf, merge, models
+from qlib.core.errors import QlabError
 from qlib.pretrain import pretrained_lm
 
 CPU = torch.device("cpu")
@@ -24,7 +24,7 @@ def _adapter(base, out, trained_on: str, seed: int = 0):
 
     torch.manual_seed(seed)
     model = models.load_causal_lm(base, "qlora" if trained_on == "nf4" else None, CPU)
-    peft_model = models.add_causal_lora(model, 4, kbit=trained_on == "nf4")
+    peft_model = adapters.add_causal_lora(model, 4, kbit=trained_on == "nf4")
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:  # a trained adapter's B is non-zero; a fresh one would make the merge trivial
             torch.nn.init.normal_(p, std=0.05)

@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from qlib import metrics
+from qlib import metrics, results
 
 
 def test_accuracy_and_macro_f1_by_hand():
@@ -169,15 +169,14 @@ def test_seed_spread_is_mean_and_sample_sd():
         metrics.seed_spread([])
     row = metrics.with_seeds({}, "accuracy", [0.80, 0.82, 0.84])
     assert row["accuracy_seed_values"] == [0.80, 0.82, 0.84] and row["n_seeds"] == 3
-    from qlib import report
-    assert report.seed_spread_text(row, "accuracy") == "0.820 ± 0.020 over 3 seeds"
+    assert results.seed_spread_text(row, "accuracy") == "0.820 ± 0.020 over 3 seeds"
     d = metrics.with_seeds({}, "accuracy_diff_vs_fp32", [-0.01, 0.01, 0.03])
-    assert report.seed_spread_text(d, "accuracy_diff_vs_fp32", 100, "+.1f", " pt") == "+1.0 ± 2.0 pt over 3 seeds"
-    assert report.seed_spread_text({}, "accuracy") == "one seed"
+    assert results.seed_spread_text(d, "accuracy_diff_vs_fp32", 100, "+.1f", " pt") == "+1.0 ± 2.0 pt over 3 seeds"
+    assert results.seed_spread_text({}, "accuracy") == "one seed"
 
 
 def test_training_seeds_follow_the_first_and_refuse_nonsense():
-    from qlib.config import QlabError
+    from qlib.core.errors import QlabError
     from qlib.train import seeds
 
     assert seeds(5, 3) == [5, 6, 7]

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlib import assets, metrics
-from qlib.config import QlabError
+from qlib.core.errors import QlabError
 from qlib.pretrain import LM_SPECS, LMSpec, model_config, pretrained_lm
 
 

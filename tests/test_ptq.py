@@ -5,7 +5,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from qlib import export
-from qlib.config import QlabError
+from qlib.core.errors import QlabError
 from qlib.quant import ptq
 
 TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

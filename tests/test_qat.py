@@ -4,7 +4,8 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from qlib.quant import ptq, qat
-from qlib.studies.qat import load_qat, save_qat
+from qlib.quant.qat import load_qat
+from qlib.studies.qat import save_qat
 
 TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=64, max_position_embeddings=64, num_labels=2)
@@ -43,6 +44,7 @@ def test_prepare_train_convert_reload(tmp_path):
     assert ptq.count_quantized(int8)["embedding"] == 3
 
     from transformers import AutoTokenizer  # any tokenizer: save_qat stores it beside the weights
+
     from qlib.assets import minilm_dir
 
     path = save_qat(int8, fp32.config, AutoTokenizer.from_pretrained(minilm_dir()), tmp_path / "qat_bert_int8", {})

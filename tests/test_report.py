@@ -4,8 +4,10 @@ import re
 
 import pytest
 
-from qlib import report
-from qlib.config import QlabError
+from qlib import report, results
+from qlib.core.errors import QlabError
+from qlib.core.io import atomic_dir, atomic_write_text
+from qlib.studies import llama_scaling
 
 
 def test_atomic_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
@@ -17,7 +19,7 @@ def test_atomic_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch)
 
     monkeypatch.setattr(os, "fsync", boom)
     with pytest.raises(OSError, match="disk full"):
-        report.atomic_write_text(target, "new content")
+        atomic_write_text(target, "new content")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
@@ -25,14 +27,14 @@ def test_atomic_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch)
 def test_atomic_write_respects_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        p = report.atomic_write_text(tmp_path / "r.json", "{}")
+        p = atomic_write_text(tmp_path / "r.json", "{}")
     finally:
         os.umask(old)
     assert p.stat().st_mode & 0o777 == 0o644
     old = os.umask(0o022)
     try:
-        with report.atomic_dir(tmp_path / "model") as d:
-            report.atomic_write_text(d / "config.json", "{}")
+        with atomic_dir(tmp_path / "model") as d:
+            atomic_write_text(d / "config.json", "{}")
     finally:
         os.umask(old)
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
@@ -42,65 +44,65 @@ def test_atomic_write_respects_umask(tmp_path):
 def test_atomic_write_failure_on_new_file_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("rename failed")))
     with pytest.raises(OSError):
-        report.atomic_write_text(tmp_path / "new.json", "x")
+        atomic_write_text(tmp_path / "new.json", "x")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_atomic_dir_is_all_or_nothing(tmp_path):
     target = tmp_path / "baseline-model"
     with pytest.raises(RuntimeError):
-        with report.atomic_dir(target) as d:
+        with atomic_dir(target) as d:
             (d / "model.safetensors").write_bytes(b"half")
             raise RuntimeError("crash mid-save")
     assert list(tmp_path.iterdir()) == []
-    with report.atomic_dir(target) as d:
+    with atomic_dir(target) as d:
         (d / "a").write_text("1")
-    with report.atomic_dir(target) as d:
+    with atomic_dir(target) as d:
         (d / "b").write_text("2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["baseline-model"]
     assert sorted(p.name for p in target.iterdir()) == ["b"]
 
 
 def test_make_row_fills_every_schema_key_with_null():
-    row = report.make_row("ptq_int8_dynamic", accuracy=0.9, latency_ms_b8=3.0, f1=float("nan"))
-    assert set(report.ROW_KEYS) <= set(row)
+    row = results.make_row("ptq_int8_dynamic", accuracy=0.9, latency_ms_b8=3.0, f1=float("nan"))
+    assert set(results.ROW_KEYS) <= set(row)
     assert row["perplexity"] is None and row["f1"] is None and row["latency_ms_b8"] == 3.0
     with pytest.raises(ValueError):
-        report.make_row("FP32")
+        results.make_row("FP32")
 
 
 def test_write_and_load_metrics_round_trip(tmp_path):
-    rows = [report.make_row("fp32", accuracy=0.5)]
-    p = report.write_metrics("99_x", "smoke", 0, {"device": "cpu"}, {"model": {"id": "m"}}, rows,
+    rows = [results.make_row("fp32", accuracy=0.5)]
+    p = results.write_metrics("99_x", "smoke", 0, {"device": "cpu"}, {"model": {"id": "m"}}, rows,
                              out_dir=tmp_path)
-    doc = report.load_metrics(p)
+    doc = results.load_metrics(p)
     assert doc["rows"][0]["accuracy"] == 0.5 and doc["rows"][0]["em"] is None
     assert doc["study"] == "99_x" and doc["profile"] == "smoke"
 
 
 def test_bad_metrics_are_named(tmp_path):
     with pytest.raises(QlabError, match="lacks keys"):
-        report.write_metrics("x", "smoke", 0, {}, {}, [{"method": "fp32"}], out_dir=tmp_path)
+        results.write_metrics("x", "smoke", 0, {}, {}, [{"method": "fp32"}], out_dir=tmp_path)
     assert not (tmp_path / "metrics.json").exists()
     bad = tmp_path / "metrics.json"
     bad.write_text("{not json")
     with pytest.raises(QlabError, match="corrupt results file"):
-        report.load_metrics(bad)
+        results.load_metrics(bad)
     bad.write_text(json.dumps({"study": "x"}))
     with pytest.raises(QlabError, match="missing top-level keys"):
-        report.load_metrics(bad)
+        results.load_metrics(bad)
 
 
 def test_summary_lists_each_study(tmp_path, monkeypatch):
     monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
-    rows = [report.make_row("fp32", model="m", accuracy=0.81, size_bytes=2**20)]
+    rows = [results.make_row("fp32", model="m", accuracy=0.81, size_bytes=2**20)]
     env = {"device": "cpu", "cpu": "test-cpu", "isa": ["avx2"], "threads": 2, "torch": "t"}
-    report.write_metrics("01_baseline", "default", 0, env, {"model": {"id": "m", "source": "s"}}, rows)
+    results.write_metrics("01_baseline", "default", 0, env, {"model": {"id": "m", "source": "s"}}, rows)
     text = report.write_summary("default").read_text()
     assert "## 01_baseline" in text and "0.810" in text and "| 1.0 |" in text and "size (MiB)" in text
     assert "BERT compression" not in text  # one study alone makes no cross table
-    ptq_rows = [report.make_row("ptq_int8_dynamic", model="m", accuracy=0.80, size_bytes=2**18)]
-    report.write_metrics("02_ptq", "default", 0, env, {"model": {"id": "m", "source": "s"}}, ptq_rows)
+    ptq_rows = [results.make_row("ptq_int8_dynamic", model="m", accuracy=0.80, size_bytes=2**18)]
+    results.write_metrics("02_ptq", "default", 0, env, {"model": {"id": "m", "source": "s"}}, ptq_rows)
     text = report.write_summary("default").read_text()
     assert "## BERT compression" in text and "| 02_ptq | ptq_int8_dynamic | m | 0.800 |" in text
     with pytest.raises(QlabError, match="no results for profile 'smoke'"):
@@ -110,9 +112,9 @@ def test_summary_lists_each_study(tmp_path, monkeypatch):
 def test_readme_table_is_filled_from_results(tmp_path, monkeypatch):
     monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
     env = {"device": "cpu", "cpu": "c", "isa": [], "threads": 2, "torch": "t"}
-    rows = [report.make_row("fp32", accuracy=0.8, size_bytes=2**21),
-            report.make_row("ptq_int8_dynamic", accuracy=0.79, size_bytes=2**19, speedup_vs_fp32=2.5)]
-    report.write_metrics("02_ptq", "default", 0, env, {}, rows)
+    rows = [results.make_row("fp32", accuracy=0.8, size_bytes=2**21),
+            results.make_row("ptq_int8_dynamic", accuracy=0.79, size_bytes=2**19, speedup_vs_fp32=2.5)]
+    results.write_metrics("02_ptq", "default", 0, env, {}, rows)
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.README_START}\nold\n{report.README_END}\nrest\n")
     text = report.update_readme(readme).read_text()
@@ -124,10 +126,13 @@ def test_readme_table_is_filled_from_results(tmp_path, monkeypatch):
         report.update_readme(readme)
 
 
-def _write(study, profile, rows, **extra):
+def _write(study, profile, rows, readme_lines=False, **extra):
+    """A metrics.json as a study writes it (07: with the README lines it composes from its rows)."""
     env = {"device": "cuda", "gpu": "Test GPU", "cuda": "13.0", "torch": "2.x", "bitsandbytes": "0.50.2"}
-    report.write_metrics(study, profile, 0, env, {"model": {"source": "random-init"}},
-                         [report.make_row(m, **r) for m, r in rows], **extra)
+    made = [results.make_row(m, **r) for m, r in rows]
+    if readme_lines:
+        extra["readme_lines"] = llama_scaling.measured_7b_lines({"rows": made, **extra})
+    results.write_metrics(study, profile, 0, env, {"model": {"source": "random-init"}}, made, **extra)
 
 
 def test_gpu_readme_table_says_not_run_without_gpu_results(tmp_path, monkeypatch):
@@ -152,7 +157,7 @@ def test_gpu_readme_table_puts_gpu_ratios_beside_cpu_ones(tmp_path, monkeypatch)
                                 prediction_error=4 / 4.4 - 1, fit_predicted_step_time_s=0.7)),
         ("qlora_t4_conditions", dict(rung="llama-7b", status="oom", note="out of memory at 15 GiB"))],
         benchmark={"evaluated": True, "qlora_peak_gib": 4.4, "qlora_peak_ok": True, "qlora_over_lora_mem": 4.4 / 13,
-                   "mem_ok": False, "qlora_over_lora_time": 1.6, "time_ok": True})
+                   "mem_ok": False, "qlora_over_lora_time": 1.6, "time_ok": True}, readme_lines=True)
     t = report.gpu_readme_table()
     assert "Device: Test GPU (CUDA 13.0" in t
     assert "| 04_qlora_bert | qlora vs fp32 | 2.00 / 8.00 | 0.300 / 0.200 | mem 0.25×, time 1.50× (bert-base) | " \
@@ -166,7 +171,7 @@ def test_gpu_readme_table_puts_gpu_ratios_beside_cpu_ones(tmp_path, monkeypatch)
 
 def _doc(**row):
     return {"study": "01_baseline", "profile": "default", "seed": 0, "env": {"device": "cpu"}, "assets": {},
-            "rows": [report.make_row("fp32", model="m", **row)]}
+            "rows": [results.make_row("fp32", model="m", **row)]}
 
 
 @pytest.mark.parametrize("doc, needle", [
@@ -182,23 +187,23 @@ def _doc(**row):
 ])
 def test_schema_checks_types_and_ranges_not_only_key_names(doc, needle):
     with pytest.raises(QlabError, match=re.escape(needle)):
-        report.validate_metrics(doc, "x")
+        results.validate_metrics(doc, "x")
 
 
 def test_schema_refuses_non_finite_numbers_a_file_can_hold():
     doc = _doc()
     doc["rows"][0]["latency_ms"] = float("nan")  # json.loads reads NaN; make_row would have written null
     with pytest.raises(QlabError, match="latency_ms must be a finite number"):
-        report.validate_metrics(json.loads(json.dumps(doc)), "x")
+        results.validate_metrics(json.loads(json.dumps(doc)), "x")
     doc["rows"][0].update(latency_ms=None, size_bytes=2.0**20)  # a whole number written as a float is whole
-    assert report.validate_metrics(doc, "x") is doc
+    assert results.validate_metrics(doc, "x") is doc
 
 
 def test_a_malformed_sibling_is_named_and_left_out_of_the_summary(tmp_path, monkeypatch):
     monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
     env = {"device": "cpu", "cpu": "test-cpu", "isa": ["avx2"], "threads": 2, "torch": "t"}
-    report.write_metrics("01_baseline", "default", 0, env, {"model": {"id": "m", "source": "s"}},
-                         [report.make_row("fp32", model="m", accuracy=0.81)])
+    results.write_metrics("01_baseline", "default", 0, env, {"model": {"id": "m", "source": "s"}},
+                         [results.make_row("fp32", model="m", accuracy=0.81)])
     for study, content in (("02_ptq", b"5"), ("03_qat", b"\xff\xfe not utf-8")):
         (tmp_path / "results" / study).mkdir(parents=True)
         (tmp_path / "results" / study / "metrics.json").write_bytes(content)
@@ -212,7 +217,7 @@ def test_a_malformed_sibling_is_named_and_left_out_of_the_summary(tmp_path, monk
 
 
 def test_a_study_run_moves_results_and_artifacts_into_place_together_or_not_at_all(tmp_path, monkeypatch):
-    from qlib.config import outputs_dir, results_dir
+    from qlib.core.paths import outputs_dir, results_dir
     from qlib.studies import StudyResult, staged
 
     monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
@@ -228,9 +233,9 @@ def test_a_study_run_moves_results_and_artifacts_into_place_together_or_not_at_a
         (model / "weights").write_text("new")
         if fail:
             raise RuntimeError("killed after the model, before the metrics")
-        p = report.write_metrics("99_x", "smoke", 0, env, {"model": {"id": str(model)}},
-                                 [report.make_row("fp32", model="m")])
-        return StudyResult([], report.load_metrics(p), p)
+        p = results.write_metrics("99_x", "smoke", 0, env, {"model": {"id": str(model)}},
+                                 [results.make_row("fp32", model="m")])
+        return StudyResult([], results.load_metrics(p), p)
 
     first = run(Cfg())
     assert first.metrics_path == results_dir("99_x", "smoke") / "metrics.json" and first.metrics_path.is_file()
@@ -239,7 +244,7 @@ def test_a_study_run_moves_results_and_artifacts_into_place_together_or_not_at_a
     with pytest.raises(RuntimeError):
         run(Cfg(), fail=True)
     assert (outputs_dir("99_x", "smoke") / "model" / "weights").read_text() == "previous"  # the previous run, whole
-    assert report.load_metrics(first.metrics_path)["rows"][0]["method"] == "fp32"
+    assert results.load_metrics(first.metrics_path)["rows"][0]["method"] == "fp32"
     leftovers = [p.name for d in (tmp_path / "results" / "smoke", tmp_path / "outputs" / "smoke") for p in d.iterdir()]
     assert leftovers == ["99_x", "99_x"]  # no staging folders left behind
     run(Cfg())

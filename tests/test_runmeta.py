@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from qlib import adapters, artifacts, models, runmeta
-from qlib.config import QlabError, QuantMethod, build_quantization_plan
+from qlib.config import QuantMethod, build_quantization_plan
+from qlib.core.errors import QlabError
 from qlib.pretrain import pretrained_lm
 
 CPU = torch.device("cpu")
@@ -105,7 +106,7 @@ def test_corrupt_or_unknown_metadata_is_one_line(tmp_path):
 
 
 def test_an_artifact_failing_mid_write_leaves_nothing(tmp_path):
-    from qlib.report import atomic_dir
+    from qlib.core.io import atomic_dir
 
     name = INFO.name("SFT", "full", "int8", 8, "fp32")
     with pytest.raises(RuntimeError), atomic_dir(tmp_path / name) as tmp:
@@ -132,7 +133,7 @@ def test_keep_lm_head_fp16_reaches_the_model_counted(untied, tmp_path):
 def test_lora_knobs_reach_the_model(untied):
     from qlib.train import make_optimizer
 
-    model = models.add_causal_lora(models.load_causal_lm(untied, "qlora", CPU), 4, True, "attention", True, alpha=12)
+    model = adapters.add_causal_lora(models.load_causal_lm(untied, "qlora", CPU), 4, True, "attention", True, alpha=12)
     cfg = model.peft_config["default"]
     assert set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"} and cfg.lora_alpha == 12
     assert model.base_model.model.is_gradient_checkpointing
@@ -152,11 +153,11 @@ def test_lora_knobs_reach_the_model(untied):
 
 def _qlora_adapter(untied, tmp_path, keep=True):
     """A QLoRA adapter on the untied LLaMA saved as the studies save one: under its run name, metadata inside."""
-    from qlib.report import atomic_dir
+    from qlib.core.io import atomic_dir
 
     k = runmeta.LoraKnobs(r=4, keep_lm_head_fp16=keep)
     plan = build_quantization_plan("qlora", CPU, keep_lm_head=keep)
-    model = models.add_causal_lora(models.load_causal_lm(untied, "qlora", CPU, keep_lm_head=keep), 4, True)
+    model = adapters.add_causal_lora(models.load_causal_lm(untied, "qlora", CPU, keep_lm_head=keep), 4, True)
     torch.manual_seed(1)
     for n, p in model.named_parameters():
         if "lora_B" in n:
@@ -285,7 +286,7 @@ def test_07_fine_tune_saves_its_adapter_under_its_run_name(untied, tmp_path, mon
     from qlib.studies import llama_finetune, llama_scaling
 
     monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
-    cfg = llama_scaling.scaling_config("smoke", finetune_7b=True, model_id=str(untied), dataset_id="stdlib-code",
+    cfg = llama_scaling.config("smoke", finetune_7b=True, model_id=str(untied), dataset_id="stdlib-code",
                                        finetune_steps=2, seq=32, device="cpu", lora_targets="attention",
                                        lora_alpha=4, keep_lm_head_fp16=False)
     res = llama_finetune.qlora_finetune(assets.resolve_model("llama-arch", str(untied)), cfg, CPU)
@@ -304,7 +305,7 @@ def test_04_writes_its_adapter_and_merged_model_under_run_names(tmp_path, monkey
     from qlib.studies import qlora_bert
 
     monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
-    cfg = qlora_bert.qlora_config("smoke", n_seeds=1, merge_after_train=True, lora_targets="attention",
+    cfg = qlora_bert.config("smoke", n_seeds=1, merge_after_train=True, lora_targets="attention",
                                   optimizer="paged_adamw_32bit")
     res = qlora_bert.run(cfg)
     q = next(r for r in res.rows if r["method"] == "qlora")

@@ -5,7 +5,7 @@ import torch
 
 from qlib import choice, qa, search, switchable
 from qlib.cli import main as cli_main
-from qlib.config import QlabError
+from qlib.core.errors import QlabError
 from qlib.pretrain import pretrained_lm
 from qlib.quant.uniform import QuantLinear, fake_quantize, patch_gpt2_with_quantization, row_scale
 from qlib.train import style_bitmaps, train_switchable

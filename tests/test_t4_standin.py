@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qlib import report
+from qlib import results
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
@@ -52,7 +52,7 @@ def test_t4_notebook_runs_against_the_hub_standin(stem, params, hub_ids, t4_env)
     pm.execute_notebook(str(NOTEBOOKS / f"{stem}.ipynb"), str(out), cwd=str(NOTEBOOKS),
                         parameters={"profile": "t4", **params}, kernel_name="python3", progress_bar=False)
     doc = json.loads((t4_env / "results" / "t4" / stem / "metrics.json").read_text())
-    report.validate_metrics(doc, stem)
+    results.validate_metrics(doc, stem)
     assert doc["profile"] == "t4"
     for role, hub_id in hub_ids.items():
         asset = doc["assets"][role]
@@ -72,10 +72,9 @@ def test_t4_notebook_runs_against_the_hub_standin(stem, params, hub_ids, t4_env)
 
 def test_standin_tokenizers_reproduce_llama_cpp_test_vectors(standin_hub):
     """The stand-in's tokenizers are the real ones: llama.cpp's own test vectors come out token for token."""
+    import hub_standin as hs
     import sentencepiece as spm
     from transformers import AutoTokenizer
-
-    import hub_standin as hs
 
     vocab = standin_hub.parent / "vocab"
     for repo, fam in hs.VOCABS.items():
@@ -90,9 +89,9 @@ def test_standin_tokenizers_reproduce_llama_cpp_test_vectors(standin_hub):
 
 
 def test_standin_models_keep_the_published_config_keys(standin_hub):
-    from qlib.hub import HUB_MODEL_CONFIGS
-
     import hub_standin as hs
+
+    from qlib.hub import HUB_MODEL_CONFIGS
 
     for repo, published in HUB_MODEL_CONFIGS.items():
         snap = next((standin_hub / f"models--{repo.replace('/', '--')}" / "snapshots").iterdir())

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qlib.config import QlabError
+from qlib.core.errors import QlabError
 from qlib.quant import bitnet
 
 GROUP = 64

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.ao import quantization as tq
 
-from qlib.config import QlabError
-
+from qlib.core.errors import QlabError
+from qlib.core.io import atomic_write_bytes
 
 # torch.ao's own deprecation notices (quantized dtypes, reduce_range): known, stated above.
 warnings.filterwarnings("ignore", message=r".*quantize_per_(tensor|channel).*deprecated", category=UserWarning)
@@ -105,8 +105,6 @@ def count_quantized(model: nn.Module) -> dict[str, int]:
 def save_quantized(model: nn.Module, path: str | Path) -> Path:
     """torch.save the quantized state_dict (atomically); it loads back with weights_only=True."""
     import io
-
-    from qlib.report import atomic_write_bytes
 
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)

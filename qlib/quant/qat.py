@@ -11,13 +11,14 @@ weight-only at conversion, exactly as in PTQ.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.ao import quantization as tq
 
-from qlib.config import QlabError
-from qlib.quant.ptq import _wrap_linears, set_engine
+from qlib.core.errors import QlabError
+from qlib.quant.ptq import _wrap_linears, load_quantized, set_engine
 from qlib.quant.uniform import check_width, fake_quantize
 
 
@@ -94,3 +95,15 @@ def fake_quant_weight_count(model: nn.Module) -> int:
     """Weights read through a fake-quant grid (a check that `fake_quant_weights` reached the layers)."""
     return sum(m.parametrizations.weight.original.numel() for m in model.modules()
                if hasattr(m, "parametrizations") and "weight" in m.parametrizations)
+
+
+def load_qat(path: str | Path) -> torch.nn.Module:
+    """Rebuild a saved QAT INT8 model: architecture from config.json, weights with weights_only=True."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    p = Path(path)
+    if not (p / "model_int8.pt").is_file() or not (p / "config.json").is_file():
+        raise QlabError(f"{p} is not a QAT INT8 folder (needs model_int8.pt and config.json)")
+    arch = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(p))
+    skeleton = convert_qat(prepare_qat_int8(arch))
+    return load_quantized(p / "model_int8.pt", skeleton)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qlib.config import QlabError
+from qlib.core.errors import QlabError
 
 QUANT_WIDTHS = (2, 4, 8)
 FULL_PRECISION = (16, 32)   # "off": the weights are used as stored

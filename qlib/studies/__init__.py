@@ -1,15 +1,57 @@
-"""One module per notebook: the study's whole run as functions the notebook calls and the tests run on tiny data."""
+"""One module per notebook, each with the same contract (flax's `get_config` / `train_and_evaluate`):
+
+    STUDY             the notebook's stem, e.g. "02_ptq" (results/<STUDY>/, outputs/<profile>/<STUDY>/)
+    Config            a frozen dataclass, one field per notebook parameter
+    PROFILES          {profile: {field: value}}: what each profile changes
+    config(profile, **params) -> Config    (None keeps the profile's value; an unknown name is an error)
+    run(cfg) -> a StudyResult subclass     (rows, the metrics document, where it went)
+    findings(res) -> str                   (markdown the notebook shows)
+
+so the CLI and the tests loop over studies, and a notebook builds its config in one call
+(`notebook_config(module, globals())`)."""
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from qlib.config import staged_run
+from qlib.core.errors import QlabError
+from qlib.core.io import atomic_write_text
+from qlib.core.paths import staged_run
+
+# Notebook stem -> module under qlib.studies, in notebook order.
+STUDIES = {
+    "01_baseline": "baseline",
+    "02_ptq": "ptq",
+    "03_qat": "qat",
+    "04_qlora_bert": "qlora_bert",
+    "05_gpt2_bitnet": "gpt2_bitnet",
+    "06_switchable_precision": "switchable",
+    "07_llama_scaling": "llama_scaling",
+    "08_qwen_merge_gguf": "qwen_merge",
+}
+
+
+def study(name: str) -> ModuleType:
+    """The study module for a notebook stem ("02_ptq") or its number ("02")."""
+    stem = next((s for s in STUDIES if name in (s, s[:2])), None)
+    if stem is None:
+        raise QlabError(f"unknown study {name!r}; valid: {', '.join(STUDIES)}")
+    return importlib.import_module(f"qlib.studies.{STUDIES[stem]}")
+
+
+def notebook_config(module: ModuleType, namespace: dict[str, Any]) -> Any:
+    """A study's config from a notebook's parameters: `profile` and every Config field the namespace holds (the
+    parameters cell and papermill's injected cell), a None keeping the profile's value."""
+    fields = {f.name for f in dataclasses.fields(module.Config)} - {"profile"}
+    params = {k: namespace[k] for k in sorted(fields) if k in namespace}
+    return module.config(namespace.get("profile", "default"), **params)
 
 
 @dataclass
@@ -21,21 +63,8 @@ class StudyResult:
     metrics_path: Path
 
 
-# Each notebook's config builder ("module:function"), so a run's parameters are checked before papermill starts.
-CONFIG_BUILDERS = {
-    "01_baseline": "qlib.config:baseline_config",
-    "02_ptq": "qlib.studies.ptq:ptq_config",
-    "03_qat": "qlib.studies.qat:qat_config",
-    "04_qlora_bert": "qlib.studies.qlora_bert:qlora_config",
-    "05_gpt2_bitnet": "qlib.studies.gpt2_bitnet:gpt2_config",
-    "06_switchable_precision": "qlib.studies.switchable:switchable_config",
-    "07_llama_scaling": "qlib.studies.llama_scaling:scaling_config",
-    "08_qwen_merge_gguf": "qlib.studies.qwen_merge:qwen_merge_config",
-}
-
-
 def staged(study: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator for a study's `run(cfg)`: it runs staged (`config.staged_run`: results and artifacts move into
+    """Decorator for a study's `run(cfg)`: it runs staged (`core.paths.staged_run`: results and artifacts move into
     place together, only when it succeeds), and the paths in what it returns and in its metrics.json name the
     final folders."""
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -73,8 +102,6 @@ def _moved(obj: Any, moves: list[tuple[str, str]], depth: int = 0) -> Any:
 
 def _rewrite(staged_path: Path, moves: list[tuple[str, str]]) -> None:
     """metrics.json as moved into place, with the staging folders' names replaced by the final ones."""
-    from qlib.report import atomic_write_text
-
     path = Path(_moved(staged_path, moves))
     if path.is_file():
         text = path.read_text(encoding="utf-8")

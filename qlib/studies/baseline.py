@@ -8,12 +8,53 @@ from typing import Any
 
 import torch
 
-from qlib import assets, budget, data, metrics, models, report
-from qlib.config import BaselineConfig, compute_dtype_name, outputs_dir, pick_device
+from qlib import assets, budget, data, metrics, models, results
+from qlib.config import make_config
+from qlib.core.device import compute_dtype_name, pick_device, set_seed
+from qlib.core.io import atomic_dir
+from qlib.core.paths import outputs_dir
 from qlib.studies import staged
-from qlib.train import TrainResult, finetune, predict, seed_column, seeds, set_seed
+from qlib.train import TrainResult, finetune, predict, seed_column, seeds
 
 STUDY = "01_baseline"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Notebook 01: full-precision fine-tune of the BERT-family encoder (one field per parameter)."""
+
+    profile: str = "default"
+    seed: int = 0
+    model_id: str = "minilm"          # registry key or hub id
+    dataset_id: str = "mr-polarity"   # registry key or hub id
+    max_length: int = 64
+    n_train: int | None = None        # None: the whole training split
+    n_eval: int | None = None
+    epochs: float = 2.0
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    n_seeds: int = 3                  # fine-tunes from seeds seed, seed+1, ...: accuracy mean ± sd (04 compares)
+    latency_repeats: int = 30
+    device: str = "auto"
+    random_init: bool = False         # `gpu` profile: true architecture, random weights
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": dict(n_train=64, n_eval=64, epochs=1, batch_size=16, max_length=32,
+                  latency_repeats=3, n_seeds=2),
+    "default": dict(),
+    "t4": dict(model_id="bert-base-uncased", dataset_id="sst2", max_length=128, epochs=3,
+               lr=2e-5),
+    "gpu": dict(model_id="bert-base-uncased", random_init=True, max_length=128, epochs=1,
+                n_train=2048, n_eval=512, latency_repeats=50),
+}
+
+
+def config(profile: str = "default", **overrides: Any) -> Config:
+    """The notebook-01 config for a profile, with overrides."""
+    return make_config(Config, PROFILES, profile, **overrides)
 
 
 @dataclass
@@ -49,7 +90,7 @@ def forward_latency(model: torch.nn.Module, enc: dict[str, torch.Tensor], device
     return metrics.measure_latency(step, warmup=max(2, repeats // 10), repeats=repeats, device=device)
 
 
-def plan(cfg: BaselineConfig, model_config: Any, n_train: int, device: torch.device) -> list[budget.Prediction]:
+def plan(cfg: Config, model_config: Any, n_train: int, device: torch.device) -> list[budget.Prediction]:
     """The fine-tune's predicted peak GPU memory and time (fp32 weights, autocast, AdamW; padded to max_length)."""
     steps = max(1, math.ceil(cfg.epochs * math.ceil(n_train / cfg.batch_size)))
     return [budget.predict(f"01 fp32 fine-tune of {cfg.model_id}, batch {cfg.batch_size} x {cfg.max_length}",
@@ -58,7 +99,7 @@ def plan(cfg: BaselineConfig, model_config: Any, n_train: int, device: torch.dev
 
 
 @staged(STUDY)
-def run(cfg: BaselineConfig) -> BaselineResult:
+def run(cfg: Config) -> BaselineResult:
     """Fine-tune, evaluate on the held-out split, save baseline-model/, measure, write metrics.json."""
     device = pick_device(cfg.device, cfg.profile)
     set_seed(cfg.seed)
@@ -88,7 +129,7 @@ def run(cfg: BaselineConfig) -> BaselineResult:
     lat1 = classifier_latency(model, tok, ds.eval_texts, 1, cfg.max_length, device, cfg.latency_repeats)
     lat8 = classifier_latency(model, tok, ds.eval_texts, 8, cfg.max_length, device, cfg.latency_repeats)
 
-    row = report.make_row(
+    row = results.make_row(
         "fp32", model=model_asset.id, dataset=ds.asset.id, **quality, size_bytes=size,
         bits_per_param=metrics.bits_per_param(size, params["total_params"]),
         latency_ms=lat1["median_ms"], latency_ms_b8=lat8["median_ms"],
@@ -100,18 +141,18 @@ def run(cfg: BaselineConfig) -> BaselineResult:
     env = metrics.runtime_env(device)
     doc_assets = {"model": {"role": "encoder", **model_asset.provenance()}, "data": ds.provenance()}
     majority, maj = majority_row(ds.asset.id, ds.train_labels, labels, preds, cfg.seed)
-    report.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, "fp32": preds, "majority": maj,
+    results.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, "fp32": preds, "majority": maj,
                                                                  **{seed_column("fp32", s): p for s, p in replicas.items()}})
-    path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, [row, majority],
+    path = results.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, [row, majority],
                                 config=asdict(cfg), latency_shape={"seq_len": cfg.max_length,
                                                                    "batches": [1, 8]}, gpu_plan=gpu_plan,
                                 seed_runs=[{"method": "fp32", "seed": s, **metrics.accuracy_f1(p, labels)}
                                            for s, p in {cfg.seed: preds, **replicas}.items()])
-    doc = report.load_metrics(path)
+    doc = results.load_metrics(path)
     return BaselineResult(row, tr, preds, labels, model_dir, path, doc)
 
 
-def replicate(cfg: BaselineConfig, seed: int, model_asset: Any, ds: Any, tok: Any, eval_loader: Any,
+def replicate(cfg: Config, seed: int, model_asset: Any, ds: Any, tok: Any, eval_loader: Any,
               device: torch.device) -> list[int]:
     """The same fine-tune from another seed (head init and data order), evaluated on the same sentences: its
     predictions. Nothing is saved but the predictions."""
@@ -129,13 +170,13 @@ def majority_row(dataset: str, train_labels: list[int], labels: list[int], fp32_
     """The majority-answer floor as a results row (and its predictions), against the FP32 fine-tune's predictions
     on the same sentences when there are some."""
     maj = metrics.majority_preds(train_labels, len(labels))
-    row = report.make_row("majority", model="constant answer", dataset=dataset, **metrics.accuracy_f1(maj, labels),
+    row = results.make_row("majority", model="constant answer", dataset=dataset, **metrics.accuracy_f1(maj, labels),
                           **extra)
     d = metrics.accuracy_difference(fp32_preds, maj, labels, seed) if fp32_preds else None
     return metrics.with_difference(row, "accuracy_diff_vs_fp32", d), maj
 
 
-def run_random_init(cfg: BaselineConfig, device: torch.device) -> BaselineResult:
+def run_random_init(cfg: Config, device: torch.device) -> BaselineResult:
     """gpu profile: the true bert-base architecture with random weights on random tokens (no tokenizer, no
     corpus needed on the GPU machine): training step time, peak memory, forward latency; accuracy null."""
     asset = assets.resolve_model("encoder", cfg.model_id, random_init=True)
@@ -146,13 +187,13 @@ def run_random_init(cfg: BaselineConfig, device: torch.device) -> BaselineResult
         tr = finetune(model, batches, cfg.epochs, cfg.lr, device, cfg.weight_decay, cfg.warmup_ratio,
                       desc="fine-tune fp32 (random init, random tokens)")
     model_dir = outputs_dir(STUDY, cfg.profile) / "baseline-model"
-    with report.atomic_dir(model_dir) as tmp:
+    with atomic_dir(model_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
     size, params = metrics.size_on_disk(model_dir / "model.safetensors"), metrics.count_params(model)
     inputs = {b: data.random_token_batches(vocab, b, cfg.max_length, 1, cfg.seed)[0] for b in (1, 8)}
     lat = {b: forward_latency(model, {k: v for k, v in x.items() if k != "labels"}, device, cfg.latency_repeats)
            for b, x in inputs.items()}
-    row = report.make_row(
+    row = results.make_row(
         "fp32", model=asset.id, dataset="random tokens", accuracy=None, f1=None, size_bytes=size,
         bits_per_param=metrics.bits_per_param(size, params["total_params"]), latency_ms=lat[1]["median_ms"],
         latency_ms_b8=lat[8]["median_ms"], tokens_per_s=8 * cfg.max_length / (lat[8]["median_ms"] / 1e3),
@@ -162,10 +203,10 @@ def run_random_init(cfg: BaselineConfig, device: torch.device) -> BaselineResult
         **params)
     doc_assets = {"model": {"role": "encoder", **asset.provenance()},
                   "data": {"id": "random tokens", "source": "torch.randint", "n_train": n_train, "n_eval": 0}}
-    path = report.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, [row],
+    path = results.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, [row],
                                 config=asdict(cfg), latency_shape={"seq_len": cfg.max_length, "batches": [1, 8]},
                                 notes="random weights on random tokens: memory and speed only, accuracy null")
-    return BaselineResult(row, tr, [], [], model_dir, path, report.load_metrics(path))
+    return BaselineResult(row, tr, [], [], model_dir, path, results.load_metrics(path))
 
 
 def findings(res: BaselineResult) -> str:
@@ -185,7 +226,7 @@ def findings(res: BaselineResult) -> str:
                      f"{n_eval} sentences is about ±{196 * (r['accuracy'] * (1 - r['accuracy']) / n_eval) ** 0.5:.1f} "
                      "points.")
         lines.append(f"- **Seeds**: the same fine-tune from {r['n_seeds']} seeds (head initialisation and data order) "
-                     f"scores {report.seed_spread_text(r, 'accuracy')} (values "
+                     f"scores {results.seed_spread_text(r, 'accuracy')} (values "
                      f"{', '.join(f'{v:.3f}' for v in r['accuracy_seed_values'])}); the saved model is the first.")
     lines.append(f"- **Latency** ({res.doc['env']['device']}, {res.doc['env']['threads']} threads, "
                  f"seq {res.doc['config']['max_length']}): batch 1 {r['latency_ms']:.1f} ms, batch 8 "

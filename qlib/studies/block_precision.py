@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import choice, metrics, qa, report
+from qlib import choice, metrics, qa, results
 from qlib.quant import ladder
 from qlib.studies.ptq_ladder import load_real_lm
 
@@ -189,7 +189,7 @@ def qa_lines(res: BlockSearchResult) -> list[str]:
     if not res.qa_rows:
         return []
     by = {r["bitmap_name"]: r for r in res.qa_rows}
-    pt = report.points_interval
+    pt = results.points_interval
     ref, maj, heur = by["reference"], by["baseline_majority"], by["baseline_heuristic"]
     lines = [f"- Cloze questions ({ref['n']} held out, multiple choice over the context's parameters): chance "
              f"{ref['chance']:.3f}, most frequent training answer {maj['accuracy']:.3f}, heuristic "

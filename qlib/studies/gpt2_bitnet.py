@@ -15,31 +15,64 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from qlib import adapters, assets, budget, data, hub, metrics, models, report, runmeta
-from qlib.config import build_quantization_plan, compute_dtype_name, make_config, outputs_dir, pick_device
+from qlib import accounting, adapters, assets, budget, data, gguf, hub, metrics, models, quant, results, runmeta
+from qlib.artifacts import TERNARY_FILE
+from qlib.config import build_quantization_plan, make_config
+from qlib.core.device import compute_dtype_name, pick_device, set_seed
+from qlib.core.errors import QlabError
+from qlib.core.io import atomic_dir, atomic_write_bytes
+from qlib.core.paths import outputs_dir
+from qlib.pretrain import LM_SPECS, model_config
 from qlib.quant import bitnet, ladder
 from qlib.studies import StudyResult, ptq_ladder, staged
-from qlib.artifacts import TERNARY_FILE
-from qlib.train import TrainResult, finetune, seed_column, seeds, set_seed
+from qlib.train import TrainResult, finetune, seed_column, seeds
 
 STUDY = "05_gpt2_bitnet"
 # bitsandbytes' LLM.int8 logs "inputs will be cast to float16" once per layer per call: true, known,
 # and stated in the notes; one line per matmul would bury the notebook's output.
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-REGIMES = ("fp32", "int8", "nf4", "lora", "qlora", "bitnet_ptq", "bitnet", "qlora_bitnet")
+
+
+@dataclass(frozen=True)
+class RegimeSpec:
+    """How a regime is made: the method `quant.apply` gives it, from the pretrained base (task SFT: trained in this
+    format) or from the FP32 fine-tune (PTQ: quantized after training), LoRA or not, its learning-rate knob ("" when
+    it only quantizes), and the note its row carries."""
+
+    method: str
+    task: str = "SFT"
+    lora: bool = False
+    lr: str = "lr"
+    note: str = ""
+
+
+_FROZEN = ("evaluated only: bitsandbytes stores the quantized weights as frozen integer buffers, so full-parameter "
+           "training of an 8-/4-bit base is impossible; this row is the FP32 fine-tune quantized after training")
+REGIMES: dict[str, RegimeSpec] = {
+    "fp32": RegimeSpec("fp32"),
+    "int8": RegimeSpec("int8", "PTQ", lr="", note=_FROZEN),
+    "nf4": RegimeSpec("nf4", "PTQ", lr="", note=_FROZEN),
+    "lora": RegimeSpec("fp32", lora=True, lr="lora_lr"),
+    "qlora": RegimeSpec("qlora", lora=True, lr="lora_lr"),
+    "bitnet_ptq": RegimeSpec("bitnet", "PTQ", lr="", note="bitnet_ptq: the FP32 fine-tune rounded to ternary "
+                             "(BitLinear: absmean weights, 8-bit activations) with no training, the control of "
+                             "BitNet's training"),
+    "bitnet": RegimeSpec("bitnet", lr="bitnet_lr"),
+    "qlora_bitnet": RegimeSpec("qlora_bitnet", lora=True, lr="lora_lr"),
+}
 # each regime's control: the same training on a full-precision base, or the same format with no training
 CONTROLS = {"qlora": "lora", "bitnet": "bitnet_ptq", "int8": "fp32", "nf4": "fp32"}
 
 
 @dataclass(frozen=True)
-class GPT2Config:
+class Config:
     """Notebook 05's parameters."""
 
     profile: str = "default"
     seed: int = 0
     model_id: str = "gpt2-stdlib"
     dataset_id: str = "stdlib-code"
-    regimes: tuple[str, ...] = REGIMES
+    regimes: tuple[str, ...] = tuple(REGIMES)
     context: int = 128
     stride: int = 64
     train_tokens: int | None = 400_000
@@ -67,7 +100,7 @@ class GPT2Config:
     device: str = "auto"
 
 
-GPT2_PROFILES: dict[str, dict[str, Any]] = {
+PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model_id="gpt2-stdlib-tiny", context=64, stride=32, train_tokens=20_000,
                   eval_tokens=1024, steps=3, batch_size=4, lora_rank=4, gen_tokens=4, latency_repeats=2, n_seeds=2,
                   ladder_model_id="llama-stdlib-tiny", ladder_context=64, ladder_eval_tokens=1024),
@@ -79,29 +112,28 @@ GPT2_PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def gpt2_config(profile: str = "default", **overrides: Any) -> GPT2Config:
-    cfg = make_config(GPT2Config, GPT2_PROFILES, profile, **overrides)
+def config(profile: str = "default", **overrides: Any) -> Config:
+    cfg = make_config(Config, PROFILES, profile, **overrides)
     knobs(cfg)  # a bad preset or optimizer: one line
+    if bad := [r for r in cfg.regimes if r not in REGIMES]:
+        raise QlabError(f"unknown regime(s) {', '.join(bad)}; valid: {', '.join(REGIMES)}")
+    first = cfg.regimes.index("fp32") if "fp32" in cfg.regimes else len(cfg.regimes)
+    if early := [r for r in cfg.regimes[:first] if REGIMES[r].task == "PTQ"]:
+        raise QlabError(f"regime(s) {', '.join(early)} quantize the fp32 fine-tune: put 'fp32' before them")
     return cfg
 
 
-def knobs(cfg: GPT2Config) -> runmeta.LoraKnobs:
+def knobs(cfg: Config) -> runmeta.LoraKnobs:
     return runmeta.LoraKnobs(r=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
                              keep_lm_head_fp16=cfg.keep_lm_head_fp16,
                              gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer)
 
 
-# each regime as a run: task (trained in this format, or quantized after the FP32 fine-tune), LoRA or not, method
-RUNS = {"fp32": ("SFT", False, "fp32"), "int8": ("PTQ", False, "int8"), "nf4": ("PTQ", False, "nf4"),
-        "lora": ("SFT", True, "fp32"), "qlora": ("SFT", True, "qlora"), "bitnet_ptq": ("PTQ", False, "bitnet"),
-        "bitnet": ("SFT", False, "bitnet"), "qlora_bitnet": ("SFT", True, "qlora_bitnet")}
-
-
-def run_of(regime: str, cfg: GPT2Config, info: runmeta.RunInfo) -> tuple[str, str]:
+def run_of(regime: str, cfg: Config, info: runmeta.RunInfo) -> tuple[str, str]:
     """A regime's run name and method (every head stays fp32 here: GPT-2 ties it to the embeddings)."""
-    task, lora, method = RUNS[regime]
-    bits = build_quantization_plan(method).spec.weights_bits
-    return info.name(task, knobs(cfg).token() if lora else "full", method, bits, "fp32"), method
+    spec = REGIMES[regime]
+    bits = build_quantization_plan(spec.method).spec.weights_bits
+    return info.name(spec.task, knobs(cfg).token() if spec.lora else "full", spec.method, bits, "fp32"), spec.method
 
 
 @dataclass
@@ -117,17 +149,17 @@ class Regime:
     base_bytes: int = 0             # a frozen base shipped beside an adapter (as stored)
 
 
-def _load(path: str, plan_method: str | None, device: torch.device, keep_lm_head: bool = True) -> torch.nn.Module:
+def _load(path: str, device: torch.device) -> torch.nn.Module:
     # fp32 weights, autocast on CUDA
-    return models.load_causal_lm(path, plan_method, device, dtype=torch.float32, keep_lm_head=keep_lm_head)
+    return models.load_causal_lm(path, None, device, dtype=torch.float32)
 
 
-def _lora(model: torch.nn.Module, cfg: GPT2Config, kbit: bool) -> Any:
-    return models.add_causal_lora(model, cfg.lora_rank, kbit, cfg.lora_targets, cfg.gradient_checkpointing,
+def _lora(model: torch.nn.Module, cfg: Config, kbit: bool) -> Any:
+    return adapters.add_causal_lora(model, cfg.lora_rank, kbit, cfg.lora_targets, cfg.gradient_checkpointing,
                                   cfg.lora_alpha)
 
 
-def _train(name: str, model: Any, loader: Any, cfg: GPT2Config, lr: float, device: torch.device) -> Regime:
+def _train(name: str, model: Any, loader: Any, cfg: Config, lr: float, device: torch.device) -> Regime:
     """Every regime from the same seed and the same batches in the same order (the loader's shuffle restarts)."""
     set_seed(cfg.seed)
     if getattr(loader, "generator", None) is not None:
@@ -138,63 +170,38 @@ def _train(name: str, model: Any, loader: Any, cfg: GPT2Config, lr: float, devic
     return Regime(name, model, tr, mem)
 
 
-def build_regimes(cfg: GPT2Config, base: str, loader: Any, out: Path, device: torch.device,
+def build_regimes(cfg: Config, base: str, loader: Any, out: Path, device: torch.device,
                   info: runmeta.RunInfo) -> Iterator[Regime]:
     """Train (or, where training is impossible, only quantize) each regime from the same base, one at a time:
     the caller measures each and lets it go before the next loads, so on CUDA no regime's peak memory
     (`max_memory_allocated`) includes another regime's weights. The FP32 fine-tune is saved at once under its run
-    name: int8, nf4 and bitnet_ptq start from it."""
+    name: the PTQ regimes start from it."""
     fp32_dir = out / run_of("fp32", cfg, info)[0]
-    keep = cfg.keep_lm_head_fp16
-    m = None
     for name in cfg.regimes:
+        spec = REGIMES[name]
+        model = quant.apply(_load(str(fp32_dir) if spec.task == "PTQ" else base, device), spec.method,
+                            keep_lm_head=cfg.keep_lm_head_fp16)
+        if spec.lora:
+            model = _lora(model, cfg, kbit=spec.method == "qlora")
+        r = _train(name, model, loader, cfg, getattr(cfg, spec.lr), device) if spec.lr else \
+            Regime(name, model, note=spec.note)
         if name == "fp32":
-            r = _train(name, _load(base, None, device), loader, cfg, cfg.lr, device)
-            with report.atomic_dir(fp32_dir) as tmp:
+            with atomic_dir(fp32_dir) as tmp:
                 r.model.save_pretrained(tmp)
                 runmeta.write_meta(tmp, _meta(r, cfg, info, fp32_dir.name, "fp32", "model"))
-        elif name in ("int8", "nf4", "bitnet_ptq") and not fp32_dir.is_dir():
-            raise ValueError(f"regime {name!r} quantizes the fp32 fine-tune: put 'fp32' before it")
-        elif name == "bitnet_ptq":
-            m = _load(str(fp32_dir), None, device)
-            bitnet.to_bitnet(m)
-            r = Regime(name, m, note="bitnet_ptq: the FP32 fine-tune rounded to ternary (BitLinear: absmean "
-                                     "weights, 8-bit activations) with no training, the control of BitNet's training")
-        elif name in ("int8", "nf4"):
-            r = Regime(name, _load(str(fp32_dir), name, device, keep),
-                       note="evaluated only: bitsandbytes stores the quantized weights as frozen integer "
-                            "buffers, so full-parameter training of an 8-/4-bit base is impossible; this "
-                            "row is the FP32 fine-tune quantized after training")
-        elif name == "lora":
-            r = _train(name, _lora(_load(base, None, device), cfg, kbit=False), loader, cfg, cfg.lora_lr, device)
+        if name == "lora":  # the FP32 base ships beside the adapter
             r.base_bytes = metrics.size_on_disk(Path(base) / "model.safetensors")
-        elif name == "qlora":
-            r = _train(name, _lora(_load(base, "qlora", device, keep), cfg, kbit=True), loader, cfg, cfg.lora_lr,
-                       device)
-        elif name == "bitnet":
-            m = _load(base, None, device)
-            bitnet.to_bitnet(m)
-            r = _train(name, m, loader, cfg, cfg.bitnet_lr, device)
-        elif name == "qlora_bitnet":
-            m = _load(base, None, device)
-            bitnet.to_bitnet(m)
-            for p in m.parameters():
-                p.requires_grad_(False)
-            r = _train(name, _lora(m, cfg, kbit=False), loader, cfg, cfg.lora_lr, device)
-        else:
-            raise ValueError(f"unknown regime {name!r}; valid: {', '.join(REGIMES)}")
         r.model.eval()
         yield r
-        r = m = None  # the caller holds the only reference now
+        r = model = None  # the caller holds the only reference now
 
 
-def _meta(r: Regime, cfg: GPT2Config, info: runmeta.RunInfo, name: str, method: str, artifact: str,
+def _meta(r: Regime, cfg: Config, info: runmeta.RunInfo, name: str, method: str, artifact: str,
           **extra: Any) -> dict[str, Any]:
     """A regime's metadata: its plan (the head kept or not), the LoRA knobs where it trains an adapter, what its
     training cost (the peak-memory report)."""
-    lora = RUNS[r.name][1]
     plan = build_quantization_plan(method, keep_lm_head=cfg.keep_lm_head_fp16)
-    return info.meta(name, plan, artifact, runmeta.head_dtype(r.model), knobs=knobs(cfg) if lora else None,
+    return info.meta(name, plan, artifact, runmeta.head_dtype(r.model), knobs=knobs(cfg) if REGIMES[r.name].lora else None,
                      regime=r.name, trained=r.train is not None, train_steps=r.train.steps if r.train else None,
                      peak_memory=r.train_mem.report() if r.train_mem else None, **extra)
 
@@ -202,7 +209,7 @@ def _meta(r: Regime, cfg: GPT2Config, info: runmeta.RunInfo, name: str, method: 
 PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")  # what peft's save_pretrained writes
 
 
-def save_artifact(r: Regime, out: Path, cfg: GPT2Config, info: runmeta.RunInfo, base: str, device: torch.device
+def save_artifact(r: Regime, out: Path, cfg: Config, info: runmeta.RunInfo, base: str, device: torch.device
                   ) -> tuple[Path, int, float | None, dict[str, Any]]:
     """Store the regime as it would ship, under its run name with its metadata; the folder, bytes on disk (base +
     adapter where there is one), the bits per weight of its quantized layers, and extras."""
@@ -210,42 +217,41 @@ def save_artifact(r: Regime, out: Path, cfg: GPT2Config, info: runmeta.RunInfo, 
     d = out / name
     if r.name == "fp32":  # saved when it was trained
         return d, metrics.size_on_disk(d / "model.safetensors"), None, {}
-    artifact = "adapter" if RUNS[r.name][1] else "ternary" if method == "bitnet" else "model"
-    with report.atomic_dir(d) as tmp:
+    artifact = "adapter" if REGIMES[r.name].lora else "ternary" if method == "bitnet" else "model"
+    with atomic_dir(d) as tmp:
         ternary = _write(r, tmp, base, device, cfg)
         runmeta.write_meta(tmp, _meta(r, cfg, info, name, method, artifact))
     return d, *_sizes(r, d, ternary)
 
 
-def _write(r: Regime, tmp: Path, base: str, device: torch.device, cfg: GPT2Config) -> tuple[float, int] | None:
+def _write(r: Regime, tmp: Path, base: str, device: torch.device, cfg: Config) -> tuple[float, int] | None:
     """The regime's files into its (staging) folder: a bitsandbytes model, an adapter (with the frozen base it needs:
     NF4 as bitsandbytes stores it, or packed ternary), or the packed ternary model with its config. For the ternary
     ones: bits per packed block weight and ternary layers."""
-    if r.name in ("int8", "nf4"):
-        r.model.save_pretrained(tmp)
-        return None
-    if r.name in ("bitnet", "bitnet_ptq"):
+    spec = REGIMES[r.name]
+    if spec.method == "bitnet":
         r.model.config.save_pretrained(tmp)
         return _pack_ternary(r.model, tmp / TERNARY_FILE)[1:]
-    r.model.save_pretrained(tmp)
-    if r.name == "qlora":  # the frozen NF4 base ships beside the adapter, as bitsandbytes stores it
-        _load(base, "qlora", device, cfg.keep_lm_head_fp16).save_pretrained(tmp / "base-nf4")
-    if r.name == "qlora_bitnet":  # merged LoRA deltas would not be ternary, so the packed base and the adapter ship apart
+    r.model.save_pretrained(tmp)  # a bitsandbytes model as saved, or an adapter
+    if spec.method == "qlora":  # the frozen NF4 base ships beside the adapter, as bitsandbytes stores it
+        quant.apply(_load(base, device), "qlora", keep_lm_head=cfg.keep_lm_head_fp16).save_pretrained(tmp / "base-nf4")
+    if spec.method == "qlora_bitnet":  # merged LoRA deltas would not be ternary, so the packed base and the adapter ship apart
         return _pack_ternary(copy.deepcopy(r.model).unload(), tmp / "base-ternary.safetensors")[1:]
     return None
 
 
 def _sizes(r: Regime, d: Path, ternary: tuple[float, int] | None) -> tuple[int, float | None, dict[str, Any]]:
     """Bytes a user loads (base + adapter where there is one), the stored bits per quantized weight, extras."""
-    if r.name in ("int8", "nf4"):
+    spec = REGIMES[r.name]
+    if spec.method in ("int8", "nf4"):
         return metrics.size_on_disk(d / "model.safetensors"), _quantized_bits(r.model), {}
-    if r.name in ("bitnet", "bitnet_ptq"):
+    if spec.method == "bitnet":
         return metrics.size_on_disk(d / TERNARY_FILE), ternary[0], {"ternary_layers": ternary[1]}
     adapter = sum(metrics.size_on_disk(d / f) for f in PEFT_FILES if (d / f).is_file())
-    if r.name == "qlora":
+    if spec.method == "qlora":
         return metrics.size_on_disk(d / "base-nf4" / "model.safetensors") + adapter, _quantized_bits(r.model), \
             {"adapter_bytes": adapter}
-    if r.name == "lora":  # the FP32 base as shipped + the adapter
+    if spec.method == "fp32":  # LoRA: the FP32 base as shipped + the adapter
         return r.base_bytes + adapter, None, {"adapter_bytes": adapter}
     return metrics.size_on_disk(d / "base-ternary.safetensors") + adapter, ternary[0], \
         {"ternary_layers": ternary[1], "adapter_bytes": adapter}
@@ -270,7 +276,7 @@ def _pack_ternary(model: torch.nn.Module, path: Path) -> tuple[int, float, int]:
     frozen = copy.deepcopy(model)
     n = bitnet.freeze_ternary(frozen)
     state = bitnet.ternary_state(frozen)
-    report.atomic_write_bytes(path, save(state))
+    atomic_write_bytes(path, save(state))
     codes = sum(v.numel() for k, v in state.items() if k.endswith("codes_base3"))
     weights = sum(m.codes.numel() for m in frozen.modules() if isinstance(m, bitnet.TernaryLinear))
     return metrics.size_on_disk(path), codes * 8 / weights, n
@@ -291,7 +297,7 @@ def export_ternary_hf(model: torch.nn.Module, tok: Any, out: Path, meta: dict[st
     for key, t in model.state_dict().items():
         state.setdefault(key, t)
     plain.load_state_dict(state)
-    with report.atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         if meta is not None:
@@ -299,12 +305,10 @@ def export_ternary_hf(model: torch.nn.Module, tok: Any, out: Path, meta: dict[st
     return out
 
 
-def gguf_rows(r: Regime, tok: Any, eval_ids: torch.Tensor, prompt: list[int], cfg: GPT2Config,
+def gguf_rows(r: Regime, tok: Any, eval_ids: torch.Tensor, prompt: list[int], cfg: Config,
               out: Path, pretokenizer_is_gpt2: bool, info: runmeta.RunInfo) -> tuple[list[dict], dict]:
     """BitNet -> GGUF F32 / TQ2_0 / TQ1_0 with llama.cpp's converter; perplexity and decode in llama.cpp. The
     dense export and each file under the BitNet run's name."""
-    from qlib import gguf
-
     bit_name = run_of("bitnet", cfg, info)[0]
     hf = export_ternary_hf(r.model, tok, out / f"{bit_name}_dense",
                            _meta(r, cfg, info, f"{bit_name}_dense", "bitnet", "dense"))
@@ -321,7 +325,7 @@ def gguf_rows(r: Regime, tok: Any, eval_ids: torch.Tensor, prompt: list[int], cf
         with metrics.PeakMemory("cpu") as mem:
             ppl = gguf.perplexity(path, eval_ids.tolist(), cfg.context)
         size, paths[f"gguf_{outtype}"] = metrics.size_on_disk(path), path
-        rows.append(report.make_row(
+        rows.append(results.make_row(
             f"gguf_{outtype}", model=info.base_model, dataset=info.dataset, perplexity=ppl["perplexity"],
             size_bytes=size, bits_per_param=metrics.bits_per_param(size, n_params),
             inference_peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, total_params=n_params,
@@ -340,32 +344,52 @@ class GPT2Result(StudyResult):
     packed_identical: bool | None
 
 
-def random_init_setup(cfg: GPT2Config, out: Path) -> tuple[assets.Resolved, str, int, torch.Tensor, torch.Tensor,
-                                                           assets.Resolved]:
+@dataclass
+class Setup:
+    """What every regime starts from: the base model folder, its tokenizer (None on random init), the token streams."""
+
+    asset: assets.Resolved
+    base: str
+    tok: Any
+    eos: int
+    chunks: torch.Tensor      # training windows
+    eval_ids: torch.Tensor    # held-out tokens
+    data_asset: assets.Resolved
+
+
+def real_setup(cfg: Config) -> Setup:
+    """The profile's pretrained base and its code text, tokenized into training windows and held-out tokens."""
+    from transformers import AutoTokenizer
+
+    asset = assets.resolve_model("causal-lm", cfg.model_id)
+    tok = AutoTokenizer.from_pretrained(asset.path)
+    train_texts, eval_texts, data_asset = data.load_code_sft(cfg.dataset_id)
+    chunks = data.lm_chunks(tok, train_texts, cfg.context, cfg.train_tokens)
+    eval_ids = data.lm_chunks(tok, eval_texts, cfg.context, cfg.eval_tokens).reshape(-1)[: cfg.eval_tokens]
+    return Setup(asset, str(asset.path), tok, tok.eos_token_id, chunks, eval_ids, data_asset)
+
+
+def random_init_setup(cfg: Config, out: Path) -> Setup:
     """The true architecture with random weights, saved once (bitsandbytes quantizes from a folder), and
     random token batches: memory and speed do not depend on the values, quality is not measured."""
     from transformers import GPT2Config as HFGPT2Config
     from transformers import GPT2LMHeadModel
 
-    from qlib.pretrain import LM_SPECS, model_config
-
     asset = assets.resolve_model("causal-lm", cfg.model_id, random_init=True)
-    config = model_config(LM_SPECS[cfg.model_id]) if cfg.model_id in LM_SPECS else HFGPT2Config()
-    config.n_positions = max(config.n_positions, cfg.context)
+    arch = model_config(LM_SPECS[cfg.model_id]) if cfg.model_id in LM_SPECS else HFGPT2Config()
+    arch.n_positions = max(arch.n_positions, cfg.context)
     base = models.save_random_init(out / f"random-init-{cfg.model_id.replace('/', '_')}",
-                                   lambda: GPT2LMHeadModel(config), cfg.seed)
+                                   lambda: GPT2LMHeadModel(arch), cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    chunks = torch.randint(0, config.vocab_size, (cfg.steps * cfg.batch_size, cfg.context), generator=gen)
-    eval_ids = torch.randint(0, config.vocab_size, (cfg.eval_tokens,), generator=gen)
-    return (asset, str(base), config.eos_token_id, chunks, eval_ids,
-            assets.Resolved("causal-lm-data", "random tokens", "torch.randint"))
+    chunks = torch.randint(0, arch.vocab_size, (cfg.steps * cfg.batch_size, cfg.context), generator=gen)
+    eval_ids = torch.randint(0, arch.vocab_size, (cfg.eval_tokens,), generator=gen)
+    return Setup(asset, str(base), None, arch.eos_token_id, chunks, eval_ids,
+                 assets.Resolved("causal-lm-data", "random tokens", "torch.randint"))
 
 
-def plan(cfg: GPT2Config, model_config: Any, device: torch.device) -> list[budget.Prediction]:
+def plan(cfg: Config, model_config: Any, device: torch.device) -> list[budget.Prediction]:
     """The regimes that train: FP32 and BitNet full fine-tunes (fp32 weights, autocast, AdamW; BitLinear keeps
     a ternary fp32 copy of each weight for backward), LoRA and QLoRA. int8/nf4/bitnet_ptq only evaluate."""
-    from qlib import accounting
-
     kw = dict(batch=cfg.batch_size, seq=cfg.context, steps=cfg.steps, compute=budget.compute_for(device))
     shape = f"batch {cfg.batch_size} x {cfg.context}"
     out = []
@@ -385,50 +409,53 @@ def plan(cfg: GPT2Config, model_config: Any, device: torch.device) -> list[budge
     return out
 
 
+@dataclass
+class Tally:
+    """What the regimes' loop gathers: rows, losses and per-token NLL by regime, peak-memory reports, and the models
+    later steps reuse (the FP32 reference for decode speed, the BitNet regime for the GGUF rows)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    nll: dict[str, np.ndarray] = field(default_factory=dict)
+    peak_memory: dict[str, Any] = field(default_factory=dict)
+    identical: bool | None = None   # the packed ternary file reproduces BitNet's logits
+    ref: Any = None
+    bit: Regime | None = None
+    emb: int = 0                    # embedding parameters (the GGUF rows' bits exclude them)
+
+
 @staged(STUDY)
-def run(cfg: GPT2Config) -> GPT2Result:
+def run(cfg: Config) -> GPT2Result:
     """All regimes from one base on one split; perplexity, speed, memory, sizes; metrics.json."""
     device = pick_device(cfg.device, cfg.profile)
     set_seed(cfg.seed)
     out = outputs_dir(STUDY, cfg.profile)
-    tok = None
-    if cfg.random_init:
-        asset, base, eos, chunks, eval_ids, data_asset = random_init_setup(cfg, out)
-    else:
-        from transformers import AutoTokenizer
-
-        asset = assets.resolve_model("causal-lm", cfg.model_id)
-        base, tok = str(asset.path), AutoTokenizer.from_pretrained(asset.path)
-        eos = tok.eos_token_id
-        train_texts, eval_texts, data_asset = data.load_code_sft(cfg.dataset_id)
-        chunks = data.lm_chunks(tok, train_texts, cfg.context, cfg.train_tokens)
-        eval_ids = data.lm_chunks(tok, eval_texts, cfg.context, cfg.eval_tokens).reshape(-1)[: cfg.eval_tokens]
-    loader = data.lm_loader(chunks, cfg.batch_size, seed=cfg.seed)
-    prompt = eval_ids[:16].unsqueeze(0).to(device)
-    gpu_plan = budget.announce(plan(cfg, hub.model_config(base), device), device) \
+    su = random_init_setup(cfg, out) if cfg.random_init else real_setup(cfg)
+    loader = data.lm_loader(su.chunks, cfg.batch_size, seed=cfg.seed)
+    prompt = su.eval_ids[:16].unsqueeze(0).to(device)
+    gpu_plan = budget.announce(plan(cfg, hub.model_config(su.base), device), device) \
         if budget.wanted(cfg.profile, device) else None
 
-    rows, losses, identical, bit, emb, ref, nll = [], {}, None, None, 0, None, {}
-    info = runmeta.RunInfo(STUDY, cfg.profile, cfg.seed, asset.id, base, data_asset.id)
+    t = Tally()
+    info = runmeta.RunInfo(STUDY, cfg.profile, cfg.seed, su.asset.id, su.base, su.data_asset.id)
     if not cfg.keep_lm_head_fp16:  # before any training: a tied head cannot be quantized
-        models.require_untied_head(base)
-    peak_memory: dict[str, Any] = {}
-    for r in build_regimes(cfg, base, loader, out, device, info):
+        models.require_untied_head(su.base)
+    for r in build_regimes(cfg, su.base, loader, out, device, info):
         with metrics.PeakMemory(device) as inf_mem, torch.no_grad():
-            nll[r.name] = metrics.token_nll(r.model, eval_ids, cfg.context, cfg.stride, device).double().numpy()
-        ppl = {"perplexity": float(np.exp(nll[r.name].mean()))}
-        tps, speedup = _decode_vs_fp32(r, ref, prompt, eos, cfg, device)
-        folder, size, stored_bits, extra = save_artifact(r, out, cfg, info, base, device)
+            t.nll[r.name] = metrics.token_nll(r.model, su.eval_ids, cfg.context, cfg.stride, device).double().numpy()
+        ppl = {"perplexity": float(np.exp(t.nll[r.name].mean()))}
+        tps, speedup = _decode_vs_fp32(r, t.ref, prompt, su.eos, cfg, device)
+        folder, size, stored_bits, extra = save_artifact(r, out, cfg, info, su.base, device)
         if r.train_mem:
-            peak_memory[r.name] = r.train_mem.report()
+            t.peak_memory[r.name] = r.train_mem.report()
         if r.name == "bitnet":
-            identical = _check_unpacked(r.model, folder / TERNARY_FILE, eval_ids[:64])
+            t.identical = _check_unpacked(r.model, folder / TERNARY_FILE, su.eval_ids[:64])
         counts = adapters.param_counts(r.model)
         if r.train is None:
             counts["trainable_params"] = 0  # evaluated only
-        losses[r.name] = r.train.losses if r.train else []
-        rows.append(report.make_row(
-            r.name, model=asset.id, dataset=data_asset.id, size_bytes=size,
+        t.losses[r.name] = r.train.losses if r.train else []
+        t.rows.append(results.make_row(
+            r.name, model=su.asset.id, dataset=su.data_asset.id, size_bytes=size,
             perplexity=None if cfg.random_init else ppl["perplexity"],  # random weights: quality is not a number
             bits_per_param=metrics.bits_per_param(size, counts["total_params"]),
             quantized_bits_per_weight=stored_bits, tokens_per_s=tps, speedup_vs_fp32=speedup, load_avg_1m=metrics.load_average(),
@@ -438,30 +465,30 @@ def run(cfg: GPT2Config) -> GPT2Result:
             step_time_s=r.train.median_step_s if r.train else None, compute_dtype=compute_dtype_name(device),
             train_tokens_per_s=cfg.batch_size * cfg.context / r.train.median_step_s if r.train else None,
             note=r.note or None, layer_kinds=models.layer_kinds(r.model), artifact=folder.name, **counts, **extra))
-        emb = emb or _embedding_params(r.model)
+        t.emb = t.emb or _embedding_params(r.model)
         if r.name == "fp32":  # the reference every later regime decodes against, off the GPU between uses
-            ref = r.model.to("cpu")
+            t.ref = r.model.to("cpu")
         if r.name == "bitnet":  # kept for the GGUF rows, off the GPU
-            r.model, bit = r.model.to("cpu"), r
+            r.model, t.bit = r.model.to("cpu"), r
         else:
             r.model = None
         if device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
     if not cfg.random_init:
-        paired_differences(rows, nll, cfg)
-        replicas = {s: replicate(cfg, s, base, chunks, eval_ids, out, device, info)
+        paired_differences(t.rows, t.nll, cfg)
+        replicas = {s: replicate(cfg, s, su.base, su.chunks, su.eval_ids, out, device, info)
                     for s in seeds(cfg.seed, cfg.n_seeds)[1:]}
-        seed_spread(rows, {cfg.seed: nll, **replicas})
-        report.write_per_example(STUDY, cfg.profile, "regime_per_token_nll", {
-            **nll, **{seed_column(k, s): v for s, r in replicas.items() for k, v in r.items()}})
+        seed_spread(t.rows, {cfg.seed: t.nll, **replicas})
+        results.write_per_example(STUDY, cfg.profile, "regime_per_token_nll", {
+            **t.nll, **{seed_column(k, s): v for s, r in replicas.items() for k, v in r.items()}})
     gguf_types: dict = {}
-    if cfg.gguf and bit is not None and tok is not None:  # random-init runs have no tokenizer to convert
-        grows, gguf_types = gguf_rows(bit, tok, eval_ids, prompt[0].tolist(), cfg, out,
-                                      asset.source == "pretrained-here", info)
-        rows += grows
-    f32 = next((x for x in rows if x["method"] == "gguf_f32"), None)
-    for x in rows:
+    if cfg.gguf and t.bit is not None and su.tok is not None:  # random-init runs have no tokenizer to convert
+        grows, gguf_types = gguf_rows(t.bit, su.tok, su.eval_ids, prompt[0].tolist(), cfg, out,
+                                      su.asset.source == "pretrained-here", info)
+        t.rows += grows
+    f32 = next((x for x in t.rows if x["method"] == "gguf_f32"), None)
+    for x in t.rows:
         if x.get("backend") == "llama.cpp":  # speed ratios inside one runtime: against the F32 GGUF, interleaved
             x["speedup_vs_fp32"] = x["tokens_per_s"] / f32["tokens_per_s"] if f32 else None
             x["speed_reference"] = "gguf_f32"
@@ -470,24 +497,24 @@ def run(cfg: GPT2Config) -> GPT2Result:
         lad = ptq_ladder.run_ladder(ptq_ladder.LadderSpec(
             cfg.ladder_model_id, cfg.dataset_id, cfg.ladder_rungs, cfg.ladder_context, cfg.ladder_eval_tokens,
             cfg.train_tokens or 200_000, cfg.seed), device)
-        rows += lad.rows
+        t.rows += lad.rows
         ladder_doc = {**lad.model, "context": cfg.ladder_context, "stride": cfg.ladder_context,
                       "per_token_nll": "ladder_per_token_nll.csv.gz"}
-        report.write_per_example(STUDY, cfg.profile, "ladder_per_token_nll", lad.nll)
+        results.write_per_example(STUDY, cfg.profile, "ladder_per_token_nll", lad.nll)
     env = metrics.runtime_env(device)
-    doc_assets = {"model": {"role": "causal-lm", **asset.provenance()},
-                  "data": {**data_asset.provenance(), "n_train_tokens": int(chunks.numel()),
-                           "n_eval_tokens": int(eval_ids.numel())}}
-    path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows,
+    doc_assets = {"model": {"role": "causal-lm", **su.asset.provenance()},
+                  "data": {**su.data_asset.provenance(), "n_train_tokens": int(su.chunks.numel()),
+                           "n_eval_tokens": int(su.eval_ids.numel())}}
+    path = results.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, t.rows,
                                 config={**asdict(cfg), "regimes": list(cfg.regimes)}, gpu_plan=gpu_plan,
                                 perplexity_window={"context": cfg.context, "stride": cfg.stride,
                                                    "gguf_rows": "llama.cpp, stride = context"},
-                                packed_ternary_identical_logits=identical, ladder=ladder_doc,
-                                embedding_params=emb, peak_memory=peak_memory)
-    return GPT2Result(rows, report.load_metrics(path), path, losses, identical)
+                                packed_ternary_identical_logits=t.identical, ladder=ladder_doc,
+                                embedding_params=t.emb, peak_memory=t.peak_memory)
+    return GPT2Result(t.rows, results.load_metrics(path), path, t.losses, t.identical)
 
 
-def paired_differences(rows: list[dict[str, Any]], nll: dict[str, Any], cfg: GPT2Config) -> None:
+def paired_differences(rows: list[dict[str, Any]], nll: dict[str, Any], cfg: Config) -> None:
     """Each regime's perplexity over the FP32 fine-tune's and over its control's (`CONTROLS`), on the same tokens,
     with the paired block-bootstrap interval (blocks of `stride` tokens: one window's new tokens)."""
     for row in rows:
@@ -502,7 +529,7 @@ def paired_differences(rows: list[dict[str, Any]], nll: dict[str, Any], cfg: GPT
 SEEDED = ("fp32", "lora", "qlora", "bitnet_ptq", "bitnet", "qlora_bitnet")  # what a training seed changes
 
 
-def replicate(cfg: GPT2Config, seed: int, base: str, chunks: Any, eval_ids: torch.Tensor, out: Path,
+def replicate(cfg: Config, seed: int, base: str, chunks: Any, eval_ids: torch.Tensor, out: Path,
               device: torch.device, info: runmeta.RunInfo) -> dict[str, np.ndarray]:
     """The trained regimes (and the ternary control of the FP32 fine-tune) again from another seed (data order,
     adapter init): per-token losses on the same tokens. Their weights go to a temporary folder."""
@@ -534,7 +561,7 @@ def seed_spread(rows: list[dict[str, Any]], nll: dict[int, dict[str, np.ndarray]
                 metrics.with_seeds(row, key, [float(np.expm1(n[name].mean() - n[ref].mean())) for n in runs])
 
 
-def _decode_vs_fp32(r: Regime, ref: Any, prompt: torch.Tensor, eos: int, cfg: GPT2Config,
+def _decode_vs_fp32(r: Regime, ref: Any, prompt: torch.Tensor, eos: int, cfg: Config,
                     device: torch.device) -> tuple[float, float | None]:
     """Decode tokens/s, and its ratio to the FP32 fine-tune decoded interleaved with it in the same repeats
     (the reference visits the GPU only while it is timed, so it never counts in another regime's memory)."""
@@ -596,8 +623,8 @@ def findings(res: GPT2Result) -> str:
                if r.get("perplexity_ratio_vs_fp32") is not None else "")
         ppl = f"perplexity {r['perplexity']:.2f}{rel}" if has_ppl else "perplexity not measured (random init)"
         if r.get("perplexity_seed_mean") is not None:
-            ppl += f"; over seeds {report.seed_spread_text(r, 'perplexity', fmt='.2f')}" + "".join(
-                f", {lab} {report.seed_spread_text(r, key, 100, '+.1f', ' %')}" for key, lab in (
+            ppl += f"; over seeds {results.seed_spread_text(r, 'perplexity', fmt='.2f')}" + "".join(
+                f", {lab} {results.seed_spread_text(r, key, 100, '+.1f', ' %')}" for key, lab in (
                     ("perplexity_change_vs_fp32", "vs fp32"), ("perplexity_change_vs_control", "vs its control"))
                 if r.get(f"{key}_seed_mean") is not None)
         train = (f", trained {r['trainable_params']:,} of {r['total_params']:,} params in {r['train_time_s']:.1f} s "

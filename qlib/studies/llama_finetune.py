@@ -4,22 +4,25 @@ The adapter is saved under its run name with its metadata and the peak-memory re
 7B in fp32 needs 28 GB of host memory, more than Colab's; study 08 is the merge study.)
 
 The Trainer is used (not qlib's loop) because it is what `accelerate launch` distributes: on several GPUs,
-`accelerate launch -m qlib.studies.llama_finetune --profile t4` runs the same code data-parallel, one NF4
+`accelerate launch -m qlib.studies.llama_scaling --profile t4` runs the same code data-parallel, one NF4
 copy per GPU (`device_map={"": local_rank}`), with no distribution code in qlab. With `device=cpu` the same
 code path runs on the CPU in fp32 with torch's AdamW: a rehearsal for small models (the tests), not a 7B run.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 from typing import Any
 
 import torch
 
-from qlib import adapters, budget, data, hub, metrics, runmeta
+from qlib import adapters, assets, budget, data, hub, metrics, runmeta
+from qlib.adapters import add_causal_lora
 from qlib.assets import Resolved
-from qlib.config import build_quantization_plan, compute_dtype, compute_dtype_name
+from qlib.config import build_quantization_plan
+from qlib.core.device import compute_dtype, compute_dtype_name
+from qlib.core.errors import QlabError
+from qlib.core.paths import outputs_dir
+from qlib.models import load_causal_lm, require_untied_head
 
 EVAL_WINDOWS = 16
 
@@ -48,8 +51,6 @@ def knobs(cfg: Any) -> runmeta.LoraKnobs:
 def qlora_finetune(asset: Resolved, cfg: Any, device: torch.device) -> dict[str, Any]:
     """Peak memory (predicted first), time per step, tokens/s, and held-out perplexity before and after."""
     from transformers import AutoTokenizer, Trainer, TrainingArguments
-
-    from qlib.models import add_causal_lora, load_causal_lm, require_untied_head
 
     cuda = device.type == "cuda"
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0))) if cuda else device
@@ -86,8 +87,6 @@ def qlora_finetune(asset: Resolved, cfg: Any, device: torch.device) -> dict[str,
 
 
 def cfg_output(cfg: Any) -> Any:
-    from qlib.config import outputs_dir
-
     return outputs_dir("07_llama_scaling", cfg.profile)
 
 
@@ -103,20 +102,17 @@ def save_adapter(model: Any, tok: Any, asset: Resolved, dataset: str, cfg: Any, 
                                  info.meta(name, plan, "adapter", head, knobs=k, train_steps=cfg.finetune_steps, **extra))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`accelerate launch -m qlib.studies.llama_finetune --profile t4`: the 7B fine-tune alone."""
-    from qlib.config import pick_device
-    from qlib.studies.llama_scaling import finetune_7b, scaling_config
-
-    ap = argparse.ArgumentParser(prog="python -m qlib.studies.llama_finetune")
-    ap.add_argument("--profile", default="t4")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--model-id", default=None, help="hub id or local folder (default: the profile's)")
-    a = ap.parse_args(argv)
-    cfg = scaling_config(a.profile, finetune_steps=a.steps, model_id=a.model_id)
-    print(json.dumps(finetune_7b(cfg, pick_device("auto")), indent=2))
-    return 0
+def check_finetune_device(cfg: Any, device: torch.device) -> None:
+    """The 7B fine-tune needs CUDA; device='cpu' rehearses its code path on a small model (the tests)."""
+    if device.type != "cuda" and cfg.device != "cpu":
+        raise QlabError("finetune_7b needs a CUDA GPU (a T4 or larger) and none is visible: run the t4 profile "
+                        "on a GPU, or pass finetune_7b=False (the ladder and the 7B accounting run anywhere); "
+                        "device=cpu rehearses the fine-tune on a small model")
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def finetune_7b(cfg: Any, device: torch.device, asset: assets.Resolved | None = None) -> dict[str, Any]:
+    """t4: a real QLoRA fine-tune of the hub LLaMA-7B (CUDA + hub), its peak predicted and checked first."""
+    check_finetune_device(cfg, device)
+    if asset is None:
+        asset = assets.resolve_model("llama-arch", cfg.model_id)  # offline / gated: one clear line
+    return qlora_finetune(asset, cfg, device)

@@ -1,6 +1,8 @@
 """Study 07: the QLoRA recipe scaled to LLaMA-7B: exact accounting, a measured ladder, fit and projection."""
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -11,10 +13,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import accounting, assets, budget, hub, metrics, models, report
-from qlib.config import QlabError, compute_dtype, make_config, outputs_dir, pick_device
-from qlib.studies import StudyResult, staged
-from qlib.train import set_seed
+from qlib import accounting, adapters, assets, budget, hub, metrics, models, results
+from qlib.config import make_config
+from qlib.core.device import compute_dtype, pick_device, set_seed, t4_conditions
+from qlib.core.errors import QlabError
+from qlib.core.paths import outputs_dir
+from qlib.studies import StudyResult, llama_finetune, staged
 
 STUDY = "07_llama_scaling"
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
@@ -37,7 +41,7 @@ H100_SOURCE = ("plain bitsandbytes 0.50.2 + peft on an H100 80GB, LLaMA-7B archi
 
 
 @dataclass(frozen=True)
-class ScalingConfig:
+class Config:
     """Notebook 07's parameters."""
 
     profile: str = "default"
@@ -63,7 +67,7 @@ class ScalingConfig:
     device: str = "auto"
 
 
-SCALING_PROFILES: dict[str, dict[str, Any]] = {
+PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(rungs=("llama-2m", "llama-5m"), vocab_size=1000, seq=32, steps=1, projection_seq=64),
     "default": {},
     "t4": dict(finetune_7b=True, seq=512),
@@ -72,14 +76,12 @@ SCALING_PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def scaling_config(profile: str = "default", **overrides: Any) -> ScalingConfig:
-    cfg = make_config(ScalingConfig, SCALING_PROFILES, profile, **overrides)
+def config(profile: str = "default", **overrides: Any) -> Config:
+    cfg = make_config(Config, PROFILES, profile, **overrides)
     bad = [r for r in cfg.rungs if r not in RUNGS] + [m for m in cfg.methods if m not in METHODS]
     if bad:
         raise QlabError(f"unknown rung/method {bad}; rungs: {', '.join(RUNGS)}; methods: {', '.join(METHODS)}")
-    from qlib.studies.llama_finetune import knobs
-
-    knobs(cfg)  # the fine-tune's preset and optimizer: one line
+    llama_finetune.knobs(cfg)  # the fine-tune's preset and optimizer: one line
     return cfg
 
 
@@ -118,7 +120,7 @@ def prepare(path: Path, method: str, rank: int, checkpointing: bool, device: tor
                                   dtype=weights_dtype(method, device))
     model.config.use_cache = False
     if method != "full":
-        return models.add_causal_lora(model, rank, kbit=method == "qlora", gradient_checkpointing=checkpointing)
+        return adapters.add_causal_lora(model, rank, kbit=method == "qlora", gradient_checkpointing=checkpointing)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -170,12 +172,12 @@ def _step(model: Any, opt: torch.optim.Optimizer, ids: torch.Tensor, scaler: tor
     return time.perf_counter() - t0
 
 
-def measure_rung(name: str, method: str, cfg: ScalingConfig, device: torch.device, root: Path) -> dict[str, Any]:
+def measure_rung(name: str, method: str, cfg: Config, device: torch.device, root: Path) -> dict[str, Any]:
     """One rung x method: peak memory (measured and predicted), step time, tokens/s; OOM -> a status row."""
-    config = rung_config(name, cfg.vocab_size)
-    meta = accounting.meta_model(config)
+    arch = rung_config(name, cfg.vocab_size)
+    meta = accounting.meta_model(arch)
     setup = setup_for(method, device, cfg.lora_rank)
-    predicted = accounting.training_bytes(config, setup, cfg.batch, cfg.seq, cfg.checkpointing, meta)
+    predicted = accounting.training_bytes(arch, setup, cfg.batch, cfg.seq, cfg.checkpointing, meta)
     row: dict[str, Any] = {"rung": name, "method": method, "status": "ok", "seq": cfg.seq, "batch": cfg.batch,
                            "total_params": accounting.param_counts(meta)["total"],
                            "predicted_peak_mem_bytes": predicted["total"],
@@ -213,7 +215,7 @@ def measure_rung(name: str, method: str, cfg: ScalingConfig, device: torch.devic
     return row
 
 
-def ladder_plan(cfg: ScalingConfig) -> list[budget.Prediction]:
+def ladder_plan(cfg: Config) -> list[budget.Prediction]:
     """The ladder's largest rung for each method, as a T4 would train it (fp16, paged 8-bit AdamW)."""
     top = max(cfg.rungs, key=lambda r: RUNGS[r][0] * RUNGS[r][2])
     steps = 1 + cfg.steps
@@ -222,7 +224,7 @@ def ladder_plan(cfg: ScalingConfig) -> list[budget.Prediction]:
                            checkpointing=cfg.checkpointing, rank=cfg.lora_rank) for m in cfg.methods]
 
 
-def run_ladder(cfg: ScalingConfig, device: torch.device, root: Path) -> list[dict[str, Any]]:
+def run_ladder(cfg: Config, device: torch.device, root: Path) -> list[dict[str, Any]]:
     """Rungs in order; before each, the fit over the smaller rungs already measured predicts its step time
     and memory (the accounting predicts memory too), so every row is a prediction checked by a measurement."""
     rows: list[dict[str, Any]] = []
@@ -236,10 +238,8 @@ def run_ladder(cfg: ScalingConfig, device: torch.device, root: Path) -> list[dic
     return rows
 
 
-def t4_rung(cfg: ScalingConfig, device: torch.device, root: Path) -> dict[str, Any]:
+def t4_rung(cfg: Config, device: torch.device, root: Path) -> dict[str, Any]:
     """The 7B QLoRA rung again as a T4 would run it: fp16 compute, allocator capped at 15 GiB."""
-    from qlib.config import t4_conditions
-
     with t4_conditions(device, T4_USABLE_GIB) as fraction:
         row = measure_rung("llama-7b", "qlora", cfg, device, root)
     row.update(method="qlora_t4_conditions", memory_fraction=fraction, compute_dtype="fp16",
@@ -265,13 +265,13 @@ def fit(rows: list[dict[str, Any]], method: str, target_params: float) -> dict[s
             "measured_over_predicted_largest_rung": largest["peak_mem_bytes"] / largest["predicted_peak_mem_bytes"]}
 
 
-def _accounting_7b(method: str, dtype: torch.dtype, cfg: ScalingConfig, model: Any) -> dict[str, int]:
+def _accounting_7b(method: str, dtype: torch.dtype, cfg: Config, model: Any) -> dict[str, int]:
     """The accounting of the 7B recipe (paged 8-bit AdamW, batch 1, checkpointing) with compute `dtype`."""
     setup = accounting.recipe(method, dtype, 2, cfg.lora_rank, lora_dropout=True)
     return accounting.training_bytes(accounting.llama_config(), setup, 1, cfg.projection_seq, True, model)
 
 
-def projection_7b(cfg: ScalingConfig, fits: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def projection_7b(cfg: Config, fits: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """7B on a 16 GB T4 (fp16 compute, paged 8-bit AdamW, seq 512, batch 1, checkpointing): the accounting, and
     the accounting shifted by its gap at the measured H100 peak of the same recipe in bf16 (an additive correction:
     the gap is the allocator's and the kernels' workspace, which does not scale with the weights' dtype). The CPU
@@ -336,16 +336,14 @@ def accounting_table() -> dict[str, Any]:
 
 
 @staged(STUDY)
-def run(cfg: ScalingConfig) -> ScalingResult:
+def run(cfg: Config) -> ScalingResult:
     """Accounting at 7B, the measured ladder, fits and the 7B projection; metrics.json."""
     device = pick_device(cfg.device, cfg.profile)
     asset_7b = None
     if cfg.finetune_7b:  # device, hub access (gated, offline) and the memory prediction: before the ladder's minutes
-        check_finetune_device(cfg, device)
+        llama_finetune.check_finetune_device(cfg, device)
         asset_7b = assets.resolve_model("llama-arch", cfg.model_id)
-        from qlib.studies.llama_finetune import plan
-
-        budget.announce(plan(cfg, hub.model_config(asset_7b.path), device), device)
+        budget.announce(llama_finetune.plan(cfg, hub.model_config(asset_7b.path), device), device)
     if budget.wanted(cfg.profile, device) and "llama-7b" not in cfg.rungs:
         budget.announce(ladder_plan(cfg), device)
     root = outputs_dir(STUDY, cfg.profile) / "random-init"
@@ -357,36 +355,19 @@ def run(cfg: ScalingConfig) -> ScalingResult:
     projection = projection_7b(cfg, fits)
     bench = gpu_benchmark(ladder)
     acc7 = accounting_table()
-    finetune = finetune_7b(cfg, device, asset_7b) if cfg.finetune_7b else None
-    rows = [report.make_row(f"{r['method']}", model=r["rung"], dataset="random tokens", **{
+    finetune = llama_finetune.finetune_7b(cfg, device, asset_7b) if cfg.finetune_7b else None
+    rows = [results.make_row(f"{r['method']}", model=r["rung"], dataset="random tokens", **{
         k: v for k, v in r.items() if k not in ("method",)}) for r in ladder]
     doc_assets = {"model": {"role": "llama-arch", "id": ",".join(cfg.rungs), "source": "random-init",
                             "note": "memory and speed do not depend on the weights' values"},
                   "data": {"id": "random tokens", "source": "torch.randint, seed 0"}}
-    path = report.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
+    path = results.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
                                 config=asdict(cfg), fits=fits, projection_7b=projection, accounting_7b=acc7,
                                 finetune_7b=finetune, benchmark=bench,
+                                readme_lines=measured_7b_lines({"rows": rows, "benchmark": bench}),
                                 reference={f"{m}_7b_peak_gib": v["peak_gib"] for m, v in PLAIN_BNB_PEFT_H100.items()}
                                 | {"source": H100_SOURCE})
-    return ScalingResult(rows, report.load_metrics(path), path, ladder, fits, projection, acc7, finetune)
-
-
-def check_finetune_device(cfg: ScalingConfig, device: torch.device) -> None:
-    """The 7B fine-tune needs CUDA; device='cpu' rehearses its code path on a small model (the tests)."""
-    if device.type != "cuda" and cfg.device != "cpu":
-        raise QlabError("finetune_7b needs a CUDA GPU (a T4 or larger) and none is visible: run the t4 profile "
-                        "on a GPU, or pass finetune_7b=False (the ladder and the 7B accounting run anywhere); "
-                        "device=cpu rehearses the fine-tune on a small model")
-
-
-def finetune_7b(cfg: ScalingConfig, device: torch.device, asset: assets.Resolved | None = None) -> dict[str, Any]:
-    """t4: a real QLoRA fine-tune of the hub LLaMA-7B (CUDA + hub), its peak predicted and checked first."""
-    check_finetune_device(cfg, device)
-    if asset is None:
-        asset = assets.resolve_model("llama-arch", cfg.model_id)  # offline / gated: one clear line
-    from qlib.studies.llama_finetune import qlora_finetune
-
-    return qlora_finetune(asset, cfg, device)
+    return ScalingResult(rows, results.load_metrics(path), path, ladder, fits, projection, acc7, finetune)
 
 
 def findings(res: ScalingResult) -> str:
@@ -463,3 +444,19 @@ def measured_7b_lines(doc: dict[str, Any]) -> list[str]:
                    f"memory {b.get('qlora_over_lora_mem', float('nan')):.2f} (<= 1/3: {b.get('mem_ok')}), time "
                    f"{b.get('qlora_over_lora_time', float('nan')):.2f} (<= 2: {b.get('time_ok')}).")
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`accelerate launch -m qlib.studies.llama_scaling --profile t4`: the 7B fine-tune alone."""
+    ap = argparse.ArgumentParser(prog="python -m qlib.studies.llama_scaling")
+    ap.add_argument("--profile", default="t4")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--model-id", default=None, help="hub id or local folder (default: the profile's)")
+    a = ap.parse_args(argv)
+    cfg = config(a.profile, finetune_steps=a.steps, model_id=a.model_id)
+    print(json.dumps(llama_finetune.finetune_7b(cfg, pick_device("auto")), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,18 +8,20 @@ from typing import Any
 
 import torch
 
-from qlib import data, export, metrics, models, report
-from qlib.config import BaselineConfig, QlabError, make_config, outputs_dir
+from qlib import data, export, metrics, models, quant, results
+from qlib.config import make_config
+from qlib.core.device import set_seed
+from qlib.core.errors import QlabError
+from qlib.core.paths import outputs_dir
 from qlib.quant import ptq
-from qlib.studies import baseline
-from qlib.studies import StudyResult, staged
-from qlib.train import predict, set_seed
+from qlib.studies import StudyResult, baseline, staged
+from qlib.train import predict
 
 STUDY = "02_ptq"
 
 
 @dataclass(frozen=True)
-class PTQConfig:
+class Config:
     """Notebook 02's parameters."""
 
     profile: str = "default"
@@ -29,36 +31,35 @@ class PTQConfig:
     onnx: bool = True              # ONNX Runtime rows next to PyTorch's own
 
 
-PTQ_PROFILES: dict[str, dict[str, Any]] = {
+PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(calib_sentences=32, latency_repeats=3),
     "default": {}, "t4": {},
 }
 
 
-def ptq_config(profile: str = "default", **overrides: Any) -> PTQConfig:
-    return make_config(PTQConfig, PTQ_PROFILES, profile, **overrides)
+def config(profile: str = "default", **overrides: Any) -> Config:
+    return make_config(Config, PROFILES, profile, **overrides)
 
 
 def ensure_baseline(profile: str, seed: int = 0) -> Path:
     """The notebook-01 model of this profile; trained now (as notebook 01 would) if missing."""
-    from qlib.config import baseline_config
 
     path = outputs_dir(baseline.STUDY, profile) / "baseline-model"
     if not (path / "model.safetensors").is_file():
         print(f"{path} not found: running study 01 ({profile} profile) first")
-        baseline.run(baseline_config(profile, seed=seed))
+        baseline.run(baseline.config(profile, seed=seed))
     return models.check_checkpoint(path)
 
 
-def baseline_label(bcfg: BaselineConfig) -> str:
+def baseline_label(bcfg: baseline.Config) -> str:
     """How 02/03 rows name their model: notebook 01's fine-tune of its encoder (never a local path)."""
     return f"{bcfg.model_id} (notebook 01 fine-tune)"
 
 
-def baseline_settings(path: Path) -> BaselineConfig:
+def baseline_settings(path: Path) -> baseline.Config:
     """The config notebook 01 trained with (max_length, dataset, n_eval) so 02-04 match it."""
     meta = json.loads((path / "qlab.json").read_text())
-    return BaselineConfig(**meta["config"])
+    return baseline.Config(**meta["config"])
 
 
 @dataclass
@@ -66,7 +67,7 @@ class BaselineSetup:
     """Notebook 01's model with the data, held-out loader, calibration batches and latency inputs."""
 
     base_dir: Path
-    bcfg: BaselineConfig
+    bcfg: baseline.Config
     fp32: torch.nn.Module
     tok: Any
     ds: data.TextClassification
@@ -106,10 +107,10 @@ def build_variants(fp32: torch.nn.Module, tok: Any, calib: list[dict[str, torch.
     vs = [Variant("fp32", fp32, out / "fp32.pt", "pytorch")]
     ptq.save_quantized(fp32, vs[0].artifact)
     for method, per_channel, build in [
-        ("ptq_int8_dynamic", True, lambda pc: ptq.dynamic_int8(fp32, per_channel=pc)),
-        ("ptq_int8_dynamic_per_tensor", False, lambda pc: ptq.dynamic_int8(fp32, per_channel=pc)),
-        ("ptq_int8_static", True, lambda pc: ptq.static_int8(fp32, calib, per_channel=pc)),
-        ("ptq_int8_static_per_tensor", False, lambda pc: ptq.static_int8(fp32, calib, per_channel=pc)),
+        ("ptq_int8_dynamic", True, lambda pc: quant.apply(fp32, "ptq_int8", per_channel=pc)),
+        ("ptq_int8_dynamic_per_tensor", False, lambda pc: quant.apply(fp32, "ptq_int8", per_channel=pc)),
+        ("ptq_int8_static", True, lambda pc: quant.apply(fp32, "ptq_int8", calib=calib, per_channel=pc)),
+        ("ptq_int8_static_per_tensor", False, lambda pc: quant.apply(fp32, "ptq_int8", calib=calib, per_channel=pc)),
     ]:
         q = build(per_channel)
         path = ptq.save_quantized(q, out / f"{method}.pt")
@@ -133,7 +134,7 @@ class PTQResult(StudyResult):
 
 
 @staged(STUDY)
-def run(cfg: PTQConfig) -> PTQResult:
+def run(cfg: Config) -> PTQResult:
     """Quantize, evaluate on notebook 01's held-out split, save ptq_int8_model.pt, measure, write."""
     device = torch.device("cpu")  # torch.ao INT8 kernels and ORT's CPU provider are CPU-only
     if cfg.profile == "t4":
@@ -156,16 +157,16 @@ def run(cfg: PTQConfig) -> PTQResult:
     reload_ok = check_reload(variants, out, calib[:1], eval_loader, quality)
     rows = _rows(variants, quality, lat, fp32, ds, bcfg)
     rows = compare_to_fp32(rows, preds, labels, ds.train_labels, cfg.seed)
-    report.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, **preds})
+    results.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, **preds})
     bench = benchmark(rows)
     env = metrics.runtime_env(device)
     env["quantized_engine"] = torch.backends.quantized.engine
     doc_assets = {"model": {"role": "encoder", "id": rows[0]["model"], "source": f"notebook 01 ({base_dir})"},
                   "data": ds.provenance()}
-    path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows, config=asdict(cfg),
+    path = results.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows, config=asdict(cfg),
                                 latency_shape={"seq_len": bcfg.max_length, "batches": [1, 8]},
                                 benchmark=bench, reload_matches=reload_ok, definitions=DEFINITIONS)
-    return PTQResult(rows, report.load_metrics(path), path, reload_ok, bench)
+    return PTQResult(rows, results.load_metrics(path), path, reload_ok, bench)
 
 
 def _forward(model: Any, enc: dict[str, torch.Tensor]) -> Any:
@@ -214,7 +215,7 @@ def compare_to_fp32(rows: list[dict[str, Any]], preds: dict[str, list[int]], lab
 
 
 def _rows(variants: list[Variant], quality: dict, lat: dict, fp32: torch.nn.Module, ds: Any,
-          bcfg: BaselineConfig) -> list[dict[str, Any]]:
+          bcfg: baseline.Config) -> list[dict[str, Any]]:
     n_params = metrics.count_params(fp32)["total_params"]
     rows = []
     for v in variants:
@@ -222,7 +223,7 @@ def _rows(variants: list[Variant], quality: dict, lat: dict, fp32: torch.nn.Modu
         ref = "onnx_fp32" if v.backend == "onnxruntime" else "fp32"  # speed ratios inside one runtime
         ref_b1, ref_b8 = lat[1][ref]["median_ms"], lat[8][ref]["median_ms"]
         b1, b8 = lat[1][v.method]["median_ms"], lat[8][v.method]["median_ms"]
-        rows.append(report.make_row(
+        rows.append(results.make_row(
             v.method, model=baseline_label(bcfg), dataset=ds.asset.id,
             **quality[v.method], size_bytes=size, bits_per_param=metrics.bits_per_param(size, n_params),
             latency_ms=b1, latency_ms_b8=b8, tokens_per_s=8 * bcfg.max_length / (b8 / 1e3),
@@ -278,7 +279,7 @@ def findings(res: PTQResult) -> str:
         r = by[m]
         verdict = "**passes**" if b["passes"] else "misses"
         lines.append(f"- `{m}` ({r['backend']}): accuracy {r['accuracy']:.3f} "
-                     f"({report.points_interval(r, 'accuracy_diff_vs_fp32', ' vs FP32')}), size {b['size_ratio']:.2f}× FP32, speedup {b['speedup_b8']:.2f}× at batch 8 / "
+                     f"({results.points_interval(r, 'accuracy_diff_vs_fp32', ' vs FP32')}), size {b['size_ratio']:.2f}× FP32, speedup {b['speedup_b8']:.2f}× at batch 8 / "
                      f"{r['speedup_b1_vs_fp32']:.2f}× at batch 1 against `{r['speed_reference']}` — {verdict} the bar.")
     if "onnx_fp32" in by:
         o = by["onnx_fp32"]

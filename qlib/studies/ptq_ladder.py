@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import assets, data, metrics, models, ngram, report
+from qlib import assets, data, metrics, models, ngram, results
+from qlib.core.errors import QlabError
 from qlib.quant import ladder
 
 
@@ -76,8 +77,6 @@ def run_ladder(spec: LadderSpec, device: torch.device) -> LadderResult:
     """Reference, every rung, and the count baselines, each a row with its perplexity ratio and interval."""
     unknown = [r for r in spec.rungs if r not in ladder.RUNGS]
     if unknown:
-        from qlib.config import QlabError
-
         raise QlabError(f"unknown ladder rung(s) {unknown}; valid: {', '.join(ladder.RUNGS)}")
     lm = load_real_lm(spec.model_id, spec.dataset_id, spec.context, spec.train_tokens, spec.eval_tokens, device)
     original = ladder.snapshot(lm.model)
@@ -104,7 +103,7 @@ def _row(name: str, nll: np.ndarray, ref: np.ndarray, spec: LadderSpec, model_id
     ratio = None if name == "reference" else metrics.perplexity_ratio(ref, nll, block=spec.context - 1,
                                                                        seed=spec.seed)
     kind = "count baseline" if name in ("unigram", "bigram_kn") else "post-training (no training)"
-    row = report.make_row(
+    row = results.make_row(
         f"ptq_{name}" if rung else name, model=model_id, dataset=data_id, perplexity=float(np.exp(nll.mean())),
         total_params=n_params if kind != "count baseline" else None, trainable_params=0 if rung else None,
         bits_per_quantized_weight=rung.bits_per_weight if rung else (None if kind == "count baseline" else 32.0),

@@ -10,19 +10,22 @@ from typing import Any
 
 import torch
 
-from qlib import budget, data, metrics, report
-from qlib.config import QlabError, build_quantization_plan, make_config, outputs_dir, pick_device
+from qlib import budget, data, metrics, quant, results
+from qlib.config import build_quantization_plan, make_config
+from qlib.core.device import pick_device, set_seed
+from qlib.core.errors import QlabError
+from qlib.core.io import atomic_dir
+from qlib.core.paths import outputs_dir
 from qlib.quant import ptq, qat
-from qlib.report import atomic_dir
-from qlib.studies.ptq import _forward, baseline_label, compare_to_fp32, load_setup
 from qlib.studies import StudyResult, staged
-from qlib.train import TrainResult, finetune, predict, seed_column, seeds, set_seed
+from qlib.studies.ptq import _forward, baseline_label, compare_to_fp32, load_setup
+from qlib.train import TrainResult, finetune, predict, seed_column, seeds
 
 STUDY = "03_qat"
 
 
 @dataclass(frozen=True)
-class QATConfig:
+class Config:
     """Notebook 03's parameters."""
 
     profile: str = "default"
@@ -39,14 +42,14 @@ class QATConfig:
     device: str = "auto"          # where fake-quant training runs (CUDA when present); INT8 always on the CPU
 
 
-QAT_PROFILES: dict[str, dict[str, Any]] = {
+PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(batch_size=16, calib_sentences=32, latency_repeats=3, n_seeds=2),
     "default": {}, "t4": {},
 }
 
 
-def qat_config(profile: str = "default", **overrides: Any) -> QATConfig:
-    cfg = make_config(QATConfig, QAT_PROFILES, profile, **overrides)
+def config(profile: str = "default", **overrides: Any) -> Config:
+    cfg = make_config(Config, PROFILES, profile, **overrides)
     if cfg.low_bits not in (None, 0, 2, 4, 8):
         raise QlabError(f"low_bits must be 2, 4 or 8 (0 or None: skip); got {cfg.low_bits!r}")
     return cfg
@@ -69,19 +72,7 @@ def save_qat(model: torch.nn.Module, fp32_config: Any, tok: Any, path: Path, met
     return path
 
 
-def load_qat(path: str | Path) -> torch.nn.Module:
-    """Rebuild a saved QAT INT8 model: architecture from config.json, weights with weights_only=True."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    p = Path(path)
-    if not (p / "model_int8.pt").is_file() or not (p / "config.json").is_file():
-        raise QlabError(f"{p} is not a QAT INT8 folder (needs model_int8.pt and config.json)")
-    arch = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(p))
-    skeleton = qat.convert_qat(qat.prepare_qat_int8(arch))
-    return ptq.load_quantized(p / "model_int8.pt", skeleton)
-
-
-def plan(cfg: QATConfig, model_config: Any, n_train: int, seq: int, device: torch.device) -> list[budget.Prediction]:
+def plan(cfg: Config, model_config: Any, n_train: int, seq: int, device: torch.device) -> list[budget.Prediction]:
     """QAT and its control on the GPU: full fine-tunes in fp32 (fake quantization runs in fp32)."""
     steps = max(1, math.ceil(cfg.epochs * math.ceil(n_train / cfg.batch_size)))
     runs = ["QAT (fake-quant INT8)"] + (["FP32 control"] if cfg.control else [])
@@ -90,7 +81,7 @@ def plan(cfg: QATConfig, model_config: Any, n_train: int, seq: int, device: torc
 
 
 @staged(STUDY)
-def run(cfg: QATConfig) -> QATResult:
+def run(cfg: Config) -> QATResult:
     """Static PTQ and QAT from the same baseline in one run; the QAT model is saved and reloaded.
     Fake-quant training (and its FP32 control) runs on the GPU where there is one, in fp32; the INT8
     conversion, evaluation and timing run on the CPU, where torch.ao's INT8 kernels are."""
@@ -102,8 +93,8 @@ def run(cfg: QATConfig) -> QATResult:
     train = data.classification_loader(tok, ds.train_texts, ds.train_labels, cfg.batch_size,
                                        bcfg.max_length, shuffle=True, seed=cfg.seed)
 
-    static = ptq.static_int8(fp32, calib, per_channel=cfg.per_channel)
-    dynamic = ptq.dynamic_int8(fp32, per_channel=cfg.per_channel)  # notebook 02's most accurate torch.ao PTQ
+    static = quant.apply(fp32, "ptq_int8", calib=calib, per_channel=cfg.per_channel)
+    dynamic = quant.apply(fp32, "ptq_int8", per_channel=cfg.per_channel)  # notebook 02's most accurate torch.ao PTQ
     gpu_plan = budget.announce(plan(cfg, fp32.config, len(ds.train_texts), bcfg.max_length, train_device),
                                train_device) if budget.wanted(cfg.profile, train_device) else None
     trained = train_runs(cfg, cfg.seed, fp32, train, train_device)
@@ -128,19 +119,19 @@ def run(cfg: QATConfig) -> QATResult:
     meta = {"base": str(base_dir), "config": asdict(cfg), **quality["qat_int8"],
             **build_quantization_plan("qat_int8").metadata()}
     model_dir = save_qat(int8, fp32.config, tok, out / "qat_bert_int8", meta)
-    reloaded = load_qat(model_dir)
+    reloaded = qat.load_qat(model_dir)
     reload_ok = metrics.accuracy_f1(*predict(reloaded, ev, device, "reloaded")) == quality["qat_int8"]
 
     rows = _rows(models_, quality, lat, trains, out, model_dir, ds, fp32, baseline_label(bcfg))
     rows = compare_to_fp32(rows, preds, labels, ds.train_labels, cfg.seed)
     compare_runs({r["method"]: r for r in rows}, {cfg.seed: preds, **replicas}, labels, cfg)
-    report.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, **preds, **{
+    results.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, **preds, **{
         seed_column(k, s): p for s, ps in replicas.items() for k, p in ps.items()}})
     env = metrics.runtime_env(device)
     env["quantized_engine"] = torch.backends.quantized.engine
     doc_assets = {"model": {"role": "encoder", "id": rows[0]["model"],
                             "source": f"notebook 01 ({base_dir})"}, "data": ds.provenance()}
-    path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows, config=asdict(cfg),
+    path = results.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows, config=asdict(cfg),
                                 latency_shape={"seq_len": bcfg.max_length, "batches": [1, 8]},
                                 reload_matches=reload_ok, train_device=train_device.type, gpu_plan=gpu_plan,
                                 fake_quant_modules=qat.fake_quant_modules(prepared),
@@ -153,7 +144,7 @@ def run(cfg: QATConfig) -> QATResult:
                                 seed_runs=[{"method": k, "seed": s, **metrics.accuracy_f1(p, labels)}
                                            for s, ps in {cfg.seed: preds, **replicas}.items() for k, p in ps.items()
                                            if k in TRAINED])
-    return QATResult(rows, report.load_metrics(path), path, tr, model_dir, reload_ok)
+    return QATResult(rows, results.load_metrics(path), path, tr, model_dir, reload_ok)
 
 
 TRAINED = ("qat_int8", "fp32_more_steps", "qat_w2", "qat_w4", "qat_w8")
@@ -162,11 +153,11 @@ COMPARISONS = (("qat_int8", "ptq_int8_static"), ("qat_int8", "ptq_int8_dynamic")
                *((f"qat_w{b}", f"ptq_w{b}") for b in (2, 4, 8)), *((f"qat_w{b}", "fp32_more_steps") for b in (2, 4, 8)))
 
 
-def train_runs(cfg: QATConfig, seed: int, fp32: torch.nn.Module, train: Any,
+def train_runs(cfg: Config, seed: int, fp32: torch.nn.Module, train: Any,
                device: torch.device) -> dict[str, tuple[torch.nn.Module, tuple[TrainResult, Any]]]:
     """The training runs of one seed, each from the FP32 baseline on the same batches in the same order: INT8
     QAT, the FP32 control, weight-only QAT at `low_bits`. Fake-quant training runs in fp32 (no autocast)."""
-    runs = {"qat_int8": lambda: qat.prepare_qat_int8(fp32, per_channel=cfg.per_channel)}
+    runs = {"qat_int8": lambda: quant.apply(fp32, "qat_int8", per_channel=cfg.per_channel)}
     if cfg.control:
         runs["fp32_more_steps"] = lambda: copy.deepcopy(fp32)
     if cfg.low_bits:
@@ -182,7 +173,7 @@ def train_runs(cfg: QATConfig, seed: int, fp32: torch.nn.Module, train: Any,
     return out
 
 
-def replicate(cfg: QATConfig, seed: int, fp32: torch.nn.Module, train: Any, ev: Any, train_device: torch.device,
+def replicate(cfg: Config, seed: int, fp32: torch.nn.Module, train: Any, ev: Any, train_device: torch.device,
               device: torch.device) -> dict[str, list[int]]:
     """Every training run again from another seed (data order): the predictions on the same sentences."""
     runs = train_runs(cfg, seed, fp32, train, train_device)
@@ -191,7 +182,7 @@ def replicate(cfg: QATConfig, seed: int, fp32: torch.nn.Module, train: Any, ev: 
 
 
 def compare_runs(by: dict[str, dict[str, Any]], preds: dict[int, dict[str, list[int]]], labels: list[int],
-                 cfg: QATConfig) -> None:
+                 cfg: Config) -> None:
     """Main-seed paired intervals (bootstrap over sentences) and, per trained row, mean ± sd over seeds of its
     accuracy and of each difference (a PTQ reference is the same in every seed; the control is its own seed's)."""
     main = preds[cfg.seed]
@@ -219,7 +210,7 @@ def _rows(models_: dict, quality: dict, lat: dict, trains: dict, out: Path, mode
             size = None if simulated else metrics.size_on_disk(ptq.save_quantized(m, out / f"{k}.pt"))
         tr, mem = trains.get(k, (None, None))
         timed = k in lat[1]
-        rows.append(report.make_row(
+        rows.append(results.make_row(
             k, model=label, dataset=ds.asset.id, **quality[k],
             size_bytes=size, bits_per_param=metrics.bits_per_param(size, n) if size else None,
             latency_ms=lat[1][k]["median_ms"] if timed else None,
@@ -243,19 +234,19 @@ def findings(res: QATResult) -> str:
     fp, pt, qa = by["fp32"], by["ptq_int8_static"], by["qat_int8"]
     n = res.doc["assets"]["data"]["n_eval"]
     lines = [f"- {n} held-out sentences. FP32 {fp['accuracy']:.3f}; static PTQ INT8 {pt['accuracy']:.3f} "
-             f"({report.points_interval(pt, 'accuracy_diff_vs_fp32')} vs FP32); QAT INT8 {qa['accuracy']:.3f} "
-             f"({report.points_interval(qa, 'accuracy_diff_vs_fp32')} vs FP32) after {qa['train_steps']} fake-quant steps "
+             f"({results.points_interval(pt, 'accuracy_diff_vs_fp32')} vs FP32); QAT INT8 {qa['accuracy']:.3f} "
+             f"({results.points_interval(qa, 'accuracy_diff_vs_fp32')} vs FP32) after {qa['train_steps']} fake-quant steps "
              f"({qa['train_time_s']:.0f} s)."]
-    lines.append(f"- QAT vs static PTQ: {report.points_interval(qa, 'accuracy_diff_vs_ptq_int8_static')}.")
+    lines.append(f"- QAT vs static PTQ: {results.points_interval(qa, 'accuracy_diff_vs_ptq_int8_static')}.")
     if "ptq_int8_dynamic" in by:
         dy = by["ptq_int8_dynamic"]
         lines.append(f"- QAT vs the best torch.ao PTQ (dynamic INT8, {dy['accuracy']:.3f}): "
-                     f"{report.points_interval(qa, 'accuracy_diff_vs_ptq_int8_dynamic')}. Dynamic INT8 needs no calibration and no "
+                     f"{results.points_interval(qa, 'accuracy_diff_vs_ptq_int8_dynamic')}. Dynamic INT8 needs no calibration and no "
                      "training; notebook 02 also has ONNX Runtime's dynamic INT8.")
     if "fp32_more_steps" in by:
         c = by["fp32_more_steps"]
         lines.append(f"- Control: FP32 fine-tuned for the same extra steps reaches {c['accuracy']:.3f}; QAT vs it: "
-                     f"{report.points_interval(qa, 'accuracy_diff_vs_fp32_more_steps')}. QAT's gain over PTQ is read against this.")
+                     f"{results.points_interval(qa, 'accuracy_diff_vs_fp32_more_steps')}. QAT's gain over PTQ is read against this.")
     if "majority" in by:
         lines.append(f"- Always answering the majority class scores {by['majority']['accuracy']:.3f}.")
     if qa["train_time_s"] and by.get("fp32_more_steps", {}).get("train_time_s"):
@@ -269,9 +260,9 @@ def findings(res: QATResult) -> str:
         b = low["method"].split("_w")[1]
         ptq_low = by[f"ptq_w{b}"]
         lines.append(f"- {b}-bit weights (per-row grid, simulated): round-to-nearest PTQ {ptq_low['accuracy']:.3f} "
-                     f"({report.points_interval(ptq_low, 'accuracy_diff_vs_fp32')} vs FP32); QAT at {b} bits "
-                     f"{low['accuracy']:.3f}: {report.points_interval(low, f'accuracy_diff_vs_ptq_w{b}')} vs that PTQ, "
-                     f"{report.points_interval(low, 'accuracy_diff_vs_fp32_more_steps')} vs the FP32 control.")
+                     f"({results.points_interval(ptq_low, 'accuracy_diff_vs_fp32')} vs FP32); QAT at {b} bits "
+                     f"{low['accuracy']:.3f}: {results.points_interval(low, f'accuracy_diff_vs_ptq_w{b}')} vs that PTQ, "
+                     f"{results.points_interval(low, 'accuracy_diff_vs_fp32_more_steps')} vs the FP32 control.")
     lines += _seed_lines(by)
     return "\n".join(lines)
 
@@ -281,8 +272,8 @@ def _seed_lines(by: dict[str, dict[str, Any]]) -> list[str]:
     trained = [by[k] for k in TRAINED if k in by]
     if not trained or trained[0].get("n_seeds", 1) < 2:
         return ["- One seed: the intervals above are over sentences, not over training runs."]
-    accs = "; ".join(f"{r['method']} {report.seed_spread_text(r, 'accuracy')}" for r in trained)
-    diffs = "; ".join(f"{row} − {ref} {report.seed_spread_text(by[row], f'accuracy_diff_vs_{ref}', 100, '+.1f', ' pt')}"
+    accs = "; ".join(f"{r['method']} {results.seed_spread_text(r, 'accuracy')}" for r in trained)
+    diffs = "; ".join(f"{row} − {ref} {results.seed_spread_text(by[row], f'accuracy_diff_vs_{ref}', 100, '+.1f', ' pt')}"
                       for row, ref in COMPARISONS if by.get(row, {}).get(f"accuracy_diff_vs_{ref}_seed_mean") is not None)
     return [f"- Over training seeds (data order; the same FP32 start): {accs}.",
             f"- Differences over seeds: {diffs}. A difference is read as real only when the sentence interval "

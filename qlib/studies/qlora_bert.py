@@ -12,17 +12,20 @@ from typing import Any
 
 import torch
 
-from qlib import adapters, artifacts, assets, budget, data, hub, metrics, models, report, runmeta
-from qlib.config import BaselineConfig, QlabError, compute_dtype, compute_dtype_name, make_config, outputs_dir, pick_device, results_dir
-from qlib.studies import baseline
-from qlib.studies import StudyResult, staged
-from qlib.train import predict, seed_column, seeds, set_seed
+from qlib import adapters, artifacts, assets, budget, data, hub, metrics, models, results, runmeta
+from qlib.config import make_config
+from qlib.core.device import compute_dtype, compute_dtype_name, pick_device, set_seed
+from qlib.core.errors import QlabError
+from qlib.core.paths import outputs_dir, results_dir
+from qlib.studies import StudyResult, baseline, staged
+from qlib.studies.ptq import baseline_settings
+from qlib.train import finetune, predict, seed_column, seeds
 
 STUDY = "04_qlora_bert"
 
 
 @dataclass(frozen=True)
-class QLoRAConfig:
+class Config:
     """Notebook 04's parameters."""
 
     profile: str = "default"
@@ -48,7 +51,7 @@ class QLoRAConfig:
     device: str = "auto"
 
 
-QLORA_PROFILES: dict[str, dict[str, Any]] = {
+PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(ranks=(8,), batch_size=16, n_seeds=2),
     "default": {},
     "t4": dict(ranks=(8, 16, 64), main_rank=16, lr=2e-4),
@@ -56,31 +59,27 @@ QLORA_PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def qlora_config(profile: str = "default", **overrides: Any) -> QLoRAConfig:
-    cfg = make_config(QLoRAConfig, QLORA_PROFILES, profile, **overrides)
+def config(profile: str = "default", **overrides: Any) -> Config:
+    cfg = make_config(Config, PROFILES, profile, **overrides)
     knobs(cfg, cfg.main_rank)  # a bad preset or optimizer: one line
     if cfg.main_rank not in cfg.ranks:
-        cfg = make_config(QLoRAConfig, QLORA_PROFILES, profile,
+        cfg = make_config(Config, PROFILES, profile,
                           **{**overrides, "main_rank": cfg.ranks[0]})
     return cfg
 
 
-def _baseline_settings(profile: str, model_id: str | None = None, dataset_id: str | None = None) -> BaselineConfig:
+def _baseline_settings(profile: str, model_id: str | None = None, dataset_id: str | None = None) -> baseline.Config:
     """Notebook 01's encoder, data, split and sequence length as it last ran in this profile (its saved config,
     overrides included), else the profile's; `model_id` / `dataset_id` given to notebook 04 win."""
-    from qlib.config import baseline_config
-
-    from qlib.studies.ptq import baseline_settings
-
     try:
         bcfg = baseline_settings(outputs_dir(baseline.STUDY, profile) / "baseline-model")
     except (OSError, ValueError, KeyError, TypeError):
-        bcfg = baseline_config(profile)
+        bcfg = baseline.config(profile)
     over = {k: v for k, v in (("model_id", model_id), ("dataset_id", dataset_id)) if v}
     return dataclasses.replace(bcfg, **over)
 
 
-def plan(cfg: QLoRAConfig, bcfg: BaselineConfig, model_config: Any, n_train: int,
+def plan(cfg: Config, bcfg: baseline.Config, model_config: Any, n_train: int,
          device: torch.device) -> list[budget.Prediction]:
     """Each rank's QLoRA fine-tune (NF4 base, fp32 adapters, Trainer's AdamW), padded to max_length."""
     steps = max(1, round(_epochs(cfg, bcfg) * -(-n_train // cfg.batch_size)))
@@ -93,14 +92,14 @@ def plan(cfg: QLoRAConfig, bcfg: BaselineConfig, model_config: Any, n_train: int
             for r in cfg.ranks]
 
 
-def knobs(cfg: QLoRAConfig, rank: int) -> runmeta.LoraKnobs:
+def knobs(cfg: Config, rank: int) -> runmeta.LoraKnobs:
     """The recipe's knobs of one rank's run (the head is a new classifier: it always trains in full precision)."""
     return runmeta.LoraKnobs(r=rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
                              merge_after_train=cfg.merge_after_train,
                              gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer)
 
 
-def _epochs(cfg: QLoRAConfig, bcfg: BaselineConfig) -> float:
+def _epochs(cfg: Config, bcfg: baseline.Config) -> float:
     """Notebook 01's epochs unless given: with 01's batch size too, both fine-tunes take the same steps."""
     return cfg.epochs if cfg.epochs is not None else bcfg.epochs
 
@@ -113,7 +112,7 @@ def _hf_dataset(tok: Any, texts: list[str], labels: list[int], max_length: int) 
                   remove_columns=["text"])
 
 
-def train_qlora(cfg: QLoRAConfig, rank: int, bcfg: BaselineConfig, ds: Any, tok: Any,
+def train_qlora(cfg: Config, rank: int, bcfg: baseline.Config, ds: Any, tok: Any,
                 model_path: str, out_dir: Path | None, device: torch.device) -> dict[str, Any]:
     """One QLoRA fine-tune with transformers' Trainer; checkpoints go to out_dir when given."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
@@ -148,7 +147,7 @@ def train_qlora(cfg: QLoRAConfig, rank: int, bcfg: BaselineConfig, ds: Any, tok:
             "train_time_s": train_time, "steps": steps, "losses": losses}
 
 
-def save_run(run_: dict[str, Any], info: runmeta.RunInfo, cfg: QLoRAConfig, tok: Any, adapter_dir: Path,
+def save_run(run_: dict[str, Any], info: runmeta.RunInfo, cfg: Config, tok: Any, adapter_dir: Path,
              quality: dict[str, float], device: torch.device) -> dict[str, Any]:
     """The adapter under its run name with its metadata (and, with merge_after_train, the merged model beside it,
     scored); what the metrics file says about them."""
@@ -203,7 +202,7 @@ def evaluate_adapter(adapter_dir: str | Path, profile: str, model_id: str | None
     return evaluate(model, tok, ds, bcfg.max_length, device)
 
 
-def verify_in_fresh_process(adapter_dir: Path, cfg: QLoRAConfig) -> dict[str, float]:
+def verify_in_fresh_process(adapter_dir: Path, cfg: Config) -> dict[str, float]:
     """Run evaluate_adapter in a new Python process (nothing shared with this one)."""
     extra = [a for k, v in (("--model-id", cfg.model_id), ("--dataset-id", cfg.dataset_id)) if v for a in (k, v)]
     r = subprocess.run([sys.executable, "-m", "qlib.studies.qlora_bert", "verify", str(adapter_dir),
@@ -218,13 +217,11 @@ RANDOM_ARCHS = {"bert-base": models.BERT_BASE,
                              intermediate_size=128, max_position_embeddings=512, type_vocab_size=2)}
 
 
-def random_init_rows(cfg: QLoRAConfig, device: torch.device, out: Path
+def random_init_rows(cfg: Config, device: torch.device, out: Path
                      ) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
     """gpu profile: the true bert-base architecture with random weights, trained on random tokens: an FP32
     full fine-tune vs QLoRA (NF4 base + LoRA) for step time, peak memory and trainable parameters only."""
     from transformers import BertConfig, BertForSequenceClassification
-
-    from qlib.train import finetune
 
     if cfg.random_arch not in RANDOM_ARCHS:
         raise QlabError(f"unknown random_arch {cfg.random_arch!r}; valid: {', '.join(RANDOM_ARCHS)}")
@@ -247,7 +244,7 @@ def random_init_rows(cfg: QLoRAConfig, device: torch.device, out: Path
         with metrics.PeakMemory(device) as mem:
             tr = finetune(model, batches, 1.0, cfg.lr, device, desc=f"{method} (random init)")
         losses[method] = tr.losses
-        rows.append(report.make_row(
+        rows.append(results.make_row(
             method, model=f"{cfg.random_arch} (random init)", dataset="random tokens", accuracy=None, f1=None,
             peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, train_time_s=tr.train_time_s,
             train_steps=tr.steps, step_time_s=tr.median_step_s, compute_dtype=compute_dtype_name(device),
@@ -266,7 +263,7 @@ class QLoRAResult(StudyResult):
 
 
 @staged(STUDY)
-def run(cfg: QLoRAConfig) -> QLoRAResult:
+def run(cfg: Config) -> QLoRAResult:
     """Sweep LoRA ranks on an NF4 base; keep checkpoints + final adapter of main_rank; verify reload."""
     device = pick_device(cfg.device, cfg.profile)
     if cfg.random_init:
@@ -276,10 +273,10 @@ def run(cfg: QLoRAConfig) -> QLoRAResult:
         doc_assets = {"model": {"role": "encoder", "id": arch_id, "source": "random-init",
                                 "architecture": cfg.random_arch},
                       "data": {"id": "random tokens", "source": "torch.randint", "seq_len": cfg.seq_len}}
-        path = report.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
+        path = results.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
                                     config={**asdict(cfg), "ranks": list(cfg.ranks)},
                                     notes="random weights: memory and speed only, accuracy null")
-        return QLoRAResult(rows, report.load_metrics(path), path, losses, out, {})
+        return QLoRAResult(rows, results.load_metrics(path), path, losses, out, {})
     bcfg = _baseline_settings(cfg.profile, cfg.model_id, cfg.dataset_id)
     asset = assets.resolve_model("encoder", bcfg.model_id)
     ds = data.load_classification(bcfg.dataset_id, bcfg.n_train, bcfg.n_eval)
@@ -307,7 +304,7 @@ def run(cfg: QLoRAConfig) -> QLoRAResult:
                 del merged
         adapter_bytes = metrics.size_on_disk(adapter_dir / "adapter_model.safetensors") if is_main else None
         whole = run_["base_bytes"] + adapter_bytes if adapter_bytes else None  # what a user loads: base + adapter
-        rows.append(report.make_row(
+        rows.append(results.make_row(
             method, model=asset.id, dataset=ds.asset.id, **quality, size_bytes=whole, adapter_bytes=adapter_bytes,
             bits_per_param=metrics.bits_per_param(whole, run_["counts"]["total_params"]) if whole else None,
             bits_per_quantized_weight=run_["storage"]["bits_per_param"],
@@ -324,7 +321,7 @@ def run(cfg: QLoRAConfig) -> QLoRAResult:
     rows = _compare(rows, preds, ds, cfg)
     env = metrics.runtime_env(device)
     doc_assets = {"model": {"role": "encoder", **asset.provenance()}, "data": ds.provenance()}
-    path = report.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows,
+    path = results.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows,
                                 config={**asdict(cfg), "ranks": list(cfg.ranks)},
                                 fresh_process_reload=fresh, gpu_plan=gpu_plan, baseline_settings=asdict(bcfg),
                                 artifacts=saved.get("artifacts"), peak_memory=saved.get("peak_memory"),
@@ -332,7 +329,7 @@ def run(cfg: QLoRAConfig) -> QLoRAResult:
                                 notes="fp32 row copied from notebook 01's metrics.json of this profile "
                                       "(a separate process), compared on its saved per-example predictions",
                                 definitions=DEFINITIONS)
-    return QLoRAResult(rows, report.load_metrics(path), path, losses, adapter_dir, fresh)
+    return QLoRAResult(rows, results.load_metrics(path), path, losses, adapter_dir, fresh)
 
 
 DEFINITIONS = {
@@ -345,7 +342,7 @@ DEFINITIONS = {
 _SAME_RUN_KEYS = ("model_id", "dataset_id", "n_train", "n_eval", "max_length")
 
 
-def _compare(rows: list[dict[str, Any]], preds: dict[str, list[int]], ds: Any, cfg: QLoRAConfig) -> list[dict[str, Any]]:
+def _compare(rows: list[dict[str, Any]], preds: dict[str, list[int]], ds: Any, cfg: Config) -> list[dict[str, Any]]:
     """Each QLoRA row against notebook 01's FP32 predictions on the same sentences (when 01 ran on them), and the
     majority-answer row."""
     labels = list(ds.eval_labels)
@@ -358,11 +355,11 @@ def _compare(rows: list[dict[str, Any]], preds: dict[str, list[int]], ds: Any, c
     _seed_spread(rows[1] if rows[1]["method"] == "qlora" else None, preds, labels, cfg)
     row, preds["majority"] = baseline.majority_row(ds.asset.id, ds.train_labels, labels, fp32, cfg.seed)
     rows.append(row)
-    report.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, **preds})
+    results.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, **preds})
     return rows
 
 
-def _seed_spread(q: dict[str, Any] | None, preds: dict[str, list[int]], labels: list[int], cfg: QLoRAConfig) -> None:
+def _seed_spread(q: dict[str, Any] | None, preds: dict[str, list[int]], labels: list[int], cfg: Config) -> None:
     """QLoRA's accuracy over its seeds, and QLoRA minus FP32 seed by seed (seed i of both: 01 ran the same seeds)."""
     if q is None:
         return
@@ -397,7 +394,7 @@ def _fp32_seed_predictions(profile: str, labels: list[int]) -> dict[int, list[in
     cols = _fp32_columns(profile, labels)
     if not m.is_file() or not cols:
         return {}
-    seed0 = report.load_metrics(m).get("seed", 0)
+    seed0 = results.load_metrics(m).get("seed", 0)
     return {seed0 if c == "fp32" else int(c.split("@seed")[1]): p for c, p in cols.items()}
 
 
@@ -409,17 +406,17 @@ def _fp32_predictions(profile: str, labels: list[int]) -> list[int] | None:
 
 
 
-def _fp32_reference(profile: str, bcfg: BaselineConfig) -> dict[str, Any]:
+def _fp32_reference(profile: str, bcfg: baseline.Config) -> dict[str, Any]:
     """Notebook 01's FP32 row for comparison (marked as such) when 01 ran on this encoder and data; else a
     row of nulls that says why (a reference from other data would compare nothing)."""
     p = results_dir(baseline.STUDY, profile) / "metrics.json"
     if not p.is_file():
-        return report.make_row("fp32", source="notebook 01 not run in this profile")
-    doc = report.load_metrics(p)
+        return results.make_row("fp32", source="notebook 01 not run in this profile")
+    doc = results.load_metrics(p)
     ran = {k: doc.get("config", {}).get(k) for k in _SAME_RUN_KEYS}
     differ = [f"{k} {ran[k]!r} vs {getattr(bcfg, k)!r}" for k in _SAME_RUN_KEYS if ran[k] != getattr(bcfg, k)]
     if differ:
-        return report.make_row("fp32", source=f"notebook 01 ran with other settings ({'; '.join(differ)}): not shown")
+        return results.make_row("fp32", source=f"notebook 01 ran with other settings ({'; '.join(differ)}): not shown")
     row = dict(doc["rows"][0])
     row["source"] = "notebook 01"
     return row
@@ -439,15 +436,15 @@ def findings(res: QLoRAResult) -> str:
                      f"{q['bits_per_param']:.1f} bits/param: the embeddings and everything else that stays 32-bit "
                      f"dominate at this size (FP32 file: {fp.get('bits_per_param') or float('nan'):.1f} bits/param).")
     if fp.get("accuracy") is not None and q["accuracy"] is not None:
-        d = (report.points_interval(q, "accuracy_diff_vs_fp32") if q.get("accuracy_diff_vs_fp32") is not None
+        d = (results.points_interval(q, "accuracy_diff_vs_fp32") if q.get("accuracy_diff_vs_fp32") is not None
              else "no paired predictions from notebook 01")
         lines.append(f"- Accuracy {q['accuracy']:.3f} vs {fp['accuracy']:.3f} for the full FP32 fine-tune of "
                      f"notebook 01 ({d}) after {q['train_steps']} steps vs {fp.get('train_steps')}; the majority "
                      f"answer scores {by['majority']['accuracy']:.3f}. The interval is over sentences of one run each.")
         if q.get("accuracy_diff_vs_fp32_seed_mean") is not None:
-            lines.append(f"- Over training seeds: QLoRA {report.seed_spread_text(q, 'accuracy')}, FP32 "
-                         f"{report.seed_spread_text(fp, 'accuracy')}; QLoRA minus FP32, seed by seed: "
-                         f"{report.seed_spread_text(q, 'accuracy_diff_vs_fp32', 100, '+.1f', ' pt')}.")
+            lines.append(f"- Over training seeds: QLoRA {results.seed_spread_text(q, 'accuracy')}, FP32 "
+                         f"{results.seed_spread_text(fp, 'accuracy')}; QLoRA minus FP32, seed by seed: "
+                         f"{results.seed_spread_text(q, 'accuracy_diff_vs_fp32', 100, '+.1f', ' pt')}.")
         if fp.get("peak_mem_bytes"):
             ratio = q["peak_mem_bytes"] / fp["peak_mem_bytes"]
             verdict = (f"QLoRA needs {100 * (1 - ratio):.0f} % less" if ratio < 1 else
@@ -478,7 +475,7 @@ def findings(res: QLoRAResult) -> str:
     if res.doc.get("merged_accuracy") is not None:
         lines.append(f"- Merged after training (dequantize-then-merge, fp32): accuracy {res.doc['merged_accuracy']:.3f}.")
     lines.append("- Peak-memory report of the QLoRA fine-tune: "
-                 + report.peak_memory_text((res.doc.get("peak_memory") or {}).get("qlora")) + ".")
+                 + results.peak_memory_text((res.doc.get("peak_memory") or {}).get("qlora")) + ".")
     return "\n".join(lines)
 
 

@@ -12,11 +12,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import adapters, assets, budget, data, gguf, hub, merge, metrics, models, ngram, pretrain, report, runmeta
-from qlib.config import (QlabError, build_quantization_plan, compute_dtype, dtype_name, make_config, outputs_dir,
-                         pick_device)
+from qlib import adapters, assets, budget, data, gguf, hub, merge, metrics, models, ngram, pretrain, results, runmeta
+from qlib.config import build_quantization_plan, make_config
+from qlib.core.device import compute_dtype, dtype_name, pick_device, set_seed
+from qlib.core.errors import QlabError
+from qlib.core.paths import outputs_dir
 from qlib.studies import StudyResult, staged
-from qlib.train import finetune, set_seed
+from qlib.train import finetune
 
 STUDY = "08_qwen_merge_gguf"
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # see study 05
@@ -28,7 +30,7 @@ REFERENCE_Q4_0_PPL_INCREASE = 0.042
 
 
 @dataclass(frozen=True)
-class QwenMergeConfig:
+class Config:
     """Notebook 08's parameters."""
 
     profile: str = "default"
@@ -56,7 +58,7 @@ class QwenMergeConfig:
     device: str = "auto"
 
 
-QWEN_PROFILES: dict[str, dict[str, Any]] = {
+PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model_id="qwen2-stdlib-tiny", train_base="nf4", lora_rank=4, steps=3, batch_size=4, context=64,
                   train_tokens=10_000, eval_tokens=1024, gguf_types=("q8_0", "q4_0"), gen_tokens=8,
                   latency_repeats=2),
@@ -69,36 +71,36 @@ QWEN_PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def qwen_merge_config(profile: str = "default", **overrides: Any) -> QwenMergeConfig:
-    cfg = make_config(QwenMergeConfig, QWEN_PROFILES, profile, **overrides)
+def config(profile: str = "default", **overrides: Any) -> Config:
+    cfg = make_config(Config, PROFILES, profile, **overrides)
     knobs(cfg)  # a bad preset or optimizer: one line
     if cfg.train_base not in ("fp32", "nf4"):
         raise QlabError(f"unknown train_base {cfg.train_base!r}; valid: fp32, nf4")
     return cfg
 
 
-def knobs(cfg: QwenMergeConfig) -> runmeta.LoraKnobs:
+def knobs(cfg: Config) -> runmeta.LoraKnobs:
     """The adapter's recipe (08 always merges it: that is the study)."""
     return runmeta.LoraKnobs(r=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
                              keep_lm_head_fp16=cfg.keep_lm_head_fp16, merge_after_train=True,
                              gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer)
 
 
-def _head(device: torch.device, method: str | None, cfg: QwenMergeConfig) -> str:
+def _head(device: torch.device, method: str | None, cfg: Config) -> str:
     """The LM head as a run name states it: the load dtype unless bitsandbytes was let quantize it."""
     if method in ("int8", "nf4", "qlora") and not cfg.keep_lm_head_fp16:
         return "int8" if method == "int8" else "nf4"
     return dtype_name(torch.float32 if device.type == "cpu" else compute_dtype(device))
 
 
-def train_adapter(cfg: QwenMergeConfig, base: str, tok: Any, loader: Any, out: Path, device: torch.device,
+def train_adapter(cfg: Config, base: str, tok: Any, loader: Any, out: Path, device: torch.device,
                   info: runmeta.RunInfo) -> tuple[Path, dict[str, Any]]:
     """LoRA on the preset's projections of the (NF4 or FP32) base; the adapter folder (under its run name, with its
     metadata) and its training cost."""
     set_seed(cfg.seed)
     kbit, k = cfg.train_base == "nf4", knobs(cfg)
     method = "qlora" if kbit else "fp32"
-    model = models.add_causal_lora(
+    model = adapters.add_causal_lora(
         models.load_causal_lm(base, method if kbit else None, device, keep_lm_head=cfg.keep_lm_head_fp16),
         cfg.lora_rank, kbit, cfg.lora_targets, cfg.gradient_checkpointing, cfg.lora_alpha)
     with metrics.PeakMemory(device) as mem:
@@ -128,7 +130,7 @@ class Measured:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _hf(method: str, path: Path, cfg: QwenMergeConfig, eval_ids: torch.Tensor, device: torch.device,
+def _hf(method: str, path: Path, cfg: Config, eval_ids: torch.Tensor, device: torch.device,
         bnb: str | None = None) -> tuple[Measured, torch.nn.Module]:
     """A transformers folder reloaded as a user loads it, scored on the shared windows."""
     model = models.load_causal_lm(path, None, device).eval()
@@ -138,7 +140,7 @@ def _hf(method: str, path: Path, cfg: QwenMergeConfig, eval_ids: torch.Tensor, d
     return Measured(method, "transformers", nll, path, bits, {"layer_kinds": models.layer_kinds(model)}), model
 
 
-def _gguf(method: str, path: Path, cfg: QwenMergeConfig, eval_ids: torch.Tensor) -> Measured:
+def _gguf(method: str, path: Path, cfg: Config, eval_ids: torch.Tensor) -> Measured:
     """A GGUF file loaded by llama.cpp, scored on the same token ids and windows."""
     kinds = gguf.tensor_types(path)
     bits = gguf.bits_per_weight(path)["weight_matrices"]
@@ -162,7 +164,7 @@ class QwenMergeResult(StudyResult):
     tokenizer: dict[str, Any]
 
 
-def plan(cfg: QwenMergeConfig, model_config: Any, device: torch.device) -> list[budget.Prediction]:
+def plan(cfg: Config, model_config: Any, device: torch.device) -> list[budget.Prediction]:
     """The adapter's training run: LoRA on all seven projections of an NF4 (QLoRA) or fp32 base, AdamW."""
     method = "qlora" if cfg.train_base == "nf4" else "lora"
     compute = budget.compute_for(device)
@@ -172,7 +174,7 @@ def plan(cfg: QwenMergeConfig, model_config: Any, device: torch.device) -> list[
                            checkpointing=cfg.gradient_checkpointing, rank=cfg.lora_rank, lora_dropout=True)]
 
 
-def _decode(cfg: QwenMergeConfig, hf: dict[str, torch.nn.Module], files: dict[str, Path], prompt: torch.Tensor,
+def _decode(cfg: Config, hf: dict[str, torch.nn.Module], files: dict[str, Path], prompt: torch.Tensor,
             eos: int, device: torch.device) -> dict[str, dict[str, Any]]:
     """Greedy decode tokens/s: each runtime's artifacts interleaved repeat by repeat, on `timing_threads`
     threads, the load average read before and after. Ratios are only taken inside one runtime."""
@@ -192,7 +194,7 @@ def _decode(cfg: QwenMergeConfig, hf: dict[str, torch.nn.Module], files: dict[st
     return out
 
 
-def _stage(stage: str, src: Path, out: Path, cfg: QwenMergeConfig, eval_ids: torch.Tensor, pre: str | None,
+def _stage(stage: str, src: Path, out: Path, cfg: Config, eval_ids: torch.Tensor, pre: str | None,
            device: torch.device, info: runmeta.RunInfo
            ) -> tuple[list[Measured], dict[str, torch.nn.Module], dict[str, Path]]:
     """One model (the base before the adapter, or the merged model) written in every format, each under its run name
@@ -224,7 +226,7 @@ def _stage(stage: str, src: Path, out: Path, cfg: QwenMergeConfig, eval_ids: tor
 
 
 @staged(STUDY)
-def run(cfg: QwenMergeConfig) -> QwenMergeResult:
+def run(cfg: Config) -> QwenMergeResult:
     """Train (or take) the adapter, merge; write the base and the merged model in every format, reload each in
     its own runtime, measure; decode speed on the merged model's artifacts."""
     from transformers import AutoTokenizer
@@ -266,12 +268,12 @@ def run(cfg: QwenMergeConfig) -> QwenMergeResult:
     tokenizer = gguf.tokenizer_agreement(files["gguf_f16"], tok, eval_texts[:64])
     rows = _rows(measured, speeds, n_params, train, asset.id, data_asset.id, cfg)
     bench = benchmark(rows)
-    report.write_per_example(STUDY, cfg.profile, "per_token_nll",
+    results.write_per_example(STUDY, cfg.profile, "per_token_nll",
                              {"token_id": eval_ids[ngram.scored_positions(eval_ids.numel(), cfg.context)].numpy(),
                               **{m.method: m.nll for m in measured}})
     doc_assets = {"model": {"role": "qwen-arch", **asset.provenance()},
                   "data": {**data_asset.provenance(), "n_eval_tokens": int(eval_ids.numel())}}
-    path = report.write_metrics(
+    path = results.write_metrics(
         STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows, config=asdict(cfg),
         merge={"trained_on": mi.trained_on, "merge_base": mi.merge_base,
                "max_abs_logit_diff_fp32": mi.max_abs_logit_diff_fp32,
@@ -283,7 +285,7 @@ def run(cfg: QwenMergeConfig) -> QwenMergeResult:
         perplexity_window={"context": cfg.context, "stride": cfg.context, "scored_tokens": int(measured[0].nll.size),
                            "same windows in every row": True},
         gpu_plan=gpu_plan)
-    return QwenMergeResult(rows, report.load_metrics(path), path, train.get("losses", []), mi, bench, tokenizer)
+    return QwenMergeResult(rows, results.load_metrics(path), path, train.get("losses", []), mi, bench, tokenizer)
 
 
 def _merged_meta(adapter_dir: Path, name: str, info: runmeta.RunInfo, trained_on: str, device: torch.device
@@ -300,7 +302,7 @@ def _merged_meta(adapter_dir: Path, name: str, info: runmeta.RunInfo, trained_on
             "quantization": {**q, "extras": {**q["extras"], "merge_after_train": True}}}
 
 
-def adapter_kept(measured: list[Measured], cfg: QwenMergeConfig) -> dict[str, dict[str, float]]:
+def adapter_kept(measured: list[Measured], cfg: Config) -> dict[str, dict[str, float]]:
     """Per format, the share of the adapter's gain that survives quantization: (NLL of the base in that format -
     NLL of the merged model in it) / (the same difference at FP16 in the same runtime), with a 95 % bootstrap
     interval over windows. 1: the format keeps the fine-tune; 0: it rounds it away."""
@@ -330,7 +332,7 @@ DEFINITIONS = {
 
 
 def _rows(measured: list[Measured], speeds: dict[str, dict[str, Any]], n_params: int, train: dict[str, Any],
-          model_id: str, data_id: str, cfg: QwenMergeConfig) -> list[dict[str, Any]]:
+          model_id: str, data_id: str, cfg: Config) -> list[dict[str, Any]]:
     """Schema rows; perplexity ratios with intervals against the reference of `reference_of`, decode ratios against
     the FP16 artifact of the same runtime."""
     by = {m.method: m for m in measured}
@@ -342,7 +344,7 @@ def _rows(measured: list[Measured], speeds: dict[str, dict[str, Any]], n_params:
         ratio = metrics.perplexity_ratio(ref.nll, m.nll, block=cfg.context - 1, seed=cfg.seed) if ref else None
         speed = speeds.get(m.method, {})
         ref_speed = speeds.get("gguf_f16" if m.backend == "llama.cpp" else "merged_fp16", {})
-        rows.append(metrics.with_difference(report.make_row(
+        rows.append(metrics.with_difference(results.make_row(
             m.method, model=model_id, dataset=data_id, perplexity=float(np.exp(m.nll.mean())), size_bytes=size,
             bits_per_param=metrics.bits_per_param(size, n_params) if size else None,
             bits_per_quantized_weight=m.bits_per_weight, backend=m.backend,
@@ -415,7 +417,7 @@ def findings(res: QwenMergeResult) -> str:
     if res.doc["merge"].get("adapter"):
         lines.append(f"- Artifacts under their run names with metadata beside each: adapter `{res.doc['merge']['adapter']}`, "
                      f"merged `{res.doc['merge']['merged']}`; the adapter's training peak: "
-                     + report.peak_memory_text((res.doc.get("peak_memory") or {}).get("adapter")) + ".")
+                     + results.peak_memory_text((res.doc.get("peak_memory") or {}).get("adapter")) + ".")
     floor = [by[k] for k in ("unigram", "bigram_kn") if k in by]
     if floor:
         lines.append("- Count baselines on the same tokens: " + ", ".join(

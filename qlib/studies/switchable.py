@@ -18,18 +18,22 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from qlib import assets, budget, choice, hub, metrics, models, qa, report, search, switchable
+from qlib import accounting, assets, budget, choice, hub, metrics, models, qa, results, search, switchable
 from qlib.choice import Item
+from qlib.config import make_config
+from qlib.core.device import pick_device, set_seed
+from qlib.core.errors import QlabError
+from qlib.core.io import atomic_write_text
+from qlib.core.paths import outputs_dir, results_dir
 from qlib.quant.uniform import check_width
-from qlib.config import QlabError, make_config, outputs_dir, pick_device, results_dir
-from qlib.studies import StudyResult, staged
-from qlib.train import STYLES, set_seed, train_switchable
+from qlib.studies import StudyResult, block_precision, staged
+from qlib.train import STYLES, style_bitmaps, train_switchable
 
 STUDY = "06_switchable_precision"
 
 
 @dataclass(frozen=True)
-class SwitchableConfig:
+class Config:
     """Notebook 06's parameters."""
 
     profile: str = "default"
@@ -63,7 +67,7 @@ class SwitchableConfig:
     device: str = "auto"
 
 
-SWITCHABLE_PROFILES: dict[str, dict[str, Any]] = {
+PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model_id="gpt2-stdlib-tiny", steps=2, batch_size=4, lora_rank=2, n_eval=6, n_calib=4,
                   max_new_tokens=3, latency_repeats=1, block_model_id="llama-stdlib-tiny", block_context=64, block_calib_tokens=256,
                   block_eval_tokens=512, block_qa_questions=6),
@@ -75,8 +79,8 @@ SWITCHABLE_PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def switchable_config(profile: str = "default", **overrides: Any) -> SwitchableConfig:
-    cfg = make_config(SwitchableConfig, SWITCHABLE_PROFILES, profile, **overrides)
+def config(profile: str = "default", **overrides: Any) -> Config:
+    cfg = make_config(Config, PROFILES, profile, **overrides)
     for w in cfg.widths:
         check_width(w)
     bad = [s for s in cfg.styles if s not in STYLES[:3]]
@@ -170,7 +174,7 @@ class QAData:
         return "accuracy" if self.multiple_choice else "f1"
 
 
-def load_data(cfg: SwitchableConfig, tok: Any, max_len: int) -> QAData:
+def load_data(cfg: Config, tok: Any, max_len: int) -> QAData:
     train_ex, eval_ex, asset = qa.load_qa(cfg.dataset_id)
     enc = lambda exs: [(e, encode(e, tok, max_len, cfg.max_new_tokens)) for e in exs]  # noqa: E731
     train = [(e, x) for e, x in enc(train_ex) if x is not None]
@@ -179,7 +183,7 @@ def load_data(cfg: SwitchableConfig, tok: Any, max_len: int) -> QAData:
                   len(train_ex) - len(train))
 
 
-def load_setup(cfg: SwitchableConfig) -> tuple[assets.Resolved, Any, QAData]:
+def load_setup(cfg: Config) -> tuple[assets.Resolved, Any, QAData]:
     """The base GPT-2, its tokenizer, and the QA data encoded to fit its context."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -189,7 +193,7 @@ def load_setup(cfg: SwitchableConfig) -> tuple[assets.Resolved, Any, QAData]:
     return asset, tok, load_data(cfg, tok, min(n_positions, cfg.max_len or n_positions))
 
 
-def calibration(data: QAData, tok: Any, cfg: SwitchableConfig, device: torch.device,
+def calibration(data: QAData, tok: Any, cfg: Config, device: torch.device,
                 n_batches: int) -> list[dict[str, torch.Tensor]]:
     """Training batches for the sensitivity analysis (their own shuffle: seed + 1)."""
     loader = qa_loader(data.train, cfg.batch_size, tok.eos_token_id, cfg.seed + 1)
@@ -197,7 +201,7 @@ def calibration(data: QAData, tok: Any, cfg: SwitchableConfig, device: torch.dev
 
 
 def predict(model: switchable.SwitchableQuantLoRAModel, tok: Any, data: QAData, bitmap: Any,
-            cfg: SwitchableConfig, device: torch.device) -> list[str]:
+            cfg: Config, device: torch.device) -> list[str]:
     """One answer per eval question at `bitmap`: the chosen candidate, or the generated text."""
     model.set_config(bitmap)
     prompts = [p for p, _ in data.eval_items]
@@ -214,7 +218,7 @@ def scores(preds: list[str], data: QAData) -> dict[str, float]:
 
 
 def evaluate(model: switchable.SwitchableQuantLoRAModel, tok: Any, data: QAData, bitmap: Any,
-             cfg: SwitchableConfig, device: torch.device) -> dict[str, float]:
+             cfg: Config, device: torch.device) -> dict[str, float]:
     return scores(predict(model, tok, data, bitmap, cfg, device), data)
 
 
@@ -242,7 +246,7 @@ def perplexity_on_answers(model: switchable.SwitchableQuantLoRAModel, data: QADa
     return float(torch.exp(torch.tensor(nll / n)))
 
 
-def self_generated(asset: assets.Resolved, tok: Any, data: QAData, cfg: SwitchableConfig,
+def self_generated(asset: assets.Resolved, tok: Any, data: QAData, cfg: Config,
                    device: torch.device) -> tuple[list[Item], list[dict[str, str]]]:
     """LLM-QAT's data (Liu et al. 2023, the seed's `gen_data`): the full-precision model, prompted with each
     training question, writes its own completion, which replaces the gold target; as many questions as the
@@ -271,7 +275,7 @@ class SwitchableResult(StudyResult):
     blocks: Any = None              # block_precision.BlockSearchResult (None: not run)
 
 
-def _uniform_rows(name: str, model: Any, tok: Any, data: QAData, cfg: SwitchableConfig, device: torch.device,
+def _uniform_rows(name: str, model: Any, tok: Any, data: QAData, cfg: Config, device: torch.device,
                   widths: tuple[int, ...], train: Any, ids: dict[str, str], base: dict[str, Any],
                   answers: dict[str, list[str]]) -> list[dict[str, Any]]:
     """One row per width; each width's answers go to `answers` (per-example file), with paired differences
@@ -287,7 +291,7 @@ def _uniform_rows(name: str, model: Any, tok: Any, data: QAData, cfg: Switchable
         ppl = perplexity_on_answers(model, data, tok.eos_token_id)
         tps = metrics.decode_speed(model.model, prompt, cfg.max_new_tokens, cfg.latency_repeats,
                                    tok.eos_token_id, device)
-        row = report.make_row(
+        row = results.make_row(
             method, model=ids["model"], dataset=ids["data"], **scores(answers[method], data),
             perplexity=ppl, bits_per_param=float(w), tokens_per_s=tps, inference_peak_mem_bytes=mem.peak_bytes,
             peak_mem_source=mem.source, train_time_s=train.train_time_s, train_steps=train.steps,
@@ -300,13 +304,10 @@ def _uniform_rows(name: str, model: Any, tok: Any, data: QAData, cfg: Switchable
     return rows
 
 
-def plan(cfg: SwitchableConfig, model_config: Any, seq: int, device: torch.device) -> list[budget.Prediction]:
+def plan(cfg: Config, model_config: Any, seq: int, device: torch.device) -> list[budget.Prediction]:
     """Every training run (styles, then single widths): LoRA on a frozen fp32 base in fp32 (no autocast), a
     fake-quantized copy of each weight kept for backward, and instantnet's teacher logits; a step of spnet or
     instantnet runs forward and backward once per bitmap it visits, one at a time."""
-    from qlib import accounting
-    from qlib.train import style_bitmaps
-
     a = accounting.arch(model_config)
     linears = accounting.param_counts(accounting.meta_model(model_config))["block_linears"]
     out = []
@@ -322,7 +323,7 @@ def plan(cfg: SwitchableConfig, model_config: Any, seq: int, device: torch.devic
     return out
 
 
-def _runs(cfg: SwitchableConfig) -> list[tuple[str, tuple[int, ...], str, bool]]:
+def _runs(cfg: Config) -> list[tuple[str, tuple[int, ...], str, bool]]:
     """(name, widths, style, on self-generated data) of every training run."""
     runs = [(s, cfg.widths, s, False) for s in cfg.styles]
     runs += [(f"single_w{w}", (w,), "single", False) for w in cfg.widths] if cfg.single_baselines else []
@@ -330,7 +331,7 @@ def _runs(cfg: SwitchableConfig) -> list[tuple[str, tuple[int, ...], str, bool]]
 
 
 @staged(STUDY)
-def run(cfg: SwitchableConfig) -> SwitchableResult:
+def run(cfg: Config) -> SwitchableResult:
     """Train each style (the single-width baselines, and the search style on its own generations), evaluate every
     uniform width against the baselines, then sensitivity and greedy search on the `search_style` model;
     metrics.json, per_example.csv.gz, sensitivity.json, search_results.csv, gen_data.jsonl."""
@@ -347,7 +348,7 @@ def run(cfg: SwitchableConfig) -> SwitchableResult:
                **{f"baseline_{k}": v["preds"] for k, v in base.items() if "preds" in v}}
     gen_items, gen_rows = self_generated(asset, tok, data, cfg, device) if cfg.gen_data else ([], [])
     if gen_rows:
-        report.atomic_write_text(res_dir / "gen_data.jsonl", "".join(json.dumps(r) + "\n" for r in gen_rows))
+        atomic_write_text(res_dir / "gen_data.jsonl", "".join(json.dumps(r) + "\n" for r in gen_rows))
     rows, losses, trained = [], {}, {}
     for name, widths, style, selfgen in _runs(cfg):
         set_seed(cfg.seed)
@@ -365,14 +366,14 @@ def run(cfg: SwitchableConfig) -> SwitchableResult:
     model = trained[cfg.search_style]
     sens = search.sensitivity(model, calibration(data, tok, cfg, device, max(1, cfg.n_calib // cfg.batch_size)))
     search_rows, best = _search(model, tok, data, cfg, device, sens, base, answers)
-    report.atomic_write_text(res_dir / "sensitivity.json", json.dumps(sens, indent=2))
-    report.atomic_write_text(res_dir / "search_results.csv", _csv(search_rows))
-    report.write_per_example(STUDY, cfg.profile, "per_example", answers)
+    atomic_write_text(res_dir / "sensitivity.json", json.dumps(sens, indent=2))
+    atomic_write_text(res_dir / "search_results.csv", _csv(search_rows))
+    results.write_per_example(STUDY, cfg.profile, "per_example", answers)
     blocks = run_blocks(cfg, device)
     doc_assets = {"model": {"role": "causal-lm", **asset.provenance()},
                   "data": {**data.asset.provenance(), "n_train": len(data.train), "n_eval": len(data.eval_items),
                            "n_train_dropped_too_long": data.dropped, "n_self_generated": len(gen_items)}}
-    path = report.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
+    path = results.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
                                 config={**asdict(cfg), "styles": list(cfg.styles), "widths": list(cfg.widths)},
                                 metric=data.metric, best_bitmap=best,
                                 baselines={k: {m: v for m, v in b.items() if m != "preds"} for k, b in base.items()},
@@ -385,12 +386,12 @@ def run(cfg: SwitchableConfig) -> SwitchableResult:
                                 fake_quantization_note="weights are fake-quantized (rounded, kept in fp32): "
                                 "memory and speed do not fall with the width; the bits are what a packed "
                                 "deployment would store")
-    return SwitchableResult(rows, report.load_metrics(path), path, losses, sens, search_rows, best, base,
+    return SwitchableResult(rows, results.load_metrics(path), path, losses, sens, search_rows, best, base,
                             blocks[0] if blocks else None)
 
 
 def _selfgen_differences(rows: list[dict[str, Any]], answers: dict[str, list[str]], data: QAData,
-                         cfg: SwitchableConfig) -> None:
+                         cfg: Config) -> None:
     """Self-generated-data rows: their accuracy minus the gold-trained model's at the same width (paired)."""
     for row in rows:
         gold = row["method"].replace("_selfgen_", "_")
@@ -399,7 +400,7 @@ def _selfgen_differences(rows: list[dict[str, Any]], answers: dict[str, list[str
                                     choice.versus(data.eval_examples, answers[gold], answers[row["method"]], cfg.seed))
 
 
-def _search(model: Any, tok: Any, data: QAData, cfg: SwitchableConfig, device: torch.device, sens: dict[str, Any],
+def _search(model: Any, tok: Any, data: QAData, cfg: Config, device: torch.device, sens: dict[str, Any],
             base: dict[str, Any], answers: dict[str, list[str]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Greedy search under the budget; the best bitmap's answers saved and compared with the baselines."""
     bar = tqdm(desc="greedy search (evaluations)")
@@ -436,10 +437,8 @@ def _against_bar(row: dict[str, Any], *extra: str) -> dict[str, Any]:
     return {**{k: row[k] for k in keys}, "met": bool(row["accuracy_diff_vs_majority_lo"] > 0)}
 
 
-def run_blocks(cfg: SwitchableConfig, device: torch.device) -> tuple[Any, Any] | None:
+def run_blocks(cfg: Config, device: torch.device) -> tuple[Any, Any] | None:
     """The post-training block search on a real model (`block_*` parameters), per-token losses saved."""
-    from qlib.studies import block_precision
-
     if not cfg.block_model_id:
         return None
     spec = block_precision.BlockSearchSpec(cfg.block_model_id, "stdlib-code", cfg.block_low, cfg.block_high,
@@ -447,9 +446,9 @@ def run_blocks(cfg: SwitchableConfig, device: torch.device) -> tuple[Any, Any] |
                                            cfg.block_calib_tokens, cfg.block_eval_tokens, cfg.seed,
                                            cfg.block_qa_questions)
     res = block_precision.run_block_search(spec, device)
-    report.write_per_example(STUDY, cfg.profile, "block_search_per_token_nll", res.nll)
+    results.write_per_example(STUDY, cfg.profile, "block_search_per_token_nll", res.nll)
     if res.qa_answers:
-        report.write_per_example(STUDY, cfg.profile, "block_search_qa_per_example", res.qa_answers)
+        results.write_per_example(STUDY, cfg.profile, "block_search_qa_per_example", res.qa_answers)
     return res, spec
 
 
@@ -481,18 +480,18 @@ def findings(res: SwitchableResult) -> str:
     if metric == "accuracy":
         top = max(res.rows, key=lambda r: r["accuracy"])
         lines.append(f"- Best uniform row `{top['method']}` vs the majority answer: "
-                     f"{report.points_interval(top, 'accuracy_diff_vs_majority')}; vs the heuristic: "
-                     f"{report.points_interval(top, 'accuracy_diff_vs_heuristic')}.")
+                     f"{results.points_interval(top, 'accuracy_diff_vs_majority')}; vs the heuristic: "
+                     f"{results.points_interval(top, 'accuracy_diff_vs_heuristic')}.")
         gen = [r for r in res.rows if r.get("accuracy_diff_vs_gold_data") is not None]
         if gen:
-            diffs = [f"{r['bitmap']} bits {report.points_interval(r, 'accuracy_diff_vs_gold_data')}" for r in gen]
+            diffs = [f"{r['bitmap']} bits {results.points_interval(r, 'accuracy_diff_vs_gold_data')}" for r in gen]
             lines.append("- Trained on the FP model's own completions (LLM-QAT) minus trained on the gold sentences, "
                          "same style and steps: " + "; ".join(diffs) + ".")
     b = res.best
     lines.append(f"- Greedy search (budget: {metric} drop <= {res.doc['config']['budget']}): best bitmap `{b['bitmap']}` "
                  f"= {b['avg_bits']:.1f} average bits at {metric} {b[metric]:.3f} (drop {b['drop']:+.3f})"
-                 + (f"; vs the majority answer {report.points_interval(b, 'accuracy_diff_vs_majority')}, vs the heuristic "
-                    f"{report.points_interval(b, 'accuracy_diff_vs_heuristic')}." if metric == "accuracy" else "."))
+                 + (f"; vs the majority answer {results.points_interval(b, 'accuracy_diff_vs_majority')}, vs the heuristic "
+                    f"{results.points_interval(b, 'accuracy_diff_vs_heuristic')}." if metric == "accuracy" else "."))
     order = search.layer_order(res.sensitivity)
     lines.append(f"- Blocks from least to most sensitive: {order} (MSE of the block output when only its weights are "
                  "rounded to the lowest width).")
@@ -519,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["eval"].add_argument("--bitmap", required=True, help="8 | 8,4,8,4 | JSON dict")
     sub.choices["search"].add_argument("--budget", type=float)
     a = ap.parse_args(argv)
-    cfg = switchable_config(a.profile, steps=getattr(a, "steps", None), widths=getattr(a, "widths", None),
+    cfg = config(a.profile, steps=getattr(a, "steps", None), widths=getattr(a, "widths", None),
                             budget=getattr(a, "budget", None))
     device = pick_device(cfg.device)
     set_seed(cfg.seed)

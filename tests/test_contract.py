@@ -1,0 +1,86 @@
+"""Every study keeps the same contract (DESIGN.md): STUDY, Config, PROFILES, config, run, findings; notebooks build
+their config from their parameters in one call; `quant.apply` is the one quantize verb."""
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlib import quant
+from qlib.config import PROFILES, QuantMethod
+from qlib.core.errors import QlabError
+from qlib.studies import STUDIES, notebook_config, study
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+@pytest.mark.parametrize("stem", STUDIES)
+def test_each_study_keeps_the_contract(stem):
+    mod = study(stem)
+    assert mod.STUDY == stem and study(stem[:2]) is mod
+    assert dataclasses.is_dataclass(mod.Config) and callable(mod.run) and callable(mod.findings)
+    assert set(mod.PROFILES) <= set(PROFILES) and "smoke" in mod.PROFILES and "default" in mod.PROFILES
+    cfg = mod.config("smoke")
+    assert isinstance(cfg, mod.Config) and cfg.profile == "smoke"
+    with pytest.raises(QlabError, match=f"unknown parameter.*for {mod.__name__.rsplit('.', 1)[-1]}.Config: nope"):
+        mod.config("smoke", nope=1)
+
+
+@pytest.mark.parametrize("stem", STUDIES)
+def test_notebook_parameters_are_config_fields_and_build_it_in_one_call(stem):
+    """The parameters cell names each knob once; notebook_config reads them (None keeps the profile's value)."""
+    cells = json.loads((NOTEBOOKS / f"{stem}.ipynb").read_text())["cells"]
+    params = next(c for c in cells if "parameters" in c["metadata"].get("tags", []))
+    ns: dict = {}
+    exec("".join(params["source"]), ns)
+    names = {k for k in ns if not k.startswith("__") and k != "os"}
+    mod = study(stem)
+    fields = {f.name for f in dataclasses.fields(mod.Config)}
+    assert names - {"profile"} <= fields, sorted(names - fields)
+    ns["profile"] = "smoke"
+    assert notebook_config(mod, ns) == mod.config("smoke")
+    knob = next(f for f in sorted(names - {"profile", "device"}) if isinstance(getattr(mod.config("smoke"), f), int)
+                and not isinstance(getattr(mod.config("smoke"), f), bool))
+    ns[knob] = getattr(mod.config("smoke"), knob) + 1  # what papermill's injected cell does
+    assert getattr(notebook_config(mod, ns), knob) == getattr(mod.config("smoke"), knob) + 1
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)).eval()
+
+
+def test_quant_apply_dispatches_each_method_to_its_quantizer():
+    from qlib.quant.bitnet import BitLinear
+    from qlib.quant.uniform import QuantLinear
+
+    assert {QuantMethod.parse(m) for m in ("fp32", "fp16", "int8", "nf4", "qlora", "bitnet", "qlora_bitnet",
+                                           "ptq_int8", "qat_int8", "switchable")} == set(quant.HANDLERS)
+    b = quant.apply(_tiny_gpt2(), "bitnet")
+    assert sum(isinstance(m, BitLinear) for m in b.modules()) == 2 * 4  # c_attn, c_proj, c_fc, mlp.c_proj per block
+    frozen = quant.apply(_tiny_gpt2(), "qlora_bitnet")
+    assert not any(p.requires_grad for p in frozen.parameters())
+    s = quant.apply(_tiny_gpt2(), "switchable")
+    assert sum(isinstance(m, QuantLinear) for m in s.modules()) == 2 * 4
+    assert quant.apply(_tiny_gpt2(), "fp16").transformer.wte.weight.dtype == torch.float16
+    with pytest.raises(QlabError, match="gguf has no in-memory handler"):
+        quant.apply(_tiny_gpt2(), "gguf")
+    with pytest.raises(QlabError, match="unknown quantization method 'int3'"):
+        quant.apply(_tiny_gpt2(), "int3")
+
+
+def test_quant_apply_bitsandbytes_equals_loading_the_folder_with_the_plan(tmp_path):
+    """The bnb handler is the load path: the same NF4 codes as loading the saved folder with the method."""
+    from qlib import models
+
+    model = _tiny_gpt2()
+    model.save_pretrained(tmp_path)
+    a = quant.apply(model, "nf4")
+    b = models.load_causal_lm(tmp_path, "nf4", torch.device("cpu"), dtype=torch.float32)
+    wa, wb = a.transformer.h[0].attn.c_attn.weight, b.transformer.h[0].attn.c_attn.weight
+    assert type(wa).__name__ == "Params4bit" and torch.equal(wa.data, wb.data)
+    ids = torch.arange(10).unsqueeze(0)
+    assert torch.equal(a(ids).logits, b(ids).logits)

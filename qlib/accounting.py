@@ -66,7 +66,7 @@ def _kind(name: str) -> str:
     return "other"
 
 
-def param_counts(model: torch.nn.Module) -> dict[str, int]:
+def params_by_kind(model: torch.nn.Module) -> dict[str, int]:
     """Total parameters and per kind (embedding, attention, mlp, norm, lm_head); tied weights once."""
     counts = {"embedding": 0, "attention": 0, "mlp": 0, "norm": 0, "lm_head": 0, "other": 0}
     seen: set[int] = set()
@@ -95,7 +95,7 @@ def _rows(m: torch.nn.Module) -> int:
 def weight_bytes(model: torch.nn.Module, fmt: str, rest_elem: int = 2) -> int:
     """Bytes of the weights stored as `fmt`: block linears quantized, embeddings/norms/lm_head at
     `rest_elem` bytes (16 bit as stored; peft's prepare_model_for_kbit_training makes them fp32: 4)."""
-    c = param_counts(model)
+    c = params_by_kind(model)
     rest = c["total"] - c["block_linears"]
     if fmt == "fp32":
         return 4 * c["total"]
@@ -253,7 +253,7 @@ def training_bytes(config: Any, setup: TrainingSetup, batch: int, seq: int, chec
     """For a causal LM the loss's backward adds, for a moment, two fp32 (b,s,vocab) gradients beside the
     log-softmax it kept (`loss_backward`): at a 50k-150k vocabulary that is often the largest single term."""
     model = model if model is not None else meta_model(config)
-    counts = param_counts(model)
+    counts = params_by_kind(model)
     base = weight_bytes(model, setup.weight_format, setup.rest_elem)
     targets, lora_in = 0, None
     if setup.method == "full":

@@ -1,4 +1,5 @@
-"""LoRA / QLoRA through peft + bitsandbytes: NF4 bases, adapters, honest parameter counts, safe loading."""
+"""LoRA / QLoRA through peft + bitsandbytes, every LoRA helper in one place: target presets per architecture, the
+classifier and causal-LM set-ups, NF4 classifier plans, saving, and reading an adapter against its base."""
 from __future__ import annotations
 
 import json
@@ -100,43 +101,6 @@ def add_lora(model: torch.nn.Module, rank: int, targets: str = "attention", alph
     cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, task_type="SEQ_CLS",
                      target_modules=target_modules("bert", targets), modules_to_save=["pooler"])
     return get_peft_model(model, cfg)
-
-
-def _logical_numel(p: torch.nn.Parameter) -> int:
-    """bitsandbytes stores 4-bit weights packed (two per byte); count the weights they stand for."""
-    qs = getattr(p, "quant_state", None)
-    return int(torch.Size(qs.shape).numel()) if qs is not None else p.numel()
-
-
-def param_counts(model: torch.nn.Module) -> dict[str, int]:
-    """Trainable and total parameters, 4-bit weights counted as the weights they represent."""
-    seen, total, trainable = set(), 0, 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            n = _logical_numel(p)
-            total += n
-            trainable += n if p.requires_grad else 0
-    return {"trainable_params": trainable, "total_params": total}
-
-
-def nf4_storage(model: torch.nn.Module) -> dict[str, float]:
-    """Bits per weight that the 4-bit linears really store (codes + absmax + DQ constants)."""
-    n_weights, n_bits, n_layers, seen = 0, 0, 0, set()
-    for m in model.modules():
-        w = getattr(m, "weight", None)
-        qs = getattr(w, "quant_state", None)
-        if qs is None or id(w) in seen:  # peft's LoRA wrapper exposes its base layer's weight too
-            continue
-        seen.add(id(w))
-        n_layers += 1
-        n_weights += int(torch.Size(qs.shape).numel())
-        n_bits += m.weight.numel() * m.weight.element_size() * 8 + qs.absmax.numel() * qs.absmax.element_size() * 8
-        if qs.nested:
-            n_bits += qs.state2.absmax.numel() * 32 + 32  # second-level scales + the offset
-    if not n_layers:
-        raise QlabError("the model has no 4-bit layers")
-    return {"nf4_layers": n_layers, "nf4_weights": n_weights, "bits_per_param": n_bits / n_weights}
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from qlib import adapters, gguf, models, quant, runmeta
-from qlib.adapters import match_adapter, param_counts, read_adapter
+from qlib import adapters, models, quant, runmeta
+from qlib.adapters import match_adapter, read_adapter
+from qlib.backends import gguf
 from qlib.core.errors import QlabError
-from qlib.metrics import size_on_disk
+from qlib.metrics import param_counts, size_on_disk
 from qlib.models import check_checkpoint, check_tokenizer, has_tokenizer_files, load_causal_lm, load_saved_classifier
 from qlib.quant import bitnet
 from qlib.quant.bitnet import TernaryLinear
@@ -67,7 +68,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dequantize: bool 
         return _load_ternary(p), d
     if k == "model":
         return _load_model(p, d, dev), d
-    where = {"gguf": "llama.cpp (qlib.gguf)", "switchable": "qlib.switchable.SwitchableModel.load",
+    where = {"gguf": "llama.cpp (qlib.backends.gguf)", "switchable": "qlib.switchable.SwitchableModel.load",
              "qat_int8": "qlib.quant.qat.load_qat"}[k]
     raise QlabError(f"{p} is a {k} artifact: it loads with {where}, not as a transformers model")
 

@@ -55,7 +55,7 @@ class Prediction:
 def training_flops(model: torch.nn.Module, method: str, tokens: int, seq: int, checkpointing: bool) -> float:
     """Matmul FLOPs of `tokens` training tokens: forward 2N, backward 4N (full) or 2N (frozen base), plus the
     attention scores (4 s h per layer and token, forward), plus a second forward with checkpointing."""
-    counts = accounting.param_counts(model)
+    counts = accounting.params_by_kind(model)
     a = accounting.arch(model.config)
     n = counts["block_linears"] + (a.hidden * a.vocab if a.causal else 0)
     fwd = 2 * n + 4 * seq * a.hidden * a.layers

@@ -193,7 +193,7 @@ def cmd_assets(args: argparse.Namespace) -> int:
         for r in assets.fetch_all():
             print(f"ok  {r.role:15s} {r.id}  [{r.source}]  {r.path}")
         if args.llama_cpp:
-            from qlib import gguf
+            from qlib.backends import gguf
 
             gguf.ensure_llama_cpp()
             print(f"ok  llama.cpp       llama-cpp-python {gguf.LLAMA_CPP_PYTHON} + converter in {gguf.tools_dir()}")

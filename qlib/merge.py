@@ -2,7 +2,7 @@
 
 Every step is the library's own: peft's `merge_and_unload`, transformers' `dequantize` for a 4-bit
 base, bitsandbytes through `from_pretrained(quantization_config=...)`, llama.cpp's converter and
-quantizer through `qlib.gguf`. What qlib adds: the checks (tokenizer present, adapter fits the base),
+quantizer through `qlib.backends.gguf`. What qlib adds: the checks (tokenizer present, adapter fits the base),
 atomic folders, and a logit-level proof that the merge changed nothing.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from qlib import adapters, gguf, runmeta
+from qlib import adapters, runmeta
+from qlib.backends import gguf
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir
 from qlib.models import load_causal_lm
@@ -130,29 +131,6 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path, pre_tokenizer: str 
     return files
 
 
-def quantized_weight_bits(folder: str | Path) -> float | None:
-    """Stored bits per weight of the bitsandbytes-quantized linears of a saved folder, every companion tensor
-    (absmax, nested absmax, quant map, SCB) counted: NF4 with double quantization comes to ~4.13, LLM.int8
-    to 8 + 32 / in_features. None when nothing in the folder is quantized."""
-    from safetensors import safe_open
-
-    n_bytes, n_weights = 0, 0
-    for f in Path(folder).glob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            keys = set(st.keys())
-            for k in keys:
-                if not k.endswith(".weight"):
-                    continue
-                scb = f"{k[:-len('weight')]}SCB"  # LLM.int8's per-row scales sit beside the weight
-                nf4, int8 = f"{k}.absmax" in keys, scb in keys
-                if not (nf4 or int8):
-                    continue
-                n_weights += math.prod(st.get_slice(k).get_shape()) * (2 if nf4 else 1)  # NF4: two codes a byte
-                parts = [k, *(c for c in keys if c.startswith(f"{k}.")), *([scb] if int8 else [])]
-                n_bytes += sum(_tensor_bytes(st, c) for c in parts)
-    return 8.0 * n_bytes / n_weights if n_weights else None
-
-
 def stored_params(folder: str | Path) -> int:
     """Elements stored in an unquantized folder's *.safetensors (a tied matrix is stored, and counted, once)."""
     from safetensors import safe_open
@@ -164,11 +142,6 @@ def stored_params(folder: str | Path) -> int:
     if not n:
         raise QlabError(f"{folder} holds no .safetensors weights")
     return n
-
-
-def _tensor_bytes(st: Any, key: str) -> int:
-    t = st.get_tensor(key)
-    return t.numel() * t.element_size()
 
 
 def weights_bytes(path: str | Path) -> int:

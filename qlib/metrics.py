@@ -315,15 +315,22 @@ class PeakMemory:
 # ---------------------------------------------------------------- parameters and sizes
 
 
-def count_params(model: torch.nn.Module) -> dict[str, int]:
-    """Trainable and total parameters (tied weights counted once)."""
+def _logical_numel(p: torch.nn.Parameter) -> int:
+    """bitsandbytes stores 4-bit weights packed (two per byte); count the weights they stand for."""
+    qs = getattr(p, "quant_state", None)
+    return int(torch.Size(qs.shape).numel()) if qs is not None else p.numel()
+
+
+def param_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Trainable and total parameters, tied weights once and 4-bit weights as the weights they stand for (what a
+    row's trainable_params / total_params mean; `accounting.params_by_kind` splits a model by part)."""
     seen, total, trainable = set(), 0, 0
     for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        if id(p) not in seen:
+            seen.add(id(p))
+            n = _logical_numel(p)
+            total += n
+            trainable += n if p.requires_grad else 0
     return {"trainable_params": trainable, "total_params": total}
 
 

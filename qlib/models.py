@@ -124,9 +124,6 @@ def load_saved_classifier(path: str | Path) -> tuple[torch.nn.Module, Any]:
 
 # ---------------------------------------------------------------- causal LMs (studies 05-08)
 
-GPT2_LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # every projection of a GPT-2 block
-
-
 def load_causal_lm(path: str | Path, method: str | None, device: torch.device,
                    dtype: torch.dtype | None = None, keep_lm_head: bool = True) -> torch.nn.Module:
     """A causal LM as stored (`method` None) or quantized on load by bitsandbytes (int8 | nf4 | qlora), placed

@@ -66,6 +66,9 @@ def validate_metrics(doc: Any, where: str = "metrics") -> dict[str, Any]:
             raise QlabError(f"{where}: {k} must be {getattr(t, '__name__', t)}, got {type(doc[k]).__name__}")
     if not doc["rows"]:
         raise QlabError(f"{where}: rows is empty")
+    block = doc.get("readme")
+    if block is not None and (not isinstance(block, dict) or set(block) - README_KEYS):
+        raise QlabError(f"{where}: readme must be an object with keys {sorted(README_KEYS)}, got {block!r:.120}")
     for i, row in enumerate(doc["rows"]):
         _validate_row(row, f"{where}: row {i}")
     return doc
@@ -92,6 +95,18 @@ def _validate_row(row: Any, where: str) -> None:
                             f"number or null, got {v!r}")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise QlabError(f"{where} ({row['method']}): {k} = {v!r} is outside [{lo}, {hi if hi is not None else '∞'}]")
+
+
+README_KEYS = frozenset({"published", "summary_tables", "gpu_pairs", "lines"})
+
+
+def readme_block(published: dict[str, str] | None = None, summary_tables: dict[str, list[str]] | None = None,
+                 gpu_pairs: list[tuple[str, ...]] | None = None, lines: list[str] | None = None) -> dict[str, Any]:
+    """What a study asks the README and summary to show beyond its rows (the `readme` key of its metrics):
+    published figures by method (a reference column, never our result), its rows in a cross-study table by title,
+    (method, against[, study holding `against` when this run has none]) pairs for the GPU table, extra lines."""
+    return {"published": published or {}, "summary_tables": summary_tables or {},
+            "gpu_pairs": [list(p) for p in gpu_pairs or []], "lines": lines or []}
 
 
 def write_metrics(study: str, profile: str, seed: int, env: dict[str, Any],

@@ -1,5 +1,6 @@
 """One GPT-2 that runs each block at 2, 4, 8 or full-precision bits, chosen at run time, with one LoRA
-adapter per (block, bit width): peft's multi-adapter LoRA, switched block by block.
+adapter per (block, bit width): peft's multi-adapter LoRA, switched block by block; and its training
+(`train_switchable`: spnet, cyclic, instantnet, single).
 
 A "layer" of a bitmap is a transformer block (`transformer.h.<i>`): its attention and MLP projections
 share one width. Bitmaps: an int (all blocks), a comma list ("8,4,8,4", one entry per block), or a dict
@@ -8,17 +9,20 @@ share one width. Bitmaps: an int (all blocks), a comma list ("8,4,8,4", one entr
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from qlib import quant
-from qlib.adapters import check_adapter
+from qlib.adapters import check_adapter, target_modules
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir
-from qlib.models import GPT2_LORA_TARGETS
 from qlib.quant.uniform import WIDTHS, QuantLinear, check_width
+from qlib.train import TrainResult
 
 Bitmap = int | str | dict[Any, int] | list[int] | tuple[int, ...]
 
@@ -154,7 +158,8 @@ def build(base_dir: str | Path, widths: tuple[int, ...], rank: int, device: torc
     quant.apply(base, "switchable")
     for p in base.parameters():
         p.requires_grad_(False)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=GPT2_LORA_TARGETS, task_type="CAUSAL_LM")
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+                     target_modules=target_modules("gpt2", "attention+mlp"))
     first, *rest = sorted(widths)
     model = get_peft_model(base, cfg, adapter_name=adapter_name(first))
     for b in rest:
@@ -202,3 +207,77 @@ def load(base_dir: str | Path, adapters_dir: str | Path, device: torch.device) -
     for b in rest:
         model.load_adapter(str(sub[b]), adapter_name=adapter_name(b))
     return SwitchableQuantLoRAModel(model.to(device).eval(), widths)
+
+
+# ---------------------------------------------------------------- training it (spnet, cyclic, instantnet)
+
+STYLES = ("spnet", "cyclic", "instantnet", "single")
+
+
+def style_bitmaps(style: str, widths: tuple[int, ...], n_layers: int) -> list[list[int]]:
+    """The bitmaps one optimizer step of `style` visits (cyclic: the whole cycle, one per step)."""
+    ws = sorted(widths)
+    if style == "single":
+        if len(ws) != 1:
+            raise ValueError(f"style 'single' trains one width; got {ws}")
+        return [[ws[0]] * n_layers]
+    if style == "cyclic":  # up and back down between the bounds: 2,4,8,32,8,4,...
+        cycle = ws + ws[-2:0:-1]
+        return [[w] * n_layers for w in cycle]
+    if style in ("spnet", "instantnet"):
+        maps = [[w] * n_layers for w in reversed(ws)]  # highest first: instantnet's teacher
+        if 8 in ws and 4 in ws:
+            maps.append([8 if i % 2 == 0 else 4 for i in range(n_layers)])
+        return maps
+    raise ValueError(f"unknown training style {style!r}; valid: {', '.join(STYLES)}")
+
+
+def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, t: float) -> torch.Tensor:
+    """KL(teacher || student) on the predicted (answer) positions, temperature-scaled."""
+    mask = labels[:, 1:] != -100
+    s = torch.log_softmax(student[:, :-1][mask] / t, -1)
+    q = torch.log_softmax(teacher[:, :-1][mask] / t, -1)
+    return torch.nn.functional.kl_div(s, q, log_target=True, reduction="batchmean") * t * t
+
+
+def train_switchable(model: torch.nn.Module, loader: DataLoader, style: str, steps: int, lr: float,
+                     device: torch.device, kd_temperature: float = 1.0, desc: str = "") -> TrainResult:
+    """spnet: sum of the losses of every bitmap, one step; cyclic: one bitmap per step, cycling the width;
+    instantnet: spnet + distillation of each lower width from the highest width's outputs (CE + KL);
+    single: one width. `model` is a `SwitchableQuantLoRAModel`; only LoRA parameters train."""
+    maps = style_bitmaps(style, model.widths, model.n_layers)
+    params = model.lora_parameters()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
+    model.to(device).train()
+    res, t0, batches = TrainResult(), time.perf_counter(), iter(())
+    for step in (bar := tqdm(range(steps), desc=desc or f"{style} training")):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        visit = [maps[step % len(maps)]] if style == "cyclic" else maps
+        total, teacher = 0.0, None
+        for i, bitmap in enumerate(visit):
+            model.set_config(bitmap)
+            out = model(**batch)
+            loss = out.loss
+            if style == "instantnet":
+                if i == 0:
+                    teacher = out.logits.detach()
+                else:
+                    loss = loss + _kd_loss(out.logits, teacher, batch["labels"], kd_temperature)
+            loss.backward()  # per bitmap: frees each graph before the next (same gradient as the sum)
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        res.losses.append(total / len(visit))
+        res.steps += 1
+        bar.set_postfix(loss=f"{res.losses[-1]:.3f}")
+    res.train_time_s = time.perf_counter() - t0
+    model.eval()
+    return res

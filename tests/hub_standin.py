@@ -46,7 +46,7 @@ def _rev(name: str) -> str:
 
 def vocab_files(dest: Path) -> Path:
     """The four ggml-vocab files (+ test vectors) out of the llama-cpp-python sdist, once."""
-    from qlib.gguf import sdist
+    from qlib.backends.gguf import sdist
 
     dest.mkdir(parents=True, exist_ok=True)
     if all((dest / f"ggml-vocab-{v}.gguf").is_file() for v in VOCABS.values()):
@@ -60,7 +60,7 @@ def vocab_files(dest: Path) -> Path:
 
 
 def _reader(path: Path) -> Any:
-    from qlib.gguf import tools_dir
+    from qlib.backends.gguf import tools_dir
 
     sys.path.insert(0, str(tools_dir() / "gguf-py"))
     from gguf import GGUFReader

@@ -20,7 +20,7 @@ def test_meta_counts_equal_numel_of_a_real_model(kw):
 
     cfg = accounting.llama_config(**kw)
     real = AutoModelForCausalLM.from_config(cfg)
-    counts = accounting.param_counts(accounting.meta_model(cfg))
+    counts = accounting.params_by_kind(accounting.meta_model(cfg))
     assert counts["total"] == sum(p.numel() for p in real.parameters())
     assert counts["block_linears"] == sum(m.weight.numel() for n, m in real.named_modules()
                                           if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
@@ -33,7 +33,7 @@ def test_meta_counts_equal_numel_of_a_real_model(kw):
 
 def test_llama_7b_exact_counts_and_bytes():
     model = accounting.meta_model(accounting.llama_config())
-    c = accounting.param_counts(model)
+    c = accounting.params_by_kind(model)
     assert c["total"] == 6_738_415_616
     assert c["embedding"] == c["lm_head"] == 32000 * 4096
     assert c["block_linears"] == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
@@ -115,18 +115,18 @@ def test_every_family_counts_exactly_and_saves_what_the_formula_says(family):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from qlib import models
+    from qlib import adapters
 
     cfg = FAMILIES[family]()
     torch.manual_seed(0)
     real = (AutoModelForSequenceClassification if family == "bert" else AutoModelForCausalLM).from_config(cfg)
     meta = accounting.meta_model(cfg)
-    counts = accounting.param_counts(meta)
+    counts = accounting.params_by_kind(meta)
     assert counts["total"] == sum(p.numel() for p in real.parameters())
     blocks = [m for n, m in real.named_modules() if type(m).__name__ in ("Linear", "Conv1D")
               and not any(t in n for t in ("lm_head", "classifier", "pooler"))]
     assert counts["block_linears"] == sum(sum(p.numel() for p in m.parameters()) for m in blocks)  # with biases
-    targets = {"gpt2": tuple(models.GPT2_LORA_TARGETS), "bert": ("query", "value", "intermediate.dense"),
+    targets = {"gpt2": tuple(adapters.target_modules("gpt2", "attention+mlp")), "bert": ("query", "value", "intermediate.dense"),
                "qwen2": accounting.LORA_TARGETS}[family]
     ids = torch.randint(0, 500, (2, 48))
     labels = torch.tensor([0, 1]) if family == "bert" else ids
@@ -169,9 +169,9 @@ H100_MEASURED = [("meta-llama/Llama-2-7b-hf", "qlora", 1, 512, True, 2, 4.29),
                          ids=[f"{r[0].split('/')[-1]}-{r[1]}" for r in H100_MEASURED])
 def test_predictions_agree_with_the_h100_measurements(repo, method, batch, seq, ckpt, opt, gib):
     """The 15 % margin the t4 profile keeps is the accounting's error against real GPU peaks."""
-    from qlib import budget, hub, models
+    from qlib import adapters, budget, hub
 
-    targets = tuple(models.GPT2_LORA_TARGETS) if repo == "gpt2" else accounting.LORA_TARGETS
+    targets = tuple(adapters.target_modules("gpt2", "attention+mlp")) if repo == "gpt2" else accounting.LORA_TARGETS
     p = budget.predict("h100", hub.model_config(repo), method, batch=batch, seq=seq, steps=1, compute=torch.bfloat16,
                        optimizer_bytes=opt, checkpointing=ckpt, targets=targets, lora_dropout=method != "full")
     assert p.peak_bytes / 2**30 == pytest.approx(gib, rel=0.15)

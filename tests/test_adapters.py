@@ -3,7 +3,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from qlib import adapters
+from qlib import adapters, metrics
+from qlib.backends import bnb
 from qlib.core.errors import QlabError
 
 TINY = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -28,11 +29,11 @@ def trained_adapter(tmp_path_factory):
 
 def test_nf4_base_counts_and_bits(trained_adapter):
     _, model = trained_adapter
-    storage = adapters.nf4_storage(model)
+    storage = bnb.nf4_storage(model)
     n_lin = 2 * 6  # 6 linears per layer; the pooler and the classifier stay full precision
     assert storage["nf4_layers"] == n_lin
     assert storage["bits_per_param"] == pytest.approx(4.127, abs=0.01)
-    counts = adapters.param_counts(model)
+    counts = metrics.param_counts(model)
     fp = sum(p.numel() for p in BertForSequenceClassification(BertConfig(**TINY)).parameters())
     lora = 2 * 3 * (4 * 64 + 64 * 4)  # r=4 on query, key, value of 2 layers
     head, pooler = 64 * 2 + 2, 64 * 64 + 64  # modules_to_save: trainable copies of both

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from qlib import adapters, artifacts, gguf
+from qlib import adapters, artifacts
+from qlib.backends import gguf
 from qlib.core.errors import QlabError
 from qlib.pretrain import pretrained_lm
 

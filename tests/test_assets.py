@@ -86,7 +86,7 @@ def test_smollm2_tokenizer_agrees_with_llama_cpp():
     alone split `     4` differently from llama.cpp's smollm pre-tokenizer)."""
     from transformers import AutoTokenizer
 
-    from qlib import gguf
+    from qlib.backends import gguf
 
     tok = AutoTokenizer.from_pretrained(assets.smollm2_dir())
     _, held = split_by_module(load_code_corpus())

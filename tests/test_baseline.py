@@ -20,12 +20,12 @@ def test_tiny_bert_classifier_exact_parameter_count():
     layer = 4 * (32 * 32 + 32) + 2 * 32 + (32 * 64 + 64) + (64 * 32 + 32) + 2 * 32
     pooler, head = 32 * 32 + 32, 32 * 2 + 2
     assert embeddings + 2 * layer + pooler + head == 23586
-    assert metrics.count_params(model) == {"trainable_params": 23586, "total_params": 23586}
+    assert metrics.param_counts(model) == {"trainable_params": 23586, "total_params": 23586}
 
 
 def test_minilm_classifier_exact_parameter_count():
     model = models.load_classifier(assets.resolve_model("encoder", "minilm"), num_labels=2)
-    assert metrics.count_params(model)["total_params"] == 22_713_986
+    assert metrics.param_counts(model)["total_params"] == 22_713_986
 
 
 def _run(tmp_path, monkeypatch, seed):

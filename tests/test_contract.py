@@ -84,3 +84,7 @@ def test_quant_apply_bitsandbytes_equals_loading_the_folder_with_the_plan(tmp_pa
     assert type(wa).__name__ == "Params4bit" and torch.equal(wa.data, wb.data)
     ids = torch.arange(10).unsqueeze(0)
     assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_every_notebook_is_a_registered_study():
+    assert sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) == list(STUDIES)

@@ -4,7 +4,8 @@ import shutil
 import pytest
 import torch
 
-from qlib import gguf, metrics
+from qlib import metrics
+from qlib.backends import gguf
 from qlib.core.errors import QlabError
 from qlib.pretrain import pretrained_lm
 

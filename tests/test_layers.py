@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                      "quant.uniform", "quant.nf4", "quant.bitnet", "quant.ptq", "quant.qat", "quant.ladder",
                      "quant.api", "quant"]),
     ("models and data", ["pretrain", "assets", "data", "qa", "choice", "budget", "models", "adapters", "train",
-                         "export", "gguf"]),
+                         "backends", "backends.onnx", "backends.gguf", "backends.bnb"]),
     ("methods", ["switchable", "search", "merge", "artifacts"]),
     ("studies", ["studies", "studies.baseline", "studies.ptq", "studies.qat", "studies.qlora_bert",
                  "studies.ptq_ladder", "studies.gpt2_bitnet", "studies.block_precision", "studies.switchable",
@@ -95,3 +95,8 @@ def test_an_upward_import_is_caught(tmp_path, monkeypatch, src, bad):
     monkeypatch.setattr(sys.modules[__name__], "ROOT", fake)
     hits = [(a, b) for a, b, _ in imports() if b in RANK and RANK[b] >= RANK[a]]
     assert hits == [("metrics", bad)]
+
+
+def test_the_summary_reads_results_and_imports_no_study():
+    """Studies put what the README shows into their metrics (`results.readme_block`); report only reads them."""
+    assert [b for a, b, _ in imports() if a == "report" and b.startswith("studies")] == []

@@ -4,7 +4,8 @@ import shutil
 import pytest
 import torch
 
-from qlib import adapters, gguf, merge, models
+from qlib import adapters, merge, models
+from qlib.backends import bnb, gguf
 from qlib.core.errors import QlabError
 from qlib.pretrain import pretrained_lm
 
@@ -121,8 +122,8 @@ def test_bnb_formats_reload_as_quantized(tiny_qwen, tmp_path):
     assert merge.weights_bytes(tmp_path / "model-int4") < merge.weights_bytes(tmp_path / "model-int8")
     # every block linear is 64 wide in: LLM.int8 adds one fp32 scale per output row = 32/64 bit per weight;
     # NF4 blocks of 64 add an int8 absmax (0.125 bit), plus per-layer second-level constants at this tiny size
-    assert merge.quantized_weight_bits(tmp_path / "model-int8") == pytest.approx(8 + 32 / 64, abs=0.06)
-    assert 4.125 < merge.quantized_weight_bits(tmp_path / "model-int4") < 5.0
-    assert merge.quantized_weight_bits(tiny_qwen) is None
+    assert bnb.quantized_weight_bits(tmp_path / "model-int8") == pytest.approx(8 + 32 / 64, abs=0.06)
+    assert 4.125 < bnb.quantized_weight_bits(tmp_path / "model-int4") < 5.0
+    assert bnb.quantized_weight_bits(tiny_qwen) is None
     assert merge.stored_params(tiny_qwen) == TINY_TOTAL  # the tied output matrix stored once
     assert int8 is not None and nf4 is not None

@@ -49,12 +49,12 @@ def test_latency_runs_warmup_plus_repeats():
 
 def test_count_params_tied_and_frozen():
     model = _tiny_lm()
-    n = metrics.count_params(model)
+    n = metrics.param_counts(model)
     # wte 50*16 + wpe 64*16 + block + ln_f; lm_head is tied to wte and counted once
     block = 2 * 16 * 2 + (16 * 48 + 48) + (16 * 16 + 16) + (16 * 64 + 64) + (64 * 16 + 16)
     assert n["total_params"] == 50 * 16 + 64 * 16 + block + 2 * 16
     model.transformer.wte.weight.requires_grad_(False)
-    assert metrics.count_params(model)["trainable_params"] == n["total_params"] - 800
+    assert metrics.param_counts(model)["trainable_params"] == n["total_params"] - 800
 
 
 def test_peak_memory_sees_a_large_cpu_allocation():

@@ -16,7 +16,7 @@ def test_tiny_gpt2_config_exact_parameter_count():
     spec = LMSpec("gpt2", vocab_size=512, hidden=64, layers=2, heads=2, context=64)
     model = AutoModelForCausalLM.from_config(model_config(spec))
     block = 2 * 2 * 64 + (64 * 192 + 192) + (64 * 64 + 64) + (64 * 256 + 256) + (256 * 64 + 64)
-    assert metrics.count_params(model)["total_params"] == 512 * 64 + 64 * 64 + 2 * block + 2 * 64
+    assert metrics.param_counts(model)["total_params"] == 512 * 64 + 64 * 64 + 2 * block + 2 * 64
 
 
 def test_tiny_llama_config_exact_parameter_count():
@@ -25,7 +25,7 @@ def test_tiny_llama_config_exact_parameter_count():
     spec = LMSpec("llama", vocab_size=512, hidden=64, layers=2, heads=2, intermediate=128)
     model = AutoModelForCausalLM.from_config(model_config(spec))
     block = 4 * 64 * 64 + 3 * 64 * 128 + 2 * 64  # q,k,v,o + gate,up,down + 2 RMSNorms
-    assert metrics.count_params(model)["total_params"] == 512 * 64 + 2 * block + 64  # tied head
+    assert metrics.param_counts(model)["total_params"] == 512 * 64 + 2 * block + 64  # tied head
 
 
 def test_pretraining_is_deterministic_and_cached(tmp_path):

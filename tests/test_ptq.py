@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from qlib import export
+from qlib.backends import onnx
 from qlib.core.errors import QlabError
 from qlib.quant import ptq
 
@@ -97,16 +97,16 @@ def test_onnx_runtime_int8_matches_torch(tiny, tmp_path, monkeypatch):
     work.mkdir()
     monkeypatch.chdir(work)  # ORT's static quantizer writes scratch files to the cwd unless confined
     b = _batch()
-    f32 = export.export_onnx(tiny, b, tmp_path / "m.onnx")
+    f32 = onnx.export_onnx(tiny, b, tmp_path / "m.onnx")
     ref = _logits(tiny, b)
-    assert torch.allclose(export.OrtClassifier(f32)(**b).logits, ref, atol=1e-4)
-    dyn = export.ort_quantize_dynamic(f32, tmp_path / "dyn.onnx")
-    sta = export.ort_quantize_static(f32, tmp_path / "sta.onnx",
+    assert torch.allclose(onnx.OrtClassifier(f32)(**b).logits, ref, atol=1e-4)
+    dyn = onnx.ort_quantize_dynamic(f32, tmp_path / "dyn.onnx")
+    sta = onnx.ort_quantize_static(f32, tmp_path / "sta.onnx",
                                      [{k: v.numpy() for k, v in _batch(seed=s).items()} for s in range(3)])
     for path in (dyn, sta):
-        out = export.OrtClassifier(path)(**b).logits
+        out = onnx.OrtClassifier(path)(**b).logits
         assert torch.allclose(out, ref, atol=0.1) and not torch.equal(out, ref)
         assert path.stat().st_size < f32.stat().st_size
     with pytest.raises(QlabError, match="cannot load"):
-        export.OrtClassifier(tmp_path / "missing.onnx")
+        onnx.OrtClassifier(tmp_path / "missing.onnx")
     assert list(work.iterdir()) == []

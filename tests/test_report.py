@@ -7,7 +7,7 @@ import pytest
 from qlib import report, results
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir, atomic_write_text
-from qlib.studies import llama_scaling
+from qlib.studies import baseline, llama_scaling, ptq, qlora_bert
 
 
 def test_atomic_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
@@ -74,7 +74,7 @@ def test_make_row_fills_every_schema_key_with_null():
 def test_write_and_load_metrics_round_trip(tmp_path):
     rows = [results.make_row("fp32", accuracy=0.5)]
     p = results.write_metrics("99_x", "smoke", 0, {"device": "cpu"}, {"model": {"id": "m"}}, rows,
-                             out_dir=tmp_path)
+                              out_dir=tmp_path)
     doc = results.load_metrics(p)
     assert doc["rows"][0]["accuracy"] == 0.5 and doc["rows"][0]["em"] is None
     assert doc["study"] == "99_x" and doc["profile"] == "smoke"
@@ -97,12 +97,14 @@ def test_summary_lists_each_study(tmp_path, monkeypatch):
     monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
     rows = [results.make_row("fp32", model="m", accuracy=0.81, size_bytes=2**20)]
     env = {"device": "cpu", "cpu": "test-cpu", "isa": ["avx2"], "threads": 2, "torch": "t"}
-    results.write_metrics("01_baseline", "default", 0, env, {"model": {"id": "m", "source": "s"}}, rows)
+    results.write_metrics("01_baseline", "default", 0, env, {"model": {"id": "m", "source": "s"}}, rows,
+                          readme=baseline.README)
     text = report.write_summary("default").read_text()
     assert "## 01_baseline" in text and "0.810" in text and "| 1.0 |" in text and "size (MiB)" in text
     assert "BERT compression" not in text  # one study alone makes no cross table
     ptq_rows = [results.make_row("ptq_int8_dynamic", model="m", accuracy=0.80, size_bytes=2**18)]
-    results.write_metrics("02_ptq", "default", 0, env, {"model": {"id": "m", "source": "s"}}, ptq_rows)
+    results.write_metrics("02_ptq", "default", 0, env, {"model": {"id": "m", "source": "s"}}, ptq_rows,
+                          readme=ptq.README)  # each study names its rows of the cross-study table
     text = report.write_summary("default").read_text()
     assert "## BERT compression" in text and "| 02_ptq | ptq_int8_dynamic | m | 0.800 |" in text
     with pytest.raises(QlabError, match="no results for profile 'smoke'"):
@@ -114,7 +116,7 @@ def test_readme_table_is_filled_from_results(tmp_path, monkeypatch):
     env = {"device": "cpu", "cpu": "c", "isa": [], "threads": 2, "torch": "t"}
     rows = [results.make_row("fp32", accuracy=0.8, size_bytes=2**21),
             results.make_row("ptq_int8_dynamic", accuracy=0.79, size_bytes=2**19, speedup_vs_fp32=2.5)]
-    results.write_metrics("02_ptq", "default", 0, env, {}, rows)
+    results.write_metrics("02_ptq", "default", 0, env, {}, rows, readme=ptq.README)
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.README_START}\nold\n{report.README_END}\nrest\n")
     text = report.update_readme(readme).read_text()
@@ -127,12 +129,14 @@ def test_readme_table_is_filled_from_results(tmp_path, monkeypatch):
 
 
 def _write(study, profile, rows, readme_lines=False, **extra):
-    """A metrics.json as a study writes it (07: with the README lines it composes from its rows)."""
+    """A metrics.json as each study writes it, with its readme block (07: the lines it composes from its rows)."""
     env = {"device": "cuda", "gpu": "Test GPU", "cuda": "13.0", "torch": "2.x", "bitsandbytes": "0.50.2"}
     made = [results.make_row(m, **r) for m, r in rows]
-    if readme_lines:
-        extra["readme_lines"] = llama_scaling.measured_7b_lines({"rows": made, **extra})
-    results.write_metrics(study, profile, 0, env, {"model": {"source": "random-init"}}, made, **extra)
+    block = {"04_qlora_bert": qlora_bert.README, "01_baseline": baseline.README}.get(study)
+    if study == "07_llama_scaling":
+        block = results.readme_block(gpu_pairs=[("qlora", "lora")], lines=llama_scaling.measured_7b_lines(
+            {"rows": made, **extra}) if readme_lines else [])
+    results.write_metrics(study, profile, 0, env, {"model": {"source": "random-init"}}, made, readme=block, **extra)
 
 
 def test_gpu_readme_table_says_not_run_without_gpu_results(tmp_path, monkeypatch):
@@ -184,6 +188,7 @@ def _doc(**row):
     (_doc(size_bytes=1.5), "size_bytes must be a whole number or null"),
     (_doc(perplexity=0.5), "perplexity = 0.5 is outside"),
     (_doc(total_params=True), "total_params must be a whole number"),
+    ({**_doc(), "readme": {"refs": {}}}, "readme must be an object with keys"),
 ])
 def test_schema_checks_types_and_ranges_not_only_key_names(doc, needle):
     with pytest.raises(QlabError, match=re.escape(needle)):
@@ -203,7 +208,7 @@ def test_a_malformed_sibling_is_named_and_left_out_of_the_summary(tmp_path, monk
     monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
     env = {"device": "cpu", "cpu": "test-cpu", "isa": ["avx2"], "threads": 2, "torch": "t"}
     results.write_metrics("01_baseline", "default", 0, env, {"model": {"id": "m", "source": "s"}},
-                         [results.make_row("fp32", model="m", accuracy=0.81)])
+                          [results.make_row("fp32", model="m", accuracy=0.81)])
     for study, content in (("02_ptq", b"5"), ("03_qat", b"\xff\xfe not utf-8")):
         (tmp_path / "results" / study).mkdir(parents=True)
         (tmp_path / "results" / study / "metrics.json").write_bytes(content)
@@ -234,7 +239,7 @@ def test_a_study_run_moves_results_and_artifacts_into_place_together_or_not_at_a
         if fail:
             raise RuntimeError("killed after the model, before the metrics")
         p = results.write_metrics("99_x", "smoke", 0, env, {"model": {"id": str(model)}},
-                                 [results.make_row("fp32", model="m")])
+                                  [results.make_row("fp32", model="m")])
         return StudyResult([], results.load_metrics(p), p)
 
     first = run(Cfg())

@@ -228,7 +228,7 @@ def test_a_packed_ternary_model_and_a_gguf_are_detected(tmp_path):
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from qlib import gguf
+    from qlib.backends import gguf
     from qlib.quant import bitnet
 
     src = pretrained_lm("gpt2-stdlib-tiny")

@@ -8,7 +8,7 @@ from qlib.cli import main as cli_main
 from qlib.core.errors import QlabError
 from qlib.pretrain import pretrained_lm
 from qlib.quant.uniform import QuantLinear, fake_quantize, patch_gpt2_with_quantization, row_scale
-from qlib.train import style_bitmaps, train_switchable
+from qlib.switchable import style_bitmaps, train_switchable
 
 CPU = torch.device("cpu")
 # gpt2-stdlib-tiny: 2 blocks, hidden 256; LoRA rank r on c_attn (256->768), attn c_proj (256->256),

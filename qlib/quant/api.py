@@ -36,7 +36,7 @@ def apply(model: nn.Module, method: str | QuantMethod, keep_lm_head: bool = True
     m = QuantMethod.parse(method)
     if m not in HANDLERS:
         raise QlabError(f"{m.value} has no in-memory handler: a GGUF file is written and run by llama.cpp "
-                        "(qlib.gguf.convert / quantize)")
+                        "(qlib.backends.gguf.convert / quantize)")
     fn = HANDLERS[m]
     if "keep_lm_head" in inspect.signature(fn).parameters:
         options["keep_lm_head"] = keep_lm_head

@@ -17,6 +17,9 @@ from qlib.studies import staged
 from qlib.train import TrainResult, finetune, predict, seed_column, seeds
 
 STUDY = "01_baseline"
+# the BERT studies' rows side by side in the summary (same encoder, same held-out split)
+BERT_TABLE = "BERT compression (01-04, same encoder, same held-out split)"
+README = results.readme_block(summary_tables={BERT_TABLE: ["fp32"]})
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def run(cfg: Config) -> BaselineResult:
     device = pick_device(cfg.device, cfg.profile)
     set_seed(cfg.seed)
     if cfg.random_init:
-        return run_random_init(cfg, device)
+        return random_init_run(cfg, device)
     model_asset = assets.resolve_model("encoder", cfg.model_id)
     ds = data.load_classification(cfg.dataset_id, cfg.n_train, cfg.n_eval)
     tok = models.load_tokenizer(model_asset)
@@ -125,7 +128,7 @@ def run(cfg: Config) -> BaselineResult:
     model_dir = outputs_dir(STUDY, cfg.profile) / "baseline-model"
     models.save_model(model, tok, model_dir, metadata={"config": asdict(cfg), **quality})
     size = metrics.size_on_disk(model_dir / "model.safetensors")
-    params = metrics.count_params(model)
+    params = metrics.param_counts(model)
     lat1 = classifier_latency(model, tok, ds.eval_texts, 1, cfg.max_length, device, cfg.latency_repeats)
     lat8 = classifier_latency(model, tok, ds.eval_texts, 8, cfg.max_length, device, cfg.latency_repeats)
 
@@ -142,12 +145,12 @@ def run(cfg: Config) -> BaselineResult:
     doc_assets = {"model": {"role": "encoder", **model_asset.provenance()}, "data": ds.provenance()}
     majority, maj = majority_row(ds.asset.id, ds.train_labels, labels, preds, cfg.seed)
     results.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, "fp32": preds, "majority": maj,
-                                                                 **{seed_column("fp32", s): p for s, p in replicas.items()}})
+                                                                  **{seed_column("fp32", s): p for s, p in replicas.items()}})
     path = results.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, [row, majority],
-                                config=asdict(cfg), latency_shape={"seq_len": cfg.max_length,
-                                                                   "batches": [1, 8]}, gpu_plan=gpu_plan,
-                                seed_runs=[{"method": "fp32", "seed": s, **metrics.accuracy_f1(p, labels)}
-                                           for s, p in {cfg.seed: preds, **replicas}.items()])
+                                 config=asdict(cfg), latency_shape={"seq_len": cfg.max_length,
+                                                                    "batches": [1, 8]}, gpu_plan=gpu_plan,
+                                 seed_runs=[{"method": "fp32", "seed": s, **metrics.accuracy_f1(p, labels)}
+                                            for s, p in {cfg.seed: preds, **replicas}.items()], readme=README)
     doc = results.load_metrics(path)
     return BaselineResult(row, tr, preds, labels, model_dir, path, doc)
 
@@ -171,12 +174,12 @@ def majority_row(dataset: str, train_labels: list[int], labels: list[int], fp32_
     on the same sentences when there are some."""
     maj = metrics.majority_preds(train_labels, len(labels))
     row = results.make_row("majority", model="constant answer", dataset=dataset, **metrics.accuracy_f1(maj, labels),
-                          **extra)
+                           **extra)
     d = metrics.accuracy_difference(fp32_preds, maj, labels, seed) if fp32_preds else None
     return metrics.with_difference(row, "accuracy_diff_vs_fp32", d), maj
 
 
-def run_random_init(cfg: Config, device: torch.device) -> BaselineResult:
+def random_init_run(cfg: Config, device: torch.device) -> BaselineResult:
     """gpu profile: the true bert-base architecture with random weights on random tokens (no tokenizer, no
     corpus needed on the GPU machine): training step time, peak memory, forward latency; accuracy null."""
     asset = assets.resolve_model("encoder", cfg.model_id, random_init=True)
@@ -189,7 +192,7 @@ def run_random_init(cfg: Config, device: torch.device) -> BaselineResult:
     model_dir = outputs_dir(STUDY, cfg.profile) / "baseline-model"
     with atomic_dir(model_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-    size, params = metrics.size_on_disk(model_dir / "model.safetensors"), metrics.count_params(model)
+    size, params = metrics.size_on_disk(model_dir / "model.safetensors"), metrics.param_counts(model)
     inputs = {b: data.random_token_batches(vocab, b, cfg.max_length, 1, cfg.seed)[0] for b in (1, 8)}
     lat = {b: forward_latency(model, {k: v for k, v in x.items() if k != "labels"}, device, cfg.latency_repeats)
            for b, x in inputs.items()}
@@ -204,8 +207,9 @@ def run_random_init(cfg: Config, device: torch.device) -> BaselineResult:
     doc_assets = {"model": {"role": "encoder", **asset.provenance()},
                   "data": {"id": "random tokens", "source": "torch.randint", "n_train": n_train, "n_eval": 0}}
     path = results.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, [row],
-                                config=asdict(cfg), latency_shape={"seq_len": cfg.max_length, "batches": [1, 8]},
-                                notes="random weights on random tokens: memory and speed only, accuracy null")
+                                 config=asdict(cfg), latency_shape={"seq_len": cfg.max_length, "batches": [1, 8]},
+                                 notes="random weights on random tokens: memory and speed only, accuracy null",
+                                 readme=README)
     return BaselineResult(row, tr, [], [], model_dir, path, results.load_metrics(path))
 
 

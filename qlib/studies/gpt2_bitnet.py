@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from qlib import accounting, adapters, assets, budget, data, gguf, hub, metrics, models, quant, results, runmeta
+from qlib import accounting, adapters, assets, budget, data, hub, metrics, models, quant, results, runmeta
 from qlib.artifacts import TERNARY_FILE
+from qlib.backends import bnb, gguf
 from qlib.config import build_quantization_plan, make_config
 from qlib.core.device import compute_dtype_name, pick_device, set_seed
 from qlib.core.errors import QlabError
@@ -28,6 +29,10 @@ from qlib.studies import StudyResult, ptq_ladder, staged
 from qlib.train import TrainResult, finetune, seed_column, seeds
 
 STUDY = "05_gpt2_bitnet"
+GPT2_TARGETS = tuple(adapters.target_modules("gpt2", "attention+mlp"))  # every projection of a block
+README = results.readme_block(
+    published={"bitnet": "b1.58 matches FP16 perplexity from 3B params up when trained from scratch (Ma et al. 2024)"},
+    gpu_pairs=[("qlora", "fp32"), ("bitnet", "fp32"), ("qlora_bitnet", "fp32")])
 # bitsandbytes' LLM.int8 logs "inputs will be cast to float16" once per layer per call: true, known,
 # and stated in the notes; one line per matmul would bury the notebook's output.
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
@@ -201,7 +206,8 @@ def _meta(r: Regime, cfg: Config, info: runmeta.RunInfo, name: str, method: str,
     """A regime's metadata: its plan (the head kept or not), the LoRA knobs where it trains an adapter, what its
     training cost (the peak-memory report)."""
     plan = build_quantization_plan(method, keep_lm_head=cfg.keep_lm_head_fp16)
-    return info.meta(name, plan, artifact, runmeta.head_dtype(r.model), knobs=knobs(cfg) if REGIMES[r.name].lora else None,
+    return info.meta(name, plan, artifact, runmeta.head_dtype(r.model),
+                     knobs=knobs(cfg) if REGIMES[r.name].lora else None,
                      regime=r.name, trained=r.train is not None, train_steps=r.train.steps if r.train else None,
                      peak_memory=r.train_mem.report() if r.train_mem else None, **extra)
 
@@ -235,7 +241,7 @@ def _write(r: Regime, tmp: Path, base: str, device: torch.device, cfg: Config) -
     r.model.save_pretrained(tmp)  # a bitsandbytes model as saved, or an adapter
     if spec.method == "qlora":  # the frozen NF4 base ships beside the adapter, as bitsandbytes stores it
         quant.apply(_load(base, device), "qlora", keep_lm_head=cfg.keep_lm_head_fp16).save_pretrained(tmp / "base-nf4")
-    if spec.method == "qlora_bitnet":  # merged LoRA deltas would not be ternary, so the packed base and the adapter ship apart
+    if spec.method == "qlora_bitnet":  # merged LoRA deltas would not be ternary: packed base and adapter ship apart
         return _pack_ternary(copy.deepcopy(r.model).unload(), tmp / "base-ternary.safetensors")[1:]
     return None
 
@@ -244,31 +250,17 @@ def _sizes(r: Regime, d: Path, ternary: tuple[float, int] | None) -> tuple[int, 
     """Bytes a user loads (base + adapter where there is one), the stored bits per quantized weight, extras."""
     spec = REGIMES[r.name]
     if spec.method in ("int8", "nf4"):
-        return metrics.size_on_disk(d / "model.safetensors"), _quantized_bits(r.model), {}
+        return metrics.size_on_disk(d / "model.safetensors"), bnb.stored_bits(r.model), {}
     if spec.method == "bitnet":
         return metrics.size_on_disk(d / TERNARY_FILE), ternary[0], {"ternary_layers": ternary[1]}
     adapter = sum(metrics.size_on_disk(d / f) for f in PEFT_FILES if (d / f).is_file())
     if spec.method == "qlora":
-        return metrics.size_on_disk(d / "base-nf4" / "model.safetensors") + adapter, _quantized_bits(r.model), \
+        return metrics.size_on_disk(d / "base-nf4" / "model.safetensors") + adapter, bnb.stored_bits(r.model), \
             {"adapter_bytes": adapter}
     if spec.method == "fp32":  # LoRA: the FP32 base as shipped + the adapter
         return r.base_bytes + adapter, None, {"adapter_bytes": adapter}
     return metrics.size_on_disk(d / "base-ternary.safetensors") + adapter, ternary[0], \
         {"ternary_layers": ternary[1], "adapter_bytes": adapter}
-
-
-def _quantized_bits(model: torch.nn.Module) -> float | None:
-    """Stored bits per weight of the bitsandbytes layers (codes + scales), None for a float model."""
-    if any(getattr(getattr(m, "weight", None), "quant_state", None) is not None for m in model.modules()):
-        return adapters.nf4_storage(model)["bits_per_param"]
-    n, bits = 0, 0
-    state = model.state_dict()  # LLM.int8 layers save int8 weights plus one fp32 scale per row (SCB)
-    for key, scb in state.items():
-        if key.endswith(".SCB"):
-            w = state[key[: -len("SCB")] + "weight"]
-            n += w.numel()
-            bits += w.numel() * w.element_size() * 8 + scb.numel() * scb.element_size() * 8
-    return bits / n if n else None
 
 
 def _pack_ternary(model: torch.nn.Module, path: Path) -> tuple[int, float, int]:
@@ -315,7 +307,7 @@ def gguf_rows(r: Regime, tok: Any, eval_ids: torch.Tensor, prompt: list[int], cf
     with torch.no_grad():
         torch_ppl = metrics.perplexity(r.model, eval_ids, cfg.context, cfg.context)["perplexity"]
     rows, types, paths = [], {}, {}
-    n_params = adapters.param_counts(r.model)["total_params"]
+    n_params = metrics.param_counts(r.model)["total_params"]
     for outtype in ("f32", "tq2_0", "tq1_0"):
         path = gguf.convert(hf, out / f".bitnet-{outtype}.gguf", outtype,
                             pre_tokenizer="gpt-2" if pretokenizer_is_gpt2 else None)
@@ -397,13 +389,13 @@ def plan(cfg: Config, model_config: Any, device: torch.device) -> list[budget.Pr
         out.append(budget.predict(f"05 fp32 fine-tune of {cfg.model_id}, {shape}", model_config, "full", **kw))
     if "lora" in cfg.regimes:
         out.append(budget.predict(f"05 lora r={cfg.lora_rank} on the full-precision base, {shape}", model_config,
-                                  "lora", rank=cfg.lora_rank, targets=tuple(models.GPT2_LORA_TARGETS),
+                                  "lora", rank=cfg.lora_rank, targets=GPT2_TARGETS,
                                   lora_dropout=True, **kw))
     if "qlora" in cfg.regimes:
         out.append(budget.predict(f"05 qlora r={cfg.lora_rank}, {shape}", model_config, "qlora", rank=cfg.lora_rank,
-                                  targets=tuple(models.GPT2_LORA_TARGETS), lora_dropout=True, **kw))
+                                  targets=GPT2_TARGETS, lora_dropout=True, **kw))
     if "bitnet" in cfg.regimes:
-        linears = accounting.param_counts(accounting.meta_model(model_config))["block_linears"]
+        linears = accounting.params_by_kind(accounting.meta_model(model_config))["block_linears"]
         out.append(budget.predict(f"05 bitnet fine-tune, {shape}", model_config, "full",
                                   extra={"ternary_weight_copies": 4 * linears}, **kw))
     return out
@@ -450,7 +442,7 @@ def run(cfg: Config) -> GPT2Result:
             t.peak_memory[r.name] = r.train_mem.report()
         if r.name == "bitnet":
             t.identical = _check_unpacked(r.model, folder / TERNARY_FILE, su.eval_ids[:64])
-        counts = adapters.param_counts(r.model)
+        counts = metrics.param_counts(r.model)
         if r.train is None:
             counts["trainable_params"] = 0  # evaluated only
         t.losses[r.name] = r.train.losses if r.train else []
@@ -506,11 +498,11 @@ def run(cfg: Config) -> GPT2Result:
                   "data": {**su.data_asset.provenance(), "n_train_tokens": int(su.chunks.numel()),
                            "n_eval_tokens": int(su.eval_ids.numel())}}
     path = results.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, t.rows,
-                                config={**asdict(cfg), "regimes": list(cfg.regimes)}, gpu_plan=gpu_plan,
-                                perplexity_window={"context": cfg.context, "stride": cfg.stride,
-                                                   "gguf_rows": "llama.cpp, stride = context"},
-                                packed_ternary_identical_logits=t.identical, ladder=ladder_doc,
-                                embedding_params=t.emb, peak_memory=t.peak_memory)
+                                 config={**asdict(cfg), "regimes": list(cfg.regimes)}, gpu_plan=gpu_plan,
+                                 perplexity_window={"context": cfg.context, "stride": cfg.stride,
+                                                    "gguf_rows": "llama.cpp, stride = context"},
+                                 packed_ternary_identical_logits=t.identical, ladder=ladder_doc,
+                                 embedding_params=t.emb, peak_memory=t.peak_memory, readme=README)
     return GPT2Result(t.rows, results.load_metrics(path), path, t.losses, t.identical)
 
 

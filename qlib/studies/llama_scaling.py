@@ -179,7 +179,7 @@ def measure_rung(name: str, method: str, cfg: Config, device: torch.device, root
     setup = setup_for(method, device, cfg.lora_rank)
     predicted = accounting.training_bytes(arch, setup, cfg.batch, cfg.seq, cfg.checkpointing, meta)
     row: dict[str, Any] = {"rung": name, "method": method, "status": "ok", "seq": cfg.seq, "batch": cfg.batch,
-                           "total_params": accounting.param_counts(meta)["total"],
+                           "total_params": accounting.params_by_kind(meta)["total"],
                            "predicted_peak_mem_bytes": predicted["total"],
                            "predicted_resident_bytes": predicted["weights"] + predicted["trainable_weights"]
                            + predicted["optimizer"],
@@ -229,7 +229,7 @@ def run_ladder(cfg: Config, device: torch.device, root: Path) -> list[dict[str, 
     and memory (the accounting predicts memory too), so every row is a prediction checked by a measurement."""
     rows: list[dict[str, Any]] = []
     for rung, method in tqdm([(r, m) for r in cfg.rungs for m in cfg.methods], desc="ladder"):
-        n = accounting.param_counts(accounting.meta_model(rung_config(rung, cfg.vocab_size)))["total"]
+        n = accounting.params_by_kind(accounting.meta_model(rung_config(rung, cfg.vocab_size)))["total"]
         f = fit(rows, method, n)
         row = measure_rung(rung, method, cfg, device, root)
         row["fit_predicted_peak_mem_bytes"] = f["projected_peak_mem_bytes"] if f else None
@@ -327,7 +327,7 @@ class ScalingResult(StudyResult):
 def accounting_table() -> dict[str, Any]:
     """LLaMA-7B: parameters by module and weight bytes by format, from the meta-device model."""
     model = accounting.meta_model(accounting.llama_config())
-    return {"params": accounting.param_counts(model),
+    return {"params": accounting.params_by_kind(model),
             "weight_bytes": {f: accounting.weight_bytes(model, f) for f in accounting.FORMATS},
             "lora_r16_params": accounting.lora_params(model.config, 16),
             "activations_seq512_b1_fp16": {
@@ -347,7 +347,7 @@ def run(cfg: Config) -> ScalingResult:
     if budget.wanted(cfg.profile, device) and "llama-7b" not in cfg.rungs:
         budget.announce(ladder_plan(cfg), device)
     root = outputs_dir(STUDY, cfg.profile) / "random-init"
-    n_7b = accounting.param_counts(accounting.meta_model(accounting.llama_config()))["total"]
+    n_7b = accounting.params_by_kind(accounting.meta_model(accounting.llama_config()))["total"]
     ladder = run_ladder(cfg, device, root)
     if cfg.t4_check:
         ladder.append(t4_rung(cfg, device, root))
@@ -362,11 +362,12 @@ def run(cfg: Config) -> ScalingResult:
                             "note": "memory and speed do not depend on the weights' values"},
                   "data": {"id": "random tokens", "source": "torch.randint, seed 0"}}
     path = results.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
-                                config=asdict(cfg), fits=fits, projection_7b=projection, accounting_7b=acc7,
-                                finetune_7b=finetune, benchmark=bench,
-                                readme_lines=measured_7b_lines({"rows": rows, "benchmark": bench}),
-                                reference={f"{m}_7b_peak_gib": v["peak_gib"] for m, v in PLAIN_BNB_PEFT_H100.items()}
-                                | {"source": H100_SOURCE})
+                                 config=asdict(cfg), fits=fits, projection_7b=projection, accounting_7b=acc7,
+                                 finetune_7b=finetune, benchmark=bench,
+                                 readme=results.readme_block(gpu_pairs=[("qlora", "lora")], lines=measured_7b_lines(
+                                     {"rows": rows, "benchmark": bench})),
+                                 reference={f"{m}_7b_peak_gib": v["peak_gib"] for m, v in PLAIN_BNB_PEFT_H100.items()}
+                                 | {"source": H100_SOURCE})
     return ScalingResult(rows, results.load_metrics(path), path, ladder, fits, projection, acc7, finetune)
 
 

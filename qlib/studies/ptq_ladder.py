@@ -80,7 +80,7 @@ def run_ladder(spec: LadderSpec, device: torch.device) -> LadderResult:
         raise QlabError(f"unknown ladder rung(s) {unknown}; valid: {', '.join(ladder.RUNGS)}")
     lm = load_real_lm(spec.model_id, spec.dataset_id, spec.context, spec.train_tokens, spec.eval_tokens, device)
     original = ladder.snapshot(lm.model)
-    n_params = metrics.count_params(lm.model)["total_params"]
+    n_params = metrics.param_counts(lm.model)["total_params"]
     nll = {"reference": lm.nll(lm.eval_ids, spec.context)}
     for name in tqdm(spec.rungs, desc="post-training ladder"):
         ladder.apply(lm.model, name)

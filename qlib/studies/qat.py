@@ -17,11 +17,12 @@ from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir
 from qlib.core.paths import outputs_dir
 from qlib.quant import ptq, qat
-from qlib.studies import StudyResult, staged
+from qlib.studies import StudyResult, baseline, staged
 from qlib.studies.ptq import _forward, baseline_label, compare_to_fp32, load_setup
 from qlib.train import TrainResult, finetune, predict, seed_column, seeds
 
 STUDY = "03_qat"
+README = results.readme_block(summary_tables={baseline.BERT_TABLE: ["qat_int8"]})
 
 
 @dataclass(frozen=True)
@@ -132,18 +133,18 @@ def run(cfg: Config) -> QATResult:
     doc_assets = {"model": {"role": "encoder", "id": rows[0]["model"],
                             "source": f"notebook 01 ({base_dir})"}, "data": ds.provenance()}
     path = results.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows, config=asdict(cfg),
-                                latency_shape={"seq_len": bcfg.max_length, "batches": [1, 8]},
-                                reload_matches=reload_ok, train_device=train_device.type, gpu_plan=gpu_plan,
-                                fake_quant_modules=qat.fake_quant_modules(prepared),
-                                low_bit_weights=cfg.low_bits and {
-                                    "bits": cfg.low_bits, "grid": "symmetric, one absmax scale per output row",
-                                    "layers": "every nn.Linear but the pooler and the classifier",
-                                    "weights": qat.fake_quant_weight_count(models_[f"ptq_w{cfg.low_bits}"]),
-                                    "note": "simulated (fake-quant in fp32): no 4-bit kernel in torch.ao on CPU, "
-                                            "so no size, bits/param or speed is claimed for these rows"},
-                                seed_runs=[{"method": k, "seed": s, **metrics.accuracy_f1(p, labels)}
-                                           for s, ps in {cfg.seed: preds, **replicas}.items() for k, p in ps.items()
-                                           if k in TRAINED])
+                                 latency_shape={"seq_len": bcfg.max_length, "batches": [1, 8]},
+                                 reload_matches=reload_ok, train_device=train_device.type, gpu_plan=gpu_plan,
+                                 fake_quant_modules=qat.fake_quant_modules(prepared),
+                                 low_bit_weights=cfg.low_bits and {
+                                     "bits": cfg.low_bits, "grid": "symmetric, one absmax scale per output row",
+                                     "layers": "every nn.Linear but the pooler and the classifier",
+                                     "weights": qat.fake_quant_weight_count(models_[f"ptq_w{cfg.low_bits}"]),
+                                     "note": "simulated (fake-quant in fp32): no 4-bit kernel in torch.ao on CPU, "
+                                             "so no size, bits/param or speed is claimed for these rows"},
+                                 seed_runs=[{"method": k, "seed": s, **metrics.accuracy_f1(p, labels)}
+                                            for s, ps in {cfg.seed: preds, **replicas}.items() for k, p in ps.items()
+                                            if k in TRAINED], readme=README)
     return QATResult(rows, results.load_metrics(path), path, tr, model_dir, reload_ok)
 
 
@@ -200,7 +201,7 @@ def compare_runs(by: dict[str, dict[str, Any]], preds: dict[int, dict[str, list[
 
 def _rows(models_: dict, quality: dict, lat: dict, trains: dict, out: Path, model_dir: Path,
           ds: Any, fp32: torch.nn.Module, label: str) -> list[dict[str, Any]]:
-    n = metrics.count_params(fp32)["total_params"]
+    n = metrics.param_counts(fp32)["total_params"]
     rows = []
     for k, m in models_.items():
         simulated = k.startswith(("ptq_w", "qat_w"))  # fake-quant in fp32: nothing smaller to store or time

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from qlib import adapters, artifacts, assets, budget, data, hub, metrics, models, results, runmeta
+from qlib.backends import bnb
 from qlib.config import make_config
 from qlib.core.device import compute_dtype, compute_dtype_name, pick_device, set_seed
 from qlib.core.errors import QlabError
@@ -22,6 +23,9 @@ from qlib.studies.ptq import baseline_settings
 from qlib.train import finetune, predict, seed_column, seeds
 
 STUDY = "04_qlora_bert"
+README = results.readme_block(published={"qlora": "NF4+DQ: 4.127 bits/param (Dettmers et al. 2023, QLoRA)"},
+                              summary_tables={baseline.BERT_TABLE: ["qlora"]},
+                              gpu_pairs=[("qlora", "fp32", "01_baseline")])  # on the CPU, 01 ran the FP32 fine-tune
 
 
 @dataclass(frozen=True)
@@ -121,8 +125,8 @@ def train_qlora(cfg: Config, rank: int, bcfg: baseline.Config, ds: Any, tok: Any
     base = adapters.load_nf4_classifier(model_path, len(ds.label_names), device)
     model = adapters.add_lora(base, rank, cfg.lora_targets, cfg.lora_alpha,
                               gradient_checkpointing=cfg.gradient_checkpointing)
-    counts = adapters.param_counts(model)
-    storage = adapters.nf4_storage(model)
+    counts = metrics.param_counts(model)
+    storage = bnb.nf4_storage(model)
     train = _hf_dataset(tok, ds.train_texts, ds.train_labels, bcfg.max_length)
     steps = max(1, round(_epochs(cfg, bcfg) * -(-len(train) // cfg.batch_size)))
     half = compute_dtype(device)
@@ -237,10 +241,10 @@ def random_init_rows(cfg: Config, device: torch.device, out: Path
         else:
             model = adapters.add_lora(adapters.load_nf4_classifier(base, 2, device), cfg.main_rank, cfg.lora_targets,
                                       cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing)
-            storage, n = adapters.nf4_storage(model), adapters.param_counts(model)["total_params"]
+            storage, n = bnb.nf4_storage(model), metrics.param_counts(model)["total_params"]
             extra = {"bits_per_param": 8 * base_bytes(model) / n, "bits_per_quantized_weight": storage["bits_per_param"],
                      "nf4_layers": storage["nf4_layers"], "lora_rank": cfg.main_rank}
-        counts = adapters.param_counts(model)
+        counts = metrics.param_counts(model)
         with metrics.PeakMemory(device) as mem:
             tr = finetune(model, batches, 1.0, cfg.lr, device, desc=f"{method} (random init)")
         losses[method] = tr.losses
@@ -274,8 +278,8 @@ def run(cfg: Config) -> QLoRAResult:
                                 "architecture": cfg.random_arch},
                       "data": {"id": "random tokens", "source": "torch.randint", "seq_len": cfg.seq_len}}
         path = results.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
-                                    config={**asdict(cfg), "ranks": list(cfg.ranks)},
-                                    notes="random weights: memory and speed only, accuracy null")
+                                     config={**asdict(cfg), "ranks": list(cfg.ranks)},
+                                     notes="random weights: memory and speed only, accuracy null", readme=README)
         return QLoRAResult(rows, results.load_metrics(path), path, losses, out, {})
     bcfg = _baseline_settings(cfg.profile, cfg.model_id, cfg.dataset_id)
     asset = assets.resolve_model("encoder", bcfg.model_id)
@@ -322,13 +326,13 @@ def run(cfg: Config) -> QLoRAResult:
     env = metrics.runtime_env(device)
     doc_assets = {"model": {"role": "encoder", **asset.provenance()}, "data": ds.provenance()}
     path = results.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows,
-                                config={**asdict(cfg), "ranks": list(cfg.ranks)},
-                                fresh_process_reload=fresh, gpu_plan=gpu_plan, baseline_settings=asdict(bcfg),
-                                artifacts=saved.get("artifacts"), peak_memory=saved.get("peak_memory"),
-                                merged_accuracy=saved.get("merged_accuracy"),
-                                notes="fp32 row copied from notebook 01's metrics.json of this profile "
-                                      "(a separate process), compared on its saved per-example predictions",
-                                definitions=DEFINITIONS)
+                                 config={**asdict(cfg), "ranks": list(cfg.ranks)},
+                                 fresh_process_reload=fresh, gpu_plan=gpu_plan, baseline_settings=asdict(bcfg),
+                                 artifacts=saved.get("artifacts"), peak_memory=saved.get("peak_memory"),
+                                 merged_accuracy=saved.get("merged_accuracy"),
+                                 notes="fp32 row copied from notebook 01's metrics.json of this profile "
+                                       "(a separate process), compared on its saved per-example predictions",
+                                 definitions=DEFINITIONS, readme=README)
     return QLoRAResult(rows, results.load_metrics(path), path, losses, adapter_dir, fresh)
 
 

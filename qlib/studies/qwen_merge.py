@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import adapters, assets, budget, data, gguf, hub, merge, metrics, models, ngram, pretrain, results, runmeta
+from qlib import adapters, assets, budget, data, hub, merge, metrics, models, ngram, pretrain, results, runmeta
+from qlib.backends import bnb, gguf
 from qlib.config import build_quantization_plan, make_config
 from qlib.core.device import compute_dtype, dtype_name, pick_device, set_seed
 from qlib.core.errors import QlabError
@@ -21,6 +22,8 @@ from qlib.studies import StudyResult, staged
 from qlib.train import finetune
 
 STUDY = "08_qwen_merge_gguf"
+README = results.readme_block(
+    published={"gguf_q4_0": "LLaMA-7B Q4_0: perplexity +4.2 % vs F16 (llama.cpp README quantization table, 2023)"})
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # see study 05
 BNB_FORMATS = (("bnb_int8", "int8"), ("bnb_nf4", "nf4"))
 # The issue's bar, on SmolLM2-135M (llama.cpp, this CPU, one thread, interleaved repeats)
@@ -108,7 +111,7 @@ def train_adapter(cfg: Config, base: str, tok: Any, loader: Any, out: Path, devi
                       desc=f"LoRA r={cfg.lora_rank} on the {cfg.train_base} base", optimizer=cfg.optimizer)
     plan = build_quantization_plan(method, device, keep_lm_head=cfg.keep_lm_head_fp16)
     name = info.name("SFT", k.token(), method, plan.spec.weights_bits, runmeta.head_dtype(model))
-    counts = adapters.param_counts(model)
+    counts = metrics.param_counts(model)
     cost = {"train_time_s": tr.train_time_s, "train_steps": tr.steps, "peak_mem_bytes": mem.peak_bytes,
             "peak_mem_source": mem.source, "trainable_params": counts["trainable_params"],
             "peak_memory": mem.report()}
@@ -131,12 +134,12 @@ class Measured:
 
 
 def _hf(method: str, path: Path, cfg: Config, eval_ids: torch.Tensor, device: torch.device,
-        bnb: str | None = None) -> tuple[Measured, torch.nn.Module]:
+        bnb_method: str | None = None) -> tuple[Measured, torch.nn.Module]:
     """A transformers folder reloaded as a user loads it, scored on the shared windows."""
     model = models.load_causal_lm(path, None, device).eval()
     with torch.no_grad():
         nll = metrics.token_nll(model, eval_ids, cfg.context, cfg.context, device).double().numpy()
-    bits = merge.quantized_weight_bits(path) if bnb else None
+    bits = bnb.quantized_weight_bits(path) if bnb_method else None
     return Measured(method, "transformers", nll, path, bits, {"layer_kinds": models.layer_kinds(model)}), model
 
 
@@ -203,16 +206,15 @@ def _stage(stage: str, src: Path, out: Path, cfg: Config, eval_ids: torch.Tensor
     name = (lambda m: m) if stage == "merged" else (lambda m: "base" if m == "merged_fp16" else f"base_{m}")
     peft = knobs(cfg).token() if stage == "merged" else "none"  # the base: not fine-tuned
     measured, hf = [], {}
-    for method, bnb in [("merged_fp16", None)] + list(BNB_FORMATS):
+    for method, bnb_method in [("merged_fp16", None)] + list(BNB_FORMATS):
         path = src
-        if bnb:
-            plan = build_quantization_plan(bnb, device, keep_lm_head=cfg.keep_lm_head_fp16)
-            run = info.name("PTQ", peft, bnb, plan.spec.weights_bits, _head(device, bnb, cfg))
+        if bnb_method:
+            plan = build_quantization_plan(bnb_method, device, keep_lm_head=cfg.keep_lm_head_fp16)
+            run = info.name("PTQ", peft, bnb_method, plan.spec.weights_bits, _head(device, bnb_method, cfg))
             path = out / run
-            merge.save_bnb(src, path, bnb, device, info.meta(run, plan, "model", _head(device, bnb, cfg),
-                                                             stage=stage, source=src.name),
-                           keep_lm_head=cfg.keep_lm_head_fp16)
-        m, model = _hf(name(method), path, cfg, eval_ids, device, bnb)
+            meta = info.meta(run, plan, "model", _head(device, bnb_method, cfg), stage=stage, source=src.name)
+            merge.save_bnb(src, path, bnb_method, device, meta, keep_lm_head=cfg.keep_lm_head_fp16)
+        m, model = _hf(name(method), path, cfg, eval_ids, device, bnb_method)
         measured.append(m)
         if stage == "merged":  # kept for the decode timing; the base's are let go at once (GPU memory)
             hf[name(method)] = model
@@ -269,7 +271,7 @@ def run(cfg: Config) -> QwenMergeResult:
     rows = _rows(measured, speeds, n_params, train, asset.id, data_asset.id, cfg)
     bench = benchmark(rows)
     results.write_per_example(STUDY, cfg.profile, "per_token_nll",
-                             {"token_id": eval_ids[ngram.scored_positions(eval_ids.numel(), cfg.context)].numpy(),
+                              {"token_id": eval_ids[ngram.scored_positions(eval_ids.numel(), cfg.context)].numpy(),
                               **{m.method: m.nll for m in measured}})
     doc_assets = {"model": {"role": "qwen-arch", **asset.provenance()},
                   "data": {**data_asset.provenance(), "n_eval_tokens": int(eval_ids.numel())}}
@@ -284,7 +286,7 @@ def run(cfg: Config) -> QwenMergeResult:
         adapter_kept=adapter_kept(measured, cfg), tokenizer_agreement=tokenizer, definitions=DEFINITIONS,
         perplexity_window={"context": cfg.context, "stride": cfg.context, "scored_tokens": int(measured[0].nll.size),
                            "same windows in every row": True},
-        gpu_plan=gpu_plan)
+        gpu_plan=gpu_plan, readme=README)
     return QwenMergeResult(rows, results.load_metrics(path), path, train.get("losses", []), mi, bench, tokenizer)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from qlib import accounting, assets, budget, choice, hub, metrics, models, qa, results, search, switchable
+from qlib import accounting, adapters, assets, budget, choice, hub, metrics, qa, results, search, switchable
 from qlib.choice import Item
 from qlib.config import make_config
 from qlib.core.device import pick_device, set_seed
@@ -27,7 +27,7 @@ from qlib.core.io import atomic_write_text
 from qlib.core.paths import outputs_dir, results_dir
 from qlib.quant.uniform import check_width
 from qlib.studies import StudyResult, block_precision, staged
-from qlib.train import STYLES, style_bitmaps, train_switchable
+from qlib.switchable import STYLES, style_bitmaps, train_switchable
 
 STUDY = "06_switchable_precision"
 
@@ -309,7 +309,7 @@ def plan(cfg: Config, model_config: Any, seq: int, device: torch.device) -> list
     fake-quantized copy of each weight kept for backward, and instantnet's teacher logits; a step of spnet or
     instantnet runs forward and backward once per bitmap it visits, one at a time."""
     a = accounting.arch(model_config)
-    linears = accounting.param_counts(accounting.meta_model(model_config))["block_linears"]
+    linears = accounting.params_by_kind(accounting.meta_model(model_config))["block_linears"]
     out = []
     for name, widths, style, _ in _runs(cfg):
         visits = 1 if style in ("cyclic", "single") else len(style_bitmaps(style, widths, a.layers))
@@ -319,7 +319,7 @@ def plan(cfg: Config, model_config: Any, seq: int, device: torch.device) -> list
         out.append(budget.predict(f"06 {name}, batch {cfg.batch_size} x {seq}, {visits} pass(es) a step",
                                   model_config, "lora", batch=cfg.batch_size, seq=seq, steps=cfg.steps * visits,
                                   compute=torch.float32, rank=cfg.lora_rank,
-                                  targets=tuple(models.GPT2_LORA_TARGETS), extra=extra))
+                                  targets=tuple(adapters.target_modules("gpt2", "attention+mlp")), extra=extra))
     return out
 
 
@@ -374,18 +374,18 @@ def run(cfg: Config) -> SwitchableResult:
                   "data": {**data.asset.provenance(), "n_train": len(data.train), "n_eval": len(data.eval_items),
                            "n_train_dropped_too_long": data.dropped, "n_self_generated": len(gen_items)}}
     path = results.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
-                                config={**asdict(cfg), "styles": list(cfg.styles), "widths": list(cfg.widths)},
-                                metric=data.metric, best_bitmap=best,
-                                baselines={k: {m: v for m, v in b.items() if m != "preds"} for k, b in base.items()},
-                                gpu_plan=gpu_plan,
-                                block_search=blocks and {"spec": asdict(blocks[1]), "sensitivity": blocks[0].sensitivity,
-                                                         "chosen": blocks[0].chosen, "steps": blocks[0].steps,
-                                                         "rows": blocks[0].rows, "qa_rows": blocks[0].qa_rows,
-                                                         **blocks[0].info},
-                                benchmark=benchmark(best, blocks[0] if blocks else None),
-                                fake_quantization_note="weights are fake-quantized (rounded, kept in fp32): "
-                                "memory and speed do not fall with the width; the bits are what a packed "
-                                "deployment would store")
+                                 config={**asdict(cfg), "styles": list(cfg.styles), "widths": list(cfg.widths)},
+                                 metric=data.metric, best_bitmap=best,
+                                 baselines={k: {m: v for m, v in b.items() if m != "preds"} for k, b in base.items()},
+                                 gpu_plan=gpu_plan,
+                                 block_search=blocks and {"spec": asdict(blocks[1]), "sensitivity": blocks[0].sensitivity,
+                                                          "chosen": blocks[0].chosen, "steps": blocks[0].steps,
+                                                          "rows": blocks[0].rows, "qa_rows": blocks[0].qa_rows,
+                                                          **blocks[0].info},
+                                 benchmark=benchmark(best, blocks[0] if blocks else None),
+                                 fake_quantization_note="weights are fake-quantized (rounded, kept in fp32): "
+                                 "memory and speed do not fall with the width; the bits are what a packed "
+                                 "deployment would store")
     return SwitchableResult(rows, results.load_metrics(path), path, losses, sens, search_rows, best, base,
                             blocks[0] if blocks else None)
 

@@ -1,4 +1,5 @@
-"""Deployment formats: ONNX (+ ONNX Runtime INT8) for encoders; more formats join as studies need them."""
+"""The ONNX Runtime backend: an encoder classifier exported to ONNX, ONNX Runtime's INT8 quantization (dynamic and
+static), and a runner with the transformers call signature."""
 from __future__ import annotations
 
 import contextlib

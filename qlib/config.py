@@ -56,7 +56,7 @@ class QuantSpec:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-_SPECS: dict[QuantMethod, QuantSpec] = {
+SPECS: dict[QuantMethod, QuantSpec] = {  # the method registry: what each method does and who runs it
     QuantMethod.FP32: QuantSpec(QuantMethod.FP32, 32, "torch", True, None, "fp32"),
     QuantMethod.FP16: QuantSpec(QuantMethod.FP16, 16, "torch", True, None, "fp16"),
     QuantMethod.INT8: QuantSpec(QuantMethod.INT8, 8, "bitsandbytes", False, None, "fp32",
@@ -102,7 +102,7 @@ def build_quantization_plan(method: str | QuantMethod, device: str | torch.devic
                             keep_lm_head: bool = True, skip_modules: tuple[str, ...] = ()) -> QuantizationPlan:
     """Spec + BitsAndBytesConfig for `method`; compute dtype follows the device. bitsandbytes leaves
     `skip_modules` in full precision, and the LM head too unless `keep_lm_head` is False."""
-    spec = _SPECS[QuantMethod.parse(method)]
+    spec = SPECS[QuantMethod.parse(method)]
     bnb, skip = None, tuple(skip_modules) + (("lm_head",) if keep_lm_head else ())
     if spec.backend == "bitsandbytes":
         from transformers import BitsAndBytesConfig

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlib.config import QuantMethod, build_quantization_plan
+from qlib.config import SPECS, QuantMethod, build_quantization_plan
 from qlib.core.errors import QlabError
 from qlib.quant import bitnet, ptq, qat, uniform
 
@@ -69,8 +69,9 @@ def _bitsandbytes(method: QuantMethod) -> Handler:
     return handler
 
 
-for _m in (QuantMethod.INT8, QuantMethod.NF4, QuantMethod.QLORA):
-    register(_m)(_bitsandbytes(_m))
+for _m, _spec in SPECS.items():  # every method the registry says bitsandbytes runs
+    if _spec.backend == "bitsandbytes":
+        register(_m)(_bitsandbytes(_m))
 
 
 @register(QuantMethod.BITNET)

@@ -76,9 +76,12 @@ def test_quant_apply_bitsandbytes_equals_loading_the_folder_with_the_plan(tmp_pa
     """The bnb handler is the load path: the same NF4 codes as loading the saved folder with the method."""
     from qlib import models
 
-    model = _tiny_gpt2()
-    model.save_pretrained(tmp_path)
+    from transformers import GPT2LMHeadModel
+
+    _tiny_gpt2().save_pretrained(tmp_path)
+    model = GPT2LMHeadModel.from_pretrained(tmp_path)
     a = quant.apply(model, "nf4")
+    assert a.name_or_path == str(tmp_path)  # not the handler's temp folder: peft records it as the adapter's base
     b = models.load_causal_lm(tmp_path, "nf4", torch.device("cpu"), dtype=torch.float32)
     wa, wb = a.transformer.h[0].attn.c_attn.weight, b.transformer.h[0].attn.c_attn.weight
     assert type(wa).__name__ == "Params4bit" and torch.equal(wa.data, wb.data)

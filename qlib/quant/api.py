@@ -64,8 +64,12 @@ def _bitsandbytes(method: QuantMethod) -> Handler:
         plan = build_quantization_plan(method, dev, keep_lm_head=keep_lm_head)
         with tempfile.TemporaryDirectory(prefix="qlab-bnb-") as tmp:
             model.save_pretrained(tmp)
-            return type(model).from_pretrained(tmp, quantization_config=plan.bnb_config, dtype=dtype,
-                                               device_map={"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"})
+            where = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+            quantized = type(model).from_pretrained(tmp, quantization_config=plan.bnb_config, dtype=dtype,
+                                                    device_map=where)
+        # where it came from, not the temp folder: peft writes it into an adapter's config as the base
+        quantized.name_or_path = quantized.config._name_or_path = model.name_or_path
+        return quantized
     return handler
 
 

@@ -10,6 +10,7 @@ import torch
 
 from qlib import runmeta
 from qlib.config import QuantizationPlan, build_quantization_plan
+from qlib.core.device import device_map
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir
 
@@ -64,7 +65,7 @@ def load_nf4_classifier(path: str | Path, num_labels: int, device: torch.device,
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, quantization_config=bnb, dtype=torch.float32,
-            device_map={"": (device.index or 0) if device.type == "cuda" else "cpu"})
+            device_map=device_map(device))
     finally:
         logging.set_verbosity(verbosity)
 

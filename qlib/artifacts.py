@@ -94,13 +94,11 @@ def _load_adapter(p: Path, d: runmeta.Detected, dev: torch.device, dequantize: b
             raise QlabError(f"{p}: a classifier adapter on a {d.method} base is not a kind qlab writes")
         skip = tuple(d.extras.get("skip_modules", adapters.CLASSIFIER_SKIP))  # as it was quantized
         model = adapters.load_nf4_classifier(base, labels[0] if labels else 2, dev, skip)
-    elif d.method in ("qlora", "nf4", "int8"):
-        model = models.load_causal_lm(base, d.method, dev, torch.float32,
+    else:  # a ternary base quantizes on the fly, as it trained
+        method = "bitnet" if d.method in ("bitnet", "qlora_bitnet") else \
+            d.method if d.method in ("qlora", "nf4", "int8") else None
+        model = models.load_causal_lm(base, method, dev, torch.float32,
                                       keep_lm_head=d.extras.get("keep_lm_head_fp16", True))
-    else:
-        model = models.load_causal_lm(base, None, dev, torch.float32)
-        if d.method in ("bitnet", "qlora_bitnet"):
-            quant.apply(model, "bitnet")  # the frozen base quantizes on the fly, as it trained
     if dequantize and d.method in ("qlora", "nf4", "int8"):
         model = model.dequantize().to(torch.float32)
     return adapters.load_adapter(model, p)

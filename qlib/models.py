@@ -7,9 +7,10 @@ from typing import Any, Callable
 
 import torch
 
+from qlib import quant
 from qlib.assets import Resolved, minilm_dir
 from qlib.config import build_quantization_plan
-from qlib.core.device import compute_dtype
+from qlib.core.device import compute_dtype, device_map
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir
 
@@ -126,25 +127,28 @@ def load_saved_classifier(path: str | Path) -> tuple[torch.nn.Module, Any]:
 
 def load_causal_lm(path: str | Path, method: str | None, device: torch.device,
                    dtype: torch.dtype | None = None, keep_lm_head: bool = True) -> torch.nn.Module:
-    """A causal LM as stored (`method` None) or quantized on load by bitsandbytes (int8 | nf4 | qlora), placed
-    on `device`; unquantized weights in `dtype` (default: fp32 on CPU, the device's compute dtype on CUDA).
-    `keep_lm_head=False` lets bitsandbytes quantize an untied LM head too."""
+    """A causal LM as stored (`method` None) or with any QuantMethod: bitsandbytes' (int8 | nf4 | qlora) quantize
+    while loading, the others load as stored and then go through `quant.apply`. Placed on `device`; unquantized
+    weights in `dtype` (default: fp32 on CPU, the device's compute dtype on CUDA). `keep_lm_head=False` lets
+    bitsandbytes quantize an untied LM head too."""
     from transformers import AutoModelForCausalLM
 
+    plan = build_quantization_plan(method, device, keep_lm_head=keep_lm_head) if method else None
+    on_load = plan is not None and plan.bnb_config is not None
     kwargs: dict[str, Any] = {"dtype": dtype or (torch.float32 if device.type == "cpu" else compute_dtype(device)),
-                              "device_map": {"": device.index or 0} if device.type == "cuda" else None}
-    if method:
+                              "device_map": device_map(device) if on_load or device.type == "cuda" else None}
+    if on_load:
         if not keep_lm_head:
             require_untied_head(path)
-        kwargs["quantization_config"] = build_quantization_plan(method, device, keep_lm_head=keep_lm_head).bnb_config
-        kwargs["device_map"] = kwargs["device_map"] or {"": "cpu"}
+        kwargs["quantization_config"] = plan.bnb_config
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         raise QlabError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0][:300]}") from None
-    if not method:  # bitsandbytes renames what it quantizes on load; a plain load must be complete
-        check_loading(Path(path), info)
-    return model
+    if on_load:  # bitsandbytes renames what it quantizes on load; a plain load must be complete
+        return model
+    check_loading(Path(path), info)
+    return quant.apply(model, method, keep_lm_head=keep_lm_head) if method else model
 
 
 def require_untied_head(path: str | Path) -> None:

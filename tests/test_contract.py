@@ -89,5 +89,20 @@ def test_quant_apply_bitsandbytes_equals_loading_the_folder_with_the_plan(tmp_pa
     assert torch.equal(a(ids).logits, b(ids).logits)
 
 
+def test_load_causal_lm_takes_every_method_bitsandbytes_on_load_the_others_through_quant_apply(tmp_path):
+    from qlib import models
+    from qlib.quant.bitnet import BitLinear
+
+    _tiny_gpt2().save_pretrained(tmp_path)
+    cpu = torch.device("cpu")
+    b = models.load_causal_lm(tmp_path, "bitnet", cpu)
+    assert sum(isinstance(m, BitLinear) for m in b.modules()) == 2 * 4
+    assert models.load_causal_lm(tmp_path, "fp16", cpu).transformer.wte.weight.dtype == torch.float16
+    q = models.load_causal_lm(tmp_path, "qlora", cpu, keep_lm_head=True)
+    assert type(q.transformer.h[0].attn.c_attn.weight).__name__ == "Params4bit"
+    with pytest.raises(QlabError, match="gguf has no in-memory handler"):
+        models.load_causal_lm(tmp_path, "gguf", cpu)
+
+
 def test_every_notebook_is_a_registered_study():
     assert sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) == list(STUDIES)

@@ -76,6 +76,11 @@ def t4_conditions(device: str | torch.device, memory_gib: float = 15.0) -> Itera
         torch.cuda.set_per_process_memory_fraction(1.0, dev)
 
 
+def device_map(device: torch.device) -> dict[str, int | str]:
+    """transformers' `device_map` placing a whole model on `device` (bitsandbytes needs one, even on CPU)."""
+    return {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> 'bf16' (the short names run names and metadata use)."""
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]

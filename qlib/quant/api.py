@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from qlib.config import SPECS, QuantMethod, build_quantization_plan
+from qlib.core.device import device_map
 from qlib.core.errors import QlabError
 from qlib.quant import bitnet, ptq, qat, uniform
 
@@ -56,17 +57,17 @@ def _fp16(model: nn.Module) -> nn.Module:
 def _bitsandbytes(method: QuantMethod) -> Handler:
     def handler(model: nn.Module, keep_lm_head: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
         """bitsandbytes quantizes while loading: the weights go through a temporary folder and come back with the
-        method's plan on the model's device, exactly as a saved folder loads with that method
-        (`models.load_causal_lm`); unquantized weights in `dtype`."""
+        method's plan on the model's device, exactly as a saved folder loads with that method; unquantized weights
+        in `dtype`. For a model that exists only in memory: a saved one loads quantized in one step with
+        `models.load_causal_lm(path, method)`."""
         if not hasattr(model, "save_pretrained"):
             raise QlabError(f"{method.value} quantizes a transformers model on load; got a {type(model).__name__}")
         dev = next(model.parameters()).device
         plan = build_quantization_plan(method, dev, keep_lm_head=keep_lm_head)
         with tempfile.TemporaryDirectory(prefix="qlab-bnb-") as tmp:
             model.save_pretrained(tmp)
-            where = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
             quantized = type(model).from_pretrained(tmp, quantization_config=plan.bnb_config, dtype=dtype,
-                                                    device_map=where)
+                                                    device_map=device_map(dev))
         # where it came from, not the temp folder: peft writes it into an adapter's config as the base
         quantized.name_or_path = quantized.config._name_or_path = model.name_or_path
         return quantized

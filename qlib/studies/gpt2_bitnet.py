@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from qlib import accounting, adapters, assets, budget, data, hub, metrics, models, quant, results, runmeta
+from qlib import accounting, adapters, assets, budget, data, hub, metrics, models, results, runmeta
 from qlib.artifacts import TERNARY_FILE
 from qlib.backends import bnb, gguf
 from qlib.config import build_quantization_plan, make_config
@@ -40,9 +40,9 @@ logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 @dataclass(frozen=True)
 class RegimeSpec:
-    """How a regime is made: the method `quant.apply` gives it, from the pretrained base (task SFT: trained in this
-    format) or from the FP32 fine-tune (PTQ: quantized after training), LoRA or not, its learning-rate knob ("" when
-    it only quantizes), and the note its row carries."""
+    """How a regime is made: the method it loads with (`models.load_causal_lm`), from the pretrained base (task SFT:
+    trained in this format) or from the FP32 fine-tune (PTQ: quantized after training), LoRA or not, its
+    learning-rate knob ("" when it only quantizes), and the note its row carries."""
 
     method: str
     task: str = "SFT"
@@ -154,9 +154,9 @@ class Regime:
     base_bytes: int = 0             # a frozen base shipped beside an adapter (as stored)
 
 
-def _load(path: str, device: torch.device) -> torch.nn.Module:
-    # fp32 weights, autocast on CUDA
-    return models.load_causal_lm(path, None, device, dtype=torch.float32)
+def _load(path: str, method: str | None, device: torch.device, cfg: Config) -> torch.nn.Module:
+    """The folder as `method` makes it (bitsandbytes quantizes while loading), fp32 weights, autocast on CUDA."""
+    return models.load_causal_lm(path, method, device, dtype=torch.float32, keep_lm_head=cfg.keep_lm_head_fp16)
 
 
 def _lora(model: torch.nn.Module, cfg: Config, kbit: bool) -> Any:
@@ -184,8 +184,7 @@ def build_regimes(cfg: Config, base: str, loader: Any, out: Path, device: torch.
     fp32_dir = out / run_of("fp32", cfg, info)[0]
     for name in cfg.regimes:
         spec = REGIMES[name]
-        model = quant.apply(_load(str(fp32_dir) if spec.task == "PTQ" else base, device), spec.method,
-                            keep_lm_head=cfg.keep_lm_head_fp16)
+        model = _load(str(fp32_dir) if spec.task == "PTQ" else base, spec.method, device, cfg)
         if spec.lora:
             model = _lora(model, cfg, kbit=spec.method == "qlora")
         r = _train(name, model, loader, cfg, getattr(cfg, spec.lr), device) if spec.lr else \
@@ -240,7 +239,7 @@ def _write(r: Regime, tmp: Path, base: str, device: torch.device, cfg: Config) -
         return _pack_ternary(r.model, tmp / TERNARY_FILE)[1:]
     r.model.save_pretrained(tmp)  # a bitsandbytes model as saved, or an adapter
     if spec.method == "qlora":  # the frozen NF4 base ships beside the adapter, as bitsandbytes stores it
-        quant.apply(_load(base, device), "qlora", keep_lm_head=cfg.keep_lm_head_fp16).save_pretrained(tmp / "base-nf4")
+        _load(base, "qlora", device, cfg).save_pretrained(tmp / "base-nf4")
     if spec.method == "qlora_bitnet":  # merged LoRA deltas would not be ternary: packed base and adapter ship apart
         return _pack_ternary(copy.deepcopy(r.model).unload(), tmp / "base-ternary.safetensors")[1:]
     return None

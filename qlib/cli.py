@@ -1,10 +1,11 @@
-"""`python -m qlib run|report|assets|inspect`, and study 06's `train|eval|sensitivity|search`."""
+"""`python -m qlib run|report|assets|inspect|formats`, and study 06's `train|eval|sensitivity|search`."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from qlib.config import GPU_STUDIES, PROFILES, check_profile
 from qlib.core.errors import QlabError
@@ -211,6 +212,51 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_formats(args: argparse.Namespace) -> int:
+    """Every deployment format of one causal LM, written, reloaded in its runtime and measured (study 08's report)."""
+    from transformers.utils import logging
+
+    from qlib import formats_report
+
+    logging.disable_progress_bar()  # one bar per format is the progress worth showing
+    cfg = formats_report.Config(
+        model=args.model, adapter=args.adapter, adapter_base=args.adapter_base, text=args.text, dataset=args.dataset or "stdlib-code",
+        formats=tuple(args.formats.split(",")), context=args.context, eval_tokens=args.eval_tokens,
+        gen_tokens=args.gen_tokens, repeats=args.repeats, timing_threads=args.threads, device=args.device,
+        seed=args.seed, keep_lm_head_fp16=not args.quantize_lm_head)
+    rep = formats_report.run(cfg)
+    print(rep.table)
+    print(f"\nwrote {rep.path.relative_to(repo_root()) if rep.path.is_relative_to(repo_root()) else rep.path} "
+          "(+ per_token_nll.csv.gz, table.md, quality_vs_size.png beside it)")
+    return 0
+
+
+def _formats_parser(sub: Any) -> None:
+    from qlib.formats import DEFAULT_FORMATS, VALID_FORMATS
+
+    f = sub.add_parser("formats", help="what each deployment format of a causal LM costs: size, bits, perplexity, "
+                                       "decode speed, memory (FP16, bitsandbytes, GGUF)")
+    f.add_argument("model", help="a local Hugging Face folder, a registry key (smollm2-135m), or a hub id")
+    f.add_argument("--adapter", help="a LoRA adapter folder, merged first (dequantize-then-merge on a 4-bit base)")
+    f.add_argument("--adapter-base", choices=("fp32", "nf4"),
+                   help="what the adapter was trained on (default: its qlab metadata, else fp32); nf4: merged into "
+                        "the NF4-dequantized base")
+    src = f.add_mutually_exclusive_group()
+    src.add_argument("--text", help="a UTF-8 text file to measure perplexity on")
+    src.add_argument("--dataset", help="a code dataset: stdlib-code (default, offline), codesearchnet-python, a folder")
+    f.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+                   help=f"comma-separated, from: {', '.join(VALID_FORMATS)}")
+    f.add_argument("--context", type=int, default=256, help="perplexity window (stride = window)")
+    f.add_argument("--eval-tokens", type=int, default=4096)
+    f.add_argument("--gen-tokens", type=int, default=64, help="decode length (transformers decodes half)")
+    f.add_argument("--repeats", type=int, default=3, help="interleaved decode repeats (median)")
+    f.add_argument("--threads", type=int, default=1, help="decode threads (1: spinning workers collapse on a busy CPU)")
+    f.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]: the PyTorch formats' device")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--quantize-lm-head", action="store_true", help="let bitsandbytes quantize an untied LM head")
+    f.set_defaults(fn=cmd_formats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m qlib", description=__doc__,
                                 epilog="study 06 (switchable precision): python -m qlib train|eval|sensitivity|search "
@@ -240,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="verify that a saved artifact (model, adapter, QAT folder, GGUF) loads whole")
     i.add_argument("path")
     i.set_defaults(fn=cmd_inspect)
+    _formats_parser(sub)
     return p
 
 

@@ -17,6 +17,7 @@ import torch
 
 from qlib import adapters, runmeta
 from qlib.backends import gguf
+from qlib.config import build_quantization_plan
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir
 from qlib.models import load_causal_lm
@@ -104,6 +105,20 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out: str | Path
                      float((before - after32).abs().max()), float((before - after16).abs().max()))
 
 
+def merged_meta(adapter_dir: str | Path, name: str, info: runmeta.RunInfo, trained_on: str, device: torch.device
+                ) -> dict[str, Any]:
+    """The merged model's metadata: the adapter run's (its method, knobs and head), stored FP16, `merged`."""
+    a = runmeta.read_meta(adapter_dir)
+    if a is None or a.get("quantization") is None:  # an adapter brought from elsewhere: its base precision only
+        method = "qlora" if trained_on == "nf4" else "fp32"
+        plan = build_quantization_plan(method, device)
+        return info.meta(name, plan, "merged", "fp16", stored_dtype="fp16", merged_from=str(adapter_dir),
+                         extras={"merge_after_train": True})
+    q = a["quantization"]
+    return {**a, "run_name": name, "artifact": "merged", "stored_dtype": "fp16", "merged_from": Path(adapter_dir).name,
+            "quantization": {**q, "extras": {**q["extras"], "merge_after_train": True}}}
+
+
 def save_bnb(merged_dir: str | Path, out: str | Path, method: str, device: torch.device,
              meta: dict[str, Any] | None = None, keep_lm_head: bool = True) -> torch.nn.Module:
     """The merged model quantized by bitsandbytes on load (int8 = LLM.int8, nf4 = NF4 + double quant), saved."""
@@ -142,6 +157,19 @@ def stored_params(folder: str | Path) -> int:
     if not n:
         raise QlabError(f"{folder} holds no .safetensors weights")
     return n
+
+
+def stored_dtypes(folder: str | Path) -> dict[str, int]:
+    """Tensors of a folder's *.safetensors by stored dtype (F16, F32, U8 for bitsandbytes' packed 4-bit, I8)."""
+    from safetensors import safe_open
+
+    counts: dict[str, int] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                t = st.get_slice(k).get_dtype()
+                counts[t] = counts.get(t, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def weights_bytes(path: str | Path) -> int:

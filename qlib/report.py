@@ -200,10 +200,30 @@ def update_readme(path: str | Path | None = None, t4_plan: str | None = None) ->
         text = _fill(text, GPU_START, GPU_END, gpu_readme_table())
     if t4_plan is not None and T4_START in text and T4_END in text:
         text = _fill(text, T4_START, T4_END, t4_plan)
+    if FORMATS_START in text and FORMATS_END in text:
+        text = _fill(text, FORMATS_START, FORMATS_END, formats_readme())
     return atomic_write_text(p, text)
 
 
 T4_START, T4_END = "<!-- t4-plan:start -->", "<!-- t4-plan:end -->"
+FORMATS_START, FORMATS_END = "<!-- formats:start -->", "<!-- formats:end -->"
+
+
+def formats_readme() -> str:
+    """Each `python -m qlib formats` run kept under results/formats/: what ran, where, and its table."""
+    from qlib.formats import table
+
+    parts = []
+    for p in sorted((repo_root() / "results" / "formats").glob("*/metrics.json")):
+        d = load_metrics(p)
+        c, env, w = d["config"], d["env"], d["perplexity_window"]
+        took = f", {d['duration_s'] / 60:.1f} min wall" if d.get("duration_s") else ""
+        parts += [f"`python -m qlib formats {c['model']}`{' --adapter ' + c['adapter'] if c.get('adapter') else ''}: "
+                  f"{w['scored_tokens']} scored tokens of {d['assets']['data']['id']} in windows of {w['context']}; "
+                  f"decode {c['gen_tokens']} new tokens (transformers half), {c['repeats']} interleaved repeats on "
+                  f"{c['timing_threads']} thread(s); {env['device']}, {env.get('cpu')}{took}."
+                  + "".join(f" Not measured: {x}." for x in d.get("problems") or []), "", table(d["rows"]), ""]
+    return "\n".join(parts).strip() or "No `python -m qlib formats` run is kept in results/formats/ yet."
 
 
 def _fill(text: str, start: str, end: str, body: str) -> str:

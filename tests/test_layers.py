@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                      "quant.api", "quant"]),
     ("models and data", ["pretrain", "assets", "data", "qa", "choice", "budget", "models", "adapters", "train",
                          "backends", "backends.onnx", "backends.gguf", "backends.bnb"]),
-    ("methods", ["switchable", "search", "merge", "artifacts"]),
+    ("methods", ["switchable", "search", "merge", "artifacts", "formats", "formats_report"]),
     ("studies", ["studies", "studies.baseline", "studies.ptq", "studies.qat", "studies.qlora_bert",
                  "studies.ptq_ladder", "studies.gpt2_bitnet", "studies.block_precision", "studies.switchable",
                  "studies.llama_finetune", "studies.llama_scaling", "studies.qwen_merge"]),

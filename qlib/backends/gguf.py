@@ -171,7 +171,8 @@ def tensor_types(path: str | Path) -> dict[str, str]:
     return {name: kind for name, (kind, _) in read_tensors(path).items()}
 
 
-def _load(path: str | Path, n_ctx: int, threads: int) -> Any:
+def load(path: str | Path, n_ctx: int, threads: int) -> Any:
+    """A GGUF file in llama.cpp (all logits kept, for scoring); a file it cannot load is one line."""
     llama_cpp = ensure_llama_cpp()
     try:
         with _captured_stderr():
@@ -197,7 +198,7 @@ def token_nll(path: str | Path, tokens: list[int], context: int, threads: int = 
     """Negative log-likelihood of every scored token in llama.cpp, over non-overlapping windows of `context`
     tokens (each window's first token has no history and is not scored): the same tokens, in the same order,
     as `metrics.token_nll(..., stride=context)` scores in transformers, so the two pair up."""
-    llm = _load(path, context, threads)
+    llm = load(path, context, threads)
     out = []
     for start in range(0, len(tokens) - 1, context):
         chunk = tokens[start:start + context]
@@ -239,7 +240,7 @@ def decode_speeds(paths: dict[str, str | Path], prompt: list[int], n_new: int, t
     median tokens/s each. The ratio between them is the number to trust, not the absolute rate.
     One thread by default: llama.cpp's workers spin, and two spinning threads on a 2-core machine collapse
     3-5x as soon as anything else runs."""
-    models = {k: _load(p, len(prompt) + n_new + 1, threads) for k, p in paths.items()}
+    models = {k: load(p, len(prompt) + n_new + 1, threads) for k, p in paths.items()}
     for llm in models.values():
         _decode_once(llm, prompt, min(n_new, 4))  # warm-up
     rates: dict[str, list[float]] = {k: [] for k in models}

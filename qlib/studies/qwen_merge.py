@@ -1,21 +1,21 @@
 """Study 08: a LoRA adapter on a LLaMA/Qwen2-architecture model, merged, then shipped as FP16, bitsandbytes
-INT8/NF4 and GGUF F16/Q8_0/Q4_1/Q4_0/Q4_K_M/Q3_K_M, each reloaded and measured in its own runtime."""
+INT8/NF4 and GGUF F16/Q8_0/Q4_1/Q4_0/Q4_K_M/Q3_K_M, each reloaded and measured in its own runtime. The formats are
+written and measured by `qlib.formats`, the same code as `python -m qlib formats`; the study adds the adapter, the
+base before it in every format (how much of the fine-tune each format keeps) and its bar."""
 from __future__ import annotations
 
 import logging
-import shutil
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from qlib import adapters, assets, budget, data, hub, merge, metrics, models, ngram, pretrain, results, runmeta
-from qlib.backends import bnb, gguf
+from qlib import adapters, assets, budget, data, formats, hub, merge, metrics, models, ngram, pretrain, results, runmeta
+from qlib.backends import gguf
 from qlib.config import build_quantization_plan, make_config
-from qlib.core.device import compute_dtype, dtype_name, pick_device, set_seed
+from qlib.core.device import pick_device, set_seed
 from qlib.core.errors import QlabError
 from qlib.core.paths import outputs_dir
 from qlib.studies import StudyResult, staged
@@ -25,7 +25,6 @@ STUDY = "08_qwen_merge_gguf"
 README = results.readme_block(
     published={"gguf_q4_0": "LLaMA-7B Q4_0: perplexity +4.2 % vs F16 (llama.cpp README quantization table, 2023)"})
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # see study 05
-BNB_FORMATS = (("bnb_int8", "int8"), ("bnb_nf4", "nf4"))
 # The issue's bar, on SmolLM2-135M (llama.cpp, this CPU, one thread, interleaved repeats)
 BAR = {"q4_0_decode_speedup_min": 1.8, "q8_0_perplexity_ratio_max": 1.005}
 # llama.cpp's own figure for Q4_0 on LLaMA-7B (README "quantization" table, 2023): +4.2 % perplexity vs F16
@@ -89,13 +88,6 @@ def knobs(cfg: Config) -> runmeta.LoraKnobs:
                              gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer)
 
 
-def _head(device: torch.device, method: str | None, cfg: Config) -> str:
-    """The LM head as a run name states it: the load dtype unless bitsandbytes was let quantize it."""
-    if method in ("int8", "nf4", "qlora") and not cfg.keep_lm_head_fp16:
-        return "int8" if method == "int8" else "nf4"
-    return dtype_name(torch.float32 if device.type == "cpu" else compute_dtype(device))
-
-
 def train_adapter(cfg: Config, base: str, tok: Any, loader: Any, out: Path, device: torch.device,
                   info: runmeta.RunInfo) -> tuple[Path, dict[str, Any]]:
     """LoRA on the preset's projections of the (NF4 or FP32) base; the adapter folder (under its run name, with its
@@ -122,44 +114,6 @@ def train_adapter(cfg: Config, base: str, tok: Any, loader: Any, out: Path, devi
 
 
 @dataclass
-class Measured:
-    """One artifact (or baseline) as measured: per-token NLL on the shared windows, and what it is."""
-
-    method: str
-    backend: str                     # transformers | llama.cpp | counts (n-gram baselines)
-    nll: np.ndarray
-    path: Path | None = None
-    bits_per_weight: float | None = None   # stored bits per quantized weight (None: not quantized)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _hf(method: str, path: Path, cfg: Config, eval_ids: torch.Tensor, device: torch.device,
-        bnb_method: str | None = None) -> tuple[Measured, torch.nn.Module]:
-    """A transformers folder reloaded as a user loads it, scored on the shared windows."""
-    model = models.load_causal_lm(path, None, device).eval()
-    with torch.no_grad():
-        nll = metrics.token_nll(model, eval_ids, cfg.context, cfg.context, device).double().numpy()
-    bits = bnb.quantized_weight_bits(path) if bnb_method else None
-    return Measured(method, "transformers", nll, path, bits, {"layer_kinds": models.layer_kinds(model)}), model
-
-
-def _gguf(method: str, path: Path, cfg: Config, eval_ids: torch.Tensor) -> Measured:
-    """A GGUF file loaded by llama.cpp, scored on the same token ids and windows."""
-    kinds = gguf.tensor_types(path)
-    bits = gguf.bits_per_weight(path)["weight_matrices"]
-    return Measured(method, "llama.cpp", gguf.token_nll(path, eval_ids.tolist(), cfg.context), path,
-                    None if method == "gguf_f16" else bits,
-                    {"tensor_types": {k: sum(v == k for v in kinds.values()) for k in sorted(set(kinds.values()))}})
-
-
-def _baselines(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab: int, context: int) -> list[Measured]:
-    """Unigram and Kneser-Ney bigram fitted on the adapter's training tokens: the floor for every row."""
-    tr, ev = train_ids.reshape(-1).numpy(), eval_ids.numpy()
-    return [Measured("unigram", "counts", ngram.Unigram(tr, vocab).token_nll(ev, context)),
-            Measured("bigram_kn", "counts", ngram.KneserNeyBigram(tr, vocab).token_nll(ev, context))]
-
-
-@dataclass
 class QwenMergeResult(StudyResult):
     losses: list[float]
     merge: merge.MergeInfo
@@ -175,56 +129,6 @@ def plan(cfg: Config, model_config: Any, device: torch.device) -> list[budget.Pr
                            + (", checkpointing" if cfg.gradient_checkpointing else ""), model_config, method,
                            batch=cfg.batch_size, seq=cfg.context, steps=cfg.steps, compute=compute,
                            checkpointing=cfg.gradient_checkpointing, rank=cfg.lora_rank, lora_dropout=True)]
-
-
-def _decode(cfg: Config, hf: dict[str, torch.nn.Module], files: dict[str, Path], prompt: torch.Tensor,
-            eos: int, device: torch.device) -> dict[str, dict[str, Any]]:
-    """Greedy decode tokens/s: each runtime's artifacts interleaved repeat by repeat, on `timing_threads`
-    threads, the load average read before and after. Ratios are only taken inside one runtime."""
-    out: dict[str, dict[str, Any]] = {}
-    load0 = metrics.load_average()
-    with metrics.torch_threads(cfg.timing_threads):
-        speeds = metrics.decode_speeds(hf, prompt.reshape(1, -1).to(device), max(1, cfg.gen_tokens // 2),
-                                       cfg.latency_repeats, eos, device)
-    load1 = metrics.load_average()
-    speeds.update(gguf.decode_speeds(files, prompt.tolist(), cfg.gen_tokens, cfg.timing_threads,
-                                     cfg.latency_repeats))
-    load2 = metrics.load_average()
-    for k, v in speeds.items():
-        llama = k in files
-        out[k] = {"tokens_per_s": v, "timing_threads": cfg.timing_threads if llama or device.type == "cpu" else None,
-                  "load_avg_1m": [load1, load2] if llama else [load0, load1]}
-    return out
-
-
-def _stage(stage: str, src: Path, out: Path, cfg: Config, eval_ids: torch.Tensor, pre: str | None,
-           device: torch.device, info: runmeta.RunInfo
-           ) -> tuple[list[Measured], dict[str, torch.nn.Module], dict[str, Path]]:
-    """One model (the base before the adapter, or the merged model) written in every format, each under its run name
-    with its metadata, reloaded in its own runtime and scored on the shared windows. Method names: the merged
-    model's plain, the base's prefixed `base_` (its transformers row is `base`)."""
-    name = (lambda m: m) if stage == "merged" else (lambda m: "base" if m == "merged_fp16" else f"base_{m}")
-    peft = knobs(cfg).token() if stage == "merged" else "none"  # the base: not fine-tuned
-    measured, hf = [], {}
-    for method, bnb_method in [("merged_fp16", None)] + list(BNB_FORMATS):
-        path = src
-        if bnb_method:
-            plan = build_quantization_plan(bnb_method, device, keep_lm_head=cfg.keep_lm_head_fp16)
-            run = info.name("PTQ", peft, bnb_method, plan.spec.weights_bits, _head(device, bnb_method, cfg))
-            path = out / run
-            meta = info.meta(run, plan, "model", _head(device, bnb_method, cfg), stage=stage, source=src.name)
-            merge.save_bnb(src, path, bnb_method, device, meta, keep_lm_head=cfg.keep_lm_head_fp16)
-        m, model = _hf(name(method), path, cfg, eval_ids, device, bnb_method)
-        measured.append(m)
-        if stage == "merged":  # kept for the decode timing; the base's are let go at once (GPU memory)
-            hf[name(method)] = model
-        del model
-    written = merge.export_gguf(src, out / f".gguf-{stage}", pre, cfg.gguf_types)
-    files = {name(k): gguf.ship(v, info, "PTQ", peft, "f16" if k == "gguf_f16" else k.removeprefix("gguf_"), out,
-                                stage=stage, source=src.name) for k, v in written.items()}
-    shutil.rmtree(out / f".gguf-{stage}", ignore_errors=True)
-    measured += [_gguf(method, path, cfg, eval_ids) for method, path in tqdm(files.items(), desc=f"llama.cpp ({stage})")]
-    return measured, hf, files
 
 
 @staged(STUDY)
@@ -258,17 +162,25 @@ def run(cfg: Config) -> QwenMergeResult:
         trained_on = cfg.train_base
     merged_dir = out / (adapter_dir.name + "_merged")
     mi = merge.merge_adapter(asset.path, adapter_dir, merged_dir, trained_on, prompt,
-                             _merged_meta(adapter_dir, merged_dir.name, info, trained_on, device))
-    pre = pretrain.gguf_pre_tokenizer(asset.path)
+                             merge.merged_meta(adapter_dir, merged_dir.name, info, trained_on, device))
     n_params = merge.stored_params(mi.path)
-    measured, _, _ = _stage("base", Path(asset.path), out, cfg, eval_ids, pre, device, info)
-    merged, hf, files = _stage("merged", mi.path, out, cfg, eval_ids, pre, device, info)
-    measured += merged
-    measured += _baselines(train_chunks, eval_ids, len(tok), cfg.context)
-    speeds = _decode(cfg, hf, files, prompt, tok.eos_token_id, device)
-    del hf
+    text = formats.Text(eval_ids, cfg.context, prompt, tok.eos_token_id, cfg.seed)
+    measured = []
+    for stage, src in (("base", Path(asset.path)), ("merged", mi.path)):
+        got = formats.measure(src, format_names(cfg), out, text, device, info, name=method_name(stage),
+                              peft=knobs(cfg).token() if stage == "merged" else "none",  # the base: not fine-tuned
+                              keep_lm_head=cfg.keep_lm_head_fp16, pre_tokenizer=pretrain.gguf_pre_tokenizer(asset.path),
+                              desc=f"formats ({stage})", stage=stage)
+        if got.problems:  # study 08's model is chosen to make every format: a failure is a failure
+            raise QlabError("; ".join(got.problems))
+        measured += got.measured
+    merged_only = [m for m in measured if m.method in {method_name("merged")(f) for f in format_names(cfg)}]
+    speeds = formats.decode(merged_only, text, device, cfg.gen_tokens, cfg.latency_repeats, cfg.timing_threads)
+    measured += formats.count_baselines(train_chunks, eval_ids, len(tok), cfg.context)
+    files = {m.method: m.path for m in merged_only if m.backend == "llama.cpp"}
     tokenizer = gguf.tokenizer_agreement(files["gguf_f16"], tok, eval_texts[:64])
-    rows = _rows(measured, speeds, n_params, train, asset.id, data_asset.id, cfg)
+    rows = formats.rows(measured, speeds, n_params, asset.id, data_asset.id, cfg.context, cfg.seed,
+                        reference=reference_of, fp16="merged_fp16", extra={"merged_fp16": _training_cost(train)})
     bench = benchmark(rows)
     results.write_per_example(STUDY, cfg.profile, "per_token_nll",
                               {"token_id": eval_ids[ngram.scored_positions(eval_ids.numel(), cfg.context)].numpy(),
@@ -290,21 +202,7 @@ def run(cfg: Config) -> QwenMergeResult:
     return QwenMergeResult(rows, results.load_metrics(path), path, train.get("losses", []), mi, bench, tokenizer)
 
 
-def _merged_meta(adapter_dir: Path, name: str, info: runmeta.RunInfo, trained_on: str, device: torch.device
-                 ) -> dict[str, Any]:
-    """The merged model's metadata: the adapter run's (its method, knobs and head), stored FP16, `merged`."""
-    a = runmeta.read_meta(adapter_dir)
-    if a is None or a.get("quantization") is None:  # an adapter brought from elsewhere: its base precision only
-        method = "qlora" if trained_on == "nf4" else "fp32"
-        plan = build_quantization_plan(method, device)
-        return info.meta(name, plan, "merged", "fp16", stored_dtype="fp16", merged_from=str(adapter_dir),
-                         extras={"merge_after_train": True})
-    q = a["quantization"]
-    return {**a, "run_name": name, "artifact": "merged", "stored_dtype": "fp16", "merged_from": adapter_dir.name,
-            "quantization": {**q, "extras": {**q["extras"], "merge_after_train": True}}}
-
-
-def adapter_kept(measured: list[Measured], cfg: Config) -> dict[str, dict[str, float]]:
+def adapter_kept(measured: list[formats.Measured], cfg: Config) -> dict[str, dict[str, float]]:
     """Per format, the share of the adapter's gain that survives quantization: (NLL of the base in that format -
     NLL of the merged model in it) / (the same difference at FP16 in the same runtime), with a 95 % bootstrap
     interval over windows. 1: the format keeps the fine-tune; 0: it rounds it away."""
@@ -321,48 +219,33 @@ def adapter_kept(measured: list[Measured], cfg: Config) -> dict[str, dict[str, f
     return out
 
 
-DEFINITIONS = {
-    "size_bytes": "the whole artifact a user loads: the GGUF file, or the folder's *.safetensors (no adapter needed "
-                  "after the merge; tokenizer files excluded)",
-    "bits_per_param": "8 x size_bytes / parameters of the model (headers, embeddings and norms included)",
-    "bits_per_quantized_weight": "stored bits per element of the quantized weights only: bitsandbytes' linears with "
-                                 "all their scale tensors; every 2-D matrix of a GGUF file (embeddings included)",
-    "perplexity_ratio": "perplexity / that of the FP16 artifact of the same runtime on the same tokens, "
-                        "exp(mean NLL difference), 95 % paired bootstrap over whole windows",
-    "decode_vs_fp16_same_runtime": "greedy decode tokens/s over the FP16 artifact's, same runtime, interleaved repeats",
-}
+DEFINITIONS = {**formats.DEFINITIONS,
+               "size_bytes": "the whole artifact a user loads: the GGUF file, or the folder's *.safetensors (no "
+                             "adapter needed after the merge; tokenizer files excluded)"}
 
 
-def _rows(measured: list[Measured], speeds: dict[str, dict[str, Any]], n_params: int, train: dict[str, Any],
-          model_id: str, data_id: str, cfg: Config) -> list[dict[str, Any]]:
-    """Schema rows; perplexity ratios with intervals against the reference of `reference_of`, decode ratios against
-    the FP16 artifact of the same runtime."""
-    by = {m.method: m for m in measured}
-    rows = []
-    for m in measured:
-        size = merge.weights_bytes(m.path) if m.path else None
-        trained = train if m.method == "merged_fp16" else {}  # the adapter's cost belongs to the row it produced
-        ref = by.get(reference_of(m))
-        ratio = metrics.perplexity_ratio(ref.nll, m.nll, block=cfg.context - 1, seed=cfg.seed) if ref else None
-        speed = speeds.get(m.method, {})
-        ref_speed = speeds.get("gguf_f16" if m.backend == "llama.cpp" else "merged_fp16", {})
-        rows.append(metrics.with_difference(results.make_row(
-            m.method, model=model_id, dataset=data_id, perplexity=float(np.exp(m.nll.mean())), size_bytes=size,
-            bits_per_param=metrics.bits_per_param(size, n_params) if size else None,
-            bits_per_quantized_weight=m.bits_per_weight, backend=m.backend,
-            artifact=m.path.name if m.path else None, total_params=n_params if m.path else None,
-            trainable_params=trained.get("trainable_params", 0) if m.path else None,
-            train_time_s=trained.get("train_time_s"), peak_mem_bytes=trained.get("peak_mem_bytes"),
-            peak_mem_source=trained.get("peak_mem_source"), reference=ref.method if ref else None, tokens_per_s=speed.get("tokens_per_s"),
-            decode_vs_fp16_same_runtime=(speed["tokens_per_s"] / ref_speed["tokens_per_s"]
-                                         if speed and ref_speed else None),
-            timing_threads=speed.get("timing_threads"), load_avg_1m=speed.get("load_avg_1m"),
-            size_vs_fp16=size / merge.weights_bytes(by["merged_fp16"].path) if size else None, **m.extra),
-            "perplexity_ratio", ratio, value="ratio"))
-    return rows
+def format_names(cfg: Config) -> tuple[str, ...]:
+    """The formats every model of the study is written in (`formats.measure`'s names)."""
+    return ("fp16", "bnb_int8", "bnb_nf4", "gguf_f16", *(f"gguf_{t}" for t in cfg.gguf_types))
 
 
-def reference_of(m: Measured) -> str | None:
+def method_name(stage: str) -> Callable[[str], str]:
+    """A format's row name: the merged model's plain (its FP16 row `merged_fp16`), the base's prefixed `base_` (its
+    FP16 row, the model as stored, `base`)."""
+    if stage == "merged":
+        return lambda f: "merged_fp16" if f == "fp16" else f
+    return lambda f: "base" if f == "fp16" else f"base_{f}"
+
+
+def _training_cost(train: dict[str, Any]) -> dict[str, Any]:
+    """The adapter's cost, on the row it produced (the merged model's FP16)."""
+    if not train:
+        return {}
+    return {"trainable_params": train["trainable_params"], "train_time_s": train["train_time_s"],
+            "peak_mem_bytes": train["peak_mem_bytes"], "peak_mem_source": train["peak_mem_source"]}
+
+
+def reference_of(m: formats.Measured) -> str | None:
     """What a row's perplexity is compared with: a format against the FP16 of its own model (base or merged) and
     runtime; each runtime's FP16 against transformers' (do the runtimes agree?); the model before the adapter
     and the count baselines against the merged model (what the adapter, and the network, are worth)."""

@@ -1,0 +1,310 @@
+"""What each deployment format of a causal LM costs in size, quality, speed and memory: the model written as FP16,
+bitsandbytes INT8 / NF4 and GGUF F16 / Q8_0 / Q4_0 / Q4_K_M / Q3_K_M / Q2_0 (or any type llama.cpp's quantizer
+knows), each reloaded in its own runtime (transformers + bitsandbytes, llama.cpp) and measured on the same token
+windows.
+
+`measure` does it for one model folder and `decode` times the artifacts; `rows`, `table` and `plot` turn the
+measurements into results rows, a markdown table and the quality-vs-size figure. `python -m qlib formats`
+(`qlib.formats_report`) and study 08 both call them, so the command and the notebook cannot drift apart. Nothing
+here quantizes: bitsandbytes quantizes on load (`merge.save_bnb`), llama.cpp converts and quantizes
+(`backends.gguf`); what qlib adds is one measurement protocol across the runtimes.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from qlib import merge, metrics, models, ngram, results, runmeta
+from qlib.backends import bnb, gguf
+from qlib.config import build_quantization_plan
+from qlib.core.device import compute_dtype, dtype_name
+from qlib.core.errors import QlabError
+
+BNB_FORMATS = {"bnb_int8": "int8", "bnb_nf4": "nf4"}
+# LLM.int8 on CPU casts fp32 inputs to fp16 and says so on every matmul
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+# Two sub-4-bit types. Q3_K_M (~3.9 bits/weight where rows divide by 256, as in most LLMs); on narrower rows
+# (SmolLM2's 576) llama.cpp falls back to 4-6-bit types for most tensors, which `tensor_types` shows. Q2_0 (blocks of
+# 64, one FP16 scale, codes -1/0/+1/+2) fits any width divisible by 64 but is a storage format for ternary-trained
+# models: its reference quantizer scales by the block's absmax and rounds, so most weights of a model trained in
+# 16-bit become 0 (llama.cpp's quantize_row_q2_0_ref); it is in the list because it shows that collapse.
+DEFAULT_FORMATS = ("fp16", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0", "gguf_q4_k_m", "gguf_q3_k_m",
+                   "gguf_q2_0")
+VALID_FORMATS = ("fp16", *BNB_FORMATS, "gguf_f16", *(f"gguf_{t}" for t in gguf.QUANT_TYPES))
+
+
+def parse_formats(names: Iterable[str]) -> tuple[str, ...]:
+    """The formats to make, in the order given, with the references their ratios need added in front (fp16; gguf_f16
+    where any GGUF type is asked for); an unknown name is one line."""
+    wanted = [n.strip().lower() for n in names if n.strip()]
+    bad = [n for n in wanted if n not in VALID_FORMATS]
+    if bad:
+        raise QlabError(f"unknown format(s) {', '.join(bad)}; valid: {', '.join(VALID_FORMATS)}")
+    refs = ["fp16"] + (["gguf_f16"] if any(n.startswith("gguf_") for n in wanted) else [])
+    ordered = ["fp16", *(n for n in wanted if n in BNB_FORMATS), *(r for r in refs if r != "fp16"),
+               *(n for n in wanted if n.startswith("gguf_") and n != "gguf_f16")]
+    return tuple(dict.fromkeys(ordered))
+
+
+@dataclass
+class Text:
+    """The token windows every format is scored on (`ids` None: no perplexity, say why in the problems) and the
+    prompt decode speed starts from."""
+
+    ids: torch.Tensor | None
+    context: int
+    prompt: torch.Tensor
+    eos: int | None
+    seed: int = 0
+
+
+@dataclass
+class Measured:
+    """One artifact (or baseline) as measured: per-token NLL on the shared windows (None: no text), what it is,
+    and the peak memory of loading and scoring it."""
+
+    method: str
+    backend: str                     # transformers | llama.cpp | counts (n-gram baselines)
+    nll: np.ndarray | None
+    path: Path | None = None
+    bits_per_weight: float | None = None   # stored bits per quantized weight (None: not quantized)
+    extra: dict[str, Any] = field(default_factory=dict)
+    peak_bytes: int | None = None
+    peak_source: str | None = None
+
+
+@dataclass
+class Stage:
+    """What `measure` made of one model: the measured artifacts and one line per format it could not make."""
+
+    measured: list[Measured]
+    problems: list[str]
+
+
+def head_name(device: torch.device, method: str | None, keep_lm_head: bool) -> str:
+    """The LM head as a run name states it: the load dtype unless bitsandbytes was let quantize it."""
+    if method in ("int8", "nf4", "qlora") and not keep_lm_head:
+        return "int8" if method == "int8" else "nf4"
+    return dtype_name(torch.float32 if device.type == "cpu" else compute_dtype(device))
+
+
+def measure(src: str | Path, formats: Iterable[str], out: Path, text: Text, device: torch.device,
+            info: runmeta.RunInfo, name: Callable[[str], str] = str, peft: str = "none", keep_lm_head: bool = True,
+            pre_tokenizer: str | None = None, desc: str = "formats", **meta: Any) -> Stage:
+    """`src` (an FP16 transformers folder with its tokenizer: the fp16 row itself) written in every format under its
+    run name with its metadata (`meta` added), each reloaded in its own runtime and scored on `text`. `name` maps a
+    format to its row's method. A format that cannot be made is one line in `Stage.problems`; the rest go on."""
+    src, stage = Path(src), Stage([], [])
+    bar = tqdm(parse_formats(formats), desc=desc)
+    for fmt in bar:
+        bar.set_postfix_str(fmt)
+        try:
+            path = _write(fmt, src, out, device, info, peft, keep_lm_head, pre_tokenizer, stage, meta)
+        except QlabError as e:
+            stage.problems.append(f"{fmt}: not made: {e}")
+            continue
+        stage.measured.append(_score(name(fmt), fmt, path, text, device))
+    return stage
+
+
+def _write(fmt: str, src: Path, out: Path, device: torch.device, info: runmeta.RunInfo, peft: str,
+           keep_lm_head: bool, pre_tokenizer: str | None, stage: Stage, meta: dict[str, Any]) -> Path:
+    """The artifact of one format (fp16: `src` itself); GGUF types are quantized from this model's F16 file."""
+    if fmt == "fp16":
+        return src
+    if fmt in BNB_FORMATS:
+        method = BNB_FORMATS[fmt]
+        plan = build_quantization_plan(method, device, keep_lm_head=keep_lm_head)
+        head = head_name(device, method, keep_lm_head)
+        run = info.name("PTQ", peft, method, plan.spec.weights_bits, head)
+        merge.save_bnb(src, out / run, method, device, info.meta(run, plan, "model", head, source=src.name, **meta),
+                       keep_lm_head=keep_lm_head)
+        return out / run
+    f16 = next((m.path for m in stage.measured if m.backend == "llama.cpp" and m.extra.get("type") == "f16"), None)
+    if fmt != "gguf_f16" and f16 is None:
+        raise QlabError("needs the F16 GGUF file, which was not made")
+    tmp = out / f".gguf-{fmt}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        if fmt == "gguf_f16":
+            merge.require_tokenizer(src)
+            written = gguf.convert(src, tmp / "model.gguf", "f16", pre_tokenizer=pre_tokenizer)
+        else:
+            written = gguf.quantize(f16, tmp / "model.gguf", fmt.removeprefix("gguf_"))
+        return gguf.ship(written, info, "PTQ", peft, fmt.removeprefix("gguf_"), out, source=src.name, **meta)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _score(method: str, fmt: str, path: Path, text: Text, device: torch.device) -> Measured:
+    """Reload the artifact as a user would, score it on the shared windows; peak memory of the two together."""
+    llama = fmt.startswith("gguf_")
+    with metrics.PeakMemory("cpu" if llama else device) as mem:  # llama.cpp runs on the CPU here
+        if llama:
+            nll = gguf.token_nll(path, text.ids.tolist(), text.context) if text.ids is not None else \
+                _load_only(path, text.context)
+        else:
+            model = models.load_causal_lm(path, None, device).eval()
+            with torch.no_grad():
+                nll = None if text.ids is None else \
+                    metrics.token_nll(model, text.ids, text.context, text.context, device).double().numpy()
+            kinds = models.layer_kinds(model)
+            del model
+    if llama:
+        kinds = gguf.tensor_types(path)
+        counts = {k: sum(v == k for v in kinds.values()) for k in sorted(set(kinds.values()))}
+        bits = None if fmt == "gguf_f16" else gguf.bits_per_weight(path)["weight_matrices"]
+        extra = {"tensor_types": counts, "type": fmt.removeprefix("gguf_")}
+    else:
+        bits = bnb.quantized_weight_bits(path) if fmt in BNB_FORMATS else None
+        extra = {"layer_kinds": kinds, "tensor_types": merge.stored_dtypes(path)}
+    return Measured(method, "llama.cpp" if llama else "transformers", nll, path, bits, extra, mem.peak_bytes,
+                    mem.source)
+
+
+def _load_only(path: Path, context: int) -> None:
+    """Without text to score, the artifact is still loaded (its memory is measured, a broken file is named)."""
+    gguf.load(path, context, 1)
+
+
+def decode(measured: list[Measured], text: Text, device: torch.device, gen_tokens: int, repeats: int,
+           threads: int) -> dict[str, dict[str, Any]]:
+    """Greedy decode tokens/s: each runtime's artifacts reloaded and interleaved repeat by repeat, on `threads`
+    threads, the load average read before and after. Ratios are only taken inside one runtime (transformers
+    decodes half as many tokens: it is the slower one here)."""
+    hf = {m.method: models.load_causal_lm(m.path, None, device).eval() for m in measured if m.backend == "transformers"}
+    files = {m.method: m.path for m in measured if m.backend == "llama.cpp"}
+    eos = -1 if text.eos is None else text.eos  # no tokenizer: never stop early
+    load0 = metrics.load_average()
+    with metrics.torch_threads(threads):
+        speeds = metrics.decode_speeds(hf, text.prompt.reshape(1, -1).to(device), max(1, gen_tokens // 2), repeats,
+                                       eos, device) if hf else {}
+    load1 = metrics.load_average()
+    speeds.update(gguf.decode_speeds(files, text.prompt.tolist(), gen_tokens, threads, repeats) if files else {})
+    load2 = metrics.load_average()
+    del hf
+    return {k: {"tokens_per_s": v, "timing_threads": threads if k in files or device.type == "cpu" else None,
+                "load_avg_1m": [load1, load2] if k in files else [load0, load1]} for k, v in speeds.items()}
+
+
+def count_baselines(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab: int, context: int) -> list[Measured]:
+    """Unigram and Kneser-Ney bigram fitted on `train_ids`, scored on the same windows: the floor for every row."""
+    tr, ev = train_ids.reshape(-1).numpy(), eval_ids.numpy()
+    return [Measured("unigram", "counts", ngram.Unigram(tr, vocab).token_nll(ev, context)),
+            Measured("bigram_kn", "counts", ngram.KneserNeyBigram(tr, vocab).token_nll(ev, context))]
+
+
+def reference_of(m: Measured) -> str | None:
+    """A format against the FP16 of its own runtime; llama.cpp's F16 and the count baselines against transformers'
+    FP16 (do the runtimes agree; what the network is worth)."""
+    if m.method == "fp16":
+        return None
+    return "fp16" if m.backend != "llama.cpp" or m.method == "gguf_f16" else "gguf_f16"
+
+
+DEFINITIONS = {
+    "size_bytes": "the whole artifact a user loads: the GGUF file (header and vocabulary included), or the folder's "
+                  "*.safetensors (tokenizer files excluded)",
+    "bits_per_param": "8 x size_bytes / parameters of the FP16 model (embeddings, norms, scales and headers included)",
+    "bits_per_quantized_weight": "stored bits per element of the quantized weights only: bitsandbytes' linears with "
+                                 "all their scale tensors; every 2-D matrix of a GGUF file (embeddings included)",
+    "tensor_types": "stored tensors by type: GGML types of a GGUF file, safetensors dtypes of a folder",
+    "perplexity_ratio": "perplexity / that of the `reference` row on the same tokens, exp(mean NLL difference), "
+                        "95 % paired bootstrap over whole windows",
+    "decode_vs_fp16_same_runtime": "greedy decode tokens/s over the FP16 artifact's, same runtime, interleaved repeats",
+    "inference_peak_mem_bytes": "peak memory of loading the artifact and scoring the text: CUDA max allocated for "
+                                "PyTorch formats on a GPU, else growth of the process RSS (llama.cpp maps the file: "
+                                "its pages count once touched); transformers computes FP16 weights in FP32 on CPU",
+}
+
+
+def rows(measured: list[Measured], speeds: dict[str, dict[str, Any]], n_params: int, model_id: str, data_id: str,
+         context: int, seed: int, reference: Callable[[Measured], str | None] = reference_of, fp16: str = "fp16",
+         gguf_f16: str = "gguf_f16", extra: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Schema rows: perplexity ratios with intervals against `reference`, decode ratios against the FP16 artifact of
+    the same runtime (`fp16`, `gguf_f16`), sizes against `fp16`'s; `extra[method]` adds or overrides keys (a
+    training cost)."""
+    by = {m.method: m for m in measured}
+    fp16_bytes = merge.weights_bytes(by[fp16].path) if fp16 in by else None
+    ref_speed = {"transformers": speeds.get(fp16, {}), "llama.cpp": speeds.get(gguf_f16, {})}
+    out = []
+    for m in measured:
+        size = merge.weights_bytes(m.path) if m.path else None
+        ref = by.get(reference(m) or "")
+        ratio = metrics.perplexity_ratio(ref.nll, m.nll, block=context - 1, seed=seed) \
+            if ref is not None and ref.nll is not None and m.nll is not None else None
+        speed, base = speeds.get(m.method, {}), ref_speed.get(m.backend, {})
+        ppl = None if m.nll is None else float(np.exp(m.nll.mean()))
+        row = results.make_row(
+            m.method, model=model_id, dataset=data_id, perplexity=ppl,
+            size_bytes=size, bits_per_param=metrics.bits_per_param(size, n_params) if size else None,
+            bits_per_quantized_weight=m.bits_per_weight, backend=m.backend, artifact=m.path.name if m.path else None,
+            total_params=n_params if m.path else None, trainable_params=0 if m.path else None,
+            reference=ref.method if ref else None, tokens_per_s=speed.get("tokens_per_s"),
+            decode_vs_fp16_same_runtime=speed["tokens_per_s"] / base["tokens_per_s"] if speed and base else None,
+            timing_threads=speed.get("timing_threads"), load_avg_1m=speed.get("load_avg_1m"),
+            size_vs_fp16=size / fp16_bytes if size and fp16_bytes else None,
+            peak_mem_source=None, inference_peak_mem_bytes=m.peak_bytes, inference_peak_mem_source=m.peak_source,
+            **m.extra)
+        row.update((extra or {}).get(m.method, {}))
+        out.append(metrics.with_difference(row, "perplexity_ratio", ratio, value="ratio"))
+    return out
+
+
+def _pct(r: dict[str, Any]) -> str:
+    """A perplexity ratio as a change in percent with its interval (x-fold beyond a factor of 2)."""
+    mid, lo, hi = (r.get(f"perplexity_ratio{k}") for k in ("", "_lo", "_hi"))
+    if mid is None:
+        return "–"
+    if 0.5 < mid < 2:
+        return f"{100 * (mid - 1):+.2f} % [{100 * (lo - 1):+.2f}, {100 * (hi - 1):+.2f}] vs {r['reference']}"
+    return f"×{mid:.3g} [{lo:.3g}, {hi:.3g}] vs {r['reference']}"
+
+
+def table(rows_: list[dict[str, Any]]) -> str:
+    """The report as a markdown table (readable in a terminal as it is)."""
+    def f(v: Any, fmt: str) -> str:
+        return "–" if v is None else format(v, fmt)
+
+    lines = ["| format | runtime | size (MiB) | bits/param | bits/quantized weight | tensor types | perplexity | "
+             "vs reference [95 % CI] | decode tok/s | decode vs FP16 (same runtime) | peak mem (MiB) |",
+             "|" + "---|" * 11]
+    for r in rows_:
+        types = ", ".join(f"{k} {v}" for k, v in (r.get("tensor_types") or {}).items()) or "–"
+        mem = r.get("inference_peak_mem_bytes")
+        lines.append("| " + " | ".join([
+            r["method"], r.get("backend") or "–", f((r["size_bytes"] or 0) / 2**20 or None, ".1f"),
+            f(r["bits_per_param"], ".2f"), f(r.get("bits_per_quantized_weight"), ".2f"), types,
+            f(r["perplexity"], ".3f"), _pct(r), f(r["tokens_per_s"], ".1f"),
+            f(r.get("decode_vs_fp16_same_runtime"), ".2f") + ("×" if r.get("decode_vs_fp16_same_runtime") else ""),
+            f(None if mem is None else mem / 2**20, ".0f")]) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows_: list[dict[str, Any]], ax: Any, title: str = "", cap: float = 2.0) -> Any:
+    """Quality against size: one point per format (perplexity ratio vs its reference, 95 % interval), size on a log
+    axis; the references sit at 1 without a bar; a ratio beyond `cap` is drawn at the cap as a triangle, its value
+    written beside it (a collapsed format would flatten every other point)."""
+    pts = sorted((r for r in rows_ if r.get("size_bytes")), key=lambda r: r["size_bytes"])  # labels alternate
+    for i, r in enumerate(pts):
+        y = r.get("perplexity_ratio") or 1.0
+        lo, hi = r.get("perplexity_ratio_lo") or y, r.get("perplexity_ratio_hi") or y
+        x, off = r["size_bytes"] / 2**20, y > cap
+        marker = "^" if off else "s" if r.get("backend") == "llama.cpp" else "o"
+        err = [[0], [0]] if off else [[y - lo], [hi - y]]
+        ax.errorbar(x, min(y, cap), yerr=err, fmt=marker, capsize=3)
+        label = f"{r['method']} ×{y:.3g} (off scale)" if off else r["method"]
+        ax.annotate(label, (x, min(y, cap)), textcoords="offset points", xytext=(4, -10 if i % 2 else 4), fontsize=8)
+    ax.axhline(1.0, color="grey", lw=1)
+    ax.set_xscale("log")
+    ax.set(xlabel="size on disk (MiB, log)", ylabel="perplexity / reference (95 % CI)",
+           title=title or "quality vs size (circles: transformers, squares: llama.cpp)")
+    return ax

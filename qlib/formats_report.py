@@ -1,0 +1,216 @@
+"""`python -m qlib formats MODEL`: study 08's merge-and-quantize report for any causal LM a user brings.
+
+The model (a local folder, a registry key such as `smollm2-135m`, or a hub id where the hub can be reached) is
+written as FP16, an adapter merged into it first where one is given (dequantize-then-merge for a 4-bit base),
+then `formats.measure` writes, reloads and scores every format and `formats.decode` times them. Results go to
+results/formats/<model>/ (metrics.json in the results schema, the per-token NLL, table.md, quality_vs_size.png),
+artifacts to outputs/default/formats/<model>/, both staged: all or nothing. Bad input that leaves something to
+measure (no tokenizer, an adapter for another base, text shorter than one window, an architecture llama.cpp's
+converter does not know) is one line in `problems`, and the formats that could be made are still reported.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlib import assets, data, figures, formats, hub, merge, metrics, models, pretrain, results, runmeta
+from qlib.core.device import pick_device, set_seed
+from qlib.core.errors import QlabError
+from qlib.core.io import atomic_dir, atomic_write_text
+from qlib.core.paths import outputs_dir, results_dir, staged_run
+
+STUDY = "formats"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The command's options (`python -m qlib formats --help`)."""
+
+    model: str = "smollm2-135m"
+    adapter: str | None = None
+    adapter_base: str | None = None     # fp32 | nf4: what the adapter was trained on (None: its metadata, else fp32)
+    text: str | None = None             # a UTF-8 text file; else the dataset's held-out split
+    dataset: str = "stdlib-code"        # stdlib-code (offline) | codesearchnet-python | a local folder of split files
+    formats: tuple[str, ...] = formats.DEFAULT_FORMATS
+    context: int = 256                  # perplexity window, stride = window
+    eval_tokens: int = 4096
+    baseline_tokens: int = 200_000      # the n-gram baselines' fitting tokens (the dataset's train split)
+    gen_tokens: int = 64
+    repeats: int = 3
+    timing_threads: int = 1
+    keep_lm_head_fp16: bool = True
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        formats.parse_formats(self.formats)
+        for k in ("context", "eval_tokens", "gen_tokens", "repeats", "timing_threads"):
+            if getattr(self, k) < (2 if k == "context" else 1):
+                raise QlabError(f"formats: {k} must be at least {2 if k == 'context' else 1}, got {getattr(self, k)}")
+        if self.adapter_base not in (None, "fp32", "nf4"):
+            raise QlabError(f"formats: adapter_base must be fp32 or nf4, got {self.adapter_base!r}")
+        if self.text and not Path(self.text).is_file():
+            raise QlabError(f"text file not found: {self.text}")
+
+
+@dataclass
+class Report:
+    rows: list[dict[str, Any]]
+    doc: dict[str, Any]
+    path: Path
+    problems: list[str]
+    table: str
+
+
+def slug(asset: assets.Resolved) -> str:
+    """The results folder's name: a local folder's own name, a hub id with `--` for `/`."""
+    name = Path(asset.id).name if asset.source == "folder" else asset.id.replace("/", "--")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:100]
+
+
+def resolve(model: str) -> assets.Resolved:
+    """A local folder (config.json and weights; the tokenizer is checked later, its absence is not fatal), a registry
+    key, or a hub id (offline: one line)."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise QlabError(f"{p} is not a Hugging Face model folder (no config.json)")
+        if not any(p.glob("*.safetensors")):
+            raise QlabError(f"{p} has a config.json but no weights (*.safetensors)")
+        return assets.Resolved("causal-lm", str(p.resolve()), "folder", str(p.resolve()))
+    if model in assets.REGISTRY:
+        return assets.resolve_model(assets.REGISTRY[model].role, model)
+    if assets.looks_like_path(model):
+        raise QlabError(f"model folder not found: {model}")
+    path = hub.model_snapshot(model, "any causal LM", "offline: pass a local model folder, or smollm2-135m")
+    return assets.Resolved("causal-lm", model, "hub", str(path), revision=path.name)
+
+
+def load_tokenizer(path: str, problems: list[str]) -> Any:
+    """The model's tokenizer, or None with one line (no perplexity, no GGUF: both need it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        merge.require_tokenizer(path)
+        return AutoTokenizer.from_pretrained(path)
+    except QlabError as e:
+        problems.append(f"tokenizer: {e}; perplexity and GGUF need it, the other formats are measured without")
+    except Exception as e:  # noqa: BLE001 - any loader failure is the same missing piece
+        problems.append(f"tokenizer: {path}: does not load ({type(e).__name__}); perplexity and GGUF skipped")
+    return None
+
+
+def load_text(cfg: Config, tok: Any, problems: list[str]) -> tuple[formats.Text, torch.Tensor | None, str]:
+    """The evaluation windows, the n-gram baselines' fitting tokens (None: none to fit on), and the data's id."""
+    data_id = Path(cfg.text).name if cfg.text else cfg.dataset
+    if tok is None:
+        return formats.Text(None, cfg.context, torch.arange(1, 17), None, cfg.seed), None, data_id
+    if cfg.text:
+        texts, train = [Path(cfg.text).read_text(encoding="utf-8", errors="replace")], None
+    else:
+        train, texts, asset = data.load_code_sft(cfg.dataset)
+        data_id = asset.id
+    prompt = torch.tensor((tok(texts[0][:2000])["input_ids"] + [tok.eos_token_id or 0] * 16)[:16])
+    try:
+        chunks = data.lm_chunks(tok, texts, cfg.context, cfg.eval_tokens + (0 if train else cfg.baseline_tokens))
+    except QlabError as e:
+        problems.append(f"text: {e}: perplexity not measured")
+        return formats.Text(None, cfg.context, prompt, tok.eos_token_id, cfg.seed), None, data_id
+    ids = chunks.reshape(-1)
+    eval_ids, rest = ids[: cfg.eval_tokens], ids[cfg.eval_tokens:]
+    if train:
+        rest = data.lm_chunks(tok, train, cfg.context, cfg.baseline_tokens)
+    elif rest.numel() < 1000:
+        problems.append("baselines: the text has fewer than 1,000 tokens beyond the evaluated ones: no n-gram baseline")
+        rest = None
+    return formats.Text(eval_ids, cfg.context, eval_ids[:16], tok.eos_token_id, cfg.seed), rest, data_id
+
+
+def fp16_model(src: str, out: Path, info: runmeta.RunInfo, tok: Any) -> Path:
+    """The model stored as FP16 under its run name: the fp16 row and the source of every other format."""
+    name = info.name("PTQ", "none", "fp16", 16, "fp16")
+    model = models.load_causal_lm(src, None, torch.device("cpu"), dtype=torch.float16)
+    with atomic_dir(out / name) as tmp:
+        model.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        runmeta.write_meta(tmp, info.meta(name, "fp16", "model", "fp16", stored_dtype="fp16", source=src))
+    return out / name
+
+
+def model_to_measure(cfg: Config, src: str, out: Path, info: runmeta.RunInfo, tok: Any, text: formats.Text,
+                     device: torch.device, problems: list[str]) -> tuple[Path, dict[str, Any] | None]:
+    """The FP16 folder every format starts from: base + adapter merged where the adapter fits, else the base as
+    FP16 (one line saying why); the merge record."""
+    if cfg.adapter:
+        adapter = Path(cfg.adapter)
+        try:
+            trained_on = cfg.adapter_base or merge.adapter_trained_on(adapter, "fp32")
+            name = f"{adapter.name}_merged"
+            mi = merge.merge_adapter(src, adapter, out / name, trained_on, text.prompt,
+                                     merge.merged_meta(adapter, name, info, trained_on, device))
+            return mi.path, {"adapter": str(adapter), "trained_on": mi.trained_on, "merge_base": mi.merge_base,
+                             "max_abs_logit_diff_fp32": mi.max_abs_logit_diff_fp32,
+                             "max_abs_logit_diff_fp16": mi.max_abs_logit_diff_fp16}
+        except QlabError as e:
+            problems.append(f"adapter: not merged: {e}; the base model's formats are reported instead")
+    return fp16_model(src, out, info, tok), None
+
+
+def run(cfg: Config) -> Report:
+    """Resolve, merge, write every format, reload, score, time; write metrics.json, the table and the figure."""
+    t0 = time.perf_counter()
+    device = pick_device(cfg.device)
+    set_seed(cfg.seed)
+    asset = resolve(cfg.model)
+    key, problems = slug(asset), []
+    with staged_run(f"{STUDY}/{key}", "default"):
+        out, res = outputs_dir(f"{STUDY}/{key}", "default"), results_dir(f"{STUDY}/{key}", "default")
+        tok = load_tokenizer(asset.path, problems)
+        text, train_ids, data_id = load_text(cfg, tok, problems)
+        info = runmeta.RunInfo(STUDY, "default", cfg.seed, asset.id, asset.path, data_id)
+        src, merged = model_to_measure(cfg, asset.path, out, info, tok, text, device, problems)
+        stage = formats.measure(src, cfg.formats, out, text, device, info, keep_lm_head=cfg.keep_lm_head_fp16,
+                                pre_tokenizer=pretrain.gguf_pre_tokenizer(asset.path))
+        problems += stage.problems
+        speeds = formats.decode(stage.measured, text, device, cfg.gen_tokens, cfg.repeats, cfg.timing_threads)
+        measured = stage.measured + (formats.count_baselines(train_ids, text.ids, len(tok), cfg.context)
+                                     if train_ids is not None and text.ids is not None else [])
+        rows = formats.rows(measured, speeds, merge.stored_params(src), asset.id, data_id, cfg.context, cfg.seed)
+        path = _write(cfg, rows, measured, text, asset, merged, problems, device, res, time.perf_counter() - t0)
+    path = results_dir(f"{STUDY}/{key}", "default") / path.name  # where the staging folder went
+    for line in problems:
+        print(f"qlab formats: {line}")
+    return Report(rows, results.load_metrics(path), path, problems, formats.table(rows))
+
+
+def _write(cfg: Config, rows: list[dict[str, Any]], measured: list[formats.Measured], text: formats.Text,
+           asset: assets.Resolved, merged: dict[str, Any] | None, problems: list[str], device: torch.device,
+           res: Path, seconds: float) -> Path:
+    """metrics.json, the per-token NLL beside it, table.md and quality_vs_size.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if text.ids is not None:
+        scored = text.ids[torch.arange(text.ids.numel()) % text.context != 0]
+        results.write_per_example(f"{STUDY}/{slug(asset)}", "default", "per_token_nll",
+                                  {"token_id": scored.numpy(), **{m.method: m.nll for m in measured}})
+    atomic_write_text(res / "table.md", formats.table(rows) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    formats.plot(rows, ax, title=f"{asset.id}: quality vs size")
+    figures.save_figure(fig, res / "quality_vs_size.png")
+    plt.close(fig)
+    return results.write_metrics(
+        STUDY, "default", cfg.seed, metrics.runtime_env(device), {"model": asset.provenance(),
+                                                                  "data": {"id": rows[0]["dataset"]}},
+        rows, out_dir=res, config={**asdict(cfg), "formats": list(formats.parse_formats(cfg.formats))},
+        merge=merged, problems=problems, definitions=formats.DEFINITIONS, duration_s=round(seconds, 1),
+        perplexity_window={"context": cfg.context, "stride": cfg.context,
+                           "scored_tokens": None if text.ids is None else int(measured[0].nll.size)})

@@ -1,0 +1,173 @@
+"""`python -m qlib formats` and `qlib.formats` on the smoke-size Qwen2: every format written, reloaded in its runtime
+and measured; the numbers agree with what each file is; bad input is one line and the other formats still report."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from qlib import cli, formats, formats_report, hub, results
+from qlib.core.errors import QlabError
+from qlib.pretrain import pretrained_lm
+
+SMALL = dict(context=64, eval_tokens=512, gen_tokens=4, repeats=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen():
+    return pretrained_lm("qwen2-stdlib-tiny")
+
+
+@pytest.fixture(autouse=True)
+def root(tmp_path, monkeypatch):
+    """results/ and outputs/ of these runs go to a temporary checkout."""
+    monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
+    return tmp_path
+
+
+def _run(model, **kw):
+    return formats_report.run(formats_report.Config(model=str(model), **{**SMALL, **kw}))
+
+
+def test_parse_formats_adds_the_references_and_refuses_unknown_names():
+    assert formats.parse_formats(["gguf_q4_0", "bnb_nf4"]) == ("fp16", "bnb_nf4", "gguf_f16", "gguf_q4_0")
+    assert formats.parse_formats(["fp16"]) == ("fp16",)
+    assert formats.DEFAULT_FORMATS == formats.parse_formats(formats.DEFAULT_FORMATS)
+    with pytest.raises(QlabError, match="unknown format.*gguf_q5; valid: fp16, bnb_int8"):
+        formats.parse_formats(["gguf_q5"])
+
+
+def test_every_format_is_written_reloaded_and_measured(tiny_qwen, root):
+    rep = _run(tiny_qwen, formats=("bnb_int8", "bnb_nf4", "gguf_q8_0", "gguf_q4_0", "gguf_q2_0"))
+    by = {r["method"]: r for r in rep.rows}
+    assert list(by) == ["fp16", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0", "gguf_q2_0",
+                        "unigram", "bigram_kn"]
+    assert rep.problems == []
+    # sizes follow the storage: 16-bit > 8-bit > 4-bit > 2-bit, in each runtime
+    assert by["fp16"]["size_bytes"] > by["bnb_int8"]["size_bytes"] > by["bnb_nf4"]["size_bytes"]
+    assert by["gguf_f16"]["size_bytes"] > by["gguf_q8_0"]["size_bytes"] > by["gguf_q4_0"]["size_bytes"] \
+        > by["gguf_q2_0"]["size_bytes"]
+    # bits per quantized weight as the GGML block layouts store them (32 weights + one f16 scale per block)
+    q = {k: by[k]["tensor_types"] for k in ("gguf_q8_0", "gguf_q4_0", "gguf_q2_0")}
+    assert q["gguf_q4_0"].get("Q4_0") and q["gguf_q2_0"].get("Q2_0") and q["gguf_q8_0"].get("Q8_0")
+    assert by["fp16"]["tensor_types"] == {"F16": 26}
+    assert by["bnb_nf4"]["bits_per_quantized_weight"] < 5 < by["bnb_int8"]["bits_per_quantized_weight"]
+    n = by["fp16"]["total_params"]
+    assert by["gguf_f16"]["bits_per_param"] == pytest.approx(8 * by["gguf_f16"]["size_bytes"] / n)
+    # the runtimes agree at 16 bits; every interval holds its estimate; quantized rows compare within their runtime
+    assert abs(by["gguf_f16"]["perplexity_ratio"] - 1) < 1e-3 and by["gguf_f16"]["reference"] == "fp16"
+    assert by["gguf_q2_0"]["reference"] == "gguf_f16" and by["bnb_nf4"]["reference"] == "fp16"
+    for r in rep.rows:
+        if r["perplexity_ratio"] is not None:
+            assert r["perplexity_ratio_lo"] <= r["perplexity_ratio"] <= r["perplexity_ratio_hi"]
+    assert by["gguf_q2_0"]["perplexity_ratio"] > by["gguf_q8_0"]["perplexity_ratio"]
+    assert by["gguf_f16"]["decode_vs_fp16_same_runtime"] == 1.0 and by["gguf_q4_0"]["decode_vs_fp16_same_runtime"] > 0
+    assert all(by[k]["inference_peak_mem_bytes"] is not None for k in list(by)[:7])
+    # what a user reads: schema-valid metrics, the table, the figure, the per-token record, artifacts with metadata
+    res = rep.path.parent
+    assert res.parent == root / "results" / "formats" and res.name == tiny_qwen.name  # a folder: its own name
+    doc = results.load_metrics(res / "metrics.json")
+    assert doc["study"] == "formats" and doc["problems"] == [] and len(doc["rows"]) == 9
+    assert (res / "quality_vs_size.png").stat().st_size > 1000 and (res / "per_token_nll.csv.gz").is_file()
+    assert (res / "table.md").read_text().count("\n") == 2 + 9
+    out = root / "outputs" / "default" / "formats" / res.name
+    assert len(list(out.glob("*.gguf"))) == 4 and len(list(out.glob("*.qlab.json"))) == 4
+    from qlib import report  # the README section `report --readme` fills from the kept runs
+
+    text = report.formats_readme()
+    assert f"python -m qlib formats {tiny_qwen}`" in text and "| gguf_q2_0 | llama.cpp |" in text
+
+
+def test_same_seed_same_numbers(tiny_qwen):
+    a, b = (_run(tiny_qwen, formats=("gguf_q4_0",)) for _ in range(2))
+    keys = ("perplexity", "perplexity_ratio", "perplexity_ratio_lo", "perplexity_ratio_hi", "size_bytes")
+    assert [[r[k] for k in keys] for r in a.rows] == [[r[k] for k in keys] for r in b.rows]
+
+
+def test_no_tokenizer_still_reports_what_can_be_made(tiny_qwen, tmp_path):
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_qwen, folder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / f).unlink()
+    rep = _run(folder, formats=("bnb_nf4", "gguf_q4_0"))
+    assert [r["method"] for r in rep.rows] == ["fp16", "bnb_nf4"]
+    assert rep.rows[1]["size_bytes"] < rep.rows[0]["size_bytes"] and rep.rows[0]["perplexity"] is None
+    assert rep.rows[1]["tokens_per_s"] > 0  # decode timed from a fixed prompt
+    lines = "\n".join(rep.problems)
+    assert "tokenizer.json" in lines and "gguf_f16: not made" in lines and "gguf_q4_0: not made" in lines
+    assert all("\n" not in p for p in rep.problems)
+
+
+def test_an_adapter_is_merged_first_and_a_foreign_one_short_text_and_unsupported_architecture_are_one_line_each(
+        tiny_qwen, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    from qlib import adapters, merge, models
+
+    torch.manual_seed(0)
+    model = adapters.add_causal_lora(models.load_causal_lm(tiny_qwen, None, torch.device("cpu")), 4, kbit=False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a fresh adapter (B = 0) would change nothing
+            torch.nn.init.normal_(p, std=0.05)
+    tok = AutoTokenizer.from_pretrained(tiny_qwen)
+    adapter = merge.save_adapter(model, tok, tmp_path / "adapter", "fp32")
+    merged, plain = _run(tiny_qwen, adapter=str(adapter), formats=("fp16",)), _run(tiny_qwen, formats=("fp16",))
+    assert merged.problems == [] and merged.doc["merge"]["max_abs_logit_diff_fp32"] < 1e-4
+    assert merged.rows[0]["artifact"] == "adapter_merged" and merged.rows[0]["perplexity"] != plain.rows[0]["perplexity"]
+    adapter = shutil.copytree(adapter, tmp_path / "foreign")
+    state = load_file(adapter / "adapter_model.safetensors")  # LoRA A made for a hidden size of 96, not 64
+    save_file({k: torch.zeros(v.shape[0], 96) if ".lora_A." in k else v for k, v in state.items()},
+              adapter / "adapter_model.safetensors")
+    short = tmp_path / "short.txt"
+    short.write_text("def f():\n    return 1\n")
+    rep = _run(tiny_qwen, adapter=str(adapter), text=str(short), formats=("gguf_q4_0",))
+    assert [p.split(":")[0] for p in rep.problems] == ["text", "adapter"]
+    assert "adapter/base mismatch" in rep.problems[1] and "64-token window" in rep.problems[0]
+    assert [r["method"] for r in rep.rows] == ["fp16", "gguf_f16", "gguf_q4_0"]
+    assert all(r["perplexity"] is None and r["size_bytes"] for r in rep.rows)
+
+    opt = tmp_path / "tiny-opt"  # an architecture llama.cpp's converter does not know
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                             num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)
+                   ).save_pretrained(opt)
+    tok.save_pretrained(opt)
+    rep = _run(opt, formats=("bnb_nf4", "gguf_q4_0"))
+    assert [r["method"] for r in rep.rows][:2] == ["fp16", "bnb_nf4"] and rep.rows[0]["perplexity"] > 1
+    assert rep.problems[0].startswith("gguf_f16: not made: GGUF conversion") and "not supported" in rep.problems[0]
+    assert rep.problems[1] == "gguf_q4_0: not made: needs the F16 GGUF file, which was not made"
+
+
+def test_cli_prints_the_table_and_refuses_bad_input_in_one_line(tiny_qwen, capsys, monkeypatch):
+    assert cli.main(["formats", str(tiny_qwen), "--formats", "fp16", "--context", "64", "--eval-tokens", "256",
+                     "--gen-tokens", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| fp16 | transformers |" in out and "metrics.json" in out
+    assert cli.main(["formats", str(tiny_qwen), "--formats", "gguf_q5"]) == 2
+    assert "unknown format(s) gguf_q5" in capsys.readouterr().err
+    monkeypatch.setattr(hub, "offline", lambda: True)
+    assert cli.main(["formats", "no-org/no-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no-org/no-model" in err and "smollm2-135m" in err
+
+
+def test_study_08_measures_through_the_same_function():
+    """The notebook and the command share the code: 08 names `formats.measure` and keeps no writer of its own."""
+    import inspect
+
+    from qlib.studies import qwen_merge
+
+    src = inspect.getsource(qwen_merge)
+    assert "formats.measure(" in src and "formats.rows(" in src and "formats.decode(" in src
+    assert "gguf.convert(" not in src and "save_bnb(" not in src and "export_gguf(" not in src
+    assert json.dumps(qwen_merge.DEFINITIONS["perplexity_ratio"]) == json.dumps(formats.DEFINITIONS["perplexity_ratio"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_on_cuda_the_pytorch_formats_run_on_the_gpu(tiny_qwen):
+    rep = _run(tiny_qwen, formats=("bnb_int8", "bnb_nf4", "gguf_q4_0"), device="cuda")
+    by = {r["method"]: r for r in rep.rows}
+    assert {by[k]["inference_peak_mem_source"] for k in ("fp16", "bnb_int8", "bnb_nf4")} == {"cuda_max_allocated"}
+    assert by["gguf_q4_0"]["inference_peak_mem_source"] == "cpu_rss_delta"  # llama.cpp: the CPU build
+    assert rep.doc["env"]["device"].startswith("cuda") and abs(by["bnb_nf4"]["perplexity_ratio"] - 1) < 0.2

@@ -101,17 +101,19 @@ def measure(src: str | Path, formats: Iterable[str], out: Path, text: Text, devi
             pre_tokenizer: str | None = None, desc: str = "formats", **meta: Any) -> Stage:
     """`src` (an FP16 transformers folder with its tokenizer: the fp16 row itself) written in every format under its
     run name with its metadata (`meta` added), each reloaded in its own runtime and scored on `text`. `name` maps a
-    format to its row's method. A format that cannot be made is one line in `Stage.problems`; the rest go on."""
+    format to its row's method. A format that cannot be made, or made but not loaded, is one line in
+    `Stage.problems`; the rest go on."""
     src, stage = Path(src), Stage([], [])
     bar = tqdm(parse_formats(formats), desc=desc)
     for fmt in bar:
         bar.set_postfix_str(fmt)
+        path = None
         try:
             path = _write(fmt, src, out, device, info, peft, keep_lm_head, pre_tokenizer, stage, meta)
-        except QlabError as e:
-            stage.problems.append(f"{fmt}: not made: {e}")
-            continue
-        stage.measured.append(_score(name(fmt), fmt, path, text, device))
+            stage.measured.append(_score(name(fmt), fmt, path, text, device))
+        except Exception as e:  # noqa: BLE001 - a runtime's failure on one format must not hide the others
+            why = e if isinstance(e, QlabError) else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+            stage.problems.append(f"{fmt}: {'made but not measured' if path else 'not made'}: {why}")
     return stage
 
 
@@ -159,8 +161,8 @@ def _score(method: str, fmt: str, path: Path, text: Text, device: torch.device) 
             kinds = models.layer_kinds(model)
             del model
     if llama:
-        kinds = gguf.tensor_types(path)
-        counts = {k: sum(v == k for v in kinds.values()) for k in sorted(set(kinds.values()))}
+        types = list(gguf.tensor_types(path).values())
+        counts = {k: types.count(k) for k in sorted(set(types))}
         bits = None if fmt == "gguf_f16" else gguf.bits_per_weight(path)["weight_matrices"]
         extra = {"tensor_types": counts, "type": fmt.removeprefix("gguf_")}
     else:

@@ -139,6 +139,22 @@ def test_an_adapter_is_merged_first_and_a_foreign_one_short_text_and_unsupported
     assert rep.problems[1] == "gguf_q4_0: not made: needs the F16 GGUF file, which was not made"
 
 
+def test_a_format_made_but_not_loadable_is_one_line_and_the_others_still_report(tiny_qwen, monkeypatch):
+    from qlib.backends import gguf
+
+    real = gguf.token_nll
+
+    def broken(path, *a, **k):
+        if "GGUF-Q4-0" in str(path):
+            raise QlabError(f"llama.cpp cannot load {path}: corrupt")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(gguf, "token_nll", broken)
+    rep = _run(tiny_qwen, formats=("gguf_q4_0", "gguf_q8_0"))
+    assert [r["method"] for r in rep.rows][:3] == ["fp16", "gguf_f16", "gguf_q8_0"]
+    assert len(rep.problems) == 1 and rep.problems[0].startswith("gguf_q4_0: made but not measured: llama.cpp cannot")
+
+
 def test_cli_prints_the_table_and_refuses_bad_input_in_one_line(tiny_qwen, capsys, monkeypatch):
     assert cli.main(["formats", str(tiny_qwen), "--formats", "fp16", "--context", "64", "--eval-tokens", "256",
                      "--gen-tokens", "2", "--repeats", "1"]) == 0

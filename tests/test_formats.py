@@ -155,11 +155,25 @@ def test_a_format_made_but_not_loadable_is_one_line_and_the_others_still_report(
     assert len(rep.problems) == 1 and rep.problems[0].startswith("gguf_q4_0: made but not measured: llama.cpp cannot")
 
 
+def test_a_hub_id_resolves_through_the_hugging_face_cache(standin_hub, monkeypatch):
+    """The t4 path: a hub id (here the hub-faithful stand-in of Qwen2.5-1.5B-Instruct in an HF cache layout)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(standin_hub))
+    rep = _run("Qwen/Qwen2.5-1.5B-Instruct", formats=("gguf_q8_0",), eval_tokens=256)
+    model = rep.doc["assets"]["model"]
+    assert (model["source"], model["id"]) == ("hub", "Qwen/Qwen2.5-1.5B-Instruct") and model["revision"]
+    assert [r["method"] for r in rep.rows][:3] == ["fp16", "gguf_f16", "gguf_q8_0"] and rep.problems == []
+    assert rep.path.parent.name == "Qwen--Qwen2.5-1.5B-Instruct"
+
+
 def test_cli_prints_the_table_and_refuses_bad_input_in_one_line(tiny_qwen, capsys, monkeypatch):
+    import textwrap  # a text file a user brings: its first 256 tokens scored, the rest fits the n-gram baselines
+
     assert cli.main(["formats", str(tiny_qwen), "--formats", "fp16", "--context", "64", "--eval-tokens", "256",
-                     "--gen-tokens", "2", "--repeats", "1"]) == 0
+                     "--gen-tokens", "2", "--repeats", "1", "--text", textwrap.__file__]) == 0
     out = capsys.readouterr().out
-    assert "| fp16 | transformers |" in out and "metrics.json" in out
+    assert "| fp16 | transformers |" in out and "| bigram_kn | counts |" in out and "metrics.json" in out
     assert cli.main(["formats", str(tiny_qwen), "--formats", "gguf_q5"]) == 2
     assert "unknown format(s) gguf_q5" in capsys.readouterr().err
     monkeypatch.setattr(hub, "offline", lambda: True)

@@ -1,7 +1,7 @@
 """What each deployment format of a causal LM costs in size, quality, speed and memory: the model written as FP16,
-bitsandbytes INT8 / NF4 and GGUF F16 / Q8_0 / Q4_0 / Q4_K_M / Q3_K_M / Q2_0 (or any type llama.cpp's quantizer
-knows), each reloaded in its own runtime (transformers + bitsandbytes, llama.cpp) and measured on the same token
-windows.
+bitsandbytes INT8 / NF4 and GGUF F16 / Q8_0 / Q4_0 / Q4_K_M / Q3_K_M / Q2_0 (or another llama.cpp type that needs
+no importance matrix), each reloaded in its own runtime (transformers + bitsandbytes, llama.cpp) and measured on the
+same token windows.
 
 `measure` does it for one model folder and `decode` times the artifacts; `rows`, `table` and `plot` turn the
 measurements into results rows, a markdown table and the quality-vs-size figure. `python -m qlib formats`

@@ -306,7 +306,9 @@ def _captured_stderr() -> Iterator[list[str]]:
             lines += [ln for ln in (log.read() + py.getvalue()).splitlines() if ln.strip()]
 
 
-QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q4_k_m", "q3_k_m", "q2_k", "q2_0", "tq1_0", "tq2_0")
+# llama.cpp's file types that need no importance matrix (the IQ1-IQ3 types do: llama.cpp refuses them without one)
+QUANT_TYPES = ("q8_0", "q6_k", "q5_0", "q5_1", "q5_k_m", "q5_k_s", "q4_0", "q4_1", "q4_k_m", "q4_k_s", "iq4_nl",
+               "iq4_xs", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "q2_k_s", "q2_0", "tq1_0", "tq2_0")
 
 
 def quantize(src: str | Path, dst: str | Path, qtype: str = "q4_0", threads: int = 2) -> Path:

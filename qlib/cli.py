@@ -220,8 +220,8 @@ def cmd_formats(args: argparse.Namespace) -> int:
 
     logging.disable_progress_bar()  # one bar per format is the progress worth showing
     cfg = formats_report.Config(
-        model=args.model, adapter=args.adapter, adapter_base=args.adapter_base, text=args.text, dataset=args.dataset or "stdlib-code",
-        formats=tuple(args.formats.split(",")), context=args.context, eval_tokens=args.eval_tokens,
+        model=args.model, adapter=args.adapter, adapter_base=args.adapter_base, text=args.text,
+        dataset=args.dataset or "stdlib-code", formats=tuple(args.formats.split(",")), context=args.context, eval_tokens=args.eval_tokens,
         gen_tokens=args.gen_tokens, repeats=args.repeats, timing_threads=args.threads, device=args.device,
         seed=args.seed, keep_lm_head_fp16=not args.quantize_lm_head)
     rep = formats_report.run(cfg)

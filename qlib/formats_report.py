@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from qlib import assets, data, figures, formats, hub, merge, metrics, models, pretrain, results, runmeta
+from qlib import assets, data, figures, formats, hub, merge, metrics, models, ngram, pretrain, results, runmeta
 from qlib.core.device import pick_device, set_seed
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir, atomic_write_text
@@ -199,7 +199,7 @@ def _write(cfg: Config, rows: list[dict[str, Any]], measured: list[formats.Measu
     import matplotlib.pyplot as plt
 
     if text.ids is not None:
-        scored = text.ids[torch.arange(text.ids.numel()) % text.context != 0]
+        scored = text.ids[ngram.scored_positions(text.ids.numel(), text.context)]
         results.write_per_example(f"{STUDY}/{slug(asset)}", "default", "per_token_nll",
                                   {"token_id": scored.numpy(), **{m.method: m.nll for m in measured}})
     atomic_write_text(res / "table.md", formats.table(rows) + "\n")

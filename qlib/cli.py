@@ -198,6 +198,7 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
             gguf.ensure_llama_cpp()
             print(f"ok  llama.cpp       llama-cpp-python {gguf.LLAMA_CPP_PYTHON} + converter in {gguf.tools_dir()}")
+            print(f"ok  llama.cpp tools {', '.join(gguf.TOOLS)} in {gguf.tool(gguf.TOOLS[0]).parent}")
         return 0
     for row in assets.describe():
         print(f"{row['key']:24s} {row['role']:15s} {row['source']:40s} {row['what']}")
@@ -221,9 +222,11 @@ def cmd_formats(args: argparse.Namespace) -> int:
     logging.disable_progress_bar()  # one bar per format is the progress worth showing
     cfg = formats_report.Config(
         model=args.model, adapter=args.adapter, adapter_base=args.adapter_base, text=args.text,
-        dataset=args.dataset or "stdlib-code", formats=tuple(args.formats.split(",")), context=args.context, eval_tokens=args.eval_tokens,
+        dataset=args.dataset or "stdlib-code", formats=tuple(args.formats.split(",")), context=args.context,
+        eval_tokens=args.eval_tokens,
         gen_tokens=args.gen_tokens, repeats=args.repeats, timing_threads=args.threads, device=args.device,
-        seed=args.seed, keep_lm_head_fp16=not args.quantize_lm_head)
+        seed=args.seed, keep_lm_head_fp16=not args.quantize_lm_head, calibration=args.calibration,
+        calib_samples=args.calib_samples, calib_length=args.calib_length)
     rep = formats_report.run(cfg)
     print(rep.table)
     print(f"\nwrote {rep.path.relative_to(repo_root()) if rep.path.is_relative_to(repo_root()) else rep.path} "
@@ -246,6 +249,10 @@ def _formats_parser(sub: Any) -> None:
     src.add_argument("--dataset", help="a code dataset: stdlib-code (default, offline), codesearchnet-python, a folder")
     f.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
                    help=f"comma-separated, from: {', '.join(VALID_FORMATS)}")
+    f.add_argument("--calibration", help="a UTF-8 text file for the methods that calibrate (importance matrix); "
+                                         "default: the dataset's train split, or the text beyond the scored tokens")
+    f.add_argument("--calib-samples", type=int, default=64, help="calibration windows")
+    f.add_argument("--calib-length", type=int, default=256, help="tokens per calibration window")
     f.add_argument("--context", type=int, default=256, help="perplexity window (stride = window)")
     f.add_argument("--eval-tokens", type=int, default=4096)
     f.add_argument("--gen-tokens", type=int, default=64, help="decode length (transformers decodes half)")
@@ -276,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("assets", help="list the model/data registry, or --fetch the offline defaults")
     a.add_argument("--fetch", action="store_true")
     a.add_argument("--llama-cpp", action="store_true",
-                   help="with --fetch: also build llama-cpp-python (once, cached) and unpack its converter")
+                   help="with --fetch: also build llama-cpp-python and llama.cpp's quantize and imatrix tools (once, "
+                        "cached) and unpack its converter")
     a.add_argument("--profile", default=None,
                    help="with --fetch: download a profile's hub models and datasets into the HF cache (e.g. t4)")
     a.set_defaults(fn=cmd_assets)

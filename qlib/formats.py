@@ -1,18 +1,19 @@
 """What each deployment format of a causal LM costs in size, quality, speed and memory: the model written as FP16,
 bitsandbytes INT8 / NF4 and GGUF F16 / Q8_0 / Q4_0 / Q4_K_M / Q3_K_M / Q2_0 (or another llama.cpp type that needs
 no importance matrix), each reloaded in its own runtime (transformers + bitsandbytes, llama.cpp) and measured on the
-same token windows.
+same token windows, and scored against the FP16 model token by token (`fidelity`: KL divergence, top-1 agreement,
+Δp) as well as by perplexity. What can be made is whatever `qlib.methods` registers (formats and post-training
+methods such as llama.cpp's importance matrix); this module is the one measurement protocol across them.
 
 `measure` does it for one model folder and `decode` times the artifacts; `rows`, `table` and `plot` turn the
 measurements into results rows, a markdown table and the quality-vs-size figure. `python -m qlib formats`
 (`qlib.formats_report`) and study 08 both call them, so the command and the notebook cannot drift apart. Nothing
-here quantizes: bitsandbytes quantizes on load (`merge.save_bnb`), llama.cpp converts and quantizes
-(`backends.gguf`); what qlib adds is one measurement protocol across the runtimes.
+here quantizes: each registered method writes its own artifact.
 """
 from __future__ import annotations
 
 import logging
-import shutil
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +23,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import merge, metrics, models, ngram, results, runmeta
+from qlib import fidelity, merge, methods, metrics, models, ngram, results, runmeta
 from qlib.backends import bnb, gguf
-from qlib.config import build_quantization_plan
-from qlib.core.device import compute_dtype, dtype_name
 from qlib.core.errors import QlabError
+from qlib.methods.hf import BNB
 
-BNB_FORMATS = {"bnb_int8": "int8", "bnb_nf4": "nf4"}
 # LLM.int8 on CPU casts fp32 inputs to fp16 and says so on every matmul
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 # Two sub-4-bit types. Q3_K_M (~3.9 bits/weight where rows divide by 256, as in most LLMs); on narrower rows
@@ -36,22 +35,23 @@ logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 # 64, one FP16 scale, codes -1/0/+1/+2) fits any width divisible by 64 but is a storage format for ternary-trained
 # models: its reference quantizer scales by the block's absmax and rounds, so most weights of a model trained in
 # 16-bit become 0 (llama.cpp's quantize_row_q2_0_ref); it is in the list because it shows that collapse.
-DEFAULT_FORMATS = ("fp16", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0", "gguf_q4_k_m", "gguf_q3_k_m",
+# Each importance-matrix type follows its round-to-nearest twin (the paired comparison); IQ2_XXS exists only with one.
+DEFAULT_FORMATS = ("fp16", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0", "gguf_q4_0_imat",
+                   "gguf_q4_k_m", "gguf_q4_k_m_imat", "gguf_q3_k_m", "gguf_q3_k_m_imat", "gguf_iq2_xxs_imat",
                    "gguf_q2_0")
-VALID_FORMATS = ("fp16", *BNB_FORMATS, "gguf_f16", *(f"gguf_{t}" for t in gguf.QUANT_TYPES))
+VALID_FORMATS = tuple(methods.REGISTRY)
 
 
 def parse_formats(names: Iterable[str]) -> tuple[str, ...]:
-    """The formats to make, in the order given, with the references their ratios need added in front (fp16; gguf_f16
-    where any GGUF type is asked for); an unknown name is one line."""
-    wanted = [n.strip().lower() for n in names if n.strip()]
-    bad = [n for n in wanted if n not in VALID_FORMATS]
-    if bad:
-        raise QlabError(f"unknown format(s) {', '.join(bad)}; valid: {', '.join(VALID_FORMATS)}")
-    refs = ["fp16"] + (["gguf_f16"] if any(n.startswith("gguf_") for n in wanted) else [])
-    ordered = ["fp16", *(n for n in wanted if n in BNB_FORMATS), *(r for r in refs if r != "fp16"),
-               *(n for n in wanted if n.startswith("gguf_") and n != "gguf_f16")]
-    return tuple(dict.fromkeys(ordered))
+    """The formats to make, in the order given, with the references their ratios need added in front (fp16;
+    gguf_f16 where any GGUF type is asked for) and each method's round-to-nearest control before it; an unknown
+    name is one line."""
+    return methods.resolve(names)
+
+
+def needs_calibration(names: Iterable[str]) -> bool:
+    """Whether any of these methods needs calibration text."""
+    return any(methods.get(n).calibration for n in parse_formats(names))
 
 
 @dataclass
@@ -79,6 +79,8 @@ class Measured:
     extra: dict[str, Any] = field(default_factory=dict)
     peak_bytes: int | None = None
     peak_source: str | None = None
+    scores: fidelity.TokenScores | None = None   # per token against the reference model (KL, top-1, Δp)
+    control: str | None = None                    # the round-to-nearest row this method is compared with
 
 
 @dataclass
@@ -87,89 +89,74 @@ class Stage:
 
     measured: list[Measured]
     problems: list[str]
-
-
-def head_name(device: torch.device, method: str | None, keep_lm_head: bool) -> str:
-    """The LM head as a run name states it: the load dtype unless bitsandbytes was let quantize it."""
-    if method in ("int8", "nf4", "qlora") and not keep_lm_head:
-        return "int8" if method == "int8" else "nf4"
-    return dtype_name(torch.float32 if device.type == "cpu" else compute_dtype(device))
+    reference: fidelity.Reference | None = None   # the FP16 row's top-k view of every scored token
 
 
 def measure(src: str | Path, formats: Iterable[str], out: Path, text: Text, device: torch.device,
             info: runmeta.RunInfo, name: Callable[[str], str] = str, peft: str = "none", keep_lm_head: bool = True,
-            pre_tokenizer: str | None = None, desc: str = "formats", **meta: Any) -> Stage:
-    """`src` (an FP16 transformers folder with its tokenizer: the fp16 row itself) written in every format under its
-    run name with its metadata (`meta` added), each reloaded in its own runtime and scored on `text`. `name` maps a
-    format to its row's method. A format that cannot be made, or made but not loaded, is one line in
-    `Stage.problems`; the rest go on."""
-    src, stage = Path(src), Stage([], [])
+            pre_tokenizer: str | None = None, desc: str = "formats", calibration: methods.Calibration | None = None,
+            **meta: Any) -> Stage:
+    """`src` (an FP16 transformers folder with its tokenizer: the fp16 row itself) written by every registered
+    method asked for, under its run name with its metadata (`meta` added), each reloaded in its own runtime and
+    scored on `text` against the fp16 row. `name` maps a format to its row's method. A format that cannot be made,
+    or made but not loaded, is one line in `Stage.problems`; the rest go on."""
+    job = methods.Job(Path(src), out, device, info, peft, keep_lm_head, pre_tokenizer, meta, calibration=calibration)
+    stage = Stage([], [])
     bar = tqdm(parse_formats(formats), desc=desc)
     for fmt in bar:
         bar.set_postfix_str(fmt)
-        path = None
+        path, method = None, methods.get(fmt)
         try:
-            path = _write(fmt, src, out, device, info, peft, keep_lm_head, pre_tokenizer, stage, meta)
-            stage.measured.append(_score(name(fmt), fmt, path, text, device))
+            t0 = time.perf_counter()
+            path = job.made[fmt] = method.write(job)
+            made_s = time.perf_counter() - t0
+            m = _score(name(fmt), method, path, text, device, stage)
+            m.control = name(method.control) if method.control else None
+            m.extra.update(make_s=round(made_s, 2), **_calibration_cost(path))
+            stage.measured.append(m)
         except Exception as e:  # noqa: BLE001 - a runtime's failure on one format must not hide the others
             why = e if isinstance(e, QlabError) else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
             stage.problems.append(f"{fmt}: {'made but not measured' if path else 'not made'}: {why}")
     return stage
 
 
-def _write(fmt: str, src: Path, out: Path, device: torch.device, info: runmeta.RunInfo, peft: str,
-           keep_lm_head: bool, pre_tokenizer: str | None, stage: Stage, meta: dict[str, Any]) -> Path:
-    """The artifact of one format (fp16: `src` itself); GGUF types are quantized from this model's F16 file."""
-    if fmt == "fp16":
-        return src
-    if fmt in BNB_FORMATS:
-        method = BNB_FORMATS[fmt]
-        plan = build_quantization_plan(method, device, keep_lm_head=keep_lm_head)
-        head = head_name(device, method, keep_lm_head)
-        run = info.name("PTQ", peft, method, plan.spec.weights_bits, head)
-        merge.save_bnb(src, out / run, method, device, info.meta(run, plan, "model", head, source=src.name, **meta),
-                       keep_lm_head=keep_lm_head)
-        return out / run
-    f16 = next((m.path for m in stage.measured if m.backend == "llama.cpp" and m.extra.get("type") == "f16"), None)
-    if fmt != "gguf_f16" and f16 is None:
-        raise QlabError("needs the F16 GGUF file, which was not made")
-    tmp = out / f".gguf-{fmt}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
-        if fmt == "gguf_f16":
-            merge.require_tokenizer(src)
-            written = gguf.convert(src, tmp / "model.gguf", "f16", pre_tokenizer=pre_tokenizer)
-        else:
-            written = gguf.quantize(f16, tmp / "model.gguf", fmt.removeprefix("gguf_"))
-        return gguf.ship(written, info, "PTQ", peft, fmt.removeprefix("gguf_"), out, source=src.name, **meta)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _calibration_cost(path: Path) -> dict[str, Any]:
+    """What an artifact's metadata says of its calibration (source, samples, length, seconds): row keys."""
+    cal = (runmeta.read_meta(path) or {}).get("calibration")
+    return {"calibration": cal} if cal else {}
 
 
-def _score(method: str, fmt: str, path: Path, text: Text, device: torch.device) -> Measured:
-    """Reload the artifact as a user would, score it on the shared windows; peak memory of the two together."""
-    llama = fmt.startswith("gguf_")
+def _score(method: str, spec: methods.Method, path: Path, text: Text, device: torch.device, stage: Stage) -> Measured:
+    """Reload the artifact as a user would, score it on the shared windows against the reference (the first row
+    scored becomes the reference); peak memory of loading and scoring together."""
+    llama = spec.runtime == "llama.cpp"
+    scores = None
     with metrics.PeakMemory("cpu" if llama else device) as mem:  # llama.cpp runs on the CPU here
         if llama:
-            nll = gguf.token_nll(path, text.ids.tolist(), text.context) if text.ids is not None else \
+            windows = gguf.window_logits(path, text.ids.tolist(), text.context) if text.ids is not None else None
+            if windows is None:
                 _load_only(path, text.context)
         else:
             model = models.load_causal_lm(path, None, device).eval()
-            with torch.no_grad():
-                nll = None if text.ids is None else \
-                    metrics.token_nll(model, text.ids, text.context, text.context, device).double().numpy()
+            windows = metrics.window_logits(model, text.ids, text.context, device) if text.ids is not None else None
             kinds = models.layer_kinds(model)
+        if windows is not None:
+            first = stage.reference is None
+            scores, ref = fidelity.score(windows, stage.reference, keep_top=fidelity.TOP_K if first else 0)
+            if first:
+                stage.reference, scores.kl = ref, None
+        if not llama:
             del model
     if llama:
         types = list(gguf.tensor_types(path).values())
         counts = {k: types.count(k) for k in sorted(set(types))}
-        bits = None if fmt == "gguf_f16" else gguf.bits_per_weight(path)["weight_matrices"]
-        extra = {"tensor_types": counts, "type": fmt.removeprefix("gguf_")}
+        bits = None if spec.name == "gguf_f16" else gguf.bits_per_weight(path)["weight_matrices"]
+        extra = {"tensor_types": counts, "type": spec.name.removeprefix("gguf_")}
     else:
-        bits = bnb.quantized_weight_bits(path) if fmt in BNB_FORMATS else None
+        bits = bnb.quantized_weight_bits(path) if spec.name in BNB else None
         extra = {"layer_kinds": kinds, "tensor_types": merge.stored_dtypes(path)}
-    return Measured(method, "llama.cpp" if llama else "transformers", nll, path, bits, extra, mem.peak_bytes,
-                    mem.source)
+    return Measured(method, spec.runtime, None if scores is None else scores.nll, path, bits, extra, mem.peak_bytes,
+                    mem.source, scores=scores)
 
 
 def _load_only(path: Path, context: int) -> None:
@@ -221,6 +208,19 @@ DEFINITIONS = {
     "tensor_types": "stored tensors by type: GGML types of a GGUF file, safetensors dtypes of a folder",
     "perplexity_ratio": "perplexity / that of the `reference` row on the same tokens, exp(mean NLL difference), "
                         "95 % paired bootstrap over whole windows",
+    "kl_mean": "mean over scored tokens of KL(reference || format) of the next-token distributions, the reference "
+               "being the FP16 model in transformers on the same windows; computed over the reference's top-128 "
+               "tokens plus one bucket for the rest (a lower bound on the full KL), 95 % block-bootstrap interval "
+               "over whole windows; kl_median, kl_p99, kl_max over tokens",
+    "top1_agreement": "share of scored tokens whose most likely next token is the reference's (llama.cpp's "
+                      "'same top p'), 95 % interval over whole windows",
+    "rms_dp": "root mean square over scored tokens of the change in probability of the true next token against the "
+              "reference (llama.cpp's Δp), 95 % interval over whole windows",
+    "kl_vs_control": "mean KL of a method minus that of its round-to-nearest control (`control`, same grid) on the "
+                     "same tokens, paired 95 % bootstrap over whole windows: the method's own contribution",
+    "calibration": "the calibration text a method used (source, samples, length, tokens) and the seconds its "
+                   "statistic took (the importance matrix, shared by the methods of one run); make_s: seconds to "
+                   "write the artifact",
     "decode_vs_fp16_same_runtime": "greedy decode tokens/s over the FP16 artifact's, same runtime, interleaved repeats",
     "inference_peak_mem_bytes": "peak memory of loading the artifact and scoring the text: CUDA max allocated for "
                                 "PyTorch formats on a GPU, else growth of the process RSS (llama.cpp maps the file: "
@@ -256,9 +256,20 @@ def rows(measured: list[Measured], speeds: dict[str, dict[str, Any]], n_params: 
             size_vs_fp16=size / fp16_bytes if size and fp16_bytes else None,
             peak_mem_source=None, inference_peak_mem_bytes=m.peak_bytes, inference_peak_mem_source=m.peak_source,
             **m.extra)
+        row.update(fidelity.summary(m.scores, block=context - 1, seed=seed))
+        row.update(control=m.control, **_versus_control(m, by.get(m.control or ""), context, seed))
         row.update((extra or {}).get(m.method, {}))
         out.append(metrics.with_difference(row, "perplexity_ratio", ratio, value="ratio"))
     return out
+
+
+def _versus_control(m: Measured, ctl: Measured | None, context: int, seed: int) -> dict[str, Any]:
+    """A method's own contribution: its mean KL minus its round-to-nearest control's on the same tokens, with the
+    paired 95 % interval over whole windows (negative: the method is closer to the reference)."""
+    if ctl is None or m.scores is None or ctl.scores is None or m.scores.kl is None or ctl.scores.kl is None:
+        return metrics.with_difference({}, "kl_vs_control", None)
+    d = metrics.paired_bootstrap(ctl.scores.kl, m.scores.kl, block=context - 1, seed=seed)
+    return metrics.with_difference({}, "kl_vs_control", {**d, "real": d["excludes_zero"]})
 
 
 def _pct(r: dict[str, Any]) -> str:
@@ -271,21 +282,37 @@ def _pct(r: dict[str, Any]) -> str:
     return f"×{mid:.3g} [{lo:.3g}, {hi:.3g}] vs {r['reference']}"
 
 
+def _kl(r: dict[str, Any]) -> str:
+    """Mean KL against the FP16 model with its interval."""
+    if r.get("kl_mean") is None:
+        return "–"
+    return f"{r['kl_mean']:.4f} [{r['kl_mean_lo']:.4f}, {r['kl_mean_hi']:.4f}]"
+
+
+def _kl_control(r: dict[str, Any]) -> str:
+    """The method's KL minus its round-to-nearest control's, with the paired interval."""
+    if r.get("kl_vs_control") is None:
+        return "–"
+    return f"{r['kl_vs_control']:+.4f} [{r['kl_vs_control_lo']:+.4f}, {r['kl_vs_control_hi']:+.4f}] vs {r['control']}"
+
+
 def table(rows_: list[dict[str, Any]]) -> str:
     """The report as a markdown table (readable in a terminal as it is)."""
     def f(v: Any, fmt: str) -> str:
         return "–" if v is None else format(v, fmt)
 
     lines = ["| format | runtime | size (MiB) | bits/param | bits/quantized weight | tensor types | perplexity | "
-             "vs reference [95 % CI] | decode tok/s | decode vs FP16 (same runtime) | peak mem (MiB) |",
-             "|" + "---|" * 11]
+             "vs reference [95 % CI] | mean KL vs FP16 [95 % CI] | same top-1 | KL vs RTN control [95 % CI] | "
+             "decode tok/s | decode vs FP16 (same runtime) | peak mem (MiB) |",
+             "|" + "---|" * 14]
     for r in rows_:
         types = ", ".join(f"{k} {v}" for k, v in (r.get("tensor_types") or {}).items()) or "–"
         mem = r.get("inference_peak_mem_bytes")
         lines.append("| " + " | ".join([
             r["method"], r.get("backend") or "–", f((r["size_bytes"] or 0) / 2**20 or None, ".1f"),
             f(r["bits_per_param"], ".2f"), f(r.get("bits_per_quantized_weight"), ".2f"), types,
-            f(r["perplexity"], ".3f"), _pct(r), f(r["tokens_per_s"], ".1f"),
+            f(r["perplexity"], ".3f"), _pct(r), _kl(r), f(r.get("top1_agreement") and 100 * r["top1_agreement"], ".1f")
+            + (" %" if r.get("top1_agreement") is not None else ""), _kl_control(r), f(r["tokens_per_s"], ".1f"),
             f(r.get("decode_vs_fp16_same_runtime"), ".2f") + ("×" if r.get("decode_vs_fp16_same_runtime") else ""),
             f(None if mem is None else mem / 2**20, ".0f")]) + " |")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from qlib import assets, data, figures, formats, hub, merge, metrics, models, ngram, pretrain, results, runmeta
+from qlib import assets, data, figures, formats, hub, merge, methods, metrics, models, ngram, pretrain, results, runmeta
 from qlib.core.device import pick_device, set_seed
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir, atomic_write_text
@@ -44,18 +44,24 @@ class Config:
     repeats: int = 3
     timing_threads: int = 1
     keep_lm_head_fp16: bool = True
+    calibration: str | None = None      # a UTF-8 text file; else the dataset's train split (or, with --text, the
+                                        # text beyond the scored tokens): never the evaluated tokens
+    calib_samples: int = 64             # calibration windows ...
+    calib_length: int = 256             # ... of this many tokens
     device: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
         formats.parse_formats(self.formats)
-        for k in ("context", "eval_tokens", "gen_tokens", "repeats", "timing_threads"):
-            if getattr(self, k) < (2 if k == "context" else 1):
-                raise QlabError(f"formats: {k} must be at least {2 if k == 'context' else 1}, got {getattr(self, k)}")
+        for k in ("context", "eval_tokens", "gen_tokens", "repeats", "timing_threads", "calib_samples", "calib_length"):
+            least = {"context": 2, "calib_length": 16}.get(k, 1)  # llama.cpp's importance matrix skips < 16 rows
+            if getattr(self, k) < least:
+                raise QlabError(f"formats: {k} must be at least {least}, got {getattr(self, k)}")
         if self.adapter_base not in (None, "fp32", "nf4"):
             raise QlabError(f"formats: adapter_base must be fp32 or nf4, got {self.adapter_base!r}")
-        if self.text and not Path(self.text).is_file():
-            raise QlabError(f"text file not found: {self.text}")
+        for what in ("text", "calibration"):
+            if getattr(self, what) and not Path(getattr(self, what)).is_file():
+                raise QlabError(f"{what} file not found: {getattr(self, what)}")
 
 
 @dataclass
@@ -111,7 +117,7 @@ def load_text(cfg: Config, tok: Any, problems: list[str]) -> tuple[formats.Text,
     if tok is None:
         return formats.Text(None, cfg.context, torch.arange(1, 17), None, cfg.seed), None, data_id
     if cfg.text:
-        texts, train = [Path(cfg.text).read_text(encoding="utf-8", errors="replace")], None
+        texts, train = [read_text(cfg.text)], None
     else:
         train, texts, asset = data.load_code_sft(cfg.dataset)
         data_id = asset.id
@@ -125,10 +131,44 @@ def load_text(cfg: Config, tok: Any, problems: list[str]) -> tuple[formats.Text,
     eval_ids, rest = ids[: cfg.eval_tokens], ids[cfg.eval_tokens:]
     if train:
         rest = data.lm_chunks(tok, train, cfg.context, cfg.baseline_tokens)
-    elif rest.numel() < 1000:
-        problems.append("baselines: the text has fewer than 1,000 tokens beyond the evaluated ones: no n-gram baseline")
-        rest = None
     return formats.Text(eval_ids, cfg.context, eval_ids[:16], tok.eos_token_id, cfg.seed), rest, data_id
+
+
+def load_calibration(cfg: Config, tok: Any, rest: torch.Tensor | None, problems: list[str]
+                     ) -> methods.Calibration | None:
+    """`calib_samples` windows of `calib_length` tokens, disjoint from the scored ones: the --calibration file, else
+    the tokens beyond the scored ones (the dataset's train split, or the rest of --text). Too little text is one
+    line, and the methods that need calibration then say so."""
+    if tok is None or not formats.needs_calibration(cfg.formats):
+        return None
+    want = cfg.calib_samples * cfg.calib_length
+    try:
+        if cfg.calibration:
+            source = Path(cfg.calibration).name
+            rest = data.lm_chunks(tok, [read_text(cfg.calibration)], cfg.calib_length, want)
+        else:
+            source = f"{Path(cfg.text).name} (beyond the scored tokens)" if cfg.text else f"{cfg.dataset} (train split)"
+        if rest is None or rest.numel() < cfg.calib_length:
+            raise QlabError(f"not enough text for one {cfg.calib_length}-token window")
+    except QlabError as e:
+        problems.append(f"calibration: {e}: the methods that need it are not made")
+        return None
+    ids = rest.reshape(-1)[:want]
+    return methods.Calibration(source, list(ids[: ids.numel() - ids.numel() % cfg.calib_length]
+                                            .reshape(-1, cfg.calib_length)))
+
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file (undecodable bytes replaced)."""
+    return Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def baseline_tokens(rest: torch.Tensor | None, problems: list[str]) -> torch.Tensor | None:
+    """The n-gram baselines' fitting tokens, or None with one line where there are too few."""
+    if rest is not None and rest.numel() < 1000:
+        problems.append("baselines: the text has fewer than 1,000 tokens beyond the evaluated ones: no n-gram baseline")
+        return None
+    return rest
 
 
 def fp16_model(src: str, out: Path, info: runmeta.RunInfo, tok: Any) -> Path:
@@ -172,11 +212,13 @@ def run(cfg: Config) -> Report:
     with staged_run(f"{STUDY}/{key}", "default"):
         out, res = outputs_dir(f"{STUDY}/{key}", "default"), results_dir(f"{STUDY}/{key}", "default")
         tok = load_tokenizer(asset.path, problems)
-        text, train_ids, data_id = load_text(cfg, tok, problems)
+        text, rest, data_id = load_text(cfg, tok, problems)
+        calibration = load_calibration(cfg, tok, rest, problems)
+        train_ids = baseline_tokens(rest, problems)
         info = runmeta.RunInfo(STUDY, "default", cfg.seed, asset.id, asset.path, data_id)
         src, merged = model_to_measure(cfg, asset.path, out, info, tok, text, device, problems)
         stage = formats.measure(src, cfg.formats, out, text, device, info, keep_lm_head=cfg.keep_lm_head_fp16,
-                                pre_tokenizer=pretrain.gguf_pre_tokenizer(asset.path))
+                                pre_tokenizer=pretrain.gguf_pre_tokenizer(asset.path), calibration=calibration)
         problems += stage.problems
         speeds = formats.decode(stage.measured, text, device, cfg.gen_tokens, cfg.repeats, cfg.timing_threads)
         measured = stage.measured + (formats.count_baselines(train_ids, text.ids, len(tok), cfg.context)

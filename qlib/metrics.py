@@ -58,6 +58,20 @@ def token_nll(model: torch.nn.Module, input_ids: torch.Tensor, context: int, str
     return torch.cat(out)
 
 
+def window_logits(model: torch.nn.Module, input_ids: torch.Tensor, context: int,
+                  device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, targets) of non-overlapping windows of `context` tokens, in order (each window's first token has no
+    history and is not scored): the tokens `token_nll(..., stride=context)` and llama.cpp's scorer score."""
+    ids = input_ids.reshape(-1)
+    for begin in range(0, ids.numel() - 1, context):
+        chunk = ids[begin:begin + context]
+        if chunk.numel() < 2:
+            break
+        with torch.no_grad():
+            logits = model(input_ids=chunk.unsqueeze(0).to(device)).logits[0, :-1].float().cpu()
+        yield logits, chunk[1:]
+
+
 def perplexity(model: torch.nn.Module, input_ids: torch.Tensor, context: int, stride: int,
                device: str | torch.device = "cpu") -> dict[str, float]:
     """Sliding-window perplexity with the context and stride used, so results can state them."""
@@ -88,6 +102,19 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000,
     lo, hi = np.percentile(sums / sizes, [2.5, 97.5])
     return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(d.size), "block": block,
             "excludes_zero": bool(lo > 0 or hi < 0)}
+
+
+def mean_interval(x: Sequence[float], block: int = 1, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Mean of per-example values with a 95 % percentile interval, resampling whole blocks of `block` consecutive
+    examples (a window's tokens together)."""
+    import numpy as np
+
+    v = np.asarray(x, dtype=float)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"need a non-empty 1-D sequence; got shape {v.shape}")
+    sums, sizes = _block_bootstrap([v, np.ones_like(v)], block, n_boot, seed)
+    lo, hi = np.percentile(sums / sizes, [2.5, 97.5])
+    return {"mean": float(v.mean()), "lo": float(lo), "hi": float(hi)}
 
 
 def accuracy_difference(ref_preds: Sequence[int], preds: Sequence[int], labels: Sequence[int],

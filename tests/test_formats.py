@@ -142,14 +142,14 @@ def test_an_adapter_is_merged_first_and_a_foreign_one_short_text_and_unsupported
 def test_a_format_made_but_not_loadable_is_one_line_and_the_others_still_report(tiny_qwen, monkeypatch):
     from qlib.backends import gguf
 
-    real = gguf.token_nll
+    real = gguf.window_logits
 
     def broken(path, *a, **k):
         if "GGUF-Q4-0" in str(path):
             raise QlabError(f"llama.cpp cannot load {path}: corrupt")
         return real(path, *a, **k)
 
-    monkeypatch.setattr(gguf, "token_nll", broken)
+    monkeypatch.setattr(gguf, "window_logits", broken)
     rep = _run(tiny_qwen, formats=("gguf_q4_0", "gguf_q8_0"))
     assert [r["method"] for r in rep.rows][:3] == ["fp16", "gguf_f16", "gguf_q8_0"]
     assert len(rep.problems) == 1 and rep.problems[0].startswith("gguf_q4_0: made but not measured: llama.cpp cannot")

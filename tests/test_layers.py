@@ -15,12 +15,13 @@ ROOT = Path(qlib.__file__).parent
 # Bottom to top; inside a layer, a module may import only those listed before it.
 LAYERS: list[tuple[str, list[str]]] = [
     ("ground floor", ["core", "core.errors", "core.io", "core.paths", "core.device", "core.pip"]),
-    ("foundations", ["config", "runmeta", "results", "figures", "metrics", "ngram", "accounting", "corpus", "hub",
-                     "quant.uniform", "quant.nf4", "quant.bitnet", "quant.ptq", "quant.qat", "quant.ladder",
-                     "quant.api", "quant"]),
+    ("foundations", ["config", "runmeta", "results", "figures", "metrics", "fidelity", "ngram", "accounting", "corpus",
+                     "hub", "quant.uniform", "quant.nf4", "quant.bitnet", "quant.ptq", "quant.qat", "quant.ladder",
+                     "quant.imatrix", "quant.api", "quant"]),
     ("models and data", ["pretrain", "assets", "data", "qa", "choice", "budget", "models", "adapters", "train",
                          "backends", "backends.onnx", "backends.gguf", "backends.bnb"]),
-    ("methods", ["switchable", "search", "merge", "artifacts", "formats", "formats_report"]),
+    ("methods", ["switchable", "search", "merge", "artifacts", "methods.registry", "methods.hf", "methods.gguf",
+                 "methods.imatrix", "methods", "formats", "formats_report"]),
     ("studies", ["studies", "studies.baseline", "studies.ptq", "studies.qat", "studies.qlora_bert",
                  "studies.ptq_ladder", "studies.gpt2_bitnet", "studies.block_precision", "studies.switchable",
                  "studies.llama_finetune", "studies.llama_scaling", "studies.qwen_merge"]),

@@ -92,6 +92,51 @@ def ensure_llama_cpp() -> Any:
     return llama_cpp
 
 
+TOOLS = ("llama-quantize", "llama-imatrix")
+
+
+def tool(name: str) -> Path:
+    """One of llama.cpp's command-line tools, built from the pinned sdist once (~6 min on 2 cores) and cached.
+    The Python package ships only the libraries, and an importance matrix reaches llama.cpp's quantizer only as a
+    C++ std::unordered_map (`llama_model_quantize_params.imatrix`), which ctypes cannot build: the quantize tool
+    reads it from a file. `llama-imatrix` is built beside it to check qlib's own matrix against."""
+    if name not in TOOLS:
+        raise QlabError(f"unknown llama.cpp tool {name!r}; qlib builds {', '.join(TOOLS)}")
+    dest = cache_dir() / f"llama.cpp-tools-{LLAMA_CPP_PYTHON}"
+    if not (dest / name).is_file():
+        _build_tools(dest)
+    return dest / name
+
+
+def _build_tools(dest: Path) -> None:
+    """cmake the vendored llama.cpp (static, GGML_NATIVE=OFF like the Python wheel, nothing downloaded)."""
+    import shutil
+
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise QlabError("building llama.cpp's tools needs cmake (apt-get install cmake, or pip install cmake)")
+    print(f"building llama.cpp's {' and '.join(TOOLS)} {LLAMA_CPP_PYTHON} from source (once; ~6 min on 2 cores)...",
+          flush=True)
+    prefix = f"{_SDIST}/vendor/llama.cpp/"
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF",
+             "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF"]
+    with tempfile.TemporaryDirectory(prefix="qlab-llama-build-") as work, atomic_dir(dest) as out:
+        with tarfile.open(sdist()) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(Path(work) / "src", members=members, filter="data")
+        for cmd in ([cmake, "-S", "src", "-B", "build", *flags],
+                    [cmake, "--build", "build", "-j", str(os.cpu_count() or 2), "--target", *TOOLS]):
+            r = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+            if r.returncode != 0:
+                tail = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.strip()][-1:] or ["(no output)"]
+                raise QlabError(f"building llama.cpp's tools failed ({' '.join(cmd[1:3])}): {tail[0][:300]}")
+        for t in TOOLS:
+            shutil.copy2(Path(work) / "build" / "bin" / t, out / t)
+
+
 _RUNNER = """
 import runpy, sys
 tools, src, out, outtype, pre = sys.argv[1:6]
@@ -166,6 +211,70 @@ def read_tensors(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in _reader(path).tensors}
 
 
+def _gguf_py() -> Any:
+    """The `gguf` package (llama.cpp's gguf-py; the vendored copy where PyPI's is not already imported)."""
+    sys.path.insert(0, str(tools_dir() / "gguf-py"))
+    try:
+        import gguf as gguf_py
+    finally:
+        sys.path.pop(0)
+    return gguf_py
+
+
+def gguf_names(model_gguf: str | Path, hf_names: list[str]) -> dict[str, str]:
+    """Hugging Face weight names -> the tensor names llama.cpp's converter gave them in `model_gguf` (its
+    architecture's name map); a name the file does not hold is one error naming it."""
+    g, reader = _gguf_py(), _reader(model_gguf)
+    arch = reader.get_field("general.architecture").contents()
+    blocks = int(reader.get_field(f"{arch}.block_count").contents())
+    model_arch = next((a for a, n in g.MODEL_ARCH_NAMES.items() if n == arch), None)
+    if model_arch is None:
+        raise QlabError(f"{model_gguf}: gguf-py has no tensor-name map for architecture {arch!r}")
+    names, held = g.get_tensor_name_map(model_arch, blocks), {t.name for t in reader.tensors}
+    out = {h: names.get_name(h, try_suffixes=(".weight", ".bias")) for h in hf_names}
+    bad = [h for h, n in out.items() if n not in held]
+    if bad:
+        raise QlabError(f"importance matrix does not match {Path(model_gguf).name}: no tensor for "
+                        f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} ({len(bad)} of {len(out)})")
+    return out  # type: ignore[return-value]
+
+
+def write_imatrix(stats: dict[str, Any], model_gguf: str | Path, out: str | Path, datasets: list[str],
+                  chunk_size: int) -> Path:
+    """An importance matrix (`quant.imatrix.collect`'s Hugging Face names -> Stat) as the GGUF file llama-imatrix
+    writes (`<tensor>.in_sum2`, `<tensor>.counts`, F32), named after `model_gguf`'s tensors; atomic."""
+    g, out = _gguf_py(), Path(out)
+    names, shapes = gguf_names(model_gguf, sorted(stats)), read_tensors(model_gguf)
+    tmp = out.with_name(f".{out.name}.tmp")
+    w = g.GGUFWriter(str(tmp), "imatrix")
+    w.add_string("general.type", "imatrix")
+    w.add_array("imatrix.datasets", list(datasets))
+    w.add_uint32("imatrix.chunk_count", max(1, max(s.count for s in stats.values()) // chunk_size))
+    w.add_uint32("imatrix.chunk_size", chunk_size)
+    for hf, name in sorted(names.items(), key=lambda kv: kv[1]):
+        s = stats[hf]
+        if shapes[name][1][0] != s.in_sum2.size:
+            raise QlabError(f"importance matrix does not match {Path(model_gguf).name}: {name} takes "
+                            f"{shapes[name][1][0]} inputs, the matrix has {s.in_sum2.size}")
+        w.add_tensor(f"{name}.in_sum2", s.in_sum2.astype(np.float32).reshape(1, -1))
+        w.add_tensor(f"{name}.counts", np.array([[s.count]], dtype=np.float32))
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
+    os.replace(tmp, out)
+    return out
+
+
+def read_imatrix(path: str | Path) -> dict[str, tuple[np.ndarray, float]]:
+    """An importance-matrix GGUF file (llama-imatrix's or qlib's): tensor -> (in_sum2, count)."""
+    ts = {t.name: np.asarray(t.data, dtype=np.float64).reshape(-1) for t in _reader(path).tensors}
+    return {n.removesuffix(".in_sum2"): (v, float(ts[n.removesuffix(".in_sum2") + ".counts"][0]))
+            for n, v in ts.items() if n.endswith(".in_sum2")}
+
+
 def tensor_types(path: str | Path) -> dict[str, str]:
     """Tensor name -> GGML type name (checks what was written)."""
     return {name: kind for name, (kind, _) in read_tensors(path).items()}
@@ -194,22 +303,28 @@ def tokenize(path: str | Path, texts: list[str]) -> list[list[int]]:
     return [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in texts]
 
 
-def token_nll(path: str | Path, tokens: list[int], context: int, threads: int = 2) -> np.ndarray:
-    """Negative log-likelihood of every scored token in llama.cpp, over non-overlapping windows of `context`
-    tokens (each window's first token has no history and is not scored): the same tokens, in the same order,
-    as `metrics.token_nll(..., stride=context)` scores in transformers, so the two pair up."""
+def window_logits(path: str | Path, tokens: list[int], context: int,
+                  threads: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(logits, targets) in llama.cpp over non-overlapping windows of `context` tokens (each window's first token
+    has no history and is not scored): the same tokens, in the same order, as `metrics.window_logits` in
+    transformers, so the two runtimes pair up."""
     llm = load(path, context, threads)
-    out = []
     for start in range(0, len(tokens) - 1, context):
         chunk = tokens[start:start + context]
         if len(chunk) < 2:
             break
         llm.reset()
         llm.eval(chunk)
-        logits = np.asarray(llm.scores[: len(chunk)], dtype=np.float64)
-        logp = logits - logits.max(-1, keepdims=True)
+        yield np.asarray(llm.scores[: len(chunk) - 1], dtype=np.float32), np.asarray(chunk[1:])
+
+
+def token_nll(path: str | Path, tokens: list[int], context: int, threads: int = 2) -> np.ndarray:
+    """Negative log-likelihood of every scored token in llama.cpp over `window_logits`' windows."""
+    out = []
+    for logits, targets in window_logits(path, tokens, context, threads):
+        logp = logits.astype(np.float64) - logits.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        out.append(-logp[np.arange(len(chunk) - 1), chunk[1:]])
+        out.append(-logp[np.arange(len(targets)), targets])
     return np.concatenate(out)
 
 
@@ -306,30 +421,55 @@ def _captured_stderr() -> Iterator[list[str]]:
             lines += [ln for ln in (log.read() + py.getvalue()).splitlines() if ln.strip()]
 
 
-# llama.cpp's file types that need no importance matrix (the IQ1-IQ3 types do: llama.cpp refuses them without one)
+# llama.cpp's file types that need no importance matrix (each takes one to weight its rounding, too)
 QUANT_TYPES = ("q8_0", "q6_k", "q5_0", "q5_1", "q5_k_m", "q5_k_s", "q4_0", "q4_1", "q4_k_m", "q4_k_s", "iq4_nl",
                "iq4_xs", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "q2_k_s", "q2_0", "tq1_0", "tq2_0")
+# ... and those that need one (llama.cpp refuses them without)
+IMATRIX_TYPES = ("iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")
 
 
-def quantize(src: str | Path, dst: str | Path, qtype: str = "q4_0", threads: int = 2) -> Path:
-    """GGUF -> GGUF with llama.cpp's own quantizer (`llama_model_quantize`); atomic like `convert`."""
+def quantize(src: str | Path, dst: str | Path, qtype: str = "q4_0", threads: int = 2,
+             imatrix: str | Path | None = None) -> Path:
+    """GGUF -> GGUF with llama.cpp's own quantizer, atomic like `convert`: `llama_model_quantize` through
+    llama-cpp-python, or with an importance matrix file, llama.cpp's quantize tool (`tool`)."""
     import ctypes
 
-    if qtype not in QUANT_TYPES:
-        raise QlabError(f"unknown GGUF quantization {qtype!r}; valid: {', '.join(QUANT_TYPES)}")
+    if qtype not in QUANT_TYPES + IMATRIX_TYPES:
+        raise QlabError(f"unknown GGUF quantization {qtype!r}; valid: {', '.join(QUANT_TYPES + IMATRIX_TYPES)}")
+    if qtype in IMATRIX_TYPES and imatrix is None:
+        raise QlabError(f"GGUF {qtype} needs an importance matrix (calibration text); none was given")
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise QlabError(f"cannot quantize {src}: file is missing")
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    if imatrix is not None:
+        return _quantize_tool(src, dst, tmp, qtype, threads, Path(imatrix))
     llama_cpp = ensure_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
     params.nthread = threads
-    tmp = dst.with_name(f".{dst.name}.tmp")
     with _captured_stderr() as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         last = log[-1] if log else "(no output)"
         raise QlabError(f"llama.cpp could not quantize {src} to {qtype} (return code {rc}): {last[:300]}")
+    os.replace(tmp, dst)
+    return dst
+
+
+def _quantize_tool(src: Path, dst: Path, tmp: Path, qtype: str, threads: int, imatrix: Path) -> Path:
+    """`llama-quantize --imatrix`: the one door through which an importance matrix reaches llama.cpp's quantizer."""
+    if not imatrix.is_file():
+        raise QlabError(f"importance matrix file is missing: {imatrix}")
+    r = subprocess.run([str(tool("llama-quantize")), "--imatrix", str(imatrix), str(src), str(tmp), qtype.upper(),
+                        str(threads)], capture_output=True, text=True)
+    if r.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        lines = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.strip()]
+        why = next((ln for ln in reversed(lines) if "error" in ln.lower() or "fail" in ln.lower()), lines[-1] if lines
+                   else "(no output)")
+        raise QlabError(f"llama.cpp could not quantize {src} to {qtype} with {imatrix.name} "
+                        f"(return code {r.returncode}): {why.strip()[:300]}")
     os.replace(tmp, dst)
     return dst

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import choice, metrics, qa, results
+from qlib import choice, fidelity, metrics, qa, results
 from qlib.quant import ladder
 from qlib.studies.ptq_ladder import load_real_lm
 
@@ -105,12 +105,17 @@ def run_block_search(spec: BlockSearchSpec, device: torch.device) -> BlockSearch
                "most_sensitive_first": [spec.low if b in worst else spec.high for b in range(n)],
                "random_order": [spec.low if b in rnd else spec.high for b in range(n)],
                f"uniform_{spec.low}bit": low}
-    held_nll = {name: nll(held, bm) for name, bm in tqdm(bitmaps.items(), desc="held-out bitmaps")}
+    held_nll, held_fid, reference = {}, {}, None
+    for name, bm in tqdm(bitmaps.items(), desc="held-out bitmaps"):  # the reference first: KL against it
+        r.set(bm)
+        scores, top = lm.score(held, spec.context, reference)
+        reference = reference or top
+        held_nll[name], held_fid[name] = scores.nll, fidelity.summary(scores, spec.context - 1, spec.seed)
     on_qa = ("reference", "greedy", f"uniform_{spec.low}bit")
     qa_rows, answers = qa_accuracy(lm, r, {k: bitmaps[k] for k in on_qa}, spec) if spec.qa_questions else ([], {})
     r.set([32] * n)
     params = {b: sum(r.original[nm].numel() for nm in r.layers if f".layers.{b}." in nm) for b in range(n)}
-    rows = [_row(name, bm, held_nll, params, spec) for name, bm in bitmaps.items()]
+    rows = [{**_row(name, bm, held_nll, params, spec), **held_fid[name]} for name, bm in bitmaps.items()]
     info = {"model": lm.asset.provenance(), "data": lm.data_asset.provenance(), "blocks": n,
             "calib_tokens": int(calib.numel()), "eval_tokens": int(held.numel()), "low_blocks": k,
             "calib_nll_all_high": float(base)}
@@ -173,7 +178,8 @@ def findings(res: BlockSearchResult, spec: BlockSearchSpec) -> str:
     for r in res.rows[1:]:
         lines.append(f"- `{r['bitmap_name']}` ({r['avg_bits']:.2f} bits): held-out perplexity {r['perplexity']:.2f}, "
                      f"{pct(r['perplexity_ratio'])} [{pct(r['perplexity_ratio_lo'])}, {pct(r['perplexity_ratio_hi'])}] "
-                     "vs the reference.")
+                     f"vs the reference; mean KL {r['kl_mean']:.3g} [{r['kl_mean_lo']:.3g}, {r['kl_mean_hi']:.3g}], "
+                     f"same top-1 token {100 * r['top1_agreement']:.1f} %.")
     if res.info["low_blocks"]:
         verdict = "beats" if g["vs_random_order_real"] and g["vs_random_order"] < 1 else "does not beat"
         lines.append(f"- At the same number of {spec.low}-bit blocks, greedy vs random order: "

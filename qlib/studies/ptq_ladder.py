@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import assets, data, metrics, models, ngram, results
+from qlib import assets, data, fidelity, metrics, models, ngram, results
 from qlib.core.errors import QlabError
 from qlib.quant import ladder
 
@@ -57,6 +57,13 @@ class RealLM:
         with torch.no_grad():
             return metrics.token_nll(self.model, ids, context, context, self.device).double().numpy()
 
+    def score(self, ids: torch.Tensor, context: int, reference: fidelity.Reference | None = None
+              ) -> tuple[fidelity.TokenScores, fidelity.Reference | None]:
+        """The same windows scored through `fidelity`: NLL, and KL / top-1 / Δp against `reference`; without one,
+        this model's top-k view is returned to serve as the reference."""
+        windows = metrics.window_logits(self.model, ids, context, self.device)
+        return fidelity.score(windows, reference, keep_top=0 if reference else fidelity.TOP_K)
+
 
 def load_real_lm(model_id: str, dataset_id: str, context: int, train_tokens: int, eval_tokens: int,
                  device: torch.device) -> RealLM:
@@ -81,17 +88,19 @@ def run_ladder(spec: LadderSpec, device: torch.device) -> LadderResult:
     lm = load_real_lm(spec.model_id, spec.dataset_id, spec.context, spec.train_tokens, spec.eval_tokens, device)
     original = ladder.snapshot(lm.model)
     n_params = metrics.param_counts(lm.model)["total_params"]
-    nll = {"reference": lm.nll(lm.eval_ids, spec.context)}
+    first, reference = lm.score(lm.eval_ids, spec.context)
+    nll, fid = {"reference": first.nll}, {}
     for name in tqdm(spec.rungs, desc="post-training ladder"):
         ladder.apply(lm.model, name)
-        nll[name] = lm.nll(lm.eval_ids, spec.context)
+        s, _ = lm.score(lm.eval_ids, spec.context, reference)
+        nll[name], fid[name] = s.nll, fidelity.summary(s, block=spec.context - 1, seed=spec.seed)
         ladder.restore(lm.model, original)
     ev, tr = lm.eval_ids.numpy(), lm.train_ids.numpy()
     nll["unigram"] = ngram.Unigram(tr, len(lm.tok)).token_nll(ev, spec.context)
     nll["bigram_kn"] = ngram.KneserNeyBigram(tr, len(lm.tok)).token_nll(ev, spec.context)
     block_weights = sum(w.numel() for w in original.values())
-    rows = [_row(name, v, nll["reference"], spec, lm.asset.id, lm.data_asset.id, n_params, block_weights)
-            for name, v in nll.items()]
+    rows = [{**_row(name, v, nll["reference"], spec, lm.asset.id, lm.data_asset.id, n_params, block_weights),
+             **fid.get(name, fidelity.summary(None, 0))} for name, v in nll.items()]
     return LadderResult(rows, nll, {"asset": lm.asset.provenance(), "data": lm.data_asset.provenance(),
                                     "block_linear_weights": block_weights, "total_params": n_params,
                                     "eval_tokens": int(lm.eval_ids.numel())})
@@ -132,7 +141,9 @@ def findings(rows: list[dict[str, Any]]) -> str:
             "worse than the bigram" if bigram and r["perplexity"] > bigram["perplexity"] else "real")
         lines.append(f"- `{r['method']}` ({r['bits_per_quantized_weight']:.2f} bits/weight in the blocks' linears: "
                      f"{r['format']}): perplexity {r['perplexity']:.2f}, {pct(r['perplexity_ratio'])} "
-                     f"[{pct(r['perplexity_ratio_lo'])}, {pct(r['perplexity_ratio_hi'])}], {verdict}.")
+                     f"[{pct(r['perplexity_ratio_lo'])}, {pct(r['perplexity_ratio_hi'])}], {verdict}"
+                     + (f"; mean KL vs the reference {r['kl_mean']:.3g} [{r['kl_mean_lo']:.3g}, {r['kl_mean_hi']:.3g}], "
+                        f"same top-1 token {100 * r['top1_agreement']:.1f} %." if r.get("kl_mean") is not None else "."))
     share = next((r["quantized_share_of_params"] for r in lad if r.get("quantized_share_of_params")), None)
     if share:
         lines.append(f"- Only the blocks' linear layers are quantized ({100 * share:.0f} % of the parameters); the tied "

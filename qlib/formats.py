@@ -36,9 +36,11 @@ logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 # models: its reference quantizer scales by the block's absmax and rounds, so most weights of a model trained in
 # 16-bit become 0 (llama.cpp's quantize_row_q2_0_ref); it is in the list because it shows that collapse.
 # Each importance-matrix type follows its round-to-nearest twin (the paired comparison); IQ2_XXS exists only with one.
+# The default list is sized to about 10 minutes on 2 CPU cores for a 135M model (each GGUF row costs ~45 s there:
+# quantize, then 16 windows of prefill with every logit kept); Q3_K_M with and without a matrix and Q2_0 are a
+# `--formats` away.
 DEFAULT_FORMATS = ("fp16", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0", "gguf_q4_0_imat",
-                   "gguf_q4_k_m", "gguf_q4_k_m_imat", "gguf_q3_k_m", "gguf_q3_k_m_imat", "gguf_iq2_xxs_imat",
-                   "gguf_q2_0")
+                   "gguf_q4_k_m", "gguf_q4_k_m_imat", "gguf_iq2_xxs_imat")
 VALID_FORMATS = tuple(methods.REGISTRY)
 
 
@@ -109,10 +111,11 @@ def measure(src: str | Path, formats: Iterable[str], out: Path, text: Text, devi
         try:
             t0 = time.perf_counter()
             path = job.made[fmt] = method.write(job)
-            made_s = time.perf_counter() - t0
+            made_s, t0 = time.perf_counter() - t0, time.perf_counter()
             m = _score(name(fmt), method, path, text, device, stage)
             m.control = name(method.control) if method.control else None
-            m.extra.update(make_s=round(made_s, 2), **_calibration_cost(path))
+            m.extra.update(make_s=round(made_s, 2), score_s=round(time.perf_counter() - t0, 2),
+                           **_calibration_cost(path))
             stage.measured.append(m)
         except Exception as e:  # noqa: BLE001 - a runtime's failure on one format must not hide the others
             why = e if isinstance(e, QlabError) else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
@@ -220,7 +223,8 @@ DEFINITIONS = {
                      "same tokens, paired 95 % bootstrap over whole windows: the method's own contribution",
     "calibration": "the calibration text a method used (source, samples, length, tokens) and the seconds its "
                    "statistic took (the importance matrix, shared by the methods of one run); make_s: seconds to "
-                   "write the artifact",
+                   "write the artifact (the first method to need the importance matrix includes it); score_s: "
+                   "seconds to reload it and score the text",
     "decode_vs_fp16_same_runtime": "greedy decode tokens/s over the FP16 artifact's, same runtime, interleaved repeats",
     "inference_peak_mem_bytes": "peak memory of loading the artifact and scoring the text: CUDA max allocated for "
                                 "PyTorch formats on a GPU, else growth of the process RSS (llama.cpp maps the file: "

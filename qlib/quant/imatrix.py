@@ -51,11 +51,12 @@ def collect(model: torch.nn.Module, windows: Iterable[torch.Tensor], device: str
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in _linears(model, skip).items()]
+    body = getattr(model, "base_model", model)  # the blocks without the LM head: its logits are not needed
     try:
         with torch.no_grad():
             for w in tqdm(list(windows), desc="importance matrix", leave=False):
                 if w.numel() >= min_rows:
-                    model(input_ids=w.reshape(1, -1).to(device))
+                    body(input_ids=w.reshape(1, -1).to(device))
     finally:
         for h in handles:
             h.remove()

@@ -1,9 +1,8 @@
-"""What each deployment format of a causal LM costs in size, quality, speed and memory: the model written as FP16,
-bitsandbytes INT8 / NF4 and GGUF F16 / Q8_0 / Q4_0 / Q4_K_M / Q3_K_M / Q2_0 (or another llama.cpp type that needs
-no importance matrix), each reloaded in its own runtime (transformers + bitsandbytes, llama.cpp) and measured on the
-same token windows, and scored against the FP16 model token by token (`fidelity`: KL divergence, top-1 agreement,
-Δp) as well as by perplexity. What can be made is whatever `qlib.methods` registers (formats and post-training
-methods such as llama.cpp's importance matrix); this module is the one measurement protocol across them.
+"""What each deployment format and post-training method of a causal LM costs in size, quality, speed and memory:
+the model written by every method asked for (FP16, bitsandbytes INT8 / NF4, GGUF types rounded to nearest or with
+an importance matrix: whatever `qlib.methods` registers), each reloaded in its own runtime (transformers +
+bitsandbytes, llama.cpp), measured on the same token windows, and scored against the FP16 model token by token
+(`fidelity`: KL divergence, top-1 agreement, Δp) as well as by perplexity: one measurement protocol across them.
 
 `measure` does it for one model folder and `decode` times the artifacts; `rows`, `table` and `plot` turn the
 measurements into results rows, a markdown table and the quality-vs-size figure. `python -m qlib formats`
@@ -30,15 +29,13 @@ from qlib.methods.hf import BNB
 
 # LLM.int8 on CPU casts fp32 inputs to fp16 and says so on every matmul
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-# Two sub-4-bit types. Q3_K_M (~3.9 bits/weight where rows divide by 256, as in most LLMs); on narrower rows
-# (SmolLM2's 576) llama.cpp falls back to 4-6-bit types for most tensors, which `tensor_types` shows. Q2_0 (blocks of
-# 64, one FP16 scale, codes -1/0/+1/+2) fits any width divisible by 64 but is a storage format for ternary-trained
-# models: its reference quantizer scales by the block's absmax and rounds, so most weights of a model trained in
-# 16-bit become 0 (llama.cpp's quantize_row_q2_0_ref); it is in the list because it shows that collapse.
-# Each importance-matrix type follows its round-to-nearest twin (the paired comparison); IQ2_XXS exists only with one.
-# The default list is sized to about 10 minutes on 2 CPU cores for a 135M model (each GGUF row costs ~45 s there:
-# quantize, then 16 windows of prefill with every logit kept); Q3_K_M with and without a matrix and Q2_0 are a
-# `--formats` away.
+# The default list: each importance-matrix type after its round-to-nearest twin (the paired comparison), IQ2_XXS
+# (which exists only with a matrix): 13 minutes on 2 CPU cores for a 135M model (each GGUF row costs ~60 s there:
+# quantize, then 16 windows of prefill with every logit kept; the matrix 90 s). Two sub-4-bit types are a `--formats`
+# away: Q3_K_M (~3.9 bits/weight where rows divide by 256, as in most LLMs; on SmolLM2's 576-wide rows llama.cpp
+# falls back to 4-6-bit types, which `tensor_types` shows) and Q2_0 (blocks of 64, one FP16 scale, codes
+# -1/0/+1/+2), a storage format for ternary-trained models: its reference quantizer scales by the block's absmax and
+# rounds, so most weights of a model trained in 16-bit become 0 (llama.cpp's quantize_row_q2_0_ref).
 DEFAULT_FORMATS = ("fp16", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0", "gguf_q4_0_imat",
                    "gguf_q4_k_m", "gguf_q4_k_m_imat", "gguf_iq2_xxs_imat")
 VALID_FORMATS = tuple(methods.REGISTRY)

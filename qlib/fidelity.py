@@ -53,26 +53,25 @@ class TokenScores:
 def score(windows: Iterable[tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]],
           reference: Reference | None = None, keep_top: int = 0) -> tuple[TokenScores, Reference | None]:
     """Score (logits [n, vocab], targets [n]) windows in order; with `keep_top` > 0 also return this model's own
-    top-k view, to serve as the reference of other models on the same tokens."""
+    top-k view, to serve as the reference of other models on the same tokens. NumPy on one thread, not torch:
+    llama.cpp's worker threads run between windows, and two thread pools spinning on 2 cores collapse."""
     nll, kl, same, dp, tops = [], [], [], [], []
     at = 0
     for logits, targets in windows:
-        logp = torch.log_softmax(torch.as_tensor(logits).double(), -1)
-        t = torch.as_tensor(np.asarray(targets), dtype=torch.long)
-        tgt = logp.gather(1, t[:, None])[:, 0]
-        nll.append(-tgt.numpy())
+        logp = _log_softmax(np.asarray(logits, dtype=np.float64))
+        t = np.asarray(targets, dtype=np.int64)
+        n = t.size
+        tgt = logp[np.arange(n), t]
+        nll.append(-tgt)
         if keep_top:
-            v, i = logp.topk(keep_top, dim=-1)
-            tops.append((i.numpy(), v.numpy(), tgt.numpy()))
+            tops.append((*_top_k(logp, keep_top), tgt))
         if reference is not None:
-            n = t.numel()
             if at + n > reference.target_logp.size:
                 raise ValueError(f"the reference holds {reference.target_logp.size} tokens; these windows have more")
-            k_ids = torch.from_numpy(reference.top_ids[at:at + n])
-            r_logp = torch.from_numpy(reference.top_logp[at:at + n])
-            kl.append(_bucket_kl(r_logp, logp.gather(1, k_ids)).numpy())
-            same.append((logp.argmax(-1) == k_ids[:, 0]).numpy())
-            dp.append((tgt.exp() - torch.from_numpy(reference.target_logp[at:at + n]).exp()).numpy())
+            k_ids = reference.top_ids[at:at + n]
+            kl.append(_bucket_kl(reference.top_logp[at:at + n], np.take_along_axis(logp, k_ids, 1)))
+            same.append(logp.argmax(-1) == k_ids[:, 0])
+            dp.append(np.exp(tgt) - np.exp(reference.target_logp[at:at + n]))
             at += n
     if reference is not None and at != reference.target_logp.size:
         raise ValueError(f"scored {at} tokens but the reference holds {reference.target_logp.size}")
@@ -81,14 +80,29 @@ def score(windows: Iterable[tuple[torch.Tensor | np.ndarray, torch.Tensor | np.n
     return TokenScores(np.concatenate(nll), cat(kl), cat(same), cat(dp)), ref
 
 
-def _bucket_kl(ref_logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _top_k(logp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k most likely token ids per row, most likely first (ties: lower id first, as argmax picks)."""
+    k = min(k, logp.shape[-1])
+    ids = np.argpartition(-logp, k - 1, axis=-1)[:, :k]
+    vals = np.take_along_axis(logp, ids, 1)
+    order = np.lexsort((ids, -vals), axis=-1)
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(vals, order, 1)
+
+
+def _bucket_kl(ref_logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
     """KL(P || Q) over the reference's top-k tokens plus one bucket for the rest of the vocabulary."""
-    p = ref_logp.exp()
+    p = np.exp(ref_logp)
     head = (p * (ref_logp - logq)).sum(1)
-    rest_p = (1.0 - p.sum(1)).clamp_min(0.0)
-    rest_q = (1.0 - logq.exp().sum(1)).clamp_min(1e-300)
-    tail = torch.where(rest_p > 0, rest_p * (rest_p.clamp_min(1e-300).log() - rest_q.log()), torch.zeros_like(rest_p))
-    return (head + tail).clamp_min(0.0)
+    rest_p = np.clip(1.0 - p.sum(1), 0.0, None)
+    rest_q = np.clip(1.0 - np.exp(logq).sum(1), 1e-300, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail = np.where(rest_p > 0, rest_p * (np.log(np.maximum(rest_p, 1e-300)) - np.log(rest_q)), 0.0)
+    return np.clip(head + tail, 0.0, None)
 
 
 def exact_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@ quantized from it by `llama_model_quantize` without an importance matrix."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from qlib import merge
 from qlib.backends import gguf
@@ -11,7 +13,7 @@ from qlib.core.errors import QlabError
 from qlib.methods.registry import Job, Method, register
 
 
-def ship(job: Job, qtype: str, make, **meta) -> Path:
+def ship(job: Job, qtype: str, make: Callable[[Path], Path], **meta: Any) -> Path:
     """Write one GGUF file through `make(tmp_file)` in a staging folder, then give it its run name and metadata."""
     tmp = job.out / f".gguf-{qtype}"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -34,7 +36,7 @@ def _f16(job: Job) -> Path:
     return ship(job, "f16", lambda dst: gguf.convert(job.src, dst, "f16", pre_tokenizer=job.pre_tokenizer))
 
 
-def _rtn(qtype: str):
+def _rtn(qtype: str) -> Callable[[Job], Path]:
     def write(job: Job) -> Path:
         return ship(job, qtype, lambda dst: gguf.quantize(f16_file(job), dst, qtype))
     return write

@@ -2,6 +2,7 @@
 saved in bitsandbytes' serialization)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ def head_name(job: Job, method: str | None) -> str:
     return dtype_name(torch.float32 if job.device.type == "cpu" else compute_dtype(job.device))
 
 
-def _bnb(fmt: str):
+def _bnb(fmt: str) -> Callable[[Job], Path]:
     def write(job: Job) -> Path:
         method = BNB[fmt]
         plan = build_quantization_plan(method, job.device, keep_lm_head=job.keep_lm_head)

@@ -4,6 +4,7 @@ IQ1-IQ3 types exist only with a matrix."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from qlib import models
@@ -33,7 +34,7 @@ def importance_matrix(job: Job) -> tuple[Path, float]:
     return job.shared["imatrix"]
 
 
-def _imat(qtype: str):
+def _imat(qtype: str) -> Callable[[Job], Path]:
     def write(job: Job) -> Path:
         path, seconds = importance_matrix(job)
         return ship(job, f"{qtype}-imat", lambda dst: gguf.quantize(f16_file(job), dst, qtype, imatrix=path),

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from qlib import runmeta
+from qlib import fidelity, runmeta
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir
 from qlib.core.paths import cache_dir
@@ -206,13 +206,8 @@ def _reader(path: str | Path) -> Any:
         raise QlabError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from None
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _READERS:
-        sys.path.insert(0, str(tools_dir() / "gguf-py"))
         try:
-            from gguf import GGUFReader
-        finally:
-            sys.path.pop(0)
-        try:
-            reader = GGUFReader(str(path))
+            reader = _gguf_py().GGUFReader(str(path))
         except Exception as e:
             raise QlabError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from None
         while len(_READERS) >= 4:
@@ -277,9 +272,12 @@ def write_imatrix(stats: dict[str, Any], model_gguf: str | Path, out: str | Path
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
-    finally:
         w.close()
-    os.replace(tmp, out)
+        os.replace(tmp, out)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
@@ -335,12 +333,7 @@ def window_logits(path: str | Path, tokens: list[int], context: int,
 
 def token_nll(path: str | Path, tokens: list[int], context: int, threads: int = 2) -> np.ndarray:
     """Negative log-likelihood of every scored token in llama.cpp over `window_logits`' windows."""
-    out = []
-    for logits, targets in window_logits(path, tokens, context, threads):
-        logp = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        out.append(-logp[np.arange(len(targets)), targets])
-    return np.concatenate(out)
+    return fidelity.score(window_logits(path, tokens, context, threads))[0].nll
 
 
 def perplexity(path: str | Path, tokens: list[int], context: int, threads: int = 2) -> dict[str, float]:

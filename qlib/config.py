@@ -29,6 +29,10 @@ class QuantMethod(str, enum.Enum):
     QAT_INT8 = "qat_int8"
     SWITCHABLE = "switchable"
     GGUF = "gguf"  # a llama.cpp file: its tensor types say the rest
+    RTN = "rtn"    # integer weights in groups, rounded to nearest: the control of GPTQ / AWQ / HQQ
+    GPTQ = "gptq"
+    AWQ = "awq"
+    HQQ = "hqq"
 
     @classmethod
     def parse(cls, value: str | QuantMethod) -> QuantMethod:
@@ -76,6 +80,15 @@ SPECS: dict[QuantMethod, QuantSpec] = {  # the method registry: what each method
     QuantMethod.SWITCHABLE: QuantSpec(QuantMethod.SWITCHABLE, 8, "qlib.quant.uniform", False,
                                       "lora-per-bit", "fp32", {"bit_widths": [2, 4, 8]}),
     QuantMethod.GGUF: QuantSpec(QuantMethod.GGUF, 16, "llama.cpp", False, None, "f16"),  # bits: the file's type
+    # weight-only integer methods (qlib.methods): bits and group size are the artifact's, the library its extras'
+    QuantMethod.RTN: QuantSpec(QuantMethod.RTN, 4, "weight-only", False, None, "fp16",
+                               {"rounding": "to nearest, min-max or absmax scale per group"}),
+    QuantMethod.GPTQ: QuantSpec(QuantMethod.GPTQ, 4, "weight-only", False, None, "fp16",
+                                {"rounding": "column by column, error fed forward through the inverse Hessian"}),
+    QuantMethod.AWQ: QuantSpec(QuantMethod.AWQ, 4, "weight-only", False, None, "fp16",
+                               {"rounding": "to nearest after activation-aware per-channel scaling"}),
+    QuantMethod.HQQ: QuantSpec(QuantMethod.HQQ, 4, "weight-only", False, None, "fp16",
+                               {"rounding": "zero point and scale fitted by half-quadratic optimisation, no data"}),
 }
 
 

@@ -23,9 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from qlib import fidelity, merge, methods, metrics, models, ngram, results, runmeta
-from qlib.backends import bnb, gguf
+from qlib.backends import gguf
 from qlib.core.errors import QlabError
-from qlib.methods.hf import BNB
 
 # LLM.int8 on CPU casts fp32 inputs to fp16 and says so on every matmul
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
@@ -80,6 +79,7 @@ class Measured:
     peak_source: str | None = None
     scores: fidelity.TokenScores | None = None   # per token against the reference model (KL, top-1, Δp)
     control: str | None = None                    # the round-to-nearest row this method is compared with
+    load: Callable[[Path, torch.device], torch.nn.Module] | None = None  # transformers: how to reload it
 
 
 @dataclass
@@ -137,7 +137,7 @@ def _score(method: str, spec: methods.Method, path: Path, text: Text, device: to
             if windows is None:
                 _load_only(path, text.context)
         else:
-            model = models.load_causal_lm(path, None, device).eval()
+            model = load(spec)(path, device).eval()
             windows = metrics.window_logits(model, text.ids, text.context, device) if text.ids is not None else None
             kinds = models.layer_kinds(model)
         if windows is not None:
@@ -153,10 +153,19 @@ def _score(method: str, spec: methods.Method, path: Path, text: Text, device: to
         bits = None if spec.name == "gguf_f16" else gguf.bits_per_weight(path)["weight_matrices"]
         extra = {"tensor_types": counts, "type": spec.name.removeprefix("gguf_")}
     else:
-        bits = bnb.quantized_weight_bits(path) if spec.name in BNB else None
+        bits = spec.bits(path) if spec.bits else None
         extra = {"layer_kinds": kinds, "tensor_types": merge.stored_dtypes(path)}
     return Measured(method, spec.runtime, None if scores is None else scores.nll, path, bits, extra, mem.peak_bytes,
-                    mem.source, scores=scores)
+                    mem.source, scores=scores, load=None if llama else load(spec))
+
+
+def load(spec: methods.Method) -> Callable[[Path, torch.device], torch.nn.Module]:
+    """How a transformers-runtime method's artifact is reloaded: its own loader, else as stored."""
+    return spec.load or _as_stored
+
+
+def _as_stored(path: Path, device: torch.device) -> torch.nn.Module:
+    return models.load_causal_lm(path, None, device)
 
 
 def _load_only(path: Path, context: int) -> None:
@@ -169,7 +178,7 @@ def decode(measured: list[Measured], text: Text, device: torch.device, gen_token
     """Greedy decode tokens/s: each runtime's artifacts reloaded and interleaved repeat by repeat, on `threads`
     threads, the load average read before and after. Ratios are only taken inside one runtime (transformers
     decodes half as many tokens: it is the slower one here)."""
-    hf = {m.method: models.load_causal_lm(m.path, None, device).eval() for m in measured if m.backend == "transformers"}
+    hf = {m.method: (m.load or _as_stored)(m.path, device).eval() for m in measured if m.backend == "transformers"}
     files = {m.method: m.path for m in measured if m.backend == "llama.cpp"}
     eos = -1 if text.eos is None else text.eos  # no tokenizer: never stop early
     load0 = metrics.load_average()

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from qlib.core.errors import QlabError
+from qlib.core.io import tensor_bytes
 
 
 def nf4_storage(model: torch.nn.Module) -> dict[str, float]:
@@ -63,10 +63,6 @@ def quantized_weight_bits(folder: str | Path) -> float | None:
                     continue
                 n_weights += math.prod(st.get_slice(k).get_shape()) * (2 if nf4 else 1)  # NF4: two codes a byte
                 parts = [k, *(c for c in keys if c.startswith(f"{k}.")), *([scb] if int8 else [])]
-                n_bytes += sum(_tensor_bytes(st, c) for c in parts)
+                n_bytes += sum(tensor_bytes(st, c) for c in parts)
     return 8.0 * n_bytes / n_weights if n_weights else None
 
-
-def _tensor_bytes(st: Any, key: str) -> int:
-    t = st.get_tensor(key)
-    return t.numel() * t.element_size()

@@ -1,4 +1,5 @@
-"""Atomic writes: a reader (or a killed run) never sees half a file or half a model folder."""
+"""Atomic writes: a reader (or a killed run) never sees half a file or half a model folder. And the bytes a
+stored tensor takes."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def _umask() -> int:
@@ -56,3 +58,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def tensor_bytes(st: Any, key: str) -> int:
+    """Bytes one tensor of an open safetensors file (`safe_open`) stores."""
+    t = st.get_tensor(key)
+    return t.numel() * t.element_size()

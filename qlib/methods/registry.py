@@ -63,6 +63,8 @@ class Method:
     control: str | None = None            # round-to-nearest on the same grid: the paired comparison
     calibration: bool = False             # needs calibration text
     about: str = ""
+    load: Callable[[Path, torch.device], torch.nn.Module] | None = None  # transformers runtime: None = as stored
+    bits: Callable[[Path], float | None] | None = None  # stored bits per quantized weight (None: not quantized)
 
 
 REGISTRY: dict[str, Method] = {}

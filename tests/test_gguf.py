@@ -69,3 +69,22 @@ def test_bits_per_weight_read_from_the_tensors(tiny_gpt2, tmp_path):
     expected = sum(width[k] * n for k, n in mats) / sum(n for _, n in mats)
     assert gguf.bits_per_weight(q8)["weight_matrices"] == pytest.approx(expected)
     assert gguf.bits_per_weight(q8)["all_tensors"] > gguf.bits_per_weight(q8)["weight_matrices"]  # norms stay F32
+
+
+def test_tensor_table_from_the_header_matches_gguf_py(tiny_gpt2, tmp_path):
+    q4 = gguf.quantize(gguf.convert(tiny_gpt2, tmp_path / "m.gguf", "f16", pre_tokenizer="gpt-2"),
+                       tmp_path / "m-q4_k_m.gguf", "q4_k_m")
+    ref = {t.name: t for t in gguf._reader(q4).tensors}  # gguf-py, which parses the vocabulary too
+    table = gguf._table(q4)
+    assert list(table) == list(ref) and len({t.type for t in table.values()}) >= 3  # mixed types: F32, Q4_K, ...
+    for name, t in table.items():
+        r = ref[name]
+        assert (t.type, t.shape, t.n_elements, t.n_bytes) == (r.tensor_type.name, tuple(int(d) for d in r.shape),
+                                                              int(r.n_elements), int(r.n_bytes)), name
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(q4.read_bytes()[:5000])  # the header ends inside the vocabulary
+    with pytest.raises(QlabError, match="cut.gguf is not a readable GGUF file: error"):
+        gguf.read_tensors(cut)
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(QlabError, match="not a readable GGUF file"):
+        gguf.bits_per_weight(tmp_path / "empty.gguf")

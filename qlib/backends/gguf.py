@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from qlib import fidelity, runmeta
+from qlib.backends import gguf_table
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir
 from qlib.core.paths import cache_dir
@@ -217,8 +218,14 @@ def _reader(path: str | Path) -> Any:
 
 
 def read_tensors(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Tensor name -> (GGML type name, shape as GGUF stores it), read back with llama.cpp's gguf reader."""
-    return {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in _reader(path).tensors}
+    """Tensor name -> (GGML type name, shape as GGUF stores it), from the file's header."""
+    return {name: (t.type, t.shape) for name, t in _table(path).items()}
+
+
+def _table(path: str | Path) -> dict[str, gguf_table.TensorInfo]:
+    """The tensor table from the header alone (gguf-py's reader would first parse the whole vocabulary)."""
+    g = _gguf_py()
+    return gguf_table.tensor_table(path, g.GGML_QUANT_SIZES, g.GGMLQuantizationType)
 
 
 def _gguf_py() -> Any:
@@ -403,7 +410,7 @@ def ship(written: str | Path, info: Any, task: str, peft: str, outtype: str, fol
 def bits_per_weight(path: str | Path) -> dict[str, float]:
     """Stored bits per element: over every tensor, and over the 2-D weight matrices only (what a format
     quantizes; norms and biases stay F32), from the tensors' own byte sizes, header excluded."""
-    tensors = _reader(path).tensors
+    tensors = list(_table(path).values())
     mats = [t for t in tensors if len(t.shape) == 2]
     return {"all_tensors": 8.0 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors),
             "weight_matrices": 8.0 * sum(int(t.n_bytes) for t in mats) / sum(int(t.n_elements) for t in mats)}

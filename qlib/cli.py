@@ -226,7 +226,7 @@ def cmd_formats(args: argparse.Namespace) -> int:
         eval_tokens=args.eval_tokens,
         gen_tokens=args.gen_tokens, repeats=args.repeats, timing_threads=args.threads, device=args.device,
         seed=args.seed, keep_lm_head_fp16=not args.quantize_lm_head, calibration=args.calibration,
-        calib_samples=args.calib_samples, calib_length=args.calib_length)
+        calib_samples=args.calib_samples, calib_length=args.calib_length, name=args.name)
     rep = formats_report.run(cfg)
     print(rep.table)
     print(f"\nwrote {rep.path.relative_to(repo_root()) if rep.path.is_relative_to(repo_root()) else rep.path} "
@@ -249,9 +249,11 @@ def _formats_parser(sub: Any) -> None:
     src.add_argument("--dataset", help="a code dataset: stdlib-code (default, offline), codesearchnet-python, a folder")
     f.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
                    help=f"comma-separated, from: {', '.join(VALID_FORMATS)}")
-    f.add_argument("--calibration", help="a UTF-8 text file for the methods that calibrate (importance matrix); "
+    f.add_argument("--calibration", help="a UTF-8 text file for the methods that calibrate (importance matrix, GPTQ, "
+                                         "AWQ); "
                                          "default: the dataset's train split, or the text beyond the scored tokens")
     f.add_argument("--calib-samples", type=int, default=64, help="calibration windows")
+    f.add_argument("--name", help="keep this run as results/formats/<model>-<name>/ beside the default list's")
     f.add_argument("--calib-length", type=int, default=256, help="tokens per calibration window")
     f.add_argument("--context", type=int, default=256, help="perplexity window (stride = window)")
     f.add_argument("--eval-tokens", type=int, default=4096)

@@ -28,15 +28,16 @@ from qlib.core.errors import QlabError
 
 # LLM.int8 on CPU casts fp32 inputs to fp16 and says so on every matmul
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-# The default list: each importance-matrix type after its round-to-nearest twin (the paired comparison), IQ2_XXS
-# (which exists only with a matrix): 13 minutes on 2 CPU cores for a 135M model (each GGUF row costs ~60 s there:
-# quantize, then 16 windows of prefill with every logit kept; the matrix 90 s). Two sub-4-bit types are a `--formats`
-# away: Q3_K_M (~3.9 bits/weight where rows divide by 256, as in most LLMs; on SmolLM2's 576-wide rows llama.cpp
-# falls back to 4-6-bit types, which `tensor_types` shows) and Q2_0 (blocks of 64, one FP16 scale, codes
-# -1/0/+1/+2), a storage format for ternary-trained models: its reference quantizer scales by the block's absmax and
-# rounds, so most weights of a model trained in 16-bit become 0 (llama.cpp's quantize_row_q2_0_ref).
-DEFAULT_FORMATS = ("fp16", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0", "gguf_q4_0_imat",
-                   "gguf_q4_k_m", "gguf_q4_k_m_imat", "gguf_iq2_xxs_imat")
+# The default list, sized to stay under 10 minutes on 2 CPU cores for a 135M model (each row costs 30-60 s there:
+# write, then 16 windows of prefill with every logit kept; the importance matrix 90 s): the deployment formats, and
+# each importance-matrix type after its round-to-nearest twin (the paired comparison). Everything else registered is a
+# `--formats` away: Q8_0 (KL ~0.004 here), the IQ1-IQ3 types that need a matrix, Q3_K_M (~3.9 bits/weight where rows
+# divide by 256, as in most LLMs; on SmolLM2's 576-wide rows llama.cpp falls back to 4-6-bit types, which
+# `tensor_types` shows), Q2_0 (blocks of 64, one FP16 scale, codes -1/0/+1/+2: a storage format for ternary-trained
+# models; its reference quantizer rounds most weights of a 16-bit-trained model to 0), and the weight-only methods
+# (GPTQ, AWQ, HQQ, torchao; GPTQ costs ~5 min of calibration here, AWQ ~10 min on 16 windows).
+DEFAULT_FORMATS = ("fp16", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q4_0", "gguf_q4_0_imat", "gguf_q4_k_m",
+                   "gguf_q4_k_m_imat")
 VALID_FORMATS = tuple(methods.REGISTRY)
 
 

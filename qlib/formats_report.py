@@ -50,9 +50,12 @@ class Config:
     calib_length: int = 256             # ... of this many tokens
     device: str = "auto"
     seed: int = 0
+    name: str | None = None             # results/formats/<model>-<name>/: several lists of one model side by side
 
     def __post_init__(self) -> None:
         formats.parse_formats(self.formats)
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", self.name):
+            raise QlabError(f"formats: name must be letters, digits, '.', '_' or '-' (at most 41), got {self.name!r}")
         for k in ("context", "eval_tokens", "gen_tokens", "repeats", "timing_threads", "calib_samples", "calib_length"):
             least = {"context": 2, "calib_length": 16}.get(k, 1)  # llama.cpp's importance matrix skips < 16 rows
             if getattr(self, k) < least:
@@ -208,7 +211,7 @@ def run(cfg: Config) -> Report:
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
     asset = resolve(cfg.model)
-    key, problems = slug(asset), []
+    key, problems = slug(asset) + (f"-{cfg.name}" if cfg.name else ""), []
     with staged_run(f"{STUDY}/{key}", "default"):
         out, res = outputs_dir(f"{STUDY}/{key}", "default"), results_dir(f"{STUDY}/{key}", "default")
         tok = load_tokenizer(asset.path, problems)
@@ -224,14 +227,14 @@ def run(cfg: Config) -> Report:
         measured = stage.measured + (formats.count_baselines(train_ids, text.ids, len(tok), cfg.context)
                                      if train_ids is not None and text.ids is not None else [])
         rows = formats.rows(measured, speeds, merge.stored_params(src), asset.id, data_id, cfg.context, cfg.seed)
-        path = _write(cfg, rows, measured, text, asset, merged, problems, device, res, time.perf_counter() - t0)
+        path = _write(cfg, key, rows, measured, text, asset, merged, problems, device, res, time.perf_counter() - t0)
     path = results_dir(f"{STUDY}/{key}", "default") / path.name  # where the staging folder went
     for line in problems:
         print(f"qlab formats: {line}")
     return Report(rows, results.load_metrics(path), path, problems, formats.table(rows))
 
 
-def _write(cfg: Config, rows: list[dict[str, Any]], measured: list[formats.Measured], text: formats.Text,
+def _write(cfg: Config, key: str, rows: list[dict[str, Any]], measured: list[formats.Measured], text: formats.Text,
            asset: assets.Resolved, merged: dict[str, Any] | None, problems: list[str], device: torch.device,
            res: Path, seconds: float) -> Path:
     """metrics.json, the per-token NLL beside it, table.md and quality_vs_size.png."""
@@ -242,7 +245,7 @@ def _write(cfg: Config, rows: list[dict[str, Any]], measured: list[formats.Measu
 
     if text.ids is not None:
         scored = text.ids[ngram.scored_positions(text.ids.numel(), text.context)]
-        results.write_per_example(f"{STUDY}/{slug(asset)}", "default", "per_token_nll",
+        results.write_per_example(f"{STUDY}/{key}", "default", "per_token_nll",
                                   {"token_id": scored.numpy(), **{m.method: m.nll for m in measured}})
     atomic_write_text(res / "table.md", formats.table(rows) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4.5))

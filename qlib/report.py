@@ -211,14 +211,17 @@ FORMATS_START, FORMATS_END = "<!-- formats:start -->", "<!-- formats:end -->"
 
 def formats_readme() -> str:
     """Each `python -m qlib formats` run kept under results/formats/: what ran, where, and its table."""
-    from qlib.formats import table
+    from qlib.formats import DEFAULT_FORMATS, parse_formats, table
 
     parts = []
     for p in sorted((repo_root() / "results" / "formats").glob("*/metrics.json")):
         d = load_metrics(p)
         c, env, w = d["config"], d["env"], d["perplexity_window"]
         took = f", {d['duration_s'] / 60:.1f} min wall" if d.get("duration_s") else ""
-        parts += [f"`python -m qlib formats {c['model']}`{' --adapter ' + c['adapter'] if c.get('adapter') else ''}: "
+        flags = "".join(f" --{k} {v}" for k, v in (("adapter", c.get("adapter")), ("name", c.get("name"))) if v)
+        if c.get("formats") and tuple(c["formats"]) != parse_formats(DEFAULT_FORMATS):
+            flags += " --formats " + ",".join(f for f in c["formats"] if f not in parse_formats(()))
+        parts += [f"`python -m qlib formats {c['model']}{flags}`: "
                   f"{w['scored_tokens']} scored tokens of {d['assets']['data']['id']} in windows of {w['context']}; "
                   f"decode {c['gen_tokens']} new tokens (transformers half), {c['repeats']} interleaved repeats on "
                   f"{c['timing_threads']} thread(s); {env['device']}, {env.get('cpu')}{took}."

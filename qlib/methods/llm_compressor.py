@@ -82,7 +82,8 @@ def _calibrate(model: torch.nn.Module, job: Job, algo: str, bits: int, symmetric
             raise QlabError(f"{algo.upper()} needs calibration text; none was given")
         ids = torch.stack(job.calibration.windows)
         rows = {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
-        kw = {"dataset": Dataset.from_dict(rows), "max_seq_length": ids.shape[1], "num_calibration_samples": ids.shape[0]}
+        kw = {"dataset": Dataset.from_dict(rows), "max_seq_length": ids.shape[1],
+              "num_calibration_samples": ids.shape[0]}
     t0 = time.perf_counter()
     with _no_pinned_memory():
         oneshot(model=model, recipe=_recipe(algo, bits, symmetric, group), **kw)

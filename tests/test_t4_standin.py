@@ -21,7 +21,7 @@ RUNS = [
     ("04_qlora_bert", dict(ranks=[8], batch_size=16), {"model": "bert-base-uncased", "data": "stanfordnlp/sst2"}),
     ("05_gpt2_bitnet", dict(steps=2, batch_size=2, context=64, stride=64, train_tokens=4000, eval_tokens=512,
                             gen_tokens=4, latency_repeats=1, ladder_eval_tokens=512, ladder_methods=["gptq_w4"],
-                            ladder_ablation=[], ladder_calib_samples=[8], ladder_calib_length=64,
+                            ladder_ablation=["gptq_w4"], ladder_calib_samples=[8], ladder_calib_length=64,
                             ladder_methods_eval_tokens=512),
      {"model": "gpt2", "data": "code-search-net/code_search_net"}),
     ("06_switchable_precision", dict(steps=2, batch_size=2, lora_rank=2, max_len=128, n_eval=4, n_calib=2,

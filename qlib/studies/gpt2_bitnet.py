@@ -102,8 +102,8 @@ class Config:
     ladder_rungs: tuple[str, ...] = tuple(ladder.RUNGS)
     ladder_context: int = 256
     ladder_eval_tokens: int = 8_192
-    # registry methods on the ladder's model, each beside its round-to-nearest control (() skips them), and the
-    # calibrated ones again per calibration setting: code or prose text x each of ladder_calib_samples windows
+    # registry methods on the ladder's model, each beside its round-to-nearest control (skipped with the ladder), and
+    # the calibrated ones again per calibration setting: code or prose text x each of ladder_calib_samples windows
     ladder_methods: tuple[str, ...] = ("rtn_w4", "gptq_w4", "hqq_w4", "gguf_q4_0_imat")
     ladder_ablation: tuple[str, ...] = ("gguf_q4_0_imat", "gptq_w4")
     ladder_calib_samples: tuple[int, ...] = (128, 16)   # the first: the main setting's (code)

@@ -83,7 +83,7 @@ def run_methods(spec: MethodsSpec, device: torch.device, out: Path, study: str, 
     main = formats.measure(src, spec.methods, out / "methods", text, device, info, calibration=main_cal,
                            desc="post-training methods", **kw)
     settings, ablated = {f"code{spec.samples[0]}": main_cal.record()}, []
-    for source in SOURCES if spec.ablation else ():
+    for source in SOURCES:
         for n in spec.samples:
             key = f"{source}{n}"
             if key in settings:
@@ -127,7 +127,7 @@ def findings(rows: list[dict[str, Any]]) -> str:
     and what the calibration text changed."""
     main = [r for r in rows if r.get("section") == "post-training methods" and r.get("kl_mean") is not None]
     if not main:
-        return "- The post-training methods did not run (`ladder_methods=()`)."
+        return "- The post-training methods did not run (`ladder_model_id=\"\"` skips them with the ladder)."
     lines = []
     for r in sorted(main, key=lambda r: (-(r.get("bits_per_quantized_weight") or 99), r["kl_mean"])):
         bits = r.get("bits_per_quantized_weight")

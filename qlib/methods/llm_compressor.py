@@ -110,14 +110,14 @@ def _writer(algo: str, bits: int, symmetric: bool) -> Callable[[Job], Path]:
 
 
 def load(path: Path, device: torch.device) -> torch.nn.Module:
-    """A compressed-tensors folder through transformers, dequantized on load (`run_compressed=False`)."""
+    """A compressed-tensors folder through transformers, dequantized on load (`dequantize=True`)."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     _library()
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, quantization_config=CompressedTensorsConfig(run_compressed=False))
+            str(path), dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True))
     except (OSError, ValueError, RuntimeError) as e:
         raise QlabError(f"cannot load compressed-tensors model {path}: {str(e).splitlines()[0][:300]}") from None
     return model.to(device)

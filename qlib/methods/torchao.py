@@ -37,9 +37,10 @@ def _writer(bits: int) -> Callable[[Job], Path]:
 
         if bits == 4 and importlib.util.find_spec("mslk") is None:  # torchao's Int4Tensor packs with its kernels
             raise QlabError("torchao int4 weight-only needs its mslk kernels (built for CUDA), not installed here")
+        config = _config(bits)
         try:
             model = AutoModelForCausalLM.from_pretrained(str(job.src), dtype=torch.float16,
-                                                         quantization_config=TorchAoConfig(_config(bits)))
+                                                         quantization_config=TorchAoConfig(config))
         except (ImportError, RuntimeError, NotImplementedError, AssertionError) as e:
             raise QlabError(f"torchao int{bits} weight-only does not run here: "
                             f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
@@ -48,7 +49,7 @@ def _writer(bits: int) -> Callable[[Job], Path]:
             model.save_pretrained(tmp)
             copy_tokenizer(job.src, tmp)
             runmeta.write_meta(tmp, job.info.meta(name, "rtn", "model", "fp16", weights_bits=bits,
-                                                  extras={"library": "torchao", "config": type(_config(bits)).__name__},
+                                                  extras={"library": "torchao", "config": type(config).__name__},
                                                   source=job.src.name, **job.meta))
         return job.out / name
     return write

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from qlib.config import GPU_STUDIES, PROFILES, check_profile
-from qlib.core.errors import QlabError
+from qlib.core.errors import ArgumentParser, QlabError
 from qlib.core.paths import repo_root
 
 
@@ -72,8 +72,10 @@ def check_params(nbs: list[Path], profile: str, params: dict[str, object]) -> No
     from qlib.core.device import pick_device
     from qlib.studies import STUDIES, study
 
-    if isinstance(params.get("device"), str) and params["device"].startswith("cuda"):
-        pick_device(params["device"])  # no CUDA here: one line now, not minutes into a notebook
+    if "profile" in params:
+        raise QlabError("profile is not a -p parameter: pass it as --profile (one of " + ", ".join(PROFILES) + ")")
+    if isinstance(params.get("device"), str):
+        pick_device(params["device"])  # a typo or no CUDA here: one line now, not minutes into a notebook
     for nb in nbs:
         names = [n for n in notebook_parameters(nb) if n != "profile"]
         unknown = sorted(set(params) - set(names))
@@ -267,7 +269,7 @@ def _formats_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m qlib", description=__doc__,
+    p = ArgumentParser(prog="python -m qlib", description=__doc__,
                                 epilog="study 06 (switchable precision): python -m qlib train|eval|sensitivity|search "
                                        "--help")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -310,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run = lambda: switchable_main(argv)  # noqa: E731
     else:
-        args = build_parser().parse_args(argv)
-        run = lambda: args.fn(args)  # noqa: E731
+        run = lambda: (lambda args: args.fn(args))(build_parser().parse_args(argv))  # noqa: E731
     try:
         return run()
     except QlabError as e:

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from qlib.core.device import compute_dtype, dtype_name
+from qlib.core.device import compute_dtype, dtype_name, parse_device
 from qlib.core.errors import QlabError
 
 
@@ -209,6 +209,10 @@ def _check_value(name: str, v: Any, hint: Any) -> None:
     lo = 1 if name in AT_LEAST_1 else 0 if name in AT_LEAST_0 else None
     if lo is not None and v < lo:
         raise QlabError(f"parameter {name} must be at least {lo}, got {v!r}")
+    if name == "seed" and v >= 2**32:  # numpy's seeds end there
+        raise QlabError(f"parameter seed must be below 2**32, got {v!r}")
+    if name == "device" and v != "auto":
+        parse_device(v)
     if name in POSITIVE and not v > 0:
         raise QlabError(f"parameter {name} must be greater than 0, got {v!r}")
     if name in FRACTION and not 0 <= v <= 1:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from qlib import assets, data, figures, formats, hub, merge, methods, metrics, models, ngram, pretrain, results, runmeta
-from qlib.core.device import pick_device, set_seed
+from qlib.core.device import parse_device, pick_device, set_seed
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir, atomic_write_text
 from qlib.core.paths import outputs_dir, results_dir, staged_run
@@ -60,6 +60,10 @@ class Config:
             least = {"context": 2, "calib_length": 16}.get(k, 1)  # llama.cpp's importance matrix skips < 16 rows
             if getattr(self, k) < least:
                 raise QlabError(f"formats: {k} must be at least {least}, got {getattr(self, k)}")
+        if not 0 <= self.seed < 2**32:
+            raise QlabError(f"formats: seed must be in [0, 2**32), got {self.seed}")
+        if self.device != "auto":
+            parse_device(self.device)
         if self.adapter_base not in (None, "fp32", "nf4"):
             raise QlabError(f"formats: adapter_base must be fp32 or nf4, got {self.adapter_base!r}")
         for what in ("text", "calibration"):

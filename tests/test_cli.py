@@ -109,6 +109,10 @@ def test_a_cuda_request_without_cuda_is_refused_before_any_notebook_runs(tmp_pat
     (["06", "-p", "budget", "-1"], "parameter budget must be between 0 and 1, got -1"),
     (["04", "-p", "ranks", "8,x"], "parameter ranks must be a list of integers, got '8,x'"),
     (["06", "-p", "widths", "2,3"], "unsupported bit width 3"),
+    (["01", "-p", "profile", "default"], "profile is not a -p parameter: pass it as --profile"),
+    (["01", "-p", "device", "tpu"], "unknown device 'tpu': use auto, cpu or cuda[:N]"),
+    (["01", "-p", "seed", "-1"], "parameter seed must be at least 0, got -1"),
+    (["01", "-p", "seed", "5000000000"], "parameter seed must be below 2**32"),
 ])
 def test_bad_parameters_are_refused_before_anything_runs(tmp_path, args, needle):
     _one_clear_line(qlib("run", *args, "--profile", "smoke", env=_root_with_notebooks(tmp_path)), needle)
@@ -118,3 +122,15 @@ def test_bad_parameters_are_refused_before_anything_runs(tmp_path, args, needle)
 @pytest.mark.parametrize("budget", ["-1", "nan", "1.5"])
 def test_search_budget_outside_0_1_is_refused(budget):
     _one_clear_line(qlib("search", "--profile", "smoke", "--budget", budget), "parameter budget must be")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["nosuch"], "invalid choice: 'nosuch'"),
+    (["run", "--bogus"], "unrecognized arguments: --bogus"),
+    (["formats", "smollm2-135m", "--eval-tokens", "abc"], "argument --eval-tokens: invalid int value: 'abc'"),
+    (["formats", "smollm2-135m", "--device", "tpu"], "unknown device 'tpu'"),
+    (["formats", "smollm2-135m", "--seed", "-1"], "formats: seed must be in [0, 2**32), got -1"),
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_usage_mistakes_are_one_qlab_line(args, needle):
+    _one_clear_line(qlib(*args), needle)

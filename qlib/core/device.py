@@ -21,9 +21,20 @@ def pick_device(prefer: str = "auto", profile: str | None = None) -> torch.devic
             raise QlabError("the gpu profile measures a CUDA GPU and none is visible on this machine; "
                             "to rehearse it on the CPU, pass device=cpu and small sizes (tests/test_gpu_profile.py)")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(prefer)
+    dev = parse_device(prefer)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise QlabError("device 'cuda' was asked for but no CUDA GPU is visible on this machine")
+    return dev
+
+
+def parse_device(name: str) -> torch.device:
+    """'cpu' or 'cuda[:N]' as a torch.device; anything else (a typo, 'tpu', 'mps', a negative index) is one line."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index):
+        raise QlabError(f"unknown device {name!r}: use auto, cpu or cuda[:N]")
     return dev
 
 

@@ -6,7 +6,6 @@ Also the command line of the seed's main.py / eval.py / sensitivity_analysis.py 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -22,7 +21,7 @@ from qlib import accounting, adapters, assets, budget, choice, hub, metrics, qa,
 from qlib.choice import Item
 from qlib.config import make_config
 from qlib.core.device import pick_device, set_seed
-from qlib.core.errors import QlabError
+from qlib.core.errors import ArgumentParser, QlabError
 from qlib.core.io import atomic_write_text
 from qlib.core.paths import outputs_dir, results_dir
 from qlib.quant.uniform import check_width
@@ -506,7 +505,7 @@ def findings(res: SwitchableResult) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """train | eval | sensitivity | search, on a saved switchable adapter folder."""
-    ap = argparse.ArgumentParser(prog="python -m qlib")
+    ap = ArgumentParser(prog="python -m qlib")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("train", "eval", "sensitivity", "search"):
         p = sub.add_parser(name)

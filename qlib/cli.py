@@ -9,6 +9,7 @@ from typing import Any
 
 from qlib.config import GPU_STUDIES, PROFILES, check_profile
 from qlib.core.errors import ArgumentParser, QlabError
+from qlib.core.io import make_folder
 from qlib.core.paths import repo_root
 
 
@@ -36,8 +37,7 @@ def run_notebook(nb: Path, profile: str, params: dict[str, object]) -> Path:
     """Execute one notebook with papermill; the executed copy appears only when it succeeded."""
     import papermill as pm
 
-    out_dir = executed_dir(profile)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(executed_dir(profile))
     final, tmp = out_dir / nb.name, out_dir / f".{nb.stem}.running.ipynb"
     failed = out_dir / f"{nb.stem}.failed.ipynb"
     failed.unlink(missing_ok=True)
@@ -104,6 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise QlabError(f"no gpu profile for {', '.join(outside)}: the gpu profile (random-init memory and speed) "
                         f"covers notebooks {', '.join(GPU_STUDIES)}; run the others with --profile default or t4")
     check_params(nbs, args.profile, params)
+    make_folder(executed_dir(args.profile))  # a file in the way of results/: one line before anything runs
     failed = []
     for nb in nbs:
         print(f"[qlab] running {nb.name} (profile {args.profile})", flush=True)

@@ -134,3 +134,23 @@ def test_search_budget_outside_0_1_is_refused(budget):
 ])
 def test_usage_mistakes_are_one_qlab_line(args, needle):
     _one_clear_line(qlib(*args), needle)
+
+
+def test_a_file_where_results_go_is_one_line_before_anything_runs(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "smoke").write_text("a user's notes")
+    _one_clear_line(qlib("run", "07", "--profile", "smoke", env=_root_with_notebooks(tmp_path)),
+                    "results/smoke is a file; move it away")
+    assert (tmp_path / "results" / "smoke").read_text() == "a user's notes"
+
+
+def test_report_with_a_folder_where_the_summary_goes_is_one_line(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    kept = Path(__file__).resolve().parent.parent / "results" / "07_llama_scaling" / "metrics.json"
+    (tmp_path / "results" / "07_llama_scaling").mkdir(parents=True)
+    shutil.copy(kept, tmp_path / "results" / "07_llama_scaling")
+    (tmp_path / "results" / "summary.md").mkdir()
+    _one_clear_line(qlib("report", env=_root_with_notebooks(tmp_path)), "summary.md: a folder of that name is in the way")
+    assert (tmp_path / "results" / "summary.md").is_dir()

@@ -323,3 +323,20 @@ def test_04_writes_its_adapter_and_merged_model_under_run_names(tmp_path, monkey
     ckpts = sorted((res.adapter_dir.parent / "checkpoints" / names["adapter"]).glob("checkpoint-*"))
     assert ckpts and all(runmeta.detect(c).method == "qlora" for c in ckpts)
     assert runmeta.read_meta(ckpts[-1])["checkpoint_step"] == q["train_steps"]
+
+
+def test_a_file_or_folder_in_the_way_of_a_write_is_one_line_and_is_kept(tmp_path):
+    from qlib.core.errors import QlabError
+    from qlib.core.io import atomic_dir, atomic_write_text
+
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(QlabError, match="notes is a file; move it away"):
+        atomic_write_text(tmp_path / "notes" / "metrics.json", "{}")
+    with pytest.raises(QlabError, match="a file of that name is in the way"):
+        with atomic_dir(tmp_path / "notes"):
+            pass
+    (tmp_path / "summary.md").mkdir()
+    with pytest.raises(QlabError, match="a folder of that name is in the way"):
+        atomic_write_text(tmp_path / "summary.md", "x")
+    assert (tmp_path / "notes").read_text() == "mine" and (tmp_path / "summary.md").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "summary.md"]  # no temp left behind

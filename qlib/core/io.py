@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from qlib.core.errors import QlabError
+
 
 def _umask() -> int:
     umask = os.umask(0)
@@ -17,10 +19,23 @@ def _umask() -> int:
     return umask
 
 
+def make_folder(path: str | Path) -> Path:
+    """mkdir -p, where a file in the way is one line naming it (not a FileExistsError traceback)."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), p)
+        raise QlabError(f"cannot make the folder {p}: {blocker} is a file; move it away") from None
+    return p
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(p.parent)
+    if p.is_dir():
+        raise QlabError(f"cannot write {p}: a folder of that name is in the way; move it away")
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
@@ -44,7 +59,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp folder to fill; on success it replaces `path`, on error it is removed."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(p.parent)
+    if p.exists() and not p.is_dir():
+        raise QlabError(f"cannot write the folder {p}: a file of that name is in the way; move it away")
     tmp = Path(tempfile.mkdtemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved model is meant to be shared like any folder
     try:

@@ -7,6 +7,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from qlib.core.errors import QlabError
+from qlib.core.io import make_folder
+
 
 def repo_root() -> Path:
     """The qlab checkout (QLAB_ROOT, else the nearest parent holding pyproject.toml + qlib/)."""
@@ -49,9 +52,12 @@ def staged_run(study: str, profile: str) -> Iterator[dict[str, tuple[Path, Path]
         return
     finals = {"results": results_dir(study, profile), "outputs": outputs_dir(study, profile)}
     stages = {k: p.with_name(f".{p.name}.staging") for k, p in finals.items()}
+    for k, final in finals.items():
+        if final.exists() and not final.is_dir():
+            raise QlabError(f"cannot write {k} of {study} to {final}: a file of that name is in the way; move it away")
     for d in stages.values():
         shutil.rmtree(d, ignore_errors=True)  # what a killed run left
-        d.mkdir(parents=True)
+        make_folder(d)
     _STAGING[(study, profile)] = stages
     try:
         yield {k: (stages[k], finals[k]) for k in finals}

@@ -3,13 +3,16 @@
 The model (a local folder, a registry key such as `smollm2-135m`, or a hub id where the hub can be reached) is
 written as FP16, an adapter merged into it first where one is given (dequantize-then-merge for a 4-bit base),
 then `formats.measure` writes, reloads and scores every format and `formats.decode` times them. Results go to
-results/formats/<model>/ (metrics.json in the results schema, the per-token NLL, table.md, quality_vs_size.png),
+results/formats/<model>/ (<model>: a hub or registry id, or a local folder's name and a hash of its path; a kept
+result of another model is never replaced) (metrics.json in the results schema, the per-token NLL, table.md, quality_vs_size.png),
 artifacts to outputs/default/formats/<model>/, both staged: all or nothing. Bad input that leaves something to
 measure (no tokenizer, an adapter for another base, text shorter than one window, an architecture llama.cpp's
 converter does not know) is one line in `problems`, and the formats that could be made are still reported.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -81,9 +84,30 @@ class Report:
 
 
 def slug(asset: assets.Resolved) -> str:
-    """The results folder's name: a local folder's own name, a hub id with `--` for `/`."""
-    name = Path(asset.id).name if asset.source == "folder" else asset.id.replace("/", "--")
+    """The results folder's name: a hub or registry id with `--` for `/`; a local folder's own name and a hash of
+    its full path, so two folders both called `merged` (or one named like a hub id) never share a result."""
+    if asset.source == "folder":
+        tag = hashlib.sha1(str(Path(asset.path).resolve()).encode()).hexdigest()[:8]
+        name = f"{Path(asset.id).name}-{tag}"
+    else:
+        name = asset.id.replace("/", "--")
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:100]
+
+
+def check_same_model(res: Path, asset: assets.Resolved) -> None:
+    """A kept result is replaced only by a run of the same model (its id; a local folder's path too: a cache's path
+    differs between machines, a folder's identity is its path), never silently by another's."""
+    kept = res / "metrics.json"
+    if not kept.is_file():
+        return
+    try:
+        was = json.loads(kept.read_text(encoding="utf-8"))["assets"]["model"]
+        same = was.get("id") == asset.id and (asset.source != "folder" or was.get("path") == asset.path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        same = False
+    if not same:
+        raise QlabError(f"{res} holds another model's result (or an unreadable one); pass --name to keep this run "
+                        f"beside it, or move that folder away")
 
 
 def resolve(model: str) -> assets.Resolved:
@@ -216,6 +240,7 @@ def run(cfg: Config) -> Report:
     set_seed(cfg.seed)
     asset = resolve(cfg.model)
     key, problems = slug(asset) + (f"-{cfg.name}" if cfg.name else ""), []
+    check_same_model(results_dir(f"{STUDY}/{key}", "default"), asset)
     with staged_run(f"{STUDY}/{key}", "default"):
         out, res = outputs_dir(f"{STUDY}/{key}", "default"), results_dir(f"{STUDY}/{key}", "default")
         tok = load_tokenizer(asset.path, problems)

@@ -65,7 +65,9 @@ def test_every_format_is_written_reloaded_and_measured(tiny_qwen, root):
     assert all(by[k]["inference_peak_mem_bytes"] is not None for k in list(by)[:7])
     # what a user reads: schema-valid metrics, the table, the figure, the per-token record, artifacts with metadata
     res = rep.path.parent
-    assert res.parent == root / "results" / "formats" and res.name == tiny_qwen.name  # a folder: its own name
+    assert res.parent == root / "results" / "formats" and res.name == formats_report.slug(
+        formats_report.resolve(str(tiny_qwen)))
+    assert res.name.startswith(f"{tiny_qwen.name}-") and len(res.name) == len(tiny_qwen.name) + 9  # name + path hash
     doc = results.load_metrics(res / "metrics.json")
     assert doc["study"] == "formats" and doc["problems"] == [] and len(doc["rows"]) == 9
     assert (res / "quality_vs_size.png").stat().st_size > 1000 and (res / "per_token_nll.csv.gz").is_file()
@@ -77,6 +79,23 @@ def test_every_format_is_written_reloaded_and_measured(tiny_qwen, root):
     text = report.formats_readme()
     assert f"python -m qlib formats {tiny_qwen} --formats bnb_int8,bnb_nf4,gguf_f16,gguf_q8_0,gguf_q4_0,gguf_q2_0`" \
         in text and "| gguf_q2_0 | llama.cpp |" in text  # a list other than the default is named
+
+
+def test_two_folders_of_one_name_never_share_a_result_and_a_kept_one_is_not_replaced_by_another_model(
+        tiny_qwen, root, tmp_path):
+    a, b = tmp_path / "x" / "merged", tmp_path / "y" / "merged"
+    for d in (a, b):
+        shutil.copytree(tiny_qwen, d)
+    ka, kb = (formats_report.slug(formats_report.resolve(str(d))) for d in (a, b))
+    assert ka != kb and ka.startswith("merged-") and kb.startswith("merged-")
+    kept = root / "results" / "formats" / ka
+    kept.mkdir(parents=True)
+    other = {"assets": {"model": {"id": "someone/else", "path": "/elsewhere"}}}
+    (kept / "metrics.json").write_text(json.dumps(other))
+    with pytest.raises(QlabError, match=f"{ka} holds another model's result.*--name"):
+        _run(a, formats=("gguf_q4_0",))
+    assert json.loads((kept / "metrics.json").read_text()) == other and list(kept.iterdir()) == [kept / "metrics.json"]
+    assert not (root / "outputs").exists()  # refused before anything was made
 
 
 def test_same_seed_same_numbers(tiny_qwen):

@@ -91,7 +91,7 @@ def test_importance_matrix_methods_are_measured_beside_their_controls(tiny):
     assert imat["kl_vs_control_lo"] <= imat["kl_vs_control"] <= imat["kl_vs_control_hi"]
     assert imat["kl_vs_control"] == pytest.approx(imat["kl_mean"] - by["gguf_q4_0"]["kl_mean"], abs=1e-9)
     # the matrix changed the rounding: same type, other bytes
-    out = rep.path.parent.parent.parent.parent / "outputs" / "default" / "formats" / src.name
+    out = rep.path.parent.parent.parent.parent / "outputs" / "default" / "formats" / rep.path.parent.name
     q4 = {p.name: p.read_bytes() for p in out.glob("*Q4-0*.gguf")}
     assert len(q4) == 2 and len(set(q4.values())) == 2
     assert (out / "imatrix.gguf").is_file()

@@ -185,6 +185,11 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, model):
     one_line(["train", "--profile", "smoke", "--steps", "0", "--adapters", str(tmp_path / "new")],
              "parameter steps must be at least 1, got 0")
     assert not (tmp_path / "new").exists()  # refused before anything was trained or saved
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    one_line(["train", "--profile", "smoke", "--steps", "1", "--adapters", str(mine)], "holds files qlab did not write")
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]  # a user's folder is never replaced
 
 
 def _cloze(answer: str) -> qa.QAExample:

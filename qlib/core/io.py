@@ -30,6 +30,18 @@ def make_folder(path: str | Path) -> Path:
     return p
 
 
+def check_replaceable(path: str | Path, markers: tuple[str, ...]) -> Path:
+    """A folder qlab may write over: absent, empty, or a previous artifact (holds one of `markers`); a user's own
+    folder (or a file) at that path is refused, so a typo never deletes someone's files."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise QlabError(f"{p} is a file, not a folder qlab wrote; pick another path or move it away")
+    if p.is_dir() and any(p.iterdir()) and not any((p / m).exists() for m in markers):
+        raise QlabError(f"{p} holds files qlab did not write (no {' or '.join(markers)}); it is not replaced: "
+                        "pick another path or empty it")
+    return p
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
     p = Path(path)

@@ -22,7 +22,7 @@ from qlib.choice import Item
 from qlib.config import make_config
 from qlib.core.device import pick_device, set_seed
 from qlib.core.errors import ArgumentParser, QlabError
-from qlib.core.io import atomic_write_text
+from qlib.core.io import atomic_write_text, check_replaceable
 from qlib.core.paths import outputs_dir, results_dir
 from qlib.quant.uniform import check_width
 from qlib.studies import StudyResult, block_precision, staged
@@ -520,9 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config(a.profile, steps=getattr(a, "steps", None), widths=getattr(a, "widths", None),
                             budget=getattr(a, "budget", None))
     device = pick_device(cfg.device)
+    folder = Path(a.adapters or outputs_dir(STUDY, cfg.profile) / f"adapters-{getattr(a, 'style', 'spnet')}")
+    if a.cmd == "train":
+        check_replaceable(folder, ("switchable.json",))  # before minutes of training, not after
     set_seed(cfg.seed)
     asset, tok, data = load_setup(cfg)
-    folder = Path(a.adapters or outputs_dir(STUDY, cfg.profile) / f"adapters-{getattr(a, 'style', 'spnet')}")
     if a.cmd == "train":
         model = switchable.build(asset.path, cfg.widths, cfg.lora_rank, device)
         tr = train_switchable(model, qa_loader(data.train, cfg.batch_size, tok.eos_token_id, cfg.seed), a.style,

@@ -2,6 +2,7 @@
 the loader detects each kind of artifact and rebuilds its quantization, and the QLoRA knobs reach the model."""
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -340,3 +341,40 @@ def test_a_file_or_folder_in_the_way_of_a_write_is_one_line_and_is_kept(tmp_path
         atomic_write_text(tmp_path / "summary.md", "x")
     assert (tmp_path / "notes").read_text() == "mine" and (tmp_path / "summary.md").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "summary.md"]  # no temp left behind
+
+
+def _staged(study, tag, files=("metrics.json",)):
+    from qlib.core.paths import staged_run
+
+    with staged_run(study, "default") as dirs:
+        for stage, _ in dirs.values():
+            for f in files:
+                (stage / f).write_text(tag)
+
+
+def test_results_and_outputs_of_a_run_replace_the_previous_together_or_not_at_all(tmp_path, monkeypatch):
+    import os
+
+    from qlib.core import paths
+    from qlib.core.errors import QlabError
+
+    monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
+    _staged("02_ptq", "run 1")
+    res, out = tmp_path / "results" / "02_ptq", tmp_path / "outputs" / "default" / "02_ptq"
+    real = os.replace
+
+    def outputs_cannot_move(src, dst):
+        if Path(src) == out:
+            raise PermissionError(13, "Permission denied", str(src))
+        real(src, dst)
+
+    monkeypatch.setattr(paths.os, "replace", outputs_cannot_move)
+    with pytest.raises(QlabError, match="02_ptq: the new run could not replace the previous one.*previous results and "
+                                        "outputs are kept"):
+        _staged("02_ptq", "run 2")
+    assert (res / "metrics.json").read_text() == "run 1" and (out / "metrics.json").read_text() == "run 1"
+    assert not (tmp_path / "results" / ".02_ptq.old").exists()  # nothing hidden for the next run to delete
+    monkeypatch.setattr(paths.os, "replace", real)
+    _staged("02_ptq", "run 3")
+    assert (res / "metrics.json").read_text() == "run 3" and (out / "metrics.json").read_text() == "run 3"
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["02_ptq"]

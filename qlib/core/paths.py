@@ -67,12 +67,30 @@ def staged_run(study: str, profile: str) -> Iterator[dict[str, tuple[Path, Path]
         raise
     finally:
         _STAGING.pop((study, profile), None)
+    _swap_in(study, stages, finals)
+
+
+def _swap_in(study: str, stages: dict[str, Path], finals: dict[str, Path]) -> None:
+    """Both staging folders replace results and outputs, or neither does: a move that fails undoes the ones
+    before it, so results and outputs always come from the same run."""
     olds = {k: p.with_name(f".{p.name}.old") for k, p in finals.items()}
-    for k, final in finals.items():
-        shutil.rmtree(olds[k], ignore_errors=True)
-        if final.exists():
-            os.replace(final, olds[k])
-        os.replace(stages[k], final)
+    done: list[tuple[Path, Path]] = []
+    try:
+        for k, final in finals.items():
+            shutil.rmtree(olds[k], ignore_errors=True)
+            if final.exists():
+                os.replace(final, olds[k])
+                done.append((final, olds[k]))
+        for k, final in finals.items():
+            os.replace(stages[k], final)
+            done.append((stages[k], final))
+    except OSError as e:
+        for src, dst in reversed(done):
+            with contextlib.suppress(OSError):
+                os.replace(dst, src)
+        raise QlabError(f"{study}: the new run could not replace the previous one ({e.strerror}: {e.filename}); "
+                        f"the previous results and outputs are kept, the new run is in "
+                        f"{', '.join(str(d) for d in stages.values())}") from None
     for old in olds.values():
         shutil.rmtree(old, ignore_errors=True)
 

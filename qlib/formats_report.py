@@ -117,8 +117,7 @@ def resolve(model: str) -> assets.Resolved:
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise QlabError(f"{p} is not a Hugging Face model folder (no config.json)")
-        if not any(p.glob("*.safetensors")):
-            raise QlabError(f"{p} has a config.json but no weights (*.safetensors)")
+        models.check_weights(p)
         return assets.Resolved("causal-lm", str(p.resolve()), "folder", str(p.resolve()))
     if model in assets.REGISTRY:
         return assets.resolve_model(assets.REGISTRY[model].role, model)

@@ -56,6 +56,33 @@ def save_model(model: torch.nn.Module, tokenizer: Any, path: str | Path,
     return Path(path)
 
 
+def check_weights(path: str | Path) -> list[Path]:
+    """A model folder's safetensors weights (model.safetensors, or the shards its index names), each readable to
+    the end of its header: a truncated file or a decoy is one line, and pickle weights (pytorch_model.bin) are
+    never a fallback."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    index = p / "model.safetensors.index.json"
+    try:
+        files = sorted({p / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()}) \
+            if index.is_file() else [p / "model.safetensors"]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise QlabError(f"corrupt {index}: {type(e).__name__}") from None
+    for f in files:
+        if not f.is_file():
+            pickle = [q.name for q in p.glob("*.bin")]
+            raise QlabError(f"{p}: {f.name} is missing" + (f" (qlab loads safetensors only, not the pickle "
+                                                           f"{pickle[0]}: convert it)" if pickle else ""))
+        try:
+            with safe_open(f, framework="pt") as st:
+                list(st.keys())
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for every kind of damage
+            raise QlabError(f"corrupt weights {f}: {str(e).splitlines()[0][:200]} (truncated or not safetensors)") \
+                from None
+    return files
+
+
 def check_checkpoint(path: str | Path) -> Path:
     """A saved model folder must hold config.json and a readable model.safetensors."""
     from safetensors import safe_open
@@ -142,9 +169,13 @@ def load_causal_lm(path: str | Path, method: str | None, device: torch.device,
             require_untied_head(path)
         kwargs["quantization_config"] = plan.bnb_config
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
-    except (OSError, ValueError) as e:
-        raise QlabError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0][:300]}") from None
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, use_safetensors=True,
+                                                           **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: a mis-shaped tensor
+        first = str(e).splitlines()[0][:300]
+        if "ignore_mismatched_sizes" in first:
+            first = "a weight's shape differs from what config.json declares (weights of another size or model)"
+        raise QlabError(f"cannot load a causal LM from {path}: {first}") from None
     if on_load:  # bitsandbytes renames what it quantizes on load; a plain load must be complete
         return model
     check_loading(Path(path), info)

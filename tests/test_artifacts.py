@@ -40,7 +40,7 @@ def test_a_truncated_gguf_is_named(tmp_path):
     data = f32.read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(QlabError, match=r"cut.gguf (is truncated|is not a readable GGUF)"):
+    with pytest.raises(QlabError, match=r"cut.gguf is truncated: tensor \S+ ends at byte"):
         artifacts.verify(cut)
 
 
@@ -60,6 +60,31 @@ def test_a_causal_lm_folder_loads_whole_or_is_named(tmp_path):
         artifacts.verify(broken)
     with pytest.raises(QlabError, match="not an artifact qlab knows"):
         artifacts.verify(broken / "config.json")
+    state[key] = torch.zeros(3, 3)  # a weight of another shape than config.json says
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(QlabError, match="a weight's shape differs from what config.json declares"):
+        artifacts.verify(broken)
+
+
+def test_truncated_decoy_or_pickle_only_weights_are_one_line_and_never_unpickled(tmp_path):
+    import shutil
+
+    from qlib import formats_report, models
+
+    src = pretrained_lm("qwen2-stdlib-tiny")
+    cut = shutil.copytree(src, tmp_path / "cut")
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(QlabError, match="corrupt weights .*model.safetensors: .*truncated or not safetensors"):
+        formats_report.resolve(str(cut))
+    decoy = shutil.copytree(src, tmp_path / "decoy")
+    (decoy / "model.safetensors").unlink()
+    (decoy / "pytorch_model.bin").write_bytes(b"a pickle qlab must never load")
+    (decoy / "decoy.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(QlabError, match="model.safetensors is missing .*not the pickle pytorch_model.bin"):
+        formats_report.resolve(str(decoy))
+    with pytest.raises(QlabError, match="cannot load a causal LM"):  # the loader itself never falls back to .bin
+        models.load_causal_lm(decoy, None, torch.device("cpu"))
 
 
 def test_a_classifier_adapter_on_a_plain_encoder_base_matches(tmp_path):

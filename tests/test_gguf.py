@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from qlib import metrics
+from qlib import artifacts, metrics
 from qlib.backends import gguf
 from qlib.core.errors import QlabError
 from qlib.pretrain import pretrained_lm
@@ -83,8 +83,13 @@ def test_tensor_table_from_the_header_matches_gguf_py(tiny_gpt2, tmp_path):
                                                               int(r.n_elements), int(r.n_bytes)), name
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(q4.read_bytes()[:5000])  # the header ends inside the vocabulary
-    with pytest.raises(QlabError, match="cut.gguf is not a readable GGUF file: error"):
+    with pytest.raises(QlabError, match="cut.gguf is truncated: its header ends past the end of the file"):
         gguf.read_tensors(cut)
+    cut.write_bytes(q4.read_bytes()[:-1000])  # the header whole, the last tensor's bytes cut short
+    with pytest.raises(QlabError, match=r"cut.gguf is truncated: tensor \S+ ends at byte [\d,]+, the file has"):
+        gguf.read_tensors(cut)
+    with pytest.raises(QlabError, match="cut.gguf is truncated: tensor"):  # inspect's reader names it the same way
+        artifacts.verify(cut)
     (tmp_path / "empty.gguf").write_bytes(b"")
     with pytest.raises(QlabError, match="not a readable GGUF file"):
         gguf.bits_per_weight(tmp_path / "empty.gguf")

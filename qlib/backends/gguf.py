@@ -210,6 +210,7 @@ def _reader(path: str | Path) -> Any:
         try:
             reader = _gguf_py().GGUFReader(str(path))
         except Exception as e:
+            _table(path)  # names a truncated file as truncated (gguf-py says "cannot reshape ...")
             raise QlabError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from None
         while len(_READERS) >= 4:
             _READERS.pop(next(iter(_READERS)))

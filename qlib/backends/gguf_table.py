@@ -68,21 +68,39 @@ def tensor_table(path: str | Path, quant_sizes: dict[Any, tuple[int, int]], type
             if magic != b"GGUF" or version not in (2, 3):
                 raise ValueError(f"not a little-endian GGUF v2/v3 file (magic {magic!r}, version {version})")
             n_tensors, n_kv = c.take("QQ")
+            align = 32  # GGUF's default; `general.alignment` may say otherwise
             for _ in range(n_kv):
-                c.string()
-                c.skip_value(c.take("I")[0])
-            out = {}
+                key, kind = c.string(), c.take("I")[0]
+                if key == b"general.alignment" and kind == 4:
+                    (align,) = c.take("I")
+                else:
+                    c.skip_value(kind)
+            out, ends = {}, []
             for _ in range(n_tensors):
                 name = c.string().decode("utf-8")
                 (n_dims,) = c.take("I")
                 shape = c.take("Q" * n_dims)
-                kind, _offset = c.take("IQ")
+                kind, offset = c.take("IQ")
                 ggml = type_names(kind)
                 block, size = quant_sizes[ggml]
                 n = 1
                 for d in shape:
                     n *= d
                 out[name] = TensorInfo(ggml.name, tuple(shape), n, n // block * size)
+                ends.append((offset + out[name].n_bytes, name))
+            _check_length(path, len(buf), -(-c.at // align) * align, ends)
             return out
-    except (OSError, ValueError, struct.error, KeyError, UnicodeDecodeError) as e:
+    except struct.error:
+        raise QlabError(f"{path} is truncated: its header ends past the end of the file ({Path(path).stat().st_size:,} "
+                        "bytes)") from None
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
         raise QlabError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from None
+
+
+def _check_length(path: str | Path, size: int, data_start: int, ends: list[tuple[int, str]]) -> None:
+    """Every tensor's bytes lie inside the file: a copy cut short is named as truncated."""
+    if ends:
+        end, name = max(ends)
+        if data_start + end > size:
+            raise QlabError(f"{path} is truncated: tensor {name} ends at byte {data_start + end:,}, the file has "
+                            f"{size:,}")

@@ -72,6 +72,8 @@ class Config:
         for what in ("text", "calibration"):
             if getattr(self, what) and not Path(getattr(self, what)).is_file():
                 raise QlabError(f"{what} file not found: {getattr(self, what)}")
+            if getattr(self, what):
+                read_text(getattr(self, what))  # binary or not UTF-8: refused before anything runs
 
 
 @dataclass
@@ -189,8 +191,17 @@ def load_calibration(cfg: Config, tok: Any, rest: torch.Tensor | None, problems:
 
 
 def read_text(path: str) -> str:
-    """A UTF-8 text file (undecodable bytes replaced)."""
-    return Path(path).read_text(encoding="utf-8", errors="replace")
+    """A UTF-8 text file; binary data or another encoding is refused (scored, it would yield a perplexity of
+    replacement characters)."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QlabError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start:,}): pass a UTF-8 "
+                        "text file") from None
+    if "\x00" in text:
+        raise QlabError(f"{path} holds NUL bytes: binary data, not text")
+    return text
 
 
 def baseline_tokens(rest: torch.Tensor | None, problems: list[str]) -> torch.Tensor | None:

@@ -187,7 +187,7 @@ def test_a_hub_id_resolves_through_the_hugging_face_cache(standin_hub, monkeypat
     assert rep.path.parent.name == "Qwen--Qwen2.5-1.5B-Instruct"
 
 
-def test_cli_prints_the_table_and_refuses_bad_input_in_one_line(tiny_qwen, capsys, monkeypatch):
+def test_cli_prints_the_table_and_refuses_bad_input_in_one_line(tiny_qwen, capsys, monkeypatch, tmp_path):
     import textwrap  # a text file a user brings: its first 256 tokens scored, the rest fits the n-gram baselines
 
     assert cli.main(["formats", str(tiny_qwen), "--formats", "fp16", "--context", "64", "--eval-tokens", "256",
@@ -196,6 +196,10 @@ def test_cli_prints_the_table_and_refuses_bad_input_in_one_line(tiny_qwen, capsy
     assert "| fp16 | transformers |" in out and "| bigram_kn | counts |" in out and "metrics.json" in out
     assert cli.main(["formats", str(tiny_qwen), "--formats", "gguf_q5"]) == 2
     assert "unknown format(s) gguf_q5" in capsys.readouterr().err
+    noise = tmp_path / "random.txt"
+    noise.write_bytes(bytes(range(128, 256)) * 100)  # not UTF-8: no perplexity of replacement characters
+    assert cli.main(["formats", str(tiny_qwen), "--text", str(noise)]) == 2
+    assert "is not UTF-8 text (byte 0x80 at offset 0)" in capsys.readouterr().err
     monkeypatch.setattr(hub, "offline", lambda: True)
     assert cli.main(["formats", "no-org/no-model"]) == 2
     err = capsys.readouterr().err

@@ -67,13 +67,16 @@ def test_assets_lists_registry():
     assert "minilm" in r.stdout and "mr-polarity" in r.stdout and "bert-base-uncased" in r.stdout
 
 
-def test_unknown_model_id_through_a_notebook_run():
-    """The notebook fails inside papermill; the CLI still prints one line naming the id."""
-    r = qlib("run", "01", "--profile", "smoke", "-p", "model_id", "no-org/no-model")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("qlab: error:")]
-    assert len(errors) == 1 and errors[0] == r.stderr.strip().splitlines()[-1]  # above it: progress only
-    assert "'no-org/no-model'" in errors[0] and "offline" in errors[0] and "failed in cell" in errors[0]
+@pytest.mark.parametrize("args, needle", [
+    (["01", "-p", "model_id", "no-org/no-model"], "'no-org/no-model' is not in the local Hugging Face cache"),
+    (["05", "-p", "ladder_model_id", "/nonexistent/model"], "model folder not found: /nonexistent/model"),
+    (["06", "-p", "block_model_id", "no-org/no-model"], "role 'llama-arch'"),
+])
+def test_unknown_model_ids_are_refused_before_papermill_starts(tmp_path, args, needle):
+    """Resolved before any notebook runs: one line naming the id, nothing executed or written."""
+    r = qlib("run", *args, "--profile", "smoke", env=_root_with_notebooks(tmp_path))
+    _one_clear_line(r, needle)
+    assert "[qlab] running" not in r.stdout and not (tmp_path / "results").exists()
 
 
 def test_a_failing_notebook_does_not_stop_the_others():

@@ -22,6 +22,9 @@ BERT_TABLE = "BERT compression (01-04, same encoder, same held-out split)"
 README = results.readme_block(summary_tables={BERT_TABLE: ["fp32"]})
 
 
+MODEL_ROLES = {"model_id": "encoder"}  # each model-id parameter's asset role
+
+
 @dataclass(frozen=True)
 class Config:
     """Notebook 01: full-precision fine-tune of the BERT-family encoder (one field per parameter)."""

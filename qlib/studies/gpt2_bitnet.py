@@ -69,6 +69,9 @@ REGIMES: dict[str, RegimeSpec] = {
 CONTROLS = {"qlora": "lora", "bitnet": "bitnet_ptq", "int8": "fp32", "nf4": "fp32"}
 
 
+MODEL_ROLES = {"model_id": "causal-lm", "ladder_model_id": "llama-arch"}  # each model-id parameter's asset role
+
+
 @dataclass(frozen=True)
 class Config:
     """Notebook 05's parameters."""

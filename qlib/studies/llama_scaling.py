@@ -40,6 +40,9 @@ H100_SOURCE = ("plain bitsandbytes 0.50.2 + peft on an H100 80GB, LLaMA-7B archi
                "bf16, seq 512, batch 1, checkpointing, PagedAdamW8bit (ASSETS.md, measured 2026-11-23)")
 
 
+MODEL_ROLES = {"model_id": "llama-arch"}  # each model-id parameter's asset role
+
+
 @dataclass(frozen=True)
 class Config:
     """Notebook 07's parameters."""

@@ -28,6 +28,9 @@ README = results.readme_block(published={"qlora": "NF4+DQ: 4.127 bits/param (Det
                               gpu_pairs=[("qlora", "fp32", "01_baseline")])  # on the CPU, 01 ran the FP32 fine-tune
 
 
+MODEL_ROLES = {"model_id": "encoder"}  # each model-id parameter's asset role
+
+
 @dataclass(frozen=True)
 class Config:
     """Notebook 04's parameters."""

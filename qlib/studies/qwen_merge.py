@@ -31,6 +31,9 @@ BAR = {"q4_0_decode_speedup_min": 1.8, "q8_0_perplexity_ratio_max": 1.005}
 REFERENCE_Q4_0_PPL_INCREASE = 0.042
 
 
+MODEL_ROLES = {"model_id": "qwen-arch"}  # each model-id parameter's asset role
+
+
 @dataclass(frozen=True)
 class Config:
     """Notebook 08's parameters."""

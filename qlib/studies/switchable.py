@@ -31,6 +31,9 @@ from qlib.switchable import STYLES, style_bitmaps, train_switchable
 STUDY = "06_switchable_precision"
 
 
+MODEL_ROLES = {"model_id": "causal-lm", "block_model_id": "llama-arch"}  # each model-id parameter's asset role
+
+
 @dataclass(frozen=True)
 class Config:
     """Notebook 06's parameters."""

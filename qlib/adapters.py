@@ -120,7 +120,25 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tup
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:
         raise QlabError(f"corrupt adapter in {d}: {type(e).__name__}: {e}") from None
+    _check_adapter_config(cfg_path, cfg)
     return cfg, shapes
+
+
+def _check_adapter_config(path: Path, cfg: Any) -> None:
+    """The adapter_config.json fields qlab reads have the types peft writes (a hand-edited file is one line)."""
+    if not isinstance(cfg, dict):
+        raise QlabError(f"corrupt {path}: a JSON object is expected, got {type(cfg).__name__}")
+    targets = cfg.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise QlabError(f"corrupt {path}: target_modules must be a list of module names (or a regex), got {targets!r}")
+    for key, kind in (("r", int), ("lora_alpha", (int, float))):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, kind) or v <= 0):
+            raise QlabError(f"corrupt {path}: {key} must be a positive number, got {v!r}")
+    for key in ("base_model_name_or_path", "task_type"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            raise QlabError(f"corrupt {path}: {key} must be a string, got {cfg[key]!r}")
 
 
 def check_adapter(base: torch.nn.Module, adapter_dir: str | Path) -> dict[str, Any]:

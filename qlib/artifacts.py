@@ -107,11 +107,11 @@ def _load_adapter(p: Path, d: runmeta.Detected, dev: torch.device, dequantize: b
 def _load_ternary(p: Path) -> torch.nn.Module:
     """The packed BitNet: the architecture from config.json, frozen to ternary form, codes unpacked into it."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if not (p / "config.json").is_file():
         raise QlabError(f"{p}: the packed ternary model has no config.json beside it")
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(p))
+    model = AutoModelForCausalLM.from_config(_config(p))
     quant.apply(model, "bitnet")
     bitnet.freeze_ternary(model)
     try:
@@ -145,10 +145,28 @@ def _model(p: Path) -> list[str]:
             check_tokenizer(p, tok, model.config.vocab_size)
     else:
         model, tok = load_saved_classifier(p)
+    check_finite(p, model)
     n = param_counts(model)["total_params"]
     said = f"tokenizer {len(tok):,} tokens" if tok is not None else "no tokenizer saved in the folder"
     return [f"{p}: {type(model).__name__}, {n:,} params, {size_on_disk(p / 'model.safetensors') / 2**20:.1f} MiB "
             f"safetensors, {said}: loads whole"]
+
+
+def _config(p: Path) -> Any:
+    """A folder's config.json as transformers reads it; a corrupt or unknown one is one line naming the folder."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(p)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise QlabError(f"corrupt {p / 'config.json'}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def check_finite(p: Path, model: torch.nn.Module) -> None:
+    """Every floating-point weight is finite: a NaN or Inf loads without complaint and poisons every output."""
+    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise QlabError(f"{p}: {len(bad)} weight tensor(s) hold NaN or Inf (first: {bad[0]}); it loads, but not whole")
 
 
 def _architectures(p: Path) -> list[str]:
@@ -171,8 +189,9 @@ def _adapter(p: Path) -> list[str]:
     """The adapter's files; against its base where the base is a local folder (adapter/base match)."""
     cfg, shapes = read_adapter(p)
     base = cfg.get("base_model_name_or_path")
+    targets = cfg.get("target_modules") or []
     line = (f"{p}: LoRA adapter r={cfg.get('r')}, alpha {cfg.get('lora_alpha')}, targets "
-            f"{sorted(cfg.get('target_modules') or [])}, base {base!r}")
+            f"{targets if isinstance(targets, str) else sorted(targets)}, base {base!r}")
     if base and Path(base).is_dir() and (Path(base) / "config.json").is_file():
         match_adapter(_skeleton(Path(base), cfg.get("task_type"), shapes), shapes)
         return [line, "  matches its base (every adapted layer exists with the right shape)"]
@@ -184,7 +203,7 @@ def _skeleton(base: Path, task: str | None, shapes: dict[str, tuple[int, ...]]) 
     are all the match needs. A classifier gets as many labels as the adapter's saved head has rows."""
     import transformers
 
-    conf = transformers.AutoConfig.from_pretrained(base)
+    conf = _config(base)
     auto = {"SEQ_CLS": transformers.AutoModelForSequenceClassification,
             "CAUSAL_LM": transformers.AutoModelForCausalLM}.get(task or "")
     if auto is transformers.AutoModelForSequenceClassification:

@@ -199,6 +199,9 @@ def read_meta(artifact: str | Path) -> dict[str, Any] | None:
     bits = q.get("weights_bits")
     if not isinstance(bits, (int, float)) or isinstance(bits, bool):
         raise QlabError(f"corrupt metadata {p}: quantization.weights_bits must be a number, got {bits!r}")
+    if not isinstance(q.get("extras") or {}, dict):
+        raise QlabError(f"corrupt metadata {p}: quantization.extras must be a JSON object, got "
+                        f"{type(q['extras']).__name__}")
     return doc
 
 

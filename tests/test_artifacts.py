@@ -27,6 +27,16 @@ def test_an_adapter_is_checked_against_its_local_base(tmp_path):
     cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": str(tmp_path / "wide")}))
     with pytest.raises(QlabError, match="hidden size differs"):
         artifacts.verify(tmp_path / "adapter")
+    for bad, needle in (([1, 2], "a JSON object is expected, got list"),
+                        ({**cfg, "target_modules": 5}, "target_modules must be a list of module names"),
+                        ({**cfg, "r": "four"}, "r must be a positive number")):
+        cfg_path.write_text(json.dumps(bad))
+        with pytest.raises(QlabError, match=f"corrupt .*adapter_config.json: {needle}"):
+            artifacts.verify(tmp_path / "adapter")
+    (tmp_path / "wide" / "config.json").write_text("{broken")  # the base's config, not the adapter's
+    cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": str(tmp_path / "wide")}))
+    with pytest.raises(QlabError, match=r"corrupt .*wide/config.json"):
+        artifacts.verify(tmp_path / "adapter")
     (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00garbage")
     with pytest.raises(QlabError, match="corrupt adapter"):
         artifacts.verify(tmp_path / "adapter")
@@ -60,6 +70,10 @@ def test_a_causal_lm_folder_loads_whole_or_is_named(tmp_path):
         artifacts.verify(broken)
     with pytest.raises(QlabError, match="not an artifact qlab knows"):
         artifacts.verify(broken / "config.json")
+    state[key] = torch.full((256, 768), float("nan"))  # the right shape, every value NaN: loads, not whole
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(QlabError, match="1 weight tensor.s. hold NaN or Inf .first: .*c_attn.weight"):
+        artifacts.verify(broken)
     state[key] = torch.zeros(3, 3)  # a weight of another shape than config.json says
     save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(QlabError, match="a weight's shape differs from what config.json declares"):

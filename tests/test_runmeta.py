@@ -249,6 +249,14 @@ def test_a_packed_ternary_model_and_a_gguf_are_detected(tmp_path):
     ids = torch.arange(1, 9).reshape(1, -1)
     with torch.no_grad():
         assert det.method == "bitnet" and torch.equal(loaded(input_ids=ids).logits, frozen(input_ids=ids).logits)
+    (d / "config.json").write_text("{not json")  # a damaged copy: one line, the weights untouched
+    with pytest.raises(QlabError, match=r"corrupt .*config.json: "):
+        artifacts.verify(d)
+    meta = json.loads(runmeta.meta_path(d).read_text())
+    meta["quantization"]["extras"] = ["keep_lm_head_fp16"]
+    runmeta.meta_path(d).write_text(json.dumps(meta))
+    with pytest.raises(QlabError, match="quantization.extras must be a JSON object, got list"):
+        artifacts.verify(d)
     f = gguf.ship(gguf.convert(src, tmp_path / "x.gguf", "f32", pre_tokenizer="gpt-2"), info, "PTQ", "none", "f32")
     assert f.name.startswith("gpt2-stdlib-tiny-stdlib-code_PTQ_none_GGUF-F32_w32_head") and not (tmp_path / "x.gguf").exists()
     det = runmeta.detect(f)

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,7 @@ def run_notebook(nb: Path, profile: str, params: dict[str, object]) -> Path:
     final, tmp = out_dir / nb.name, out_dir / f".{nb.stem}.running.ipynb"
     failed = out_dir / f"{nb.stem}.failed.ipynb"
     failed.unlink(missing_ok=True)
+    before = staging_folders(profile)
     try:
         pm.execute_notebook(str(nb), str(tmp), parameters={"profile": profile, **params},
                             cwd=str(nb.parent), kernel_name="python3", progress_bar=True)
@@ -48,8 +52,19 @@ def run_notebook(nb: Path, profile: str, params: dict[str, object]) -> Path:
         os.replace(tmp, failed)
         raise QlabError(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
                         f"(executed copy: {failed})") from None
+    except BaseException:  # Ctrl-C or SIGTERM: the kernel was stopped mid-cell and could not clean up after itself
+        tmp.unlink(missing_ok=True)
+        for d in staging_folders(profile) - before:
+            shutil.rmtree(d, ignore_errors=True)
+        raise
     os.replace(tmp, final)
     return final
+
+
+def staging_folders(profile: str) -> set[Path]:
+    """The studies' staging folders of a profile (`core.paths.staged_run`), in results/ and outputs/."""
+    res = repo_root() / "results" / ("" if profile == "default" else profile)
+    return {p for base in (res, repo_root() / "outputs" / profile) for p in base.glob(".*.staging")}
 
 
 def notebook_parameters(nb: Path) -> list[str]:
@@ -326,11 +341,38 @@ def main(argv: list[str] | None = None) -> int:
         run = lambda: switchable_main(argv)  # noqa: E731
     else:
         run = lambda: (lambda args: args.fn(args))(build_parser().parse_args(argv))  # noqa: E731
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in before.items():
+        if handler is not signal.SIG_IGN:  # a background job keeps ignoring Ctrl-C
+            signal.signal(sig, _stop)
     try:
         return run()
     except QlabError as e:
         print(f"qlab: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("qlab: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        import logging
+
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # the stopped kernel's pending cell, at exit
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
+        print(f"\nqlab: {what}; nothing half-written was kept", file=sys.stderr)
+        return 130 if what == "interrupted" else 143
+    finally:
+        for sig, handler in before.items():  # main() called in-process (tests, a notebook) leaves them as found
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is so that every clean-up on the way out runs (as for Ctrl-C)."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    """Ctrl-C or SIGTERM: the notebook kernel (its own session, so the terminal's signal never reached it) and what
+    it started are stopped first, before they can print their own tracebacks; then the exception unwinds the run."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated

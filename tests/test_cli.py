@@ -157,3 +157,25 @@ def test_report_with_a_folder_where_the_summary_goes_is_one_line(tmp_path):
     (tmp_path / "results" / "summary.md").mkdir()
     _one_clear_line(qlib("report", env=_root_with_notebooks(tmp_path)), "summary.md: a folder of that name is in the way")
     assert (tmp_path / "results" / "summary.md").is_dir()
+
+
+@pytest.mark.parametrize("sig, code, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_ctrl_c_or_sigterm_mid_notebook_is_one_line_and_leaves_no_staging(tmp_path, sig, code, word):
+    import signal
+    import time
+
+    env = _root_with_notebooks(tmp_path)
+    p = subprocess.Popen([sys.executable, "-m", "qlib", "run", "02", "--profile", "smoke"], env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal has it
+    staged = tmp_path / "results" / "smoke" / ".02_ptq.staging"
+    deadline = time.time() + 120
+    while not staged.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert staged.exists(), "the notebook never reached its staged run"
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == code and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"qlab: {word}; nothing half-written was kept"
+    left = [str(x.relative_to(tmp_path)) for x in tmp_path.rglob(".*") if x.name != "notebooks"]
+    assert left == [] and not (tmp_path / "results" / "smoke" / "02_ptq").exists()

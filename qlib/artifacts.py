@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from qlib import adapters, models, quant, runmeta
+from qlib import adapters, models, quant, runmeta, vocab
 from qlib.adapters import match_adapter, read_adapter
 from qlib.backends import gguf
 from qlib.core.errors import QlabError
@@ -146,6 +146,7 @@ def _model(p: Path) -> list[str]:
     else:
         model, tok = load_saved_classifier(p)
     check_finite(p, model)
+    check_own_tokenizer(p)
     n = param_counts(model)["total_params"]
     said = f"tokenizer {len(tok):,} tokens" if tok is not None else "no tokenizer saved in the folder"
     return [f"{p}: {type(model).__name__}, {n:,} params, {size_on_disk(p / 'model.safetensors') / 2**20:.1f} MiB "
@@ -160,6 +161,15 @@ def _config(p: Path) -> Any:
         return AutoConfig.from_pretrained(p)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise QlabError(f"corrupt {p / 'config.json'}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def check_own_tokenizer(p: Path) -> None:
+    """The tokenizer files are the ones saved with the model, where its metadata fingerprinted them: a foreign
+    tokenizer of the same size loads, and maps every text to ids that mean other words."""
+    said = (runmeta.read_meta(p) or {}).get("tokenizer_sha256")
+    if said and vocab.fingerprint(p) not in (None, said):
+        raise QlabError(f"{p}: its tokenizer files are not the ones saved with the model (their vocabulary differs "
+                        f"from the fingerprint in {runmeta.META_FILE}): a foreign tokenizer")
 
 
 def check_finite(p: Path, model: torch.nn.Module) -> None:

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from qlib import quant
+from qlib import quant, vocab
 from qlib.assets import Resolved, minilm_dir
 from qlib.config import build_quantization_plan
 from qlib.core.device import compute_dtype, device_map
@@ -52,7 +52,9 @@ def save_model(model: torch.nn.Module, tokenizer: Any, path: str | Path,
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if metadata is not None:
-            (tmp / "qlab.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
+            tok = vocab.fingerprint(tmp)
+            (tmp / "qlab.json").write_text(json.dumps({**metadata, **({"tokenizer_sha256": tok} if tok else {})},
+                                                      indent=2, sort_keys=True))
     return Path(path)
 
 

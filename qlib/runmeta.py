@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from qlib import vocab
 from qlib.config import QuantizationPlan, QuantMethod, build_quantization_plan
 from qlib.core import __version__
 from qlib.core.device import dtype_name
@@ -175,7 +176,10 @@ class RunInfo:
 
 
 def write_meta(folder_or_file: str | Path, doc: dict[str, Any]) -> Path:
-    """Write the metadata next to (a file) or into (a folder, e.g. an `atomic_dir` staging folder) an artifact."""
+    """Write the metadata next to (a file) or into (a folder, e.g. an `atomic_dir` staging folder) an artifact; a
+    folder's tokenizer, if saved already, is fingerprinted into it (`inspect` then names a foreign one)."""
+    tok = vocab.fingerprint(folder_or_file) if Path(folder_or_file).is_dir() else None
+    doc = {**doc, "tokenizer_sha256": tok} if tok else doc
     return atomic_write_text(meta_path(folder_or_file), json.dumps(doc, indent=2, sort_keys=True, default=str))
 
 

@@ -110,3 +110,19 @@ def test_a_classifier_adapter_on_a_plain_encoder_base_matches(tmp_path):
     base = adapters.load_nf4_classifier(tmp_path / "encoder", 3, torch.device("cpu"))
     adapters.add_lora(base, rank=2).save_pretrained(tmp_path / "adapter")
     assert "matches its base" in artifacts.verify(tmp_path / "adapter")[1]
+
+
+def test_a_foreign_tokenizer_of_the_same_size_is_named(tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlib import models, runmeta
+
+    src, other = pretrained_lm("gpt2-stdlib-tiny"), pretrained_lm("qwen2-stdlib-tiny")  # both 512 tokens
+    d = models.save_model(AutoModelForCausalLM.from_pretrained(src), AutoTokenizer.from_pretrained(src),
+                          tmp_path / "lm", {"note": "a fine-tune"})
+    assert runmeta.read_meta(d)["tokenizer_sha256"] and "loads whole" in artifacts.verify(d)[0]
+    shutil.copy(other / "tokenizer.json", d / "tokenizer.json")
+    with pytest.raises(QlabError, match="its tokenizer files are not the ones saved with the model"):
+        artifacts.verify(d)

@@ -268,6 +268,9 @@ def _offline_hint(role: str) -> str:
             f"{param}={default!r}, or a local folder)")
 
 
+SPLIT_FILES = ["*.parquet", "**/*.parquet", "*.jsonl", "**/*.jsonl", "*.csv", "**/*.csv", "*.py"]  # of a hub dataset
+
+
 def dataset_for(asset: Resolved, columns: tuple[str, ...] = ()) -> Any:
     """The asset's splits as a `datasets.DatasetDict`: a pinned hub dataset read as parquet files, any other
     hub dataset's split files, or a local folder (parquet/jsonl/csv split files or a saved DatasetDict)."""
@@ -278,11 +281,21 @@ def dataset_for(asset: Resolved, columns: tuple[str, ...] = ()) -> Any:
     spec = hub.HUB_DATASETS.get(asset.id)
     if spec is not None:
         return hub.load_hub_dataset(spec, _offline_hint(asset.role))
-    root = hub.snapshot(asset.id, repo_type="dataset", patterns=["*.parquet", "**/*.parquet", "*.jsonl",
-                                                                 "**/*.jsonl", "*.csv", "**/*.csv", "*.py"],
-                        offline_hint=_offline_hint(asset.role))
+    root = hub.snapshot(asset.id, repo_type="dataset", patterns=SPLIT_FILES, offline_hint=_offline_hint(asset.role))
     hub.refuse_script_repo(root, asset.id)
     return hub.load_local_dataset(root, columns)
+
+
+def check_data(role: str, key: str) -> Resolved:
+    """`resolve_data`, and a hub dataset's files found (cache, else the hub): an offline or unknown id is one line
+    before a run starts, not minutes into it. A folder's contents are checked when it is read."""
+    r = resolve_data(role, key)
+    if r.source == "hub":
+        spec = hub.HUB_DATASETS.get(r.id)
+        hub.snapshot(r.id, repo_type="dataset", revision=spec.revision if spec else None,
+                     patterns=[f for fs in spec.files.values() for f in fs] if spec else SPLIT_FILES,
+                     offline_hint=_offline_hint(role))
+    return r
 
 
 def _lookup(role: str, key: str) -> Asset | None:

@@ -98,17 +98,22 @@ def check_params(nbs: list[Path], profile: str, params: dict[str, object]) -> No
             raise QlabError(f"unknown parameter(s) for {nb.stem}: {', '.join(unknown)}; valid: {', '.join(names)}")
         if nb.stem in STUDIES and params:
             study(nb.stem).config(profile, **params)
-            check_model_ids(study(nb.stem), profile, params)
+            check_asset_ids(study(nb.stem), profile, params)
 
 
-def check_model_ids(mod: Any, profile: str, params: dict[str, object]) -> None:
-    """A model id given with -p resolves now (an unknown or offline hub id, a missing folder or one holding the
-    wrong kind of model: one line) rather than minutes into the notebook. The gpu profile builds random weights."""
+def check_asset_ids(mod: Any, profile: str, params: dict[str, object]) -> None:
+    """A model or dataset id given with -p resolves now (an unknown or offline hub id, a missing folder or one
+    holding the wrong kind of model: one line) rather than minutes into the notebook. The gpu profile builds random
+    weights."""
     from qlib import assets
 
-    for name, role in getattr(mod, "MODEL_ROLES", {}).items():
+    for name, role in getattr(mod, "ASSET_ROLES", {}).items():
         key = params.get(name)
-        if isinstance(key, str) and key and profile != "gpu":
+        if not (isinstance(key, str) and key) or (profile == "gpu" and not name.endswith("dataset_id")):
+            continue
+        if name.endswith("dataset_id"):
+            assets.check_data(role, key)
+        else:
             assets.resolve_model(role, key)
 
 

@@ -71,16 +71,22 @@ def test_assets_lists_registry():
     (["01", "-p", "model_id", "no-org/no-model"], "'no-org/no-model' is not in the local Hugging Face cache"),
     (["05", "-p", "ladder_model_id", "/nonexistent/model"], "model folder not found: /nonexistent/model"),
     (["06", "-p", "block_model_id", "no-org/no-model"], "role 'llama-arch'"),
+    (["01", "04", "-p", "dataset_id", "no-org/no-data"], "no-org/no-data"),
+    (["05", "-p", "dataset_id", "/nonexistent/data"], "dataset folder not found: /nonexistent/data"),
 ])
-def test_unknown_model_ids_are_refused_before_papermill_starts(tmp_path, args, needle):
+def test_unknown_model_and_dataset_ids_are_refused_before_papermill_starts(tmp_path, args, needle):
     """Resolved before any notebook runs: one line naming the id, nothing executed or written."""
     r = qlib("run", *args, "--profile", "smoke", env=_root_with_notebooks(tmp_path))
     _one_clear_line(r, needle)
     assert "[qlab] running" not in r.stdout and not (tmp_path / "results").exists()
 
 
-def test_a_failing_notebook_does_not_stop_the_others():
-    r = qlib("run", "01", "04", "--profile", "smoke", "-p", "dataset_id", "no-org/no-data")  # both fail fast offline
+def test_a_failing_notebook_does_not_stop_the_others(tmp_path):
+    data = tmp_path / "data"  # resolves (a folder), then fails inside both notebooks: it has no label column
+    data.mkdir()
+    for split in ("train", "validation", "test"):
+        (data / f"{split}.jsonl").write_text('{"sentence": "a"}\n' * 4)
+    r = qlib("run", "01", "04", "--profile", "smoke", "-p", "dataset_id", str(data), env=_root_with_notebooks(tmp_path))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     failed = [line for line in r.stderr.splitlines() if line.startswith("[qlab] failed:")]
     assert len(failed) == 2 and "01_baseline.ipynb" in failed[0] and "04_qlora_bert.ipynb" in failed[1]

@@ -22,7 +22,8 @@ BERT_TABLE = "BERT compression (01-04, same encoder, same held-out split)"
 README = results.readme_block(summary_tables={BERT_TABLE: ["fp32"]})
 
 
-MODEL_ROLES = {"model_id": "encoder"}  # each model-id parameter's asset role
+# the asset role of each id parameter (`python -m qlib run` resolves a -p id before papermill starts)
+ASSET_ROLES = {"model_id": "encoder", "dataset_id": "classification"}
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,8 @@ REGIMES: dict[str, RegimeSpec] = {
 CONTROLS = {"qlora": "lora", "bitnet": "bitnet_ptq", "int8": "fp32", "nf4": "fp32"}
 
 
-MODEL_ROLES = {"model_id": "causal-lm", "ladder_model_id": "llama-arch"}  # each model-id parameter's asset role
+# the asset role of each id parameter (`python -m qlib run` resolves a -p id before papermill starts)
+ASSET_ROLES = {"model_id": "causal-lm", "ladder_model_id": "llama-arch", "dataset_id": "code"}
 
 
 @dataclass(frozen=True)

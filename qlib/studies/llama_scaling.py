@@ -40,7 +40,8 @@ H100_SOURCE = ("plain bitsandbytes 0.50.2 + peft on an H100 80GB, LLaMA-7B archi
                "bf16, seq 512, batch 1, checkpointing, PagedAdamW8bit (ASSETS.md, measured 2026-11-23)")
 
 
-MODEL_ROLES = {"model_id": "llama-arch"}  # each model-id parameter's asset role
+# the asset role of each id parameter (`python -m qlib run` resolves a -p id before papermill starts)
+ASSET_ROLES = {"model_id": "llama-arch", "dataset_id": "code"}
 
 
 @dataclass(frozen=True)

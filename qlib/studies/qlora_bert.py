@@ -28,7 +28,8 @@ README = results.readme_block(published={"qlora": "NF4+DQ: 4.127 bits/param (Det
                               gpu_pairs=[("qlora", "fp32", "01_baseline")])  # on the CPU, 01 ran the FP32 fine-tune
 
 
-MODEL_ROLES = {"model_id": "encoder"}  # each model-id parameter's asset role
+# the asset role of each id parameter (`python -m qlib run` resolves a -p id before papermill starts)
+ASSET_ROLES = {"model_id": "encoder", "dataset_id": "classification"}
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ BAR = {"q4_0_decode_speedup_min": 1.8, "q8_0_perplexity_ratio_max": 1.005}
 REFERENCE_Q4_0_PPL_INCREASE = 0.042
 
 
-MODEL_ROLES = {"model_id": "qwen-arch"}  # each model-id parameter's asset role
+# the asset role of each id parameter (`python -m qlib run` resolves a -p id before papermill starts)
+ASSET_ROLES = {"model_id": "qwen-arch", "dataset_id": "code"}
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from qlib.switchable import STYLES, style_bitmaps, train_switchable
 STUDY = "06_switchable_precision"
 
 
-MODEL_ROLES = {"model_id": "causal-lm", "block_model_id": "llama-arch"}  # each model-id parameter's asset role
+# the asset role of each id parameter (`python -m qlib run` resolves a -p id before papermill starts)
+ASSET_ROLES = {"model_id": "causal-lm", "block_model_id": "llama-arch", "dataset_id": "qa"}
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ ROOT = Path(qlib.__file__).parent
 LAYERS: list[tuple[str, list[str]]] = [
     ("ground floor", ["core", "core.errors", "core.io", "core.paths", "core.device", "core.pip"]),
     ("foundations", ["config", "vocab", "runmeta", "results", "figures", "metrics", "fidelity", "ngram", "accounting",
-                     "corpus", "hub", "quant.uniform", "quant.nf4", "quant.bitnet", "quant.ptq", "quant.qat", "quant.ladder",
-                     "quant.imatrix", "quant.api", "quant"]),
+                     "corpus", "hub", "quant.uniform", "quant.nf4", "quant.bitnet", "quant.ptq", "quant.qat",
+                     "quant.ladder", "quant.imatrix", "quant.api", "quant"]),
     ("models and data", ["pretrain", "assets", "data", "qa", "choice", "budget", "models", "adapters", "train",
                          "backends", "backends.onnx", "backends.gguf_table", "backends.gguf",
                          "backends.bnb"]),

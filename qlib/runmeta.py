@@ -176,9 +176,12 @@ class RunInfo:
 
 
 def write_meta(folder_or_file: str | Path, doc: dict[str, Any]) -> Path:
-    """Write the metadata next to (a file) or into (a folder, e.g. an `atomic_dir` staging folder) an artifact; a
-    folder's tokenizer, if saved already, is fingerprinted into it (`inspect` then names a foreign one)."""
+    """Write the metadata next to (a file) or into (a folder, e.g. an `atomic_dir` staging folder) an artifact; the
+    tokenizer it goes with (the folder's own if saved already, else its base model's) is fingerprinted into it, so
+    `inspect` names a foreign one put beside it later."""
+    base = doc.get("base_model_path")
     tok = vocab.fingerprint(folder_or_file) if Path(folder_or_file).is_dir() else None
+    tok = tok or (vocab.fingerprint(base) if isinstance(base, str) and Path(base).is_dir() else None)
     doc = {**doc, "tokenizer_sha256": tok} if tok else doc
     return atomic_write_text(meta_path(folder_or_file), json.dumps(doc, indent=2, sort_keys=True, default=str))
 

@@ -126,3 +126,12 @@ def test_a_foreign_tokenizer_of_the_same_size_is_named(tmp_path):
     shutil.copy(other / "tokenizer.json", d / "tokenizer.json")
     with pytest.raises(QlabError, match="its tokenizer files are not the ones saved with the model"):
         artifacts.verify(d)
+    bare = tmp_path / "no-tokenizer"  # a study folder saved without tokenizer files: its base's is the one
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(bare)
+    info = runmeta.RunInfo("99_test", "smoke", 0, "gpt2-stdlib-tiny", str(src), "stdlib-code")
+    runmeta.write_meta(bare, info.meta(bare.name, "fp32", "model", "fp32"))
+    assert runmeta.read_meta(bare)["tokenizer_sha256"] == runmeta.read_meta(d)["tokenizer_sha256"]
+    for f in other.glob("tokenizer*"):
+        shutil.copy(f, bare / f.name)
+    with pytest.raises(QlabError, match="a foreign tokenizer"):
+        artifacts.verify(bare)

@@ -345,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
 
         run = lambda: switchable_main(argv)  # noqa: E731
     else:
-        run = lambda: (lambda args: args.fn(args))(build_parser().parse_args(argv))  # noqa: E731
+        def run() -> int:  # parsing inside the try below: a usage mistake is a QlabError too
+            args = build_parser().parse_args(argv)
+            return args.fn(args)
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig, handler in before.items():
         if handler is not signal.SIG_IGN:  # a background job keeps ignoring Ctrl-C

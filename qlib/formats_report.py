@@ -3,9 +3,9 @@
 The model (a local folder, a registry key such as `smollm2-135m`, or a hub id where the hub can be reached) is
 written as FP16, an adapter merged into it first where one is given (dequantize-then-merge for a 4-bit base),
 then `formats.measure` writes, reloads and scores every format and `formats.decode` times them. Results go to
-results/formats/<model>/ (<model>: a hub or registry id, or a local folder's name and a hash of its path; a kept
-result of another model is never replaced) (metrics.json in the results schema, the per-token NLL, table.md, quality_vs_size.png),
-artifacts to outputs/default/formats/<model>/, both staged: all or nothing. Bad input that leaves something to
+results/formats/<model>/ (metrics.json in the results schema, the per-token NLL, table.md, quality_vs_size.png;
+<model>: a hub or registry id, or a local folder's name and a hash of its path, and a kept result of another model
+is never replaced), artifacts to outputs/default/formats/<model>/, both staged: all or nothing. Bad input that leaves something to
 measure (no tokenizer, an adapter for another base, text shorter than one window, an architecture llama.cpp's
 converter does not know) is one line in `problems`, and the formats that could be made are still reported.
 """

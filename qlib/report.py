@@ -188,21 +188,75 @@ def _projection_lines(d: dict[str, Any]) -> list[str]:
     return out
 
 
-def update_readme(path: str | Path | None = None, t4_plan: str | None = None) -> Path:
-    """Refill the README's results section (default run) and, where it has them, its GPU-results section and
-    (given `t4_plan`, the CLI's table of the t4 predictions) its T4-plan section."""
-    p = Path(path) if path else repo_root() / "README.md"
-    text = p.read_text()
-    if README_START not in text or README_END not in text:
-        raise QlabError(f"{p} has no {README_START} … {README_END} section to fill")
-    text = _fill(text, README_START, README_END, readme_table("default"))
-    if GPU_START in text and GPU_END in text:
-        text = _fill(text, GPU_START, GPU_END, gpu_readme_table())
-    if t4_plan is not None and T4_START in text and T4_END in text:
-        text = _fill(text, T4_START, T4_END, t4_plan)
-    if FORMATS_START in text and FORMATS_END in text:
-        text = _fill(text, FORMATS_START, FORMATS_END, formats_readme())
-    return atomic_write_text(p, text)
+def fill_sections(text: str, t4_plan: str | None = None) -> str:
+    """Refill every generated section a page holds: the headline findings, the default run's rows, the GPU results,
+    the `formats` runs and (given `t4_plan`, the CLI's table of the t4 predictions) the T4 plan."""
+    fillers = {HEADLINE_START: headline_table, README_START: lambda: readme_table("default"),
+               GPU_START: gpu_readme_table, FORMATS_START: formats_readme}
+    if t4_plan is not None:
+        fillers[T4_START] = lambda: t4_plan
+    for start, make in fillers.items():
+        end = start.replace(":start", ":end")
+        if start in text and end in text:
+            text = _fill(text, start, end, make())
+    return text
+
+
+def update_readme(path: str | Path | None = None, t4_plan: str | None = None) -> list[Path]:
+    """Refill the generated sections of one page (`path`), or of README.md and every docs/*.md page; the results
+    section must be on one of them."""
+    root = repo_root()
+    pages = [Path(path)] if path else [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    texts = {p: p.read_text() for p in pages if p.is_file()}
+    if not any(README_START in t and README_END in t for t in texts.values()):
+        raise QlabError(f"{', '.join(map(str, pages))}: no {README_START} … {README_END} section to fill")
+    return [atomic_write_text(p, fill_sections(t, t4_plan)) for p, t in texts.items()]
+
+
+# ---------------------------------------------------------------- README: headline findings
+
+HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
+
+# The rows the README's headline table shows (at most 12), by study and method; their numbers come from metrics.json.
+HEADLINE = (
+    ("02_ptq", "ort_int8_dynamic", "INT8 dynamic PTQ (ONNX Runtime) of a fine-tuned MiniLM"),
+    ("02_ptq", "ptq_int8_static", "INT8 static PTQ (torch.ao)"),
+    ("03_qat", "qat_int8", "INT8 quantization-aware training, 3 seeds"),
+    ("04_qlora_bert", "qlora", "QLoRA (NF4 + LoRA) against notebook 01's FP32 fine-tune"),
+    ("05_gpt2_bitnet", "bitnet", "BitNet b1.58 fine-tune of the 4-layer GPT-2 stand-in"),
+    ("05_gpt2_bitnet", "gptq_w4", "GPTQ 4-bit on SmolLM2-135M"),
+    ("05_gpt2_bitnet", "hqq_w4", "HQQ 4-bit on SmolLM2-135M (no calibration data)"),
+    ("05_gpt2_bitnet", "gguf_q4_0_imat", "GGUF Q4_0 + qlib's importance matrix on SmolLM2-135M"),
+    ("05_gpt2_bitnet", "gptq_w4@prose128", "GPTQ 4-bit calibrated on prose, scored on code"),
+    ("08_qwen_merge_gguf", "bnb_nf4", "LoRA-merged SmolLM2 in bitsandbytes NF4"),
+    ("08_qwen_merge_gguf", "gguf_q4_k_m", "LoRA-merged SmolLM2 in GGUF Q4_K_M"),
+)
+
+
+def _fidelity(r: dict[str, Any]) -> str:
+    """KL divergence to the FP16 model with its interval, and the paired difference with the row's control."""
+    if r.get("kl_mean") is None:
+        return ""
+    out = f"; KL {r['kl_mean']:.3f} [{r['kl_mean_lo']:.3f}, {r['kl_mean_hi']:.3f}] vs FP16"
+    if r.get("kl_vs_control") is not None:
+        out += (f", {r['kl_vs_control']:+.3f} [{r['kl_vs_control_lo']:+.3f}, {r['kl_vs_control_hi']:+.3f}] "
+                f"vs {r['control']}")
+    return out
+
+
+def headline_table(profile: str = "default") -> str:
+    """The few rows that carry the workbook's findings, each with its interval and a link to its executed notebook."""
+    rows = {(d["study"], r["method"]): r for d in collect(profile, []) for r in d["rows"]}
+    lines = ["| finding | result [95 % CI] | size (MiB) | bits/param | speed (same run) | notebook |", "|" + "---|" * 6]
+    for study, method, what in HEADLINE:
+        r = rows.get((study, method))
+        if r is None:
+            lines.append(f"| {what} | not in results/{study}/metrics.json: run the notebook | – | – | – | – |")
+            continue
+        link = f"[{study}](results/executed/{study}.ipynb)"
+        lines.append(f"| {what} | {_quality(r)}{_fidelity(r)} | {_fmt('size_bytes', r.get('size_bytes'))} | "
+                     f"{_fmt('bits_per_param', r.get('bits_per_param'))} | {_speed(r)} | {link} |")
+    return "\n".join(lines)
 
 
 T4_START, T4_END = "<!-- t4-plan:start -->", "<!-- t4-plan:end -->"

@@ -119,13 +119,36 @@ def test_readme_table_is_filled_from_results(tmp_path, monkeypatch):
     results.write_metrics("02_ptq", "default", 0, env, {}, rows, readme=ptq.README)
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.README_START}\nold\n{report.README_END}\nrest\n")
-    text = report.update_readme(readme).read_text()
+    text = report.update_readme(readme)[0].read_text()
     assert "old" not in text and text.startswith("intro") and text.endswith("rest\n")
     assert "| 02_ptq | ptq_int8_dynamic | – | acc 0.790 | 0.5 |" in text and "2.50×" in text
     assert "PyTorch dynamic-quantization BERT tutorial" in text  # the reference column, cited
     readme.write_text("no markers")
     with pytest.raises(QlabError, match="no <!-- results:start -->"):
         report.update_readme(readme)
+
+
+def test_readme_and_docs_pages_are_filled_together(tmp_path, monkeypatch):
+    """The headline table on the README, the full rows on docs/results.md, a page without markers left as it is."""
+    monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
+    env = {"device": "cpu", "cpu": "c", "isa": [], "threads": 2, "torch": "t"}
+    rows = [results.make_row("fp32", accuracy=0.8), results.make_row(
+        "ort_int8_dynamic", accuracy=0.81, size_bytes=2**20, speedup_vs_fp32=2.0, accuracy_diff_vs_fp32=0.01,
+        accuracy_diff_vs_fp32_lo=-0.02, accuracy_diff_vs_fp32_hi=0.03)]
+    results.write_metrics("02_ptq", "default", 0, env, {}, rows, readme=ptq.README)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text(f"{report.HEADLINE_START}\n{report.HEADLINE_END}\n")
+    (tmp_path / "docs" / "results.md").write_text(f"{report.README_START}\n{report.README_END}\n")
+    (tmp_path / "docs" / "plain.md").write_text("nothing generated\n")
+    pages = report.update_readme()
+    assert [p.name for p in pages] == ["README.md", "plain.md", "results.md"]
+    head = (tmp_path / "README.md").read_text()
+    assert "| INT8 dynamic PTQ (ONNX Runtime) of a fine-tuned MiniLM | acc 0.810 (+1.0 pt [-2.0, +3.0] vs fp32) | 1.0 |" \
+        in head and "[02_ptq](results/executed/02_ptq.ipynb)" in head
+    assert "not in results/03_qat/metrics.json: run the notebook" in head  # a missing study is said, not skipped
+    assert len(head.strip().splitlines()) - 4 <= 12  # markers, header, rule: at most 12 findings
+    assert "| 02_ptq | ort_int8_dynamic |" in (tmp_path / "docs" / "results.md").read_text()
+    assert (tmp_path / "docs" / "plain.md").read_text() == "nothing generated\n"
 
 
 def _write(study, profile, rows, readme_lines=False, **extra):

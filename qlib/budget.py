@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from qlib import accounting
+from qlib import accounting, assets, hub
 from qlib.core.device import compute_dtype, memory_fraction
 from qlib.core.errors import QlabError
 
@@ -24,7 +24,23 @@ MARGIN = 0.85          # a prediction must stay under this share of the device: 
 SESSION_S = 1.5 * 3600 # a Colab session a notebook must fit in
 # Assumed sustained training throughput of a T4 in transformers (peak: 65 TFLOPS fp16 tensor cores, 8.1 fp32)
 T4_TFLOPS = {"float16": 12.0, "bfloat16": 12.0, "float32": 4.0}
-QLORA_SLOWDOWN = 1.7   # NF4 dequantization in every matmul: QLoRA 0.78 vs LoRA 0.45 s/step (7B, H100, ASSETS.md)
+QLORA_SLOWDOWN = 1.7   # NF4 dequantization in every matmul: QLoRA 0.78 vs LoRA 0.45 s/step (7B, H100, docs/assets.md)
+T4 = torch.device("cpu")  # `compute_for` predicts a T4 (fp16) for a device without CUDA
+# Training rows of the hub datasets (their cards), for predictions made before anything is downloaded
+TRAIN_ROWS = {"stanfordnlp/sst2": 67_349}
+
+
+def hub_config(key: str) -> Any:
+    """A model's true config (config.json only, from the registry's hub id or the id itself): predictions need no
+    weights."""
+    a = assets.REGISTRY.get(key)
+    return hub.model_config(a.hub_id if a and a.hub_id else key)
+
+
+def train_rows(dataset_id: str, n: int | None) -> int:
+    """Training examples a run will see: its cap, else the hub dataset's published size."""
+    a = assets.REGISTRY.get(dataset_id)
+    return n or TRAIN_ROWS[a.hub_id if a and a.hub_id else dataset_id]
 
 
 @dataclass(frozen=True)

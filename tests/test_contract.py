@@ -25,6 +25,42 @@ def test_each_study_keeps_the_contract(stem):
     assert isinstance(cfg, mod.Config) and cfg.profile == "smoke"
     with pytest.raises(QlabError, match=f"unknown parameter.*for {mod.__name__.rsplit('.', 1)[-1]}.Config: nope"):
         mod.config("smoke", nope=1)
+    fields = {f.name for f in dataclasses.fields(mod.Config)}
+    assert isinstance(mod.ASSET_ROLES, dict) and set(mod.ASSET_ROLES) <= fields  # what `-p` checks and fetch gets
+    assert callable(mod.gpu_predictions)  # what `python -m qlib plan` and docs/t4.md print
+
+
+def test_the_gpu_profile_covers_the_studies_that_define_it():
+    """`run --profile gpu` runs config.GPU_STUDIES: exactly the studies whose PROFILES have a gpu entry."""
+    from qlib.config import GPU_STUDIES
+
+    assert [s[:2] for s in STUDIES if "gpu" in study(s).PROFILES] == list(GPU_STUDIES)
+
+
+def test_fetch_and_plan_iterate_the_studies_not_a_list(monkeypatch):
+    """`assets --fetch --profile t4` asks for every model and dataset the studies' configs name, each once; a study
+    that does not use one in a profile (07's hub LLaMA without the 7B fine-tune) is not asked for."""
+    from qlib import assets, cli, plans
+
+    asked = []
+    monkeypatch.setattr(assets, "resolve_model", lambda role, key: asked.append((role, key)) or _Resolved(key))
+    monkeypatch.setattr(assets, "resolve_data", lambda role, key: asked.append((role, key)) or _Resolved(key, "pip"))
+    cli.fetch_profile("t4")
+    assert ("encoder", "bert-base-uncased") in asked and ("llama-arch", "llama-2-7b") in asked
+    assert ("qa", "squad") in asked and ("qwen-arch", "qwen2.5-1.5b-instruct") in asked
+    assert len(asked) == len(set(asked))
+    asked.clear()
+    cli.fetch_profile("default")
+    assert ("llama-arch", "llama-2-7b") not in asked
+    monkeypatch.setattr(study("02"), "gpu_predictions", lambda profile: ["02's own"])
+    assert plans.profile_plans("t4")["02_ptq"] == ["02's own"]  # the table asks the study, not a list of its own
+
+
+@dataclasses.dataclass
+class _Resolved:
+    id: str
+    source: str = "hub"
+    revision: str | None = None
 
 
 @pytest.mark.parametrize("stem", STUDIES)

@@ -134,4 +134,4 @@ def test_findings_speak_of_the_device_the_ladder_ran_on():
     assert "max_memory_allocated`) at 268 M params, accounting vs measurement: -5 % (qlora)" in text
     assert "RSS" not in text
     assert "7B `qlora`: peak 4.40 GiB measured, 4.70 GiB predicted by the accounting before it ran (+6.8 % off" in text
-    assert "(the small rungs' fit said 0.900), 640 tokens/s; plain bnb + peft on an H100 (ASSETS.md, reference): 4.29 GiB" in text
+    assert "(the small rungs' fit said 0.900), 640 tokens/s; plain bnb + peft on an H100 (docs/assets.md, reference): 4.29 GiB" in text

@@ -33,6 +33,13 @@ RUNS = [
 ]
 
 
+def test_every_study_has_a_t4_run_here():
+    """A new study is rehearsed in the t4 profile too: forgetting its row here fails."""
+    from qlib.studies import STUDIES
+
+    assert [stem for stem, _, _ in RUNS] == list(STUDIES)
+
+
 @pytest.fixture(scope="module")
 def t4_env(standin_hub, tmp_path_factory):
     """One results/outputs root for the eight notebooks (02-04 read what 01 wrote), the stand-in as the hub."""

@@ -1,11 +1,13 @@
 """One module per notebook, each with the same contract (flax's `get_config` / `train_and_evaluate`):
 
     STUDY             the notebook's stem, e.g. "02_ptq" (results/<STUDY>/, outputs/<profile>/<STUDY>/)
+    ASSET_ROLES       {config field: role} for each field naming a model or dataset (checked before a run, fetched)
     Config            a frozen dataclass, one field per notebook parameter
     PROFILES          {profile: {field: value}}: what each profile changes
     config(profile, **params) -> Config    (None keeps the profile's value; an unknown name is an error)
     run(cfg) -> a StudyResult subclass     (rows, the metrics document, where it went)
     findings(res) -> str                   (markdown the notebook shows)
+    gpu_predictions(profile) -> [Prediction]  (its training runs as a T4 would run them: `python -m qlib plan`)
 
 so the CLI and the tests loop over studies, and a notebook builds its config in one call
 (`notebook_config(module, globals())`)."""
@@ -44,6 +46,13 @@ def study(name: str) -> ModuleType:
     if stem is None:
         raise QlabError(f"unknown study {name!r}; valid: {', '.join(STUDIES)}")
     return importlib.import_module(f"qlib.studies.{STUDIES[stem]}")
+
+
+def asset_ids(module: ModuleType, cfg: Any) -> list[tuple[str, str, str]]:
+    """(field, role, id) of every model or dataset a study's config names and uses; a study whose use of one depends
+    on its settings says which with `uses_asset(cfg, field)`."""
+    used = getattr(module, "uses_asset", lambda c, f: True)
+    return [(f, role, getattr(cfg, f)) for f, role in module.ASSET_ROLES.items() if getattr(cfg, f) and used(cfg, f)]
 
 
 def notebook_config(module: ModuleType, namespace: dict[str, Any]) -> Any:

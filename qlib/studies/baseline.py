@@ -105,6 +105,12 @@ def plan(cfg: Config, model_config: Any, n_train: int, device: torch.device) -> 
                            compute=budget.compute_for(device))]
 
 
+def gpu_predictions(profile: str) -> list[budget.Prediction]:
+    """This profile's training runs as a T4 would run them, predicted from the hub's true config (the study contract)."""
+    cfg = config(profile)
+    return plan(cfg, budget.hub_config(cfg.model_id), budget.train_rows(cfg.dataset_id, cfg.n_train), budget.T4)
+
+
 @staged(STUDY)
 def run(cfg: Config) -> BaselineResult:
     """Fine-tune, evaluate on the held-out split, save baseline-model/, measure, write metrics.json."""

@@ -417,6 +417,12 @@ def plan(cfg: Config, model_config: Any, device: torch.device) -> list[budget.Pr
     return out
 
 
+def gpu_predictions(profile: str) -> list[budget.Prediction]:
+    """This profile's training runs as a T4 would run them, predicted from the hub's true config (the study contract)."""
+    cfg = config(profile)
+    return plan(cfg, budget.hub_config(cfg.model_id), budget.T4)
+
+
 @dataclass
 class Tally:
     """What the regimes' loop gathers: rows, losses and per-token NLL by regime, peak-memory reports, and the models

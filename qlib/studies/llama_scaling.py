@@ -31,13 +31,13 @@ RUNGS: dict[str, tuple[int, int, int, int]] = {
     "llama-7b": (4096, 11008, 32, 32),
 }
 T4_USABLE_GIB = 15.0
-# The workplace's own check with plain bitsandbytes 0.50.2 + peft on an H100 80GB (../shared/ASSETS.md, "The GPU
-# machine"): LLaMA-7B architecture, LoRA r16 on 7 projections, bf16, seq 512, batch 1, checkpointing,
+# The workplace's own check with plain bitsandbytes 0.50.2 + peft on an H100 80GB (docs/assets.md, "Reference
+# measurements"): LLaMA-7B architecture, LoRA r16 on 7 projections, bf16, seq 512, batch 1, checkpointing,
 # PagedAdamW8bit, torch.cuda.max_memory_allocated. The measured training peak the 7B projection is held against
 # (a reference, not a result of this code).
 PLAIN_BNB_PEFT_H100 = {"qlora": {"peak_gib": 4.29, "step_s": 0.78}, "lora": {"peak_gib": 13.13, "step_s": 0.45}}
 H100_SOURCE = ("plain bitsandbytes 0.50.2 + peft on an H100 80GB, LLaMA-7B architecture, LoRA r16 on 7 projections, "
-               "bf16, seq 512, batch 1, checkpointing, PagedAdamW8bit (ASSETS.md, measured 2026-11-23)")
+               "bf16, seq 512, batch 1, checkpointing, PagedAdamW8bit (docs/assets.md, measured 2026-11-23)")
 
 
 # the asset role of each id parameter (`python -m qlib run` resolves a -p id before papermill starts)
@@ -228,6 +228,18 @@ def ladder_plan(cfg: Config) -> list[budget.Prediction]:
                            checkpointing=cfg.checkpointing, rank=cfg.lora_rank) for m in cfg.methods]
 
 
+def uses_asset(cfg: Config, field: str) -> bool:
+    """The hub LLaMA and its text are used only by the real 7B fine-tune."""
+    return cfg.finetune_7b
+
+
+def gpu_predictions(profile: str) -> list[budget.Prediction]:
+    """This profile's training runs as a T4 would run them, predicted from the hub's true config (the study contract)."""
+    cfg = config(profile)
+    return ladder_plan(cfg) + (llama_finetune.plan(cfg, budget.hub_config(cfg.model_id), budget.T4)
+                               if cfg.finetune_7b else [])
+
+
 def run_ladder(cfg: Config, device: torch.device, root: Path) -> list[dict[str, Any]]:
     """Rungs in order; before each, the fit over the smaller rungs already measured predicts its step time
     and memory (the accounting predicts memory too), so every row is a prediction checked by a measurement."""
@@ -388,7 +400,7 @@ def findings(res: ScalingResult) -> str:
     for p in res.projection:
         cons = ("" if p["corrected_bytes"] is None else
                 f"; the same accounting in bf16 is {p['h100_accounting_bytes'] / gib:.2f} GiB against "
-                f"{p['h100_measured_bytes'] / gib:.2f} GiB measured on an H100 (reference, ASSETS.md), a gap of "
+                f"{p['h100_measured_bytes'] / gib:.2f} GiB measured on an H100 (reference, docs/assets.md), a gap of "
                 f"{p['h100_gap_bytes'] / gib:+.2f} GiB; shifted by it: {p['corrected_bytes'] / gib:.2f} GiB -> "
                 f"{'fits' if p['fits_t4_corrected'] else 'does not fit'}")
         lines.append(f"- 7B `{p['method']}` on a T4 (fp16, paged 8-bit AdamW, seq {res.doc['config']['projection_seq']}, "
@@ -441,7 +453,7 @@ def measured_7b_lines(doc: dict[str, Any]) -> list[str]:
                    f"{r['predicted_peak_mem_bytes'] / 2**30:.2f} GiB predicted by the accounting before it ran "
                    f"({100 * r['prediction_error']:+.1f} % off; goal within 15 %); {r['step_time_s']:.3f} s/step "
                    + (f"(the small rungs' fit said {fit_t:.3f}), " if fit_t else "") + f"{r['tokens_per_s']:.0f} tokens/s"
-                   + (f"; plain bnb + peft on an H100 (ASSETS.md, reference): {ref['peak_gib']:.2f} GiB, "
+                   + (f"; plain bnb + peft on an H100 (docs/assets.md, reference): {ref['peak_gib']:.2f} GiB, "
                       f"{ref['step_s']:.2f} s/step." if (ref := PLAIN_BNB_PEFT_H100.get(r["method"])) else "."))
     b = doc.get("benchmark") or {}
     if b.get("evaluated"):

@@ -19,6 +19,7 @@ from qlib.studies import StudyResult, baseline, staged
 from qlib.train import predict
 
 STUDY = "02_ptq"
+ASSET_ROLES: dict[str, str] = {}  # notebook 01's model and data
 README = results.readme_block(
     published={"ptq_int8_dynamic": "BERT-base dynamic INT8: 438→181 MB, 1.78× on a VNNI CPU "
                                     "(PyTorch dynamic-quantization BERT tutorial)"},
@@ -44,6 +45,11 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 def config(profile: str = "default", **overrides: Any) -> Config:
     return make_config(Config, PROFILES, profile, **overrides)
+
+
+def gpu_predictions(profile: str) -> list[Any]:
+    """Nothing: INT8 kernels of torch.ao and ONNX Runtime are CPU kernels (the study contract)."""
+    return []
 
 
 def ensure_baseline(profile: str, seed: int = 0) -> Path:

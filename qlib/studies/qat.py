@@ -22,6 +22,7 @@ from qlib.studies.ptq import _forward, baseline_label, compare_to_fp32, load_set
 from qlib.train import TrainResult, finetune, predict, seed_column, seeds
 
 STUDY = "03_qat"
+ASSET_ROLES: dict[str, str] = {}  # notebook 01's model and data
 README = results.readme_block(summary_tables={baseline.BERT_TABLE: ["qat_int8"]})
 
 
@@ -79,6 +80,13 @@ def plan(cfg: Config, model_config: Any, n_train: int, seq: int, device: torch.d
     runs = ["QAT (fake-quant INT8)"] + (["FP32 control"] if cfg.control else [])
     return [budget.predict(f"03 {r}, batch {cfg.batch_size} x {seq}", model_config, "full", batch=cfg.batch_size,
                            seq=seq, steps=steps, compute=torch.float32) for r in runs]
+
+
+def gpu_predictions(profile: str) -> list[budget.Prediction]:
+    """This profile's training runs as a T4 would run them, predicted from the hub's true config (the study contract)."""
+    b = baseline.config(profile)
+    return plan(config(profile), budget.hub_config(b.model_id), budget.train_rows(b.dataset_id, b.n_train),
+                b.max_length, budget.T4)
 
 
 @staged(STUDY)

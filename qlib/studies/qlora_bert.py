@@ -100,6 +100,13 @@ def plan(cfg: Config, bcfg: baseline.Config, model_config: Any, n_train: int,
             for r in cfg.ranks]
 
 
+def gpu_predictions(profile: str) -> list[budget.Prediction]:
+    """This profile's training runs as a T4 would run them, predicted from the hub's true config (the study contract)."""
+    b = baseline.config(profile)
+    return plan(config(profile), b, budget.hub_config(b.model_id), budget.train_rows(b.dataset_id, b.n_train),
+                budget.T4)
+
+
 def knobs(cfg: Config, rank: int) -> runmeta.LoraKnobs:
     """The recipe's knobs of one rank's run (the head is a new classifier: it always trains in full precision)."""
     return runmeta.LoraKnobs(r=rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,

@@ -135,6 +135,12 @@ def plan(cfg: Config, model_config: Any, device: torch.device) -> list[budget.Pr
                            checkpointing=cfg.gradient_checkpointing, rank=cfg.lora_rank, lora_dropout=True)]
 
 
+def gpu_predictions(profile: str) -> list[budget.Prediction]:
+    """This profile's training runs as a T4 would run them, predicted from the hub's true config (the study contract)."""
+    cfg = config(profile)
+    return plan(cfg, budget.hub_config(cfg.model_id), budget.T4)
+
+
 @staged(STUDY)
 def run(cfg: Config) -> QwenMergeResult:
     """Train (or take) the adapter, merge; write the base and the merged model in every format, reload each in

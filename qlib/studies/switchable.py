@@ -326,6 +326,12 @@ def plan(cfg: Config, model_config: Any, seq: int, device: torch.device) -> list
     return out
 
 
+def gpu_predictions(profile: str) -> list[budget.Prediction]:
+    """This profile's training runs as a T4 would run them, predicted from the hub's true config (the study contract)."""
+    cfg = config(profile)
+    return plan(cfg, budget.hub_config(cfg.model_id), cfg.max_len or 1024, budget.T4)
+
+
 def _runs(cfg: Config) -> list[tuple[str, tuple[int, ...], str, bool]]:
     """(name, widths, style, on self-generated data) of every training run."""
     runs = [(s, cfg.widths, s, False) for s in cfg.styles]

@@ -40,9 +40,11 @@ gpu:
 report: setup
 	$(PY) -m qlib report --profile $(PROFILE)
 
+# JupyterLab with ipywidgets (progress bars as widgets); QLAB_PROFILE=smoke make lab runs each notebook in a minute.
+# Opened at the repository root so results/executed/ (the committed executed notebooks) is one click away.
 lab: setup
-	$(PIP) install -c constraints.txt "jupyterlab>=4"
-	$(VENV)/bin/jupyter lab notebooks/
+	$(PIP) install -c constraints.txt -e ".[lab]"
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks
 
 clean-outputs:
 	rm -rf outputs/ results/smoke/

@@ -5,6 +5,11 @@ from typing import Any
 
 from qlib.core import __version__
 from qlib.core.errors import QlabError
+from qlib.core.progress import text_bars_when_headless
+from qlib.core.quiet import quiet_libraries
+
+quiet_libraries()  # a few library messages that tell a reader nothing (each named in qlib.core.quiet)
+text_bars_when_headless()  # widgets in JupyterLab, text in papermill's executed copies
 
 __all__ = ["__version__", "QlabError", "QuantMethod", "build_quantization_plan", "run_name"]
 

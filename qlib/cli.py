@@ -13,6 +13,8 @@ from typing import Any
 from qlib.config import GPU_STUDIES, PROFILES, check_profile
 from qlib.core.errors import ArgumentParser, QlabError
 from qlib.core.io import make_folder
+from qlib.core.notebook import tidy_file
+from qlib.core.progress import HEADLESS
 from qlib.core.paths import repo_root
 
 
@@ -45,6 +47,7 @@ def run_notebook(nb: Path, profile: str, params: dict[str, object]) -> Path:
     failed = out_dir / f"{nb.stem}.failed.ipynb"
     failed.unlink(missing_ok=True)
     before = staging_folders(profile)
+    os.environ[HEADLESS] = "1"  # the kernel inherits it: text progress bars in the executed copy
     try:
         pm.execute_notebook(str(nb), str(tmp), parameters={"profile": profile, **params},
                             cwd=str(nb.parent), kernel_name="python3", progress_bar=True)
@@ -57,6 +60,7 @@ def run_notebook(nb: Path, profile: str, params: dict[str, object]) -> Path:
         for d in staging_folders(profile) - before:
             shutil.rmtree(d, ignore_errors=True)
         raise
+    tidy_file(tmp, repo_root())  # a report: streams merged and settled, no absolute path of this machine
     os.replace(tmp, final)
     return final
 
@@ -107,7 +111,7 @@ def check_asset_ids(mod: Any, profile: str, params: dict[str, object]) -> None:
     weights."""
     from qlib import assets
 
-    for name, role in getattr(mod, "ASSET_ROLES", {}).items():
+    for name, role in mod.ASSET_ROLES.items():
         key = params.get(name)
         if not (isinstance(key, str) and key) or (profile == "gpu" and not name.endswith("dataset_id")):
             continue
@@ -180,7 +184,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         from qlib.report import update_readme
 
         t4_plan = plans.table(plans.profile_plans("t4"))  # predictions from the t4 configs and the hub's true configs
-        print(f"wrote the results tables (default run; GPU run; t4 plan) of {update_readme(t4_plan=t4_plan)}")
+        pages = update_readme(t4_plan=t4_plan)
+        print(f"refilled the generated tables of {', '.join(p.name for p in pages)}")
     if skipped:
         raise QlabError(f"the summary left out {len(skipped)} malformed results file(s) (above)")
     return 0
@@ -190,21 +195,15 @@ def fetch_profile(profile: str) -> list[object]:
     """Every hub model and dataset a profile's notebooks use, into the Hugging Face cache (for Kaggle offline:
     upload that cache as a dataset and point HF_HUB_CACHE at it, with HF_HUB_OFFLINE=1)."""
     from qlib import assets
-    from qlib.studies import baseline, gpt2_bitnet, llama_scaling, qwen_merge, switchable
+    from qlib.studies import STUDIES, asset_ids, study
 
-    b, g, s = baseline.config(profile), gpt2_bitnet.config(profile), switchable.config(profile)
-    sc, q = llama_scaling.config(profile), qwen_merge.config(profile)
-    wanted = [("model", "encoder", b.model_id), ("data", "classification", b.dataset_id),
-              ("model", "causal-lm", g.model_id), ("data", "code", g.dataset_id), ("data", "qa", s.dataset_id),
-              ("model", "qwen-arch", q.model_id)] + ([("model", "llama-arch", sc.model_id)] if sc.finetune_7b else [])
+    wanted = [(role, key, field.endswith("dataset_id")) for stem in STUDIES
+              for field, role, key in asset_ids(study(stem), study(stem).config(profile))]
     done = []
-    for kind, role, key in dict.fromkeys(wanted):
-        if kind == "model":
-            r = assets.resolve_model(role, key)
-        else:
-            r = assets.resolve_data(role, key)
-            if r.source in ("hub", "folder"):
-                assets.dataset_for(r)
+    for role, key, is_data in dict.fromkeys(wanted):
+        r = assets.resolve_data(role, key) if is_data else assets.resolve_model(role, key)
+        if is_data and r.source in ("hub", "folder"):
+            assets.dataset_for(r)
         print(f"ok  {role:15s} {r.id}  [{r.source}{' @ ' + r.revision[:12] if r.revision else ''}]", flush=True)
         done.append(r)
     return done
@@ -315,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="gather results/*/metrics.json into results/summary.md")
     s.add_argument("--profile", default="default")
     s.add_argument("--show", action="store_true", help="print the summary")
-    s.add_argument("--readme", action="store_true", help="also refresh the README's results table")
+    s.add_argument("--readme", action="store_true", help="also refill the generated tables of README.md and docs/")
     s.set_defaults(fn=cmd_report)
     a = sub.add_parser("assets", help="list the model/data registry, or --fetch the offline defaults")
     a.add_argument("--fetch", action="store_true")

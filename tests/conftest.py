@@ -4,6 +4,7 @@ import os
 import pytest
 
 os.environ["QLAB_PROFILE"] = "smoke"
+os.environ["QLAB_HEADLESS"] = "1"  # nbval's kernels: text progress bars, as in `python -m qlib run`
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

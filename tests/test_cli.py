@@ -1,4 +1,5 @@
 """Bad input at the command line: one clear error line, non-zero exit, no traceback."""
+import os
 import subprocess
 import sys
 
@@ -185,3 +186,55 @@ def test_ctrl_c_or_sigterm_mid_notebook_is_one_line_and_leaves_no_staging(tmp_pa
     assert err.strip().splitlines()[-1] == f"qlab: {word}; nothing half-written was kept"
     left = [str(x.relative_to(tmp_path)) for x in tmp_path.rglob(".*") if x.name != "notebooks"]
     assert left == [] and not (tmp_path / "results" / "smoke" / "02_ptq").exists()
+
+
+def test_an_executed_notebook_is_tidied_into_a_report(tmp_path):
+    """Progress-bar refreshes become the bar's last state, consecutive streams one output, this machine's paths
+    relative; other outputs and the order of streams around them are kept."""
+    from qlib.core.notebook import tidy
+
+    root = tmp_path / "repo"
+    bar = [{"output_type": "stream", "name": "stderr", "text": f"\r{i}/3 |{'#' * i}" + ("\n" if i == 3 else "")}
+           for i in range(4)]
+    nb = {"cells": [{"cell_type": "code", "outputs": [
+        {"output_type": "stream", "name": "stdout", "text": [f"wrote {root}/results/x.json\n"]}, *bar,
+        {"output_type": "display_data", "data": {"text/plain": "fig"}},
+        {"output_type": "stream", "name": "stderr", "text": "\x1b[Adone\n"}]}]}
+    outs = tidy(nb, root)["cells"][0]["outputs"]
+    assert [o["output_type"] for o in outs] == ["stream", "stream", "display_data", "stream"]
+    assert outs[0]["text"] == "wrote ./results/x.json\n"
+    assert outs[1]["text"] == "3/3 |###\n" and outs[3]["text"] == "done\n"
+
+
+def test_library_noise_is_dropped_by_name_and_the_rest_still_shows(caplog):
+    """torchao's missing-CUDA-kernel lines go; another torchao warning, and the same text from another logger, stay."""
+    import logging
+    import warnings
+
+    from qlib.core.quiet import quiet_libraries
+
+    quiet_libraries()
+    quiet_libraries()  # idempotent
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("torchao").warning("Failed to load /x/_C_mxfp8.so")
+        logging.getLogger("torchao").warning("something real")
+        logging.getLogger("mine").warning("Failed to load my file")
+    assert [r.getMessage() for r in caplog.records] == ["something real", "Failed to load my file"]
+    assert len(logging.getLogger("torchao").filters) == 1
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        warnings.warn("Attempting to save a model with offloaded modules. Ensure …")
+        warnings.warn("a warning of our own")
+    assert [str(w.message) for w in seen] == ["a warning of our own"]
+
+
+@pytest.mark.parametrize("headless", ["1", ""])
+def test_headless_runs_get_text_bars(headless):
+    """Under papermill or nbval (QLAB_HEADLESS=1) tqdm.auto is the text bar even where it had chosen widgets (a
+    stand-in for the notebook class here); in JupyterLab it is left to choose."""
+    code = ("import tqdm.auto, tqdm.std; tqdm.auto.tqdm = 'the widget bar'; import qlib; "
+            "print(tqdm.auto.tqdm is tqdm.std.tqdm)")
+    env = {**os.environ, "QLAB_HEADLESS": headless}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(headless == "1")

@@ -1,0 +1,46 @@
+"""Library messages that tell a notebook's reader nothing, dropped by name and text (never every warning): each
+entry says what it hides and why it is noise for qlab. Anything else a library says still shows."""
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+
+# (logger, text in the message, why it says nothing here)
+LOGGED = (
+    ("torchao", "Failed to load", "torchao's CUDA-only kernels (mxfp8, cutlass) are absent on a CPU; qlab uses none"),
+    ("torch.utils._pytree", "is an Enum subclass", "torchao registers its enums the old way at import"),
+    ("transformers.modeling_utils", "`loss_type=None` was set", "the default causal-LM loss is the one meant"),
+)
+# (text in the warning, why)
+WARNED = (
+    ("Attempting to save a model with offloaded modules", "llm-compressor saves a model it dispatched on the CPU"),
+    ("You passed `quantization_config` or equivalent", "reloading a compressed-tensors folder with its own config"),
+)
+# (loguru module of llm-compressor, why)
+LOGURU = (("llmcompressor.utils.dev", "'No accelerator available! Compressing model on CPU': the CPU is the plan"),)
+
+
+class _Drop(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    """Install the filters above (idempotent: a filter already on a logger is not added twice)."""
+    for name, text, _ in LOGGED:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _Drop) and f.text == text for f in log.filters):
+            log.addFilter(_Drop(text))
+    for text, _ in WARNED:
+        warnings.filterwarnings("ignore", message=".*" + re.escape(text))
+    try:
+        from loguru import logger
+    except ImportError:
+        return
+    for module, _ in LOGURU:
+        logger.disable(module)

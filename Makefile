@@ -29,6 +29,7 @@ run: setup
 	$(PY) -m qlib run --profile $(PROFILE)
 
 test: setup
+	$(PY) -m ruff check
 	$(PY) -m pytest
 
 # On a CUDA machine, in an environment whose torch has CUDA (never this CPU venv): `pip install -e ".[dev]"`,

@@ -216,7 +216,8 @@ class TrainingSetup:
     lora_rank: int = 16
     optimizer_bytes: float = 8  # AdamW fp32 states per trainable param (8-bit AdamW: 2)
     trainable_elem: int = 4     # LoRA adapters train in fp32; full fine-tune in the weights' dtype
-    rest_elem: int = 2          # bytes of the unquantized embeddings/norms/lm_head (4 after prepare_model_for_kbit_training)
+    rest_elem: int = 2          # bytes of the unquantized embeddings/norms/lm_head
+                                # (4 after prepare_model_for_kbit_training)
     autocast_copy: bool = False # fp32 weights under fp16 autocast: a cast fp16 copy of every linear weight lives
                                 # through the forward (autocast's cache; saved for backward without checkpointing)
     lora_targets: tuple[str, ...] = LORA_TARGETS  # module-name suffixes, as peft matches them

@@ -240,7 +240,8 @@ def _qat(p: Path) -> list[str]:
     except QlabError:
         raise
     except Exception as e:
-        raise QlabError(f"{p}: the INT8 model does not load: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise QlabError(f"{p}: the INT8 model does not load: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
 
     return [f"{p}: torch.ao INT8 model (weights_only load), {count_quantized(model)}"]
 

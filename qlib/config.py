@@ -206,6 +206,11 @@ def _check_value(name: str, v: Any, hint: Any) -> None:
           bool: isinstance(v, bool), str: isinstance(v, str)}.get(hint, True)
     if not ok:
         raise QlabError(f"parameter {name} must be {_KINDS[hint]}, got {v!r}")
+    _check_range(name, v)
+
+
+def _check_range(name: str, v: Any) -> None:
+    """The ranges a value of the right type must fall in (by parameter name)."""
     lo = 1 if name in AT_LEAST_1 else 0 if name in AT_LEAST_0 else None
     if lo is not None and v < lo:
         raise QlabError(f"parameter {name} must be at least {lo}, got {v!r}")

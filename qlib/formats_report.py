@@ -5,9 +5,9 @@ written as FP16, an adapter merged into it first where one is given (dequantize-
 then `formats.measure` writes, reloads and scores every format and `formats.decode` times them. Results go to
 results/formats/<model>/ (metrics.json in the results schema, the per-token NLL, table.md, quality_vs_size.png;
 <model>: a hub or registry id, or a local folder's name and a hash of its path, and a kept result of another model
-is never replaced), artifacts to outputs/default/formats/<model>/, both staged: all or nothing. Bad input that leaves something to
-measure (no tokenizer, an adapter for another base, text shorter than one window, an architecture llama.cpp's
-converter does not know) is one line in `problems`, and the formats that could be made are still reported.
+is never replaced), artifacts to outputs/default/formats/<model>/, both staged: all or nothing. Bad input that
+leaves something to measure (no tokenizer, an adapter for another base, text shorter than one window, an architecture
+llama.cpp's converter does not know) is one line in `problems`, and the formats that could be made are still reported.
 """
 from __future__ import annotations
 

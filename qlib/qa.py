@@ -6,8 +6,8 @@ the text it summarises is the context, the blanked entity (a span of the context
 - `stdlib-cloze` (the default, because the offline GPT-2 is pretrained on Python code): a sentence of a
   stdlib function's docstring with one of the function's parameter names blanked (one question per
   sentence that names a parameter); the context is the function's code with the docstring removed; only
-  functions with two or more parameters, so the model must pick which one. Train/eval follow the corpus's split by module (the eval modules were also
-  held out of the base model's pretraining).
+  functions with two or more parameters, so the model must pick which one. Train/eval follow the corpus's split
+  by module (the eval modules were also held out of the base model's pretraining).
 - `bbc-cloze`: a BBC News article's lead sentence with a named entity blanked; the context is the later
   sentences that mention it. (The code-pretrained GPT-2 learned nothing on it within the CPU budget.)
 The offline sets carry each question's candidates (the parameters, or the entities, of the context), so a
@@ -15,8 +15,9 @@ model is scored by multiple choice: the candidate whose filled-in sentence it fi
 context (a small model's greedy generations score below the constant answer). The model never sees the
 answer in the question, but simple answers exist: chance over the candidates, the candidate most often
 the answer in training (`majority_choices`), and heuristics ("the first parameter not named in the
-question", "the first capitalised span": `heuristic_preds`), all scored on the same questions. Limits: answers are single identifiers or
-entities, contexts are cut to fit a 128-token model, and the entity finder is a regular expression.
+question", "the first capitalised span": `heuristic_preds`), all scored on the same questions. Limits: answers are
+single identifiers or entities, contexts are cut to fit a 128-token model, and the entity finder is a regular
+expression.
 """
 from __future__ import annotations
 

@@ -166,7 +166,8 @@ def readme_table(profile: str = "default") -> str:
             if r.get("source") == "notebook 01":
                 continue  # a copy of 01's row, shown once
             lines.append("| " + " | ".join([
-                d["study"], r["method"], str(r.get("model") or "–"), _quality(r), _fmt("size_bytes", r.get("size_bytes")),
+                d["study"], r["method"], str(r.get("model") or "–"), _quality(r),
+                _fmt("size_bytes", r.get("size_bytes")),
                 _fmt("bits_per_param", r.get("bits_per_param")),
                 _speed(r),
                 _fmt("peak_mem_bytes", r.get("peak_mem_bytes")),
@@ -183,7 +184,8 @@ def _projection_lines(d: dict[str, Any]) -> list[str]:
     for p in d.get("projection_7b") or []:
         peak = ref.get(f"{p['method']}_7b_peak_gib")
         cite = f"{peak:g} GiB measured in bf16 ({ref['source']})" if peak else ""
-        out.append(f"| {d['study']} | {p['method']} (7B on T4, **projected** by the accounting) | llama-7b | – | – | – | – | "
+        out.append(f"| {d['study']} | {p['method']} (7B on T4, **projected** by the accounting) | "
+                   "llama-7b | – | – | – | – | "
                    f"{p['accounting_bytes'] / 2**20:.1f} | {cite} |")
     return out
 
@@ -340,7 +342,8 @@ def gpu_readme_table() -> str:
     env = next(iter(gpu.values()))["env"]
     lines = [f"Device: {env.get('gpu')} (CUDA {env.get('cuda')}, torch {env.get('torch')}, bitsandbytes "
              f"{env.get('bitsandbytes')}). Ratios are method / reference, measured in the same run.", "",
-             "| study | method vs reference | GPU peak mem (GiB) | GPU step time (s) | GPU ratio | CPU ratio (default run) |",
+             "| study | method vs reference | GPU peak mem (GiB) | GPU step time (s) | GPU ratio | "
+             "CPU ratio (default run) |",
              "|" + "---|" * 6]
     extra: list[str] = []
     for study, d in sorted(gpu.items()):

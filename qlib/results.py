@@ -23,7 +23,8 @@ def peak_memory_text(rep: dict[str, Any] | None) -> str:
     if not rep:
         return "not measured"
     if rep.get("memory") == "cuda":
-        gpus = "; ".join(f"GPU {g['gpu']} {g['max_reserved_gb']:.2f}/{g['max_allocated_gb']:.2f}" for g in rep["per_gpu"])
+        gpus = "; ".join(f"GPU {g['gpu']} {g['max_reserved_gb']:.2f}/{g['max_allocated_gb']:.2f}"
+                         for g in rep["per_gpu"])
         return (f"CUDA max reserved {rep['overall_max_reserved_gb']:.2f} GiB, max allocated "
                 f"{rep['overall_max_allocated_gb']:.2f} GiB (per GPU reserved/allocated: {gpus})")
     return (f"CPU RSS (no GPU): process peak {rep['rss_peak_gb']:.2f} GiB, of which the run added "
@@ -90,11 +91,13 @@ def _validate_row(row: Any, where: str) -> None:
         if v is None:
             continue
         whole_ok = types != INT or isinstance(v, int) or (isinstance(v, float) and v.is_integer())
-        if isinstance(v, bool) or not isinstance(v, NUM) or not whole_ok or (isinstance(v, float) and not math.isfinite(v)):
+        if (isinstance(v, bool) or not isinstance(v, NUM) or not whole_ok
+                or (isinstance(v, float) and not math.isfinite(v))):
             raise QlabError(f"{where} ({row['method']}): {k} must be a {'whole' if types == INT else 'finite'} "
                             f"number or null, got {v!r}")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise QlabError(f"{where} ({row['method']}): {k} = {v!r} is outside [{lo}, {hi if hi is not None else '∞'}]")
+            raise QlabError(f"{where} ({row['method']}): {k} = {v!r} is outside "
+                            f"[{lo}, {hi if hi is not None else '∞'}]")
 
 
 README_KEYS = frozenset({"published", "summary_tables", "gpu_pairs", "lines"})

@@ -102,7 +102,8 @@ class LoraKnobs:
         """The run name's peft field: `LoRa{r}a{alpha}-{attn|attnmlp}` + `-gc`, `-paged8`/`-paged32`, `-headq`."""
         t = {"attention": "attn", "attention+mlp": "attnmlp"}[self.targets]
         flags = (["gc"] if self.gradient_checkpointing else []) + \
-            ([f"paged{self.optimizer.split('_')[-1].removesuffix('bit')}"] if self.optimizer.startswith("paged") else []) + \
+            ([f"paged{self.optimizer.split('_')[-1].removesuffix('bit')}"]
+             if self.optimizer.startswith("paged") else []) + \
             ([] if self.keep_lm_head_fp16 else ["headq"])
         return "-".join([f"LoRa{self.r}a{self.lora_alpha}-{t}", *flags])
 

@@ -60,11 +60,7 @@ def parse_bitmap(bitmap: Bitmap, n_layers: int, current: list[int] | None = None
                             f"(give one width per block, e.g. {','.join(['8'] * n_layers)})")
         widths = [_width(v, f"block {i}") for i, v in enumerate(items)]
     elif isinstance(bitmap, dict):
-        for key, v in bitmap.items():
-            m = re.fullmatch(r"(?:transformer\.)?(?:h\.)?(\d+)", str(key).strip())
-            if m is None or int(m.group(1)) >= n_layers:
-                raise QlabError(f"bad bitmap: unknown layer {key!r}; valid: 0..{n_layers - 1} or h.0..h.{n_layers - 1}")
-            widths[int(m.group(1))] = _width(v, f"layer {key!r}")
+        widths = _widths_by_layer(bitmap, widths, n_layers)
     else:
         raise QlabError(f"bad bitmap: {type(bitmap).__name__} {bitmap!r} (expected an int, a comma list or a dict)")
     if allowed is not None:
@@ -72,6 +68,17 @@ def parse_bitmap(bitmap: Bitmap, n_layers: int, current: list[int] | None = None
         if missing:
             raise QlabError(f"bad bitmap: no adapter was trained for width(s) {missing}; this model has "
                             f"{', '.join(map(str, allowed))}")
+    return widths
+
+
+def _widths_by_layer(bitmap: dict[Any, Any], widths: list[int], n_layers: int) -> list[int]:
+    """A {layer: width} bitmap (keys 0, "h.0" or "transformer.h.0") over the current widths."""
+    widths = list(widths)
+    for key, v in bitmap.items():
+        m = re.fullmatch(r"(?:transformer\.)?(?:h\.)?(\d+)", str(key).strip())
+        if m is None or int(m.group(1)) >= n_layers:
+            raise QlabError(f"bad bitmap: unknown layer {key!r}; valid: 0..{n_layers - 1} or h.0..h.{n_layers - 1}")
+        widths[int(m.group(1))] = _width(v, f"layer {key!r}")
     return widths
 
 
@@ -144,7 +151,8 @@ def load_base(base_dir: str | Path) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     conf = AutoConfig.from_pretrained(str(base_dir))
-    fused = {"activation_function": "gelu_pytorch_tanh"} if getattr(conf, "activation_function", "") == "gelu_new" else {}
+    fused = ({"activation_function": "gelu_pytorch_tanh"}
+             if getattr(conf, "activation_function", "") == "gelu_new" else {})
     return AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, **fused)
 
 

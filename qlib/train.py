@@ -57,8 +57,8 @@ def _autocast(device: torch.device, enabled: bool = True):
 
 def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float
                    ) -> torch.optim.Optimizer:
-    """AdamW by transformers' `optim` name: torch's (fused or not), or bitsandbytes' paged AdamW with 32- or 8-bit state (its
-    state pages to host memory under GPU pressure; on a CPU bitsandbytes runs it unpaged and warns so, the 8-bit
+    """AdamW by transformers' `optim` name: torch's (fused or not), or bitsandbytes' paged AdamW with 32- or 8-bit state
+    (its state pages to host memory under GPU pressure; on a CPU bitsandbytes runs it unpaged and warns so, the 8-bit
     state still 8-bit)."""
     if name in ("adamw_torch", "adamw_torch_fused"):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=name == "adamw_torch_fused")

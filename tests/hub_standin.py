@@ -108,7 +108,8 @@ def build_tokenizer(family: str, gguf_path: Path, out: Path) -> Any:
             tok = Qwen2Tokenizer.from_pretrained(out, unk_token=None, bos_token=None, eos_token="<|im_end|>",
                                                  pad_token="<|endoftext|>", model_max_length=131072)
             known = tok.get_vocab()
-            tok.add_special_tokens({"additional_special_tokens": [t for t in special + QWEN25_SPECIAL if t not in known]})
+            tok.add_special_tokens({"additional_special_tokens":
+                                    [t for t in special + QWEN25_SPECIAL if t not in known]})
     elif family == "llama-spm":
         tok = _llama_tokenizer(tokens, _field(r, "tokenizer.ggml.scores"), types, out)
     else:
@@ -225,7 +226,8 @@ def _code_search_net(rows: int = 300) -> dict[str, Any]:
             "func_path_in_repository": [f"Lib/{f.module.replace('.', '/')}.py" for f in funcs],
             "func_name": [f.name for f in funcs], "whole_func_string": [f.code for f in funcs],
             "language": ["python"] * len(funcs), "func_code_string": [f.code for f in funcs],
-            "func_code_tokens": [f.code.split()[:64] for f in funcs], "func_documentation_string": [f.docstring for f in funcs],
+            "func_code_tokens": [f.code.split()[:64] for f in funcs],
+            "func_documentation_string": [f.docstring for f in funcs],
             "func_documentation_tokens": [f.docstring.split()[:32] for f in funcs], "split_name": [split] * len(funcs),
             "func_code_url": [f"https://github.com/python/cpython/blob/main/Lib/{f.module}.py" for f in funcs]},
             features=feats)

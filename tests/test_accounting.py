@@ -62,7 +62,8 @@ def test_activation_formula_matches_saved_tensors(kw):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     measured_ckpt = accounting.saved_activation_bytes(model, ids)
-    assert accounting.activation_bytes(cfg, 2, 48, checkpointing=True)["saved"] == pytest.approx(measured_ckpt, rel=0.06)
+    assert (accounting.activation_bytes(cfg, 2, 48, checkpointing=True)["saved"]
+            == pytest.approx(measured_ckpt, rel=0.06))
     assert measured_ckpt < measured / 2
 
 
@@ -126,7 +127,8 @@ def test_every_family_counts_exactly_and_saves_what_the_formula_says(family):
     blocks = [m for n, m in real.named_modules() if type(m).__name__ in ("Linear", "Conv1D")
               and not any(t in n for t in ("lm_head", "classifier", "pooler"))]
     assert counts["block_linears"] == sum(sum(p.numel() for p in m.parameters()) for m in blocks)  # with biases
-    targets = {"gpt2": tuple(adapters.target_modules("gpt2", "attention+mlp")), "bert": ("query", "value", "intermediate.dense"),
+    targets = {"gpt2": tuple(adapters.target_modules("gpt2", "attention+mlp")),
+               "bert": ("query", "value", "intermediate.dense"),
                "qwen2": accounting.LORA_TARGETS}[family]
     ids = torch.randint(0, 500, (2, 48))
     labels = torch.tensor([0, 1]) if family == "bert" else ids

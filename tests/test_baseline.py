@@ -60,7 +60,8 @@ def test_same_seed_same_metrics_and_checkpoint_reloads(tmp_path, monkeypatch):
     assert majority["method"] == "majority" and len(set(per["majority"])) == 1
     assert majority["accuracy"] == pytest.approx((per["majority"] == per["label"]).mean())
     assert majority["accuracy_diff_vs_fp32"] == pytest.approx(majority["accuracy"] - a.row["accuracy"])
-    assert majority["accuracy_diff_vs_fp32_lo"] <= majority["accuracy_diff_vs_fp32"] <= majority["accuracy_diff_vs_fp32_hi"]
+    assert (majority["accuracy_diff_vs_fp32_lo"] <= majority["accuracy_diff_vs_fp32"]
+            <= majority["accuracy_diff_vs_fp32_hi"])
 
     # seeds: a's second fine-tune (seed 1) is the very run c made as its first, and the spread is over both
     assert a.row["n_seeds"] == 2 and per["fp32@seed1"].tolist() == c.preds

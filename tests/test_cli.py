@@ -31,7 +31,8 @@ def test_gpu_profile_on_a_cpu_machine_is_one_line():
 
 
 def test_gpu_profile_covers_only_the_random_init_studies():
-    _one_clear_line(qlib("run", "02", "06", "--profile", "gpu", "-p", "device", "cpu"), "no gpu profile for 02_ptq, 06_switchable_precision")
+    _one_clear_line(qlib("run", "02", "06", "--profile", "gpu", "-p", "device", "cpu"),
+                    "no gpu profile for 02_ptq, 06_switchable_precision")
     from qlib.cli import notebooks
     from qlib.config import GPU_STUDIES
     from qlib.core.errors import QlabError
@@ -162,7 +163,8 @@ def test_report_with_a_folder_where_the_summary_goes_is_one_line(tmp_path):
     (tmp_path / "results" / "07_llama_scaling").mkdir(parents=True)
     shutil.copy(kept, tmp_path / "results" / "07_llama_scaling")
     (tmp_path / "results" / "summary.md").mkdir()
-    _one_clear_line(qlib("report", env=_root_with_notebooks(tmp_path)), "summary.md: a folder of that name is in the way")
+    _one_clear_line(qlib("report", env=_root_with_notebooks(tmp_path)),
+                    "summary.md: a folder of that name is in the way")
     assert (tmp_path / "results" / "summary.md").is_dir()
 
 

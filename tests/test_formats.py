@@ -134,7 +134,8 @@ def test_an_adapter_is_merged_first_and_a_foreign_one_short_text_and_unsupported
     adapter = merge.save_adapter(model, tok, tmp_path / "adapter", "fp32")
     merged, plain = _run(tiny_qwen, adapter=str(adapter), formats=("fp16",)), _run(tiny_qwen, formats=("fp16",))
     assert merged.problems == [] and merged.doc["merge"]["max_abs_logit_diff_fp32"] < 1e-4
-    assert merged.rows[0]["artifact"] == "adapter_merged" and merged.rows[0]["perplexity"] != plain.rows[0]["perplexity"]
+    assert (merged.rows[0]["artifact"] == "adapter_merged"
+            and merged.rows[0]["perplexity"] != plain.rows[0]["perplexity"])
     adapter = shutil.copytree(adapter, tmp_path / "foreign")
     state = load_file(adapter / "adapter_model.safetensors")  # LoRA A made for a hidden size of 96, not 64
     save_file({k: torch.zeros(v.shape[0], 96) if ".lora_A." in k else v for k, v in state.items()},

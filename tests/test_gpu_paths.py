@@ -124,7 +124,8 @@ def test_findings_speak_of_the_device_the_ladder_ran_on():
     gib = 2**30
     ladder = [{"rung": "llama-270m", "method": "qlora", "status": "ok", "total_params": 268e6,
                "resident_prediction_error": 0.01, "prediction_error": -0.05},
-              {"rung": "llama-7b", "method": "qlora", "status": "ok", "total_params": 6.7e9, "peak_mem_bytes": 4.4 * gib,
+              {"rung": "llama-7b", "method": "qlora", "status": "ok", "total_params": 6.7e9,
+               "peak_mem_bytes": 4.4 * gib,
                "predicted_peak_mem_bytes": 4.7 * gib, "prediction_error": 4.7 / 4.4 - 1, "step_time_s": 0.8,
                "tokens_per_s": 640.0, "fit_predicted_step_time_s": 0.9, "resident_prediction_error": 0.0}]
     doc = {"env": {"device": "cuda", "gpu": "NVIDIA H100"}, "config": {"seq": 512, "projection_seq": 512},
@@ -134,4 +135,5 @@ def test_findings_speak_of_the_device_the_ladder_ran_on():
     assert "max_memory_allocated`) at 268 M params, accounting vs measurement: -5 % (qlora)" in text
     assert "RSS" not in text
     assert "7B `qlora`: peak 4.40 GiB measured, 4.70 GiB predicted by the accounting before it ran (+6.8 % off" in text
-    assert "(the small rungs' fit said 0.900), 640 tokens/s; plain bnb + peft on an H100 (docs/assets.md, reference): 4.29 GiB" in text
+    assert ("(the small rungs' fit said 0.900), 640 tokens/s; plain bnb + peft on an H100 "
+            "(docs/assets.md, reference): 4.29 GiB" in text)

@@ -99,7 +99,8 @@ def test_the_offline_hint_names_a_parameter_the_notebook_has():
     for stem, role in uses.items():
         param = re.search(r"pass (\w+)=", assets._offline_hint(role)).group(1)
         assert re.search(rf"^{param} = None", cells[stem], re.M), (stem, param)
-    for stem in ("05_gpt2_bitnet", "06_switchable_precision", "07_llama_scaling", "08_qwen_merge_gguf", "04_qlora_bert"):
+    for stem in ("05_gpt2_bitnet", "06_switchable_precision", "07_llama_scaling", "08_qwen_merge_gguf",
+                 "04_qlora_bert"):
         assert re.search(r"^dataset_id = None", cells[stem], re.M), stem
 
 
@@ -138,7 +139,8 @@ def test_local_dataset_folders(tmp_path):
     datasets.Dataset.from_dict(rows).to_json(str(tmp_path / "onlytrain" / "train.jsonl"))
     with pytest.raises(QlabError, match="needs train and validation split files.*found splits: train"):
         data.load_classification(str(tmp_path / "onlytrain"))
-    with pytest.raises(QlabError, match=r"split '\w+' lacks column\(s\) id, context, question, answers \(has text, label\)"):
+    with pytest.raises(QlabError,
+                       match=r"split '\w+' lacks column\(s\) id, context, question, answers \(has text, label\)"):
         qa.load_qa(str(tmp_path / "csv"))
     with pytest.raises(QlabError, match="dataset folder not found"):
         data.load_classification("./no/such/folder")
@@ -161,8 +163,8 @@ def test_finetune_text_budget_fills_every_step():
 
 
 def test_predicted_oom_stops_with_one_line(monkeypatch):
-    p = budget.Prediction("08 qlora on a big model", "qlora", 13 * budget.GIB, {"weights": 13 * budget.GIB}, 10, 512, 60.0,
-                          "float16")
+    p = budget.Prediction("08 qlora on a big model", "qlora", 13 * budget.GIB, {"weights": 13 * budget.GIB}, 10, 512,
+                          60.0, "float16")
     monkeypatch.setattr(budget, "device_bytes", lambda d: 15 * budget.GIB)  # a T4's share
     with pytest.raises(QlabError, match=r"predicted out of memory: 08 qlora on a big model needs about 13.0 GiB "
                                         r"and this GPU gives 15.0 GiB"):

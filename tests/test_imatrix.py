@@ -37,7 +37,8 @@ def test_qlib_matrix_matches_llama_imatrix(tiny):
     src, f16, text, d = tiny
     out = d / "llama-imatrix.gguf"
     r = subprocess.run([str(gguf.tool("llama-imatrix")), "-m", str(f16), "-f", str(text), "-o", str(out), "-c",
-                        str(CTX), "-b", str(CTX), "--no-ppl", "-t", "2", "--chunks", "8"], capture_output=True, text=True)
+                        str(CTX), "-b", str(CTX), "--no-ppl", "-t", "2", "--chunks", "8"],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     theirs = gguf.read_imatrix(out)
     # the same tokens, cut into the same chunks (llama.cpp's vocabulary; no BOS for this tokenizer)

@@ -14,7 +14,8 @@ ROOT = Path(qlib.__file__).parent
 
 # Bottom to top; inside a layer, a module may import only those listed before it.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("ground floor", ["core", "core.errors", "core.io", "core.paths", "core.device", "core.pip", "core.notebook", "core.quiet", "core.progress"]),
+    ("ground floor", ["core", "core.errors", "core.io", "core.paths", "core.device", "core.pip", "core.notebook",
+                      "core.quiet", "core.progress"]),
     ("foundations", ["config", "vocab", "runmeta", "results", "figures", "metrics", "fidelity", "ngram", "accounting",
                      "corpus", "hub", "quant.uniform", "quant.nf4", "quant.bitnet", "quant.ptq", "quant.qat",
                      "quant.ladder", "quant.imatrix", "quant.api", "quant"]),

@@ -59,7 +59,8 @@ def test_weight_fake_quant_is_rtn_ptq_untrained_and_trains_through_the_grid():
     fp32 = BertForSequenceClassification(BertConfig(**TINY)).eval()
     original = fp32.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
     q = qat.fake_quant_weights(fp32, 4)
-    layers = [m for n, m in q.named_modules() if isinstance(m, nn.Linear) and "classifier" not in n and "pooler" not in n]
+    layers = [m for n, m in q.named_modules()
+              if isinstance(m, nn.Linear) and "classifier" not in n and "pooler" not in n]
     # every encoder linear: 4 attention + 2 MLP per layer, 2 layers; pooler and classifier untouched
     assert len(layers) == 12
     assert qat.fake_quant_weight_count(q) == 2 * (4 * 32 * 32 + 2 * 32 * 64)

@@ -143,8 +143,8 @@ def test_readme_and_docs_pages_are_filled_together(tmp_path, monkeypatch):
     pages = report.update_readme()
     assert [p.name for p in pages] == ["README.md", "plain.md", "results.md"]
     head = (tmp_path / "README.md").read_text()
-    assert "| INT8 dynamic PTQ (ONNX Runtime) of a fine-tuned MiniLM | acc 0.810 (+1.0 pt [-2.0, +3.0] vs fp32) | 1.0 |" \
-        in head and "[02_ptq](results/executed/02_ptq.ipynb)" in head
+    assert "| INT8 dynamic PTQ (ONNX Runtime) of a fine-tuned MiniLM | acc 0.810 (+1.0 pt [-2.0, +3.0] vs fp32) " \
+           "| 1.0 |" in head and "[02_ptq](results/executed/02_ptq.ipynb)" in head
     assert "not in results/03_qat/metrics.json: run the notebook" in head  # a missing study is said, not skipped
     assert len(head.strip().splitlines()) - 4 <= 12  # markers, header, rule: at most 12 findings
     assert "| 02_ptq | ort_int8_dynamic |" in (tmp_path / "docs" / "results.md").read_text()
@@ -179,7 +179,8 @@ def test_gpu_readme_table_puts_gpu_ratios_beside_cpu_ones(tmp_path, monkeypatch)
     _write("07_llama_scaling", "gpu", [
         ("lora", dict(rung="llama-270m", status="ok", total_params=2.7e8, peak_mem_bytes=gib, step_time_s=0.1)),
         ("qlora", dict(rung="llama-270m", status="ok", total_params=2.7e8, peak_mem_bytes=gib / 2, step_time_s=0.1)),
-        ("lora", dict(seven, peak_mem_bytes=13 * gib, step_time_s=0.5, predicted_peak_mem_bytes=13 * gib, prediction_error=0.0)),
+        ("lora", dict(seven, peak_mem_bytes=13 * gib, step_time_s=0.5, predicted_peak_mem_bytes=13 * gib,
+                      prediction_error=0.0)),
         ("qlora", dict(seven, peak_mem_bytes=4.4 * gib, step_time_s=0.8, predicted_peak_mem_bytes=4 * gib,
                                 prediction_error=4 / 4.4 - 1, fit_predicted_step_time_s=0.7)),
         ("qlora_t4_conditions", dict(rung="llama-7b", status="oom", note="out of memory at 15 GiB"))],
@@ -189,7 +190,8 @@ def test_gpu_readme_table_puts_gpu_ratios_beside_cpu_ones(tmp_path, monkeypatch)
     assert "Device: Test GPU (CUDA 13.0" in t
     assert "| 04_qlora_bert | qlora vs fp32 | 2.00 / 8.00 | 0.300 / 0.200 | mem 0.25×, time 1.50× (bert-base) | " \
            "mem 0.50×, time 3.00× (minilm) |" in t  # CPU: 01's FP32 fine-tune is the reference
-    assert "| 07_llama_scaling | qlora vs lora | 4.40 / 13.00 | 0.800 / 0.500 | mem 0.34×, time 1.60× (llama-7b) | – |" in t
+    assert "| 07_llama_scaling | qlora vs lora | 4.40 / 13.00 | 0.800 / 0.500 | " \
+           "mem 0.34×, time 1.60× (llama-7b) | – |" in t
     assert "7B `qlora`: peak 4.40 GiB measured, 4.00 GiB predicted by the accounting before it ran (-9.1 % off" in t
     assert "7B `qlora_t4_conditions`: oom — out of memory at 15 GiB" in t
     assert "s/step (the small rungs' fit said 0.700)" in t
@@ -238,7 +240,8 @@ def test_a_malformed_sibling_is_named_and_left_out_of_the_summary(tmp_path, monk
     skipped: list[str] = []
     text = report.write_summary("default", skipped).read_text()
     assert "## 01_baseline" in text and "0.810" in text
-    assert len(skipped) == 2 and "02_ptq" in skipped[0] and "03_qat" in skipped[1] and "UnicodeDecodeError" in skipped[1]
+    assert (len(skipped) == 2 and "02_ptq" in skipped[0] and "03_qat" in skipped[1]
+            and "UnicodeDecodeError" in skipped[1])
     assert "## Left out (malformed results)" in text
     with pytest.raises(QlabError, match="a metrics document is a JSON object"):
         report.collect("default")  # without a list to name them in, the first one is an error

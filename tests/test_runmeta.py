@@ -258,7 +258,8 @@ def test_a_packed_ternary_model_and_a_gguf_are_detected(tmp_path):
     with pytest.raises(QlabError, match="quantization.extras must be a JSON object, got list"):
         artifacts.verify(d)
     f = gguf.ship(gguf.convert(src, tmp_path / "x.gguf", "f32", pre_tokenizer="gpt-2"), info, "PTQ", "none", "f32")
-    assert f.name.startswith("gpt2-stdlib-tiny-stdlib-code_PTQ_none_GGUF-F32_w32_head") and not (tmp_path / "x.gguf").exists()
+    assert (f.name.startswith("gpt2-stdlib-tiny-stdlib-code_PTQ_none_GGUF-F32_w32_head")
+            and not (tmp_path / "x.gguf").exists())
     det = runmeta.detect(f)
     assert (det.method, det.source, det.extras["type"]) == ("gguf", "metadata", "f32")
     assert any("quantization: gguf, 32" in x for x in artifacts.verify(f))
@@ -288,7 +289,8 @@ def test_peak_memory_report_on_cuda_has_the_seed_shape():
         del x
     r = mem.report()
     assert r["memory"] == "cuda" and r["overall_max_reserved_gb"] >= r["overall_max_allocated_gb"] >= 0.06
-    assert len(r["per_gpu"]) == torch.cuda.device_count() and {"max_reserved_gb", "max_allocated_gb"} <= set(r["per_gpu"][0])
+    assert (len(r["per_gpu"]) == torch.cuda.device_count()
+            and {"max_reserved_gb", "max_allocated_gb"} <= set(r["per_gpu"][0]))
 
 
 def test_07_fine_tune_saves_its_adapter_under_its_run_name(untied, tmp_path, monkeypatch):
@@ -325,7 +327,8 @@ def test_04_writes_its_adapter_and_merged_model_under_run_names(tmp_path, monkey
     assert "_CLS_LoRa8a16-attn-paged32_QLORA_w4_headfp32" in names["adapter"]
     merged = res.adapter_dir.with_name(names["merged"])
     assert runmeta.detect(merged).part == "merged" and runmeta.read_meta(merged)["merged_from"] == names["adapter"]
-    assert runmeta.read_meta(res.adapter_dir)["quantization"]["extras"]["skip_modules"] == list(adapters.CLASSIFIER_SKIP)
+    assert (runmeta.read_meta(res.adapter_dir)["quantization"]["extras"]["skip_modules"]
+            == list(adapters.CLASSIFIER_SKIP))
     assert res.fresh["accuracy"] == q["accuracy"]
     assert abs(res.doc["merged_accuracy"] - q["accuracy"]) <= 2 / 400  # fp32 rounding of a merge: a sentence or two
     assert res.doc["peak_memory"]["qlora"]["memory"] == "cpu_rss"

@@ -136,7 +136,8 @@ def test_cloze_construction_and_squad_metric():
     assert ex.answer == "Acme Widgets" and qa.BLANK in ex.question and ex.answer not in ex.question
     assert ex.answer in ex.context and "Monday" not in ex.context
     assert ex.choices == ("Acme Widgets", "Analysts")  # the context's entities, sorted: no position gives it away
-    code = 'def find(pattern, text, flags=0):\n    """Search ___ for pattern."""\n    return re.search(pattern, text, flags)\n'
+    code = ('def find(pattern, text, flags=0):\n    """Search ___ for pattern."""\n'
+            '    return re.search(pattern, text, flags)\n')
     doc = "Search text for the pattern. Nothing here names one. Return None unless flags match."
     first, second = qa.clozes_from_function("m.find", doc, code)  # one question per sentence naming a parameter
     assert (first.id, first.answer, first.question) == ("m.find#0", "text", "Search ___ for the pattern.")

@@ -25,7 +25,8 @@ RUNS = [
                             ladder_methods_eval_tokens=512),
      {"model": "gpt2", "data": "code-search-net/code_search_net"}),
     ("06_switchable_precision", dict(steps=2, batch_size=2, lora_rank=2, max_len=128, n_eval=4, n_calib=2,
-                                     max_new_tokens=3, block_qa_questions=8), {"model": "gpt2", "data": "rajpurkar/squad"}),
+                                     max_new_tokens=3, block_qa_questions=8),
+     {"model": "gpt2", "data": "rajpurkar/squad"}),
     ("07_llama_scaling", dict(rungs="llama-2m", seq=32, steps=1, finetune_steps=2, device="cpu"), {}),
     ("08_qwen_merge_gguf", dict(steps=2, batch_size=2, context=64, train_tokens=4000, eval_tokens=512, gen_tokens=4,
                                 latency_repeats=1),
@@ -70,7 +71,8 @@ def test_t4_notebook_runs_against_the_hub_standin(stem, params, hub_ids, t4_env)
     if stem != "02_ptq":  # everything that trains printed its T4 prediction before training
         import nbformat
 
-        printed = "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
+        printed = "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells
+                          for o in c.get("outputs", []))
         assert "predicted peak" in printed and "on a T4" in printed
     if stem == "07_llama_scaling":  # the 7B fine-tune's code path, on the stand-in's tiny Llama-2
         ft = doc["finetune_7b"]
@@ -91,7 +93,8 @@ def test_standin_tokenizers_reproduce_llama_cpp_test_vectors(standin_hub):
         gguf = vocab / f"ggml-vocab-{fam}.gguf"
         if fam == "llama-spm":  # the sentencepiece model itself (tokenizer.json is transformers' conversion)
             sp = spm.SentencePieceProcessor(model_file=str(snap / "tokenizer.model"))
-            ok, n = hs.check_tokenizer(type("T", (), {"__call__": lambda s, t, **k: {"input_ids": sp.encode(t)}})(), gguf)
+            ok, n = hs.check_tokenizer(type("T", (), {"__call__": lambda s, t, **k: {"input_ids": sp.encode(t)}})(),
+                                       gguf)
         else:
             ok, n = hs.check_tokenizer(AutoTokenizer.from_pretrained(snap), gguf)
         assert ok == n == 47, (repo, ok, n)

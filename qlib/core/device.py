@@ -71,7 +71,8 @@ def t4_conditions(device: str | torch.device, memory_gib: float = 15.0) -> Itera
     (`torch.cuda.set_per_process_memory_fraction`); yields the fraction. CUDA only: a clear error elsewhere."""
     dev = torch.device(device)
     if dev.type != "cuda":
-        raise QlabError(f"the T4 memory cap is a CUDA-only option (it caps the GPU allocator); this run is on {dev.type}")
+        raise QlabError("the T4 memory cap is a CUDA-only option (it caps the GPU allocator); "
+                        f"this run is on {dev.type}")
     total = torch.cuda.get_device_properties(dev).total_memory
     fraction = min(1.0, memory_gib * 2**30 / total)
     torch.cuda.empty_cache()

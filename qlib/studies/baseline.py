@@ -106,7 +106,8 @@ def plan(cfg: Config, model_config: Any, n_train: int, device: torch.device) -> 
 
 
 def gpu_predictions(profile: str) -> list[budget.Prediction]:
-    """This profile's training runs as a T4 would run them, predicted from the hub's true config (the study contract)."""
+    """This profile's training runs as a T4 would run them, predicted from the hub's true config
+    (the study contract)."""
     cfg = config(profile)
     return plan(cfg, budget.hub_config(cfg.model_id), budget.train_rows(cfg.dataset_id, cfg.n_train), budget.T4)
 
@@ -133,7 +134,8 @@ def run(cfg: Config) -> BaselineResult:
                       cfg.warmup_ratio, desc="fine-tune fp32")
     preds, labels = predict(model, eval_loader, device)
     quality = metrics.accuracy_f1(preds, labels)
-    replicas = {s: replicate(cfg, s, model_asset, ds, tok, eval_loader, device) for s in seeds(cfg.seed, cfg.n_seeds)[1:]}
+    replicas = {s: replicate(cfg, s, model_asset, ds, tok, eval_loader, device)
+                for s in seeds(cfg.seed, cfg.n_seeds)[1:]}
 
     model_dir = outputs_dir(STUDY, cfg.profile) / "baseline-model"
     models.save_model(model, tok, model_dir, metadata={"config": asdict(cfg), **quality})
@@ -150,12 +152,14 @@ def run(cfg: Config) -> BaselineResult:
         tokens_per_s=8 * cfg.max_length / (lat8["median_ms"] / 1e3), speedup_vs_fp32=1.0,
         peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, train_time_s=tr.train_time_s,
         train_steps=tr.steps, step_time_s=tr.median_step_s, final_loss=tr.final_loss, **params)
-    metrics.with_seeds(row, "accuracy", [quality["accuracy"]] + [metrics.accuracy(p, labels) for p in replicas.values()])
+    metrics.with_seeds(row, "accuracy",
+                       [quality["accuracy"]] + [metrics.accuracy(p, labels) for p in replicas.values()])
     env = metrics.runtime_env(device)
     doc_assets = {"model": {"role": "encoder", **model_asset.provenance()}, "data": ds.provenance()}
     majority, maj = majority_row(ds.asset.id, ds.train_labels, labels, preds, cfg.seed)
-    results.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, "fp32": preds, "majority": maj,
-                                                                  **{seed_column("fp32", s): p for s, p in replicas.items()}})
+    results.write_per_example(STUDY, cfg.profile, "per_example",
+                              {"label": labels, "fp32": preds, "majority": maj,
+                               **{seed_column("fp32", s): p for s, p in replicas.items()}})
     path = results.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, [row, majority],
                                  config=asdict(cfg), latency_shape={"seq_len": cfg.max_length,
                                                                     "batches": [1, 8]}, gpu_plan=gpu_plan,

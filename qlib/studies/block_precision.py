@@ -66,7 +66,8 @@ class Rounder:
 
     def _rounded(self, name: str, bits: int) -> torch.Tensor:
         if (name, bits) not in self.cache:
-            self.cache[name, bits] = self.original[name] if bits >= 16 else ladder.grouped_int(self.original[name], bits)
+            self.cache[name, bits] = (self.original[name] if bits >= 16
+                                      else ladder.grouped_int(self.original[name], bits))
         return self.cache[name, bits]
 
     @torch.no_grad()

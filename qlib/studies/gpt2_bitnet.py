@@ -418,7 +418,8 @@ def plan(cfg: Config, model_config: Any, device: torch.device) -> list[budget.Pr
 
 
 def gpu_predictions(profile: str) -> list[budget.Prediction]:
-    """This profile's training runs as a T4 would run them, predicted from the hub's true config (the study contract)."""
+    """This profile's training runs as a T4 would run them, predicted from the hub's true config
+    (the study contract)."""
     cfg = config(profile)
     return plan(cfg, budget.hub_config(cfg.model_id), budget.T4)
 
@@ -445,99 +446,136 @@ def run(cfg: Config) -> GPT2Result:
     set_seed(cfg.seed)
     out = outputs_dir(STUDY, cfg.profile)
     su = random_init_setup(cfg, out) if cfg.random_init else real_setup(cfg)
-    loader = data.lm_loader(su.chunks, cfg.batch_size, seed=cfg.seed)
     prompt = su.eval_ids[:16].unsqueeze(0).to(device)
     gpu_plan = budget.announce(plan(cfg, hub.model_config(su.base), device), device) \
         if budget.wanted(cfg.profile, device) else None
-
-    t = Tally()
     info = runmeta.RunInfo(STUDY, cfg.profile, cfg.seed, su.asset.id, su.base, su.data_asset.id)
     if not cfg.keep_lm_head_fp16:  # before any training: a tied head cannot be quantized
         models.require_untied_head(su.base)
+    t = measure_regimes(cfg, su, prompt, out, device, info)
+    if not cfg.random_init:
+        compare_regimes(cfg, su, t, out, device, info)
+    if cfg.gguf and t.bit is not None and su.tok is not None:  # random-init runs have no tokenizer to convert
+        t.rows += gguf_rows(t.bit, su.tok, su.eval_ids, prompt[0].tolist(), cfg, out,
+                            su.asset.source == "pretrained-here", info)[0]
+    _gguf_speed_vs_f32(t.rows)
+    real = cfg.ladder_model_id and not cfg.random_init
+    ladder_doc = post_training_ladder(cfg, t, device) if real else None
+    methods_doc = post_training_methods(cfg, t, device, out) if real and cfg.ladder_methods else None
+    path = write_results(cfg, su, t, device, gpu_plan=gpu_plan, ladder=ladder_doc, methods=methods_doc)
+    return GPT2Result(t.rows, results.load_metrics(path), path, t.losses, t.identical)
+
+
+def measure_regimes(cfg: Config, su: Setup, prompt: torch.Tensor, out: Path, device: torch.device,
+                    info: runmeta.RunInfo) -> Tally:
+    """Train or quantize each regime in turn, score it, time it, save it; one row each."""
+    t = Tally()
+    loader = data.lm_loader(su.chunks, cfg.batch_size, seed=cfg.seed)
     for r in build_regimes(cfg, su.base, loader, out, device, info):
         with metrics.PeakMemory(device) as inf_mem, torch.no_grad():
             t.nll[r.name] = metrics.token_nll(r.model, su.eval_ids, cfg.context, cfg.stride, device).double().numpy()
-        ppl = {"perplexity": float(np.exp(t.nll[r.name].mean()))}
         tps, speedup = _decode_vs_fp32(r, t.ref, prompt, su.eos, cfg, device)
         folder, size, stored_bits, extra = save_artifact(r, out, cfg, info, su.base, device)
         if r.train_mem:
             t.peak_memory[r.name] = r.train_mem.report()
         if r.name == "bitnet":
             t.identical = _check_unpacked(r.model, folder / TERNARY_FILE, su.eval_ids[:64])
-        counts = metrics.param_counts(r.model)
-        if r.train is None:
-            counts["trainable_params"] = 0  # evaluated only
         t.losses[r.name] = r.train.losses if r.train else []
-        t.rows.append(results.make_row(
-            r.name, model=su.asset.id, dataset=su.data_asset.id, size_bytes=size,
-            perplexity=None if cfg.random_init else ppl["perplexity"],  # random weights: quality is not a number
-            bits_per_param=metrics.bits_per_param(size, counts["total_params"]),
-            quantized_bits_per_weight=stored_bits, tokens_per_s=tps, speedup_vs_fp32=speedup, load_avg_1m=metrics.load_average(),
-            timing_threads=metrics.TIMING_THREADS if device.type == "cpu" else None, peak_mem_bytes=r.train_mem.peak_bytes if r.train_mem else None,
-            peak_mem_source=(r.train_mem or inf_mem).source, inference_peak_mem_bytes=inf_mem.peak_bytes,
-            train_time_s=r.train.train_time_s if r.train else None, train_steps=r.train.steps if r.train else None,
-            step_time_s=r.train.median_step_s if r.train else None, compute_dtype=compute_dtype_name(device),
-            train_tokens_per_s=cfg.batch_size * cfg.context / r.train.median_step_s if r.train else None,
-            note=r.note or None, layer_kinds=models.layer_kinds(r.model), artifact=folder.name, **counts, **extra))
+        t.rows.append(_regime_row(r, cfg, su, float(np.exp(t.nll[r.name].mean())), size, stored_bits, tps, speedup,
+                                  inf_mem, folder, device, extra))
         t.emb = t.emb or _embedding_params(r.model)
-        if r.name == "fp32":  # the reference every later regime decodes against, off the GPU between uses
-            t.ref = r.model.to("cpu")
-        if r.name == "bitnet":  # kept for the GGUF rows, off the GPU
-            r.model, t.bit = r.model.to("cpu"), r
-        else:
-            r.model = None
-        if device.type == "cuda":
-            gc.collect()
-            torch.cuda.empty_cache()
-    if not cfg.random_init:
-        paired_differences(t.rows, t.nll, cfg)
-        replicas = {s: replicate(cfg, s, su.base, su.chunks, su.eval_ids, out, device, info)
-                    for s in seeds(cfg.seed, cfg.n_seeds)[1:]}
-        seed_spread(t.rows, {cfg.seed: t.nll, **replicas})
-        results.write_per_example(STUDY, cfg.profile, "regime_per_token_nll", {
-            **t.nll, **{seed_column(k, s): v for s, r in replicas.items() for k, v in r.items()}})
-    gguf_types: dict = {}
-    if cfg.gguf and t.bit is not None and su.tok is not None:  # random-init runs have no tokenizer to convert
-        grows, gguf_types = gguf_rows(t.bit, su.tok, su.eval_ids, prompt[0].tolist(), cfg, out,
-                                      su.asset.source == "pretrained-here", info)
-        t.rows += grows
-    f32 = next((x for x in t.rows if x["method"] == "gguf_f32"), None)
-    for x in t.rows:
-        if x.get("backend") == "llama.cpp":  # speed ratios inside one runtime: against the F32 GGUF, interleaved
+        _release(r, t, device)
+    return t
+
+
+def _regime_row(r: Regime, cfg: Config, su: Setup, ppl: float, size: int, stored_bits: float | None,
+                tps: float | None, speedup: float | None, inf_mem: metrics.PeakMemory, folder: Path,
+                device: torch.device, extra: dict[str, Any]) -> dict[str, Any]:
+    counts = metrics.param_counts(r.model)
+    if r.train is None:
+        counts["trainable_params"] = 0  # evaluated only
+    tr = r.train
+    return results.make_row(
+        r.name, model=su.asset.id, dataset=su.data_asset.id, size_bytes=size,
+        perplexity=None if cfg.random_init else ppl,  # random weights: quality is not a number
+        bits_per_param=metrics.bits_per_param(size, counts["total_params"]),
+        quantized_bits_per_weight=stored_bits, tokens_per_s=tps, speedup_vs_fp32=speedup,
+        load_avg_1m=metrics.load_average(), timing_threads=metrics.TIMING_THREADS if device.type == "cpu" else None,
+        peak_mem_bytes=r.train_mem.peak_bytes if r.train_mem else None,
+        peak_mem_source=(r.train_mem or inf_mem).source, inference_peak_mem_bytes=inf_mem.peak_bytes,
+        train_time_s=tr.train_time_s if tr else None, train_steps=tr.steps if tr else None,
+        step_time_s=tr.median_step_s if tr else None, compute_dtype=compute_dtype_name(device),
+        train_tokens_per_s=cfg.batch_size * cfg.context / tr.median_step_s if tr else None,
+        note=r.note or None, layer_kinds=models.layer_kinds(r.model), artifact=folder.name, **counts, **extra)
+
+
+def _release(r: Regime, t: Tally, device: torch.device) -> None:
+    """Keep FP32 (every later regime decodes against it) and BitNet (the GGUF rows) on the CPU; drop the rest."""
+    if r.name == "fp32":
+        t.ref = r.model.to("cpu")
+    if r.name == "bitnet":
+        r.model, t.bit = r.model.to("cpu"), r
+    else:
+        r.model = None
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def compare_regimes(cfg: Config, su: Setup, t: Tally, out: Path, device: torch.device,
+                    info: runmeta.RunInfo) -> None:
+    """Paired intervals against FP32 and each control; the trained regimes again from more seeds."""
+    paired_differences(t.rows, t.nll, cfg)
+    replicas = {s: replicate(cfg, s, su.base, su.chunks, su.eval_ids, out, device, info)
+                for s in seeds(cfg.seed, cfg.n_seeds)[1:]}
+    seed_spread(t.rows, {cfg.seed: t.nll, **replicas})
+    results.write_per_example(STUDY, cfg.profile, "regime_per_token_nll", {
+        **t.nll, **{seed_column(k, s): v for s, r in replicas.items() for k, v in r.items()}})
+
+
+def _gguf_speed_vs_f32(rows: list[dict[str, Any]]) -> None:
+    """Speed ratios inside one runtime: each llama.cpp row against the F32 GGUF, interleaved."""
+    f32 = next((x for x in rows if x["method"] == "gguf_f32"), None)
+    for x in rows:
+        if x.get("backend") == "llama.cpp":
             x["speedup_vs_fp32"] = x["tokens_per_s"] / f32["tokens_per_s"] if f32 else None
             x["speed_reference"] = "gguf_f32"
-    ladder_doc = None
-    if cfg.ladder_model_id and not cfg.random_init:
-        lad = ptq_ladder.run_ladder(ptq_ladder.LadderSpec(
-            cfg.ladder_model_id, cfg.dataset_id, cfg.ladder_rungs, cfg.ladder_context, cfg.ladder_eval_tokens,
-            cfg.train_tokens or 200_000, cfg.seed), device)
-        t.rows += lad.rows
-        ladder_doc = {**lad.model, "context": cfg.ladder_context, "stride": cfg.ladder_context,
-                      "per_token_nll": "ladder_per_token_nll.csv.gz"}
-        results.write_per_example(STUDY, cfg.profile, "ladder_per_token_nll", lad.nll)
-    methods_doc = None
-    if cfg.ladder_model_id and cfg.ladder_methods and not cfg.random_init:
-        spec = ptq_methods.MethodsSpec(cfg.ladder_model_id, cfg.dataset_id, cfg.ladder_methods, cfg.ladder_ablation,
-                                       cfg.ladder_calib_samples, cfg.ladder_calib_length, cfg.ladder_context,
-                                       cfg.ladder_methods_eval_tokens, cfg.seed)
-        m = ptq_methods.run_methods(spec, device, out / "methods", STUDY, cfg.profile)
-        t.rows += m.rows
-        results.write_per_example(STUDY, cfg.profile, "methods_per_token_nll", m.nll)
-        methods_doc = {"calibration_settings": m.settings, "problems": m.problems,
-                       "eval_tokens": cfg.ladder_methods_eval_tokens, "context": cfg.ladder_context,
-                       "per_token_nll": "methods_per_token_nll.csv.gz"}
-    env = metrics.runtime_env(device)
+
+
+def post_training_ladder(cfg: Config, t: Tally, device: torch.device) -> dict[str, Any]:
+    """The real LM's round-to-nearest ladder (`ptq_ladder`): its rows into the tally, its description back."""
+    lad = ptq_ladder.run_ladder(ptq_ladder.LadderSpec(
+        cfg.ladder_model_id, cfg.dataset_id, cfg.ladder_rungs, cfg.ladder_context, cfg.ladder_eval_tokens,
+        cfg.train_tokens or 200_000, cfg.seed), device)
+    t.rows += lad.rows
+    results.write_per_example(STUDY, cfg.profile, "ladder_per_token_nll", lad.nll)
+    return {**lad.model, "context": cfg.ladder_context, "stride": cfg.ladder_context,
+            "per_token_nll": "ladder_per_token_nll.csv.gz"}
+
+
+def post_training_methods(cfg: Config, t: Tally, device: torch.device, out: Path) -> dict[str, Any]:
+    """The registry's methods beside round-to-nearest on the real LM, and the calibration ablation."""
+    spec = ptq_methods.MethodsSpec(cfg.ladder_model_id, cfg.dataset_id, cfg.ladder_methods, cfg.ladder_ablation,
+                                   cfg.ladder_calib_samples, cfg.ladder_calib_length, cfg.ladder_context,
+                                   cfg.ladder_methods_eval_tokens, cfg.seed)
+    m = ptq_methods.run_methods(spec, device, out / "methods", STUDY, cfg.profile)
+    t.rows += m.rows
+    results.write_per_example(STUDY, cfg.profile, "methods_per_token_nll", m.nll)
+    return {"calibration_settings": m.settings, "problems": m.problems, "eval_tokens": cfg.ladder_methods_eval_tokens,
+            "context": cfg.ladder_context, "per_token_nll": "methods_per_token_nll.csv.gz"}
+
+
+def write_results(cfg: Config, su: Setup, t: Tally, device: torch.device, **sections: Any) -> Path:
+    """metrics.json: the rows, where they came from, and each section's description."""
     doc_assets = {"model": {"role": "causal-lm", **su.asset.provenance()},
                   "data": {**su.data_asset.provenance(), "n_train_tokens": int(su.chunks.numel()),
                            "n_eval_tokens": int(su.eval_ids.numel())}}
-    path = results.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, t.rows,
-                                 config={**asdict(cfg), "regimes": list(cfg.regimes)}, gpu_plan=gpu_plan,
+    return results.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, t.rows,
+                                 config={**asdict(cfg), "regimes": list(cfg.regimes)},
                                  perplexity_window={"context": cfg.context, "stride": cfg.stride,
                                                     "gguf_rows": "llama.cpp, stride = context"},
-                                 packed_ternary_identical_logits=t.identical, ladder=ladder_doc,
-                                 methods=methods_doc,
-                                 embedding_params=t.emb, peak_memory=t.peak_memory, readme=README)
-    return GPT2Result(t.rows, results.load_metrics(path), path, t.losses, t.identical)
+                                 packed_ternary_identical_logits=t.identical, embedding_params=t.emb,
+                                 peak_memory=t.peak_memory, readme=README, **sections)
 
 
 def paired_differences(rows: list[dict[str, Any]], nll: dict[str, Any], cfg: Config) -> None:
@@ -672,10 +710,12 @@ def findings(res: GPT2Result) -> str:
                      f"{f['perplexity']:.2f}, PyTorch BitNet {t2['torch_bitnet_perplexity_same_windows']:.2f} on the "
                      "same windows (llama.cpp quantizes activations per 256-block for its ternary dot products, "
                      "BitLinear per token).")
-        lines.append(f"- Ternary vs F32 in llama.cpp, decoded interleaved in one run: {t2['tokens_per_s'] / f['tokens_per_s']:.2f}× "
+        lines.append("- Ternary vs F32 in llama.cpp, decoded interleaved in one run: "
+                     f"{t2['tokens_per_s'] / f['tokens_per_s']:.2f}× "
                      f"(TQ2_0) and {t1['tokens_per_s'] / f['tokens_per_s']:.2f}× (TQ1_0); file "
                      f"{t2['size_bytes'] / f['size_bytes']:.2f}× / {t1['size_bytes'] / f['size_bytes']:.2f}×; peak "
-                     f"RSS during load + eval {t2['inference_peak_mem_bytes'] / max(1, f['inference_peak_mem_bytes']):.2f}× "
+                     "RSS during load + eval "
+                     f"{t2['inference_peak_mem_bytes'] / max(1, f['inference_peak_mem_bytes']):.2f}× "
                      "(TQ2_0). The embeddings stay F16 in these files (the converter's choice for ternary types).")
     elif res.doc["config"].get("gguf") is False:
         lines.append("- GGUF export was switched off in this run (`gguf=False`): no llama.cpp rows.")

@@ -77,7 +77,8 @@ def qlora_finetune(asset: Resolved, cfg: Any, device: torch.device) -> dict[str,
     step_s = out.metrics["train_runtime"] / cfg.finetune_steps
     adapter = save_adapter(model, tok, asset, data_asset.id, cfg, dev,
                            peak_memory=mem.report(), perplexity_before=ppl_before, perplexity_after=ppl_after)
-    return {"adapter": adapter.name, "peak_memory": mem.report(), "model": asset.id, "source": asset.source, "revision": asset.revision, "data": data_asset.provenance(),
+    return {"adapter": adapter.name, "peak_memory": mem.report(), "model": asset.id, "source": asset.source,
+            "revision": asset.revision, "data": data_asset.provenance(),
             "peak_mem_bytes": mem.peak_bytes, "peak_mem_source": mem.source,
             "predicted_peak_mem_bytes": predicted[0]["peak_bytes"], "step_time_s": step_s,
             "tokens_per_s": cfg.batch * cfg.seq / step_s, "perplexity_before": ppl_before,
@@ -99,7 +100,8 @@ def save_adapter(model: Any, tok: Any, asset: Resolved, dataset: str, cfg: Any, 
     head = runmeta.head_dtype(model)
     name = info.name("SFT", k.token(), "qlora", plan.spec.weights_bits, head)
     return adapters.save_adapter(model, tok, cfg_output(cfg) / name,
-                                 info.meta(name, plan, "adapter", head, knobs=k, train_steps=cfg.finetune_steps, **extra))
+                                 info.meta(name, plan, "adapter", head, knobs=k, train_steps=cfg.finetune_steps,
+                                           **extra))
 
 
 def check_finetune_device(cfg: Any, device: torch.device) -> None:

@@ -234,7 +234,8 @@ def uses_asset(cfg: Config, field: str) -> bool:
 
 
 def gpu_predictions(profile: str) -> list[budget.Prediction]:
-    """This profile's training runs as a T4 would run them, predicted from the hub's true config (the study contract)."""
+    """This profile's training runs as a T4 would run them, predicted from the hub's true config
+    (the study contract)."""
     cfg = config(profile)
     return ladder_plan(cfg) + (llama_finetune.plan(cfg, budget.hub_config(cfg.model_id), budget.T4)
                                if cfg.finetune_7b else [])
@@ -392,7 +393,8 @@ def findings(res: ScalingResult) -> str:
     gib = 2**30
     a = res.accounting_7b
     lines = [f"- LLaMA-7B counted on the meta device: {a['params']['total']:,} parameters "
-             f"({a['params']['block_linears']:,} in block linears); weights FP16 {a['weight_bytes']['fp16'] / gib:.2f} GiB, "
+             f"({a['params']['block_linears']:,} in block linears); "
+             f"weights FP16 {a['weight_bytes']['fp16'] / gib:.2f} GiB, "
              f"INT8 {a['weight_bytes']['int8'] / gib:.2f}, NF4+DQ {a['weight_bytes']['nf4'] / gib:.2f}, "
              f"ternary {a['weight_bytes']['ternary'] / gib:.2f} GiB; LoRA r=16 on 7 projections: "
              f"{a['lora_r16_params']:,} trainable."]
@@ -403,10 +405,12 @@ def findings(res: ScalingResult) -> str:
                 f"{p['h100_measured_bytes'] / gib:.2f} GiB measured on an H100 (reference, docs/assets.md), a gap of "
                 f"{p['h100_gap_bytes'] / gib:+.2f} GiB; shifted by it: {p['corrected_bytes'] / gib:.2f} GiB -> "
                 f"{'fits' if p['fits_t4_corrected'] else 'does not fit'}")
-        lines.append(f"- 7B `{p['method']}` on a T4 (fp16, paged 8-bit AdamW, seq {res.doc['config']['projection_seq']}, "
+        lines.append(f"- 7B `{p['method']}` on a T4 (fp16, paged 8-bit AdamW, "
+                     f"seq {res.doc['config']['projection_seq']}, "
                      f"batch 1, checkpointing): accounting {p['accounting_bytes'] / gib:.2f} GiB -> "
                      f"{'fits' if p['fits_t4'] else 'does not fit'} in {T4_USABLE_GIB:.0f} GiB{cons}.")
-    lines.append("- The CPU ladder's gap to the accounting is neither a constant nor a constant factor across rungs, so "
+    lines.append("- The CPU ladder's gap to the accounting is neither a constant nor a constant factor "
+                 "across rungs, so "
                  "the T4 projection takes no correction from it; the extrapolated CPU fits above are CPU figures.")
     return "\n".join(lines)
 
@@ -452,7 +456,8 @@ def measured_7b_lines(doc: dict[str, Any]) -> list[str]:
         out.append(f"- 7B `{r['method']}`: peak {r['peak_mem_bytes'] / 2**30:.2f} GiB measured, "
                    f"{r['predicted_peak_mem_bytes'] / 2**30:.2f} GiB predicted by the accounting before it ran "
                    f"({100 * r['prediction_error']:+.1f} % off; goal within 15 %); {r['step_time_s']:.3f} s/step "
-                   + (f"(the small rungs' fit said {fit_t:.3f}), " if fit_t else "") + f"{r['tokens_per_s']:.0f} tokens/s"
+                   + (f"(the small rungs' fit said {fit_t:.3f}), " if fit_t else "")
+                   + f"{r['tokens_per_s']:.0f} tokens/s"
                    + (f"; plain bnb + peft on an H100 (docs/assets.md, reference): {ref['peak_gib']:.2f} GiB, "
                       f"{ref['step_s']:.2f} s/step." if (ref := PLAIN_BNB_PEFT_H100.get(r["method"])) else "."))
     b = doc.get("benchmark") or {}

@@ -23,7 +23,8 @@ ASSET_ROLES: dict[str, str] = {}  # notebook 01's model and data
 README = results.readme_block(
     published={"ptq_int8_dynamic": "BERT-base dynamic INT8: 438→181 MB, 1.78× on a VNNI CPU "
                                     "(PyTorch dynamic-quantization BERT tutorial)"},
-    summary_tables={baseline.BERT_TABLE: ["ptq_int8_dynamic", "ptq_int8_static", "ort_int8_dynamic", "ort_int8_static"]})
+    summary_tables={baseline.BERT_TABLE: ["ptq_int8_dynamic", "ptq_int8_static",
+                                          "ort_int8_dynamic", "ort_int8_static"]})
 
 
 @dataclass(frozen=True)
@@ -290,7 +291,8 @@ def findings(res: PTQResult) -> str:
         r = by[m]
         verdict = "**passes**" if b["passes"] else "misses"
         lines.append(f"- `{m}` ({r['backend']}): accuracy {r['accuracy']:.3f} "
-                     f"({results.points_interval(r, 'accuracy_diff_vs_fp32', ' vs FP32')}), size {b['size_ratio']:.2f}× FP32, speedup {b['speedup_b8']:.2f}× at batch 8 / "
+                     f"({results.points_interval(r, 'accuracy_diff_vs_fp32', ' vs FP32')}), "
+                     f"size {b['size_ratio']:.2f}× FP32, speedup {b['speedup_b8']:.2f}× at batch 8 / "
                      f"{r['speedup_b1_vs_fp32']:.2f}× at batch 1 against `{r['speed_reference']}` — {verdict} the bar.")
     if "onnx_fp32" in by:
         o = by["onnx_fp32"]

@@ -117,7 +117,8 @@ def _row(name: str, nll: np.ndarray, ref: np.ndarray, spec: LadderSpec, model_id
         total_params=n_params if kind != "count baseline" else None, trainable_params=0 if rung else None,
         bits_per_quantized_weight=rung.bits_per_weight if rung else (None if kind == "count baseline" else 32.0),
         quantized_share_of_params=block_weights / n_params if rung else None, section="post-training ladder",
-        regime_kind=kind if name != "reference" else "reference: the model as loaded (SmolLM2: its dequantized Q4_1 weights)",
+        regime_kind=(kind if name != "reference"
+                     else "reference: the model as loaded (SmolLM2: its dequantized Q4_1 weights)"),
         format=rung.what if rung else None, reference="reference" if ratio else None)
     return metrics.with_difference(row, "perplexity_ratio", ratio, value="ratio")
 
@@ -142,10 +143,13 @@ def findings(rows: list[dict[str, Any]]) -> str:
         lines.append(f"- `{r['method']}` ({r['bits_per_quantized_weight']:.2f} bits/weight in the blocks' linears: "
                      f"{r['format']}): perplexity {r['perplexity']:.2f}, {pct(r['perplexity_ratio'])} "
                      f"[{pct(r['perplexity_ratio_lo'])}, {pct(r['perplexity_ratio_hi'])}], {verdict}"
-                     + (f"; mean KL vs the reference {r['kl_mean']:.3g} [{r['kl_mean_lo']:.3g}, {r['kl_mean_hi']:.3g}], "
-                        f"same top-1 token {100 * r['top1_agreement']:.1f} %." if r.get("kl_mean") is not None else "."))
+                     + (f"; mean KL vs the reference {r['kl_mean']:.3g} "
+                        f"[{r['kl_mean_lo']:.3g}, {r['kl_mean_hi']:.3g}], "
+                        f"same top-1 token {100 * r['top1_agreement']:.1f} %."
+                        if r.get("kl_mean") is not None else "."))
     share = next((r["quantized_share_of_params"] for r in lad if r.get("quantized_share_of_params")), None)
     if share:
-        lines.append(f"- Only the blocks' linear layers are quantized ({100 * share:.0f} % of the parameters); the tied "
+        lines.append("- Only the blocks' linear layers are quantized "
+                     f"({100 * share:.0f} % of the parameters); the tied "
                      "embedding/output matrix stays as loaded, so these are the formats' costs on the blocks alone.")
     return "\n".join(lines)

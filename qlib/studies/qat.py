@@ -83,7 +83,8 @@ def plan(cfg: Config, model_config: Any, n_train: int, seq: int, device: torch.d
 
 
 def gpu_predictions(profile: str) -> list[budget.Prediction]:
-    """This profile's training runs as a T4 would run them, predicted from the hub's true config (the study contract)."""
+    """This profile's training runs as a T4 would run them, predicted from the hub's true config
+    (the study contract)."""
     b = baseline.config(profile)
     return plan(config(profile), budget.hub_config(b.model_id), budget.train_rows(b.dataset_id, b.n_train),
                 b.max_length, budget.T4)
@@ -94,66 +95,97 @@ def run(cfg: Config) -> QATResult:
     """Static PTQ and QAT from the same baseline in one run; the QAT model is saved and reloaded.
     Fake-quant training (and its FP32 control) runs on the GPU where there is one, in fp32; the INT8
     conversion, evaluation and timing run on the CPU, where torch.ao's INT8 kernels are."""
-    device = torch.device("cpu")
     train_device = pick_device(cfg.device)
     set_seed(cfg.seed)
     st = load_setup(cfg.profile, cfg.seed, cfg.calib_sentences)
-    base_dir, bcfg, fp32, tok, ds, ev, calib = st.base_dir, st.bcfg, st.fp32, st.tok, st.ds, st.eval_loader, st.calib
-    train = data.classification_loader(tok, ds.train_texts, ds.train_labels, cfg.batch_size,
-                                       bcfg.max_length, shuffle=True, seed=cfg.seed)
-
-    static = quant.apply(fp32, "ptq_int8", calib=calib, per_channel=cfg.per_channel)
-    dynamic = quant.apply(fp32, "ptq_int8", per_channel=cfg.per_channel)  # notebook 02's most accurate torch.ao PTQ
-    gpu_plan = budget.announce(plan(cfg, fp32.config, len(ds.train_texts), bcfg.max_length, train_device),
+    train = data.classification_loader(st.tok, st.ds.train_texts, st.ds.train_labels, cfg.batch_size,
+                                       st.bcfg.max_length, shuffle=True, seed=cfg.seed)
+    gpu_plan = budget.announce(plan(cfg, st.fp32.config, len(st.ds.train_texts), st.bcfg.max_length, train_device),
                                train_device) if budget.wanted(cfg.profile, train_device) else None
-    trained = train_runs(cfg, cfg.seed, fp32, train, train_device)
+    v = make_variants(cfg, st, train, train_device)
+    preds = {k: predict(m, st.eval_loader, CPU, k)[0] for k, m in v.models.items()}
+    replicas = {s: replicate(cfg, s, st.fp32, train, st.eval_loader, train_device, CPU)
+                for s in seeds(cfg.seed, cfg.n_seeds)[1:]}
+    lat = time_int8(cfg, st, v.models)
+    quality = {k: metrics.accuracy_f1(p, list(st.ds.eval_labels)) for k, p in preds.items()}
+    out = outputs_dir(STUDY, cfg.profile)
+    model_dir, reload_ok = save_and_reload(cfg, st, v.models["qat_int8"], quality["qat_int8"], out)
+    rows = _rows(v.models, quality, lat, v.trains, out, model_dir, st.ds, st.fp32, baseline_label(st.bcfg))
+    rows = compare_to_fp32(rows, preds, list(st.ds.eval_labels), st.ds.train_labels, cfg.seed)
+    path = write_results(cfg, st, v, rows, preds, replicas, reload_ok=reload_ok, train_device=train_device,
+                         gpu_plan=gpu_plan)
+    return QATResult(rows, results.load_metrics(path), path, v.trains["qat_int8"][0], model_dir, reload_ok)
+
+
+CPU = torch.device("cpu")  # torch.ao's INT8 kernels
+
+
+@dataclass
+class Variants:
+    """Every model the study compares, the training record of those it trained, and QAT before conversion."""
+
+    models: dict[str, Any]
+    trains: dict[str, Any]
+    prepared: Any
+
+
+def make_variants(cfg: Config, st: Any, train: Any, train_device: torch.device) -> Variants:
+    """Static and dynamic PTQ of the baseline, QAT (converted to INT8) and its controls, trained from one seed."""
+    static = quant.apply(st.fp32, "ptq_int8", calib=st.calib, per_channel=cfg.per_channel)
+    dynamic = quant.apply(st.fp32, "ptq_int8", per_channel=cfg.per_channel)  # 02's most accurate torch.ao PTQ
+    trained = train_runs(cfg, cfg.seed, st.fp32, train, train_device)
     prepared, (tr, mem) = trained.pop("qat_int8")
-    int8 = qat.convert_qat(prepared.to(device))
-    models_ = {"fp32": fp32, "ptq_int8_static": static, "ptq_int8_dynamic": dynamic, "qat_int8": int8}
+    models_ = {"fp32": st.fp32, "ptq_int8_static": static, "ptq_int8_dynamic": dynamic,
+               "qat_int8": qat.convert_qat(prepared.to(CPU))}
     trains = {"qat_int8": (tr, mem)}
     if cfg.low_bits:
-        models_[f"ptq_w{cfg.low_bits}"] = qat.fake_quant_weights(fp32, cfg.low_bits)
+        models_[f"ptq_w{cfg.low_bits}"] = qat.fake_quant_weights(st.fp32, cfg.low_bits)
     for k, (m, t) in trained.items():
-        models_[k], trains[k] = m.to(device), t
-    preds = {k: predict(m, ev, device, k)[0] for k, m in models_.items()}
-    labels = list(ds.eval_labels)
-    quality = {k: metrics.accuracy_f1(p, labels) for k, p in preds.items()}
-    replicas = {s: replicate(cfg, s, fp32, train, ev, train_device, device) for s in seeds(cfg.seed, cfg.n_seeds)[1:]}
+        models_[k], trains[k] = m.to(CPU), t
+    return Variants(models_, trains, prepared)
+
+
+def time_int8(cfg: Config, st: Any, models_: dict[str, Any]) -> dict[int, Any]:
+    """Interleaved latency of FP32 and the three INT8 models, at batch 1 and 8."""
     timed = {k: m for k, m in models_.items() if k in ("fp32", "ptq_int8_static", "ptq_int8_dynamic", "qat_int8")}
-    lat = {b: metrics.compare_latency({k: _forward(m, enc) for k, m in timed.items()},
-                                      warmup=max(2, cfg.latency_repeats // 10),
-                                      repeats=cfg.latency_repeats) for b, enc in st.shapes.items()}
+    return {b: metrics.compare_latency({k: _forward(m, enc) for k, m in timed.items()},
+                                       warmup=max(2, cfg.latency_repeats // 10), repeats=cfg.latency_repeats)
+            for b, enc in st.shapes.items()}
 
-    out = outputs_dir(STUDY, cfg.profile)
-    meta = {"base": str(base_dir), "config": asdict(cfg), **quality["qat_int8"],
+
+def save_and_reload(cfg: Config, st: Any, int8: Any, quality: dict[str, float], out: Path) -> tuple[Path, bool]:
+    """Save the QAT INT8 model with its metadata; reloaded, it must score exactly as before."""
+    meta = {"base": str(st.base_dir), "config": asdict(cfg), **quality,
             **build_quantization_plan("qat_int8").metadata()}
-    model_dir = save_qat(int8, fp32.config, tok, out / "qat_bert_int8", meta)
-    reloaded = qat.load_qat(model_dir)
-    reload_ok = metrics.accuracy_f1(*predict(reloaded, ev, device, "reloaded")) == quality["qat_int8"]
+    model_dir = save_qat(int8, st.fp32.config, st.tok, out / "qat_bert_int8", meta)
+    again = metrics.accuracy_f1(*predict(qat.load_qat(model_dir), st.eval_loader, CPU, "reloaded"))
+    return model_dir, again == quality
 
-    rows = _rows(models_, quality, lat, trains, out, model_dir, ds, fp32, baseline_label(bcfg))
-    rows = compare_to_fp32(rows, preds, labels, ds.train_labels, cfg.seed)
+
+def write_results(cfg: Config, st: Any, v: Variants, rows: list[dict[str, Any]], preds: dict[str, Any],
+                  replicas: dict[int, Any], **extra: Any) -> Path:
+    """Seed spread, per-example predictions and metrics.json."""
+    labels = list(st.ds.eval_labels)
     compare_runs({r["method"]: r for r in rows}, {cfg.seed: preds, **replicas}, labels, cfg)
     results.write_per_example(STUDY, cfg.profile, "per_example", {"label": labels, **preds, **{
         seed_column(k, s): p for s, ps in replicas.items() for k, p in ps.items()}})
-    env = metrics.runtime_env(device)
-    env["quantized_engine"] = torch.backends.quantized.engine
-    doc_assets = {"model": {"role": "encoder", "id": rows[0]["model"],
-                            "source": f"notebook 01 ({base_dir})"}, "data": ds.provenance()}
-    path = results.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows, config=asdict(cfg),
-                                 latency_shape={"seq_len": bcfg.max_length, "batches": [1, 8]},
-                                 reload_matches=reload_ok, train_device=train_device.type, gpu_plan=gpu_plan,
-                                 fake_quant_modules=qat.fake_quant_modules(prepared),
-                                 low_bit_weights=cfg.low_bits and {
-                                     "bits": cfg.low_bits, "grid": "symmetric, one absmax scale per output row",
-                                     "layers": "every nn.Linear but the pooler and the classifier",
-                                     "weights": qat.fake_quant_weight_count(models_[f"ptq_w{cfg.low_bits}"]),
-                                     "note": "simulated (fake-quant in fp32): no 4-bit kernel in torch.ao on CPU, "
-                                             "so no size, bits/param or speed is claimed for these rows"},
-                                 seed_runs=[{"method": k, "seed": s, **metrics.accuracy_f1(p, labels)}
-                                            for s, ps in {cfg.seed: preds, **replicas}.items() for k, p in ps.items()
-                                            if k in TRAINED], readme=README)
-    return QATResult(rows, results.load_metrics(path), path, tr, model_dir, reload_ok)
+    env = {**metrics.runtime_env(CPU), "quantized_engine": torch.backends.quantized.engine}
+    doc_assets = {"model": {"role": "encoder", "id": rows[0]["model"], "source": f"notebook 01 ({st.base_dir})"},
+                  "data": st.ds.provenance()}
+    low = cfg.low_bits and {
+        "bits": cfg.low_bits, "grid": "symmetric, one absmax scale per output row",
+        "layers": "every nn.Linear but the pooler and the classifier",
+        "weights": qat.fake_quant_weight_count(v.models[f"ptq_w{cfg.low_bits}"]),
+        "note": "simulated (fake-quant in fp32): no 4-bit kernel in torch.ao on CPU, "
+                "so no size, bits/param or speed is claimed for these rows"}
+    runs = [{"method": k, "seed": s, **metrics.accuracy_f1(p, labels)}
+            for s, ps in {cfg.seed: preds, **replicas}.items() for k, p in ps.items() if k in TRAINED]
+    return results.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows, config=asdict(cfg),
+                                 latency_shape={"seq_len": st.bcfg.max_length, "batches": [1, 8]},
+                                 train_device=extra["train_device"].type, gpu_plan=extra["gpu_plan"],
+                                 reload_matches=extra["reload_ok"],
+                                 fake_quant_modules=qat.fake_quant_modules(v.prepared),
+                                 low_bit_weights=low, seed_runs=runs, readme=README)
 
 
 TRAINED = ("qat_int8", "fp32_more_steps", "qat_w2", "qat_w4", "qat_w8")
@@ -244,18 +276,21 @@ def findings(res: QATResult) -> str:
     n = res.doc["assets"]["data"]["n_eval"]
     lines = [f"- {n} held-out sentences. FP32 {fp['accuracy']:.3f}; static PTQ INT8 {pt['accuracy']:.3f} "
              f"({results.points_interval(pt, 'accuracy_diff_vs_fp32')} vs FP32); QAT INT8 {qa['accuracy']:.3f} "
-             f"({results.points_interval(qa, 'accuracy_diff_vs_fp32')} vs FP32) after {qa['train_steps']} fake-quant steps "
+             f"({results.points_interval(qa, 'accuracy_diff_vs_fp32')} vs FP32) "
+             f"after {qa['train_steps']} fake-quant steps "
              f"({qa['train_time_s']:.0f} s)."]
     lines.append(f"- QAT vs static PTQ: {results.points_interval(qa, 'accuracy_diff_vs_ptq_int8_static')}.")
     if "ptq_int8_dynamic" in by:
         dy = by["ptq_int8_dynamic"]
         lines.append(f"- QAT vs the best torch.ao PTQ (dynamic INT8, {dy['accuracy']:.3f}): "
-                     f"{results.points_interval(qa, 'accuracy_diff_vs_ptq_int8_dynamic')}. Dynamic INT8 needs no calibration and no "
+                     f"{results.points_interval(qa, 'accuracy_diff_vs_ptq_int8_dynamic')}. "
+                     "Dynamic INT8 needs no calibration and no "
                      "training; notebook 02 also has ONNX Runtime's dynamic INT8.")
     if "fp32_more_steps" in by:
         c = by["fp32_more_steps"]
         lines.append(f"- Control: FP32 fine-tuned for the same extra steps reaches {c['accuracy']:.3f}; QAT vs it: "
-                     f"{results.points_interval(qa, 'accuracy_diff_vs_fp32_more_steps')}. QAT's gain over PTQ is read against this.")
+                     f"{results.points_interval(qa, 'accuracy_diff_vs_fp32_more_steps')}. "
+                     "QAT's gain over PTQ is read against this.")
     if "majority" in by:
         lines.append(f"- Always answering the majority class scores {by['majority']['accuracy']:.3f}.")
     if qa["train_time_s"] and by.get("fp32_more_steps", {}).get("train_time_s"):
@@ -270,7 +305,8 @@ def findings(res: QATResult) -> str:
         ptq_low = by[f"ptq_w{b}"]
         lines.append(f"- {b}-bit weights (per-row grid, simulated): round-to-nearest PTQ {ptq_low['accuracy']:.3f} "
                      f"({results.points_interval(ptq_low, 'accuracy_diff_vs_fp32')} vs FP32); QAT at {b} bits "
-                     f"{low['accuracy']:.3f}: {results.points_interval(low, f'accuracy_diff_vs_ptq_w{b}')} vs that PTQ, "
+                     f"{low['accuracy']:.3f}: {results.points_interval(low, f'accuracy_diff_vs_ptq_w{b}')} "
+                     "vs that PTQ, "
                      f"{results.points_interval(low, 'accuracy_diff_vs_fp32_more_steps')} vs the FP32 control.")
     lines += _seed_lines(by)
     return "\n".join(lines)
@@ -282,8 +318,10 @@ def _seed_lines(by: dict[str, dict[str, Any]]) -> list[str]:
     if not trained or trained[0].get("n_seeds", 1) < 2:
         return ["- One seed: the intervals above are over sentences, not over training runs."]
     accs = "; ".join(f"{r['method']} {results.seed_spread_text(r, 'accuracy')}" for r in trained)
-    diffs = "; ".join(f"{row} − {ref} {results.seed_spread_text(by[row], f'accuracy_diff_vs_{ref}', 100, '+.1f', ' pt')}"
-                      for row, ref in COMPARISONS if by.get(row, {}).get(f"accuracy_diff_vs_{ref}_seed_mean") is not None)
+    diffs = "; ".join(f"{row} − {ref} "
+                      f"{results.seed_spread_text(by[row], f'accuracy_diff_vs_{ref}', 100, '+.1f', ' pt')}"
+                      for row, ref in COMPARISONS
+                      if by.get(row, {}).get(f"accuracy_diff_vs_{ref}_seed_mean") is not None)
     return [f"- Over training seeds (data order; the same FP32 start): {accs}.",
             f"- Differences over seeds: {diffs}. A difference is read as real only when the sentence interval "
             "excludes zero and the seeds agree in sign."]

@@ -101,7 +101,8 @@ def plan(cfg: Config, bcfg: baseline.Config, model_config: Any, n_train: int,
 
 
 def gpu_predictions(profile: str) -> list[budget.Prediction]:
-    """This profile's training runs as a T4 would run them, predicted from the hub's true config (the study contract)."""
+    """This profile's training runs as a T4 would run them, predicted from the hub's true config
+    (the study contract)."""
     b = baseline.config(profile)
     return plan(config(profile), b, budget.hub_config(b.model_id), budget.train_rows(b.dataset_id, b.n_train),
                 budget.T4)
@@ -170,7 +171,8 @@ def save_run(run_: dict[str, Any], info: runmeta.RunInfo, cfg: Config, tok: Any,
     plan = adapters.nf4_classifier_plan(device)
     extra = dict(knobs=k, peak_memory=mem, accuracy=quality["accuracy"], train_steps=run_["steps"],
                  train_time_s=run_["train_time_s"], **run_["counts"])
-    adapters.save_adapter(run_["model"], tok, adapter_dir, info.meta(adapter_dir.name, plan, "adapter", "fp32", **extra))
+    adapters.save_adapter(run_["model"], tok, adapter_dir,
+                          info.meta(adapter_dir.name, plan, "adapter", "fp32", **extra))
     for ckpt in sorted((adapter_dir.parent / "checkpoints" / adapter_dir.name).glob("checkpoint-*")):
         step = int(ckpt.name.split("-")[-1])  # each Trainer checkpoint loads like the adapter: say how it was made
         runmeta.write_meta(ckpt, info.meta(adapter_dir.name, plan, "adapter", "fp32", knobs=k, checkpoint_step=step))
@@ -253,7 +255,8 @@ def random_init_rows(cfg: Config, device: torch.device, out: Path
             model = adapters.add_lora(adapters.load_nf4_classifier(base, 2, device), cfg.main_rank, cfg.lora_targets,
                                       cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing)
             storage, n = bnb.nf4_storage(model), metrics.param_counts(model)["total_params"]
-            extra = {"bits_per_param": 8 * base_bytes(model) / n, "bits_per_quantized_weight": storage["bits_per_param"],
+            extra = {"bits_per_param": 8 * base_bytes(model) / n,
+                     "bits_per_quantized_weight": storage["bits_per_param"],
                      "nf4_layers": storage["nf4_layers"], "lora_rank": cfg.main_rank}
         counts = metrics.param_counts(model)
         with metrics.PeakMemory(device) as mem:
@@ -282,16 +285,7 @@ def run(cfg: Config) -> QLoRAResult:
     """Sweep LoRA ranks on an NF4 base; keep checkpoints + final adapter of main_rank; verify reload."""
     device = pick_device(cfg.device, cfg.profile)
     if cfg.random_init:
-        out = outputs_dir(STUDY, cfg.profile)
-        rows, losses = random_init_rows(cfg, device, out)
-        arch_id = "bert-base-uncased" if cfg.random_arch == "bert-base" else f"{cfg.random_arch} BERT"
-        doc_assets = {"model": {"role": "encoder", "id": arch_id, "source": "random-init",
-                                "architecture": cfg.random_arch},
-                      "data": {"id": "random tokens", "source": "torch.randint", "seq_len": cfg.seq_len}}
-        path = results.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
-                                     config={**asdict(cfg), "ranks": list(cfg.ranks)},
-                                     notes="random weights: memory and speed only, accuracy null", readme=README)
-        return QLoRAResult(rows, results.load_metrics(path), path, losses, out, {})
+        return run_random_init(cfg, device)
     bcfg = _baseline_settings(cfg.profile, cfg.model_id, cfg.dataset_id)
     asset = assets.resolve_model("encoder", bcfg.model_id)
     ds = data.load_classification(bcfg.dataset_id, bcfg.n_train, bcfg.n_eval)
@@ -300,51 +294,90 @@ def run(cfg: Config) -> QLoRAResult:
         if budget.wanted(cfg.profile, device) else None
     out = outputs_dir(STUDY, cfg.profile)
     info = runmeta.RunInfo(STUDY, cfg.profile, cfg.seed, asset.id, str(asset.path), ds.asset.id)
-    rows, losses, fresh, preds, saved = [], {}, {}, {}, {}
     adapter_dir = out / info.name("CLS", knobs(cfg, cfg.main_rank).token(), "qlora", 4, "fp32")
+    sweep = Sweep()
     for rank in cfg.ranks:
-        is_main = rank == cfg.main_rank
-        method = "qlora" if is_main else f"qlora_r{rank}"
-        run_ = train_qlora(cfg, rank, bcfg, ds, tok, asset.path, out / "checkpoints" / adapter_dir.name if is_main
-                           else None, device)
-        preds[method] = predictions(run_["model"], tok, ds, bcfg.max_length, device)
-        quality = metrics.accuracy_f1(preds[method], ds.eval_labels)
-        losses[rank] = run_["losses"]
-        if is_main:
-            saved = save_run(run_, info, cfg, tok, adapter_dir, quality, device)
-            fresh = verify_in_fresh_process(adapter_dir, cfg)
-            if "merged" in saved["artifacts"]:  # reloaded the flag-free way: a plain fp32 classifier
-                merged, _ = artifacts.load(out / saved["artifacts"]["merged"], device)
-                saved["merged_accuracy"] = evaluate(merged, tok, ds, bcfg.max_length, device)["accuracy"]
-                del merged
-        adapter_bytes = metrics.size_on_disk(adapter_dir / "adapter_model.safetensors") if is_main else None
-        whole = run_["base_bytes"] + adapter_bytes if adapter_bytes else None  # what a user loads: base + adapter
-        rows.append(results.make_row(
-            method, model=asset.id, dataset=ds.asset.id, **quality, size_bytes=whole, adapter_bytes=adapter_bytes,
-            bits_per_param=metrics.bits_per_param(whole, run_["counts"]["total_params"]) if whole else None,
-            bits_per_quantized_weight=run_["storage"]["bits_per_param"],
-            peak_mem_bytes=run_["mem"].peak_bytes, peak_mem_source=run_["mem"].source,
-            train_time_s=run_["train_time_s"], train_steps=run_["steps"], lora_rank=rank,
-            nf4_layers=run_["storage"]["nf4_layers"], **run_["counts"]))
-        del run_
+        train_rank(cfg, rank, Inputs(bcfg, asset, ds, tok, device), info, adapter_dir, out, sweep)
     for s_ in seeds(cfg.seed, cfg.n_seeds)[1:]:  # the same recipe from other seeds: predictions only
         run_ = train_qlora(dataclasses.replace(cfg, seed=s_), cfg.main_rank, bcfg, ds, tok, asset.path, None, device)
-        preds[seed_column("qlora", s_)] = predictions(run_["model"], tok, ds, bcfg.max_length, device)
+        sweep.preds[seed_column("qlora", s_)] = predictions(run_["model"], tok, ds, bcfg.max_length, device)
         del run_
-    rows = [r for r in rows if r["method"] == "qlora"] + [r for r in rows if r["method"] != "qlora"]
-    rows.insert(0, _fp32_reference(cfg.profile, bcfg))
-    rows = _compare(rows, preds, ds, cfg)
-    env = metrics.runtime_env(device)
+    rows = [r for r in sweep.rows if r["method"] == "qlora"] + [r for r in sweep.rows if r["method"] != "qlora"]
+    rows = _compare([_fp32_reference(cfg.profile, bcfg), *rows], sweep.preds, ds, cfg)
     doc_assets = {"model": {"role": "encoder", **asset.provenance()}, "data": ds.provenance()}
-    path = results.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows,
+    saved = sweep.saved
+    path = results.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
                                  config={**asdict(cfg), "ranks": list(cfg.ranks)},
-                                 fresh_process_reload=fresh, gpu_plan=gpu_plan, baseline_settings=asdict(bcfg),
+                                 fresh_process_reload=sweep.fresh, gpu_plan=gpu_plan, baseline_settings=asdict(bcfg),
                                  artifacts=saved.get("artifacts"), peak_memory=saved.get("peak_memory"),
                                  merged_accuracy=saved.get("merged_accuracy"),
                                  notes="fp32 row copied from notebook 01's metrics.json of this profile "
                                        "(a separate process), compared on its saved per-example predictions",
                                  definitions=DEFINITIONS, readme=README)
-    return QLoRAResult(rows, results.load_metrics(path), path, losses, adapter_dir, fresh)
+    return QLoRAResult(rows, results.load_metrics(path), path, sweep.losses, adapter_dir, sweep.fresh)
+
+
+def run_random_init(cfg: Config, device: torch.device) -> QLoRAResult:
+    """The gpu profile: memory and speed of the true architecture with random weights; accuracy is null."""
+    out = outputs_dir(STUDY, cfg.profile)
+    rows, losses = random_init_rows(cfg, device, out)
+    arch_id = "bert-base-uncased" if cfg.random_arch == "bert-base" else f"{cfg.random_arch} BERT"
+    doc_assets = {"model": {"role": "encoder", "id": arch_id, "source": "random-init", "architecture": cfg.random_arch},
+                  "data": {"id": "random tokens", "source": "torch.randint", "seq_len": cfg.seq_len}}
+    path = results.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
+                                 config={**asdict(cfg), "ranks": list(cfg.ranks)},
+                                 notes="random weights: memory and speed only, accuracy null", readme=README)
+    return QLoRAResult(rows, results.load_metrics(path), path, losses, out, {})
+
+
+@dataclass
+class Inputs:
+    """What every rank of the sweep trains and is scored on."""
+
+    bcfg: baseline.Config
+    asset: Any
+    ds: Any
+    tok: Any
+    device: torch.device
+
+
+@dataclass
+class Sweep:
+    """What the rank sweep gathers: rows, predictions, losses, and the main rank's saved artifacts and reload."""
+
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    preds: dict[str, Any] = dataclasses.field(default_factory=dict)
+    losses: dict[int, Any] = dataclasses.field(default_factory=dict)
+    saved: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fresh: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def train_rank(cfg: Config, rank: int, x: Inputs, info: runmeta.RunInfo, adapter_dir: Path, out: Path,
+               sweep: Sweep) -> None:
+    """One rank: train, predict, and for the main rank save, reload in a fresh process and reload merged."""
+    is_main = rank == cfg.main_rank
+    method = "qlora" if is_main else f"qlora_r{rank}"
+    run_ = train_qlora(cfg, rank, x.bcfg, x.ds, x.tok, x.asset.path,
+                       out / "checkpoints" / adapter_dir.name if is_main else None, x.device)
+    sweep.preds[method] = predictions(run_["model"], x.tok, x.ds, x.bcfg.max_length, x.device)
+    quality = metrics.accuracy_f1(sweep.preds[method], x.ds.eval_labels)
+    sweep.losses[rank] = run_["losses"]
+    if is_main:
+        sweep.saved = save_run(run_, info, cfg, x.tok, adapter_dir, quality, x.device)
+        sweep.fresh = verify_in_fresh_process(adapter_dir, cfg)
+        if "merged" in sweep.saved["artifacts"]:  # reloaded the flag-free way: a plain fp32 classifier
+            merged, _ = artifacts.load(out / sweep.saved["artifacts"]["merged"], x.device)
+            sweep.saved["merged_accuracy"] = evaluate(merged, x.tok, x.ds, x.bcfg.max_length, x.device)["accuracy"]
+            del merged
+    adapter_bytes = metrics.size_on_disk(adapter_dir / "adapter_model.safetensors") if is_main else None
+    whole = run_["base_bytes"] + adapter_bytes if adapter_bytes else None  # what a user loads: base + adapter
+    sweep.rows.append(results.make_row(
+        method, model=x.asset.id, dataset=x.ds.asset.id, **quality, size_bytes=whole, adapter_bytes=adapter_bytes,
+        bits_per_param=metrics.bits_per_param(whole, run_["counts"]["total_params"]) if whole else None,
+        bits_per_quantized_weight=run_["storage"]["bits_per_param"],
+        peak_mem_bytes=run_["mem"].peak_bytes, peak_mem_source=run_["mem"].source,
+        train_time_s=run_["train_time_s"], train_steps=run_["steps"], lora_rank=rank,
+        nf4_layers=run_["storage"]["nf4_layers"], **run_["counts"]))
 
 
 DEFINITIONS = {
@@ -470,7 +503,8 @@ def findings(res: QLoRAResult) -> str:
             lines.append(f"- Peak training memory ({q['peak_mem_source']}, separate processes): "
                          f"{q['peak_mem_bytes'] / 2**20:.0f} MiB vs {fp['peak_mem_bytes'] / 2**20:.0f} MiB for "
                          f"the FP32 full fine-tune: {verdict}. Time per step: "
-                         f"{q['train_time_s'] / q['train_steps']:.2f} s vs {fp['train_time_s'] / fp['train_steps']:.2f} s.")
+                         f"{q['train_time_s'] / q['train_steps']:.2f} s vs "
+                         f"{fp['train_time_s'] / fp['train_steps']:.2f} s.")
     sweep = [r for r in res.rows if r["method"].startswith("qlora")]
     if len(sweep) > 1:
         lines.append("- Rank sweep: " + ", ".join(f"r={r['lora_rank']}: acc {r['accuracy']:.3f}, "
@@ -479,16 +513,19 @@ def findings(res: QLoRAResult) -> str:
     if q["accuracy"] is None:  # random-init (gpu profile): memory and speed only
         amp = "" if q["compute_dtype"] == "float32" else f"; FP32 weights under {q['compute_dtype']} autocast"
         lines.append(f"- Random weights, random tokens ({q['model']}): peak training memory "
-                     f"{q['peak_mem_bytes'] / 2**20:.0f} MiB for QLoRA vs {fp['peak_mem_bytes'] / 2**20:.0f} MiB for the "
+                     f"{q['peak_mem_bytes'] / 2**20:.0f} MiB for QLoRA vs "
+                     f"{fp['peak_mem_bytes'] / 2**20:.0f} MiB for the "
                      f"FP32 full fine-tune ({q['peak_mem_source']}); {q['step_time_s']:.3f} s vs "
-                     f"{fp['step_time_s']:.3f} s per step (median{amp}). Accuracy is not measured (null) on random weights.")
+                     f"{fp['step_time_s']:.3f} s per step (median{amp}). "
+                     "Accuracy is not measured (null) on random weights.")
         return "\n".join(lines)
     lines.append(f"- The adapter alone is {q['adapter_bytes'] / 2**20:.2f} MiB on disk, saved as "
                  f"`{res.adapter_dir.name}/` with its metadata; a fresh process loading it with no flags "
                  "(`qlib.artifacts.load`: the NF4 base rebuilt from the metadata, plain peft underneath) scores "
                  f"accuracy {res.fresh.get('accuracy', float('nan')):.3f} (in-process {q['accuracy']:.3f}).")
     if res.doc.get("merged_accuracy") is not None:
-        lines.append(f"- Merged after training (dequantize-then-merge, fp32): accuracy {res.doc['merged_accuracy']:.3f}.")
+        lines.append("- Merged after training (dequantize-then-merge, fp32): "
+                     f"accuracy {res.doc['merged_accuracy']:.3f}.")
     lines.append("- Peak-memory report of the QLoRA fine-tune: "
                  + results.peak_memory_text((res.doc.get("peak_memory") or {}).get("qlora")) + ".")
     return "\n".join(lines)

@@ -136,7 +136,8 @@ def plan(cfg: Config, model_config: Any, device: torch.device) -> list[budget.Pr
 
 
 def gpu_predictions(profile: str) -> list[budget.Prediction]:
-    """This profile's training runs as a T4 would run them, predicted from the hub's true config (the study contract)."""
+    """This profile's training runs as a T4 would run them, predicted from the hub's true config
+    (the study contract)."""
     cfg = config(profile)
     return plan(cfg, budget.hub_config(cfg.model_id), budget.T4)
 
@@ -145,71 +146,103 @@ def gpu_predictions(profile: str) -> list[budget.Prediction]:
 def run(cfg: Config) -> QwenMergeResult:
     """Train (or take) the adapter, merge; write the base and the merged model in every format, reload each in
     its own runtime, measure; decode speed on the merged model's artifacts."""
-    from transformers import AutoTokenizer
-
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
+    su = setup(cfg)
+    out = outputs_dir(STUDY, cfg.profile)
+    info = runmeta.RunInfo(STUDY, cfg.profile, cfg.seed, su.asset.id, str(su.asset.path), su.data_asset.id)
+    if not cfg.keep_lm_head_fp16:  # before any training: a tied head cannot be quantized
+        models.require_untied_head(su.asset.path)
+    adapter_dir, trained_on, train, gpu_plan = get_adapter(cfg, su, out, device, info)
+    merged_dir = out / (adapter_dir.name + "_merged")
+    mi = merge.merge_adapter(su.asset.path, adapter_dir, merged_dir, trained_on, su.eval_ids[:16],
+                             merge.merged_meta(adapter_dir, merged_dir.name, info, trained_on, device))
+    text = formats.Text(su.eval_ids, cfg.context, su.eval_ids[:16], su.tok.eos_token_id, cfg.seed)
+    measured = measure_both(cfg, su, mi.path, text, out, device, info)
+    merged_only = [m for m in measured if m.method in {method_name("merged")(f) for f in format_names(cfg)}]
+    speeds = formats.decode(merged_only, text, device, cfg.gen_tokens, cfg.latency_repeats, cfg.timing_threads)
+    measured += formats.count_baselines(su.train_chunks, su.eval_ids, len(su.tok), cfg.context)
+    files = {m.method: m.path for m in merged_only if m.backend == "llama.cpp"}
+    tokenizer = gguf.tokenizer_agreement(files["gguf_f16"], su.tok, su.eval_texts[:64])
+    rows = formats.rows(measured, speeds, merge.stored_params(mi.path), su.asset.id, su.data_asset.id, cfg.context,
+                        cfg.seed, reference=reference_of, fp16="merged_fp16",
+                        extra={"merged_fp16": _training_cost(train)})
+    bench = benchmark(rows)
+    results.write_per_example(STUDY, cfg.profile, "per_token_nll", {
+        "token_id": su.eval_ids[ngram.scored_positions(su.eval_ids.numel(), cfg.context)].numpy(),
+        **{m.method: m.nll for m in measured}})
+    path = write_results(cfg, su, rows, measured, device, train, benchmark=bench, tokenizer_agreement=tokenizer,
+                         gpu_plan=gpu_plan, merge={
+                             "trained_on": mi.trained_on, "merge_base": mi.merge_base,
+                             "max_abs_logit_diff_fp32": mi.max_abs_logit_diff_fp32,
+                             "max_abs_logit_diff_fp16": mi.max_abs_logit_diff_fp16, "adapter": adapter_dir.name,
+                             "merged": merged_dir.name})
+    return QwenMergeResult(rows, results.load_metrics(path), path, train.get("losses", []), mi, bench, tokenizer)
+
+
+@dataclass
+class Setup:
+    """The base model, its tokenizer, and the code text: training chunks and the scored tokens."""
+
+    asset: Any
+    tok: Any
+    data_asset: Any
+    eval_texts: list[str]
+    eval_ids: torch.Tensor
+    train_chunks: torch.Tensor
+
+
+def setup(cfg: Config) -> Setup:
+    from transformers import AutoTokenizer
+
     asset = assets.resolve_model("qwen-arch", cfg.model_id)
     merge.require_tokenizer(asset.path)
     tok = AutoTokenizer.from_pretrained(asset.path)
     train_texts, eval_texts, data_asset = data.load_code_sft(cfg.dataset_id)
     eval_ids = data.lm_chunks(tok, eval_texts, cfg.context, cfg.eval_tokens).reshape(-1)[: cfg.eval_tokens]
-    train_chunks = data.lm_chunks(tok, train_texts, cfg.context, cfg.train_tokens)
-    prompt = eval_ids[:16]
-    out = outputs_dir(STUDY, cfg.profile)
-    info = runmeta.RunInfo(STUDY, cfg.profile, cfg.seed, asset.id, str(asset.path), data_asset.id)
-    if not cfg.keep_lm_head_fp16:  # before any training: a tied head cannot be quantized
-        models.require_untied_head(asset.path)
-    train: dict[str, Any] = {}
-    gpu_plan = None
+    return Setup(asset, tok, data_asset, eval_texts, eval_ids,
+                 data.lm_chunks(tok, train_texts, cfg.context, cfg.train_tokens))
+
+
+def get_adapter(cfg: Config, su: Setup, out: Path, device: torch.device, info: runmeta.RunInfo
+                ) -> tuple[Path, str, dict[str, Any], Any]:
+    """The user's adapter (`adapter_dir`), or one trained here after the memory prediction."""
     if cfg.adapter_dir:
-        adapter_dir, trained_on = Path(cfg.adapter_dir), merge.adapter_trained_on(cfg.adapter_dir, cfg.train_base)
-    else:
-        if budget.wanted(cfg.profile, device):
-            gpu_plan = budget.announce(plan(cfg, hub.model_config(asset.path), device), device)
-        loader = data.lm_loader(train_chunks, cfg.batch_size, seed=cfg.seed)
-        adapter_dir, train = train_adapter(cfg, asset.path, tok, loader, out, device, info)
-        trained_on = cfg.train_base
-    merged_dir = out / (adapter_dir.name + "_merged")
-    mi = merge.merge_adapter(asset.path, adapter_dir, merged_dir, trained_on, prompt,
-                             merge.merged_meta(adapter_dir, merged_dir.name, info, trained_on, device))
-    n_params = merge.stored_params(mi.path)
-    text = formats.Text(eval_ids, cfg.context, prompt, tok.eos_token_id, cfg.seed)
+        return Path(cfg.adapter_dir), merge.adapter_trained_on(cfg.adapter_dir, cfg.train_base), {}, None
+    gpu_plan = budget.announce(plan(cfg, hub.model_config(su.asset.path), device), device) \
+        if budget.wanted(cfg.profile, device) else None
+    loader = data.lm_loader(su.train_chunks, cfg.batch_size, seed=cfg.seed)
+    adapter_dir, train = train_adapter(cfg, su.asset.path, su.tok, loader, out, device, info)
+    return adapter_dir, cfg.train_base, train, gpu_plan
+
+
+def measure_both(cfg: Config, su: Setup, merged: Path, text: formats.Text, out: Path, device: torch.device,
+                 info: runmeta.RunInfo) -> list[formats.Measured]:
+    """The base and the merged model in every format, each reloaded in its runtime and scored on the same text."""
     measured = []
-    for stage, src in (("base", Path(asset.path)), ("merged", mi.path)):
+    for stage, src in (("base", Path(su.asset.path)), ("merged", merged)):
         got = formats.measure(src, format_names(cfg), out, text, device, info, name=method_name(stage),
                               peft=knobs(cfg).token() if stage == "merged" else "none",  # the base: not fine-tuned
-                              keep_lm_head=cfg.keep_lm_head_fp16, pre_tokenizer=pretrain.gguf_pre_tokenizer(asset.path),
+                              keep_lm_head=cfg.keep_lm_head_fp16,
+                              pre_tokenizer=pretrain.gguf_pre_tokenizer(su.asset.path),
                               desc=f"formats ({stage})", stage=stage)
         if got.problems:  # study 08's model is chosen to make every format: a failure is a failure
             raise QlabError("; ".join(got.problems))
         measured += got.measured
-    merged_only = [m for m in measured if m.method in {method_name("merged")(f) for f in format_names(cfg)}]
-    speeds = formats.decode(merged_only, text, device, cfg.gen_tokens, cfg.latency_repeats, cfg.timing_threads)
-    measured += formats.count_baselines(train_chunks, eval_ids, len(tok), cfg.context)
-    files = {m.method: m.path for m in merged_only if m.backend == "llama.cpp"}
-    tokenizer = gguf.tokenizer_agreement(files["gguf_f16"], tok, eval_texts[:64])
-    rows = formats.rows(measured, speeds, n_params, asset.id, data_asset.id, cfg.context, cfg.seed,
-                        reference=reference_of, fp16="merged_fp16", extra={"merged_fp16": _training_cost(train)})
-    bench = benchmark(rows)
-    results.write_per_example(STUDY, cfg.profile, "per_token_nll",
-                              {"token_id": eval_ids[ngram.scored_positions(eval_ids.numel(), cfg.context)].numpy(),
-                              **{m.method: m.nll for m in measured}})
-    doc_assets = {"model": {"role": "qwen-arch", **asset.provenance()},
-                  "data": {**data_asset.provenance(), "n_eval_tokens": int(eval_ids.numel())}}
-    path = results.write_metrics(
+    return measured
+
+
+def write_results(cfg: Config, su: Setup, rows: list[dict[str, Any]], measured: list[formats.Measured],
+                  device: torch.device, train: dict[str, Any], **extra: Any) -> Path:
+    doc_assets = {"model": {"role": "qwen-arch", **su.asset.provenance()},
+                  "data": {**su.data_asset.provenance(), "n_eval_tokens": int(su.eval_ids.numel())}}
+    return results.write_metrics(
         STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows, config=asdict(cfg),
-        merge={"trained_on": mi.trained_on, "merge_base": mi.merge_base,
-               "max_abs_logit_diff_fp32": mi.max_abs_logit_diff_fp32,
-               "max_abs_logit_diff_fp16": mi.max_abs_logit_diff_fp16, "adapter": adapter_dir.name,
-               "merged": merged_dir.name},
         peak_memory={"adapter": train["peak_memory"]} if train else None,
-        training={k: v for k, v in train.items() if k not in ("losses", "peak_memory")} or None, benchmark=bench,
-        adapter_kept=adapter_kept(measured, cfg), tokenizer_agreement=tokenizer, definitions=DEFINITIONS,
+        training={k: v for k, v in train.items() if k not in ("losses", "peak_memory")} or None,
+        adapter_kept=adapter_kept(measured, cfg), definitions=DEFINITIONS,
         perplexity_window={"context": cfg.context, "stride": cfg.context, "scored_tokens": int(measured[0].nll.size),
-                           "same windows in every row": True},
-        gpu_plan=gpu_plan, readme=README)
-    return QwenMergeResult(rows, results.load_metrics(path), path, train.get("losses", []), mi, bench, tokenizer)
+                           "same windows in every row": True}, readme=README, **extra)
 
 
 def adapter_kept(measured: list[formats.Measured], cfg: Config) -> dict[str, dict[str, float]]:
@@ -310,7 +343,8 @@ def findings(res: QwenMergeResult) -> str:
              f"- The adapter: perplexity {by['base']['perplexity']:.2f} before, {by['merged_fp16']['perplexity']:.2f} "
              f"after; the model before it is {_pct(by['base'])} against the merged model."]
     if res.doc["merge"].get("adapter"):
-        lines.append(f"- Artifacts under their run names with metadata beside each: adapter `{res.doc['merge']['adapter']}`, "
+        lines.append("- Artifacts under their run names with metadata beside each: "
+                     f"adapter `{res.doc['merge']['adapter']}`, "
                      f"merged `{res.doc['merge']['merged']}`; the adapter's training peak: "
                      + results.peak_memory_text((res.doc.get("peak_memory") or {}).get("adapter")) + ".")
     floor = [by[k] for k in ("unigram", "bigram_kn") if k in by]
@@ -324,7 +358,8 @@ def findings(res: QwenMergeResult) -> str:
             continue
         k = kept.get(r["method"])
         keep = f"keeps {k['ratio']:.2f} [{k['lo']:.2f}, {k['hi']:.2f}] of the adapter's gain" if k else ""
-        lines.append(f"  - `{r['method']}` ({r['backend']}; {r['size_bytes'] / 2**20:.1f} MiB, {r['bits_per_param']:.2f} "
+        lines.append(f"  - `{r['method']}` ({r['backend']}; {r['size_bytes'] / 2**20:.1f} MiB, "
+                     f"{r['bits_per_param']:.2f} "
                      f"bits/param, {r['bits_per_quantized_weight']:.2f} bits/quantized weight): {_pct(r)}; on the base "
                      f"{_pct(by.get('base_' + r['method']))}; {keep}; decode "
                      f"{r['decode_vs_fp16_same_runtime']:.2f}x FP16.")
@@ -340,7 +375,8 @@ def findings(res: QwenMergeResult) -> str:
                      f"[{100 * (q8[1] - 1):+.2f}, {100 * (q8[2] - 1):+.2f}] ({'within' if b['q8_0_ok'] else 'outside'} "
                      "0.5 %)"
                      + (f"; the Q4_1 control {100 * (q41[0] - 1):+.2f} % [{100 * (q41[1] - 1):+.2f}, "
-                        f"{100 * (q41[2] - 1):+.2f}] ({'within' if b['q4_1_control_within_noise'] else 'outside'} noise)"
+                        f"{100 * (q41[2] - 1):+.2f}] "
+                        f"({'within' if b['q4_1_control_within_noise'] else 'outside'} noise)"
                         if q41 else "")
                      + ". llama.cpp reports +4.2 % for Q4_0 on LLaMA-7B (a reference, not this run).")
     return "\n".join(lines)

@@ -52,7 +52,8 @@ class Config:
     lr: float = 3e-3
     lora_rank: int = 8
     kd_temperature: float = 1.0
-    budget: float = 0.02            # greedy search: largest drop (0..1) of the metric (accuracy or F1) vs full precision
+    budget: float = 0.02            # greedy search: largest drop (0..1) of the metric (accuracy or F1)
+                                    # vs full precision
     search_style: str = "instantnet"
     n_eval: int | None = None       # eval questions (None: all)
     n_calib: int = 32
@@ -72,8 +73,8 @@ class Config:
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model_id="gpt2-stdlib-tiny", steps=2, batch_size=4, lora_rank=2, n_eval=6, n_calib=4,
-                  max_new_tokens=3, latency_repeats=1, block_model_id="llama-stdlib-tiny", block_context=64, block_calib_tokens=256,
-                  block_eval_tokens=512, block_qa_questions=6),
+                  max_new_tokens=3, latency_repeats=1, block_model_id="llama-stdlib-tiny", block_context=64,
+                  block_calib_tokens=256, block_eval_tokens=512, block_qa_questions=6),
     "default": {},
     # 7 training runs (3 styles + 4 single widths) of fp32 fake quantization on a T4: 300 steps of 8 x 384
     # tokens keep each run to minutes and the peak near 7 GiB (16 x 1024 would need ~30 GiB)
@@ -301,8 +302,8 @@ def _uniform_rows(name: str, model: Any, tok: Any, data: QAData, cfg: Config, de
             trainable_params=lora, total_params=total, style=name, bitmap=str(w),
             perplexity_note="gold target tokens of the eval questions, teacher-forced")
         for ref in ("majority", "heuristic") if data.multiple_choice else ():
-            metrics.with_difference(row, f"accuracy_diff_vs_{ref}", choice.versus(data.eval_examples, base[ref]["preds"],
-                                                                           answers[method], cfg.seed))
+            metrics.with_difference(row, f"accuracy_diff_vs_{ref}",
+                                    choice.versus(data.eval_examples, base[ref]["preds"], answers[method], cfg.seed))
         rows.append(row)
     return rows
 
@@ -327,7 +328,8 @@ def plan(cfg: Config, model_config: Any, seq: int, device: torch.device) -> list
 
 
 def gpu_predictions(profile: str) -> list[budget.Prediction]:
-    """This profile's training runs as a T4 would run them, predicted from the hub's true config (the study contract)."""
+    """This profile's training runs as a T4 would run them, predicted from the hub's true config
+    (the study contract)."""
     cfg = config(profile)
     return plan(cfg, budget.hub_config(cfg.model_id), cfg.max_len or 1024, budget.T4)
 
@@ -387,7 +389,8 @@ def run(cfg: Config) -> SwitchableResult:
                                  metric=data.metric, best_bitmap=best,
                                  baselines={k: {m: v for m, v in b.items() if m != "preds"} for k, b in base.items()},
                                  gpu_plan=gpu_plan,
-                                 block_search=blocks and {"spec": asdict(blocks[1]), "sensitivity": blocks[0].sensitivity,
+                                 block_search=blocks and {"spec": asdict(blocks[1]),
+                                                          "sensitivity": blocks[0].sensitivity,
                                                           "chosen": blocks[0].chosen, "steps": blocks[0].steps,
                                                           "rows": blocks[0].rows, "qa_rows": blocks[0].qa_rows,
                                                           **blocks[0].info},
@@ -497,10 +500,12 @@ def findings(res: SwitchableResult) -> str:
             lines.append("- Trained on the FP model's own completions (LLM-QAT) minus trained on the gold sentences, "
                          "same style and steps: " + "; ".join(diffs) + ".")
     b = res.best
-    lines.append(f"- Greedy search (budget: {metric} drop <= {res.doc['config']['budget']}): best bitmap `{b['bitmap']}` "
+    lines.append(f"- Greedy search (budget: {metric} drop <= {res.doc['config']['budget']}): "
+                 f"best bitmap `{b['bitmap']}` "
                  f"= {b['avg_bits']:.1f} average bits at {metric} {b[metric]:.3f} (drop {b['drop']:+.3f})"
-                 + (f"; vs the majority answer {results.points_interval(b, 'accuracy_diff_vs_majority')}, vs the heuristic "
-                    f"{results.points_interval(b, 'accuracy_diff_vs_heuristic')}." if metric == "accuracy" else "."))
+                 + (f"; vs the majority answer {results.points_interval(b, 'accuracy_diff_vs_majority')}, "
+                    f"vs the heuristic {results.points_interval(b, 'accuracy_diff_vs_heuristic')}."
+                    if metric == "accuracy" else "."))
     order = search.layer_order(res.sensitivity)
     lines.append(f"- Blocks from least to most sensitive: {order} (MSE of the block output when only its weights are "
                  "rounded to the lowest width).")

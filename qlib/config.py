@@ -18,7 +18,6 @@ class QuantMethod(str, enum.Enum):
     """The compression methods the studies compare (values are the lower-case result names)."""
 
     FP32 = "fp32"
-    NONE = "fp32"  # alias: no quantization
     FP16 = "fp16"
     INT8 = "int8"
     NF4 = "nf4"
@@ -40,7 +39,7 @@ class QuantMethod(str, enum.Enum):
         if isinstance(value, cls):
             return value
         key = str(value).strip()
-        for name, m in cls.__members__.items():  # includes the NONE alias
+        for name, m in cls.__members__.items():
             if key.lower() in (m.value, name.lower()):
                 return m
         valid = ", ".join(sorted({m.value for m in cls}))

@@ -64,7 +64,6 @@ LM_SPECS: dict[str, LMSpec] = {
 # with those rules, and llama.cpp is told "qwen2"; the three runtimes then agree (tested).
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-ARCH_ROLE = {"gpt2": "causal-lm", "llama": "llama-arch", "qwen2": "qwen-arch"}
 
 
 def model_config(spec: LMSpec, vocab_size: int | None = None) -> Any:

@@ -24,7 +24,7 @@ STUDY = "07_llama_scaling"
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 METHODS = ("full", "lora", "qlora")
 # LLaMA-architecture rungs (hidden, intermediate, layers, heads) at the real 32k vocabulary
-RUNGS: dict[str, tuple[int, int, int, int]] = {
+SIZES: dict[str, tuple[int, int, int, int]] = {
     "llama-2m": (64, 176, 2, 4), "llama-5m": (128, 344, 2, 4),
     "llama-20m": (256, 688, 4, 4), "llama-60m": (512, 1376, 8, 8),
     "llama-130m": (768, 2048, 12, 12), "llama-270m": (1024, 2752, 16, 16),
@@ -82,15 +82,15 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 def config(profile: str = "default", **overrides: Any) -> Config:
     cfg = make_config(Config, PROFILES, profile, **overrides)
-    bad = [r for r in cfg.rungs if r not in RUNGS] + [m for m in cfg.methods if m not in METHODS]
+    bad = [r for r in cfg.rungs if r not in SIZES] + [m for m in cfg.methods if m not in METHODS]
     if bad:
-        raise QlabError(f"unknown rung/method {bad}; rungs: {', '.join(RUNGS)}; methods: {', '.join(METHODS)}")
+        raise QlabError(f"unknown rung/method {bad}; rungs: {', '.join(SIZES)}; methods: {', '.join(METHODS)}")
     llama_finetune.knobs(cfg)  # the fine-tune's preset and optimizer: one line
     return cfg
 
 
 def rung_config(name: str, vocab_size: int) -> Any:
-    h, i, layers, heads = RUNGS[name]
+    h, i, layers, heads = SIZES[name]
     return accounting.llama_config(vocab_size=vocab_size, hidden_size=h, intermediate_size=i,
                                    num_hidden_layers=layers, num_attention_heads=heads,
                                    num_key_value_heads=heads, max_position_embeddings=2048)
@@ -221,7 +221,7 @@ def measure_rung(name: str, method: str, cfg: Config, device: torch.device, root
 
 def ladder_plan(cfg: Config) -> list[budget.Prediction]:
     """The ladder's largest rung for each method, as a T4 would train it (fp16, paged 8-bit AdamW)."""
-    top = max(cfg.rungs, key=lambda r: RUNGS[r][0] * RUNGS[r][2])
+    top = max(cfg.rungs, key=lambda r: SIZES[r][0] * SIZES[r][2])
     steps = 1 + cfg.steps
     return [budget.predict(f"07 ladder {top} {m}, batch {cfg.batch} x {cfg.seq}", rung_config(top, cfg.vocab_size), m,
                            batch=cfg.batch, seq=cfg.seq, steps=steps, compute=torch.float16, optimizer_bytes=2,

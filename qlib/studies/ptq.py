@@ -12,7 +12,6 @@ from qlib import data, metrics, models, quant, results
 from qlib.backends import onnx
 from qlib.config import make_config
 from qlib.core.device import set_seed
-from qlib.core.errors import QlabError
 from qlib.core.paths import outputs_dir
 from qlib.quant import ptq
 from qlib.studies import StudyResult, baseline, staged
@@ -268,15 +267,6 @@ def benchmark(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out["best"] = max(out["rows"], key=lambda m: out["rows"][m]["speedup_b8"]) if out["rows"] else None
     out["passing"] = passing
     return out
-
-
-def load_int8(path: str | Path, profile: str = "default") -> torch.nn.Module:
-    """Rebuild the saved ptq_int8_model.pt on the notebook-01 architecture (weights_only load)."""
-    base_dir = models.check_checkpoint(outputs_dir(baseline.STUDY, profile) / "baseline-model")
-    fp32, _ = models.load_saved_classifier(base_dir)
-    if not Path(path).is_file():
-        raise QlabError(f"PTQ checkpoint not found: {path} (run notebook 02 first)")
-    return ptq.load_quantized(path, ptq.dynamic_int8(fp32, per_channel=True))
 
 
 def findings(res: PTQResult) -> str:

@@ -80,39 +80,49 @@ def perplexity(model: torch.nn.Module, input_ids: torch.Tensor, context: int, st
             "tokens": int(nll.numel())}
 
 
-def _block_bootstrap(series: Sequence[Any], block: int, n_boot: int, seed: int) -> list[Any]:
-    """Each series' sum over the same resampled blocks of `block` consecutive examples: n_boot sums per series."""
+def _block_bootstrap(series: Sequence[Any], block: int, n_boot: int, seed: int,
+                     groups: Sequence[Any] | None = None) -> list[Any]:
+    """Each series' sum over the same resampled units, n_boot sums per series: whole `groups` (every example of a
+    module or an article together, wherever it sits) when given, else blocks of `block` consecutive examples."""
     import numpy as np
 
-    starts = np.arange(0, len(series[0]), block)
-    pick = np.random.default_rng(seed).integers(0, starts.size, size=(n_boot, starts.size))
-    return [np.add.reduceat(np.asarray(s, dtype=float), starts)[pick].sum(1) for s in series]
+    n = len(series[0])
+    if groups is None:
+        unit = np.arange(n) // block
+    else:
+        if len(groups) != n:
+            raise ValueError(f"need one group per example: {len(groups)} groups for {n} examples")
+        unit = np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    k = int(unit.max()) + 1
+    pick = np.random.default_rng(seed).integers(0, k, size=(n_boot, k))
+    return [np.bincount(unit, weights=np.asarray(s, dtype=float), minlength=k)[pick].sum(1) for s in series]
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0,
-                     block: int = 1) -> dict[str, float]:
+                     block: int = 1, groups: Sequence[Any] | None = None) -> dict[str, float]:
     """Mean of b - a over paired examples with a 95 % percentile interval, resampling whole blocks of `block`
-    consecutive examples (tokens of one window are not independent; sentences are: block 1)."""
+    consecutive examples (tokens of one window are not independent; sentences are: block 1), or whole `groups`."""
     import numpy as np
 
     d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
     if d.ndim != 1 or d.size == 0:
         raise ValueError(f"need two equal, non-empty 1-D sequences; got {np.shape(a)} and {np.shape(b)}")
-    sums, sizes = _block_bootstrap([d, np.ones_like(d)], block, n_boot, seed)
+    sums, sizes = _block_bootstrap([d, np.ones_like(d)], block, n_boot, seed, groups)
     lo, hi = np.percentile(sums / sizes, [2.5, 97.5])
     return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(d.size), "block": block,
             "excludes_zero": bool(lo > 0 or hi < 0)}
 
 
-def mean_interval(x: Sequence[float], block: int = 1, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+def mean_interval(x: Sequence[float], block: int = 1, n_boot: int = 2000, seed: int = 0,
+                  groups: Sequence[Any] | None = None) -> dict[str, float]:
     """Mean of per-example values with a 95 % percentile interval, resampling whole blocks of `block` consecutive
-    examples (a window's tokens together)."""
+    examples (a window's tokens together), or whole `groups`."""
     import numpy as np
 
     v = np.asarray(x, dtype=float)
     if v.ndim != 1 or v.size == 0:
         raise ValueError(f"need a non-empty 1-D sequence; got shape {v.shape}")
-    sums, sizes = _block_bootstrap([v, np.ones_like(v)], block, n_boot, seed)
+    sums, sizes = _block_bootstrap([v, np.ones_like(v)], block, n_boot, seed, groups)
     lo, hi = np.percentile(sums / sizes, [2.5, 97.5])
     return {"mean": float(v.mean()), "lo": float(lo), "hi": float(hi)}
 
@@ -170,7 +180,7 @@ def perplexity_ratio(ref_nll: Sequence[float], nll: Sequence[float], block: int,
 
 
 def bootstrap_ratio(num: Sequence[float], den: Sequence[float], block: int, n_boot: int = 2000,
-                    seed: int = 0) -> dict[str, float]:
+                    seed: int = 0, groups: Sequence[Any] | None = None) -> dict[str, float]:
     """mean(num) / mean(den) over paired examples with a 95 % interval from resampling whole blocks of `block`
     consecutive examples (e.g. how much of a fine-tune's per-token gain a format keeps)."""
     import numpy as np
@@ -178,7 +188,7 @@ def bootstrap_ratio(num: Sequence[float], den: Sequence[float], block: int, n_bo
     a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"need two equal, non-empty 1-D sequences; got {a.shape} and {b.shape}")
-    sa, sb = _block_bootstrap([a, b], block, n_boot, seed)
+    sa, sb = _block_bootstrap([a, b], block, n_boot, seed, groups)
     lo, hi = np.percentile(sa / sb, [2.5, 97.5])
     return {"ratio": float(a.sum() / b.sum()), "lo": float(lo), "hi": float(hi), "n": int(a.size), "block": block}
 

@@ -183,3 +183,25 @@ def test_training_seeds_follow_the_first_and_refuse_nonsense():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(QlabError, match="n_seeds"):
             seeds(0, bad)
+
+
+def test_group_bootstrap_resamples_whole_modules():
+    """Blocks are groups of consecutive examples (same draws, same numbers); four modules that disagree (+1, +1, -1,
+    -1 on 100 tokens each) give an interval over modules far wider than one over tokens, where the tokens of a module
+    would be counted as independent."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=300)
+    by_block = metrics.mean_interval(x, block=16, seed=3)
+    by_group = metrics.mean_interval(x, groups=np.arange(300) // 16, seed=3)
+    assert by_block == by_group
+    d = np.repeat([1.0, 1.0, -1.0, -1.0], 100) + rng.normal(scale=0.1, size=400)
+    modules = np.repeat(["a", "b", "c", "d"], 100)
+    tokens = metrics.paired_bootstrap(np.zeros(400), d)
+    whole = metrics.paired_bootstrap(np.zeros(400), d, groups=modules[rng.permutation(400)].tolist())
+    grouped = metrics.paired_bootstrap(np.zeros(400), d, groups=modules)
+    assert tokens["hi"] - tokens["lo"] < 0.25 and grouped["hi"] - grouped["lo"] > 1.0
+    assert whole["hi"] - whole["lo"] < 0.5  # shuffled labels: no module structure left to honour
+    with pytest.raises(ValueError, match="one group per example"):
+        metrics.mean_interval(x, groups=[0] * 10)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qlib import assets, data, formats, formats_report, merge, methods, metrics, pretrain, qa, runmeta
+from qlib import assets, data, evalset, formats, formats_report, merge, methods, metrics, pretrain, runmeta
 from qlib.core.errors import QlabError
 
 SOURCES = ("code", "prose")   # the dataset's train split (stdlib code) | BBC News articles
@@ -54,7 +54,7 @@ def calibration(source: str, tok: Any, dataset_id: str, samples: int, length: in
     if source == "code":
         texts, what = data.load_code_sft(dataset_id)[0], f"{dataset_id} train split"
     elif source == "prose":
-        texts, what = [t for _, t in qa.bbc_articles(str(assets.bbc_news_wheel()))], "BBC News articles"
+        texts, what = evalset.prose_split()[0], "BBC News articles (not the evaluation set's)"
     else:
         raise QlabError(f"unknown calibration source {source!r}; valid: {', '.join(SOURCES)}")
     texts = list(texts)

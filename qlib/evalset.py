@@ -1,0 +1,99 @@
+"""The one evaluation set of the real LM (05's ladder and methods, 06's block search, 08 and `formats` score it):
+windows of `context` tokens fixed once, from many stdlib modules of the code corpus's held-out split and from BBC
+News articles held out of every calibration. Each window knows its domain and its group (the module or the
+article it came from), so an interval resamples whole modules and articles rather than windows of one text, and
+the reference model has one perplexity per domain wherever it is scored."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from qlib import assets, corpus, qa
+from qlib.core.errors import QlabError
+
+DOMAINS = ("code", "prose")
+PROSE_SPLIT_SEED = "bbc-eval-v1"
+PROSE_EVAL_FRAC = 0.1
+
+
+def held_out_article(path: str) -> bool:
+    """A stable tenth of BBC News articles is evaluation only; calibration never sees them."""
+    h = hashlib.sha256(f"{PROSE_SPLIT_SEED}:{path}".encode()).digest()
+    return int.from_bytes(h[:4], "big") / 2**32 < PROSE_EVAL_FRAC
+
+
+def prose_split() -> tuple[list[str], list[tuple[str, str]]]:
+    """BBC News: calibration texts (train) and (article, text) pairs held out for evaluation."""
+    articles = qa.bbc_articles(str(assets.bbc_news_wheel()))
+    return ([t for p, t in articles if not held_out_article(p)], [(p, t) for p, t in articles if held_out_article(p)])
+
+
+def code_documents() -> list[tuple[str, str]]:
+    """(module, text) of every held-out stdlib module: its functions as SFT examples, in corpus order."""
+    _, held = corpus.split_by_module(corpus.load_code_corpus())
+    by_module: dict[str, list[str]] = {}
+    for f in held:
+        by_module.setdefault(f.module, []).append(corpus.sft_text(f))
+    return [(m, "\n".join(texts)) for m, texts in by_module.items()]
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Windows [n, context] of token ids with each window's domain and group."""
+
+    ids: torch.Tensor
+    domains: tuple[str, ...]
+    groups: tuple[str, ...]
+
+    @property
+    def context(self) -> int:
+        return int(self.ids.shape[1])
+
+    def select(self, domain: str) -> EvalSet:
+        """The windows of one domain."""
+        keep = [i for i, d in enumerate(self.domains) if d == domain]
+        if not keep:
+            raise QlabError(f"the evaluation set has no {domain!r} windows; domains: {sorted(set(self.domains))}")
+        return replace(self, ids=self.ids[keep], domains=tuple(self.domains[i] for i in keep),
+                       groups=tuple(self.groups[i] for i in keep))
+
+    def token_groups(self) -> np.ndarray:
+        """The group of every scored token (each window scores all but its first token), for interval resampling."""
+        return np.repeat([f"{d}:{g}" for d, g in zip(self.domains, self.groups)], self.context - 1)
+
+    def describe(self) -> dict[str, Any]:
+        """What the set is, for metrics.json."""
+        return {"context": self.context, "windows": len(self.groups), "scored_tokens": len(self.groups) *
+                (self.context - 1), **{d: {"windows": self.domains.count(d), "groups": len({
+                    g for dd, g in zip(self.domains, self.groups) if dd == d})} for d in sorted(set(self.domains))}}
+
+
+def windows(tok: Any, docs: list[tuple[str, str]], context: int, n: int) -> list[tuple[str, list[int]]]:
+    """`n` windows of whole documents' tokens, taken in turn from each document (one from every document, then a
+    second from those long enough, ...) so that as many documents as possible contribute."""
+    eos = tok.eos_token_id
+    cut = []
+    for name, text in docs:
+        ids = tok(text)["input_ids"] + [eos]
+        cut.append([(name, ids[i:i + context]) for i in range(0, len(ids) - context + 1, context)])
+    out: list[tuple[str, list[int]]] = []
+    for rank in range(max((len(c) for c in cut), default=0)):
+        out += [c[rank] for c in cut if rank < len(c)][: n - len(out)]
+        if len(out) == n:
+            return out
+    raise QlabError(f"the evaluation text gives {len(out)} windows of {context} tokens, {n} asked for")
+
+
+def build(tok: Any, context: int = 256, code_windows: int = 96, prose_windows: int = 32) -> EvalSet:
+    """The shared set: code windows from the held-out modules, then prose windows from held-out articles."""
+    parts = [("code", w) for w in windows(tok, code_documents(), context, code_windows)] if code_windows else []
+    if prose_windows:
+        parts += [("prose", w) for w in windows(tok, prose_split()[1], context, prose_windows)]
+    if not parts:
+        raise QlabError("the evaluation set needs code or prose windows")
+    return EvalSet(torch.tensor([ids for _, (_, ids) in parts]), tuple(d for d, _ in parts),
+                   tuple(g for _, (g, _) in parts))

@@ -1,0 +1,50 @@
+"""The shared evaluation set: windows fixed once from many modules and articles, each with its group."""
+import pytest
+import torch
+
+from qlib import evalset
+from qlib.core.errors import QlabError
+
+
+class CharTok:
+    """One token per character; eos = 0."""
+
+    eos_token_id = 0
+
+    def __call__(self, text):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_windows_come_from_every_document_in_turn():
+    docs = [("a", "x" * 11), ("b", "y" * 4), ("c", "z" * 2)]  # +eos: 12, 5 and 3 tokens; windows of 4
+    got = evalset.windows(CharTok(), docs, 4, 4)
+    assert [g for g, _ in got] == ["a", "b", "a", "a"]  # c is shorter than a window: it gives none
+    assert got[1][1] == [ord("y")] * 4 and all(len(ids) == 4 for _, ids in got)
+    with pytest.raises(QlabError, match="gives 4 windows of 4 tokens, 5 asked for"):
+        evalset.windows(CharTok(), docs, 4, 5)
+
+
+def test_a_set_selects_a_domain_and_names_the_group_of_every_scored_token():
+    s = evalset.EvalSet(torch.arange(12).view(3, 4), ("code", "code", "prose"), ("m1", "m2", "bbc/1"))
+    assert s.context == 4 and s.select("prose").groups == ("bbc/1",)
+    assert s.token_groups().tolist() == ["code:m1"] * 3 + ["code:m2"] * 3 + ["prose:bbc/1"] * 3
+    assert s.describe() == {"context": 4, "windows": 3, "scored_tokens": 9, "code": {"windows": 2, "groups": 2},
+                            "prose": {"windows": 1, "groups": 1}}
+    with pytest.raises(QlabError, match="no 'poetry' windows"):
+        s.select("poetry")
+
+
+def test_the_real_set_spans_many_modules_and_articles_none_of_them_calibration():
+    from transformers import AutoTokenizer
+
+    from qlib import assets
+
+    tok = AutoTokenizer.from_pretrained(assets.resolve_model("llama-arch", "smollm2-135m").path)
+    s = evalset.build(tok, context=256, code_windows=96, prose_windows=32)
+    d = s.describe()
+    assert d["scored_tokens"] == 128 * 255 >= 32_000
+    assert d["code"]["groups"] >= 30 and d["prose"]["groups"] == 32
+    train_prose, held = evalset.prose_split()
+    assert {g for dom, g in zip(s.domains, s.groups) if dom == "prose"} <= {p for p, _ in held}
+    assert 0.05 < len(held) / (len(held) + len(train_prose)) < 0.15
+    assert torch.equal(evalset.build(tok).ids, s.ids)  # fixed once: the same windows every time

@@ -267,6 +267,7 @@ FORMATS_START, FORMATS_END = "<!-- formats:start -->", "<!-- formats:end -->"
 
 def formats_readme() -> str:
     """Each `python -m qlib formats` run kept under results/formats/: what ran, where, and its table."""
+    from qlib import formats_report
     from qlib.formats import DEFAULT_FORMATS, parse_formats, table
 
     parts = []
@@ -275,6 +276,8 @@ def formats_readme() -> str:
         c, env, w = d["config"], d["env"], d["perplexity_window"]
         took = f", {d['duration_s'] / 60:.1f} min wall" if d.get("duration_s") else ""
         flags = "".join(f" --{k} {v}" for k, v in (("adapter", c.get("adapter")), ("name", c.get("name"))) if v)
+        flags += "".join(f" --{k.replace('_', '-')} {c[k]}" for k in ("calib_samples", "calib_length")
+                         if c.get(k) not in (None, getattr(formats_report.Config, k)))
         if c.get("formats") and tuple(c["formats"]) != parse_formats(DEFAULT_FORMATS):
             flags += " --formats " + ",".join(f for f in c["formats"] if f not in parse_formats(()))
         parts += [f"`python -m qlib formats {c['model']}{flags}`: "

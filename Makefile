@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 PROFILE ?= default
 
-.PHONY: setup run test gpu lab report clean-outputs
+.PHONY: setup run test test-fast gpu lab report clean-outputs
 
 setup: $(VENV)/.qlab-setup
 
@@ -31,6 +31,11 @@ run: setup
 test: setup
 	$(PY) -m ruff check
 	$(PY) -m pytest
+
+# The quick tier for day-to-day work (under 3 minutes on 2 cores): no notebooks, nothing marked slow.
+test-fast: setup
+	$(PY) -m ruff check
+	$(PY) -m pytest -m "not slow" tests
 
 # On a CUDA machine, in an environment whose torch has CUDA (never this CPU venv): `pip install -e ".[dev]"`,
 # then `make gpu PY=python`. Runs the gpu profile (01, 04, 05, 07) and refreshes the README's GPU table.

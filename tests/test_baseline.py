@@ -10,6 +10,8 @@ from qlib.core.errors import QlabError
 from qlib.studies import baseline
 from qlib.train import predict
 
+pytestmark = pytest.mark.slow  # fine-tunes: `make test-fast` leaves this file out
+
 TINY_BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                  intermediate_size=64, max_position_embeddings=64, type_vocab_size=2)
 

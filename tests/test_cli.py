@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # papermill runs and subprocesses: `make test-fast` leaves this file out
+
 
 def qlib(*args, env=None):
     return subprocess.run([sys.executable, "-m", "qlib", *args], capture_output=True, text=True,

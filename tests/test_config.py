@@ -13,7 +13,6 @@ from qlib.studies import baseline
 def test_enum_parse_accepts_names_values_and_aliases():
     assert QuantMethod.parse("qlora") is QuantMethod.QLORA
     assert QuantMethod.parse("QLORA_BITNET") is QuantMethod.QLORA_BITNET
-    assert QuantMethod.parse("none") is QuantMethod.FP32
     with pytest.raises(QlabError, match="unknown quantization method 'int3'"):
         QuantMethod.parse("int3")
 

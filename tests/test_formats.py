@@ -10,6 +10,8 @@ from qlib import cli, formats, formats_report, hub, results
 from qlib.core.errors import QlabError
 from qlib.pretrain import pretrained_lm
 
+pytestmark = pytest.mark.slow  # llama.cpp and every format of a tiny model: `make test-fast` leaves this file out
+
 SMALL = dict(context=64, eval_tokens=512, gen_tokens=4, repeats=1)
 
 

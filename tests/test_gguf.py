@@ -9,6 +9,8 @@ from qlib.backends import gguf
 from qlib.core.errors import QlabError
 from qlib.pretrain import pretrained_lm
 
+pytestmark = pytest.mark.slow  # llama.cpp conversions: `make test-fast` leaves this file out
+
 
 @pytest.fixture(scope="module")
 def tiny_gpt2():

@@ -9,6 +9,8 @@ import pytest
 
 from qlib import results
 
+pytestmark = pytest.mark.slow  # notebooks in the gpu profile: `make test-fast` leaves this file out
+
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
 # (notebook, papermill parameters that shrink it, {method: (trainable, total)} expected in its rows)

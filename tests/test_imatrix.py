@@ -13,6 +13,8 @@ from qlib.core.errors import QlabError
 from qlib.pretrain import gguf_pre_tokenizer, pretrained_lm
 from qlib.quant import imatrix
 
+pytestmark = pytest.mark.slow  # llama-imatrix and the quantizer: `make test-fast` leaves this file out
+
 CTX = 64
 
 

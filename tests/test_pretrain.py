@@ -9,6 +9,8 @@ from qlib import assets, metrics
 from qlib.core.errors import QlabError
 from qlib.pretrain import LM_SPECS, LMSpec, model_config, pretrained_lm
 
+pytestmark = pytest.mark.slow  # pretraining the stand-ins: `make test-fast` leaves this file out
+
 
 def test_tiny_gpt2_config_exact_parameter_count():
     from transformers import AutoModelForCausalLM

@@ -6,6 +6,8 @@ import torch
 from qlib.core.errors import QlabError
 from qlib.studies import ptq_methods
 
+pytestmark = pytest.mark.slow  # calibration methods: `make test-fast` leaves this file out
+
 
 @pytest.fixture(autouse=True)
 def root(tmp_path, monkeypatch):
@@ -22,7 +24,8 @@ def test_methods_and_the_calibration_ablation(tmp_path):
                         "gptq_w4@code4", "gptq_w4@prose16", "gptq_w4@prose4"]  # reference and controls made once
     assert res.problems == []
     assert set(res.settings) == {"code16", "code4", "prose16", "prose4"}
-    assert res.settings["prose4"]["source"] == "prose: BBC News articles" and res.settings["code16"]["samples"] == 16
+    assert res.settings["prose4"]["source"] == "prose: BBC News articles (not the evaluation set's)"
+    assert res.settings["code16"]["samples"] == 16
     main, prose = by["gptq_w4"], by["gptq_w4@prose16"]
     assert main["section"] == "post-training methods" and main["calibration_setting"] == "code16"
     assert prose["section"] == "calibration ablation" and prose["control"] == "rtn_w4"

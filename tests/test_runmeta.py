@@ -12,6 +12,8 @@ from qlib.config import QuantMethod, build_quantization_plan
 from qlib.core.errors import QlabError
 from qlib.pretrain import pretrained_lm
 
+pytestmark = pytest.mark.slow  # artifacts written and reloaded: `make test-fast` leaves this file out
+
 CPU = torch.device("cpu")
 INFO = runmeta.RunInfo("99_test", "smoke", 3, "org/Tiny-LM_v2", None, "stdlib-code")
 KNOBS = runmeta.LoraKnobs(r=8)

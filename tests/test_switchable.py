@@ -10,6 +10,8 @@ from qlib.pretrain import pretrained_lm
 from qlib.quant.uniform import QuantLinear, fake_quantize, patch_gpt2_with_quantization, row_scale
 from qlib.switchable import style_bitmaps, train_switchable
 
+pytestmark = pytest.mark.slow  # switchable training: `make test-fast` leaves this file out
+
 CPU = torch.device("cpu")
 # gpt2-stdlib-tiny: 2 blocks, hidden 256; LoRA rank r on c_attn (256->768), attn c_proj (256->256),
 # c_fc (256->1024), mlp c_proj (1024->256)

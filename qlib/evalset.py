@@ -15,7 +15,6 @@ import torch
 from qlib import assets, corpus, qa
 from qlib.core.errors import QlabError
 
-DOMAINS = ("code", "prose")
 PROSE_SPLIT_SEED = "bbc-eval-v1"
 PROSE_EVAL_FRAC = 0.1
 
@@ -28,8 +27,14 @@ def held_out_article(path: str) -> bool:
 
 def prose_split() -> tuple[list[str], list[tuple[str, str]]]:
     """BBC News: calibration texts (train) and (article, text) pairs held out for evaluation."""
-    articles = qa.bbc_articles(str(assets.bbc_news_wheel()))
-    return ([t for p, t in articles if not held_out_article(p)], [(p, t) for p, t in articles if held_out_article(p)])
+    train: list[str] = []
+    held: list[tuple[str, str]] = []
+    for path, text in qa.bbc_articles(str(assets.bbc_news_wheel())):
+        if held_out_article(path):
+            held.append((path, text))
+        else:
+            train.append(text)
+    return train, held
 
 
 def code_documents() -> list[tuple[str, str]]:

@@ -290,7 +290,9 @@ def _formats_parser(sub: Any) -> None:
     f.add_argument("--name", help="keep this run as results/formats/<model>-<name>/ beside the default list's")
     f.add_argument("--calib-length", type=int, default=256, help="tokens per calibration window")
     f.add_argument("--context", type=int, default=256, help="perplexity window (stride = window)")
-    f.add_argument("--eval-tokens", type=int, default=4096)
+    f.add_argument("--eval-tokens", type=int, default=4096,
+                   help="tokens scored; on the default dataset, the shared evaluation set's first eval-tokens/context "
+                        "windows (held-out stdlib modules and BBC News articles, 3:1; 32768 = all 128)")
     f.add_argument("--gen-tokens", type=int, default=64, help="decode length (transformers decodes half)")
     f.add_argument("--repeats", type=int, default=3, help="interleaved decode repeats (median)")
     f.add_argument("--threads", type=int, default=1, help="decode threads (1: spinning workers collapse on a busy CPU)")

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from qlib import assets, corpus, qa
+from qlib import assets, corpus, data, qa
 from qlib.core.errors import QlabError
 
+DATASET_ID = "stdlib-code+bbc-news"  # the rows' `dataset` wherever the shared set is scored
 PROSE_SPLIT_SEED = "bbc-eval-v1"
 PROSE_EVAL_FRAC = 0.1
 
@@ -35,6 +36,15 @@ def prose_split() -> tuple[list[str], list[tuple[str, str]]]:
         else:
             train.append(text)
     return train, held
+
+
+def training_tokens(tok: Any, context: int, n: int) -> torch.Tensor:
+    """`n` tokens of the set's two domains' training texts, three parts code to one of prose as the set holds: what a
+    count baseline (unigram, bigram) fits on to score the set."""
+    train, _ = corpus.split_by_module(corpus.load_code_corpus())
+    n_code = n * 3 // 4
+    code = data.lm_chunks(tok, [corpus.sft_text(f) for f in train], context, n_code).reshape(-1)[:n_code]
+    return torch.cat([code, data.lm_chunks(tok, prose_split()[0], context, n - n_code).reshape(-1)[: n - n_code]])
 
 
 def code_documents() -> list[tuple[str, str]]:
@@ -58,6 +68,19 @@ class EvalSet:
     def context(self) -> int:
         return int(self.ids.shape[1])
 
+    def head(self, n: int | None) -> EvalSet:
+        """The first `n` windows (None: all): the set is interleaved, so any head keeps its domains' proportions and
+        draws on as many modules and articles as it can."""
+        if n is None or n == len(self.groups):
+            return self
+        if not 1 <= n <= len(self.groups):
+            raise QlabError(f"the evaluation set has {len(self.groups)} windows; {n} asked for")
+        return replace(self, ids=self.ids[:n], domains=self.domains[:n], groups=self.groups[:n])
+
+    def fingerprint(self) -> str:
+        """A short hash of the token ids: two runs scored the same windows exactly when theirs agree."""
+        return hashlib.sha256(self.ids.to(torch.int64).numpy().tobytes()).hexdigest()[:12]
+
     def select(self, domain: str) -> EvalSet:
         """The windows of one domain."""
         keep = [i for i, d in enumerate(self.domains) if d == domain]
@@ -72,9 +95,23 @@ class EvalSet:
 
     def describe(self) -> dict[str, Any]:
         """What the set is, for metrics.json."""
-        return {"context": self.context, "windows": len(self.groups), "scored_tokens": len(self.groups) *
+        return {"context": self.context, "windows": len(self.groups), "fingerprint": self.fingerprint(),
+                "scored_tokens": len(self.groups) *
                 (self.context - 1), **{d: {"windows": self.domains.count(d), "groups": len({
                     g for dd, g in zip(self.domains, self.groups) if dd == d})} for d in sorted(set(self.domains))}}
+
+
+def caption(about: dict[str, Any]) -> str:
+    """One line for a table's caption from `EvalSet.describe()`: which windows were scored, and what an interval
+    resamples."""
+    parts = [f"{about[d]['windows']} {d} windows from {about[d]['groups']} {GROUP_NAMES.get(d, 'sources')}"
+             for d in ("code", "prose") if d in about]
+    return (f"the shared evaluation set's first {about['windows']} windows of {about['context']} tokens "
+            f"({'; '.join(parts)}; {about['scored_tokens']:,} scored tokens, fingerprint {about['fingerprint']}); "
+            "95 % intervals resample whole modules and articles")
+
+
+GROUP_NAMES = {"code": "held-out stdlib modules", "prose": "held-out BBC News articles"}
 
 
 def windows(tok: Any, docs: list[tuple[str, str]], context: int, n: int) -> list[tuple[str, list[int]]]:
@@ -93,12 +130,22 @@ def windows(tok: Any, docs: list[tuple[str, str]], context: int, n: int) -> list
     raise QlabError(f"the evaluation text gives {len(out)} windows of {context} tokens, {n} asked for")
 
 
+def interleave(parts: dict[str, list[Any]]) -> list[tuple[str, Any]]:
+    """(domain, item) of every domain's items merged in proportion (3 code : 1 prose stays 3:1 in every head), each
+    domain's own order kept."""
+    keyed = [((i + 0.5) / len(items), d, item) for d, items in parts.items() for i, item in enumerate(items)]
+    return [(d, item) for _, d, item in sorted(keyed, key=lambda k: k[0])]
+
+
 def build(tok: Any, context: int = 256, code_windows: int = 96, prose_windows: int = 32) -> EvalSet:
-    """The shared set: code windows from the held-out modules, then prose windows from held-out articles."""
-    parts = [("code", w) for w in windows(tok, code_documents(), context, code_windows)] if code_windows else []
+    """The shared set: windows of the held-out modules and of held-out articles, interleaved in proportion."""
+    by_domain = {}
+    if code_windows:
+        by_domain["code"] = windows(tok, code_documents(), context, code_windows)
     if prose_windows:
-        parts += [("prose", w) for w in windows(tok, prose_split()[1], context, prose_windows)]
-    if not parts:
+        by_domain["prose"] = windows(tok, prose_split()[1], context, prose_windows)
+    if not by_domain:
         raise QlabError("the evaluation set needs code or prose windows")
+    parts = interleave(by_domain)
     return EvalSet(torch.tensor([ids for _, (_, ids) in parts]), tuple(d for d, _ in parts),
                    tuple(g for _, (g, _) in parts))

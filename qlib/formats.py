@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import fidelity, merge, methods, metrics, models, ngram, results, runmeta
+from qlib import evalset, fidelity, merge, methods, metrics, models, ngram, results, runmeta
 from qlib.backends import gguf
 from qlib.core.errors import QlabError
 
@@ -55,7 +55,8 @@ def needs_calibration(names: Iterable[str]) -> bool:
 
 @dataclass
 class Text:
-    """The token windows every format is scored on (`ids` None: no perplexity, say why in the problems) and the
+    """The token windows every format is scored on (`ids` None: no perplexity, say why in the problems), what an
+    interval resamples (`groups`, one per scored token: whole modules and articles; None: whole windows) and the
     prompt decode speed starts from."""
 
     ids: torch.Tensor | None
@@ -63,6 +64,14 @@ class Text:
     prompt: torch.Tensor
     eos: int | None
     seed: int = 0
+    groups: np.ndarray | None = None
+    about: dict[str, Any] | None = None   # what the windows are (the shared set's description), for metrics.json
+
+    @classmethod
+    def of(cls, s: evalset.EvalSet, eos: int | None, seed: int = 0) -> Text:
+        """The shared evaluation set's windows, resampled by module and article."""
+        ids = s.ids.reshape(-1)
+        return cls(ids, s.context, ids[:16], eos, seed, s.token_groups(), s.describe())
 
 
 @dataclass
@@ -224,17 +233,20 @@ DEFINITIONS = {
                                  "all their scale tensors; every 2-D matrix of a GGUF file (embeddings included)",
     "tensor_types": "stored tensors by type: GGML types of a GGUF file, safetensors dtypes of a folder",
     "perplexity_ratio": "perplexity / that of the `reference` row on the same tokens, exp(mean NLL difference), "
-                        "95 % paired bootstrap over whole windows",
+                        "95 % paired bootstrap over whole units: on the shared evaluation set (`eval_set`) its "
+                        "modules and articles, on other text its windows; every interval below resamples the same",
+    "perplexity_by_domain": "perplexity on each domain of the shared evaluation set (code: held-out stdlib modules; "
+                            "prose: held-out BBC News articles): one number per model and domain in every study",
     "kl_mean": "mean over scored tokens of KL(reference || format) of the next-token distributions, the reference "
                "being the FP16 model in transformers on the same windows; computed over the reference's top-128 "
-               "tokens plus one bucket for the rest (a lower bound on the full KL), 95 % block-bootstrap interval "
-               "over whole windows; kl_median, kl_p99, kl_max over tokens",
+               "tokens plus one bucket for the rest (a lower bound on the full KL), 95 % bootstrap interval "
+               "over whole units; kl_median, kl_p99, kl_max over tokens",
     "top1_agreement": "share of scored tokens whose most likely next token is the reference's (llama.cpp's "
-                      "'same top p'), 95 % interval over whole windows",
+                      "'same top p'), 95 % interval over whole units",
     "rms_dp": "root mean square over scored tokens of the change in probability of the true next token against the "
-              "reference (llama.cpp's Δp), 95 % interval over whole windows",
+              "reference (llama.cpp's Δp), 95 % interval over whole units",
     "kl_vs_control": "mean KL of a method minus that of its round-to-nearest control (`control`, same grid) on the "
-                     "same tokens, paired 95 % bootstrap over whole windows: the method's own contribution",
+                     "same tokens, paired 95 % bootstrap over whole units: the method's own contribution",
     "calibration": "the calibration text a method used (source, samples, length, tokens) and the seconds its "
                    "statistic took (the importance matrix, shared by the methods of one run); make_s: seconds to "
                    "write the artifact (the first method to need the importance matrix includes it); score_s: "
@@ -248,10 +260,11 @@ DEFINITIONS = {
 
 def rows(measured: list[Measured], speeds: dict[str, dict[str, Any]], n_params: int, model_id: str, data_id: str,
          context: int, seed: int, reference: Callable[[Measured], str | None] = reference_of, fp16: str = "fp16",
-         gguf_f16: str = "gguf_f16", extra: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Schema rows: perplexity ratios with intervals against `reference`, decode ratios against the FP16 artifact of
-    the same runtime (`fp16`, `gguf_f16`), sizes against `fp16`'s; `extra[method]` adds or overrides keys (a
-    training cost)."""
+         gguf_f16: str = "gguf_f16", extra: dict[str, dict[str, Any]] | None = None,
+         groups: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Schema rows: perplexity ratios with intervals against `reference` (resampling whole `groups` where given, else
+    windows), decode ratios against the FP16 artifact of the same runtime (`fp16`, `gguf_f16`), sizes against
+    `fp16`'s; `extra[method]` adds or overrides keys (a training cost)."""
     by = {m.method: m for m in measured}
     fp16_bytes = merge.weights_bytes(by[fp16].path) if fp16 in by else None
     ref_speed = {"transformers": speeds.get(fp16, {}), "llama.cpp": speeds.get(gguf_f16, {})}
@@ -259,7 +272,7 @@ def rows(measured: list[Measured], speeds: dict[str, dict[str, Any]], n_params: 
     for m in measured:
         size = merge.weights_bytes(m.path) if m.path else None
         ref = by.get(reference(m) or "")
-        ratio = metrics.perplexity_ratio(ref.nll, m.nll, block=context - 1, seed=seed) \
+        ratio = metrics.perplexity_ratio(ref.nll, m.nll, block=context - 1, seed=seed, groups=groups) \
             if ref is not None and ref.nll is not None and m.nll is not None else None
         speed, base = speeds.get(m.method, {}), ref_speed.get(m.backend, {})
         ppl = None if m.nll is None else float(np.exp(m.nll.mean()))
@@ -274,19 +287,30 @@ def rows(measured: list[Measured], speeds: dict[str, dict[str, Any]], n_params: 
             size_vs_fp16=size / fp16_bytes if size and fp16_bytes else None,
             peak_mem_source=None, inference_peak_mem_bytes=m.peak_bytes, inference_peak_mem_source=m.peak_source,
             **m.extra)
-        row.update(fidelity.summary(m.scores, block=context - 1, seed=seed))
-        row.update(control=m.control, **_versus_control(m, by.get(m.control or ""), context, seed))
+        row.update(fidelity.summary(m.scores, block=context - 1, seed=seed, groups=groups),
+                   perplexity_by_domain=by_domain(m.nll, groups))
+        row.update(control=m.control, **_versus_control(m, by.get(m.control or ""), context, seed, groups))
         row.update((extra or {}).get(m.method, {}))
         out.append(metrics.with_difference(row, "perplexity_ratio", ratio, value="ratio"))
     return out
 
 
-def _versus_control(m: Measured, ctl: Measured | None, context: int, seed: int) -> dict[str, Any]:
+def by_domain(nll: np.ndarray | None, groups: np.ndarray | None) -> dict[str, float] | None:
+    """Perplexity per domain of the shared set (a group is `domain:module`), so every study quotes the same number
+    for the same model on the same domain; None without groups."""
+    if nll is None or groups is None:
+        return None
+    domains = np.array([g.split(":", 1)[0] for g in groups])
+    return {d: float(np.exp(nll[domains == d].mean())) for d in sorted(set(domains))}
+
+
+def _versus_control(m: Measured, ctl: Measured | None, context: int, seed: int,
+                    groups: np.ndarray | None = None) -> dict[str, Any]:
     """A method's own contribution: its mean KL minus its round-to-nearest control's on the same tokens, with the
-    paired 95 % interval over whole windows (negative: the method is closer to the reference)."""
+    paired 95 % interval over whole windows or `groups` (negative: the method is closer to the reference)."""
     if ctl is None or m.scores is None or ctl.scores is None or m.scores.kl is None or ctl.scores.kl is None:
         return metrics.with_difference({}, "kl_vs_control", None)
-    d = metrics.paired_bootstrap(ctl.scores.kl, m.scores.kl, block=context - 1, seed=seed)
+    d = metrics.paired_bootstrap(ctl.scores.kl, m.scores.kl, block=context - 1, seed=seed, groups=groups)
     return metrics.with_difference({}, "kl_vs_control", {**d, "real": d["excludes_zero"]})
 
 

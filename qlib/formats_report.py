@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from qlib import assets, data, figures, formats, hub, merge, methods, metrics, models, ngram, pretrain, results, runmeta
+from qlib import (assets, data, evalset, figures, formats, hub, merge, methods, metrics, models, ngram, pretrain,
+                  results, runmeta)
 from qlib.core.device import parse_device, pick_device, set_seed
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir, atomic_write_text
@@ -41,7 +42,7 @@ class Config:
     dataset: str = "stdlib-code"        # stdlib-code (offline) | codesearchnet-python | a local folder of split files
     formats: tuple[str, ...] = formats.DEFAULT_FORMATS
     context: int = 256                  # perplexity window, stride = window
-    eval_tokens: int = 4096
+    eval_tokens: int = 4096             # the shared set's first eval_tokens / context windows (at most 128)
     baseline_tokens: int = 200_000      # the n-gram baselines' fitting tokens (the dataset's train split)
     gen_tokens: int = 64
     repeats: int = 3
@@ -144,10 +145,14 @@ def load_tokenizer(path: str, problems: list[str]) -> Any:
 
 
 def load_text(cfg: Config, tok: Any, problems: list[str]) -> tuple[formats.Text, torch.Tensor | None, str]:
-    """The evaluation windows, the n-gram baselines' fitting tokens (None: none to fit on), and the data's id."""
+    """The evaluation windows, the n-gram baselines' fitting tokens (None: none to fit on), and the data's id: the
+    shared evaluation set (`evalset`: held-out modules and BBC articles) for the default dataset, else the first
+    `eval_tokens` of the text or the dataset's held-out split."""
     data_id = Path(cfg.text).name if cfg.text else cfg.dataset
     if tok is None:
         return formats.Text(None, cfg.context, torch.arange(1, 17), None, cfg.seed), None, data_id
+    if not cfg.text and cfg.dataset == SHARED:
+        return shared_text(cfg, tok)
     if cfg.text:
         texts, train = [read_text(cfg.text)], None
     else:
@@ -164,6 +169,17 @@ def load_text(cfg: Config, tok: Any, problems: list[str]) -> tuple[formats.Text,
     if train:
         rest = data.lm_chunks(tok, train, cfg.context, cfg.baseline_tokens)
     return formats.Text(eval_ids, cfg.context, eval_ids[:16], tok.eos_token_id, cfg.seed), rest, data_id
+
+
+SHARED = "stdlib-code"  # the dataset whose held-out modules, with BBC News articles, make the shared evaluation set
+
+
+def shared_text(cfg: Config, tok: Any) -> tuple[formats.Text, torch.Tensor, str]:
+    """The first eval_tokens / context windows of the shared set (intervals resample its modules and articles);
+    beyond them, its domains' training texts (the n-gram baselines' and calibration's tokens, code first)."""
+    s = evalset.build(tok, cfg.context).head(max(1, cfg.eval_tokens // cfg.context))
+    rest = evalset.training_tokens(tok, cfg.context, max(cfg.baseline_tokens, 4 * cfg.calib_samples * cfg.calib_length))
+    return formats.Text.of(s, tok.eos_token_id, cfg.seed), rest, evalset.DATASET_ID
 
 
 def load_calibration(cfg: Config, tok: Any, rest: torch.Tensor | None, problems: list[str]
@@ -265,7 +281,8 @@ def run(cfg: Config) -> Report:
         speeds = formats.decode(stage.measured, text, device, cfg.gen_tokens, cfg.repeats, cfg.timing_threads)
         measured = stage.measured + (formats.count_baselines(train_ids, text.ids, len(tok), cfg.context)
                                      if train_ids is not None and text.ids is not None else [])
-        rows = formats.rows(measured, speeds, merge.stored_params(src), asset.id, data_id, cfg.context, cfg.seed)
+        rows = formats.rows(measured, speeds, merge.stored_params(src), asset.id, data_id, cfg.context, cfg.seed,
+                            groups=text.groups)
         path = _write(cfg, key, rows, measured, text, asset, merged, problems, device, res, time.perf_counter() - t0)
     path = results_dir(f"{STUDY}/{key}", "default") / path.name  # where the staging folder went
     for line in problems:
@@ -297,4 +314,5 @@ def _write(cfg: Config, key: str, rows: list[dict[str, Any]], measured: list[for
         rows, out_dir=res, config={**asdict(cfg), "formats": list(formats.parse_formats(cfg.formats))},
         merge=merged, problems=problems, definitions=formats.DEFINITIONS, duration_s=round(seconds, 1),
         perplexity_window={"context": cfg.context, "stride": cfg.context,
-                           "scored_tokens": None if text.ids is None else int(measured[0].nll.size)})
+                           "scored_tokens": None if text.ids is None else int(measured[0].nll.size)},
+        eval_set=text.about)

@@ -29,7 +29,7 @@ def test_a_set_selects_a_domain_and_names_the_group_of_every_scored_token():
     assert s.context == 4 and s.select("prose").groups == ("bbc/1",)
     assert s.token_groups().tolist() == ["code:m1"] * 3 + ["code:m2"] * 3 + ["prose:bbc/1"] * 3
     assert s.describe() == {"context": 4, "windows": 3, "scored_tokens": 9, "code": {"windows": 2, "groups": 2},
-                            "prose": {"windows": 1, "groups": 1}}
+                            "prose": {"windows": 1, "groups": 1}, "fingerprint": s.fingerprint()}
     with pytest.raises(QlabError, match="no 'poetry' windows"):
         s.select("poetry")
 
@@ -48,3 +48,14 @@ def test_the_real_set_spans_many_modules_and_articles_none_of_them_calibration()
     assert {g for dom, g in zip(s.domains, s.groups) if dom == "prose"} <= {p for p, _ in held}
     assert 0.05 < len(held) / (len(held) + len(train_prose)) < 0.15
     assert torch.equal(evalset.build(tok).ids, s.ids)  # fixed once: the same windows every time
+
+
+def test_every_head_of_the_set_keeps_the_domains_in_proportion():
+    got = evalset.interleave({"code": list(range(6)), "prose": ["a", "b"]})
+    assert [d for d, _ in got] == ["code", "code", "prose", "code", "code", "code", "prose", "code"]
+    assert [x for d, x in got if d == "code"] == list(range(6))  # each domain's own order kept
+    s = evalset.EvalSet(torch.arange(12).view(3, 4), ("code", "code", "prose"), ("m1", "m2", "bbc/1"))
+    assert s.head(2).groups == ("m1", "m2") and s.head(None) is s and s.head(2).ids.shape == (2, 4)
+    assert s.head(2).fingerprint() != s.fingerprint() == s.head(3).fingerprint()
+    with pytest.raises(QlabError, match="has 3 windows; 4 asked for"):
+        s.head(4)

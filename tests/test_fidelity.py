@@ -23,10 +23,10 @@ def pair():
 def test_top_k_kl_is_a_lower_bound_that_meets_the_exact_kl_when_nothing_is_left_out(pair):
     ref, other, targets = pair
     exact = fidelity.exact_kl(ref, other).numpy()
-    for k, tol in ((300, 1e-9), (128, None), (8, None)):
+    for k, tol in ((300, 1e-7), (128, None), (8, None)):  # exp in float32, sums in float64: exact to ~1e-7
         _, reference = fidelity.score(_windows(ref, targets, 40), keep_top=k)
         scores, _ = fidelity.score(_windows(other, targets, 40), reference)
-        assert np.all(scores.kl <= exact + 1e-9)
+        assert np.all(scores.kl <= exact + 1e-7)
         if tol:
             np.testing.assert_allclose(scores.kl, exact, atol=tol)
     # the bound is tight where the reference's mass outside its top k is small
@@ -39,13 +39,13 @@ def test_identical_models_agree_everywhere_and_a_different_one_does_not(pair):
     ref, other, targets = pair
     _, reference = fidelity.score(_windows(ref, targets, 40), keep_top=16)
     same, _ = fidelity.score(_windows(ref, targets, 40), reference)
-    assert np.allclose(same.kl, 0, atol=1e-12) and same.same_top.all() and np.allclose(same.dp, 0)
+    assert np.allclose(same.kl, 0, atol=1e-9) and same.same_top.all() and np.allclose(same.dp, 0)
     diff, _ = fidelity.score(_windows(other, targets, 40), reference)
     assert diff.kl.mean() > 0.01 and not diff.same_top.all()
     # Δp is the change in probability of the true token; NLL is the model's own
     p_ref = torch.softmax(ref.double(), -1)[torch.arange(120), targets]
     p_oth = torch.softmax(other.double(), -1)[torch.arange(120), targets]
-    np.testing.assert_allclose(diff.dp, (p_oth - p_ref).numpy(), atol=1e-12)
+    np.testing.assert_allclose(diff.dp, (p_oth - p_ref).numpy(), atol=1e-8)
     np.testing.assert_allclose(diff.nll, -p_oth.log().numpy(), atol=1e-9)
     top1 = (other.argmax(-1) == ref.argmax(-1)).double().mean().item()
     assert diff.same_top.mean() == pytest.approx(top1)
@@ -68,3 +68,23 @@ def test_a_reference_of_other_tokens_is_refused(pair):
     _, reference = fidelity.score(_windows(ref[:80], targets[:80], 40), keep_top=8)
     with pytest.raises(ValueError, match="reference holds 80 tokens"):
         fidelity.score(_windows(other, targets, 40), reference)
+
+
+def test_a_near_zero_kl_on_a_real_vocabulary_is_exact_to_a_few_parts_in_a_hundred_million():
+    """llama.cpp's F16 against transformers' FP16 is ~1e-6 a token: float32 exp with float64 sums must resolve it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 49152, generator=g) * 2.5
+    x[:, :50] += 8
+    y = x + torch.randn(64, 49152, generator=g) * 2e-3
+    t = torch.randint(0, 49152, (64,), generator=g)
+    _, ref = fidelity.score([(x, t)], keep_top=128)
+    got, _ = fidelity.score([(y, t)], ref)
+    lp, lq = torch.log_softmax(x.double(), -1), torch.log_softmax(y.double(), -1)
+    ids = torch.from_numpy(ref.top_ids)
+    p, q = lp.gather(1, ids).numpy(), lq.gather(1, ids).numpy()
+    rp, rq = 1 - np.exp(p).sum(1), 1 - np.exp(q).sum(1)
+    want = (np.exp(p) * (p - q)).sum(1) + rp * (np.log(rp) - np.log(rq))  # the same bucket bound, all in float64
+    assert 1e-7 < want.mean() < 1e-5
+    assert np.abs(got.kl - want).max() < 1e-7 and abs(got.kl.mean() - want.mean()) < 1e-9
+    with pytest.raises(ValueError, match="either the reference"):
+        fidelity.score([(x, t)], ref, keep_top=8)

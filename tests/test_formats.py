@@ -72,6 +72,9 @@ def test_every_format_is_written_reloaded_and_measured(tiny_qwen, root):
     assert res.name.startswith(f"{tiny_qwen.name}-") and len(res.name) == len(tiny_qwen.name) + 9  # name + path hash
     doc = results.load_metrics(res / "metrics.json")
     assert doc["study"] == "formats" and doc["problems"] == [] and len(doc["rows"]) == 9
+    # scored on the shared set's first 512 / 64 windows, 3 code : 1 prose, each domain's perplexity on every row
+    assert doc["eval_set"]["windows"] == 8 and doc["eval_set"]["prose"]["windows"] == 2
+    assert set(by["gguf_q4_0"]["perplexity_by_domain"]) == {"code", "prose"}
     assert (res / "quality_vs_size.png").stat().st_size > 1000 and (res / "per_token_nll.csv.gz").is_file()
     assert (res / "table.md").read_text().count("\n") == 2 + 9
     out = root / "outputs" / "default" / "formats" / res.name

@@ -41,6 +41,18 @@ def test_perplexity_sliding_window_scores_each_token_once():
                                                   rel=1e-9)
 
 
+def test_window_logits_batched_score_the_same_windows_as_one_by_one():
+    model = _tiny_lm()
+    for n in (39, 41, 48, 49):  # a last window of 7, 9, 0 and 1 tokens (1: nothing left to score)
+        ids = torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(n))
+        one = list(metrics.window_logits(model, ids, 8, batch=1))
+        four = list(metrics.window_logits(model, ids, 8, batch=4))
+        assert [t.tolist() for _, t in four] == [t.tolist() for _, t in one]
+        assert sum(t.numel() for _, t in four) == n - -(-n // 8)  # every window but its first token
+        for (a, _), (b, _) in zip(one, four):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_latency_runs_warmup_plus_repeats():
     calls = []
     out = metrics.measure_latency(lambda: calls.append(1), warmup=2, repeats=5)

@@ -4,10 +4,12 @@ The switchable-precision models of notebook 06 train on 2 cores, so they are sma
 assignment matters is measured here on SmolLM2-135M instead, with no training: every block's linears are
 rounded to `low` or `high` bits (grouped symmetric integers, `qlib.quant.ladder`). Sensitivity is each block's
 loss increase alone at `low` bits on calibration tokens; the greedy search lowers blocks from least to most
-sensitive while the calibration loss stays within the budget. The chosen bitmap is then scored on held-out
-tokens against the reference, beside controls with the same number of low blocks (the most sensitive first,
-a random order) and the two uniform bitmaps, each with a paired bootstrap interval: the search carries signal
-only if it beats the random order by more than the interval.
+sensitive until the next would take the calibration loss over the budget. Sensitivity and search see only the
+dev tokens (training texts of the shared set's two domains); the held-out windows of the shared evaluation set
+(`evalset`) only report. There the chosen bitmap stands beside controls with the same number of low blocks (the
+most sensitive first, and `random_orders` random choices: the search's percentile among them is its test against
+chance) and the two uniform bitmaps, each with a paired bootstrap interval over whole modules and articles and a
+Bonferroni-corrected one over the table's comparisons.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import choice, fidelity, metrics, qa, results
+from qlib import choice, evalset, fidelity, formats, metrics, qa, results
 from qlib.quant import ladder
 from qlib.studies.ptq_ladder import load_real_lm
 
@@ -35,11 +37,12 @@ class BlockSearchSpec:
     high: int = 8
     budget: float = 0.05        # largest calibration perplexity increase over the all-`high` bitmap
     context: int = 256
-    calib_tokens: int = 1024    # from the training split
-    eval_tokens: int = 4096     # held out
+    calib_tokens: int = 4096    # the search's dev tokens: training texts, 3 code : 1 prose as the evaluation set
+    eval_tokens: int = 4096     # the shared evaluation set's first eval_tokens / context windows: reporting only
     seed: int = 0
     qa_questions: int = 120     # held-out cloze questions scored by multiple choice per bitmap (0: skip)
     qa_max_len: int = 256
+    random_orders: int = 20     # the control distribution: as many low blocks as the search's, chosen at random
 
 
 @dataclass
@@ -77,50 +80,89 @@ class Rounder:
 
 
 def run_block_search(spec: BlockSearchSpec, device: torch.device) -> BlockSearchResult:
-    """Sensitivity, greedy search on calibration tokens, then the chosen bitmap and its controls held out."""
+    """Sensitivity and greedy search on the dev tokens, then the chosen bitmap and its controls held out."""
     lm = load_real_lm(spec.model_id, spec.dataset_id, spec.context, spec.calib_tokens, spec.eval_tokens, device)
     calib, held = lm.train_ids[: spec.calib_tokens], lm.eval_ids
     r = Rounder(lm.model)
-
-    def nll(ids: torch.Tensor, bitmap: list[int]) -> np.ndarray:
-        r.set(bitmap)
-        return lm.nll(ids, spec.context)
-
-    n = r.n_blocks
-    high, low = [spec.high] * n, [spec.low] * n
-    base = nll(calib, high).mean()
-    sens = [float(nll(calib, high[:b] + [spec.low] + high[b + 1:]).mean() - base)
-            for b in tqdm(range(n), desc=f"sensitivity: one block at {spec.low} bits")]
-    chosen, steps = list(high), []
-    for b in tqdm(sorted(range(n), key=lambda b: sens[b]), desc="greedy search"):
-        trial = chosen[:b] + [spec.low] + chosen[b + 1:]
-        loss = float(nll(calib, trial).mean())
-        ok = loss - base <= math.log1p(spec.budget)
-        steps.append({"block": b, "calib_ppl_increase": math.expm1(loss - base), "kept": ok})
-        if ok:
-            chosen = trial
-    k = sum(bits == spec.low for bits in chosen)
+    sens, chosen, steps, base = search_blocks(r, lambda bm: nll_of(lm, r, calib, bm, spec.context).mean(), spec)
+    n, k = r.n_blocks, sum(bits == spec.low for bits in chosen)
+    params = {b: sum(r.original[nm].numel() for nm in r.layers if f".layers.{b}." in nm) for b in range(n)}
+    randoms = random_orders(lm, r, held, n, k, spec)
     worst = sorted(range(n), key=lambda b: -sens[b])[:k]
-    rnd = random.Random(spec.seed).sample(range(n), k)
-    bitmaps = {"reference": [32] * n, f"uniform_{spec.high}bit": high, "greedy": chosen,
+    median = sorted(randoms, key=lambda x: x["perplexity"])[len(randoms) // 2]["bitmap"] if randoms else chosen
+    bitmaps = {"reference": [32] * n, f"uniform_{spec.high}bit": [spec.high] * n, "greedy": chosen,
                "most_sensitive_first": [spec.low if b in worst else spec.high for b in range(n)],
-               "random_order": [spec.low if b in rnd else spec.high for b in range(n)],
-               f"uniform_{spec.low}bit": low}
+               "random_order": median, f"uniform_{spec.low}bit": [spec.low] * n}
+    groups = lm.eval_set.token_groups()
     held_nll, held_fid, reference = {}, {}, None
     for name, bm in tqdm(bitmaps.items(), desc="held-out bitmaps"):  # the reference first: KL against it
         r.set(bm)
         scores, top = lm.score(held, spec.context, reference)
         reference = reference or top
-        held_nll[name], held_fid[name] = scores.nll, fidelity.summary(scores, spec.context - 1, spec.seed)
+        held_nll[name], held_fid[name] = scores.nll, fidelity.summary(scores, spec.context - 1, spec.seed, groups)
     on_qa = ("reference", "greedy", f"uniform_{spec.low}bit")
     qa_rows, answers = qa_accuracy(lm, r, {k: bitmaps[k] for k in on_qa}, spec) if spec.qa_questions else ([], {})
     r.set([32] * n)
-    params = {b: sum(r.original[nm].numel() for nm in r.layers if f".layers.{b}." in nm) for b in range(n)}
-    rows = [{**_row(name, bm, held_nll, params, spec), **held_fid[name]} for name, bm in bitmaps.items()]
-    info = {"model": lm.asset.provenance(), "data": lm.data_asset.provenance(), "blocks": n,
-            "calib_tokens": int(calib.numel()), "eval_tokens": int(held.numel()), "low_blocks": k,
-            "calib_nll_all_high": float(base)}
-    return BlockSearchResult(sens, chosen, steps, rows, held_nll, info, qa_rows, answers)
+    other = metrics.param_counts(lm.model)["total_params"] - sum(params.values())
+    rows = [{**_row(name, bm, held_nll, params, other, spec, groups), **held_fid[name]}
+            for name, bm in bitmaps.items()]
+    bonferroni(rows, held_nll, spec, groups)
+    info = {"model": lm.asset.provenance(), "data": lm.data_asset.provenance(), "eval_set": lm.eval_set.describe(),
+            "blocks": n, "calib_tokens": int(calib.numel()), "low_blocks": k, "calib_nll_all_high": float(base),
+            "random_orders": randoms, "greedy_vs_random": versus_random(held_nll["greedy"], randoms)}
+    return BlockSearchResult(sens, chosen, steps, rows, {"group": groups, **held_nll}, info, qa_rows, answers)
+
+
+def nll_of(lm: Any, r: Rounder, ids: torch.Tensor, bitmap: list[int], context: int) -> np.ndarray:
+    """Per-token NLL of `ids` with the blocks rounded to `bitmap`."""
+    r.set(bitmap)
+    return lm.nll(ids, context)
+
+
+def search_blocks(r: Rounder, loss: Any, spec: BlockSearchSpec
+                  ) -> tuple[list[float], list[int], list[dict[str, Any]], float]:
+    """Each block's dev-loss increase alone at `low` bits, then blocks lowered from the least sensitive on until the
+    next would take the dev perplexity more than `budget` over the all-`high` bitmap's (the first refusal ends the
+    search: the blocks after it are more sensitive)."""
+    n = r.n_blocks
+    high = [spec.high] * n
+    base = float(loss(high))
+    sens = [float(loss(high[:b] + [spec.low] + high[b + 1:])) - base
+            for b in tqdm(range(n), desc=f"sensitivity: one block at {spec.low} bits")]
+    chosen, steps = list(high), []
+    for b in tqdm(sorted(range(n), key=lambda b: sens[b]), desc="greedy search"):
+        trial = chosen[:b] + [spec.low] + chosen[b + 1:]
+        increase = math.expm1(float(loss(trial)) - base)
+        steps.append({"block": b, "calib_ppl_increase": increase, "kept": increase <= spec.budget})
+        if increase > spec.budget:
+            break
+        chosen = trial
+    return sens, chosen, steps, base
+
+
+def random_orders(lm: Any, r: Rounder, held: torch.Tensor, n: int, k: int, spec: BlockSearchSpec
+                  ) -> list[dict[str, Any]]:
+    """`random_orders` bitmaps with `k` low blocks chosen at random (seeded), each held out: the distribution the
+    search is tested against."""
+    rng = random.Random(spec.seed)
+    out = []
+    for _ in tqdm(range(spec.random_orders if 0 < k < n else 0), desc="random orders (held out)"):
+        low = set(rng.sample(range(n), k))
+        bm = [spec.low if b in low else spec.high for b in range(n)]
+        out.append({"bitmap": bm, "perplexity": float(np.exp(nll_of(lm, r, held, bm, spec.context).mean()))})
+    return out
+
+
+def versus_random(greedy_nll: np.ndarray, randoms: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The search's held-out perplexity against the random orders': how many are at least as good, and the
+    permutation p-value (1 + that count) / (1 + draws): below 0.05 only with 19 or more draws."""
+    if not randoms:
+        return None
+    ppl = float(np.exp(greedy_nll.mean()))
+    as_good = sum(x["perplexity"] <= ppl for x in randoms)
+    return {"greedy_perplexity": ppl, "draws": len(randoms), "random_as_good_or_better": as_good,
+            "p_value": (1 + as_good) / (1 + len(randoms)),
+            "random_perplexity_median": float(np.median([x["perplexity"] for x in randoms]))}
 
 
 def qa_accuracy(lm: Any, r: Rounder, bitmaps: dict[str, list[int]],
@@ -150,44 +192,89 @@ def qa_accuracy(lm: Any, r: Rounder, bitmaps: dict[str, list[int]],
     return rows, answers
 
 
-def _row(name: str, bitmap: list[int], held: dict[str, np.ndarray], params: dict[int, int],
-         spec: BlockSearchSpec) -> dict[str, Any]:
-    """One bitmap held out: perplexity ratio to the reference and to the random-order control (paired)."""
+def _row(name: str, bitmap: list[int], held: dict[str, np.ndarray], params: dict[int, int], other: int,
+         spec: BlockSearchSpec, groups: np.ndarray) -> dict[str, Any]:
+    """One bitmap held out: its bits three ways, perplexity ratio to the reference and to the median random order
+    (paired, whole modules and articles resampled)."""
     block = spec.context - 1
     total = sum(params.values())
-    vs_ref = None if name == "reference" else metrics.perplexity_ratio(held["reference"], held[name], block, spec.seed)
-    vs_rnd = metrics.perplexity_ratio(held["random_order"], held[name], block, spec.seed) \
+    stored = {b: bits if bits >= 32 else bits + 16 / ladder.GROUP for b, bits in enumerate(bitmap)}  # + fp16 scales
+    vs_ref = None if name == "reference" else metrics.perplexity_ratio(held["reference"], held[name], block, spec.seed,
+                                                                       groups)
+    vs_rnd = metrics.perplexity_ratio(held["random_order"], held[name], block, spec.seed, groups) \
         if name in ("greedy", "most_sensitive_first") else None
+    block_bits = sum(stored[b] * params[b] for b in params)
     row = {"bitmap_name": name, "bitmap": ",".join(map(str, bitmap)),
            "avg_bits": sum(min(bits, 32) * params[b] for b, bits in enumerate(bitmap)) / total,
-           "perplexity": float(np.exp(held[name].mean()))}
+           "bits_per_weight_blocks": block_bits / total,
+           "bits_per_param": (block_bits + other * (32 if name == "reference" else 16)) / (total + other),
+           "perplexity": float(np.exp(held[name].mean())),
+           "perplexity_by_domain": formats.by_domain(held[name], groups)}
     metrics.with_difference(row, "perplexity_ratio", vs_ref, value="ratio")
     return metrics.with_difference(row, "vs_random_order", vs_rnd, value="ratio")
 
 
+def bonferroni(rows: list[dict[str, Any]], held: dict[str, np.ndarray], spec: BlockSearchSpec,
+               groups: np.ndarray) -> None:
+    """Each row's comparisons again at the family-wise level: a (1 - 0.05 / m) interval, m the table's comparisons
+    (every row against the reference, the search and the most-sensitive control against the median random order);
+    `_survives_bonferroni` where it excludes 1."""
+    pairs = [(r, "perplexity_ratio", "reference") for r in rows if r["perplexity_ratio"] is not None]
+    pairs += [(r, "vs_random_order", "random_order") for r in rows if r.get("vs_random_order") is not None]
+    alpha = 0.05 / max(1, len(pairs))
+    for row, key, ref in pairs:
+        d = metrics.perplexity_ratio(held[ref], held[row["bitmap_name"]], spec.context - 1, spec.seed, groups,
+                                     alpha=alpha)
+        row.update({f"{key}_bonferroni_lo": d["lo"], f"{key}_bonferroni_hi": d["hi"],
+                    f"{key}_survives_bonferroni": d["real"], "bonferroni_comparisons": len(pairs)})
+
+
 def findings(res: BlockSearchResult, spec: BlockSearchSpec) -> str:
-    """Markdown: what the search chose and whether it beats the controls by more than their intervals."""
+    """Markdown: what the search chose, where it stands among the random orders, and which comparisons survive the
+    multiplicity correction."""
     by = {r["bitmap_name"]: r for r in res.rows}
     g, worst = by["greedy"], by["most_sensitive_first"]
     pct = lambda x: f"{100 * (x - 1):+.1f} %"  # noqa: E731
     order = sorted(range(len(res.sensitivity)), key=lambda b: -res.sensitivity[b])
+    refused = next((s for s in res.steps if not s["kept"]), None)
     lines = [f"- {res.info['model']['id']}, {res.info['blocks']} blocks, {spec.low} or {spec.high} bits per block "
-             f"(grouped int, no training); most sensitive blocks at {spec.low} bits: {order[:3]}, least: {order[-3:]}.",
-             f"- Greedy search (calibration budget {100 * spec.budget:.0f} % over all-{spec.high}-bit) put "
-             f"{res.info['low_blocks']} of {res.info['blocks']} blocks at {spec.low} bits: {g['avg_bits']:.2f} bits on "
-             f"average in the blocks."]
+             f"(grouped int, no training); most sensitive blocks at {spec.low} bits: {order[:3]}, least: {order[-3:]}. "
+             f"Sensitivity and search on {res.info['calib_tokens']:,} dev tokens (training texts); everything below "
+             f"on {evalset.caption(res.info['eval_set'])}.",
+             f"- Greedy search (dev budget {100 * spec.budget:.0f} % over all-{spec.high}-bit) put "
+             f"{res.info['low_blocks']} of {res.info['blocks']} blocks at {spec.low} bits"
+             + (f" (the next, block {refused['block']}, would have cost {100 * refused['calib_ppl_increase']:.1f} %)"
+                if refused else "")
+             + f": {g['avg_bits']:.2f} nominal bits in the blocks, {g['bits_per_weight_blocks']:.2f} with their "
+             f"scales, {g['bits_per_param']:.2f} bits per parameter for the whole model (embeddings and norms at 16)."]
     for r in res.rows[1:]:
-        lines.append(f"- `{r['bitmap_name']}` ({r['avg_bits']:.2f} bits): held-out perplexity {r['perplexity']:.2f}, "
-                     f"{pct(r['perplexity_ratio'])} [{pct(r['perplexity_ratio_lo'])}, {pct(r['perplexity_ratio_hi'])}] "
-                     f"vs the reference; mean KL {r['kl_mean']:.3g} [{r['kl_mean_lo']:.3g}, {r['kl_mean_hi']:.3g}], "
-                     f"same top-1 token {100 * r['top1_agreement']:.1f} %.")
-    if res.info["low_blocks"]:
-        verdict = "beats" if g["vs_random_order_real"] and g["vs_random_order"] < 1 else "does not beat"
-        lines.append(f"- At the same number of {spec.low}-bit blocks, greedy vs random order: "
-                     f"{pct(g['vs_random_order'])} [{pct(g['vs_random_order_lo'])}, {pct(g['vs_random_order_hi'])}] "
-                     f"— the search {verdict} chance by more than the interval; most-sensitive-first vs random: "
-                     f"{pct(worst['vs_random_order'])} [{pct(worst['vs_random_order_lo'])}, "
-                     f"{pct(worst['vs_random_order_hi'])}].")
+        surv = "" if r.get("perplexity_ratio_survives_bonferroni") is None else (
+            ", survives Bonferroni" if r["perplexity_ratio_survives_bonferroni"] else ", not after Bonferroni")
+        lines.append(f"- `{r['bitmap_name']}` ({r['bits_per_param']:.2f} bits/param): held-out perplexity "
+                     f"{r['perplexity']:.2f}, {pct(r['perplexity_ratio'])} [{pct(r['perplexity_ratio_lo'])}, "
+                     f"{pct(r['perplexity_ratio_hi'])}] vs the reference{surv}; mean KL {r['kl_mean']:.3g} "
+                     f"[{r['kl_mean_lo']:.3g}, {r['kl_mean_hi']:.3g}], same top-1 token "
+                     f"{100 * r['top1_agreement']:.1f} %.")
+    if g["perplexity_ratio"] is not None and g["perplexity_ratio_lo"] > 1 + spec.budget:
+        lines.append(f"- Held out, the search's bitmap costs more than its {100 * spec.budget:.0f} % dev budget "
+                     "(the whole interval is above it): the dev tokens flatter the choice.")
+    vr = res.info.get("greedy_vs_random")
+    if vr:
+        verdict = "beats" if vr["p_value"] <= 0.05 else "does not beat"
+        lines.append(f"- Against {vr['draws']} random orders with as many {spec.low}-bit blocks: "
+                     f"{vr['random_as_good_or_better']} are at least as good held out (median perplexity "
+                     f"{vr['random_perplexity_median']:.2f} vs the search's {vr['greedy_perplexity']:.2f}; "
+                     f"permutation p = {vr['p_value']:.3f}): the search {verdict} chance. "
+                     "Paired with "
+                     f"the median random order: {pct(g['vs_random_order'])} [{pct(g['vs_random_order_lo'])}, "
+                     f"{pct(g['vs_random_order_hi'])}]; most-sensitive-first {pct(worst['vs_random_order'])} "
+                     f"[{pct(worst['vs_random_order_lo'])}, {pct(worst['vs_random_order_hi'])}].")
+    m = next((r["bonferroni_comparisons"] for r in res.rows if r.get("bonferroni_comparisons")), 0)
+    if m:
+        keep = [f"{r['bitmap_name']} {k}" for r in res.rows for k in ("perplexity_ratio", "vs_random_order")
+                if r.get(f"{k}_survives_bonferroni")]
+        lines.append(f"- Multiplicity: {m} comparisons in this table; at a family-wise 5 % (Bonferroni, each interval "
+                     f"at {100 * (1 - 0.05 / m):.2f} %) these survive: {', '.join(keep) or 'none'}.")
     return "\n".join(lines + qa_lines(res))
 
 

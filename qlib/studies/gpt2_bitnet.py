@@ -560,8 +560,8 @@ def post_training_methods(cfg: Config, t: Tally, device: torch.device, out: Path
                                    cfg.ladder_methods_eval_tokens, cfg.seed)
     m = ptq_methods.run_methods(spec, device, out / "methods", STUDY, cfg.profile)
     t.rows += m.rows
-    results.write_per_example(STUDY, cfg.profile, "methods_per_token_nll", m.nll)
-    return {"calibration_settings": m.settings, "problems": m.problems, "eval_tokens": cfg.ladder_methods_eval_tokens,
+    results.write_per_example(STUDY, cfg.profile, "methods_per_token_nll", {"group": m.groups, **m.nll})
+    return {"calibration_settings": m.settings, "problems": m.problems, "eval_set": m.eval_set,
             "context": cfg.ladder_context, "per_token_nll": "methods_per_token_nll.csv.gz"}
 
 

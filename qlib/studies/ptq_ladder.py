@@ -2,8 +2,9 @@
 
 Beside 05's six training regimes (which need a model small enough to train on 2 cores, and so show only a
 method's mechanics), the ladder measures where each format breaks on a real model: SmolLM2-135M offline.
-Every rung is scored on the same held-out tokens and windows as the reference, per token, and compared with
-it by a paired bootstrap over whole windows; a unigram and a Kneser-Ney bigram give the floor.
+Every rung is scored on the shared evaluation set (`evalset`: held-out stdlib modules and BBC articles) as the
+reference, per token, and compared with it by a paired bootstrap over whole modules and articles; a unigram and a
+Kneser-Ney bigram give the floor.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import assets, data, fidelity, metrics, models, ngram, results
+from qlib import assets, evalset, fidelity, formats, metrics, models, ngram, results
 from qlib.core.errors import QlabError
 from qlib.quant import ladder
 
@@ -41,16 +42,21 @@ class LadderResult:
 
 @dataclass
 class RealLM:
-    """A real pretrained causal LM in fp32 with its tokenizer and code tokens: what the post-training studies
-    (this ladder, 06's block search) round and score."""
+    """A real pretrained causal LM in fp32 with its tokenizer, training-text tokens (calibration, count baselines)
+    and the shared evaluation set's windows: what the post-training studies (this ladder, 06's block search) round
+    and score."""
 
     asset: assets.Resolved
     data_asset: assets.Resolved
     tok: Any
     model: torch.nn.Module
     train_ids: torch.Tensor
-    eval_ids: torch.Tensor
+    eval_set: evalset.EvalSet
     device: torch.device
+
+    @property
+    def eval_ids(self) -> torch.Tensor:
+        return self.eval_set.ids.reshape(-1)
 
     def nll(self, ids: torch.Tensor, context: int) -> np.ndarray:
         """Per-token NLL over non-overlapping windows of `context` (the tokens every row is scored on)."""
@@ -67,17 +73,17 @@ class RealLM:
 
 def load_real_lm(model_id: str, dataset_id: str, context: int, train_tokens: int, eval_tokens: int,
                  device: torch.device) -> RealLM:
-    """The LLaMA-architecture model (SmolLM2 offline), its training-split tokens (about `train_tokens`) and exactly
-    `eval_tokens` held-out tokens, packed in windows of `context`."""
+    """The LLaMA-architecture model (SmolLM2 offline), `train_tokens` of the shared set's domains' training texts
+    (3 code : 1 prose) and the shared set's first eval_tokens / context windows of `context` tokens."""
     from transformers import AutoTokenizer
 
     asset = assets.resolve_model("llama-arch", model_id)
     tok = AutoTokenizer.from_pretrained(asset.path)
-    train_texts, eval_texts, data_asset = data.load_code_sft(dataset_id)
-    eval_ids = data.lm_chunks(tok, eval_texts, context, eval_tokens).reshape(-1)[:eval_tokens]
-    train_ids = data.lm_chunks(tok, train_texts, context, train_tokens).reshape(-1)
+    data_asset = assets.resolve_data("code", dataset_id)
+    shared = evalset.build(tok, context).head(max(1, eval_tokens // context))
+    train_ids = evalset.training_tokens(tok, context, train_tokens)
     model = models.load_causal_lm(asset.path, None, device, dtype=torch.float32).eval()
-    return RealLM(asset, data_asset, tok, model, train_ids, eval_ids, device)
+    return RealLM(asset, data_asset, tok, model, train_ids, shared, device)
 
 
 def run_ladder(spec: LadderSpec, device: torch.device) -> LadderResult:
@@ -88,32 +94,34 @@ def run_ladder(spec: LadderSpec, device: torch.device) -> LadderResult:
     lm = load_real_lm(spec.model_id, spec.dataset_id, spec.context, spec.train_tokens, spec.eval_tokens, device)
     original = ladder.snapshot(lm.model)
     n_params = metrics.param_counts(lm.model)["total_params"]
+    groups = lm.eval_set.token_groups()
     first, reference = lm.score(lm.eval_ids, spec.context)
     nll, fid = {"reference": first.nll}, {}
     for name in tqdm(spec.rungs, desc="post-training ladder"):
         ladder.apply(lm.model, name)
         s, _ = lm.score(lm.eval_ids, spec.context, reference)
-        nll[name], fid[name] = s.nll, fidelity.summary(s, block=spec.context - 1, seed=spec.seed)
+        nll[name], fid[name] = s.nll, fidelity.summary(s, block=spec.context - 1, seed=spec.seed, groups=groups)
         ladder.restore(lm.model, original)
     ev, tr = lm.eval_ids.numpy(), lm.train_ids.numpy()
     nll["unigram"] = ngram.Unigram(tr, len(lm.tok)).token_nll(ev, spec.context)
     nll["bigram_kn"] = ngram.KneserNeyBigram(tr, len(lm.tok)).token_nll(ev, spec.context)
     block_weights = sum(w.numel() for w in original.values())
-    rows = [{**_row(name, v, nll["reference"], spec, lm.asset.id, lm.data_asset.id, n_params, block_weights),
+    rows = [{**_row(name, v, nll["reference"], spec, lm.asset.id, n_params, block_weights, groups),
              **fid.get(name, fidelity.summary(None, 0))} for name, v in nll.items()]
-    return LadderResult(rows, nll, {"asset": lm.asset.provenance(), "data": lm.data_asset.provenance(),
-                                    "block_linear_weights": block_weights, "total_params": n_params,
-                                    "eval_tokens": int(lm.eval_ids.numel())})
+    return LadderResult(rows, {"group": groups, **nll}, {
+        "asset": lm.asset.provenance(), "data": lm.data_asset.provenance(), "eval_set": lm.eval_set.describe(),
+        "block_linear_weights": block_weights, "total_params": n_params})
 
 
-def _row(name: str, nll: np.ndarray, ref: np.ndarray, spec: LadderSpec, model_id: str, data_id: str,
-         n_params: int, block_weights: int) -> dict[str, Any]:
+def _row(name: str, nll: np.ndarray, ref: np.ndarray, spec: LadderSpec, model_id: str, n_params: int,
+         block_weights: int, groups: np.ndarray) -> dict[str, Any]:
     rung = ladder.RUNGS.get(name)
     ratio = None if name == "reference" else metrics.perplexity_ratio(ref, nll, block=spec.context - 1,
-                                                                       seed=spec.seed)
+                                                                       seed=spec.seed, groups=groups)
     kind = "count baseline" if name in ("unigram", "bigram_kn") else "post-training (no training)"
     row = results.make_row(
-        f"ptq_{name}" if rung else name, model=model_id, dataset=data_id, perplexity=float(np.exp(nll.mean())),
+        f"ptq_{name}" if rung else name, model=model_id, dataset=evalset.DATASET_ID,
+        perplexity=float(np.exp(nll.mean())), perplexity_by_domain=formats.by_domain(nll, groups),
         total_params=n_params if kind != "count baseline" else None, trainable_params=0 if rung else None,
         bits_per_quantized_weight=rung.bits_per_weight if rung else (None if kind == "count baseline" else 32.0),
         quantized_share_of_params=block_weights / n_params if rung else None, section="post-training ladder",

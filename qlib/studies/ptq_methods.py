@@ -46,6 +46,8 @@ class MethodsResult:
     nll: dict[str, np.ndarray]
     problems: list[str]
     settings: dict[str, dict[str, Any]]   # calibration setting -> what it was (source, samples, length, tokens)
+    eval_set: dict[str, Any] | None = None  # the shared set's windows scored (evalset.EvalSet.describe)
+    groups: np.ndarray | None = None        # each scored token's module or article
 
 
 def calibration(source: str, tok: Any, dataset_id: str, samples: int, length: int, seed: int) -> methods.Calibration:
@@ -72,11 +74,11 @@ def run_methods(spec: MethodsSpec, device: torch.device, out: Path, study: str, 
 
     asset = assets.resolve_model("llama-arch", spec.model_id)
     stored, tok = asset.path, AutoTokenizer.from_pretrained(asset.path)
-    _, eval_texts, data_asset = data.load_code_sft(spec.dataset_id)
+    data_asset = assets.resolve_data("code", spec.dataset_id)
     info = runmeta.RunInfo(study, profile, spec.seed, asset.id, asset.path, data_asset.id)
     src = formats_report.fp16_model(stored, out, info, tok)  # every method starts from, and is scored against, FP16
-    ids = data.lm_chunks(tok, eval_texts, spec.context, spec.eval_tokens).reshape(-1)[: spec.eval_tokens]
-    text = formats.Text(ids, spec.context, ids[:16], tok.eos_token_id, spec.seed)
+    shared = evalset.build(tok, spec.context).head(max(1, spec.eval_tokens // spec.context))
+    text = formats.Text.of(shared, tok.eos_token_id, spec.seed)
     cal = lambda source, n: calibration(source, tok, spec.dataset_id, n, spec.calib_length, spec.seed)  # noqa: E731
     main_cal = cal("code", spec.samples[0])
     kw = {"pre_tokenizer": pretrain.gguf_pre_tokenizer(stored)}
@@ -96,14 +98,16 @@ def run_methods(spec: MethodsSpec, device: torch.device, out: Path, study: str, 
                 m.method = f"{m.method}@{key}"
             main.problems += stage.problems
             ablated += stage.measured
-    rows = _rows(main.measured, ablated, spec, asset.id, str(data_asset.id), src)
-    return MethodsResult(rows, _nll(main.measured + ablated), main.problems, settings)
+    rows = _rows(main.measured, ablated, spec, asset.id, evalset.DATASET_ID, src, text.groups)
+    return MethodsResult(rows, _nll(main.measured + ablated), main.problems, settings, text.about, text.groups)
 
 
 def _rows(main: list[formats.Measured], ablated: list[formats.Measured], spec: MethodsSpec, model_id: str,
-          data_id: str, src: Path) -> list[dict[str, Any]]:
-    """formats' rows for every artifact; an ablated method also paired with its main setting's KL."""
-    rows = formats.rows(main + ablated, {}, merge.stored_params(src), model_id, data_id, spec.context, spec.seed)
+          data_id: str, src: Path, groups: np.ndarray | None) -> list[dict[str, Any]]:
+    """formats' rows for every artifact; an ablated method also paired with its main setting's KL (intervals over
+    whole `groups`)."""
+    rows = formats.rows(main + ablated, {}, merge.stored_params(src), model_id, data_id, spec.context, spec.seed,
+                        groups=groups)
     by = {m.method: m for m in main + ablated}
     for r in rows:
         base, _, setting = r["method"].partition("@")
@@ -112,7 +116,8 @@ def _rows(main: list[formats.Measured], ablated: list[formats.Measured], spec: M
         main_m, this = by.get(base), by[r["method"]]
         d = None
         if setting and main_m is not None and main_m.scores is not None and this.scores is not None:
-            d = metrics.paired_bootstrap(main_m.scores.kl, this.scores.kl, block=spec.context - 1, seed=spec.seed)
+            d = metrics.paired_bootstrap(main_m.scores.kl, this.scores.kl, block=spec.context - 1, seed=spec.seed,
+                                         groups=groups)
             d = {**d, "real": d["excludes_zero"]}
         metrics.with_difference(r, "kl_vs_main_calibration", d)
     return rows

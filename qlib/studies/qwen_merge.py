@@ -10,9 +10,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from qlib import adapters, assets, budget, data, formats, hub, merge, metrics, models, ngram, pretrain, results, runmeta
+from qlib import (adapters, assets, budget, data, evalset, formats, hub, merge, metrics, models, ngram, pretrain,
+                  results, runmeta)
 from qlib.backends import gguf
 from qlib.config import build_quantization_plan, make_config
 from qlib.core.device import pick_device, set_seed
@@ -157,21 +159,23 @@ def run(cfg: Config) -> QwenMergeResult:
     merged_dir = out / (adapter_dir.name + "_merged")
     mi = merge.merge_adapter(su.asset.path, adapter_dir, merged_dir, trained_on, su.eval_ids[:16],
                              merge.merged_meta(adapter_dir, merged_dir.name, info, trained_on, device))
-    text = formats.Text(su.eval_ids, cfg.context, su.eval_ids[:16], su.tok.eos_token_id, cfg.seed)
+    text = formats.Text.of(su.eval_set, su.tok.eos_token_id, cfg.seed)
     measured = measure_both(cfg, su, mi.path, text, out, device, info)
     merged_only = [m for m in measured if m.method in {method_name("merged")(f) for f in format_names(cfg)}]
     speeds = formats.decode(merged_only, text, device, cfg.gen_tokens, cfg.latency_repeats, cfg.timing_threads)
-    measured += formats.count_baselines(su.train_chunks, su.eval_ids, len(su.tok), cfg.context)
+    measured += formats.count_baselines(evalset.training_tokens(su.tok, cfg.context, BASELINE_TOKENS), su.eval_ids,
+                                        len(su.tok), cfg.context)
     files = {m.method: m.path for m in merged_only if m.backend == "llama.cpp"}
     tokenizer = gguf.tokenizer_agreement(files["gguf_f16"], su.tok, su.eval_texts[:64])
-    rows = formats.rows(measured, speeds, merge.stored_params(mi.path), su.asset.id, su.data_asset.id, cfg.context,
+    rows = formats.rows(measured, speeds, merge.stored_params(mi.path), su.asset.id, evalset.DATASET_ID, cfg.context,
                         cfg.seed, reference=reference_of, fp16="merged_fp16",
-                        extra={"merged_fp16": _training_cost(train)})
+                        extra={"merged_fp16": _training_cost(train)}, groups=text.groups)
     bench = benchmark(rows)
     results.write_per_example(STUDY, cfg.profile, "per_token_nll", {
         "token_id": su.eval_ids[ngram.scored_positions(su.eval_ids.numel(), cfg.context)].numpy(),
-        **{m.method: m.nll for m in measured}})
+        "group": text.groups, **{m.method: m.nll for m in measured}})
     path = write_results(cfg, su, rows, measured, device, train, benchmark=bench, tokenizer_agreement=tokenizer,
+                         adapter_kept=adapter_kept(measured, cfg, text.groups), eval_set=text.about,
                          gpu_plan=gpu_plan, merge={
                              "trained_on": mi.trained_on, "merge_base": mi.merge_base,
                              "max_abs_logit_diff_fp32": mi.max_abs_logit_diff_fp32,
@@ -180,16 +184,24 @@ def run(cfg: Config) -> QwenMergeResult:
     return QwenMergeResult(rows, results.load_metrics(path), path, train.get("losses", []), mi, bench, tokenizer)
 
 
+BASELINE_TOKENS = 200_000  # the count baselines' fitting tokens (the shared set's domains' training texts)
+
+
 @dataclass
 class Setup:
-    """The base model, its tokenizer, and the code text: training chunks and the scored tokens."""
+    """The base model, its tokenizer, the adapter's training chunks and the scored windows (the shared set's first
+    eval_tokens / context: held-out stdlib modules and BBC articles, whatever the training data)."""
 
     asset: Any
     tok: Any
     data_asset: Any
     eval_texts: list[str]
-    eval_ids: torch.Tensor
+    eval_set: evalset.EvalSet
     train_chunks: torch.Tensor
+
+    @property
+    def eval_ids(self) -> torch.Tensor:
+        return self.eval_set.ids.reshape(-1)
 
 
 def setup(cfg: Config) -> Setup:
@@ -199,8 +211,8 @@ def setup(cfg: Config) -> Setup:
     merge.require_tokenizer(asset.path)
     tok = AutoTokenizer.from_pretrained(asset.path)
     train_texts, eval_texts, data_asset = data.load_code_sft(cfg.dataset_id)
-    eval_ids = data.lm_chunks(tok, eval_texts, cfg.context, cfg.eval_tokens).reshape(-1)[: cfg.eval_tokens]
-    return Setup(asset, tok, data_asset, eval_texts, eval_ids,
+    eval_set = evalset.build(tok, cfg.context).head(max(1, cfg.eval_tokens // cfg.context))
+    return Setup(asset, tok, data_asset, eval_texts, eval_set,
                  data.lm_chunks(tok, train_texts, cfg.context, cfg.train_tokens))
 
 
@@ -240,16 +252,21 @@ def write_results(cfg: Config, su: Setup, rows: list[dict[str, Any]], measured: 
         STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows, config=asdict(cfg),
         peak_memory={"adapter": train["peak_memory"]} if train else None,
         training={k: v for k, v in train.items() if k not in ("losses", "peak_memory")} or None,
-        adapter_kept=adapter_kept(measured, cfg), definitions=DEFINITIONS,
+        definitions=DEFINITIONS,
         perplexity_window={"context": cfg.context, "stride": cfg.context, "scored_tokens": int(measured[0].nll.size),
                            "same windows in every row": True}, readme=README, **extra)
 
 
-def adapter_kept(measured: list[formats.Measured], cfg: Config) -> dict[str, dict[str, float]]:
-    """Per format, the share of the adapter's gain that survives quantization: (NLL of the base in that format -
-    NLL of the merged model in it) / (the same difference at FP16 in the same runtime), with a 95 % bootstrap
-    interval over windows. 1: the format keeps the fine-tune; 0: it rounds it away."""
+def adapter_kept(measured: list[formats.Measured], cfg: Config, groups: np.ndarray | None = None
+                 ) -> dict[str, dict[str, Any]]:
+    """Per merged format, how much of the adapter survives, each with a 95 % interval over whole units (`groups`,
+    else windows): `in_format`, (NLL of the base in that format - NLL of the merged model in it) / (the same at FP16,
+    same runtime); `vs_fp16_base`, (NLL of the FP16 base - NLL of the merged format) / (the same for the merged FP16):
+    what a user who ships the merged format instead of the unquantized base keeps (1: all, 0: none, below 0: worse
+    than no adapter); `ppl_vs_fp16_base`, the merged format's perplexity over the FP16 base's (`_real`: the interval
+    excludes 1)."""
     by = {m.method: m for m in measured}
+    boot = dict(block=cfg.context - 1, seed=cfg.seed, groups=groups)
     out = {}
     for m in measured:
         base = by.get("base" if m.method == "merged_fp16" else f"base_{m.method}")
@@ -257,9 +274,16 @@ def adapter_kept(measured: list[formats.Measured], cfg: Config) -> dict[str, dic
             continue
         ref, ref_base = (by["merged_fp16"], by["base"]) if m.backend == "transformers" else \
             (by["gguf_f16"], by["base_gguf_f16"])
-        out[m.method] = metrics.bootstrap_ratio(base.nll - m.nll, ref_base.nll - ref.nll, block=cfg.context - 1,
-                                                seed=cfg.seed)
+        gain = ref_base.nll - ref.nll
+        row = _flat("in_format", metrics.bootstrap_ratio(base.nll - m.nll, gain, **boot))
+        row |= _flat("vs_fp16_base", metrics.bootstrap_ratio(ref_base.nll - m.nll, gain, **boot))
+        ppl = metrics.perplexity_ratio(ref_base.nll, m.nll, **boot)
+        out[m.method] = row | _flat("ppl_vs_fp16_base", ppl) | {"ppl_vs_fp16_base_real": ppl["real"]}
     return out
+
+
+def _flat(key: str, d: dict[str, Any]) -> dict[str, float]:
+    return {key: d["ratio"], f"{key}_lo": d["lo"], f"{key}_hi": d["hi"]}
 
 
 DEFINITIONS = {**formats.DEFINITIONS,
@@ -327,6 +351,30 @@ def _pct(r: dict[str, Any] | None) -> str:
             f"{100 * (r['perplexity_ratio_hi'] - 1):+.2f}]" + ("" if r["perplexity_ratio_real"] else " (within noise)"))
 
 
+def _ci(k: dict[str, Any], key: str, digits: int = 2) -> str:
+    return f"{k[key]:.{digits}f} [{k[key + '_lo']:.{digits}f}, {k[key + '_hi']:.{digits}f}]"
+
+
+def advice(kept: dict[str, dict[str, Any]]) -> list[str]:
+    """What the intervals allow a user to conclude, against shipping the unquantized base without the adapter."""
+    shipped = {m: k for m, k in kept.items() if m not in ("merged_fp16", "gguf_f16")}
+    better = [m for m, k in shipped.items() if k["ppl_vs_fp16_base_hi"] < 1]
+    unclear = [m for m, k in shipped.items() if k["ppl_vs_fp16_base_lo"] <= 1 <= k["ppl_vs_fp16_base_hi"]]
+    worse = [m for m, k in shipped.items() if k["ppl_vs_fp16_base_lo"] > 1]
+    tick = lambda ms: ", ".join(f"`{m}` ({_ci(shipped[m], 'ppl_vs_fp16_base', 3)})" for m in ms)  # noqa: E731
+    out = []
+    if better:
+        out.append(f"- Better than shipping the FP16 base without the adapter (perplexity ratio to it, 95 % CI below "
+                   f"1): {tick(better)}.")
+    if unclear:
+        out.append(f"- Not distinguishable from the FP16 base without the adapter (the interval holds 1): "
+                   f"{tick(unclear)}: on these tokens the quantization costs about what the adapter gains.")
+    if worse:
+        out.append(f"- Worse than the FP16 base without the adapter: {tick(worse)}: ship this fine-tune in a wider "
+                   "format than these.")
+    return out
+
+
 def findings(res: QwenMergeResult) -> str:
     """Markdown findings from this run's numbers; a difference is called real only when its interval excludes 0."""
     m, b, t = res.merge, res.benchmark, res.tokenizer
@@ -352,22 +400,20 @@ def findings(res: QwenMergeResult) -> str:
         lines.append("- Count baselines on the same tokens: " + ", ".join(
             f"{r['method']} {r['perplexity']:.1f}" for r in floor) + ".")
     lines.append("- Each shipped format (merged model): perplexity vs the FP16 of its runtime; the same format "
-                 "applied to the base before the adapter; the share of the adapter's gain it keeps; decode speed:")
+                 "applied to the base before the adapter; the share of the adapter's gain it keeps inside the format "
+                 "and against the unquantized base (what a user shipping it instead of the FP16 base gets); decode:")
     for r in res.rows:
         if r["backend"] == "counts" or r["method"].startswith("base") or r["method"] in ("merged_fp16", "gguf_f16"):
             continue
         k = kept.get(r["method"])
-        keep = f"keeps {k['ratio']:.2f} [{k['lo']:.2f}, {k['hi']:.2f}] of the adapter's gain" if k else ""
+        keep = (f"keeps {_ci(k, 'in_format')} of the adapter's gain inside the format, {_ci(k, 'vs_fp16_base')} "
+                "against the FP16 base") if k else ""
         lines.append(f"  - `{r['method']}` ({r['backend']}; {r['size_bytes'] / 2**20:.1f} MiB, "
                      f"{r['bits_per_param']:.2f} "
                      f"bits/param, {r['bits_per_quantized_weight']:.2f} bits/quantized weight): {_pct(r)}; on the base "
                      f"{_pct(by.get('base_' + r['method']))}; {keep}; decode "
                      f"{r['decode_vs_fp16_same_runtime']:.2f}x FP16.")
-    lost = [k for k, v in kept.items() if v["hi"] < 0.5]
-    if lost:
-        lines.append(f"- {', '.join(f'`{k}`' for k in lost)} round most of the adapter away: the base was shipped on "
-                     "that grid, so re-rounding the merged weights snaps them back toward the base (the same format "
-                     "costs the base itself almost nothing). Ship such a fine-tune in another format.")
+    lines += advice(kept)
     if b.get("evaluated"):
         q8, q41 = b["q8_0_perplexity_ratio_base"], b.get("q4_1_control_base")
         lines.append(f"- Bar (the base model as loaded): Q4_0 decode {b['q4_0_decode_speedup']:.2f}x F16 "

@@ -65,16 +65,18 @@ class Config:
     block_high: int = 8
     block_budget: float = 0.05      # block search: largest calibration perplexity increase over all-`high`
     block_context: int = 256
-    block_calib_tokens: int = 1024
-    block_eval_tokens: int = 4096
+    block_calib_tokens: int = 4096  # block search: its dev tokens (training texts), never the reported ones
+    block_eval_tokens: int = 4096   # the shared evaluation set's first block_eval_tokens / block_context windows
     block_qa_questions: int = 120   # held-out cloze questions per bitmap on the real model (0: skip)
+    block_random_orders: int = 20   # the search's control distribution (its percentile among them)
     device: str = "auto"
 
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model_id="gpt2-stdlib-tiny", steps=2, batch_size=4, lora_rank=2, n_eval=6, n_calib=4,
                   max_new_tokens=3, latency_repeats=1, block_model_id="llama-stdlib-tiny", block_context=64,
-                  block_calib_tokens=256, block_eval_tokens=512, block_qa_questions=6),
+                  block_calib_tokens=256, block_eval_tokens=512, block_qa_questions=6,
+                  block_random_orders=3),
     "default": {},
     # 7 training runs (3 styles + 4 single widths) of fp32 fake quantization on a T4: 300 steps of 8 x 384
     # tokens keep each run to minutes and the peak near 7 GiB (16 x 1024 would need ~30 GiB)
@@ -456,7 +458,7 @@ def run_blocks(cfg: Config, device: torch.device) -> tuple[Any, Any] | None:
     spec = block_precision.BlockSearchSpec(cfg.block_model_id, "stdlib-code", cfg.block_low, cfg.block_high,
                                            cfg.block_budget, cfg.block_context,
                                            cfg.block_calib_tokens, cfg.block_eval_tokens, cfg.seed,
-                                           cfg.block_qa_questions)
+                                           cfg.block_qa_questions, random_orders=cfg.block_random_orders)
     res = block_precision.run_block_search(spec, device)
     results.write_per_example(STUDY, cfg.profile, "block_search_per_token_nll", res.nll)
     if res.qa_answers:

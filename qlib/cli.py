@@ -293,7 +293,7 @@ def _formats_parser(sub: Any) -> None:
     f.add_argument("--eval-tokens", type=int, default=4096,
                    help="tokens scored; on the default dataset, the shared evaluation set's first eval-tokens/context "
                         "windows (held-out stdlib modules and BBC News articles, 3:1; 32768 = all 128)")
-    f.add_argument("--gen-tokens", type=int, default=64, help="decode length (transformers decodes half)")
+    f.add_argument("--gen-tokens", type=int, default=32, help="decode length (transformers decodes half)")
     f.add_argument("--repeats", type=int, default=3, help="interleaved decode repeats (median)")
     f.add_argument("--threads", type=int, default=1, help="decode threads (1: spinning workers collapse on a busy CPU)")
     f.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]: the PyTorch formats' device")

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from qlib import evalset, fidelity, merge, methods, metrics, models, ngram, results, runmeta
 from qlib.backends import gguf
 from qlib.core.errors import QlabError
+from qlib.core.io import atomic_dir
 
 # LLM.int8 on CPU casts fp32 inputs to fp16 and says so on every matmul
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
@@ -100,6 +101,19 @@ class Stage:
     problems: list[str]
     reference: fidelity.Reference | None = None   # the FP16 row's top-k view of every scored token
     made: dict[str, Path] = field(default_factory=dict)  # artifact of every format made so far, by registry name
+
+
+def fp16_model(src: str, out: Path, info: runmeta.RunInfo, tok: Any) -> Path:
+    """The model stored as FP16 under its run name: the fp16 row and the source of every other format (every study
+    that measures formats starts here, so the same model gives the same rows in `formats`, 05 and 08)."""
+    name = info.name("PTQ", "none", "fp16", 16, "fp16")
+    model = models.load_causal_lm(src, None, torch.device("cpu"), dtype=torch.float16)
+    with atomic_dir(out / name) as tmp:
+        model.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        runmeta.write_meta(tmp, info.meta(name, "fp16", "model", "fp16", stored_dtype="fp16", source=src))
+    return out / name
 
 
 def measure(src: str | Path, formats: Iterable[str], out: Path, text: Text, device: torch.device,

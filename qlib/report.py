@@ -62,7 +62,18 @@ def collect(profile: str = "default", skipped: list[str] | None = None) -> list[
 
 
 def _readme(doc: dict[str, Any]) -> dict[str, Any]:
-    return doc.get("readme") or {}
+    """A run's README block, its published references as the study words them now (a citation, not a result: a
+    corrected wording needs no re-run)."""
+    from qlib import studies
+
+    block = dict(doc.get("readme") or {})
+    try:
+        current = getattr(studies.study(str(doc.get("study", ""))), "README", None)
+    except QlabError:
+        return block
+    if current:
+        block["published"] = current.get("published", {})
+    return block
 
 
 def cross_tables(docs: list[dict[str, Any]]) -> dict[str, list[tuple[str, str]]]:
@@ -121,10 +132,10 @@ def write_summary(profile: str = "default", skipped: list[str] | None = None) ->
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 def _speed(r: dict[str, Any]) -> str:
-    if r.get("speedup_vs_fp32") is not None:
-        return f"{r['speedup_vs_fp32']:.2f}×"
+    if r.get("speedup_vs_fp32") is not None:  # against the FP32 model of the same runtime (`speed_reference`)
+        return f"{r['speedup_vs_fp32']:.2f}× vs {r.get('speed_reference') or 'fp32'}"
     if r.get("decode_vs_fp16_same_runtime") is not None:  # deploy formats: vs the FP16 of the same runtime
-        return f"{r['decode_vs_fp16_same_runtime']:.2f}× vs FP16 ({r.get('backend')})"
+        return f"{r['decode_vs_fp16_same_runtime']:.2f}× vs {r.get('speed_reference') or 'FP16'} ({r.get('backend')})"
     return "–"
 
 
@@ -229,7 +240,7 @@ HEADLINE = (
     ("05_gpt2_bitnet", "gptq_w4", "GPTQ 4-bit on SmolLM2-135M"),
     ("05_gpt2_bitnet", "hqq_w4", "HQQ 4-bit on SmolLM2-135M (no calibration data)"),
     ("05_gpt2_bitnet", "gguf_q4_0_imat", "GGUF Q4_0 + qlib's importance matrix on SmolLM2-135M"),
-    ("05_gpt2_bitnet", "gptq_w4@prose128", "GPTQ 4-bit calibrated on prose, scored on code"),
+    ("05_gpt2_bitnet", "gptq_w4@prose128", "GPTQ 4-bit calibrated on prose (BBC News), scored on the shared set"),
     ("08_qwen_merge_gguf", "bnb_nf4", "LoRA-merged SmolLM2 in bitsandbytes NF4"),
     ("08_qwen_merge_gguf", "gguf_q4_k_m", "LoRA-merged SmolLM2 in GGUF Q4_K_M"),
 )

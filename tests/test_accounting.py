@@ -192,5 +192,7 @@ def test_the_7b_projection_takes_the_h100_gap_additively_and_no_cpu_factor():
         assert abs(p["h100_gap_bytes"]) < 0.15 * measured
     assert by["full"]["corrected_bytes"] is None  # no measured peak for full fine-tuning
     assert by["qlora"]["fits_t4_corrected"] and by["qlora"]["cpu_fit_bytes"] == 1e12  # the CPU fit shown, not applied
+    for p in by.values():  # a fit keeps `plan`'s margin: 85 % of the 15 GiB a T4 gives, not all of it
+        assert p["fits_t4"] == (p["accounting_bytes"] <= 0.85 * 15 * 2**30)
     other = llama_scaling.projection_7b(dataclasses.replace(cfg, lora_rank=8), {})
     assert all(p["corrected_bytes"] is None for p in other)  # another recipe than the measured one: no correction

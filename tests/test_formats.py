@@ -3,6 +3,7 @@ and measured; the numbers agree with what each file is; bad input is one line an
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -231,3 +232,27 @@ def test_on_cuda_the_pytorch_formats_run_on_the_gpu(tiny_qwen):
     assert {by[k]["inference_peak_mem_source"] for k in ("fp16", "bnb_int8", "bnb_nf4")} == {"cuda_max_allocated"}
     assert by["gguf_q4_0"]["inference_peak_mem_source"] == "cpu_rss_delta"  # llama.cpp: the CPU build
     assert rep.doc["env"]["device"].startswith("cuda") and abs(by["bnb_nf4"]["perplexity_ratio"] - 1) < 0.2
+
+
+def test_study_08_base_rows_are_the_commands_rows_on_the_same_model(tiny_qwen, root):
+    """08's base model in a format and `python -m qlib formats` of the same model are one measurement: the same
+    FP16 start, windows and scorer give the same numbers to the last digit (they drifted apart when 08 started from
+    the FP32 folder)."""
+    from transformers import AutoTokenizer
+
+    from qlib import assets, evalset, runmeta
+    from qlib.studies import qwen_merge
+
+    rep = _run(tiny_qwen, formats=("bnb_nf4", "gguf_q4_0"))
+    cfg = qwen_merge.config("smoke", model_id=str(tiny_qwen), context=64, eval_tokens=512, gguf_types=("q4_0",))
+    tok = AutoTokenizer.from_pretrained(tiny_qwen)
+    s = evalset.build(tok, 64).head(8)
+    su = qwen_merge.Setup(assets.resolve_model("qwen-arch", str(tiny_qwen)), tok, None, [], s, torch.zeros(1))
+    info = runmeta.RunInfo("08_qwen_merge_gguf", "smoke", 0, "tiny", str(tiny_qwen), "stdlib-code")
+    got = qwen_merge.measure_both(cfg, su, tiny_qwen, formats.Text.of(s, tok.eos_token_id, 0), root / "out",
+                                  torch.device("cpu"), info)
+    by = {m.method: m for m in got}
+    cmd = {r["method"]: r for r in rep.rows}
+    for fmt, row in (("fp16", "base"), ("bnb_nf4", "base_bnb_nf4"), ("gguf_q4_0", "base_gguf_q4_0")):
+        assert float(np.exp(by[row].nll.mean())) == cmd[fmt]["perplexity"], fmt
+    assert by["base_bnb_nf4"].scores.kl.mean() == cmd["bnb_nf4"]["kl_mean"]

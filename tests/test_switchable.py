@@ -247,3 +247,18 @@ def test_the_search_budgets_the_named_metric(model):
     assert [r["width"] for r in rows if r["accepted"]] == [None, 4, 4] and rows[1]["drop"] == pytest.approx(0.05)
     with pytest.raises(QlabError, match="search metric 'accuracy' is not among the scores"):
         search.greedy_search(model, sens, lambda bm: {"f1": 0.5}, 0.02, [1, 1], metric="accuracy")
+
+
+def test_the_search_has_its_own_dev_questions_held_out_of_training_and_of_the_report():
+    from qlib.studies import switchable as study
+
+    cfg = study.config("smoke", n_dev=7)
+    _, _, data = study.load_setup(cfg)
+    ids = lambda exs: {e.id for e in exs}  # noqa: E731
+    assert len(data.dev_examples) == len(data.dev_items) == 7
+    assert not ids(data.dev_examples) & ids(data.train_examples)
+    assert not ids(data.dev_examples) & ids(data.eval_examples)
+    assert len(data.train) == len(data.train_examples)
+    dev = data.dev()
+    assert dev.eval_examples == data.dev_examples and dev.train_examples == data.train_examples
+    assert study.load_setup(cfg)[2].dev_examples == data.dev_examples  # drawn with the seed

@@ -37,26 +37,32 @@ def _linears(model: torch.nn.Module, skip: tuple[str, ...]) -> dict[str, torch.n
 
 
 def collect(model: torch.nn.Module, windows: Iterable[torch.Tensor], device: str | torch.device = "cpu",
-            skip: tuple[str, ...] = ("lm_head",), min_rows: int = 16) -> dict[str, Stat]:
+            skip: tuple[str, ...] = ("lm_head",), min_rows: int = 16, batch: int = 4) -> dict[str, Stat]:
     """Run `windows` (1-D token tensors) through the model and return `<module>.weight` -> Stat. Windows shorter
-    than `min_rows` tokens are skipped, as llama-imatrix skips matrix products of fewer than 16 rows."""
+    than `min_rows` tokens are skipped, as llama-imatrix skips matrix products of fewer than 16 rows; windows of one
+    length go `batch` at a time (each row's statistic is its own: batching only saves time)."""
     stats: dict[str, Stat] = {}
 
     def hook(name: str):
         def fn(_m: torch.nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
-            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
             s = stats.setdefault(f"{name}.weight", Stat(np.zeros(x.shape[-1]), 0))
-            s.in_sum2 += (x * x).sum(0).cpu().numpy()
+            s.in_sum2 += (x * x).sum(0).double().cpu().numpy()
             s.count += x.shape[0]
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in _linears(model, skip).items()]
     body = getattr(model, "base_model", model)  # the blocks without the LM head: its logits are not needed
+    kept = [w.reshape(-1) for w in windows if w.numel() >= min_rows]
+    groups = [kept[i:i + batch] for i in range(0, len(kept), batch)]
     try:
         with torch.no_grad():
-            for w in tqdm(list(windows), desc="importance matrix", leave=False):
-                if w.numel() >= min_rows:
-                    body(input_ids=w.reshape(1, -1).to(device))
+            for group in tqdm(groups, desc="importance matrix", leave=False):
+                if len({w.numel() for w in group}) == 1:
+                    body(input_ids=torch.stack(group).to(device))
+                else:
+                    for w in group:
+                        body(input_ids=w.reshape(1, -1).to(device))
     finally:
         for h in handles:
             h.remove()

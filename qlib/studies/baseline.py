@@ -246,7 +246,9 @@ def findings(res: BaselineResult) -> str:
         lines.append(f"- **Seeds**: the same fine-tune from {r['n_seeds']} seeds (head initialisation and data order) "
                      f"scores {results.seed_spread_text(r, 'accuracy')} (values "
                      f"{', '.join(f'{v:.3f}' for v in r['accuracy_seed_values'])}); the saved model is the first.")
-    lines.append(f"- **Latency** ({res.doc['env']['device']}, {res.doc['env']['threads']} threads, "
+    n = r.get("timing_threads")
+    threads = f"{n} thread{'s' if n != 1 else ''}, " if n else ""
+    lines.append(f"- **Latency** ({res.doc['env']['device']}, {threads}"
                  f"seq {res.doc['config']['max_length']}): batch 1 {r['latency_ms']:.1f} ms, batch 8 "
                  f"{r['latency_ms_b8']:.1f} ms (medians). "
                  + ("Absolute" if r["accuracy"] is None else "These are the FP32 references that the PTQ/QAT/QLoRA "

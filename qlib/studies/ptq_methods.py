@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qlib import assets, data, evalset, formats, formats_report, merge, methods, metrics, pretrain, runmeta
+from qlib import assets, data, evalset, formats, merge, methods, metrics, pretrain, runmeta
 from qlib.core.errors import QlabError
 
 SOURCES = ("code", "prose")   # the dataset's train split (stdlib code) | BBC News articles
@@ -76,7 +76,7 @@ def run_methods(spec: MethodsSpec, device: torch.device, out: Path, study: str, 
     stored, tok = asset.path, AutoTokenizer.from_pretrained(asset.path)
     data_asset = assets.resolve_data("code", spec.dataset_id)
     info = runmeta.RunInfo(study, profile, spec.seed, asset.id, asset.path, data_asset.id)
-    src = formats_report.fp16_model(stored, out, info, tok)  # every method starts from, and is scored against, FP16
+    src = formats.fp16_model(stored, out, info, tok)  # every method starts from, and is scored against, FP16
     shared = evalset.build(tok, spec.context).head(max(1, spec.eval_tokens // spec.context))
     text = formats.Text.of(shared, tok.eos_token_id, spec.seed)
     cal = lambda source, n: calibration(source, tok, spec.dataset_id, n, spec.calib_length, spec.seed)  # noqa: E731

@@ -23,7 +23,9 @@ from qlib.studies.ptq import baseline_settings
 from qlib.train import finetune, predict, seed_column, seeds
 
 STUDY = "04_qlora_bert"
-README = results.readme_block(published={"qlora": "NF4+DQ: 4.127 bits/param (Dettmers et al. 2023, QLoRA)"},
+README = results.readme_block(published={"qlora": "NF4+DQ stores 4.127 bits per quantized weight (Dettmers et al. "
+                                                   "2023, QLoRA): compare with bits_per_quantized_weight, not "
+                                                   "bits/param (embeddings and head stay 32-bit here)"},
                               summary_tables={baseline.BERT_TABLE: ["qlora"]},
                               gpu_pairs=[("qlora", "fp32", "01_baseline")])  # on the CPU, 01 ran the FP32 fine-tune
 

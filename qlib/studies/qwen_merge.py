@@ -231,8 +231,8 @@ def get_adapter(cfg: Config, su: Setup, out: Path, device: torch.device, info: r
 def measure_both(cfg: Config, su: Setup, merged: Path, text: formats.Text, out: Path, device: torch.device,
                  info: runmeta.RunInfo) -> list[formats.Measured]:
     """The base and the merged model in every format, each reloaded in its runtime and scored on the same text."""
-    measured = []
-    for stage, src in (("base", Path(su.asset.path)), ("merged", merged)):
+    measured, base = [], formats.fp16_model(su.asset.path, out / "base", info, su.tok)  # as `formats` starts
+    for stage, src in (("base", base), ("merged", merged)):
         got = formats.measure(src, format_names(cfg), out, text, device, info, name=method_name(stage),
                               peft=knobs(cfg).token() if stage == "merged" else "none",  # the base: not fine-tuned
                               keep_lm_head=cfg.keep_lm_head_fp16,

@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass
+import random
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,8 @@ class Config:
     budget: float = 0.02            # greedy search: largest drop (0..1) of the metric (accuracy or F1)
                                     # vs full precision
     search_style: str = "instantnet"
-    n_eval: int | None = None       # eval questions (None: all)
+    n_eval: int | None = None       # eval questions (None: all): reported, never searched on
+    n_dev: int = 200                # training questions held out of training: the greedy search's dev set
     n_calib: int = 32
     max_new_tokens: int = 8
     max_len: int | None = None      # prompt + answer tokens (None: the model's context); contexts are cut to fit
@@ -73,7 +75,7 @@ class Config:
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(model_id="gpt2-stdlib-tiny", steps=2, batch_size=4, lora_rank=2, n_eval=6, n_calib=4,
+    "smoke": dict(model_id="gpt2-stdlib-tiny", steps=2, batch_size=4, lora_rank=2, n_eval=6, n_dev=6, n_calib=4,
                   max_new_tokens=3, latency_repeats=1, block_model_id="llama-stdlib-tiny", block_context=64,
                   block_calib_tokens=256, block_eval_tokens=512, block_qa_questions=6,
                   block_random_orders=3),
@@ -169,6 +171,13 @@ class QAData:
     eval_items: list[Item]
     asset: assets.Resolved
     dropped: int
+    dev_examples: list[qa.QAExample] = field(default_factory=list)  # held out of training: what the search sees
+    dev_items: list[Item] = field(default_factory=list)
+
+    def dev(self) -> QAData:
+        """The same data with the dev questions in the evaluation's place (the search scores these, never the
+        reported ones)."""
+        return replace(self, eval_examples=self.dev_examples, eval_items=self.dev_items)
 
     @property
     def multiple_choice(self) -> bool:
@@ -181,12 +190,17 @@ class QAData:
 
 
 def load_data(cfg: Config, tok: Any, max_len: int) -> QAData:
+    """Train, dev (`n_dev` training questions drawn with the seed and held out of training) and eval questions,
+    encoded to fit `max_len`."""
     train_ex, eval_ex, asset = qa.load_qa(cfg.dataset_id)
     enc = lambda exs: [(e, encode(e, tok, max_len, cfg.max_new_tokens)) for e in exs]  # noqa: E731
     train = [(e, x) for e, x in enc(train_ex) if x is not None]
+    dev_at = set(random.Random(cfg.seed).sample(range(len(train)), min(cfg.n_dev, len(train) // 5)))
+    dev = [p for i, p in enumerate(train) if i in dev_at]
+    train = [p for i, p in enumerate(train) if i not in dev_at]
     ev = [(e, x) for e, x in enc(eval_ex) if x is not None][: cfg.n_eval]
     return QAData([x for _, x in train], [e for e, _ in train], [e for e, _ in ev], [x for _, x in ev], asset,
-                  len(train_ex) - len(train))
+                  len(train_ex) - len(train) - len(dev), [e for e, _ in dev], [x for _, x in dev])
 
 
 def load_setup(cfg: Config) -> tuple[assets.Resolved, Any, QAData]:
@@ -416,16 +430,22 @@ def _selfgen_differences(rows: list[dict[str, Any]], answers: dict[str, list[str
 
 def _search(model: Any, tok: Any, data: QAData, cfg: Config, device: torch.device, sens: dict[str, Any],
             base: dict[str, Any], answers: dict[str, list[str]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Greedy search under the budget; the best bitmap's answers saved and compared with the baselines."""
-    bar = tqdm(desc="greedy search (evaluations)")
+    """Greedy search under the budget on the dev questions; the chosen bitmap then answers the reported questions
+    (its `dev_*` keys: what the search saw), compared with full precision and the baselines there."""
+    bar = tqdm(desc="greedy search on dev (evaluations)")
+    dev = data.dev()
 
     def score(bitmap: list[int]) -> dict[str, float]:
         bar.update(1)
-        return evaluate(model, tok, data, bitmap, cfg, device)
+        return evaluate(model, tok, dev, bitmap, cfg, device)
     rows = search.greedy_search(model, sens, score, cfg.budget, model.block_params(), data.metric)
     bar.close()
-    best = dict(search.best_bitmap(rows))
-    answers["best_bitmap"] = predict(model, tok, data, best["bitmap"], cfg, device)
+    chosen = search.best_bitmap(rows)
+    answers["best_bitmap"] = predict(model, tok, data, chosen["bitmap"], cfg, device)
+    held, fp = scores(answers["best_bitmap"], data), evaluate(model, tok, data, max(model.widths), cfg, device)
+    best = {"bitmap": chosen["bitmap"], "avg_bits": chosen["avg_bits"], **held,
+            "drop": fp[data.metric] - held[data.metric], "n_dev": len(dev.eval_examples),
+            **{f"dev_{k}": chosen[k] for k in (data.metric, "drop")}}
     model.set_config(max(model.widths))
     for ref in ("majority", "heuristic") if data.multiple_choice else ():
         metrics.with_difference(best, f"accuracy_diff_vs_{ref}",
@@ -502,9 +522,10 @@ def findings(res: SwitchableResult) -> str:
             lines.append("- Trained on the FP model's own completions (LLM-QAT) minus trained on the gold sentences, "
                          "same style and steps: " + "; ".join(diffs) + ".")
     b = res.best
-    lines.append(f"- Greedy search (budget: {metric} drop <= {res.doc['config']['budget']}): "
-                 f"best bitmap `{b['bitmap']}` "
-                 f"= {b['avg_bits']:.1f} average bits at {metric} {b[metric]:.3f} (drop {b['drop']:+.3f})"
+    lines.append(f"- Greedy search on {b['n_dev']} dev questions held out of training (budget: {metric} drop <= "
+                 f"{res.doc['config']['budget']}; there {b['dev_' + metric]:.3f}, drop {b['dev_drop']:+.3f}): "
+                 f"bitmap `{b['bitmap']}` = {b['avg_bits']:.1f} average bits; on the reported questions {metric} "
+                 f"{b[metric]:.3f} (drop {b['drop']:+.3f} from full precision)"
                  + (f"; vs the majority answer {results.points_interval(b, 'accuracy_diff_vs_majority')}, "
                     f"vs the heuristic {results.points_interval(b, 'accuracy_diff_vs_heuristic')}."
                     if metric == "accuracy" else "."))
@@ -562,8 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "sensitivity":
         print(json.dumps(sens, indent=2))
         return 0
-    rows = search.greedy_search(model, sens, lambda bm: evaluate(model, tok, data, bm, cfg, device), cfg.budget,
-                                model.block_params(), data.metric)
+    rows = search.greedy_search(model, sens, lambda bm: evaluate(model, tok, data.dev(), bm, cfg, device),
+                                cfg.budget, model.block_params(), data.metric)
     print(_csv(rows))
     print(json.dumps(search.best_bitmap(rows)))
     return 0

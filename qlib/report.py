@@ -62,18 +62,7 @@ def collect(profile: str = "default", skipped: list[str] | None = None) -> list[
 
 
 def _readme(doc: dict[str, Any]) -> dict[str, Any]:
-    """A run's README block, its published references as the study words them now (a citation, not a result: a
-    corrected wording needs no re-run)."""
-    from qlib import studies
-
-    block = dict(doc.get("readme") or {})
-    try:
-        current = getattr(studies.study(str(doc.get("study", ""))), "README", None)
-    except QlabError:
-        return block
-    if current:
-        block["published"] = current.get("published", {})
-    return block
+    return doc.get("readme") or {}
 
 
 def cross_tables(docs: list[dict[str, Any]]) -> dict[str, list[tuple[str, str]]]:
@@ -278,7 +267,7 @@ FORMATS_START, FORMATS_END = "<!-- formats:start -->", "<!-- formats:end -->"
 
 def formats_readme() -> str:
     """Each `python -m qlib formats` run kept under results/formats/: what ran, where, and its table."""
-    from qlib import formats_report
+    from qlib import evalset, formats_report
     from qlib.formats import DEFAULT_FORMATS, parse_formats, table
 
     parts = []
@@ -291,8 +280,10 @@ def formats_readme() -> str:
                          if c.get(k) not in (None, getattr(formats_report.Config, k)))
         if c.get("formats") and tuple(c["formats"]) != parse_formats(DEFAULT_FORMATS):
             flags += " --formats " + ",".join(f for f in c["formats"] if f not in parse_formats(()))
-        parts += [f"`python -m qlib formats {c['model']}{flags}`: "
-                  f"{w['scored_tokens']} scored tokens of {d['assets']['data']['id']} in windows of {w['context']}; "
+        scored = (evalset.caption(d["eval_set"]) if d.get("eval_set") else
+                  f"{w['scored_tokens']} scored tokens of {d['assets']['data']['id']} in windows of {w['context']} "
+                  "(the earlier protocol: consecutive held-out windows, intervals over windows)")
+        parts += [f"`python -m qlib formats {c['model']}{flags}`: {scored}; "
                   f"decode {c['gen_tokens']} new tokens (transformers half), {c['repeats']} interleaved repeats on "
                   f"{c['timing_threads']} thread(s); {env['device']}, {env.get('cpu')}{took}."
                   + "".join(f" Not measured: {x}." for x in d.get("problems") or []), "", table(d["rows"]), ""]

@@ -60,3 +60,19 @@ def test_ladder_on_a_tiny_llama_scores_every_rung_on_the_same_tokens():
     again = ptq_ladder.run_ladder(spec, torch.device("cpu"))
     assert [r["perplexity"] for r in again.rows] == [r["perplexity"] for r in res.rows]  # same seed, same numbers
 
+
+
+def test_the_reference_has_one_perplexity_in_the_ladder_and_in_formats(tmp_path, monkeypatch):
+    """05's ladder (and 06's block search, which loads the same way) and `python -m qlib formats` score the same
+    FP16 model on the same shared-set windows: one perplexity, to the last digit."""
+    from qlib import formats_report
+    from qlib.studies import ptq_ladder
+
+    monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
+    lad = ptq_ladder.run_ladder(ptq_ladder.LadderSpec("llama-stdlib-tiny", "stdlib-code", ("int8",), 64, 512, 5000),
+                                torch.device("cpu"))
+    rep = formats_report.run(formats_report.Config(model="llama-stdlib-tiny", formats=(), context=64, eval_tokens=512,
+                                                   gen_tokens=2, repeats=1, baseline_tokens=5000))
+    ref = next(r for r in lad.rows if r["method"] == "reference")
+    fp16 = next(r for r in rep.rows if r["method"] == "fp16")
+    assert ref["perplexity"] == fp16["perplexity"] and ref["perplexity_by_domain"] == fp16["perplexity_by_domain"]

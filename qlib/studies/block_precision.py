@@ -198,7 +198,8 @@ def _row(name: str, bitmap: list[int], held: dict[str, np.ndarray], params: dict
     (paired, whole modules and articles resampled)."""
     block = spec.context - 1
     total = sum(params.values())
-    stored = {b: bits if bits >= 32 else bits + 16 / ladder.GROUP for b, bits in enumerate(bitmap)}  # + fp16 scales
+    # + an fp16 scale per group; a block left at full precision holds the FP16 weights every study starts from
+    stored = {b: 16 if bits >= 32 else bits + 16 / ladder.GROUP for b, bits in enumerate(bitmap)}
     vs_ref = None if name == "reference" else metrics.perplexity_ratio(held["reference"], held[name], block, spec.seed,
                                                                        groups)
     vs_rnd = metrics.perplexity_ratio(held["random_order"], held[name], block, spec.seed, groups) \
@@ -207,7 +208,7 @@ def _row(name: str, bitmap: list[int], held: dict[str, np.ndarray], params: dict
     row = {"bitmap_name": name, "bitmap": ",".join(map(str, bitmap)),
            "avg_bits": sum(min(bits, 32) * params[b] for b, bits in enumerate(bitmap)) / total,
            "bits_per_weight_blocks": block_bits / total,
-           "bits_per_param": (block_bits + other * (32 if name == "reference" else 16)) / (total + other),
+           "bits_per_param": (block_bits + other * 16) / (total + other),
            "perplexity": float(np.exp(held[name].mean())),
            "perplexity_by_domain": formats.by_domain(held[name], groups)}
     metrics.with_difference(row, "perplexity_ratio", vs_ref, value="ratio")

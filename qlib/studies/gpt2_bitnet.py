@@ -106,10 +106,12 @@ class Config:
     ladder_model_id: str | None = "smollm2-135m"  # post-training ladder on a real model (None: skip it)
     ladder_rungs: tuple[str, ...] = tuple(ladder.RUNGS)
     ladder_context: int = 256
-    ladder_eval_tokens: int = 8_192
+    ladder_eval_tokens: int = 4_096    # the shared set's first 16 windows: the same as 06, 08 and `formats` score
     # registry methods on the ladder's model, each beside its round-to-nearest control (skipped with the ladder), and
     # the calibrated ones again per calibration setting: code or prose text x each of ladder_calib_samples windows
-    ladder_methods: tuple[str, ...] = ("rtn_w4", "gptq_w4", "hqq_w4", "gguf_q4_0_imat")
+    # (3 bits too: GPTQ is the one method that helps there; 2 bits destroys a 135M model by every method, see the
+    # `formats` methods run in docs/formats.md, so w2 is a `ladder_methods` away)
+    ladder_methods: tuple[str, ...] = ("rtn_w4", "gptq_w4", "hqq_w4", "gguf_q4_0_imat", "gptq_w3", "hqq_w3")
     ladder_ablation: tuple[str, ...] = ("gguf_q4_0_imat", "gptq_w4")
     ladder_calib_samples: tuple[int, ...] = (128, 16)   # the first: the main setting's (code)
     ladder_calib_length: int = 128

@@ -73,8 +73,8 @@ class RealLM:
 
 def load_real_lm(model_id: str, dataset_id: str, context: int, train_tokens: int, eval_tokens: int,
                  device: torch.device) -> RealLM:
-    """The LLaMA-architecture model (SmolLM2 offline), `train_tokens` of the shared set's domains' training texts
-    (3 code : 1 prose) and the shared set's first eval_tokens / context windows of `context` tokens."""
+    """The LLaMA-architecture model (SmolLM2 offline) with its weights rounded to FP16, `train_tokens` of the shared
+    set's domains' training texts (3 code : 1 prose) and the shared set's first eval_tokens / context windows."""
     from transformers import AutoTokenizer
 
     asset = assets.resolve_model("llama-arch", model_id)
@@ -82,7 +82,9 @@ def load_real_lm(model_id: str, dataset_id: str, context: int, train_tokens: int
     data_asset = assets.resolve_data("code", dataset_id)
     shared = evalset.build(tok, context).head(max(1, eval_tokens // context))
     train_ids = evalset.training_tokens(tok, context, train_tokens)
-    model = models.load_causal_lm(asset.path, None, device, dtype=torch.float32).eval()
+    # the FP16 model computed in FP32: the reference `formats`, 05's methods and 08 load (`formats.fp16_model`),
+    # so the model's perplexity on the shared set is one number in every study
+    model = models.load_causal_lm(asset.path, None, device, dtype=torch.float16).float().eval()
     return RealLM(asset, data_asset, tok, model, train_ids, shared, device)
 
 
@@ -123,10 +125,11 @@ def _row(name: str, nll: np.ndarray, ref: np.ndarray, spec: LadderSpec, model_id
         f"ptq_{name}" if rung else name, model=model_id, dataset=evalset.DATASET_ID,
         perplexity=float(np.exp(nll.mean())), perplexity_by_domain=formats.by_domain(nll, groups),
         total_params=n_params if kind != "count baseline" else None, trainable_params=0 if rung else None,
-        bits_per_quantized_weight=rung.bits_per_weight if rung else (None if kind == "count baseline" else 32.0),
+        bits_per_quantized_weight=rung.bits_per_weight if rung else (None if kind == "count baseline" else 16.0),
         quantized_share_of_params=block_weights / n_params if rung else None, section="post-training ladder",
         regime_kind=(kind if name != "reference"
-                     else "reference: the model as loaded (SmolLM2: its dequantized Q4_1 weights)"),
+                     else "reference: the FP16 model (SmolLM2: its dequantized Q4_1 weights rounded to FP16), "
+                          "computed in FP32, as every study scores it"),
         format=rung.what if rung else None, reference="reference" if ratio else None)
     return metrics.with_difference(row, "perplexity_ratio", ratio, value="ratio")
 

@@ -149,3 +149,9 @@ def build(tok: Any, context: int = 256, code_windows: int = 96, prose_windows: i
     parts = interleave(by_domain)
     return EvalSet(torch.tensor([ids for _, (_, ids) in parts]), tuple(d for d, _ in parts),
                    tuple(g for _, (g, _) in parts))
+
+
+def scored(tok: Any, context: int, tokens: int) -> EvalSet:
+    """The windows a study scores: the shared set's first `tokens` / `context` windows (at least one), so every study
+    asking for as many tokens scores the same ones."""
+    return build(tok, context).head(max(1, tokens // context))

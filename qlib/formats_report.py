@@ -177,7 +177,7 @@ SHARED = "stdlib-code"  # the dataset whose held-out modules, with BBC News arti
 def shared_text(cfg: Config, tok: Any) -> tuple[formats.Text, torch.Tensor, str]:
     """The first eval_tokens / context windows of the shared set (intervals resample its modules and articles);
     beyond them, its domains' training texts (the n-gram baselines' and calibration's tokens, code first)."""
-    s = evalset.build(tok, cfg.context).head(max(1, cfg.eval_tokens // cfg.context))
+    s = evalset.scored(tok, cfg.context, cfg.eval_tokens)
     rest = evalset.training_tokens(tok, cfg.context, max(cfg.baseline_tokens, 4 * cfg.calib_samples * cfg.calib_length))
     return formats.Text.of(s, tok.eos_token_id, cfg.seed), rest, evalset.DATASET_ID
 

@@ -246,7 +246,7 @@ def test_study_08_base_rows_are_the_commands_rows_on_the_same_model(tiny_qwen, r
     rep = _run(tiny_qwen, formats=("bnb_nf4", "gguf_q4_0"))
     cfg = qwen_merge.config("smoke", model_id=str(tiny_qwen), context=64, eval_tokens=512, gguf_types=("q4_0",))
     tok = AutoTokenizer.from_pretrained(tiny_qwen)
-    s = evalset.build(tok, 64).head(8)
+    s = evalset.scored(tok, 64, 512)
     su = qwen_merge.Setup(assets.resolve_model("qwen-arch", str(tiny_qwen)), tok, None, [], s, torch.zeros(1))
     info = runmeta.RunInfo("08_qwen_merge_gguf", "smoke", 0, "tiny", str(tiny_qwen), "stdlib-code")
     got = qwen_merge.measure_both(cfg, su, tiny_qwen, formats.Text.of(s, tok.eos_token_id, 0), root / "out",

@@ -80,7 +80,7 @@ def load_real_lm(model_id: str, dataset_id: str, context: int, train_tokens: int
     asset = assets.resolve_model("llama-arch", model_id)
     tok = AutoTokenizer.from_pretrained(asset.path)
     data_asset = assets.resolve_data("code", dataset_id)
-    shared = evalset.build(tok, context).head(max(1, eval_tokens // context))
+    shared = evalset.scored(tok, context, eval_tokens)
     train_ids = evalset.training_tokens(tok, context, train_tokens)
     # the FP16 model computed in FP32: the reference `formats`, 05's methods and 08 load (`formats.fp16_model`),
     # so the model's perplexity on the shared set is one number in every study

@@ -77,7 +77,7 @@ def run_methods(spec: MethodsSpec, device: torch.device, out: Path, study: str, 
     data_asset = assets.resolve_data("code", spec.dataset_id)
     info = runmeta.RunInfo(study, profile, spec.seed, asset.id, asset.path, data_asset.id)
     src = formats.fp16_model(stored, out, info, tok)  # every method starts from, and is scored against, FP16
-    shared = evalset.build(tok, spec.context).head(max(1, spec.eval_tokens // spec.context))
+    shared = evalset.scored(tok, spec.context, spec.eval_tokens)
     text = formats.Text.of(shared, tok.eos_token_id, spec.seed)
     cal = lambda source, n: calibration(source, tok, spec.dataset_id, n, spec.calib_length, spec.seed)  # noqa: E731
     main_cal = cal("code", spec.samples[0])

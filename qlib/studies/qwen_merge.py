@@ -211,7 +211,7 @@ def setup(cfg: Config) -> Setup:
     merge.require_tokenizer(asset.path)
     tok = AutoTokenizer.from_pretrained(asset.path)
     train_texts, eval_texts, data_asset = data.load_code_sft(cfg.dataset_id)
-    eval_set = evalset.build(tok, cfg.context).head(max(1, cfg.eval_tokens // cfg.context))
+    eval_set = evalset.scored(tok, cfg.context, cfg.eval_tokens)
     return Setup(asset, tok, data_asset, eval_texts, eval_set,
                  data.lm_chunks(tok, train_texts, cfg.context, cfg.train_tokens))
 

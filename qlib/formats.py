@@ -220,7 +220,7 @@ def decode(measured: list[Measured], text: Text, device: torch.device, gen_token
     speeds.update(gguf.decode_speeds(files, text.prompt.tolist(), gen_tokens, threads, repeats) if files else {})
     load2 = metrics.load_average()
     del hf
-    return {k: {"tokens_per_s": v, "timing_threads": threads if k in files or device.type == "cpu" else None,
+    return {k: {**v, "timing_threads": threads if k in files or device.type == "cpu" else None,
                 "load_avg_1m": [load1, load2] if k in files else [load0, load1]} for k, v in speeds.items()}
 
 
@@ -265,7 +265,8 @@ DEFINITIONS = {
                    "statistic took (the importance matrix, shared by the methods of one run); make_s: seconds to "
                    "write the artifact (the first method to need the importance matrix includes it); score_s: "
                    "seconds to reload it and score the text",
-    "decode_vs_fp16_same_runtime": "greedy decode tokens/s over the FP16 artifact's, same runtime, interleaved repeats",
+    "decode_vs_fp16_same_runtime": "greedy decode tokens/s over the FP16 artifact's, same runtime, interleaved repeats "
+                                   "(95 % interval resampling whole rounds of repeats)",
     "inference_peak_mem_bytes": "peak memory of loading the artifact and scoring the text: CUDA max allocated for "
                                 "PyTorch formats on a GPU, else growth of the process RSS (llama.cpp maps the file: "
                                 "its pages count once touched); transformers computes FP16 weights in FP32 on CPU",
@@ -296,11 +297,13 @@ def rows(measured: list[Measured], speeds: dict[str, dict[str, Any]], n_params: 
             bits_per_quantized_weight=m.bits_per_weight, backend=m.backend, artifact=m.path.name if m.path else None,
             total_params=n_params if m.path else None, trainable_params=0 if m.path else None,
             reference=ref.method if ref else None, tokens_per_s=speed.get("tokens_per_s"),
-            decode_vs_fp16_same_runtime=speed["tokens_per_s"] / base["tokens_per_s"] if speed and base else None,
+            decode_repeat_s=speed.get("repeat_s"),
             timing_threads=speed.get("timing_threads"), load_avg_1m=speed.get("load_avg_1m"),
             size_vs_fp16=size / fp16_bytes if size and fp16_bytes else None,
             peak_mem_source=None, inference_peak_mem_bytes=m.peak_bytes, inference_peak_mem_source=m.peak_source,
             **m.extra)
+        metrics.with_difference(row, "decode_vs_fp16_same_runtime", metrics.speed_ratio(
+            base["repeat_s"], speed["repeat_s"], seed) if speed and base else None, value="ratio")
         row.update(fidelity.summary(m.scores, block=context - 1, seed=seed, groups=groups),
                    perplexity_by_domain=by_domain(m.nll, groups))
         row.update(control=m.control, **_versus_control(m, by.get(m.control or ""), context, seed, groups))
@@ -359,7 +362,7 @@ def table(rows_: list[dict[str, Any]]) -> str:
 
     lines = ["| format | runtime | size (MiB) | bits/param | bits/quantized weight | tensor types | perplexity | "
              "vs reference [95 % CI] | mean KL vs FP16 [95 % CI] | same top-1 | KL vs RTN control [95 % CI] | "
-             "decode tok/s | decode vs FP16 (same runtime) | peak mem (MiB) |",
+             "decode tok/s | decode vs FP16 (same runtime) [95 % CI] | peak mem (MiB) |",
              "|" + "---|" * 14]
     for r in rows_:
         types = ", ".join(f"{k} {v}" for k, v in (r.get("tensor_types") or {}).items()) or "–"
@@ -369,7 +372,7 @@ def table(rows_: list[dict[str, Any]]) -> str:
             f(r["bits_per_param"], ".2f"), f(r.get("bits_per_quantized_weight"), ".2f"), types,
             f(r["perplexity"], ".3f"), _pct(r), _kl(r), f(r.get("top1_agreement") and 100 * r["top1_agreement"], ".1f")
             + (" %" if r.get("top1_agreement") is not None else ""), _kl_control(r), f(r["tokens_per_s"], ".1f"),
-            f(r.get("decode_vs_fp16_same_runtime"), ".2f") + ("×" if r.get("decode_vs_fp16_same_runtime") else ""),
+            results.times_interval(r, "decode_vs_fp16_same_runtime"),
             f(None if mem is None else mem / 2**20, ".0f")]) + " |")
     return "\n".join(lines)
 

@@ -259,9 +259,28 @@ def compare_latency(fns: dict[str, Callable[[], Any]], warmup: int = 3, repeats:
     out = {}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
-        out[name] = {"median_ms": statistics.median(ts), "p10_ms": q[0], "p90_ms": q[-1],
+        out[name] = {"median_ms": statistics.median(ts), "p10_ms": q[0], "p90_ms": q[-1], "times_ms": ts,
                      "repeats": repeats, "threads": n, "load_avg_1m": load}
     return out
+
+
+def speed_ratio(ref_s: Sequence[float], s: Sequence[float], seed: int = 0, n_boot: int = 2000,
+                alpha: float = 0.05) -> dict[str, Any]:
+    """How many times faster `s` ran than `ref_s`: median over median of per-repeat times taken in the same
+    interleaved rounds, with a (1 - alpha) interval from resampling whole rounds (a slow round slows both);
+    `real` only when it excludes 1. Tokens/s ratios are the same number (equal tokens per repeat)."""
+    import numpy as np
+
+    a, b = np.asarray(ref_s, dtype=float), np.asarray(s, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"need two equal, non-empty sequences of repeats; got {a.shape} and {b.shape}")
+    if a.size == 1:  # one round: a ratio, no interval
+        return {"ratio": float(a[0] / b[0]), "lo": None, "hi": None, "real": None, "repeats": 1}
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(n_boot, a.size))
+    boot = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
+    lo, hi = (float(x) for x in np.quantile(boot, [alpha / 2, 1 - alpha / 2]))
+    return {"ratio": float(np.median(a) / np.median(b)), "lo": lo, "hi": hi, "real": not lo <= 1.0 <= hi,
+            "repeats": int(a.size)}
 
 
 # ---------------------------------------------------------------- memory
@@ -454,13 +473,14 @@ class Timer:
 def decode_speed(model: Any, prompt: torch.Tensor, n_new: int, repeats: int, eos: int,
                  device: torch.device) -> float:
     """Greedy decode tokens/s with the KV cache (median over repeats)."""
-    return decode_speeds({"model": model}, prompt, n_new, repeats, eos, device)["model"]
+    return decode_speeds({"model": model}, prompt, n_new, repeats, eos, device)["model"]["tokens_per_s"]
 
 
 def decode_speeds(models: dict[str, Any], prompt: torch.Tensor, n_new: int, repeats: int, eos: int,
-                  device: torch.device) -> dict[str, float]:
-    """Greedy decode tokens/s of several models, interleaved repeat by repeat (drift hits all alike): their
-    ratio is the number to trust, the absolute rates move run to run."""
+                  device: torch.device) -> dict[str, dict[str, Any]]:
+    """Greedy decode tokens/s of several models (median) and each repeat's seconds, interleaved repeat by repeat
+    (drift hits all alike): their ratio (`speed_ratio` over the repeats) is the number to trust, the absolute
+    rates move run to run."""
     def step(model: Any) -> Callable[[], None]:
         def run() -> None:
             with torch.inference_mode():
@@ -469,4 +489,5 @@ def decode_speeds(models: dict[str, Any], prompt: torch.Tensor, n_new: int, repe
         return run
 
     lat = compare_latency({k: step(m) for k, m in models.items()}, warmup=1, repeats=repeats, device=device)
-    return {k: n_new / (v["median_ms"] / 1e3) for k, v in lat.items()}
+    return {k: {"tokens_per_s": n_new / (v["median_ms"] / 1e3), "repeat_s": [t / 1e3 for t in v["times_ms"]]}
+            for k, v in lat.items()}

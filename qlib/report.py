@@ -9,7 +9,7 @@ from typing import Any
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_write_text
 from qlib.core.paths import repo_root
-from qlib.results import load_metrics, seed_spread_text
+from qlib.results import load_metrics, seed_spread_text, times_interval
 
 SUMMARY_COLS = ("method", "model", "accuracy", "f1", "perplexity", "kl_mean", "top1_agreement", "em", "size_bytes",
                 "bits_per_param", "latency_ms", "latency_ms_b8", "tokens_per_s", "speedup_vs_fp32", "peak_mem_bytes",
@@ -122,9 +122,10 @@ README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 def _speed(r: dict[str, Any]) -> str:
     if r.get("speedup_vs_fp32") is not None:  # against the FP32 model of the same runtime (`speed_reference`)
-        return f"{r['speedup_vs_fp32']:.2f}× vs {r.get('speed_reference') or 'fp32'}"
+        return f"{times_interval(r, 'speedup_vs_fp32')} vs {r.get('speed_reference') or 'fp32'}"
     if r.get("decode_vs_fp16_same_runtime") is not None:  # deploy formats: vs the FP16 of the same runtime
-        return f"{r['decode_vs_fp16_same_runtime']:.2f}× vs {r.get('speed_reference') or 'FP16'} ({r.get('backend')})"
+        return (f"{times_interval(r, 'decode_vs_fp16_same_runtime')} vs {r.get('speed_reference') or 'FP16'} "
+                f"({r.get('backend')})")
     return "–"
 
 

@@ -143,6 +143,14 @@ def points_interval(row: dict[str, Any], key: str, label: str = "") -> str:
     return f"{d:+.1f} pt [{lo:+.1f}, {hi:+.1f}]{label}" + ("" if row[f"{key}_real"] else ", within noise")
 
 
+def times_interval(row: dict[str, Any], key: str) -> str:
+    """'1.95× [1.80, 2.10]' from a speed ratio's `key`, `key_lo/_hi` (the bare ratio where no interval was kept)."""
+    if row.get(key) is None:
+        return "–"
+    ci = f" [{row[f'{key}_lo']:.2f}, {row[f'{key}_hi']:.2f}]" if row.get(f"{key}_lo") is not None else ""
+    return f"{row[key]:.2f}×{ci}"
+
+
 def seed_spread_text(row: dict[str, Any], key: str, scale: float = 1.0, fmt: str = ".3f", unit: str = "") -> str:
     """'0.805 ± 0.004 over 3 seeds' from `key_seed_mean/_sd` (`scale` 100 and unit ' pt' for differences)."""
     mean, sd, n = row.get(f"{key}_seed_mean"), row.get(f"{key}_seed_sd"), row.get("n_seeds")

@@ -32,8 +32,8 @@ def test_the_search_stops_at_its_first_refusal():
 
     cost = {0: 0.01, 1: 0.5, 2: 0.05, 3: 0.001}  # dev loss added by each block at low bits
     spec = bp.BlockSearchSpec(low=2, high=8, budget=0.05)
-    sens, chosen, steps, base = bp.search_blocks(R(), lambda bm: 1.0 + sum(cost[b] for b, x in enumerate(bm)
-                                                                            if x == 2), spec)
+    sens, chosen, steps, base = bp.search_blocks(R(), lambda bm, keep=False: 1.0 + sum(
+        cost[b] for b, x in enumerate(bm) if x == 2), spec)
     assert base == 1.0 and sens == pytest.approx([cost[b] for b in range(4)])
     assert [s["block"] for s in steps] == [3, 0, 2] and [s["kept"] for s in steps] == [True, True, False]
     assert chosen == [2, 8, 8, 2]  # block 2 would take the dev perplexity 6.3 % up; block 1 is never tried

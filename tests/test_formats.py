@@ -41,7 +41,7 @@ def test_parse_formats_adds_the_references_and_refuses_unknown_names():
 
 
 def test_every_format_is_written_reloaded_and_measured(tiny_qwen, root):
-    rep = _run(tiny_qwen, formats=("bnb_int8", "bnb_nf4", "gguf_q8_0", "gguf_q4_0", "gguf_q2_0"))
+    rep = _run(tiny_qwen, formats=("bnb_int8", "bnb_nf4", "gguf_q8_0", "gguf_q4_0", "gguf_q2_0"), repeats=3)
     by = {r["method"]: r for r in rep.rows}
     assert list(by) == ["fp16", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q8_0", "gguf_q4_0", "gguf_q2_0",
                         "unigram", "bigram_kn"]
@@ -65,6 +65,11 @@ def test_every_format_is_written_reloaded_and_measured(tiny_qwen, root):
             assert r["perplexity_ratio_lo"] <= r["perplexity_ratio"] <= r["perplexity_ratio_hi"]
     assert by["gguf_q2_0"]["perplexity_ratio"] > by["gguf_q8_0"]["perplexity_ratio"]
     assert by["gguf_f16"]["decode_vs_fp16_same_runtime"] == 1.0 and by["gguf_q4_0"]["decode_vs_fp16_same_runtime"] > 0
+    q4 = by["gguf_q4_0"]  # the ratio of medians over the repeats kept in the row, with its interval over rounds
+    assert q4["decode_vs_fp16_same_runtime"] == pytest.approx(
+        np.median(by["gguf_f16"]["decode_repeat_s"]) / np.median(q4["decode_repeat_s"]))
+    key = "decode_vs_fp16_same_runtime"
+    assert q4[f"{key}_lo"] <= q4[key] <= q4[f"{key}_hi"]
     assert all(by[k]["inference_peak_mem_bytes"] is not None for k in list(by)[:7])
     # what a user reads: schema-valid metrics, the table, the figure, the per-token record, artifacts with metadata
     res = rep.path.parent

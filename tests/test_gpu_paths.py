@@ -95,6 +95,7 @@ def test_random_init_gpt2_rows_have_null_quality(tmp_path, monkeypatch):
     # each regime's speed ratio comes from decoding interleaved with the FP32 model in the same repeats
     assert res.rows[0]["speedup_vs_fp32"] == 1.0 and all(r["speedup_vs_fp32"] > 0 for r in res.rows[1:])
     assert all(r["speedup_vs_fp32"] != r["tokens_per_s"] / res.rows[0]["tokens_per_s"] for r in res.rows[1:])
+    assert all(r["speedup_vs_fp32_lo"] <= r["speedup_vs_fp32"] <= r["speedup_vs_fp32_hi"] for r in res.rows)
     # gpt2-stdlib-tiny's architecture: vocab 512, 128 positions, hidden 256, 2 blocks (head tied)
     block = 2 * 256 + (256 * 768 + 768) + (256 * 256 + 256) + 2 * 256 + (256 * 1024 + 1024) + (1024 * 256 + 256)
     fp = res.rows[0]

@@ -99,6 +99,20 @@ def test_compare_latency_interleaves_and_ranks():
     out = metrics.compare_latency({"fast": fast, "slow": slow}, warmup=1, repeats=4)
     assert order[2:] == ["f", "s"] * 4  # after the warm-ups, round-robin
     assert out["slow"]["median_ms"] > out["fast"]["median_ms"] and out["fast"]["repeats"] == 4
+    assert len(out["slow"]["times_ms"]) == 4 and min(out["slow"]["times_ms"]) > 3
+
+
+def test_speed_ratio_resamples_rounds_and_knows_noise():
+    ref = [10.0, 11.0, 10.5, 30.0, 10.2, 10.8, 10.1]        # a slow round (load) hits both variants alike
+    fast = [5.0, 5.6, 5.2, 15.5, 5.1, 5.3, 5.0]
+    d = metrics.speed_ratio(ref, fast)
+    assert d["ratio"] == pytest.approx(10.5 / 5.2) and d["lo"] < d["ratio"] < d["hi"] and d["real"]
+    assert d["repeats"] == 7 and metrics.speed_ratio(ref, fast) == d  # seeded
+    same = metrics.speed_ratio(ref, [x * 1.01 for x in ref[::-1]])
+    assert same["lo"] < 1 < same["hi"] and not same["real"]
+    assert metrics.speed_ratio([2.0], [1.0]) == {"ratio": 2.0, "lo": None, "hi": None, "real": None, "repeats": 1}
+    with pytest.raises(ValueError, match="equal"):
+        metrics.speed_ratio([1.0, 2.0], [1.0])
 
 
 def test_paired_bootstrap_finds_a_real_shift_and_not_noise():

@@ -362,13 +362,14 @@ def _decode_once(llm: Any, prompt: list[int], n_new: int) -> float:
 def decode_speed(path: str | Path, prompt: list[int], n_new: int, threads: int = 1,
                  repeats: int = 3) -> float:
     """Greedy decode tokens/s in llama.cpp (prompt evaluated first, not timed); median of repeats."""
-    return decode_speeds({"m": path}, prompt, n_new, threads, repeats)["m"]
+    return decode_speeds({"m": path}, prompt, n_new, threads, repeats)["m"]["tokens_per_s"]
 
 
 def decode_speeds(paths: dict[str, str | Path], prompt: list[int], n_new: int, threads: int = 1,
-                  repeats: int = 3) -> dict[str, float]:
+                  repeats: int = 3) -> dict[str, dict[str, Any]]:
     """Several GGUF files decoded in turn, repeat by repeat (interleaved, so drift hits all alike);
-    median tokens/s each. The ratio between them is the number to trust, not the absolute rate.
+    median tokens/s each and each repeat's seconds. The ratio between them is the number to trust, not the
+    absolute rate.
     One thread by default: llama.cpp's workers spin, and two spinning threads on a 2-core machine collapse
     3-5x as soon as anything else runs."""
     models = {k: load(p, len(prompt) + n_new + 1, threads) for k, p in paths.items()}
@@ -378,7 +379,7 @@ def decode_speeds(paths: dict[str, str | Path], prompt: list[int], n_new: int, t
     for _ in range(repeats):
         for k, llm in models.items():
             rates[k].append(_decode_once(llm, prompt, n_new))
-    return {k: float(np.median(v)) for k, v in rates.items()}
+    return {k: {"tokens_per_s": float(np.median(v)), "repeat_s": [n_new / r for r in v]} for k, v in rates.items()}
 
 
 def tokenizer_agreement(path: str | Path, tokenizer: Any, texts: list[str]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import choice, evalset, fidelity, formats, metrics, qa, results
+from qlib import choice, evalset, fidelity, formats, metrics, qa, replay, results
 from qlib.quant import ladder
 from qlib.studies.ptq_ladder import load_real_lm
 
@@ -66,6 +66,8 @@ class Rounder:
         self.layers = list(self.original)
         self.n_blocks = 1 + max(ladder.block_index(n) for n in self.layers)
         self.cache: dict[tuple[str, int], torch.Tensor] = {}
+        self.current: list[int] | None = None  # the bitmap the weights hold now
+
 
     def _rounded(self, name: str, bits: int) -> torch.Tensor:
         if (name, bits) not in self.cache:
@@ -75,8 +77,31 @@ class Rounder:
 
     @torch.no_grad()
     def set(self, bitmap: list[int]) -> None:
+        """Only the blocks whose width changed since the last call are rewritten."""
+        was = self.current or [None] * self.n_blocks
         for name, m in ladder.block_linears(self.model):
-            m.weight.copy_(self._rounded(name, bitmap[ladder.block_index(name)]))
+            b = ladder.block_index(name)
+            if bitmap[b] != was[b]:
+                m.weight.copy_(self._rounded(name, bitmap[b]))
+        self.current = list(bitmap)
+
+
+class DevLoss:
+    """The dev tokens' mean NLL under a bitmap, the layers before its first block that differs from the last kept
+    bitmap replayed (`replay`): the search changes one block at a time."""
+
+    def __init__(self, r: Rounder, ids: torch.Tensor, context: int):
+        self.r, self.prefix, self.kept = r, replay.PrefixNLL(r.model, ids, context), None
+
+    def __call__(self, bitmap: list[int], keep: bool = False) -> float:
+        """`keep`: this bitmap is where the next call starts from."""
+        self.r.set(bitmap)
+        start = 0 if self.kept is None else next((b for b, (x, y) in enumerate(zip(self.kept, bitmap)) if x != y),
+                                                 len(bitmap))
+        nll = self.prefix.nll(start, record=keep)
+        if keep:
+            self.kept = list(bitmap)
+        return float(nll.mean())
 
 
 def run_block_search(spec: BlockSearchSpec, device: torch.device) -> BlockSearchResult:
@@ -84,10 +109,10 @@ def run_block_search(spec: BlockSearchSpec, device: torch.device) -> BlockSearch
     lm = load_real_lm(spec.model_id, spec.dataset_id, spec.context, spec.calib_tokens, spec.eval_tokens, device)
     calib, held = lm.train_ids[: spec.calib_tokens], lm.eval_ids
     r = Rounder(lm.model)
-    sens, chosen, steps, base = search_blocks(r, lambda bm: nll_of(lm, r, calib, bm, spec.context).mean(), spec)
+    sens, chosen, steps, base = search_blocks(r, DevLoss(r, calib, spec.context), spec)
     n, k = r.n_blocks, sum(bits == spec.low for bits in chosen)
     params = {b: sum(r.original[nm].numel() for nm in r.layers if f".layers.{b}." in nm) for b in range(n)}
-    randoms = random_orders(lm, r, held, n, k, spec)
+    randoms = random_orders(r, held, n, k, spec)
     worst = sorted(range(n), key=lambda b: -sens[b])[:k]
     median = sorted(randoms, key=lambda x: x["perplexity"])[len(randoms) // 2]["bitmap"] if randoms else chosen
     bitmaps = {"reference": [32] * n, f"uniform_{spec.high}bit": [spec.high] * n, "greedy": chosen,
@@ -113,26 +138,21 @@ def run_block_search(spec: BlockSearchSpec, device: torch.device) -> BlockSearch
     return BlockSearchResult(sens, chosen, steps, rows, {"group": groups, **held_nll}, info, qa_rows, answers)
 
 
-def nll_of(lm: Any, r: Rounder, ids: torch.Tensor, bitmap: list[int], context: int) -> np.ndarray:
-    """Per-token NLL of `ids` with the blocks rounded to `bitmap`."""
-    r.set(bitmap)
-    return lm.nll(ids, context)
-
-
 def search_blocks(r: Rounder, loss: Any, spec: BlockSearchSpec
                   ) -> tuple[list[float], list[int], list[dict[str, Any]], float]:
     """Each block's dev-loss increase alone at `low` bits, then blocks lowered from the least sensitive on until the
     next would take the dev perplexity more than `budget` over the all-`high` bitmap's (the first refusal ends the
-    search: the blocks after it are more sensitive)."""
+    search: the blocks after it are more sensitive). `loss(bitmap, keep)`: `keep` marks the bitmap the next trials
+    differ from by one block."""
     n = r.n_blocks
     high = [spec.high] * n
-    base = float(loss(high))
+    base = float(loss(high, keep=True))
     sens = [float(loss(high[:b] + [spec.low] + high[b + 1:])) - base
             for b in tqdm(range(n), desc=f"sensitivity: one block at {spec.low} bits")]
     chosen, steps = list(high), []
     for b in tqdm(sorted(range(n), key=lambda b: sens[b]), desc="greedy search"):
         trial = chosen[:b] + [spec.low] + chosen[b + 1:]
-        increase = math.expm1(float(loss(trial)) - base)
+        increase = math.expm1(float(loss(trial, keep=True)) - base)
         steps.append({"block": b, "calib_ppl_increase": increase, "kept": increase <= spec.budget})
         if increase > spec.budget:
             break
@@ -140,16 +160,17 @@ def search_blocks(r: Rounder, loss: Any, spec: BlockSearchSpec
     return sens, chosen, steps, base
 
 
-def random_orders(lm: Any, r: Rounder, held: torch.Tensor, n: int, k: int, spec: BlockSearchSpec
+def random_orders(r: Rounder, held: torch.Tensor, n: int, k: int, spec: BlockSearchSpec
                   ) -> list[dict[str, Any]]:
     """`random_orders` bitmaps with `k` low blocks chosen at random (seeded), each held out: the distribution the
     search is tested against."""
-    rng = random.Random(spec.seed)
+    rng, windows = random.Random(spec.seed), replay.PrefixNLL(r.model, held, spec.context)
     out = []
     for _ in tqdm(range(spec.random_orders if 0 < k < n else 0), desc="random orders (held out)"):
         low = set(rng.sample(range(n), k))
         bm = [spec.low if b in low else spec.high for b in range(n)]
-        out.append({"bitmap": bm, "perplexity": float(np.exp(nll_of(lm, r, held, bm, spec.context).mean()))})
+        r.set(bm)
+        out.append({"bitmap": bm, "perplexity": float(np.exp(windows.nll().mean()))})
     return out
 
 

@@ -347,7 +347,9 @@ def gguf_rows(r: Regime, tok: Any, eval_ids: torch.Tensor, prompt: list[int], cf
     speeds = gguf.decode_speeds(paths, prompt, cfg.gen_tokens, repeats=cfg.latency_repeats)  # interleaved
     load = metrics.load_average()
     for row in rows:
-        row["tokens_per_s"], row["load_avg_1m"] = speeds[row["method"]], load
+        row["load_avg_1m"] = load
+        row["tokens_per_s"], row["decode_repeat_s"] = speeds[row["method"]]["tokens_per_s"], \
+            speeds[row["method"]]["repeat_s"]
     return rows, types
 
 
@@ -494,17 +496,17 @@ def measure_regimes(cfg: Config, su: Setup, prompt: torch.Tensor, out: Path, dev
 
 
 def _regime_row(r: Regime, cfg: Config, su: Setup, ppl: float, size: int, stored_bits: float | None,
-                tps: float | None, speedup: float | None, inf_mem: metrics.PeakMemory, folder: Path,
+                tps: float | None, speedup: dict[str, Any] | None, inf_mem: metrics.PeakMemory, folder: Path,
                 device: torch.device, extra: dict[str, Any]) -> dict[str, Any]:
     counts = metrics.param_counts(r.model)
     if r.train is None:
         counts["trainable_params"] = 0  # evaluated only
     tr = r.train
-    return results.make_row(
+    row = results.make_row(
         r.name, model=su.asset.id, dataset=su.data_asset.id, size_bytes=size,
         perplexity=None if cfg.random_init else ppl,  # random weights: quality is not a number
         bits_per_param=metrics.bits_per_param(size, counts["total_params"]),
-        quantized_bits_per_weight=stored_bits, tokens_per_s=tps, speedup_vs_fp32=speedup,
+        quantized_bits_per_weight=stored_bits, tokens_per_s=tps,
         load_avg_1m=metrics.load_average(), timing_threads=metrics.TIMING_THREADS if device.type == "cpu" else None,
         peak_mem_bytes=r.train_mem.peak_bytes if r.train_mem else None,
         peak_mem_source=(r.train_mem or inf_mem).source, inference_peak_mem_bytes=inf_mem.peak_bytes,
@@ -512,6 +514,7 @@ def _regime_row(r: Regime, cfg: Config, su: Setup, ppl: float, size: int, stored
         step_time_s=tr.median_step_s if tr else None, compute_dtype=compute_dtype_name(device),
         train_tokens_per_s=cfg.batch_size * cfg.context / tr.median_step_s if tr else None,
         note=r.note or None, layer_kinds=models.layer_kinds(r.model), artifact=folder.name, **counts, **extra)
+    return metrics.with_difference(row, "speedup_vs_fp32", speedup, value="ratio")
 
 
 def _release(r: Regime, t: Tally, device: torch.device) -> None:
@@ -543,7 +546,8 @@ def _gguf_speed_vs_f16(rows: list[dict[str, Any]]) -> None:
     f16 = next((x for x in rows if x["method"] == "bitnet_gguf_f16"), None)
     for x in rows:
         if x.get("backend") == "llama.cpp":
-            x["decode_vs_fp16_same_runtime"] = x["tokens_per_s"] / f16["tokens_per_s"] if f16 else None
+            metrics.with_difference(x, "decode_vs_fp16_same_runtime", metrics.speed_ratio(
+                f16["decode_repeat_s"], x["decode_repeat_s"]) if f16 else None, value="ratio")
             x["speed_reference"] = "bitnet_gguf_f16"
 
 
@@ -631,14 +635,15 @@ def seed_spread(rows: list[dict[str, Any]], nll: dict[int, dict[str, np.ndarray]
 
 
 def _decode_vs_fp32(r: Regime, ref: Any, prompt: torch.Tensor, eos: int, cfg: Config,
-                    device: torch.device) -> tuple[float, float | None]:
-    """Decode tokens/s, and its ratio to the FP32 fine-tune decoded interleaved with it in the same repeats
-    (the reference visits the GPU only while it is timed, so it never counts in another regime's memory)."""
+                    device: torch.device) -> tuple[float, dict[str, Any] | None]:
+    """Decode tokens/s, and its ratio to the FP32 fine-tune decoded interleaved with it in the same repeats, with
+    its interval over the repeats (the reference visits the GPU only while it is timed, so it never counts in
+    another regime's memory)."""
     threads = metrics.torch_threads(metrics.TIMING_THREADS) if device.type == "cpu" else contextlib.nullcontext()
     if r.name == "fp32" or ref is None:  # one thread on a CPU: spinning threads collapse on a busy 2-core machine
         with threads:
             tps = metrics.decode_speed(r.model, prompt, cfg.gen_tokens, cfg.latency_repeats, eos, device)
-        return tps, 1.0 if r.name == "fp32" else None
+        return tps, {"ratio": 1.0, "lo": 1.0, "hi": 1.0, "real": False} if r.name == "fp32" else None
     ref.to(device)
     try:
         with threads:
@@ -646,7 +651,7 @@ def _decode_vs_fp32(r: Regime, ref: Any, prompt: torch.Tensor, eos: int, cfg: Co
                                       device)
     finally:
         ref.to("cpu")
-    return s["x"], s["x"] / s["fp32"]
+    return s["x"]["tokens_per_s"], metrics.speed_ratio(s["fp32"]["repeat_s"], s["x"]["repeat_s"], cfg.seed)
 
 
 def _embedding_params(model: Any) -> int:

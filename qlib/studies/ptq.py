@@ -206,7 +206,8 @@ def check_reload(variants: list[Variant], out: Path, one_batch: list[dict[str, t
 DEFINITIONS = {
     "accuracy_diff_vs_fp32": "accuracy minus FP32's on the same held-out sentences, 95 % paired bootstrap interval",
     "speedup_vs_fp32": "batch-8 latency of the FP32 model of the same runtime over this one's (PyTorch rows: PyTorch "
-                       "FP32; ONNX Runtime rows: ORT FP32), interleaved repeats",
+                       "FP32; ONNX Runtime rows: ORT FP32), medians of interleaved repeats, 95 % interval resampling "
+                       "whole rounds",
     "speedup_vs_pytorch_fp32": "batch-8 latency of PyTorch FP32 over this one's (across runtimes)",
     "size_bytes": "the saved artifact (state dict, or the ONNX file)",
 }
@@ -232,16 +233,18 @@ def _rows(variants: list[Variant], quality: dict, lat: dict, fp32: torch.nn.Modu
     for v in variants:
         size = metrics.size_on_disk(v.artifact)
         ref = "onnx_fp32" if v.backend == "onnxruntime" else "fp32"  # speed ratios inside one runtime
-        ref_b1, ref_b8 = lat[1][ref]["median_ms"], lat[8][ref]["median_ms"]
+        ref_b1 = lat[1][ref]["median_ms"]
         b1, b8 = lat[1][v.method]["median_ms"], lat[8][v.method]["median_ms"]
-        rows.append(results.make_row(
+        row = results.make_row(
             v.method, model=baseline_label(bcfg), dataset=ds.asset.id,
             **quality[v.method], size_bytes=size, bits_per_param=metrics.bits_per_param(size, n_params),
             latency_ms=b1, latency_ms_b8=b8, tokens_per_s=8 * bcfg.max_length / (b8 / 1e3),
             timing_threads=lat[8][v.method]["threads"], load_avg_1m=lat[8][v.method]["load_avg_1m"],
-            speedup_vs_fp32=ref_b8 / b8, speedup_b1_vs_fp32=ref_b1 / b1, speed_reference=ref,
+            speedup_b1_vs_fp32=ref_b1 / b1, speed_reference=ref,
             speedup_vs_pytorch_fp32=lat[8]["fp32"]["median_ms"] / b8, size_ratio=None,
-            total_params=n_params, backend=v.backend, quantized_modules=v.quantized))
+            total_params=n_params, backend=v.backend, quantized_modules=v.quantized)
+        rows.append(metrics.with_difference(row, "speedup_vs_fp32", metrics.speed_ratio(
+            lat[8][ref]["times_ms"], lat[8][v.method]["times_ms"]), value="ratio"))
     fp32_size = rows[0]["size_bytes"]
     for r in rows:
         r["size_ratio"] = r["size_bytes"] / fp32_size
@@ -252,7 +255,8 @@ BAR = {"size_ratio_max": 0.45, "accuracy_drop_max": 0.01, "speedup_b8_min": 1.2}
 
 
 def benchmark(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's bar, checked on every INT8 row: size <= 0.45x, accuracy drop <= 1 pt, b8 >= 1.2x."""
+    """The issue's bar, checked on every INT8 row: size <= 0.45x, accuracy drop <= 1 pt, b8 >= 1.2x (the
+    interval's low end)."""
     fp32 = rows[0]
     out = {"bar": BAR, "rows": {}}
     for r in rows[1:]:
@@ -261,8 +265,9 @@ def benchmark(rows: list[dict[str, Any]]) -> dict[str, Any]:
         drop = fp32["accuracy"] - r["accuracy"]
         out["rows"][r["method"]] = {
             "size_ratio": r["size_ratio"], "accuracy_drop": drop, "speedup_b8": r["speedup_vs_fp32"],
+            "speedup_b8_lo": r.get("speedup_vs_fp32_lo"),  # the bar's speed holds over the whole interval
             "passes": (r["size_ratio"] <= BAR["size_ratio_max"] and drop <= BAR["accuracy_drop_max"]
-                       and r["speedup_vs_fp32"] >= BAR["speedup_b8_min"])}
+                       and (r.get("speedup_vs_fp32_lo") or r["speedup_vs_fp32"]) >= BAR["speedup_b8_min"])}
     passing = [m for m, v in out["rows"].items() if v["passes"]]
     out["best"] = max(out["rows"], key=lambda m: out["rows"][m]["speedup_b8"]) if out["rows"] else None
     out["passing"] = passing
@@ -282,7 +287,8 @@ def findings(res: PTQResult) -> str:
         verdict = "**passes**" if b["passes"] else "misses"
         lines.append(f"- `{m}` ({r['backend']}): accuracy {r['accuracy']:.3f} "
                      f"({results.points_interval(r, 'accuracy_diff_vs_fp32', ' vs FP32')}), "
-                     f"size {b['size_ratio']:.2f}× FP32, speedup {b['speedup_b8']:.2f}× at batch 8 / "
+                     f"size {b['size_ratio']:.2f}× FP32, speedup "
+                     f"{results.times_interval(r, 'speedup_vs_fp32')} at batch 8 / "
                      f"{r['speedup_b1_vs_fp32']:.2f}× at batch 1 against `{r['speed_reference']}` — {verdict} the bar.")
     if "onnx_fp32" in by:
         o = by["onnx_fp32"]

@@ -258,13 +258,14 @@ def _rows(models_: dict, quality: dict, lat: dict, trains: dict, out: Path, mode
             latency_ms_b8=lat[8][k]["median_ms"] if timed else None,
             timing_threads=lat[8][k]["threads"] if timed else None,
             load_avg_1m=lat[8][k]["load_avg_1m"] if timed else None,
-            speedup_vs_fp32=lat[8]["fp32"]["median_ms"] / lat[8][k]["median_ms"] if timed else None,
             peak_mem_bytes=mem.peak_bytes if mem else None, peak_mem_source=mem.source if mem else None,
             train_time_s=tr.train_time_s if tr else None, train_steps=tr.steps if tr else None,
             trainable_params=n if tr else 0, total_params=n,
             quantized_modules=ptq.count_quantized(m) if "int8" in k else None,
             note=f"weights on the {k.split('_w')[1]}-bit per-row grid, simulated in fp32 (no size or speed claimed)"
             if simulated else None))
+        metrics.with_difference(rows[-1], "speedup_vs_fp32", metrics.speed_ratio(
+            lat[8]["fp32"]["times_ms"], lat[8][k]["times_ms"]) if timed else None, value="ratio")
     return rows
 
 
@@ -297,7 +298,7 @@ def findings(res: QATResult) -> str:
         ratio = qa["train_time_s"] / by["fp32_more_steps"]["train_time_s"]
         lines.append(f"- A fake-quant step costs {ratio:.2f}× an FP32 step here.")
     lines.append(f"- INT8 size {qa['size_bytes'] / 2**20:.1f} MiB ({qa['bits_per_param']:.2f} bits/param), "
-                 f"batch-8 speedup {qa['speedup_vs_fp32']:.2f}× vs FP32 in this run. "
+                 f"batch-8 speedup {results.times_interval(qa, 'speedup_vs_fp32')} vs FP32 in this run. "
                  f"`qat_bert_int8/` reloads (weights_only) with identical accuracy: {res.reload_ok}.")
     low = next((r for r in res.rows if r["method"].startswith("qat_w")), None)
     if low:

@@ -11,7 +11,6 @@ here quantizes: each registered method writes its own artifact.
 """
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,8 +26,6 @@ from qlib.backends import gguf
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir
 
-# LLM.int8 on CPU casts fp32 inputs to fp16 and says so on every matmul
-logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 # The default list, sized to stay under 10 minutes on 2 CPU cores for a 135M model (each row costs 30-60 s there:
 # write, then 16 windows of prefill with every logit kept; the importance matrix 90 s): the deployment formats, and
 # each importance-matrix type after its round-to-nearest twin (the paired comparison). Everything else registered is a

@@ -49,7 +49,7 @@ def test_missing_and_corrupt_checkpoint(tmp_path):
     _one_clear_line(qlib("inspect", str(tmp_path / "gone")), "checkpoint folder not found")
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
-    _one_clear_line(qlib("inspect", str(tmp_path)), "corrupt checkpoint")
+    _one_clear_line(qlib("inspect", str(tmp_path)), "corrupt weights")
 
 
 def test_unknown_model_id_offline(tmp_path):

@@ -12,6 +12,9 @@ LOGGED = (
     ("torch.utils._pytree", "is an Enum subclass", "torchao registers its enums the old way at import"),
     ("transformers.modeling_utils", "`loss_type=None` was set", "the default causal-LM loss is the one meant"),
 )
+# (logger, level below which it is dropped, why)
+LEVELS = (("bitsandbytes.autograd._functions", logging.ERROR,
+           "LLM.int8 on a CPU casts fp32 inputs to fp16 and says so on every matmul: true, known, said in the notes"),)
 # (text in the warning, why)
 WARNED = (
     ("Attempting to save a model with offloaded modules", "llm-compressor saves a model it dispatched on the CPU"),
@@ -36,6 +39,8 @@ def quiet_libraries() -> None:
         log = logging.getLogger(name)
         if not any(isinstance(f, _Drop) and f.text == text for f in log.filters):
             log.addFilter(_Drop(text))
+    for name, level, _ in LEVELS:
+        logging.getLogger(name).setLevel(level)
     for text, _ in WARNED:
         warnings.filterwarnings("ignore", message=".*" + re.escape(text))
     try:

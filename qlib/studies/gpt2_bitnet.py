@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,9 +33,6 @@ README = results.readme_block(
     published={"bitnet": "not comparable: Ma et al. 2024 train b1.58 from scratch and match FP16 perplexity from 3B "
                           "parameters up; this row fine-tunes a small model ternary for a few hundred steps"},
     gpu_pairs=[("qlora", "fp32"), ("bitnet", "fp32"), ("qlora_bitnet", "fp32")])
-# bitsandbytes' LLM.int8 logs "inputs will be cast to float16" once per layer per call: true, known,
-# and stated in the notes; one line per matmul would bury the notebook's output.
-logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)

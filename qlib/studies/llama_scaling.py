@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from qlib.core.paths import outputs_dir
 from qlib.studies import StudyResult, llama_finetune, staged
 
 STUDY = "07_llama_scaling"
-logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 METHODS = ("full", "lora", "qlora")
 # LLaMA-architecture rungs (hidden, intermediate, layers, heads) at the real 32k vocabulary
 SIZES: dict[str, tuple[int, int, int, int]] = {

@@ -4,7 +4,6 @@ written and measured by `qlib.formats`, the same code as `python -m qlib formats
 base before it in every format (how much of the fine-tune each format keeps) and its bar."""
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,6 @@ from qlib.train import finetune
 STUDY = "08_qwen_merge_gguf"
 README = results.readme_block(
     published={"gguf_q4_0": "LLaMA-7B Q4_0: perplexity +4.2 % vs F16 (llama.cpp README quantization table, 2023)"})
-logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # see study 05
 # The issue's bar, on SmolLM2-135M (llama.cpp, this CPU, one thread, interleaved repeats)
 BAR = {"q4_0_decode_speedup_min": 1.8, "q8_0_perplexity_ratio_max": 1.005}
 # llama.cpp's own figure for Q4_0 on LLaMA-7B (README "quantization" table, 2023): +4.2 % perplexity vs F16

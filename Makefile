@@ -52,5 +52,11 @@ lab: setup
 	$(PIP) install -c constraints.txt -e ".[lab]"
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks
 
+# The executed notebooks rendered to HTML and laid out in a real browser (Chromium from the system's packages:
+# Playwright's own browser download is not reachable offline): page heights and where the findings start.
+render-check: setup
+	command -v chromium >/dev/null || apt-get install -y -q chromium
+	$(PY) -m qlib render-check
+
 clean-outputs:
 	rm -rf outputs/ results/smoke/

@@ -86,10 +86,18 @@ def add_causal_lora(model: torch.nn.Module, rank: int, kbit: bool, targets: list
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
     if targets is None or isinstance(targets, str):
         targets = target_modules(model.config.model_type, targets or "attention+mlp")
-    # bnb layers, BitLinear and QuantLinear are nn.Linear-shaped; GPT-2's Conv1D is handled by peft too
+    # bnb layers, BitLinear and QuantLinear are nn.Linear-shaped; GPT-2's own Conv1D stores the weight transposed
     cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.05, task_type="CAUSAL_LM",
-                     target_modules=list(targets))
+                     target_modules=list(targets), fan_in_fan_out=_conv1d_targets(model, targets))
     return get_peft_model(model, cfg)
+
+
+def _conv1d_targets(model: torch.nn.Module, targets: Any) -> bool:
+    """Whether the targeted layers are GPT-2's Conv1D (weight stored in x out): LoRA must know, else peft fixes it
+    with a warning per model."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(m, Conv1D) for n, m in model.named_modules() if any(n.endswith(t) for t in targets))
 
 
 def add_lora(model: torch.nn.Module, rank: int, targets: str = "attention", alpha: int | None = None,

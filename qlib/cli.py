@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qlib import render
 from qlib.config import GPU_STUDIES, PROFILES, check_profile
 from qlib.core.errors import ArgumentParser, QlabError
 from qlib.core.io import make_folder
@@ -247,6 +248,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_render_check(args: argparse.Namespace) -> int:
+    """Render executed notebooks in Chromium: each one's height and where its findings start; 2 if too far down."""
+    paths = [Path(p) for p in args.notebooks] or sorted((repo_root() / "results" / "executed").glob("*.ipynb"))
+    rendered = render.measure(paths)
+    print(render.table(rendered))
+    problems = [p for r in rendered for p in r.problems(args.findings_screens, args.max_screens)]
+    for p in problems:
+        print(f"qlab: error: {p}", file=sys.stderr)
+    return 2 if problems else 0
+
+
 def cmd_formats(args: argparse.Namespace) -> int:
     """Every deployment format of one causal LM, written, reloaded in its runtime and measured (study 08's report)."""
     from transformers.utils import logging
@@ -332,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="verify that a saved artifact (model, adapter, QAT folder, GGUF) loads whole")
     i.add_argument("path")
     i.set_defaults(fn=cmd_inspect)
+    rc = sub.add_parser("render-check", help="render executed notebooks in Chromium: height, where findings start")
+    rc.add_argument("notebooks", nargs="*", help="executed notebooks (default: results/executed/*.ipynb)")
+    rc.add_argument("--findings-screens", type=float, default=render.FINDINGS_SCREENS,
+                    help="findings must start within this many screens")
+    rc.add_argument("--max-screens", type=float, default=render.MAX_SCREENS, help="the whole report within this many")
+    rc.set_defaults(fn=cmd_render_check)
     _formats_parser(sub)
     return p
 

@@ -2,15 +2,19 @@
 entry says what it hides and why it is noise for qlab. Anything else a library says still shows."""
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import warnings
+from typing import Any
 
 # (logger, text in the message, why it says nothing here)
 LOGGED = (
     ("torchao", "Failed to load", "torchao's CUDA-only kernels (mxfp8, cutlass) are absent on a CPU; qlab uses none"),
     ("torch.utils._pytree", "is an Enum subclass", "torchao registers its enums the old way at import"),
     ("transformers.modeling_utils", "`loss_type=None` was set", "the default causal-LM loss is the one meant"),
+    ("torch.fx._symbolic_trace", "is_fx_tracing will return true", "llm-compressor traces the model to calibrate it "
+     "layer by layer; the note is for torch.export users"),
 )
 # (logger, level below which it is dropped, why)
 LEVELS = (("bitsandbytes.autograd._functions", logging.ERROR,
@@ -19,6 +23,7 @@ LEVELS = (("bitsandbytes.autograd._functions", logging.ERROR,
 WARNED = (
     ("Attempting to save a model with offloaded modules", "llm-compressor saves a model it dispatched on the CPU"),
     ("You passed `quantization_config` or equivalent", "reloading a compressed-tensors folder with its own config"),
+    ("`is_gradient_checkpointing` is deprecated", "peft reads an old attribute of transformers"),
 )
 # (loguru module of llm-compressor, why)
 LOGURU = (("llmcompressor.utils.dev", "'No accelerator available! Compressing model on CPU': the CPU is the plan"),)
@@ -41,6 +46,7 @@ def quiet_libraries() -> None:
             log.addFilter(_Drop(text))
     for name, level, _ in LEVELS:
         logging.getLogger(name).setLevel(level)
+    _no_load_bars()
     for text, _ in WARNED:
         warnings.filterwarnings("ignore", message=".*" + re.escape(text))
     try:
@@ -49,3 +55,22 @@ def quiet_libraries() -> None:
         return
     for module, _ in LOGURU:
         logger.disable(module)
+
+
+def _no_load_bars() -> None:
+    """transformers' "Loading weights" and "Writing model shards" bars: under a second at the sizes run here, a
+    line each in the executed notebooks (41 in 05); the studies' own bars stay."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+
+
+def transient_bars(*modules: Any) -> None:
+    """The progress bars of these library modules (each imports tqdm's class as `tqdm`) vanish when done
+    (`leave=False`): shown while they run, not kept in the report (llm-compressor draws two per layer)."""
+    for m in modules:
+        bar = getattr(m, "tqdm", None)
+        if bar is not None and not isinstance(bar, functools.partial):
+            m.tqdm = functools.partial(bar, leave=False)

@@ -24,6 +24,7 @@ import torch
 
 from qlib import models, runmeta
 from qlib.core.errors import QlabError
+from qlib.core.quiet import quiet_libraries, transient_bars
 from qlib.core.io import atomic_dir, tensor_bytes
 from qlib.methods.hf import copy_tokenizer
 from qlib.methods.grid import group_size
@@ -42,6 +43,8 @@ def _library() -> Any:
         raise QlabError(f"llm-compressor does not import ({e}); `make setup` installs it") from None
     # its INFO lines name every module it touches; errors still show, and its progress bars
     llmcompressor.configure_logger(llmcompressor.LoggerConfig(console_log_level="ERROR", metrics_disabled=True))
+    quiet_libraries()  # configure_logger re-enables every llmcompressor module, the ones core.quiet names too
+    transient_bars(*_bar_modules())
     return llmcompressor
 
 
@@ -57,6 +60,17 @@ def _no_pinned_memory() -> Iterator[None]:
         yield
     finally:
         IntermediatesCache.pin_memory = pin
+
+
+def _bar_modules() -> list[Any]:
+    """Where llm-compressor and compressed-tensors draw a bar per stage and per layer (two per layer for GPTQ)."""
+    import compressed_tensors.compressors.model_compressors.model_compressor as compress
+    import compressed_tensors.offload.dispatch as dispatch
+    import compressed_tensors.quantization.lifecycle.apply as apply
+    import llmcompressor.pipelines.cache as cache
+    import llmcompressor.pipelines.sequential.pipeline as sequential
+
+    return [compress, dispatch, apply, cache, sequential]
 
 
 def _recipe(algo: str, bits: int, symmetric: bool, group: int) -> Any:

@@ -253,7 +253,7 @@ def cmd_render_check(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.notebooks] or sorted((repo_root() / "results" / "executed").glob("*.ipynb"))
     rendered = render.measure(paths)
     print(render.table(rendered))
-    problems = [p for r in rendered for p in r.problems(args.findings_screens, args.max_screens)]
+    problems = [p for r in rendered for p in r.problems(args.findings_screens, args.max_px)]
     for p in problems:
         print(f"qlab: error: {p}", file=sys.stderr)
     return 2 if problems else 0
@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("notebooks", nargs="*", help="executed notebooks (default: results/executed/*.ipynb)")
     rc.add_argument("--findings-screens", type=float, default=render.FINDINGS_SCREENS,
                     help="findings must start within this many screens")
-    rc.add_argument("--max-screens", type=float, default=render.MAX_SCREENS, help="the whole report within this many")
+    rc.add_argument("--max-px", type=int, default=render.MAX_HEIGHT_PX, help="the whole report within this height")
     rc.set_defaults(fn=cmd_render_check)
     _formats_parser(sub)
     return p

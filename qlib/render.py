@@ -17,7 +17,7 @@ from qlib.core.errors import QlabError
 
 SCREEN = (1280, 900)          # a laptop's browser window, in CSS pixels
 FINDINGS_SCREENS = 4.0        # the findings heading must start within this many screens
-MAX_SCREENS = 40.0            # and the whole report within this many
+MAX_HEIGHT_PX = 15_000        # and the whole report within this height (issue 31's bar)
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync")
 FIND = """() => { const h = [...document.querySelectorAll('h1, h2, h3')]
@@ -32,7 +32,7 @@ class Rendered:
     height_px: int
     findings_px: int | None   # top of the first "Findings" heading (None: the notebook has none)
 
-    def problems(self, findings_screens: float = FINDINGS_SCREENS, max_screens: float = MAX_SCREENS) -> list[str]:
+    def problems(self, findings_screens: float = FINDINGS_SCREENS, max_px: int = MAX_HEIGHT_PX) -> list[str]:
         """What a reader would hit: no findings, findings too far down, a page too long."""
         screen, out = SCREEN[1], []
         if self.findings_px is None:
@@ -40,8 +40,8 @@ class Rendered:
         elif self.findings_px > findings_screens * screen:
             out.append(f"{self.notebook}: findings start {self.findings_px / screen:.1f} screens down "
                        f"(at most {findings_screens:g})")
-        if self.height_px > max_screens * screen:
-            out.append(f"{self.notebook}: {self.height_px / screen:.0f} screens tall (at most {max_screens:g})")
+        if self.height_px > max_px:
+            out.append(f"{self.notebook}: {self.height_px:,} px tall (at most {max_px:,})")
         return out
 
 

@@ -13,7 +13,7 @@ def test_a_report_is_refused_for_findings_far_down_or_missing():
     assert ok.problems() == []
     far = render.Rendered("b.ipynb", 1000, 80 * render.SCREEN[1], 70 * render.SCREEN[1])
     assert far.problems() == ["b.ipynb: findings start 70.0 screens down (at most 4)",
-                              "b.ipynb: 80 screens tall (at most 40)"]
+                              f"b.ipynb: {80 * render.SCREEN[1]:,} px tall (at most 15,000)"]
     assert render.Rendered("c.ipynb", 1, 10, None).problems() == ["c.ipynb: no 'Findings' heading"]
 
 

@@ -470,6 +470,22 @@ class Timer:
         self.seconds = time.perf_counter() - self._t0
 
 
+class Sections:
+    """Wall seconds of a study's named sections, in order (metrics.json `section_seconds`): where a profile's time
+    goes, so a cut to fit a time budget is chosen from measurements."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 1)
+
+
 def decode_speed(model: Any, prompt: torch.Tensor, n_new: int, repeats: int, eos: int,
                  device: torch.device) -> float:
     """Greedy decode tokens/s with the KV cache (median over repeats)."""

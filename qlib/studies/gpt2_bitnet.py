@@ -455,17 +455,24 @@ def run(cfg: Config) -> GPT2Result:
     info = runmeta.RunInfo(STUDY, cfg.profile, cfg.seed, su.asset.id, su.base, su.data_asset.id)
     if not cfg.keep_lm_head_fp16:  # before any training: a tied head cannot be quantized
         models.require_untied_head(su.base)
-    t = measure_regimes(cfg, su, prompt, out, device, info)
-    if not cfg.random_init:
-        compare_regimes(cfg, su, t, out, device, info)
-    if cfg.gguf and t.bit is not None and su.tok is not None:  # random-init runs have no tokenizer to convert
-        t.rows += gguf_rows(t.bit, su.tok, su.eval_ids, prompt[0].tolist(), cfg, out,
-                            su.asset.source == "pretrained-here", info)[0]
+    sections = metrics.Sections()
+    with sections("regimes"):
+        t = measure_regimes(cfg, su, prompt, out, device, info)
+    with sections("seed replicas"):
+        if not cfg.random_init:
+            compare_regimes(cfg, su, t, out, device, info)
+    with sections("gguf"):
+        if cfg.gguf and t.bit is not None and su.tok is not None:  # random-init runs have no tokenizer to convert
+            t.rows += gguf_rows(t.bit, su.tok, su.eval_ids, prompt[0].tolist(), cfg, out,
+                                su.asset.source == "pretrained-here", info)[0]
     _gguf_speed_vs_f16(t.rows)
     real = cfg.ladder_model_id and not cfg.random_init
-    ladder_doc = post_training_ladder(cfg, t, device) if real else None
-    methods_doc = post_training_methods(cfg, t, device, out) if real and cfg.ladder_methods else None
-    path = write_results(cfg, su, t, device, gpu_plan=gpu_plan, ladder=ladder_doc, methods=methods_doc)
+    with sections("post-training ladder"):
+        ladder_doc = post_training_ladder(cfg, t, device) if real else None
+    with sections("post-training methods and calibration ablation"):
+        methods_doc = post_training_methods(cfg, t, device, out) if real and cfg.ladder_methods else None
+    path = write_results(cfg, su, t, device, gpu_plan=gpu_plan, ladder=ladder_doc, methods=methods_doc,
+                         section_seconds=sections.seconds)
     return GPT2Result(t.rows, results.load_metrics(path), path, t.losses, t.identical)
 
 

@@ -304,7 +304,7 @@ def _uniform_rows(name: str, model: Any, tok: Any, data: QAData, cfg: Config, de
     prompt = torch.tensor([data.eval_items[0][0]], device=device)
     lora = sum(p.numel() for p in model.lora_parameters())  # every width's adapter
     total = sum(p.numel() for n, p in model.model.named_parameters() if "lora_" not in n) + lora
-    for w in widths:
+    for w in tqdm(widths, desc=f"{name}: each width on {len(data.eval_examples)} questions"):
         method = f"switchable_{name}_{w}"
         with metrics.PeakMemory(device) as mem:
             answers[method] = predict(model, tok, data, w, cfg, device)
@@ -376,27 +376,32 @@ def run(cfg: Config) -> SwitchableResult:
     gen_items, gen_rows = self_generated(asset, tok, data, cfg, device) if cfg.gen_data else ([], [])
     if gen_rows:
         atomic_write_text(res_dir / "gen_data.jsonl", "".join(json.dumps(r) + "\n" for r in gen_rows))
-    rows, losses, trained = [], {}, {}
+    rows, losses, trained, sections = [], {}, {}, metrics.Sections()
     for name, widths, style, selfgen in _runs(cfg):
         set_seed(cfg.seed)
         model = switchable.build(asset.path, widths, cfg.lora_rank, device)
         loader = qa_loader(gen_items if selfgen else data.train, cfg.batch_size, tok.eos_token_id, cfg.seed)
-        tr = train_switchable(model, loader, style, cfg.steps, cfg.lr, device, cfg.kd_temperature,
-                              desc=f"{name}: {cfg.steps} steps")
+        with sections("training"):
+            tr = train_switchable(model, loader, style, cfg.steps, cfg.lr, device, cfg.kd_temperature,
+                                  desc=f"{name}: {cfg.steps} steps")
         losses[name] = tr.losses
-        rows += _uniform_rows(name, model, tok, data, cfg, device, widths, tr, ids, base, answers)
+        with sections("evaluating every width"):
+            rows += _uniform_rows(name, model, tok, data, cfg, device, widths, tr, ids, base, answers)
         if style != "single" and not selfgen:
             model.save(out / f"adapters-{name}")
             trained[name] = model
     if cfg.gen_data:
         _selfgen_differences(rows, answers, data, cfg)
     model = trained[cfg.search_style]
-    sens = search.sensitivity(model, calibration(data, tok, cfg, device, max(1, cfg.n_calib // cfg.batch_size)))
-    search_rows, best = _search(model, tok, data, cfg, device, sens, base, answers)
+    with sections("sensitivity and greedy search"):
+        sens = search.sensitivity(model, calibration(data, tok, cfg, device,
+                                                     max(1, cfg.n_calib // cfg.batch_size)))
+        search_rows, best = _search(model, tok, data, cfg, device, sens, base, answers)
     atomic_write_text(res_dir / "sensitivity.json", json.dumps(sens, indent=2))
     atomic_write_text(res_dir / "search_results.csv", _csv(search_rows))
     results.write_per_example(STUDY, cfg.profile, "per_example", answers)
-    blocks = run_blocks(cfg, device)
+    with sections("block search on the real model"):
+        blocks = run_blocks(cfg, device)
     doc_assets = {"model": {"role": "causal-lm", **asset.provenance()},
                   "data": {**data.asset.provenance(), "n_train": len(data.train), "n_eval": len(data.eval_items),
                            "n_train_dropped_too_long": data.dropped, "n_self_generated": len(gen_items)}}
@@ -411,6 +416,7 @@ def run(cfg: Config) -> SwitchableResult:
                                                           "rows": blocks[0].rows, "qa_rows": blocks[0].qa_rows,
                                                           **blocks[0].info},
                                  benchmark=benchmark(best, blocks[0] if blocks else None),
+                                 section_seconds=sections.seconds,
                                  fake_quantization_note="weights are fake-quantized (rounded, kept in fp32): "
                                  "memory and speed do not fall with the width; the bits are what a packed "
                                  "deployment would store")

@@ -27,6 +27,7 @@ from qlib.core.device import parse_device, pick_device, set_seed
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_write_text
 from qlib.core.paths import outputs_dir, results_dir, staged_run
+from qlib.core.quiet import no_load_bars
 
 STUDY = "formats"
 
@@ -250,6 +251,7 @@ def model_to_measure(cfg: Config, src: str, out: Path, info: runmeta.RunInfo, to
 def run(cfg: Config) -> Report:
     """Resolve, merge, write every format, reload, score, time; write metrics.json, the table and the figure."""
     t0 = time.perf_counter()
+    no_load_bars()
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
     asset = resolve(cfg.model)

@@ -16,7 +16,8 @@ ROOT = Path(qlib.__file__).parent
 LAYERS: list[tuple[str, list[str]]] = [
     ("ground floor", ["core", "core.errors", "core.io", "core.paths", "core.device", "core.pip", "core.notebook",
                       "core.quiet", "core.progress"]),
-    ("foundations", ["config", "vocab", "runmeta", "results", "figures", "metrics", "fidelity", "ngram", "accounting",
+    ("foundations", ["config", "vocab", "runmeta", "results", "figures", "render", "metrics", "fidelity", "replay",
+                     "ngram", "accounting",
                      "corpus", "hub", "quant.uniform", "quant.nf4", "quant.bitnet", "quant.ptq", "quant.qat",
                      "quant.ladder", "quant.imatrix", "quant.api", "quant"]),
     ("models and data", ["pretrain", "assets", "data", "qa", "evalset", "choice", "budget", "models", "adapters",

@@ -46,7 +46,6 @@ def quiet_libraries() -> None:
             log.addFilter(_Drop(text))
     for name, level, _ in LEVELS:
         logging.getLogger(name).setLevel(level)
-    _no_load_bars()
     for text, _ in WARNED:
         warnings.filterwarnings("ignore", message=".*" + re.escape(text))
     try:
@@ -57,9 +56,10 @@ def quiet_libraries() -> None:
         logger.disable(module)
 
 
-def _no_load_bars() -> None:
+def no_load_bars() -> None:
     """transformers' "Loading weights" and "Writing model shards" bars: under a second at the sizes run here, a
-    line each in the executed notebooks (41 in 05); the studies' own bars stay."""
+    line each in the executed notebooks (41 in 05); the studies' own bars stay. Called when a study or `formats`
+    starts (importing transformers with qlib would slow every command)."""
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:

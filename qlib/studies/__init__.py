@@ -26,6 +26,7 @@ from typing import Any
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_write_text
 from qlib.core.paths import staged_run
+from qlib.core.quiet import no_load_bars
 
 # Notebook stem -> module under qlib.studies, in notebook order.
 STUDIES = {
@@ -79,6 +80,7 @@ def staged(study: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def run(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+            no_load_bars()
             with staged_run(study, cfg.profile) as dirs:
                 res = fn(cfg, *args, **kwargs)
             moves = [(str(s), str(f)) for s, f in dirs.values() if s != f]

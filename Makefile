@@ -30,7 +30,7 @@ run: setup
 
 test: setup
 	$(PY) -m ruff check
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 # The quick tier for day-to-day work (under 3 minutes on 2 cores): no notebooks, nothing marked slow.
 test-fast: setup

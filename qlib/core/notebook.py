@@ -1,11 +1,13 @@
 """An executed notebook made readable as a report: papermill stores every progress-bar refresh as its own output
 (tens of thousands in one notebook) and the absolute paths of the machine that ran it. `tidy` keeps what a terminal
 would finally show: consecutive stream outputs merged, each carriage-return rewrite settled to its last state,
-terminal escape codes dropped, and the run's root and home written as `.` and `~`."""
+terminal escape codes dropped, and the run's root, its Python environment and home written as `.`,
+`<env>` and `~`."""
 from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +63,15 @@ def tidy(nb: dict[str, Any], root: Path) -> dict[str, Any]:
         if "outputs" in cell:
             cell["outputs"] = merge_streams(cell["outputs"])
     text = json.dumps(nb, ensure_ascii=False)
-    for path, short in ((str(root.resolve()), "."), (str(Path.home()), "~")):
+    for path, short in ((str(root.resolve()), "."), *_env(), (str(Path.home()), "~")):
         text = text.replace(path + "/", short + "/").replace(path, short)
     return json.loads(text)
+
+
+def _env() -> list[tuple[str, str]]:
+    """The Python environment's folder as `<env>`, after the root (a venv inside the repository stays ./.venv), and
+    only where it is an environment of its own (a venv or conda env, not the system's /usr)."""
+    return [] if sys.prefix in ("/", "/usr", "/usr/local") else [(sys.prefix, "<env>")]
 
 
 def tidy_file(path: Path, root: Path) -> None:

@@ -66,6 +66,9 @@ def test_gptq_lowers_layer_output_error_below_rtn_on_the_same_stored_grid(made):
     meta = runmeta.read_meta(paths["gptq_w4"])
     assert meta["quantization"]["method"] == "gptq" and meta["quantization"]["extras"]["group_size"] == 64
     assert meta["calibration"]["samples"] == 16 and meta["calibration"]["length"] == 64
+    # what llm-compressor logs and qlib keeps: GPTQ's error for every linear, no module fallen back to rounding
+    assert meta["calibration"]["gptq_module_error"]["modules"] == len(w)
+    assert meta["calibration"]["gptq_module_error"]["sum"] > 0 and meta["calibration"]["library_warnings"] == []
     assert runmeta.read_meta(paths["rtn_w4"]).get("calibration") is None  # rounding needs no data
 
 

@@ -85,8 +85,37 @@ def _recipe(algo: str, bits: int, symmetric: bool, group: int) -> Any:
     return getattr(awq if algo == "awq" else q, ALGOS[algo])(config_groups=groups, ignore=["lm_head"])
 
 
-def _calibrate(model: torch.nn.Module, job: Job, algo: str, bits: int, symmetric: bool, group: int) -> float:
-    """Run llm-compressor's one-shot pass (the calibration windows for GPTQ and AWQ); the seconds it took."""
+@contextlib.contextmanager
+def _library_log(into: dict[str, Any]) -> Iterator[None]:
+    """llm-compressor's warnings (a Hessian that could not be inverted: that module fell back to rounding) and GPTQ's
+    per-module errors on the calibration windows, kept for the artifact's metadata: its console shows only errors."""
+    from loguru import logger
+
+    said: list[str] = []
+    errors: list[float] = []
+
+    def sink(message: Any) -> None:
+        r = message.record
+        if r["level"].name == "WARNING":
+            said.append(r["message"])
+        elif r["level"].name == "METRIC" and r["message"].startswith("error "):
+            errors.append(float(r["message"].removeprefix("error ")))
+
+    handler = logger.add(sink, level="WARNING", filter="llmcompressor", format="{message}")
+    try:
+        yield
+    finally:
+        logger.remove(handler)
+        into["library_warnings"] = said
+        if errors:
+            into["gptq_module_error"] = {"modules": len(errors), "sum": round(sum(errors), 4),
+                                         "max": round(max(errors), 4)}
+
+
+def _calibrate(model: torch.nn.Module, job: Job, algo: str, bits: int, symmetric: bool, group: int,
+               log: dict[str, Any]) -> float:
+    """Run llm-compressor's one-shot pass (the calibration windows for GPTQ and AWQ); the seconds it took, and into
+    `log` what the library warned of (`_library_log`)."""
     from datasets import Dataset
 
     oneshot = _library().oneshot
@@ -99,7 +128,7 @@ def _calibrate(model: torch.nn.Module, job: Job, algo: str, bits: int, symmetric
         kw = {"dataset": Dataset.from_dict(rows), "max_seq_length": ids.shape[1],
               "num_calibration_samples": ids.shape[0]}
     t0 = time.perf_counter()
-    with _no_pinned_memory():
+    with _no_pinned_memory(), _library_log(log):
         oneshot(model=model, recipe=_recipe(algo, bits, symmetric, group), **kw)
     return time.perf_counter() - t0
 
@@ -108,12 +137,13 @@ def _writer(algo: str, bits: int, symmetric: bool) -> Callable[[Job], Path]:
     def write(job: Job) -> Path:
         model = models.load_causal_lm(job.src, None, torch.device("cpu"), dtype=torch.float32).eval()
         group = group_size(model)
-        seconds = _calibrate(model, job, algo, bits, symmetric, group)
+        log: dict[str, Any] = {}
+        seconds = _calibrate(model, job, algo, bits, symmetric, group, log)
         model.to(torch.float16)  # what is not quantized (embeddings, norms) is stored as the FP16 source has it
         name = job.info.name("PTQ", job.peft, algo, bits, "fp16", variant=f"w{bits}g{group}")
         quant = {"bits": bits, "group_size": group, "symmetric": symmetric, "library": "llm-compressor",
                  "format": "compressed-tensors pack-quantized"}
-        cal = None if algo == "rtn" else {**job.calibration.record(), "seconds": round(seconds, 2)}
+        cal = None if algo == "rtn" else {**job.calibration.record(), "seconds": round(seconds, 2), **log}
         with atomic_dir(job.out / name) as tmp:
             model.save_pretrained(tmp, save_compressed=True)
             copy_tokenizer(job.src, tmp)

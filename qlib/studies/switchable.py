@@ -369,27 +369,16 @@ def run(cfg: Config) -> SwitchableResult:
     gpu_plan = budget.announce(plan(cfg, hub.model_config(asset.path), seq, device), device) \
         if budget.wanted(cfg.profile, device) else None
     ids = {"model": asset.id, "data": data.asset.id}
-    out, res_dir = outputs_dir(STUDY, cfg.profile), results_dir(STUDY, cfg.profile)
+    res_dir = results_dir(STUDY, cfg.profile)
     base = baselines(data)
     answers = {"id": [e.id for e in data.eval_examples], "answer": [e.answer for e in data.eval_examples],
                **{f"baseline_{k}": v["preds"] for k, v in base.items() if "preds" in v}}
     gen_items, gen_rows = self_generated(asset, tok, data, cfg, device) if cfg.gen_data else ([], [])
     if gen_rows:
         atomic_write_text(res_dir / "gen_data.jsonl", "".join(json.dumps(r) + "\n" for r in gen_rows))
-    rows, losses, trained, sections = [], {}, {}, metrics.Sections()
-    for name, widths, style, selfgen in _runs(cfg):
-        set_seed(cfg.seed)
-        model = switchable.build(asset.path, widths, cfg.lora_rank, device)
-        loader = qa_loader(gen_items if selfgen else data.train, cfg.batch_size, tok.eos_token_id, cfg.seed)
-        with sections("training"):
-            tr = train_switchable(model, loader, style, cfg.steps, cfg.lr, device, cfg.kd_temperature,
-                                  desc=f"{name}: {cfg.steps} steps")
-        losses[name] = tr.losses
-        with sections("evaluating every width"):
-            rows += _uniform_rows(name, model, tok, data, cfg, device, widths, tr, ids, base, answers)
-        if style != "single" and not selfgen:
-            model.save(out / f"adapters-{name}")
-            trained[name] = model
+    sections = metrics.Sections()
+    rows, losses, trained = _train_styles(cfg, asset, tok, data, gen_items, device, sections,
+                                          ids=ids, base=base, answers=answers)
     if cfg.gen_data:
         _selfgen_differences(rows, answers, data, cfg)
     model = trained[cfg.search_style]
@@ -422,6 +411,29 @@ def run(cfg: Config) -> SwitchableResult:
                                  "deployment would store")
     return SwitchableResult(rows, results.load_metrics(path), path, losses, sens, search_rows, best, base,
                             blocks[0] if blocks else None)
+
+
+def _train_styles(cfg: Config, asset: Any, tok: Any, data: QAData, gen_items: list[Any], device: torch.device,
+                  sections: metrics.Sections, *, ids: dict[str, str], base: dict[str, Any],
+                  answers: dict[str, list[str]]) -> tuple[list[dict[str, Any]], dict[str, list[float]], dict[str, Any]]:
+    """Train each run of `_runs` and evaluate every width it holds (`_uniform_rows`); the multi-width adapters are
+    saved and kept for the search."""
+    out = outputs_dir(STUDY, cfg.profile)
+    rows, losses, trained = [], {}, {}
+    for name, widths, style, selfgen in _runs(cfg):
+        set_seed(cfg.seed)
+        model = switchable.build(asset.path, widths, cfg.lora_rank, device)
+        loader = qa_loader(gen_items if selfgen else data.train, cfg.batch_size, tok.eos_token_id, cfg.seed)
+        with sections("training"):
+            tr = train_switchable(model, loader, style, cfg.steps, cfg.lr, device, cfg.kd_temperature,
+                                  desc=f"{name}: {cfg.steps} steps")
+        losses[name] = tr.losses
+        with sections("evaluating every width"):
+            rows += _uniform_rows(name, model, tok, data, cfg, device, widths, tr, ids, base, answers)
+        if style != "single" and not selfgen:
+            model.save(out / f"adapters-{name}")
+            trained[name] = model
+    return rows, losses, trained
 
 
 def _selfgen_differences(rows: list[dict[str, Any]], answers: dict[str, list[str]], data: QAData,

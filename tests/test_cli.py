@@ -197,8 +197,6 @@ def test_an_executed_notebook_is_tidied_into_a_report(tmp_path):
     """Progress-bar refreshes become the bar's last state, consecutive streams one output, this machine's paths
     relative (the Python environment's too, where it lies outside the repository); other outputs and the order of
     streams around them are kept."""
-    import sys
-
     from qlib.core.notebook import tidy
 
     root = tmp_path / "repo"

@@ -112,10 +112,10 @@ def _library_log(into: dict[str, Any]) -> Iterator[None]:
                                          "max": round(max(errors), 4)}
 
 
-def _calibrate(model: torch.nn.Module, job: Job, algo: str, bits: int, symmetric: bool, group: int,
-               log: dict[str, Any]) -> float:
-    """Run llm-compressor's one-shot pass (the calibration windows for GPTQ and AWQ); the seconds it took, and into
-    `log` what the library warned of (`_library_log`)."""
+def _calibrate(model: torch.nn.Module, job: Job, algo: str, bits: int, symmetric: bool,
+               group: int) -> dict[str, Any]:
+    """Run llm-compressor's one-shot pass (the calibration windows for GPTQ and AWQ): the seconds it took and what
+    the library warned of (`_library_log`)."""
     from datasets import Dataset
 
     oneshot = _library().oneshot
@@ -127,23 +127,23 @@ def _calibrate(model: torch.nn.Module, job: Job, algo: str, bits: int, symmetric
         rows = {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
         kw = {"dataset": Dataset.from_dict(rows), "max_seq_length": ids.shape[1],
               "num_calibration_samples": ids.shape[0]}
+    log: dict[str, Any] = {}
     t0 = time.perf_counter()
     with _no_pinned_memory(), _library_log(log):
         oneshot(model=model, recipe=_recipe(algo, bits, symmetric, group), **kw)
-    return time.perf_counter() - t0
+    return {"seconds": round(time.perf_counter() - t0, 2), **log}
 
 
 def _writer(algo: str, bits: int, symmetric: bool) -> Callable[[Job], Path]:
     def write(job: Job) -> Path:
         model = models.load_causal_lm(job.src, None, torch.device("cpu"), dtype=torch.float32).eval()
         group = group_size(model)
-        log: dict[str, Any] = {}
-        seconds = _calibrate(model, job, algo, bits, symmetric, group, log)
+        done = _calibrate(model, job, algo, bits, symmetric, group)
         model.to(torch.float16)  # what is not quantized (embeddings, norms) is stored as the FP16 source has it
         name = job.info.name("PTQ", job.peft, algo, bits, "fp16", variant=f"w{bits}g{group}")
         quant = {"bits": bits, "group_size": group, "symmetric": symmetric, "library": "llm-compressor",
                  "format": "compressed-tensors pack-quantized"}
-        cal = None if algo == "rtn" else {**job.calibration.record(), "seconds": round(seconds, 2), **log}
+        cal = None if algo == "rtn" else {**job.calibration.record(), **done}
         with atomic_dir(job.out / name) as tmp:
             model.save_pretrained(tmp, save_compressed=True)
             copy_tokenizer(job.src, tmp)

@@ -122,6 +122,29 @@ def lora_params(config: Any, rank: int, targets: tuple[str, ...] = LORA_TARGETS)
     return config.num_hidden_layers * sum(rank * sum(shapes[t]) for t in targets)
 
 
+def lora_tensor_sizes(model: torch.nn.Module, rank: int, targets: tuple[str, ...]) -> list[int]:
+    """Elements of every LoRA A (rank x in) and B (out x rank) matrix peft would add: an optimizer's states are
+    kept per tensor."""
+    sizes: list[int] = []
+    for name, m in model.named_modules():
+        if _is_linear(m) and any(name == t or name.endswith("." + t) for t in targets):
+            fan_in = m.in_features if isinstance(m, torch.nn.Linear) else m.weight.shape[0]
+            sizes += [rank * fan_in, _rows(m) * rank]
+    return sizes
+
+
+BNB_MIN_8BIT_SIZE, BNB_STATE_BLOCK = 4096, 256  # bitsandbytes' 8-bit optimizers (their min_8bit_size default)
+
+
+def optimizer_state_bytes(sizes: list[int], bytes_per_param: float) -> int:
+    """AdamW's states for tensors of these sizes. At 2 bytes per parameter (8-bit AdamW) as bitsandbytes keeps
+    them: a tensor under 4096 elements keeps fp32 states (8 bytes each), the others one byte per state plus an
+    fp32 absmax per block of 256; at a tiny LoRA rank most adapters are under 4096 elements."""
+    if bytes_per_param != 2:
+        return round(sum(sizes) * bytes_per_param)
+    return sum(8 * n if n < BNB_MIN_8BIT_SIZE else 2 * n + 8 * -(-n // BNB_STATE_BLOCK) for n in sizes)
+
+
 def lora_params_of(model: torch.nn.Module, rank: int, targets: tuple[str, ...]) -> tuple[int, int, int]:
     """Any architecture: LoRA parameters, and per layer the number of wrapped modules and their summed input
     width (for dropout), from the modules peft would wrap (names ending in a target, as peft matches them)."""
@@ -214,7 +237,7 @@ class TrainingSetup:
     weight_format: str          # fp32 | fp16 | nf4 (base weights as stored)
     compute_elem: int           # bytes per activation element (4 fp32, 2 fp16/bf16)
     lora_rank: int = 16
-    optimizer_bytes: float = 8  # AdamW fp32 states per trainable param (8-bit AdamW: 2)
+    optimizer_bytes: float = 8  # AdamW fp32 states per trainable param (2: bitsandbytes' 8-bit AdamW)
     trainable_elem: int = 4     # LoRA adapters train in fp32; full fine-tune in the weights' dtype
     rest_elem: int = 2          # bytes of the unquantized embeddings/norms/lm_head
                                 # (4 after prepare_model_for_kbit_training)
@@ -265,7 +288,9 @@ def training_bytes(config: Any, setup: TrainingSetup, batch: int, seq: int, chec
     else:
         raise QlabError(f"unknown training method {setup.method!r}; valid: full, lora, qlora")
     grads = trainable * setup.trainable_elem
-    optim = round(trainable * setup.optimizer_bytes)
+    sizes = (lora_tensor_sizes(model, setup.lora_rank, setup.lora_targets) if setup.method != "full"
+             else [p.numel() for p in model.parameters()])
+    optim = optimizer_state_bytes(sizes, setup.optimizer_bytes)
     a = arch(config)
     act = activation_bytes(config, batch, seq, setup.compute_elem, checkpointing,
                            lora_rank=setup.lora_rank if setup.method != "full" else 0, lora_dropout=setup.lora_dropout,

@@ -82,7 +82,7 @@ def add_causal_lora(model: torch.nn.Module, rank: int, kbit: bool, targets: list
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=ckpt)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt)
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
     if targets is None or isinstance(targets, str):
         targets = target_modules(model.config.model_type, targets or "attention+mlp")

@@ -178,3 +178,15 @@ def test_05_seed_spread_pairs_each_seed_with_its_own_reference():
     assert by["qlora"]["perplexity_change_vs_fp32_seed_values"] == pytest.approx([np.expm1(0.03), np.expm1(0.04)])
     assert by["qlora"]["perplexity_change_vs_control_seed_values"] == pytest.approx([np.expm1(0.02), np.expm1(0.01)])
     assert "perplexity_change_vs_control_seed_mean" not in by["lora"]
+
+
+def test_bitlinear_keeps_the_layer_dtype_and_device():
+    """A model converted where it lives stays there: BitLinears were made on the CPU in fp32 whatever the layer
+    was, and 05's gpu profile failed on an H200 with weights on the CPU and activations on the GPU."""
+    lin = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    b = bitnet.BitLinear.from_linear(lin)
+    assert (b.weight.dtype, b.weight.device, b.bias.dtype) == (torch.bfloat16, lin.weight.device, torch.bfloat16)
+    assert torch.equal(b.weight, lin.weight)
+    with torch.device("meta"):
+        meta = torch.nn.Linear(8, 4)
+    assert bitnet.BitLinear.from_linear(meta).weight.device.type == "meta"

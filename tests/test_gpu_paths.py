@@ -19,13 +19,16 @@ def test_t4_conditions_force_fp16_and_are_cuda_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))  # an H100
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80 * 2**30}))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append(f))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    # torch's allocator cap refuses a device without an index ("cuda"): seen on an H200
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
     assert compute_dtype("cuda") == torch.bfloat16
     with t4_conditions("cuda", 15.0) as fraction:
         assert fraction == pytest.approx(15 / 80)
         assert compute_dtype("cuda") == torch.float16  # a T4 has no bf16
         assert llama_scaling.setup_for("qlora", torch.device("cuda"), 16).compute_elem == 2
-    assert calls == [pytest.approx(15 / 80), 1.0]  # capped, then released
+    cuda0 = torch.device("cuda", 0)
+    assert calls == [(pytest.approx(15 / 80), cuda0), (1.0, cuda0)]  # capped, then released
     assert compute_dtype("cuda") == torch.bfloat16
 
 

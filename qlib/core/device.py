@@ -73,6 +73,8 @@ def t4_conditions(device: str | torch.device, memory_gib: float = 15.0) -> Itera
     if dev.type != "cuda":
         raise QlabError("the T4 memory cap is a CUDA-only option (it caps the GPU allocator); "
                         f"this run is on {dev.type}")
+    if dev.index is None:  # the allocator cap wants an index: plain "cuda" is the current device
+        dev = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(dev).total_memory
     fraction = min(1.0, memory_gib * 2**30 / total)
     torch.cuda.empty_cache()

@@ -24,6 +24,7 @@ WARNED = (
     ("Attempting to save a model with offloaded modules", "llm-compressor saves a model it dispatched on the CPU"),
     ("You passed `quantization_config` or equivalent", "reloading a compressed-tensors folder with its own config"),
     ("`is_gradient_checkpointing` is deprecated", "peft reads an old attribute of transformers"),
+    ("`gradient_checkpointing_enable` is deprecated", "peft's prepare_model_for_kbit_training calls the old name"),
 )
 # (loguru module of llm-compressor, why)
 LOGURU = (("llmcompressor.utils.dev", "'No accelerator available! Compressing model on CPU': the CPU is the plan"),)

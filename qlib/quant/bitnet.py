@@ -42,8 +42,9 @@ def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 class BitLinear(nn.Linear):
     """nn.Linear whose forward uses ternary weights and 8-bit activations; keeps FP latent weights."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, act_bits: int = 8):
-        super().__init__(in_features, out_features, bias=bias)
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, act_bits: int = 8,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.act_bits = act_bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +64,8 @@ class BitLinear(nn.Linear):
             weight, bias = lin.weight.data.t(), lin.bias
         else:
             raise TypeError(f"cannot make a BitLinear from {type(lin).__name__}")
-        out = cls(weight.shape[1], weight.shape[0], bias=bias is not None)
+        # on the layer's device and dtype: a model converted on the GPU stays there
+        out = cls(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
         out.weight.data.copy_(weight)
         if bias is not None:
             out.bias.data.copy_(bias.data)

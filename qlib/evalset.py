@@ -18,6 +18,7 @@ from qlib.core.errors import QlabError
 DATASET_ID = "stdlib-code+bbc-news"  # the rows' `dataset` wherever the shared set is scored
 PROSE_SPLIT_SEED = "bbc-eval-v1"
 PROSE_EVAL_FRAC = 0.1
+CODE_SHARE = 0.75  # the set holds three windows of code to one of prose (`build`'s 96 : 32)
 
 
 def held_out_article(path: str) -> bool:
@@ -42,7 +43,7 @@ def training_tokens(tok: Any, context: int, n: int) -> torch.Tensor:
     """`n` tokens of the set's two domains' training texts, three parts code to one of prose as the set holds: what a
     count baseline (unigram, bigram) fits on to score the set."""
     train, _ = corpus.split_by_module(corpus.load_code_corpus())
-    n_code = n * 3 // 4
+    n_code = int(n * CODE_SHARE)
     code = data.lm_chunks(tok, [corpus.sft_text(f) for f in train], context, n_code).reshape(-1)[:n_code]
     return torch.cat([code, data.lm_chunks(tok, prose_split()[0], context, n - n_code).reshape(-1)[: n - n_code]])
 

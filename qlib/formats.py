@@ -258,6 +258,9 @@ DEFINITIONS = {
               "reference (llama.cpp's Δp), 95 % interval over whole units",
     "kl_vs_control": "mean KL of a method minus that of its round-to-nearest control (`control`, same grid) on the "
                      "same tokens, paired 95 % bootstrap over whole units: the method's own contribution",
+    "perplexity_vs_control_by_domain": "per domain of the shared set, perplexity of a method over its control's on "
+                                       "the same tokens, paired 95 % bootstrap over that domain's whole modules or "
+                                       "articles",
     "calibration": "the calibration text a method used (source, samples, length, tokens) and the seconds its "
                    "statistic took (the importance matrix, shared by the methods of one run); make_s: seconds to "
                    "write the artifact (the first method to need the importance matrix includes it); score_s: "
@@ -323,9 +326,21 @@ def _versus_control(m: Measured, ctl: Measured | None, context: int, seed: int,
     """A method's own contribution: its mean KL minus its round-to-nearest control's on the same tokens, with the
     paired 95 % interval over whole windows or `groups` (negative: the method is closer to the reference)."""
     if ctl is None or m.scores is None or ctl.scores is None or m.scores.kl is None or ctl.scores.kl is None:
-        return metrics.with_difference({}, "kl_vs_control", None)
+        return {**metrics.with_difference({}, "kl_vs_control", None), "perplexity_vs_control_by_domain": None}
     d = metrics.paired_bootstrap(ctl.scores.kl, m.scores.kl, block=context - 1, seed=seed, groups=groups)
-    return metrics.with_difference({}, "kl_vs_control", {**d, "real": d["excludes_zero"]})
+    return {**metrics.with_difference({}, "kl_vs_control", {**d, "real": d["excludes_zero"]}),
+            "perplexity_vs_control_by_domain": ratio_by_domain(ctl.nll, m.nll, groups, context, seed)}
+
+
+def ratio_by_domain(ref_nll: np.ndarray | None, nll: np.ndarray | None, groups: np.ndarray | None, context: int,
+                    seed: int) -> dict[str, dict[str, Any]] | None:
+    """Perplexity over a reference's on each domain of the shared set, with the paired interval over that domain's
+    whole modules or articles: a method fitted to its calibration domain can gain on one and lose on the other."""
+    if ref_nll is None or nll is None or groups is None:
+        return None
+    domains = np.array([g.split(":", 1)[0] for g in groups])
+    return {d: metrics.perplexity_ratio(ref_nll[domains == d], nll[domains == d], block=context - 1, seed=seed,
+                                        groups=groups[domains == d]) for d in sorted(set(domains))}
 
 
 def _pct(r: dict[str, Any]) -> str:

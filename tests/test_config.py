@@ -109,6 +109,11 @@ def test_tuple_knobs_accept_a_list_or_a_comma_string():
     assert switchable.config("smoke", widths=["2", 8]).widths == (2, 8)
     with pytest.raises(QlabError, match="unknown rung/method"):
         llama_scaling.config("smoke", rungs="llama-2m,llama-99m")
+    from qlib.studies import gpt2_bitnet
+
+    assert gpt2_bitnet.config("smoke", ladder_calib_sources="prose,mixed").ladder_calib_sources == ("prose", "mixed")
+    with pytest.raises(QlabError, match=r"ladder_calib_sources: unknown or no calibration source \['poetry'\]"):
+        gpt2_bitnet.config("smoke", ladder_calib_sources="code,poetry")
 
 
 @pytest.mark.parametrize("override, needle", [

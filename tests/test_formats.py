@@ -261,3 +261,17 @@ def test_study_08_base_rows_are_the_commands_rows_on_the_same_model(tiny_qwen, r
     for fmt, row in (("fp16", "base"), ("bnb_nf4", "base_bnb_nf4"), ("gguf_q4_0", "base_gguf_q4_0")):
         assert float(np.exp(by[row].nll.mean())) == cmd[fmt]["perplexity"], fmt
     assert by["base_bnb_nf4"].scores.kl.mean() == cmd["bnb_nf4"]["kl_mean"]
+
+
+def test_ratio_by_domain_resamples_each_domains_own_groups():
+    """A method fitted to one domain gains there and loses on the other; a pooled ratio can hide both."""
+    rng = np.random.default_rng(0)
+    groups = np.repeat([f"code:m{i}" for i in range(6)] + [f"prose:a{i}" for i in range(6)], 20)
+    ref = rng.normal(2.0, 0.3, groups.size)
+    code = np.char.startswith(groups.astype(str), "code")
+    nll = ref + np.where(code, -0.1, 0.2) + rng.normal(0, 0.02, groups.size)
+    got = formats.ratio_by_domain(ref, nll, groups, context=21, seed=0)
+    assert set(got) == {"code", "prose"} and got["code"]["tokens"] == got["prose"]["tokens"] == 120
+    assert got["code"]["hi"] < 1 < got["prose"]["lo"] and got["code"]["real"] and got["prose"]["real"]
+    assert got["code"]["ratio"] == pytest.approx(np.exp(np.mean(nll[code] - ref[code])))
+    assert formats.ratio_by_domain(ref, nll, None, context=21, seed=0) is None

@@ -104,12 +104,16 @@ class Config:
     ladder_context: int = 256
     ladder_eval_tokens: int = 4_096    # the shared set's first 16 windows: the same as 06, 08 and `formats` score
     # registry methods on the ladder's model, each beside its round-to-nearest control (skipped with the ladder), and
-    # the calibrated ones again per calibration setting: code or prose text x each of ladder_calib_samples windows
+    # the calibrated ones again per calibration setting: the main source at each other count of ladder_calib_samples,
+    # and each other source of ladder_calib_sources at the main count
     # (3 bits too: GPTQ is the one method that helps there; 2 bits destroys a 135M model by every method, see the
     # `formats` methods run in docs/formats.md, so w2 is a `ladder_methods` away)
     ladder_methods: tuple[str, ...] = ("rtn_w4", "gptq_w4", "hqq_w4", "gguf_q4_0_imat", "gptq_w3", "hqq_w3")
     ladder_ablation: tuple[str, ...] = ("gguf_q4_0_imat", "gptq_w4")
-    ladder_calib_samples: tuple[int, ...] = (128, 16)   # the first: the main setting's (code)
+    ladder_calib_samples: tuple[int, ...] = (128, 16)   # the first: the main setting's
+    # calibration text, the first the main setting's: mixed (code and prose as the evaluation set mixes them, 3 : 1),
+    # code (the stdlib train split) or prose (BBC News), always disjoint from the evaluated modules and articles
+    ladder_calib_sources: tuple[str, ...] = ("mixed", "code", "prose")
     ladder_calib_length: int = 128
     ladder_methods_eval_tokens: int = 4_096
     device: str = "auto"
@@ -141,6 +145,10 @@ def config(profile: str = "default", **overrides: Any) -> Config:
         if not cfg.ladder_calib_samples or min(cfg.ladder_calib_samples) < 1 or cfg.ladder_calib_length < 16:
             raise QlabError("ladder_calib_samples must name at least one positive count and ladder_calib_length be "
                             f"at least 16, got {cfg.ladder_calib_samples} x {cfg.ladder_calib_length}")
+        bad = [s for s in cfg.ladder_calib_sources if s not in ptq_methods.SOURCES]
+        if bad or not cfg.ladder_calib_sources:
+            raise QlabError(f"ladder_calib_sources: unknown or no calibration source {bad}; valid: "
+                            f"{', '.join(ptq_methods.SOURCES)}")
     return cfg
 
 
@@ -569,7 +577,7 @@ def post_training_methods(cfg: Config, t: Tally, device: torch.device, out: Path
     """The registry's methods beside round-to-nearest on the real LM, and the calibration ablation."""
     spec = ptq_methods.MethodsSpec(cfg.ladder_model_id, cfg.dataset_id, cfg.ladder_methods, cfg.ladder_ablation,
                                    cfg.ladder_calib_samples, cfg.ladder_calib_length, cfg.ladder_context,
-                                   cfg.ladder_methods_eval_tokens, cfg.seed)
+                                   cfg.ladder_methods_eval_tokens, cfg.seed, cfg.ladder_calib_sources)
     m = ptq_methods.run_methods(spec, device, out / "methods", STUDY, cfg.profile)
     t.rows += m.rows
     results.write_per_example(STUDY, cfg.profile, "methods_per_token_nll", {"group": m.groups, **m.nll})

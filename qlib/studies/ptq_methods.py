@@ -22,7 +22,8 @@ import torch
 from qlib import assets, data, evalset, formats, merge, methods, metrics, pretrain, runmeta
 from qlib.core.errors import QlabError
 
-SOURCES = ("code", "prose")   # the dataset's train split (stdlib code) | BBC News articles
+# the dataset's train split (stdlib code) | BBC News articles | both, in the evaluation set's 3 : 1 mix
+SOURCES = ("code", "prose", "mixed")
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,19 @@ class MethodsSpec:
     dataset_id: str
     methods: tuple[str, ...]          # registry names; their controls and references are added
     ablation: tuple[str, ...]         # the calibrated ones re-made per calibration setting
-    samples: tuple[int, ...]          # calibration windows: the first is the main setting's (with code)
+    samples: tuple[int, ...]          # calibration windows: the first is the main setting's
     calib_length: int
     context: int
     eval_tokens: int
     seed: int = 0
+    sources: tuple[str, ...] = ("mixed", "code", "prose")  # calibration text: the first is the main setting's
+
+    def settings(self) -> list[tuple[str, int]]:
+        """(source, windows) of the main setting, then the ablation's: the main source at each other count, and each
+        other source at the main count."""
+        main_source, main_n = self.sources[0], self.samples[0]
+        return [(main_source, main_n), *((main_source, n) for n in self.samples[1:] if n != main_n),
+                *((s, main_n) for s in self.sources[1:] if s != main_source)]
 
 
 @dataclass
@@ -52,7 +61,16 @@ class MethodsResult:
 
 def calibration(source: str, tok: Any, dataset_id: str, samples: int, length: int, seed: int) -> methods.Calibration:
     """`samples` windows of `length` tokens from `source`'s texts, shuffled with `seed` (every module or topic can
-    contribute); code comes from the train split only, never the evaluated one. Too little text is one line."""
+    contribute); code comes from the train split only, never the evaluated one; `mixed` takes code and prose in the
+    evaluation set's proportions. Too little text is one line."""
+    if source == "mixed":
+        n_code = round(samples * evalset.CODE_SHARE)
+        parts = [calibration(s, tok, dataset_id, n, length, seed) for s, n in (("code", n_code),
+                                                                               ("prose", samples - n_code)) if n]
+        windows = [w for c in parts for w in c.windows]
+        random.Random(seed).shuffle(windows)
+        return methods.Calibration(f"mixed: {n_code} code + {samples - n_code} prose windows ("
+                                   + "; ".join(c.source for c in parts) + ")", windows)
     if source == "code":
         texts, what = data.load_code_sft(dataset_id)[0], f"{dataset_id} train split"
     elif source == "prose":
@@ -80,24 +98,22 @@ def run_methods(spec: MethodsSpec, device: torch.device, out: Path, study: str, 
     shared = evalset.scored(tok, spec.context, spec.eval_tokens)
     text = formats.Text.of(shared, tok.eos_token_id, spec.seed)
     cal = lambda source, n: calibration(source, tok, spec.dataset_id, n, spec.calib_length, spec.seed)  # noqa: E731
-    main_cal = cal("code", spec.samples[0])
+    (main_source, main_n), *others = spec.settings()
+    main_cal = cal(main_source, main_n)
     kw = {"pre_tokenizer": pretrain.gguf_pre_tokenizer(stored)}
     main = formats.measure(src, spec.methods, out / "methods", text, device, info, calibration=main_cal,
                            desc="post-training methods", **kw)
-    settings, ablated = {f"code{spec.samples[0]}": main_cal.record()}, []
-    for source in SOURCES:
-        for n in spec.samples:
-            key = f"{source}{n}"
-            if key in settings:
-                continue
-            c = cal(source, n)
-            settings[key] = c.record()
-            stage = formats.measure(src, spec.ablation, out / f"calibration-{key}", text, device, info, calibration=c,
-                                    before=main, desc=f"calibration {key}", **kw)
-            for m in stage.measured:
-                m.method = f"{m.method}@{key}"
-            main.problems += stage.problems
-            ablated += stage.measured
+    settings, ablated = {f"{main_source}{main_n}": main_cal.record()}, []
+    for source, n in others:
+        key = f"{source}{n}"
+        c = cal(source, n)
+        settings[key] = c.record()
+        stage = formats.measure(src, spec.ablation, out / f"calibration-{key}", text, device, info, calibration=c,
+                                before=main, desc=f"calibration {key}", **kw)
+        for m in stage.measured:
+            m.method = f"{m.method}@{key}"
+        main.problems += stage.problems
+        ablated += stage.measured
     rows = _rows(main.measured, ablated, spec, asset.id, evalset.DATASET_ID, src, text.groups)
     return MethodsResult(rows, _nll(main.measured + ablated), main.problems, settings, text.about, text.groups)
 
@@ -112,7 +128,8 @@ def _rows(main: list[formats.Measured], ablated: list[formats.Measured], spec: M
     for r in rows:
         base, _, setting = r["method"].partition("@")
         r.update(section="post-training methods" if not setting else "calibration ablation",
-                 calibration_setting=setting or (f"code{spec.samples[0]}" if r.get("calibration") else None))
+                 calibration_setting=setting or (f"{spec.sources[0]}{spec.samples[0]}" if r.get("calibration")
+                                                 else None))
         main_m, this = by.get(base), by[r["method"]]
         d = None
         if setting and main_m is not None and main_m.scores is not None and this.scores is not None:
@@ -142,14 +159,21 @@ def findings(rows: list[dict[str, Any]]) -> str:
         cost = _cost(r)
         lines.append(f"- `{r['method']}` ({'%.2f' % bits if bits else '16'} bits/weight): mean KL {r['kl_mean']:.4f} "
                      f"[{r['kl_mean_lo']:.4f}, {r['kl_mean_hi']:.4f}], same top-1 {100 * r['top1_agreement']:.1f} %"
-                     f"{ctl}{cost}.")
+                     f"{ctl}{_domains(r)}{cost}.")
     for r in (r for r in rows if r.get("section") == "calibration ablation" and r.get("kl_mean") is not None):
         d = r.get("kl_vs_main_calibration")
         lines.append(f"- `{r['method']}`: mean KL {r['kl_mean']:.4f}" + (
             f", {d:+.4f} [{r['kl_vs_main_calibration_lo']:+.4f}, {r['kl_vs_main_calibration_hi']:+.4f}] vs its main "
             f"setting" + ("" if r["kl_vs_main_calibration_real"] else " (within noise)") if d is not None else "")
-            + f"{_cost(r)}.")
+            + f"{_domains(r)}{_cost(r)}.")
     return "\n".join(lines)
+
+
+def _domains(r: dict[str, Any]) -> str:
+    """Perplexity over the control's on each domain with its interval: where a method's calibration text helps."""
+    d = r.get("perplexity_vs_control_by_domain") or {}
+    return ("; perplexity vs its control " + ", ".join(
+        f"{k} ×{v['ratio']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" for k, v in d.items())) if d else ""
 
 
 def _cost(r: dict[str, Any]) -> str:

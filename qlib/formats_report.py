@@ -183,6 +183,16 @@ def shared_text(cfg: Config, tok: Any) -> tuple[formats.Text, torch.Tensor, str]
     return formats.Text.of(s, tok.eos_token_id, cfg.seed), rest, evalset.DATASET_ID
 
 
+def shared_mix(rest: torch.Tensor, want: int, length: int) -> tuple[torch.Tensor, str]:
+    """`want` calibration tokens in the shared set's own mix, 3 code : 1 prose, as 05's methods calibrate: its training
+    tokens hold code, then prose (`evalset.training_tokens`)."""
+    ids = rest.reshape(-1)
+    split, code = int(ids.numel() * evalset.CODE_SHARE), round(want * evalset.CODE_SHARE / length) * length
+    mixed = torch.cat([ids[:code], ids[split:split + want - code]])
+    return mixed, (f"{SHARED}'s training texts: {code // length} code + {(mixed.numel() - code) // length} prose "
+                   f"windows (the evaluation set's mix)")
+
+
 def load_calibration(cfg: Config, tok: Any, rest: torch.Tensor | None, problems: list[str]
                      ) -> methods.Calibration | None:
     """`calib_samples` windows of `calib_length` tokens, disjoint from the scored ones: the --calibration file, else
@@ -202,6 +212,8 @@ def load_calibration(cfg: Config, tok: Any, rest: torch.Tensor | None, problems:
     except QlabError as e:
         problems.append(f"calibration: {e}: the methods that need it are not made")
         return None
+    if not cfg.calibration and not cfg.text and cfg.dataset == SHARED:
+        rest, source = shared_mix(rest, want, cfg.calib_length)
     ids = rest.reshape(-1)[:want]
     return methods.Calibration(source, list(ids[: ids.numel() - ids.numel() % cfg.calib_length]
                                             .reshape(-1, cfg.calib_length)))

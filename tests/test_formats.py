@@ -275,3 +275,14 @@ def test_ratio_by_domain_resamples_each_domains_own_groups():
     assert got["code"]["hi"] < 1 < got["prose"]["lo"] and got["code"]["real"] and got["prose"]["real"]
     assert got["code"]["ratio"] == pytest.approx(np.exp(np.mean(nll[code] - ref[code])))
     assert formats.ratio_by_domain(ref, nll, None, context=21, seed=0) is None
+
+
+def test_formats_calibrates_on_the_shared_sets_mix():
+    """The shared set's training tokens are code then prose: calibration takes both in the set's 3 : 1 mix (it took
+    the first tokens, all code, while its label named both domains)."""
+    from qlib import formats_report
+
+    rest = torch.arange(400)  # 300 code tokens, then 100 prose
+    ids, source = formats_report.shared_mix(rest, want=80, length=10)
+    assert ids.tolist() == list(range(60)) + list(range(300, 320))
+    assert source == "stdlib-code's training texts: 6 code + 2 prose windows (the evaluation set's mix)"

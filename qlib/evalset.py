@@ -115,7 +115,8 @@ def caption(about: dict[str, Any]) -> str:
 GROUP_NAMES = {"code": "held-out stdlib modules", "prose": "held-out BBC News articles"}
 
 
-def windows(tok: Any, docs: list[tuple[str, str]], context: int, n: int) -> list[tuple[str, list[int]]]:
+def windows(tok: Any, docs: list[tuple[str, str]], context: int, n: int,
+            what: str = "the evaluation text") -> list[tuple[str, list[int]]]:
     """`n` windows of whole documents' tokens, taken in turn from each document (one from every document, then a
     second from those long enough, ...) so that as many documents as possible contribute."""
     eos = tok.eos_token_id
@@ -128,7 +129,8 @@ def windows(tok: Any, docs: list[tuple[str, str]], context: int, n: int) -> list
         out += [c[rank] for c in cut if rank < len(c)][: n - len(out)]
         if len(out) == n:
             return out
-    raise QlabError(f"the evaluation text gives {len(out)} windows of {context} tokens, {n} asked for")
+    raise QlabError(f"{what} gives {len(out)} windows of {context} tokens, {n} asked for: ask for fewer tokens "
+                    "or a shorter context")
 
 
 def interleave(parts: dict[str, list[Any]]) -> list[tuple[str, Any]]:
@@ -142,9 +144,9 @@ def build(tok: Any, context: int = 256, code_windows: int = 96, prose_windows: i
     """The shared set: windows of the held-out modules and of held-out articles, interleaved in proportion."""
     by_domain = {}
     if code_windows:
-        by_domain["code"] = windows(tok, code_documents(), context, code_windows)
+        by_domain["code"] = windows(tok, code_documents(), context, code_windows, "the held-out stdlib modules")
     if prose_windows:
-        by_domain["prose"] = windows(tok, prose_split()[1], context, prose_windows)
+        by_domain["prose"] = windows(tok, prose_split()[1], context, prose_windows, "the held-out BBC articles")
     if not by_domain:
         raise QlabError("the evaluation set needs code or prose windows")
     parts = interleave(by_domain)
@@ -153,6 +155,9 @@ def build(tok: Any, context: int = 256, code_windows: int = 96, prose_windows: i
 
 
 def scored(tok: Any, context: int, tokens: int) -> EvalSet:
-    """The windows a study scores: the shared set's first `tokens` / `context` windows (at least one), so every study
-    asking for as many tokens scores the same ones."""
-    return build(tok, context).head(max(1, tokens // context))
+    """The windows a study scores: the shared set's first `tokens` / `context` windows, so every study asking for as
+    many tokens scores the same ones."""
+    if tokens < context:
+        raise QlabError(f"{tokens} evaluation tokens are fewer than one window of {context}: ask for at least "
+                        f"{context} (or a shorter context)")
+    return build(tok, context).head(tokens // context)

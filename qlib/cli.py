@@ -212,10 +212,32 @@ def fetch_profile(profile: str) -> list[object]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Every notebook's predicted peak GPU memory and time in a profile, before anything runs or downloads."""
+    if args.gpus:
+        return _plan_gpus(args)
     from qlib import plans
 
     check_profile(args.profile)
     print(plans.table(plans.profile_plans(args.profile)))
+    return 0
+
+
+def _plan_gpus(args: argparse.Namespace) -> int:
+    """Per-GPU peaks of DDP and FSDP-QLoRA on 1..N GPUs (the accounting), and the published points beside them."""
+    from dataclasses import replace
+
+    from qlib import sharding
+
+    try:
+        gpus = sorted({int(g) for g in args.gpus.split(",")})
+    except ValueError:
+        raise QlabError(f"--gpus takes GPU counts such as 2 or 1,2,4, not {args.gpus!r}") from None
+    if gpus[0] < 1:
+        raise QlabError(f"--gpus must be at least 1, not {gpus[0]}")
+    recipe = replace(sharding.Recipe(), **{k: v for k, v in (("batch", args.batch), ("seq", args.seq),
+                                                               ("rank", args.rank)) if v is not None})
+    print(sharding.table(sharding.plan_rows(args.model.split(","), gpus, recipe), recipe))
+    print()
+    print(sharding.reference_table(sharding.reference_rows(sharding.Recipe())))
     return 0
 
 
@@ -340,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(fn=cmd_assets)
     pl = sub.add_parser("plan", help="predicted peak GPU memory and time of every notebook in a profile")
     pl.add_argument("--profile", default="t4")
+    pl.add_argument("--gpus", default=None, help="GPU counts (e.g. 1,2,4): per-GPU peaks of DDP and FSDP-QLoRA instead "
+                    "of the profile's notebooks")
+    pl.add_argument("--model", default=",".join(["llama-2-7b", "llama-2-13b", "llama-2-70b"]),
+                    help="with --gpus: models (llama-2-7b/13b/70b or hub ids with a known config)")
+    pl.add_argument("--batch", type=int, default=None, help="with --gpus: micro-batch per GPU (default 2)")
+    pl.add_argument("--seq", type=int, default=None, help="with --gpus: sequence length (default 2048)")
+    pl.add_argument("--rank", type=int, default=None, help="with --gpus: LoRA rank (default 64)")
     pl.set_defaults(fn=cmd_plan)
     i = sub.add_parser("inspect", help="verify that a saved artifact (model, adapter, QAT folder, GGUF) loads whole")
     i.add_argument("path")

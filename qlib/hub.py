@@ -294,12 +294,29 @@ HUB_MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "transformers_version": "4.43.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936},
 }
 
+# config.json of the larger LLaMA-2s as published, for `plan --gpus` sizing only (no study loads them).
+SIZING_CONFIGS: dict[str, dict[str, Any]] = {
+    "meta-llama/Llama-2-13b-hf": {
+        "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "hidden_size": 5120, "initializer_range": 0.02, "intermediate_size": 13824, "max_position_embeddings": 4096,
+        "model_type": "llama", "num_attention_heads": 40, "num_hidden_layers": 40, "num_key_value_heads": 40,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False,
+        "torch_dtype": "float16", "transformers_version": "4.32.0.dev0", "use_cache": True, "vocab_size": 32000},
+    "meta-llama/Llama-2-70b-hf": {
+        "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "hidden_size": 8192, "initializer_range": 0.02, "intermediate_size": 28672, "max_position_embeddings": 4096,
+        "model_type": "llama", "num_attention_heads": 64, "num_hidden_layers": 80, "num_key_value_heads": 8,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False,
+        "torch_dtype": "float16", "transformers_version": "4.32.0.dev0", "use_cache": True, "vocab_size": 32000},
+}
+
 
 def model_config(repo_or_path: str) -> Any:
     """A transformers config: the true one of a known hub model (no download), or a local folder's."""
     from transformers import AutoConfig
 
-    if repo_or_path in HUB_MODEL_CONFIGS:
-        doc = dict(HUB_MODEL_CONFIGS[repo_or_path])
+    known = HUB_MODEL_CONFIGS | SIZING_CONFIGS
+    if repo_or_path in known:
+        doc = dict(known[repo_or_path])
         return AutoConfig.for_model(doc.pop("model_type"), **doc)
     return AutoConfig.from_pretrained(repo_or_path)

@@ -71,9 +71,9 @@ def load_nf4_classifier(path: str | Path, num_labels: int, device: torch.device,
 
 
 def add_causal_lora(model: torch.nn.Module, rank: int, kbit: bool, targets: list[str] | str | None = None,
-                    gradient_checkpointing: bool = False, alpha: int | None = None) -> Any:
-    """The QLoRA recipe's LoRA (alpha default 2r, dropout 0.05; targets: a preset name or module names, default
-    every projection of the architecture); `kbit` prepares a 4-/8-bit base first (peft upcasts what is not
+                    gradient_checkpointing: bool = False, alpha: int | None = None, dropout: float = 0.05) -> Any:
+    """The QLoRA recipe's LoRA (alpha default 2r, dropout default 0.05; targets: a preset name or module names,
+    default every projection of the architecture); `kbit` prepares a 4-/8-bit base first (peft upcasts what is not
     quantized to fp32)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -87,7 +87,7 @@ def add_causal_lora(model: torch.nn.Module, rank: int, kbit: bool, targets: list
     if targets is None or isinstance(targets, str):
         targets = target_modules(model.config.model_type, targets or "attention+mlp")
     # bnb layers, BitLinear and QuantLinear are nn.Linear-shaped; GPT-2's own Conv1D stores the weight transposed
-    cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.05, task_type="CAUSAL_LM",
+    cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, task_type="CAUSAL_LM",
                      target_modules=list(targets), fan_in_fan_out=_conv1d_targets(model, targets))
     return get_peft_model(model, cfg)
 

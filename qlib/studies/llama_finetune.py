@@ -10,7 +10,6 @@ code path runs on the CPU in fp32 with torch's AdamW: a rehearsal for small mode
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -19,7 +18,8 @@ from qlib import adapters, assets, budget, data, hub, metrics, runmeta
 from qlib.adapters import add_causal_lora
 from qlib.assets import Resolved
 from qlib.config import build_quantization_plan
-from qlib.core.device import compute_dtype, compute_dtype_name
+from qlib.core import dist
+from qlib.core.device import compute_dtype, compute_dtype_name, set_seed
 from qlib.core.errors import QlabError
 from qlib.core.paths import outputs_dir
 from qlib.models import load_causal_lm, require_untied_head
@@ -39,7 +39,7 @@ def plan(cfg: Any, model_config: Any, device: torch.device) -> list[budget.Predi
                            "qlora", batch=cfg.batch, seq=cfg.seq, steps=cfg.finetune_steps,
                            compute=budget.compute_for(device),
                            optimizer_bytes=2 if cfg.optimizer == "paged_adamw_8bit" else 8,
-                           checkpointing=cfg.checkpointing, rank=cfg.lora_rank, lora_dropout=True)]
+                           checkpointing=cfg.checkpointing, rank=cfg.lora_rank, lora_dropout=cfg.lora_dropout > 0)]
 
 
 def knobs(cfg: Any) -> runmeta.LoraKnobs:
@@ -49,42 +49,74 @@ def knobs(cfg: Any) -> runmeta.LoraKnobs:
 
 
 def qlora_finetune(asset: Resolved, cfg: Any, device: torch.device) -> dict[str, Any]:
-    """Peak memory (predicted first), time per step, tokens/s, and held-out perplexity before and after."""
+    """Peak memory (predicted first), time per step, tokens/s, and held-out perplexity before and after. Under a
+    launch of several processes each trains its own batches (data parallel); rank 0 writes the adapter and gathers
+    every rank's peak memory and the windows each trained on."""
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
     cuda = device.type == "cuda"
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0))) if cuda else device
+    dev = torch.device("cuda", dist.local_rank() if dist.world_size() > 1 else (device.index or 0)) if cuda else device
     predicted = budget.announce(plan(cfg, hub.model_config(asset.path), dev), dev)
     tok = AutoTokenizer.from_pretrained(asset.path)
     train_texts, eval_texts, data_asset = data.load_code_sft(cfg.dataset_id)
-    chunks = data.lm_chunks(tok, train_texts, cfg.seq, token_budget(cfg.finetune_steps, cfg.batch, cfg.seq))
+    global_batch = dist.world_size() * cfg.batch  # each step takes a batch on every process
+    chunks = data.lm_chunks(tok, train_texts, cfg.seq, token_budget(cfg.finetune_steps, global_batch, cfg.seq))
+    check_launch(chunks.shape[0], cfg.batch)
     eval_ids = data.lm_chunks(tok, eval_texts, cfg.seq, EVAL_WINDOWS * cfg.seq).reshape(-1)
     if not cfg.keep_lm_head_fp16:
         require_untied_head(asset.path)
     model = load_causal_lm(asset.path, "qlora", dev, keep_lm_head=cfg.keep_lm_head_fp16)
     ppl_before = metrics.perplexity(model, eval_ids, cfg.seq, cfg.seq, dev)["perplexity"]
-    model = add_causal_lora(model, cfg.lora_rank, True, cfg.lora_targets, cfg.checkpointing, cfg.lora_alpha)
+    set_seed(cfg.seed)  # the adapter's initialisation: the same in every process and every run
+    model = add_causal_lora(model, cfg.lora_rank, True, cfg.lora_targets, cfg.checkpointing, cfg.lora_alpha,
+                            cfg.lora_dropout)
     half = compute_dtype(dev)
     args = TrainingArguments(output_dir=str(cfg_output(cfg) / ".trainer"), per_device_train_batch_size=cfg.batch,
                              max_steps=cfg.finetune_steps, learning_rate=2e-4,
                              optim=cfg.optimizer, gradient_checkpointing=cfg.checkpointing,
                              bf16=half == torch.bfloat16, fp16=half == torch.float16, use_cpu=not cuda,
-                             logging_steps=5, save_strategy="no", report_to=[], seed=cfg.seed)
-    dataset = [{"input_ids": c, "labels": c} for c in chunks]
+                             logging_steps=5, save_strategy="no", report_to=[], seed=cfg.seed,
+                             remove_unused_columns=False)  # SeenWindows takes the window index out itself
+    seen = SeenWindows()
+    dataset = [{"input_ids": c, "labels": c, "window": i} for i, c in enumerate(chunks)]
     with metrics.PeakMemory(dev) as mem:
-        out = Trainer(model=model, args=args, train_dataset=dataset).train()
+        out = Trainer(model=model, args=args, train_dataset=dataset, data_collator=seen).train()
     ppl_after = metrics.perplexity(model, eval_ids, cfg.seq, cfg.seq, dev)["perplexity"]
     step_s = out.metrics["train_runtime"] / cfg.finetune_steps
-    adapter = save_adapter(model, tok, asset, data_asset.id, cfg, dev,
-                           peak_memory=mem.report(), perplexity_before=ppl_before, perplexity_after=ppl_after)
-    return {"adapter": adapter.name, "peak_memory": mem.report(), "model": asset.id, "source": asset.source,
-            "revision": asset.revision, "data": data_asset.provenance(),
+    report = {**mem.report(), "per_rank": dist.gather(mem.report())}
+    windows = dist.gather(seen.windows[: cfg.finetune_steps])  # the loader fetches one batch ahead
+    adapter = save_adapter(model, tok, asset, data_asset.id, cfg, dev, peak_memory=report,
+                           perplexity_before=ppl_before, perplexity_after=ppl_after) if dist.is_main() else None
+    return {"adapter": adapter.name if adapter else None, "peak_memory": report, "model": asset.id,
+            "source": asset.source, "revision": asset.revision, "data": data_asset.provenance(),
             "peak_mem_bytes": mem.peak_bytes, "peak_mem_source": mem.source,
             "predicted_peak_mem_bytes": predicted[0]["peak_bytes"], "step_time_s": step_s,
-            "tokens_per_s": cfg.batch * cfg.seq / step_s, "perplexity_before": ppl_before,
+            "tokens_per_s": dist.world_size() * cfg.batch * cfg.seq / step_s, "perplexity_before": ppl_before,
             "perplexity_after": ppl_after, "train_windows": int(chunks.shape[0]), "steps": cfg.finetune_steps,
             "seq": cfg.seq, "batch": cfg.batch, "compute_dtype": compute_dtype_name(dev), "device": dev.type,
-            "world_size": int(os.environ.get("WORLD_SIZE", 1))}
+            "world_size": dist.world_size(), "windows_by_rank": windows}
+
+
+class SeenWindows:
+    """Trainer's collator that also notes which training windows each batch held: the proof that the ranks of a
+    data-parallel run train on different batches."""
+
+    def __init__(self) -> None:
+        self.windows: list[list[int]] = []
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        from transformers import default_data_collator
+
+        self.windows.append([int(f["window"]) for f in features])
+        return default_data_collator([{k: v for k, v in f.items() if k != "window"} for f in features])
+
+
+def check_launch(windows: int, batch: int) -> None:
+    """Before any step: every process needs a batch of its own."""
+    n = dist.world_size()
+    if windows < n * batch:
+        raise QlabError(f"{n} processes x batch {batch} need {n * batch} training windows and the text gives "
+                        f"{windows}: launch fewer processes (--num_processes) or raise finetune_steps")
 
 
 def cfg_output(cfg: Any) -> Any:

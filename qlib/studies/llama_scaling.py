@@ -11,13 +11,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from qlib import accounting, adapters, assets, budget, hub, metrics, models, results
 from qlib.config import make_config
+from qlib.core import dist
 from qlib.core.device import compute_dtype, pick_device, set_seed, t4_conditions
 from qlib.core.errors import QlabError
-from qlib.core.paths import cache_dir
+from qlib.core.io import atomic_write_text
+from qlib.core.paths import cache_dir, results_dir
 from qlib.studies import StudyResult, llama_finetune, staged
 
 STUDY = "07_llama_scaling"
@@ -64,6 +67,7 @@ class Config:
     dataset_id: str = "codesearchnet-python"  # the fine-tune's text: hub id, registry key or local folder
     finetune_steps: int = 30
     lora_alpha: int | None = None          # the fine-tune's LoRA alpha (None: 2 x lora_rank)
+    lora_dropout: float = 0.05             # the fine-tune's LoRA dropout (0: runs comparable step for step)
     lora_targets: str = "attention+mlp"    # the fine-tune's preset: attention (q/k/v/o_proj) | attention+mlp (all 7)
     keep_lm_head_fp16: bool = True         # False: NF4 for LLaMA's untied lm_head too
     optimizer: str = "paged_adamw_8bit"    # the fine-tune's: paged_adamw_8bit | paged_adamw_32bit | adamw_torch
@@ -480,14 +484,22 @@ def measured_7b_lines(doc: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`accelerate launch -m qlib.studies.llama_scaling --profile t4`: the 7B fine-tune alone."""
+    """`accelerate launch -m qlib.studies.llama_scaling --profile t4`: the 7B fine-tune alone, data-parallel over the
+    launched processes; rank 0 writes `finetune_launch.json` beside the study's results and prints it."""
     ap = argparse.ArgumentParser(prog="python -m qlib.studies.llama_scaling")
     ap.add_argument("--profile", default="t4")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--model-id", default=None, help="hub id or local folder (default: the profile's)")
+    ap.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="override one parameter, as `qlib run -p` (e.g. -p device cpu -p seq 64)")
     a = ap.parse_args(argv)
-    cfg = config(a.profile, finetune_steps=a.steps, model_id=a.model_id)
-    print(json.dumps(llama_finetune.finetune_7b(cfg, pick_device("auto")), indent=2))
+    params = {k: yaml.safe_load(v) for k, v in a.param}
+    cfg = config(a.profile, **{"finetune_steps": a.steps, "model_id": a.model_id, **params})
+    res = llama_finetune.finetune_7b(cfg, pick_device(cfg.device))
+    if dist.is_main():
+        out = atomic_write_text(results_dir(STUDY, cfg.profile) / "finetune_launch.json", json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2))
+        print(f"[qlab] wrote {out}", flush=True)
     return 0
 
 

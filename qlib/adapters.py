@@ -42,13 +42,29 @@ def nf4_classifier_plan(device: torch.device, skip: tuple[str, ...] = CLASSIFIER
     return build_quantization_plan("qlora", device, keep_lm_head=False, skip_modules=tuple(skip))
 
 
-def save_adapter(model: Any, tokenizer: Any, out: str | Path, meta: dict[str, Any]) -> Path:
-    """An adapter folder with its tokenizer and its run metadata (`runmeta`), all-or-nothing."""
+def save_adapter(model: Any, tokenizer: Any, out: str | Path, meta: dict[str, Any],
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """An adapter folder with its tokenizer and its run metadata (`runmeta`), all-or-nothing; `state_dict`: the
+    whole model's, gathered (FSDP), for peft to take the adapter from."""
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
+        check_saved_adapter(tmp, model)
         tokenizer.save_pretrained(tmp)
         runmeta.write_meta(tmp, meta)
     return Path(out)
+
+
+def check_saved_adapter(folder: Path, model: Any) -> None:
+    """An adapter file must hold a tensor for every LoRA matrix the model has (a sharded model saved without
+    gathering gives an empty file, which loads without complaint as an untrained adapter)."""
+    from safetensors import safe_open
+
+    expected = sum(1 for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n)
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        saved = len(list(f.keys()))
+    if expected and saved != expected:
+        raise QlabError(f"the adapter came out with {saved} of its {expected} LoRA tensors (sharded weights saved "
+                        "without gathering them?); nothing was written")
 
 
 def load_nf4_classifier(path: str | Path, num_labels: int, device: torch.device,
@@ -71,14 +87,16 @@ def load_nf4_classifier(path: str | Path, num_labels: int, device: torch.device,
 
 
 def add_causal_lora(model: torch.nn.Module, rank: int, kbit: bool, targets: list[str] | str | None = None,
-                    gradient_checkpointing: bool = False, alpha: int | None = None, dropout: float = 0.05) -> Any:
+                    gradient_checkpointing: bool = False, alpha: int | None = None, dropout: float = 0.05,
+                    sharded: bool = False) -> Any:
     """The QLoRA recipe's LoRA (alpha default 2r, dropout default 0.05; targets: a preset name or module names,
     default every projection of the architecture); `kbit` prepares a 4-/8-bit base first (peft upcasts what is not
-    quantized to fp32)."""
+    quantized to fp32). `sharded` (FSDP-QLoRA): no upcast, since an FSDP unit holds one dtype, and re-entrant
+    checkpointing, as answer.ai and peft's FSDP-QLoRA recipe run it."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    ckpt = {"use_reentrant": False}
-    if kbit:
+    ckpt = {"use_reentrant": sharded}
+    if kbit and not sharded:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=ckpt)
     elif gradient_checkpointing:

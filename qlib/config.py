@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from qlib.core import dist
 from qlib.core.device import compute_dtype, dtype_name, parse_device
 from qlib.core.errors import QlabError
 
@@ -106,14 +107,18 @@ class QuantizationPlan:
             extras["skip_modules"] = list(self.skip_modules)
             if self.bnb_config.load_in_4bit:
                 extras["compute_dtype"] = dtype_name(self.bnb_config.bnb_4bit_compute_dtype)
+                if self.bnb_config.bnb_4bit_quant_storage != torch.uint8:
+                    extras["quant_storage"] = dtype_name(self.bnb_config.bnb_4bit_quant_storage)
         return {"quantization": {"method": s.method.value, "weights_bits": s.weights_bits,
                                  "lm_head_dtype": s.lm_head_dtype, "backend": s.backend, "extras": extras}}
 
 
 def build_quantization_plan(method: str | QuantMethod, device: str | torch.device | None = None,
-                            keep_lm_head: bool = True, skip_modules: tuple[str, ...] = ()) -> QuantizationPlan:
+                            keep_lm_head: bool = True, skip_modules: tuple[str, ...] = (),
+                            quant_storage: torch.dtype | None = None) -> QuantizationPlan:
     """Spec + BitsAndBytesConfig for `method`; compute dtype follows the device. bitsandbytes leaves
-    `skip_modules` in full precision, and the LM head too unless `keep_lm_head` is False."""
+    `skip_modules` in full precision, and the LM head too unless `keep_lm_head` is False. `quant_storage`: the dtype
+    the 4-bit codes are packed in (bitsandbytes' default uint8; FSDP shards only float tensors)."""
     spec = SPECS[QuantMethod.parse(method)]
     bnb, skip = None, tuple(skip_modules) + (("lm_head",) if keep_lm_head else ())
     if spec.backend == "bitsandbytes":
@@ -127,8 +132,23 @@ def build_quantization_plan(method: str | QuantMethod, device: str | torch.devic
                                      bnb_4bit_quant_type=spec.extras["base_quant_type"],
                                      bnb_4bit_use_double_quant=spec.extras["double_quant"],
                                      bnb_4bit_compute_dtype=compute_dtype(device),
+                                     bnb_4bit_quant_storage=quant_storage or torch.uint8,
                                      llm_int8_skip_modules=list(skip))
     return QuantizationPlan(spec, bnb, skip if bnb is not None else ())
+
+
+def quant_storage_for(device: torch.device, requested: str | None) -> torch.dtype | None:
+    """The 4-bit codes' storage dtype: under an FSDP launch the compute dtype (FSDP shards float tensors only,
+    and the model's other weights share it), else bitsandbytes' uint8 unless asked otherwise."""
+    names = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if requested is not None and requested not in names:
+        raise QlabError(f"quant_storage {requested!r} is not one of {', '.join(names)}")
+    if not dist.uses_fsdp():
+        return names[requested] if requested else None
+    if requested == "uint8":
+        raise QlabError("an FSDP launch shards float tensors only: quant_storage uint8 cannot be sharded; leave it "
+                        "unset (the compute dtype is used) or launch without FSDP")
+    return names[requested] if requested else compute_dtype(device)
 
 
 # ---------------------------------------------------------------- profiles

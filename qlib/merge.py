@@ -18,6 +18,7 @@ import torch
 from qlib import adapters, runmeta
 from qlib.backends import gguf
 from qlib.config import build_quantization_plan
+from qlib.core import dist
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir
 from qlib.models import load_causal_lm
@@ -84,6 +85,9 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out: str | Path
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    if dist.uses_fsdp():
+        raise QlabError("merging needs the whole model in one process and this is an FSDP launch: train under FSDP, "
+                        "then merge without `accelerate launch` (peft cannot merge sharded weights)")
     require_tokenizer(base_dir)
     base = merge_base(base_dir, trained_on).eval()
     adapters.check_adapter(base, adapter_dir)

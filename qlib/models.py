@@ -10,6 +10,7 @@ import torch
 from qlib import quant, vocab
 from qlib.assets import Resolved, minilm_dir
 from qlib.config import build_quantization_plan
+from qlib.core import dist
 from qlib.core.device import compute_dtype, device_map
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir
@@ -154,17 +155,23 @@ def load_saved_classifier(path: str | Path) -> tuple[torch.nn.Module, Any]:
 # ---------------------------------------------------------------- causal LMs (studies 05-08)
 
 def load_causal_lm(path: str | Path, method: str | None, device: torch.device,
-                   dtype: torch.dtype | None = None, keep_lm_head: bool = True) -> torch.nn.Module:
+                   dtype: torch.dtype | None = None, keep_lm_head: bool = True,
+                   quant_storage: torch.dtype | None = None) -> torch.nn.Module:
     """A causal LM as stored (`method` None) or with any QuantMethod: bitsandbytes' (int8 | nf4 | qlora) quantize
     while loading, the others load as stored and then go through `quant.apply`. Placed on `device`; unquantized
     weights in `dtype` (default: fp32 on CPU, the device's compute dtype on CUDA). `keep_lm_head=False` lets
-    bitsandbytes quantize an untied LM head too."""
+    bitsandbytes quantize an untied LM head too. Under an FSDP launch the 4-bit codes and every other weight share
+    `quant_storage` and FSDP, not a device map, places the model."""
     from transformers import AutoModelForCausalLM
 
-    plan = build_quantization_plan(method, device, keep_lm_head=keep_lm_head) if method else None
+    plan = build_quantization_plan(method, device, keep_lm_head=keep_lm_head, quant_storage=quant_storage) \
+        if method else None
     on_load = plan is not None and plan.bnb_config is not None
+    sharded = dist.uses_fsdp() and quant_storage is not None
+    dtype = quant_storage if sharded else dtype
     kwargs: dict[str, Any] = {"dtype": dtype or (torch.float32 if device.type == "cpu" else compute_dtype(device)),
-                              "device_map": device_map(device) if on_load or device.type == "cuda" else None}
+                              "device_map": None if sharded else
+                              device_map(device) if on_load or device.type == "cuda" else None}
     if on_load:
         if not keep_lm_head:
             require_untied_head(path)

@@ -191,13 +191,17 @@ def _projection_lines(d: dict[str, Any]) -> list[str]:
     return out
 
 
-def fill_sections(text: str, t4_plan: str | None = None) -> str:
+def fill_sections(text: str, t4_plan: str | None = None, multi_gpu: str | None = None) -> str:
     """Refill every generated section a page holds: the headline findings, the default run's rows, the GPU results,
-    the `formats` runs and (given `t4_plan`, the CLI's table of the t4 predictions) the T4 plan."""
+    the `formats` runs and (given `t4_plan`, the CLI's table of the t4 predictions) the T4 plan, and (given
+    `multi_gpu`) the per-GPU predictions."""
     fillers = {HEADLINE_START: headline_table, README_START: lambda: readme_table("default"),
                GPU_START: gpu_readme_table, FORMATS_START: formats_readme}
     if t4_plan is not None:
         fillers[T4_START] = lambda: t4_plan
+    if multi_gpu is not None:
+        fillers[MULTI_GPU_START] = lambda: multi_gpu
+        fillers[GPU_PLAN_START] = lambda: compact_gpu_plan(multi_gpu)
     for start, make in fillers.items():
         end = start.replace(":start", ":end")
         if start in text and end in text:
@@ -205,7 +209,13 @@ def fill_sections(text: str, t4_plan: str | None = None) -> str:
     return text
 
 
-def update_readme(path: str | Path | None = None, t4_plan: str | None = None) -> list[Path]:
+def compact_gpu_plan(tables: str) -> str:
+    """The per-GPU table of `plan --gpus`, without its caption and the published points."""
+    return "\n".join(line for line in tables.split("\n\n")[1].splitlines())
+
+
+def update_readme(path: str | Path | None = None, t4_plan: str | None = None,
+                  multi_gpu: str | None = None) -> list[Path]:
     """Refill the generated sections of one page (`path`), or of README.md and every docs/*.md page; the results
     section must be on one of them."""
     root = repo_root()
@@ -213,7 +223,7 @@ def update_readme(path: str | Path | None = None, t4_plan: str | None = None) ->
     texts = {p: p.read_text() for p in pages if p.is_file()}
     if not any(README_START in t and README_END in t for t in texts.values()):
         raise QlabError(f"{', '.join(map(str, pages))}: no {README_START} … {README_END} section to fill")
-    return [atomic_write_text(p, fill_sections(t, t4_plan)) for p, t in texts.items()]
+    return [atomic_write_text(p, fill_sections(t, t4_plan, multi_gpu)) for p, t in texts.items()]
 
 
 # ---------------------------------------------------------------- README: headline findings
@@ -263,6 +273,8 @@ def headline_table(profile: str = "default") -> str:
 
 
 T4_START, T4_END = "<!-- t4-plan:start -->", "<!-- t4-plan:end -->"
+MULTI_GPU_START = "<!-- multi-gpu:start -->"
+GPU_PLAN_START = "<!-- gpu-plan:start -->"  # the README's: the per-GPU table alone
 FORMATS_START, FORMATS_END = "<!-- formats:start -->", "<!-- formats:end -->"
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from qlib.core.errors import QlabError
 from qlib.pretrain import pretrained_lm
 
 STEPS = 3
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 ARGS = ["--profile", "smoke", "-p", "finetune_7b", "true", "-p", "device", "cpu", "-p", "dataset_id", "stdlib-code",
         "-p", "finetune_steps", str(STEPS), "-p", "seq", "32", "-p", "lora_dropout", "0"]
 
@@ -79,3 +81,65 @@ def test_more_processes_than_batches_is_one_line_before_any_step(monkeypatch):
                                         "launch fewer processes"):
         llama_finetune.check_launch(5, 2)
     llama_finetune.check_launch(8, 2)
+
+
+@pytest.mark.limitation
+def test_accelerate_does_not_shard_on_cpus_so_fsdp_is_checked_on_a_gpu(untied, tmp_path):
+    """Issue 32: FSDP on two CPU processes is not possible through accelerate: given the FSDP config and --cpu it
+    starts one plain process (no FSDP, world size 1). The recipe ran on an H200 instead (docs/multi-gpu.md)."""
+    env = {**os.environ, "QLAB_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp_qlora.yaml"),
+           "--cpu", "--num_processes", "2", "-m", "qlib.studies.llama_scaling", *ARGS, "-p", "model_id", str(untied),
+           "-p", "batch", "1", "-p", "finetune_steps", "1"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (res,) = glob.glob(str(tmp_path / "results" / "smoke" / "07_llama_scaling" / "finetune_launch.json"))
+    doc = json.loads(open(res).read())
+    assert (doc["fsdp"], doc["distributed_type"], doc["world_size"]) == (False, "NO", 1)
+
+
+def test_the_launch_configs_carry_the_recipes_settings():
+    import yaml
+
+    ddp = yaml.safe_load((CONFIGS / "ddp.yaml").read_text())
+    assert ddp["distributed_type"] == "MULTI_GPU" and ddp["num_processes"] == 2
+    fsdp = yaml.safe_load((CONFIGS / "fsdp_qlora.yaml").read_text())
+    c = fsdp["fsdp_config"]
+    assert fsdp["distributed_type"] == "FSDP"
+    assert c["fsdp_cpu_ram_efficient_loading"] and c["fsdp_sync_module_states"]  # the one needs the other
+    assert c["fsdp_use_orig_params"] is False and c["fsdp_sharding_strategy"] == "FULL_SHARD"
+
+
+def test_under_fsdp_the_codes_are_stored_in_the_compute_dtype_and_uint8_or_a_merge_is_one_line(monkeypatch,
+                                                                                                  tmp_path):
+    from qlib import merge
+    from qlib.config import build_quantization_plan, quant_storage_for
+
+    cpu = torch.device("cpu")
+    assert quant_storage_for(cpu, None) is None and quant_storage_for(cpu, "bf16") == torch.bfloat16
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert quant_storage_for(cpu, None) == torch.float32  # the CPU's compute dtype; a GPU's bf16 or fp16
+    with pytest.raises(QlabError, match="an FSDP launch shards float tensors only: quant_storage uint8"):
+        quant_storage_for(cpu, "uint8")
+    with pytest.raises(QlabError, match="quant_storage 'int4' is not one of"):
+        quant_storage_for(cpu, "int4")
+    plan = build_quantization_plan("qlora", cpu, quant_storage=torch.bfloat16)
+    assert plan.bnb_config.bnb_4bit_quant_storage == torch.bfloat16
+    assert plan.metadata()["quantization"]["extras"]["quant_storage"] == "bf16"
+    with pytest.raises(QlabError, match="merging needs the whole model in one process and this is an FSDP launch"):
+        merge.merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", "nf4", torch.zeros(4))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_saved_without_its_tensors_is_refused_and_not_written(untied, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlib import adapters
+
+    model = adapters.add_causal_lora(AutoModelForCausalLM.from_pretrained(untied), 2, False, "attention")
+    tok = AutoTokenizer.from_pretrained(untied)
+    n = sum(1 for name, _ in model.named_parameters() if ".lora_" in name)
+    with pytest.raises(QlabError, match=f"the adapter came out with 0 of its {n} LoRA tensors"):
+        adapters.save_adapter(model, tok, tmp_path / "a", {"artifact": "adapter"}, state_dict={})
+    assert not (tmp_path / "a").exists()
+    assert (adapters.save_adapter(model, tok, tmp_path / "b", {"artifact": "adapter"}) / "qlab.json").is_file()

@@ -15,10 +15,10 @@ ROOT = Path(qlib.__file__).parent
 # Bottom to top; inside a layer, a module may import only those listed before it.
 LAYERS: list[tuple[str, list[str]]] = [
     ("ground floor", ["core", "core.errors", "core.io", "core.paths", "core.device", "core.pip", "core.notebook",
-                      "core.quiet", "core.progress"]),
+                      "core.quiet", "core.progress", "core.dist"]),
     ("foundations", ["config", "vocab", "runmeta", "results", "figures", "render", "metrics", "fidelity", "replay",
-                     "ngram", "accounting",
-                     "corpus", "hub", "quant.uniform", "quant.nf4", "quant.bitnet", "quant.ptq", "quant.qat",
+                     "ngram", "accounting", "corpus", "hub", "sharding",
+                     "quant.uniform", "quant.nf4", "quant.bitnet", "quant.ptq", "quant.qat",
                      "quant.ladder", "quant.imatrix", "quant.api", "quant"]),
     ("models and data", ["pretrain", "assets", "data", "qa", "evalset", "choice", "budget", "models", "adapters",
                          "train", "backends", "backends.onnx", "backends.gguf_table", "backends.gguf",

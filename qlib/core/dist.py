@@ -40,3 +40,9 @@ def gather(obj: Any) -> list[Any]:
 def uses_fsdp() -> bool:
     """Whether `accelerate launch` was told to shard with FSDP (its config or `--use_fsdp`)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def finish() -> None:
+    """Leave the process group, if one was started (NCCL warns of leaked resources otherwise)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

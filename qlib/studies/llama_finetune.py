@@ -10,6 +10,8 @@ code path runs on the CPU in fp32 with torch's AdamW: a rehearsal for small mode
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,7 +19,7 @@ import torch
 from qlib import adapters, assets, budget, data, hub, metrics, runmeta
 from qlib.adapters import add_causal_lora
 from qlib.assets import Resolved
-from qlib.config import build_quantization_plan
+from qlib.config import build_quantization_plan, quant_storage_for
 from qlib.core import dist
 from qlib.core.device import compute_dtype, compute_dtype_name, set_seed
 from qlib.core.errors import QlabError
@@ -65,11 +67,12 @@ def qlora_finetune(asset: Resolved, cfg: Any, device: torch.device) -> dict[str,
     eval_ids = data.lm_chunks(tok, eval_texts, cfg.seq, EVAL_WINDOWS * cfg.seq).reshape(-1)
     if not cfg.keep_lm_head_fp16:
         require_untied_head(asset.path)
-    model = load_causal_lm(asset.path, "qlora", dev, keep_lm_head=cfg.keep_lm_head_fp16)
+    storage = quant_storage_for(dev, cfg.quant_storage)
+    model = load_causal_lm(asset.path, "qlora", dev, keep_lm_head=cfg.keep_lm_head_fp16, quant_storage=storage)
     ppl_before = metrics.perplexity(model, eval_ids, cfg.seq, cfg.seq, dev)["perplexity"]
     set_seed(cfg.seed)  # the adapter's initialisation: the same in every process and every run
     model = add_causal_lora(model, cfg.lora_rank, True, cfg.lora_targets, cfg.checkpointing, cfg.lora_alpha,
-                            cfg.lora_dropout)
+                            cfg.lora_dropout, sharded=dist.uses_fsdp())
     half = compute_dtype(dev)
     args = TrainingArguments(output_dir=str(cfg_output(cfg) / ".trainer"), per_device_train_batch_size=cfg.batch,
                              max_steps=cfg.finetune_steps, learning_rate=2e-4,
@@ -79,14 +82,18 @@ def qlora_finetune(asset: Resolved, cfg: Any, device: torch.device) -> dict[str,
                              remove_unused_columns=False)  # SeenWindows takes the window index out itself
     seen = SeenWindows()
     dataset = [{"input_ids": c, "labels": c, "window": i} for i, c in enumerate(chunks)]
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=seen)
+    fsdp = fsdp_wrap_adapters(trainer)
     with metrics.PeakMemory(dev) as mem:
-        out = Trainer(model=model, args=args, train_dataset=dataset, data_collator=seen).train()
-    ppl_after = metrics.perplexity(model, eval_ids, cfg.seq, cfg.seq, dev)["perplexity"]
+        out = trainer.train()
+    ppl_after = metrics.perplexity(trainer.model if fsdp else model, eval_ids, cfg.seq, cfg.seq,
+                                   dev)["perplexity"]  # FSDP: through its wrapper, which gathers the weights
     step_s = out.metrics["train_runtime"] / cfg.finetune_steps
     report = {**mem.report(), "per_rank": dist.gather(mem.report())}
     windows = dist.gather(seen.windows[: cfg.finetune_steps])  # the loader fetches one batch ahead
-    adapter = save_adapter(model, tok, asset, data_asset.id, cfg, dev, peak_memory=report,
-                           perplexity_before=ppl_before, perplexity_after=ppl_after) if dist.is_main() else None
+    with full_weights(trainer.model if fsdp else None) as state:
+        adapter = save_adapter(model, tok, asset, data_asset.id, cfg, dev, state_dict=state, peak_memory=report,
+                               perplexity_before=ppl_before, perplexity_after=ppl_after) if dist.is_main() else None
     return {"adapter": adapter.name if adapter else None, "peak_memory": report, "model": asset.id,
             "source": asset.source, "revision": asset.revision, "data": data_asset.provenance(),
             "peak_mem_bytes": mem.peak_bytes, "peak_mem_source": mem.source,
@@ -94,7 +101,43 @@ def qlora_finetune(asset: Resolved, cfg: Any, device: torch.device) -> dict[str,
             "tokens_per_s": dist.world_size() * cfg.batch * cfg.seq / step_s, "perplexity_before": ppl_before,
             "perplexity_after": ppl_after, "train_windows": int(chunks.shape[0]), "steps": cfg.finetune_steps,
             "seq": cfg.seq, "batch": cfg.batch, "compute_dtype": compute_dtype_name(dev), "device": dev.type,
-            "world_size": dist.world_size(), "windows_by_rank": windows}
+            "world_size": dist.world_size(), "windows_by_rank": windows, "fsdp": fsdp,
+            "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
+            "quant_storage": str(storage or torch.uint8).removeprefix("torch.")}
+
+
+@contextlib.contextmanager
+def full_weights(wrapped: Any) -> Iterator[dict[str, torch.Tensor] | None]:
+    """Under FSDP (`wrapped`: the FSDP model), every rank enters; on rank 0 the adapters' full tensors, named as
+    peft names them, while FSDP holds the weights gathered. None without FSDP: the model saves itself."""
+    if wrapped is None:
+        yield None
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrappers = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")  # the names FSDP's units add
+    with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False, rank0_only=True):
+        inner = getattr(wrapped, "module", wrapped)
+        yield {_strip(n, wrappers): p.detach().cpu().clone() for n, p in inner.named_parameters()
+               if ".lora_A." in n or ".lora_B." in n}
+
+
+def _strip(name: str, parts: tuple[str, ...]) -> str:
+    for p in parts:
+        name = name.replace(p, "")
+    return name
+
+
+def fsdp_wrap_adapters(trainer: Any) -> bool:
+    """Under FSDP, peft's wrap policy (the adapters in units of their own: with use_orig_params false a unit holds
+    one dtype and one requires_grad); whether FSDP is on."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is None or not trainer.is_fsdp_enabled:
+        return False
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
+    return True
 
 
 class SeenWindows:
@@ -124,16 +167,17 @@ def cfg_output(cfg: Any) -> Any:
 
 
 def save_adapter(model: Any, tok: Any, asset: Resolved, dataset: str, cfg: Any, device: torch.device,
-                 **extra: Any) -> Any:
+                 state_dict: dict[str, torch.Tensor] | None = None, **extra: Any) -> Any:
     """The fine-tune's adapter under its run name, with the metadata (plan, knobs, seed, profile, peak memory)."""
     k = knobs(cfg)
-    plan = build_quantization_plan("qlora", device, keep_lm_head=cfg.keep_lm_head_fp16)
+    plan = build_quantization_plan("qlora", device, keep_lm_head=cfg.keep_lm_head_fp16,
+                                   quant_storage=quant_storage_for(device, cfg.quant_storage))
     info = runmeta.RunInfo("07_llama_scaling", cfg.profile, cfg.seed, asset.id, str(asset.path), dataset)
     head = runmeta.head_dtype(model)
     name = info.name("SFT", k.token(), "qlora", plan.spec.weights_bits, head)
     return adapters.save_adapter(model, tok, cfg_output(cfg) / name,
                                  info.meta(name, plan, "adapter", head, knobs=k, train_steps=cfg.finetune_steps,
-                                           **extra))
+                                           **extra), state_dict=state_dict)
 
 
 def check_finetune_device(cfg: Any, device: torch.device) -> None:

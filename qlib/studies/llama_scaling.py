@@ -5,6 +5,7 @@ import argparse
 import gc
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ class Config:
     finetune_steps: int = 30
     lora_alpha: int | None = None          # the fine-tune's LoRA alpha (None: 2 x lora_rank)
     lora_dropout: float = 0.05             # the fine-tune's LoRA dropout (0: runs comparable step for step)
+    quant_storage: str | None = None       # the 4-bit codes' dtype (None: uint8; under FSDP the compute dtype)
     lora_targets: str = "attention+mlp"    # the fine-tune's preset: attention (q/k/v/o_proj) | attention+mlp (all 7)
     keep_lm_head_fp16: bool = True         # False: NF4 for LLaMA's untied lm_head too
     optimizer: str = "paged_adamw_8bit"    # the fine-tune's: paged_adamw_8bit | paged_adamw_32bit | adamw_torch
@@ -494,8 +496,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="override one parameter, as `qlib run -p` (e.g. -p device cpu -p seq 64)")
     a = ap.parse_args(argv)
     params = {k: yaml.safe_load(v) for k, v in a.param}
-    cfg = config(a.profile, **{"finetune_steps": a.steps, "model_id": a.model_id, **params})
-    res = llama_finetune.finetune_7b(cfg, pick_device(cfg.device))
+    try:
+        cfg = config(a.profile, **{"finetune_steps": a.steps, "model_id": a.model_id, **params})
+        res = llama_finetune.finetune_7b(cfg, pick_device(cfg.device))
+    except QlabError as e:  # one line per process, as `python -m qlib` says it
+        print(f"qlab: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        dist.finish()
     if dist.is_main():
         out = atomic_write_text(results_dir(STUDY, cfg.profile) / "finetune_launch.json", json.dumps(res, indent=2))
         print(json.dumps(res, indent=2))

@@ -181,11 +181,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(path.read_text() if args.show else f"wrote {path}")
     _name_skipped(skipped)
     if args.readme:
-        from qlib import plans
+        from qlib import plans, sharding
         from qlib.report import update_readme
 
         t4_plan = plans.table(plans.profile_plans("t4"))  # predictions from the t4 configs and the hub's true configs
-        pages = update_readme(t4_plan=t4_plan, multi_gpu=_multi_gpu_tables())
+        pages = update_readme(t4_plan=t4_plan, multi_gpu=sharding.tables())
         print(f"refilled the generated tables of {', '.join(p.name for p in pages)}")
     if skipped:
         raise QlabError(f"the summary left out {len(skipped)} malformed results file(s) (above)")
@@ -221,20 +221,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _multi_gpu_tables(models: tuple[str, ...] = ("llama-2-7b", "llama-2-13b", "llama-2-70b"),
-                      gpus: tuple[int, ...] = (1, 2, 4), **recipe: Any) -> str:
-    """`plan --gpus`'s two tables: the per-GPU peaks, and the published points beside their predictions."""
-    from dataclasses import replace
-
-    from qlib import sharding
-
-    r = replace(sharding.Recipe(), **recipe)
-    return (sharding.table(sharding.plan_rows(list(models), list(gpus), r), r) + "\n\n"
-            + sharding.reference_table(sharding.reference_rows(sharding.Recipe())))
-
-
 def _plan_gpus(args: argparse.Namespace) -> int:
     """Per-GPU peaks of DDP and FSDP-QLoRA on 1..N GPUs (the accounting), and the published points beside them."""
+    from qlib import sharding
+
     try:
         gpus = sorted({int(g) for g in args.gpus.split(",")})
     except ValueError:
@@ -242,7 +232,7 @@ def _plan_gpus(args: argparse.Namespace) -> int:
     if gpus[0] < 1:
         raise QlabError(f"--gpus must be at least 1, not {gpus[0]}")
     recipe = {k: v for k, v in (("batch", args.batch), ("seq", args.seq), ("rank", args.rank)) if v is not None}
-    print(_multi_gpu_tables(tuple(args.model.split(",")), tuple(gpus), **recipe))
+    print(sharding.tables(tuple(args.model.split(",")), tuple(gpus), **recipe))
     return 0
 
 

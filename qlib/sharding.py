@@ -195,3 +195,10 @@ def reference_table(rows: list[dict[str, Any]]) -> str:
     lines += [f"| {r['model']} | {r['gpus']} | {r['strategy']} | {r['batch']} x {r['seq']} | "
               f"{r['predicted_gib']:.2f} | {r['peak_gib']:.2f} | {r['predicted_over_reference']:.2f} |" for r in rows]
     return "\n".join(lines)
+
+
+def tables(models: tuple[str, ...] = tuple(PLAN_MODELS), gpus: tuple[int, ...] = (1, 2, 4), **recipe: Any) -> str:
+    """`plan --gpus`'s two tables: the per-GPU peaks under `recipe` overrides, and the published points beside
+    their predictions."""
+    r = replace(Recipe(), **recipe)
+    return table(plan_rows(list(models), list(gpus), r), r) + "\n\n" + reference_table(reference_rows(Recipe()))

@@ -54,10 +54,10 @@ def qlora_finetune(asset: Resolved, cfg: Any, device: torch.device) -> dict[str,
     """Peak memory (predicted first), time per step, tokens/s, and held-out perplexity before and after. Under a
     launch of several processes each trains its own batches (data parallel); rank 0 writes the adapter and gathers
     every rank's peak memory and the windows each trained on."""
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, Trainer
 
-    cuda = device.type == "cuda"
-    dev = torch.device("cuda", dist.local_rank() if dist.world_size() > 1 else (device.index or 0)) if cuda else device
+    dev = torch.device("cuda", dist.local_rank() if dist.world_size() > 1 else (device.index or 0)) \
+        if device.type == "cuda" else device
     predicted = budget.announce(plan(cfg, hub.model_config(asset.path), dev), dev)
     tok = AutoTokenizer.from_pretrained(asset.path)
     train_texts, eval_texts, data_asset = data.load_code_sft(cfg.dataset_id)
@@ -73,16 +73,9 @@ def qlora_finetune(asset: Resolved, cfg: Any, device: torch.device) -> dict[str,
     set_seed(cfg.seed)  # the adapter's initialisation: the same in every process and every run
     model = add_causal_lora(model, cfg.lora_rank, True, cfg.lora_targets, cfg.checkpointing, cfg.lora_alpha,
                             cfg.lora_dropout, sharded=dist.uses_fsdp())
-    half = compute_dtype(dev)
-    args = TrainingArguments(output_dir=str(cfg_output(cfg) / ".trainer"), per_device_train_batch_size=cfg.batch,
-                             max_steps=cfg.finetune_steps, learning_rate=2e-4,
-                             optim=cfg.optimizer, gradient_checkpointing=cfg.checkpointing,
-                             bf16=half == torch.bfloat16, fp16=half == torch.float16, use_cpu=not cuda,
-                             logging_steps=5, save_strategy="no", report_to=[], seed=cfg.seed,
-                             remove_unused_columns=False)  # SeenWindows takes the window index out itself
     seen = SeenWindows()
     dataset = [{"input_ids": c, "labels": c, "window": i} for i, c in enumerate(chunks)]
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=seen)
+    trainer = Trainer(model=model, args=training_args(cfg, dev), train_dataset=dataset, data_collator=seen)
     fsdp = fsdp_wrap_adapters(trainer)
     with metrics.PeakMemory(dev) as mem:
         out = trainer.train()
@@ -104,6 +97,19 @@ def qlora_finetune(asset: Resolved, cfg: Any, device: torch.device) -> dict[str,
             "world_size": dist.world_size(), "windows_by_rank": windows, "fsdp": fsdp,
             "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
             "quant_storage": str(storage or torch.uint8).removeprefix("torch.")}
+
+
+def training_args(cfg: Any, dev: torch.device) -> Any:
+    """The Trainer's arguments: the device's half precision, no checkpoints saved mid-run, the config's seed."""
+    from transformers import TrainingArguments
+
+    half = compute_dtype(dev)
+    return TrainingArguments(output_dir=str(cfg_output(cfg) / ".trainer"), per_device_train_batch_size=cfg.batch,
+                             max_steps=cfg.finetune_steps, learning_rate=2e-4,
+                             optim=cfg.optimizer, gradient_checkpointing=cfg.checkpointing,
+                             bf16=half == torch.bfloat16, fp16=half == torch.float16, use_cpu=dev.type != "cuda",
+                             logging_steps=5, save_strategy="no", report_to=[], seed=cfg.seed,
+                             remove_unused_columns=False)  # SeenWindows takes the window index out itself
 
 
 @contextlib.contextmanager

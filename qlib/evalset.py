@@ -1,8 +1,9 @@
 """The one evaluation set of the real LM (05's ladder and methods, 06's block search, 08 and `formats` score it):
 windows of `context` tokens fixed once, from many stdlib modules of the code corpus's held-out split and from BBC
 News articles held out of every calibration. Each window knows its domain and its group (the module or the
-article it came from), so an interval resamples whole modules and articles rather than windows of one text, and
-the reference model has one perplexity per domain wherever it is scored."""
+article it came from), so an interval resamples whole modules and articles (within each domain: the set's 3 : 1
+share is fixed by construction) rather than windows of one text, and the reference model has one perplexity per
+domain wherever it is scored."""
 from __future__ import annotations
 
 import hashlib
@@ -97,6 +98,7 @@ class EvalSet:
     def describe(self) -> dict[str, Any]:
         """What the set is, for metrics.json."""
         return {"context": self.context, "windows": len(self.groups), "fingerprint": self.fingerprint(),
+                "resampling": "whole modules and articles, within each domain",
                 "scored_tokens": len(self.groups) *
                 (self.context - 1), **{d: {"windows": self.domains.count(d), "groups": len({
                     g for dd, g in zip(self.domains, self.groups) if dd == d})} for d in sorted(set(self.domains))}}
@@ -109,7 +111,7 @@ def caption(about: dict[str, Any]) -> str:
              for d in ("code", "prose") if d in about]
     return (f"the shared evaluation set's first {about['windows']} windows of {about['context']} tokens "
             f"({'; '.join(parts)}; {about['scored_tokens']:,} scored tokens, fingerprint {about['fingerprint']}); "
-            "95 % intervals resample whole modules and articles")
+            f"95 % intervals resample {about.get('resampling', 'whole modules and articles')}")
 
 
 GROUP_NAMES = {"code": "held-out stdlib modules", "prose": "held-out BBC News articles"}

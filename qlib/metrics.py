@@ -88,7 +88,9 @@ def perplexity(model: torch.nn.Module, input_ids: torch.Tensor, context: int, st
 def _block_bootstrap(series: Sequence[Any], block: int, n_boot: int, seed: int,
                      groups: Sequence[Any] | None = None) -> list[Any]:
     """Each series' sum over the same resampled units, n_boot sums per series: whole `groups` (every example of a
-    module or an article together, wherever it sits) when given, else blocks of `block` consecutive examples."""
+    module or an article together, wherever it sits) when given, else blocks of `block` consecutive examples.
+    Groups labelled "stratum:name" (the shared evaluation set's "code:<module>", "prose:<article>") are resampled
+    within their stratum, so each resample keeps the set's fixed share of each domain."""
     import numpy as np
 
     n = len(series[0])
@@ -97,10 +99,29 @@ def _block_bootstrap(series: Sequence[Any], block: int, n_boot: int, seed: int,
     else:
         if len(groups) != n:
             raise ValueError(f"need one group per example: {len(groups)} groups for {n} examples")
-        unit = np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+        labels, unit = np.unique(np.asarray(groups), return_inverse=True)
+        unit = unit.ravel()
     k = int(unit.max()) + 1
-    pick = np.random.default_rng(seed).integers(0, k, size=(n_boot, k))
+    rng = np.random.default_rng(seed)
+    strata = _strata(labels) if groups is not None else None
+    if strata is None:
+        pick = rng.integers(0, k, size=(n_boot, k))
+    else:  # each stratum's units drawn from that stratum alone, as many as it has
+        pick = np.concatenate([members[rng.integers(0, members.size, size=(n_boot, members.size))]
+                               for members in strata], axis=1)
     return [np.bincount(unit, weights=np.asarray(s, dtype=float), minlength=k)[pick].sum(1) for s in series]
+
+
+def _strata(labels: Any) -> list[Any] | None:
+    """The unit indices of each stratum when every label reads "stratum:name" and there are two strata or more."""
+    import numpy as np
+
+    names = [str(x) for x in labels]
+    if not all(":" in x for x in names):
+        return None
+    prefix = np.array([x.split(":", 1)[0] for x in names])
+    kinds = np.unique(prefix)
+    return [np.flatnonzero(prefix == s) for s in kinds] if kinds.size > 1 else None
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0,

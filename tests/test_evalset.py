@@ -29,6 +29,7 @@ def test_a_set_selects_a_domain_and_names_the_group_of_every_scored_token():
     assert s.context == 4 and s.select("prose").groups == ("bbc/1",)
     assert s.token_groups().tolist() == ["code:m1"] * 3 + ["code:m2"] * 3 + ["prose:bbc/1"] * 3
     assert s.describe() == {"context": 4, "windows": 3, "scored_tokens": 9, "code": {"windows": 2, "groups": 2},
+                            "resampling": "whole modules and articles, within each domain",
                             "prose": {"windows": 1, "groups": 1}, "fingerprint": s.fingerprint()}
     with pytest.raises(QlabError, match="no 'poetry' windows"):
         s.select("poetry")

@@ -231,3 +231,20 @@ def test_group_bootstrap_resamples_whole_modules():
     assert whole["hi"] - whole["lo"] < 0.5  # shuffled labels: no module structure left to honour
     with pytest.raises(ValueError, match="one group per example"):
         metrics.mean_interval(x, groups=[0] * 10)
+
+
+def test_groups_of_the_shared_set_resample_within_their_domain():
+    """The shared set holds 3 parts code to 1 of prose by construction: "code:<module>" and "prose:<article>" units
+    are resampled within their domain, so a resample keeps that share. Code tokens at 0 and prose tokens at 1 (no
+    spread inside a domain) leave the stratified interval at exactly 1/4, where pooled resampling moves the share."""
+    import numpy as np
+
+    labels = [f"code:m{i}" for i in range(12) for _ in range(10)] + [f"prose:a{i}" for i in range(4) for _ in range(10)]
+    d = np.array([0.0] * 120 + [1.0] * 40)
+    strat = metrics.paired_bootstrap(np.zeros(160), d, groups=labels)
+    assert strat["lo"] == pytest.approx(0.25) and strat["hi"] == pytest.approx(0.25)
+    pooled = metrics.paired_bootstrap(np.zeros(160), d, groups=[x.replace(":", "/") for x in labels])
+    assert pooled["hi"] - pooled["lo"] > 0.2
+    one_domain = [f"code:m{i}" for i in range(16) for _ in range(10)]  # one stratum: plain group resampling
+    assert metrics.paired_bootstrap(np.zeros(160), d, groups=one_domain) == \
+        metrics.paired_bootstrap(np.zeros(160), d, groups=[x.split(":")[1] for x in one_domain])

@@ -51,6 +51,7 @@ def _outputs(root):
     return adapters, results
 
 
+@pytest.mark.slow
 def test_two_processes_train_different_batches_and_match_one_process_over_the_same_global_batch(untied, tmp_path):
     out2 = _launch(tmp_path / "two", untied, processes=2, batch=1)
     out1 = _launch(tmp_path / "one", untied, processes=1, batch=2)
@@ -83,6 +84,7 @@ def test_more_processes_than_batches_is_one_line_before_any_step(monkeypatch):
     llama_finetune.check_launch(8, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.limitation
 def test_accelerate_does_not_shard_on_cpus_so_fsdp_is_checked_on_a_gpu(untied, tmp_path):
     """Issue 32: FSDP on two CPU processes is not possible through accelerate: given the FSDP config and --cpu it

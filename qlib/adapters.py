@@ -59,9 +59,12 @@ def check_saved_adapter(folder: Path, model: Any) -> None:
     gathering gives an empty file, which loads without complaint as an untrained adapter)."""
     from safetensors import safe_open
 
-    expected = sum(1 for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n)
+    def lora(names: Any) -> int:  # the adapter's own matrices (a classifier head saved beside them is not one)
+        return sum(1 for n in names if ".lora_A." in n or ".lora_B." in n)
+
+    expected = lora(n for n, _ in model.named_parameters())
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
-        saved = len(list(f.keys()))
+        saved = lora(f.keys())
     if expected and saved != expected:
         raise QlabError(f"the adapter came out with {saved} of its {expected} LoRA tensors (sharded weights saved "
                         "without gathering them?); nothing was written")

@@ -145,3 +145,17 @@ def test_an_adapter_saved_without_its_tensors_is_refused_and_not_written(untied,
         adapters.save_adapter(model, tok, tmp_path / "a", {"artifact": "adapter"}, state_dict={})
     assert not (tmp_path / "a").exists()
     assert (adapters.save_adapter(model, tok, tmp_path / "b", {"artifact": "adapter"}) / "qlab.json").is_file()
+
+
+def test_a_head_saved_beside_the_adapter_is_not_counted_as_lora(tmp_path):
+    """04's classifier head is saved with its adapter (modules_to_save): the check counts LoRA matrices only."""
+    from transformers import AutoTokenizer
+
+    from qlib import adapters, assets
+    from qlib.models import load_classifier
+
+    asset = assets.resolve_model("encoder", "minilm")
+    model = adapters.add_lora(load_classifier(asset, 2), 2)
+    out = adapters.save_adapter(model, AutoTokenizer.from_pretrained(asset.path), tmp_path / "cls",
+                                {"artifact": "adapter"})
+    assert (out / "adapter_model.safetensors").is_file()

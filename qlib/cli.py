@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qlib import render
-from qlib.config import GPU_STUDIES, PROFILES, check_profile
+from qlib.config import GPU_STUDIES, PROFILES, check_profile, parse_params
 from qlib.core.errors import ArgumentParser, QlabError
 from qlib.core.io import make_folder
 from qlib.core.notebook import tidy_file
@@ -122,16 +122,9 @@ def check_asset_ids(mod: Any, profile: str, params: dict[str, object]) -> None:
             assets.resolve_model(role, key)
 
 
-def _parse_params(pairs: list[str]) -> dict[str, object]:
-    """`-p key value` pairs, values parsed as YAML scalars like papermill does."""
-    import yaml
-
-    return {k: yaml.safe_load(v) for k, v in pairs}
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     check_profile(args.profile)
-    params = _parse_params(args.param or [])
+    params = parse_params(args.param or [])
     nbs = notebooks(args.notebooks or (list(GPU_STUDIES) if args.profile == "gpu" else None))
     if args.profile == "gpu" and "device" not in params:
         from qlib.core.device import pick_device
@@ -232,7 +225,8 @@ def _plan_gpus(args: argparse.Namespace) -> int:
     if gpus[0] < 1:
         raise QlabError(f"--gpus must be at least 1, not {gpus[0]}")
     recipe = {k: v for k, v in (("batch", args.batch), ("seq", args.seq), ("rank", args.rank)) if v is not None}
-    print(sharding.tables(tuple(args.model.split(",")), tuple(gpus), **recipe))
+    models = tuple(args.model.split(",")) if args.model else tuple(sharding.PLAN_MODELS)
+    print(sharding.tables(models, tuple(gpus), **recipe))
     return 0
 
 
@@ -359,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--profile", default="t4")
     pl.add_argument("--gpus", default=None, help="GPU counts (e.g. 1,2,4): per-GPU peaks of DDP and FSDP-QLoRA instead "
                     "of the profile's notebooks")
-    pl.add_argument("--model", default=",".join(["llama-2-7b", "llama-2-13b", "llama-2-70b"]),
-                    help="with --gpus: models (llama-2-7b/13b/70b or hub ids with a known config)")
+    pl.add_argument("--model", default=None,
+                    help="with --gpus: models (default llama-2-7b,llama-2-13b,llama-2-70b; or hub ids with a known "
+                    "config)")
     pl.add_argument("--batch", type=int, default=None, help="with --gpus: micro-batch per GPU (default 2)")
     pl.add_argument("--seq", type=int, default=None, help="with --gpus: sequence length (default 2048)")
     pl.add_argument("--rank", type=int, default=None, help="with --gpus: LoRA rank (default 64)")

@@ -161,6 +161,13 @@ GPU_STUDIES = ("01", "04", "05", "07")
 C = TypeVar("C")
 
 
+def parse_params(pairs: list[tuple[str, str]] | list[list[str]]) -> dict[str, Any]:
+    """`-p NAME VALUE` pairs, values parsed as YAML scalars like papermill does."""
+    import yaml
+
+    return {k: yaml.safe_load(v) for k, v in pairs}
+
+
 def check_profile(profile: str) -> str:
     """Return the profile name, or a clear error listing the valid ones."""
     if profile not in PROFILES:

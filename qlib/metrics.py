@@ -94,16 +94,16 @@ def _block_bootstrap(series: Sequence[Any], block: int, n_boot: int, seed: int,
     import numpy as np
 
     n = len(series[0])
+    strata = None
     if groups is None:
         unit = np.arange(n) // block
     else:
         if len(groups) != n:
             raise ValueError(f"need one group per example: {len(groups)} groups for {n} examples")
         labels, unit = np.unique(np.asarray(groups), return_inverse=True)
-        unit = unit.ravel()
+        unit, strata = unit.ravel(), _strata(labels)
     k = int(unit.max()) + 1
     rng = np.random.default_rng(seed)
-    strata = _strata(labels) if groups is not None else None
     if strata is None:
         pick = rng.integers(0, k, size=(n_boot, k))
     else:  # each stratum's units drawn from that stratum alone, as many as it has

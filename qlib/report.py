@@ -211,7 +211,7 @@ def fill_sections(text: str, t4_plan: str | None = None, multi_gpu: str | None =
 
 def compact_gpu_plan(tables: str) -> str:
     """The per-GPU table of `plan --gpus`, without its caption and the published points."""
-    return "\n".join(line for line in tables.split("\n\n")[1].splitlines())
+    return tables.split("\n\n")[1]
 
 
 def update_readme(path: str | Path | None = None, t4_plan: str | None = None,

@@ -13,26 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from qlib.core.errors import QlabError
-from qlib.pretrain import pretrained_lm
 
 STEPS = 3
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 ARGS = ["--profile", "smoke", "-p", "finetune_7b", "true", "-p", "device", "cpu", "-p", "dataset_id", "stdlib-code",
         "-p", "finetune_steps", str(STEPS), "-p", "seq", "32", "-p", "lora_dropout", "0"]
-
-
-@pytest.fixture(scope="module")
-def untied(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    src = pretrained_lm("llama-stdlib-tiny")
-    cfg = LlamaConfig.from_pretrained(src)
-    cfg.tie_word_embeddings = False  # LLaMA-2's layout
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("untied") / "llama-untied"
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(src).save_pretrained(out)
-    return out
 
 
 def _launch(root, model, processes, batch):

@@ -19,21 +19,6 @@ INFO = runmeta.RunInfo("99_test", "smoke", 3, "org/Tiny-LM_v2", None, "stdlib-co
 KNOBS = runmeta.LoraKnobs(r=8)
 
 
-@pytest.fixture(scope="module")
-def untied(tmp_path_factory):
-    """A tiny LLaMA with an untied LM head (LLaMA-2's layout), saved with its tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    src = pretrained_lm("llama-stdlib-tiny")
-    cfg = LlamaConfig.from_pretrained(src)
-    cfg.tie_word_embeddings = False
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("untied") / "llama-untied"
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(src).save_pretrained(out)
-    return out
-
-
 def _write(folder, method, head="fp32", knobs=None, **kw):
     plan = build_quantization_plan(method, "cpu")
     bits = kw.pop("bits", plan.spec.weights_bits)

@@ -12,11 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from qlib import accounting, adapters, assets, budget, hub, metrics, models, results
-from qlib.config import make_config
+from qlib.config import make_config, parse_params
 from qlib.core import dist
 from qlib.core.device import compute_dtype, pick_device, set_seed, t4_conditions
 from qlib.core.errors import QlabError
@@ -495,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="override one parameter, as `qlib run -p` (e.g. -p device cpu -p seq 64)")
     a = ap.parse_args(argv)
-    params = {k: yaml.safe_load(v) for k, v in a.param}
+    params = parse_params(a.param)
     try:
         cfg = config(a.profile, **{"finetune_steps": a.steps, "model_id": a.model_id, **params})
         res = llama_finetune.finetune_7b(cfg, pick_device(cfg.device))

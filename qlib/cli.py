@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qlib import render
-from qlib.config import GPU_STUDIES, PROFILES, check_profile, parse_params
+from qlib.config import PARTIAL_PROFILES, PROFILES, check_profile, parse_params
 from qlib.core.errors import ArgumentParser, QlabError
 from qlib.core.io import make_folder
 from qlib.core.notebook import tidy_file
@@ -122,17 +122,22 @@ def check_asset_ids(mod: Any, profile: str, params: dict[str, object]) -> None:
             assets.resolve_model(role, key)
 
 
+PARTIAL_WHAT = {"gpu": "random-init memory and speed", "full": "the whole shared evaluation set of the real LM"}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     check_profile(args.profile)
     params = parse_params(args.param or [])
-    nbs = notebooks(args.notebooks or (list(GPU_STUDIES) if args.profile == "gpu" else None))
+    covers = PARTIAL_PROFILES.get(args.profile)
+    nbs = notebooks(args.notebooks or (list(covers) if covers else None))
     if args.profile == "gpu" and "device" not in params:
         from qlib.core.device import pick_device
 
         pick_device("auto", "gpu")  # no CUDA: one clear line now, not a failed notebook later
-    if args.profile == "gpu" and (outside := [nb.stem for nb in nbs if nb.stem[:2] not in GPU_STUDIES]):
-        raise QlabError(f"no gpu profile for {', '.join(outside)}: the gpu profile (random-init memory and speed) "
-                        f"covers notebooks {', '.join(GPU_STUDIES)}; run the others with --profile default or t4")
+    if covers and (outside := [nb.stem for nb in nbs if nb.stem[:2] not in covers]):
+        raise QlabError(f"no {args.profile} profile for {', '.join(outside)}: the {args.profile} profile "
+                        f"({PARTIAL_WHAT[args.profile]}) covers notebooks {', '.join(covers)}; run the others with "
+                        "--profile default or t4")
     check_params(nbs, args.profile, params)
     make_folder(executed_dir(args.profile))  # a file in the way of results/: one line before anything runs
     failed = []

@@ -153,10 +153,15 @@ def quant_storage_for(device: torch.device, requested: str | None) -> torch.dtyp
 
 # ---------------------------------------------------------------- profiles
 
-PROFILES = ("smoke", "default", "t4", "gpu")
+PROFILES = ("smoke", "default", "t4", "gpu", "full")
 # The `gpu` profile exists only where a study has a random-init path (memory and speed, quality null):
 # 02/03 measure CPU INT8 kernels, 06/08 need their pretrained-here models (the default profile runs them on CUDA).
 GPU_STUDIES = ("01", "04", "05", "07")
+# The `full` profile: the default run with every comparison on the real LM scored on the whole shared evaluation
+# set (evalset: 128 windows, 32,640 tokens, 64 modules and articles) instead of its first 16 windows: about 8x the
+# scoring, two hours or more on 2 cores, so it is its own run rather than the default's.
+FULL_STUDIES = ("05", "06", "08")
+PARTIAL_PROFILES = {"gpu": GPU_STUDIES, "full": FULL_STUDIES}  # profiles that cover some notebooks only
 
 C = TypeVar("C")
 
@@ -263,8 +268,9 @@ def make_config(cls: type[C], table: dict[str, dict[str, Any]], profile: str, **
     """
     check_profile(profile)
     if profile not in table:
+        covers = PARTIAL_PROFILES.get(profile)
         raise QlabError(f"{_name(cls)} has no {profile!r} profile; it has: {', '.join(table)}"
-                        + (f" (the gpu profile covers notebooks {', '.join(GPU_STUDIES)})" if profile == "gpu" else ""))
+                        + (f" (the {profile} profile covers notebooks {', '.join(covers)})" if covers else ""))
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:

@@ -74,6 +74,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "t4": dict(model_id="qwen2.5-1.5b-instruct", dataset_id="codesearchnet-python", train_base="nf4", steps=300,
                batch_size=4, gradient_checkpointing=True, lora_lr=2e-4, context=512, train_tokens=1_000_000,
                eval_tokens=32_768),
+    "full": dict(eval_tokens=32_768),  # the whole shared set (config.FULL_STUDIES)
 }
 
 

@@ -84,6 +84,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # tokens keep each run to minutes and the peak near 7 GiB (16 x 1024 would need ~30 GiB)
     "t4": dict(model_id="gpt2", dataset_id="squad", steps=300, batch_size=8, lr=5e-4, lora_rank=16,
                n_eval=500, max_new_tokens=16, max_len=384),
+    "full": dict(block_eval_tokens=32_768),  # the whole shared set (config.FULL_STUDIES)
 }
 
 

@@ -193,10 +193,13 @@ def _projection_lines(d: dict[str, Any]) -> list[str]:
 
 def fill_sections(text: str, t4_plan: str | None = None, multi_gpu: str | None = None) -> str:
     """Refill every generated section a page holds: the headline findings, the default run's rows, the GPU results,
-    the `formats` runs and (given `t4_plan`, the CLI's table of the t4 predictions) the T4 plan, and (given
+    the `formats` runs, the default run's intervals beside the `full` run's, and (given `t4_plan`, the CLI's table of the t4 predictions) the T4 plan, and (given
     `multi_gpu`) the per-GPU predictions."""
+    from qlib import set_size
+
     fillers = {HEADLINE_START: headline_table, README_START: lambda: readme_table("default"),
-               GPU_START: gpu_readme_table, FORMATS_START: formats_readme}
+               GPU_START: gpu_readme_table, FORMATS_START: formats_readme, set_size.START: set_size.table,
+               set_size.SUMMARY_START: set_size.summary}
     if t4_plan is not None:
         fillers[T4_START] = lambda: t4_plan
     if multi_gpu is not None:

@@ -193,8 +193,8 @@ def _projection_lines(d: dict[str, Any]) -> list[str]:
 
 def fill_sections(text: str, t4_plan: str | None = None, multi_gpu: str | None = None) -> str:
     """Refill every generated section a page holds: the headline findings, the default run's rows, the GPU results,
-    the `formats` runs, the default run's intervals beside the `full` run's, and (given `t4_plan`, the CLI's table of the t4 predictions) the T4 plan, and (given
-    `multi_gpu`) the per-GPU predictions."""
+    the `formats` runs, the default run's intervals beside the `full` run's, and (given `t4_plan`, the CLI's table
+    of the t4 predictions) the T4 plan, and (given `multi_gpu`) the per-GPU predictions."""
     from qlib import set_size
 
     fillers = {HEADLINE_START: headline_table, README_START: lambda: readme_table("default"),

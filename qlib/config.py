@@ -200,7 +200,7 @@ AT_LEAST_1 = frozenset({
     "stride", "max_length", "max_len", "seq", "seq_len", "projection_seq", "gen_tokens", "n_calib",
     "max_new_tokens", "bench_steps", "calib_sentences", "n_train", "n_eval", "train_tokens", "eval_tokens",
     "ladder_context", "ladder_eval_tokens", "block_context", "block_calib_tokens", "block_eval_tokens",
-    "save_steps", "finetune_steps", "timing_threads", "vocab_size"})
+    "save_steps", "finetune_steps", "timing_threads", "vocab_size", "roofline_repeats"})
 AT_LEAST_0 = frozenset({"seed", "block_qa_questions", "low_bits"})
 POSITIVE = frozenset({"epochs", "lr", "bitnet_lr", "lora_lr", "kd_temperature"})
 FRACTION = frozenset({"budget", "block_budget", "weight_decay", "warmup_ratio"})

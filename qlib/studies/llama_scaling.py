@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlib import accounting, adapters, assets, budget, hub, metrics, models, results
+from qlib import accounting, adapters, assets, budget, hub, metrics, models, results, roofline
 from qlib.config import make_config, parse_params
 from qlib.core import dist
 from qlib.core.device import compute_dtype, pick_device, set_seed, t4_conditions
@@ -73,15 +73,27 @@ class Config:
     keep_lm_head_fp16: bool = True         # False: NF4 for LLaMA's untied lm_head too
     optimizer: str = "paged_adamw_8bit"    # the fine-tune's: paged_adamw_8bit | paged_adamw_32bit | adamw_torch
     t4_check: bool = False      # CUDA: rerun the 7B QLoRA rung as on a T4 (fp16, allocator capped at 15 GiB)
+    # decode and prefill against this machine's ceilings (qlib.roofline): random-weight LLaMAs of these sizes
+    roofline_sizes: tuple[str, ...] = roofline.Spec.sizes      # () skips the roofline
+    roofline_formats: tuple[str, ...] = roofline.Spec.formats  # GGUF types, in llama.cpp
+    roofline_hf_sizes: tuple[str, ...] = roofline.Spec.hf_sizes  # transformers FP32 / bnb INT8 / NF4 at these sizes
+    roofline_threads: tuple[int, ...] = roofline.Spec.threads
+    roofline_repeats: int = roofline.Spec.repeats
+    roofline_variants: bool = True  # llama.cpp built per instruction set, the best for this CPU against the AVX2 wheel
+    roofline_amx: bool = False      # let ggml's AMX variant be chosen (it crashed here before: tried apart otherwise)
+    roofline_tokenizer: str = "smollm2-135m"  # the vocabulary the random models and their GGUF files carry
     device: str = "auto"
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(rungs=("llama-2m", "llama-5m"), vocab_size=1000, seq=32, steps=1, projection_seq=64),
+    "smoke": dict(rungs=("llama-2m", "llama-5m"), vocab_size=1000, seq=32, steps=1, projection_seq=64,
+                  roofline_sizes=("tiny",), roofline_formats=("f16", "q4_0"), roofline_hf_sizes=("tiny",),
+                  roofline_threads=(1,), roofline_repeats=2, roofline_variants=False,
+                  roofline_tokenizer="llama-stdlib-tiny"),
     "default": {},
-    "t4": dict(finetune_7b=True, seq=512),
+    "t4": dict(finetune_7b=True, seq=512, roofline_variants=False),
     "gpu": dict(rungs=("llama-60m", "llama-130m", "llama-270m", "llama-7b"), methods=("lora", "qlora"), seq=512,
-                steps=5, t4_check=True),
+                steps=5, t4_check=True, roofline_variants=False),
 }
 
 
@@ -354,6 +366,7 @@ class ScalingResult(StudyResult):
     projection: list[dict[str, Any]]
     accounting_7b: dict[str, Any]
     finetune: dict[str, Any] | None
+    roofline: roofline.Result | None = None
 
 
 def accounting_table() -> dict[str, Any]:
@@ -371,6 +384,8 @@ def accounting_table() -> dict[str, Any]:
 def run(cfg: Config) -> ScalingResult:
     """Accounting at 7B, the measured ladder, fits and the 7B projection; metrics.json."""
     device = pick_device(cfg.device, cfg.profile)
+    if cfg.roofline_sizes:  # a size past this machine's memory or more threads than cores: one line, now
+        roofline.check(roofline_spec(cfg, roofline.Spec.vocab_size), device)
     asset_7b = None
     if cfg.finetune_7b:  # device, hub access (gated, offline) and the memory prediction: before the ladder's minutes
         llama_finetune.check_finetune_device(cfg, device)
@@ -388,19 +403,50 @@ def run(cfg: Config) -> ScalingResult:
     bench = gpu_benchmark(ladder)
     acc7 = accounting_table()
     finetune = llama_finetune.finetune_7b(cfg, device, asset_7b) if cfg.finetune_7b else None
+    roof, spec = run_roofline(cfg, device)
     rows = [results.make_row(f"{r['method']}", model=r["rung"], dataset="random tokens", **{
         k: v for k, v in r.items() if k not in ("method",)}) for r in ladder]
     doc_assets = {"model": {"role": "llama-arch", "id": ",".join(cfg.rungs), "source": "random-init",
                             "note": "memory and speed do not depend on the weights' values"},
                   "data": {"id": "random tokens", "source": "torch.randint, seed 0"}}
-    path = results.write_metrics(STUDY, cfg.profile, cfg.seed, metrics.runtime_env(device), doc_assets, rows,
+    env = metrics.runtime_env(device) | ({"ceilings": roof.ceilings} if roof else {})
+    path = results.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows,
                                  config=asdict(cfg), fits=fits, projection_7b=projection, accounting_7b=acc7,
-                                 finetune_7b=finetune, benchmark=bench,
+                                 finetune_7b=finetune, benchmark=bench, roofline=roofline_block(roof, spec),
                                  readme=results.readme_block(gpu_pairs=[("qlora", "lora")], lines=measured_7b_lines(
                                      {"rows": rows, "benchmark": bench})),
                                  reference={f"{m}_7b_peak_gib": v["peak_gib"] for m, v in PLAIN_BNB_PEFT_H100.items()}
                                  | {"source": H100_SOURCE})
-    return ScalingResult(rows, results.load_metrics(path), path, ladder, fits, projection, acc7, finetune)
+    return ScalingResult(rows, results.load_metrics(path), path, ladder, fits, projection, acc7, finetune, roof)
+
+
+def roofline_spec(cfg: Config, vocab_size: int) -> roofline.Spec:
+    return roofline.Spec(sizes=cfg.roofline_sizes, formats=cfg.roofline_formats, threads=cfg.roofline_threads,
+                         hf_sizes=cfg.roofline_hf_sizes, repeats=cfg.roofline_repeats, amx=cfg.roofline_amx,
+                         compare_sizes=tuple(s for s in roofline.Spec.compare_sizes if s in cfg.roofline_sizes),
+                         vocab_size=vocab_size, seed=cfg.seed)
+
+
+def run_roofline(cfg: Config, device: torch.device) -> tuple[roofline.Result | None, roofline.Spec | None]:
+    """The roofline ladder (qlib.roofline) with the tokenizer's vocabulary; its rows also as roofline.csv.gz."""
+    if not cfg.roofline_sizes:
+        return None, None
+    from transformers import AutoTokenizer
+
+    tok_dir = assets.resolve_model("llama-arch", cfg.roofline_tokenizer).path
+    spec = roofline_spec(cfg, len(AutoTokenizer.from_pretrained(tok_dir)))
+    roofline.check(spec, device)
+    res = roofline.run(spec, device, Path(tok_dir), variants=cfg.roofline_variants)
+    results.write_per_example(STUDY, cfg.profile, "roofline", roofline.table(res.rows).to_dict("list"))
+    return res, spec
+
+
+def roofline_block(res: roofline.Result | None, spec: roofline.Spec | None) -> dict[str, Any] | None:
+    """metrics.json's `roofline`: every row (with its repeats), the build comparison, variants and checks."""
+    if res is None or spec is None:
+        return None
+    return {"spec": asdict(spec), "rows": res.rows, "builds": res.builds, "variants": res.variants,
+            "benchmark": roofline.benchmark(res, spec), "findings": roofline.findings(res, spec)}
 
 
 def findings(res: ScalingResult) -> str:
@@ -425,6 +471,7 @@ def findings(res: ScalingResult) -> str:
                      f"batch 1, checkpointing): accounting {p['accounting_bytes'] / gib:.2f} GiB -> "
                      f"{'fits' if p['fits_t4'] else 'does not fit'} in {T4_FIT_GIB:.2f} GiB ({budget.MARGIN:.0%} of "
                      f"the {T4_USABLE_GIB:g} GiB a T4 gives a process, the margin `plan` keeps){cons}.")
+    lines += (res.doc.get("roofline") or {}).get("findings") or []
     lines.append("- The CPU ladder's gap to the accounting is neither a constant nor a constant factor "
                  "across rungs, so "
                  "the T4 projection takes no correction from it; the extrapolated CPU fits above are CPU figures.")

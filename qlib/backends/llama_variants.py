@@ -1,0 +1,157 @@
+"""llama.cpp with its CPU code built once per x86 instruction set, the best one this machine runs chosen at run time.
+
+The llama-cpp-python wheel qlib builds (`gguf.ensure_llama_cpp`) is compiled for AVX2 (GGML_NATIVE=OFF: a native
+build crashed on an Intel CPU with AMX under GCC 12, and a wheel built on one CI machine must run on the next). ggml
+can instead build its CPU backend as one loadable library per instruction set (GGML_BACKEND_DL +
+GGML_CPU_ALL_VARIANTS) and score each against the running CPU; llama-cpp-python 0.3.36 neither installs those
+libraries where ggml looks nor binds the loader (llama-cpp-python#2069). So qlib builds the vendored llama.cpp
+itself (the libraries only, the variants x86 machines in CI have), points llama-cpp-python at them
+(LLAMA_CPP_LIB_PATH) in a separate process, scores the variants with ggml's own `ggml_backend_score` and loads the
+best. AMX (the `sapphirerapids` variant) is left out unless asked for: ggml's AMX path crashed before here, and a
+crash stays inside the worker process.
+
+`python -m qlib.backends.llama_variants JOB.json` is that worker: it prints the job's measurements as JSON.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qlib.core.errors import QlabError
+from qlib.core.io import atomic_dir
+from qlib.core.paths import cache_dir
+
+# the x86 variants built (ggml's names, fewest features first); the others in ggml's list are older CPUs than CI's
+VARIANTS = ("haswell", "skylakex", "icelake", "cooperlake", "zen4", "alderlake", "sapphirerapids")
+AMX_VARIANTS = ("sapphirerapids",)
+WHEEL = "wheel"  # the installed llama-cpp-python (AVX2), the build the variants are compared with
+
+
+def _version() -> str:
+    from qlib.backends.gguf import LLAMA_CPP_PYTHON
+
+    return LLAMA_CPP_PYTHON
+
+
+def lib_dir() -> Path:
+    """The built libraries: libllama, libggml, libggml-base and one libggml-cpu-<variant>.so per variant."""
+    dest = cache_dir() / f"llama.cpp-variants-{_version()}"
+    if not all((dest / f"libggml-cpu-{v}.so").is_file() for v in VARIANTS):
+        _build(dest)
+    return dest
+
+
+def _build(dest: Path) -> None:
+    """cmake the vendored llama.cpp as shared libraries with every CPU variant (~15 min on 2 cores, once)."""
+    from qlib.backends.gguf import _SDIST, sdist
+
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise QlabError("building llama.cpp's CPU variants needs cmake (apt-get install cmake, or pip install cmake)")
+    print(f"building llama.cpp {_version()} with its CPU variants ({', '.join(VARIANTS)}) once; ~15 min on 2 cores",
+          flush=True)
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_BACKEND_DL=ON",
+             "-DGGML_CPU_ALL_VARIANTS=ON", "-DGGML_NATIVE=OFF", "-DCMAKE_BUILD_RPATH=$ORIGIN",
+             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+             "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"]
+    prefix = f"{_SDIST}/vendor/llama.cpp/"
+    targets = ["llama", *(f"ggml-cpu-{v}" for v in VARIANTS)]
+    with tempfile.TemporaryDirectory(prefix="qlab-llama-variants-") as work, atomic_dir(dest) as out:
+        with tarfile.open(sdist()) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(Path(work) / "src", members=members, filter="data")
+        for cmd in ([cmake, "-S", "src", "-B", "build", *flags],
+                    [cmake, "--build", "build", "-j", str(os.cpu_count() or 2), "--target", *targets]):
+            r = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+            if r.returncode != 0:
+                tail = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.strip()][-1:] or ["(no output)"]
+                raise QlabError(f"building llama.cpp's CPU variants failed ({' '.join(cmd[1:3])}): {tail[0][:300]}")
+        for so in Path(work, "build").rglob("*.so*"):
+            if so.is_file() and not so.is_symlink():
+                shutil.copy2(so, out / so.name)
+        for so in Path(work, "build").rglob("*.so*"):  # sonames: libggml.so -> libggml.so.0 -> libggml.so.0.x.y
+            if so.is_symlink() and not (out / so.name).exists():
+                os.symlink(os.readlink(so), out / so.name)
+
+
+def scores() -> dict[str, int]:
+    """ggml's score of each variant on this CPU (0: the CPU lacks one of its instruction sets), asked in a worker
+    process (the variants' libggml-base must not meet the wheel's in one process)."""
+    got = run_job({"build": "scores"})
+    if "crashed" in got:
+        raise QlabError(f"scoring llama.cpp's CPU variants failed: {got['crashed']}")
+    return {v: int(s) for v, s in got.items()}
+
+
+def _scores_here(libs: Path) -> dict[str, int]:
+    ctypes.CDLL(str(libs / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+    out = {}
+    for v in VARIANTS:
+        fn = ctypes.CDLL(str(libs / f"libggml-cpu-{v}.so")).ggml_backend_score
+        fn.restype = ctypes.c_int
+        out[v] = int(fn())
+    return out
+
+
+def best(score: dict[str, int], amx: bool = False) -> str:
+    """The highest-scoring variant this CPU runs (AMX only when asked for)."""
+    ok = {v: s for v, s in score.items() if s > 0 and (amx or v not in AMX_VARIANTS)}
+    if not ok:
+        raise QlabError(f"no llama.cpp CPU variant runs on this CPU (scores {score}); the AVX2 wheel is the fallback")
+    return max(ok, key=lambda v: ok[v])
+
+
+def run_job(job: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:
+    """Run one job in a worker process on `job['build']` (WHEEL, a variant name, or "scores"); a crash there
+    (an instruction set the CPU lacks, ggml's AMX path) comes back as {"crashed": reason}."""
+    env = dict(os.environ)
+    if job["build"] != WHEEL:
+        env["LLAMA_CPP_LIB_PATH"] = str(lib_dir())
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    try:
+        r = subprocess.run([sys.executable, "-m", "qlib.backends.llama_variants", f.name], env=env,
+                           capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"crashed": f"timed out after {timeout_s:.0f} s"}
+    finally:
+        os.unlink(f.name)
+    if r.returncode != 0:
+        tail = [ln for ln in r.stderr.splitlines() if ln.strip()][-1:] or [f"exit status {r.returncode}"]
+        return {"crashed": f"exit status {r.returncode}: {tail[0][:200]}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _load_variant(variant: str) -> None:
+    """Register `variant`'s CPU backend before llama.cpp looks for backends (it then finds one and stops)."""
+    libs = Path(os.environ["LLAMA_CPP_LIB_PATH"])
+    ggml = ctypes.CDLL(str(libs / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
+    ggml.ggml_backend_load.restype = ctypes.c_void_p
+    if not ggml.ggml_backend_load(str(libs / f"libggml-cpu-{variant}.so").encode()):
+        raise QlabError(f"ggml could not load the {variant} CPU variant from {libs}")
+
+
+def _worker(path: str) -> None:
+    job = json.loads(Path(path).read_text())
+    if job["build"] == "scores":
+        print(json.dumps(_scores_here(Path(os.environ["LLAMA_CPP_LIB_PATH"]))))
+        return
+    if job["build"] != WHEEL:
+        _load_variant(job["build"])
+    from qlib import roofline
+
+    print(json.dumps(roofline.measure_gguf(job)))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

@@ -1,0 +1,85 @@
+"""qlib.roofline and qlib.machine: exact parameter counts, the bytes and FLOPs a token costs, the ceilings, the
+issue's checks on synthetic rows, bad input before anything is built."""
+import pytest
+import torch
+
+from qlib import machine, roofline
+from qlib.backends import llama_variants
+from qlib.core.errors import QlabError
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("size", ["tiny", "60m", "135m"])
+def test_parameter_counts_are_exact(size):
+    """The formula against transformers' own model of the same config (meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(roofline.hf_config(size, 49152))
+    assert roofline.n_params(size, 49152) == sum(p.numel() for p in model.parameters())
+
+
+def test_smollm2_135m_shape_is_the_real_ones_parameter_count():
+    assert roofline.n_params("135m", 49152) == 134_515_008  # SmolLM2-135M's published count
+
+
+def test_bytes_and_flops_per_token():
+    h, _, layers, heads, kv = roofline.SIZES["135m"]
+    assert roofline.kv_bytes("135m", 100, 2) == 2 * layers * kv * (h // heads) * 100 * 2
+    f0, f1 = roofline.flops_per_token("135m", 49152, 0), roofline.flops_per_token("135m", 49152, 10)
+    assert f0 == 2 * (roofline.n_params("135m", 49152) - layers * 2 * h - h)
+    assert f1 - f0 == layers * 4 * h * 10
+
+
+def _rows(f16_s, q4_s, size="1b"):
+    base = {"runtime": "llama.cpp", "size": size, "threads": 1}
+    return [{**base, "format": "f16", "decode_s": f16_s}, {**base, "format": "q4_0", "decode_s": q4_s}]
+
+
+def test_benchmark_pairs_rounds_and_needs_twice_f16():
+    spec = roofline.Spec(sizes=("135m", "1b"))
+    res = roofline.Result(_rows([2.0, 2.2, 2.1], [1.0, 1.0, 1.0]), [], {"cpu": {"isa": ["avx2"]}}, {})
+    b = roofline.benchmark(res, spec)
+    assert b["size"] == "1b" and b["q4_0_decode_vs_f16"]["ratio"] == pytest.approx(2.1) and b["q4_0_decode_ok"]
+    assert b["q4_0_prefill_vs_avx2_min"] is None  # no AVX-512: the 1.3x prefill check does not apply
+    res = roofline.Result(_rows([1.9, 1.9, 1.9], [1.0, 1.0, 1.0]), [], {"cpu": {"isa": ["avx512f"]}}, {})
+    assert roofline.benchmark(res, spec)["q4_0_decode_ok"] is False
+    assert roofline.speed_ratio(res.rows, "60m", "q4_0") is None
+
+
+def test_bad_input_is_one_line_before_anything_is_built(monkeypatch):
+    with pytest.raises(QlabError, match="unknown roofline size/format"):
+        roofline.check(roofline.Spec(sizes=("7b",)), CPU)
+    with pytest.raises(QlabError, match="more than this machine's"):
+        roofline.check(roofline.Spec(sizes=("tiny",), threads=(1, 999)), CPU)
+    import psutil
+
+    class Mem:
+        available = 2**30
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Mem)
+    with pytest.raises(QlabError, match="roofline size 1b needs about .* GiB"):
+        roofline.check(roofline.Spec(sizes=("tiny", "1b")), CPU)
+
+
+def test_07_refuses_a_bad_roofline_before_its_ladder():
+    from qlib.studies import llama_scaling
+
+    cfg = llama_scaling.config("smoke", roofline_threads=(1, 999), device="cpu")
+    with pytest.raises(QlabError, match="more than this machine's"):
+        llama_scaling.run(cfg)
+
+
+def test_ceilings_are_measured_and_positive():
+    assert machine.read_bandwidth(1, CPU, buffer_bytes=16 << 20, repeats=2) > 1e8
+    assert machine.matmul_throughput("fp32", 1, CPU, n=128, repeats=2) > 1e8
+    assert "fp32" in machine.usable_dtypes(CPU)
+
+
+def test_best_variant_leaves_amx_out_unless_asked():
+    scores = {"haswell": 10, "skylakex": 20, "sapphirerapids": 90, "zen4": 0}
+    assert llama_variants.best(scores) == "skylakex"
+    assert llama_variants.best(scores, amx=True) == "sapphirerapids"
+    with pytest.raises(QlabError, match="no llama.cpp CPU variant runs"):
+        llama_variants.best({"haswell": 0})

@@ -199,7 +199,7 @@ def fill_sections(text: str, t4_plan: str | None = None, multi_gpu: str | None =
 
     fillers = {HEADLINE_START: headline_table, README_START: lambda: readme_table("default"),
                GPU_START: gpu_readme_table, FORMATS_START: formats_readme, set_size.START: set_size.table,
-               set_size.SUMMARY_START: set_size.summary}
+               set_size.SUMMARY_START: set_size.summary, ROOFLINE_START: roofline_readme}
     if t4_plan is not None:
         fillers[T4_START] = lambda: t4_plan
     if multi_gpu is not None:
@@ -304,6 +304,32 @@ def formats_readme() -> str:
                   f"{c['timing_threads']} thread(s); {env['device']}, {env.get('cpu')}{took}."
                   + "".join(f" Not measured: {x}." for x in d.get("problems") or []), "", table(d["rows"]), ""]
     return "\n".join(parts).strip() or "No `python -m qlib formats` run is kept in results/formats/ yet."
+
+
+ROOFLINE_START = "<!-- roofline:start -->"
+
+
+def roofline_readme(profile: str = "default") -> str:
+    """Study 07's roofline: the findings it wrote, and every row (decode and prefill against the ceilings)."""
+    base = repo_root() / "results" / ("" if profile == "default" else profile) / "07_llama_scaling" / "metrics.json"
+    rf = load_metrics(base).get("roofline") if base.is_file() else None
+    if not rf:
+        return "No roofline in the default run's results yet: `python -m qlib run 07` measures it."
+    lines = [*rf["findings"], "", "| size | runtime | format | threads | MiB read / token | decode tok/s [95 % CI] "
+             "| of the bandwidth ceiling | prefill tok/s | of the fp32 GEMM ceiling |", "|---" * 9 + "|"]
+    for r in rf["rows"]:
+        lines.append(f"| {r['size']} | {r['runtime']} ({r['build']}) | {r['format']} | {r['threads']} | "
+                     f"{r['bytes_per_token'] / 2**20:.1f} | {r['decode_tokens_per_s']:.1f} "
+                     f"[{r['decode_tokens_per_s_lo']:.1f}, {r['decode_tokens_per_s_hi']:.1f}] | "
+                     f"{r['bandwidth_fraction']:.2f} | {r['prefill_tokens_per_s']:.0f} | "
+                     f"{r['prefill_flops_fraction']:.2f} |")
+    if rf.get("builds"):
+        lines += ["", "| size | format | build vs AVX2 wheel | prefill speed-up [95 % CI] | decode speed-up "
+                  "[95 % CI] |", "|---" * 5 + "|"]
+        lines += [f"| {b['size']} | {b['format']} | {b['build']} | {b['prefill_speedup']:.2f} "
+                  f"[{b['prefill_speedup_lo']:.2f}, {b['prefill_speedup_hi']:.2f}] | {b['decode_speedup']:.2f} "
+                  f"[{b['decode_speedup_lo']:.2f}, {b['decode_speedup_hi']:.2f}] |" for b in rf["builds"]]
+    return "\n".join(lines)
 
 
 def _fill(text: str, start: str, end: str, body: str) -> str:

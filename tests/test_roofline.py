@@ -83,3 +83,20 @@ def test_best_variant_leaves_amx_out_unless_asked():
     assert llama_variants.best(scores, amx=True) == "sapphirerapids"
     with pytest.raises(QlabError, match="no llama.cpp CPU variant runs"):
         llama_variants.best({"haswell": 0})
+
+
+def test_roofline_section_is_filled_from_07s_results(tmp_path, monkeypatch):
+    from qlib import report, results
+
+    monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
+    assert report.roofline_readme().startswith("No roofline")
+    row = {"size": "1b", "runtime": "llama.cpp", "build": "zen4", "format": "q4_0", "threads": 1,
+           "bytes_per_token": 600 * 2**20, "decode_tokens_per_s": 20.0, "decode_tokens_per_s_lo": 19.5,
+           "decode_tokens_per_s_hi": 20.5, "bandwidth_fraction": 0.8, "prefill_tokens_per_s": 300.0,
+           "prefill_flops_fraction": 0.4}
+    env = {"device": "cpu", "cpu": "c", "isa": [], "threads": 2, "torch": "t"}
+    results.write_metrics("07_llama_scaling", "default", 0, env, {}, [results.make_row("lora")],
+                          roofline={"rows": [row], "builds": [], "findings": ["- a finding"]})
+    text = report.roofline_readme()
+    assert text.startswith("- a finding")
+    assert "| 1b | llama.cpp (zen4) | q4_0 | 1 | 600.0 | 20.0 [19.5, 20.5] | 0.80 | 300 | 0.40 |" in text

@@ -393,6 +393,7 @@ def findings(res: Result, spec: Spec) -> list[str]:
         parts = ", ".join(f"{f} {r['decode_tokens_per_s']:.1f} tok/s ({r['bandwidth_fraction']:.2f} of the bandwidth "
                           f"ceiling, {r['weight_bytes'] / 2**20:.0f} MiB)" for f, r in at.items())
         lines.append(f"- {size}, llama.cpp, 1 thread, decode: {parts}.")
+    lines += _scaling_lines(gguf, spec, c.get("llc_bytes"))
     b = benchmark(res, spec)
     if (d := b["q4_0_decode_vs_f16"]) is not None:
         lines.append(f"- At {b['size']} on 1 thread Q4_0 decodes {d['ratio']:.2f}x [{d['lo']:.2f}, {d['hi']:.2f}] "
@@ -406,6 +407,25 @@ def findings(res: Result, spec: Spec) -> list[str]:
                      + (f"ran, prefill {amx['prefill_tokens_per_s']:.0f} tok/s, decode "
                         f"{amx['decode_tokens_per_s']:.1f} tok/s." if amx["ran"] else f"failed: {amx['crashed']}."))
     return lines
+
+
+def _scaling_lines(gguf: list[dict[str, Any]], spec: Spec, llc: int | None) -> list[str]:
+    """Where the F16 weights leave the last-level cache, and how each format's decode lead over F16 moves with
+    size (one thread)."""
+    out = []
+    if llc:
+        past = [s for s in spec.sizes if any(r["size"] == s and r["format"] == "f16" and r["weight_bytes"] > llc
+                                             for r in gguf)]
+        out.append(f"- F16 weights outgrow the last-level cache ({llc / 2**20:.0f} MiB) "
+                   + (f"first at {past[0]}: from there decode streams from DRAM, below it the cache serves part of the "
+                      "reads (a bandwidth fraction above 1 is the cache, not a measurement error)." if past else
+                      "at none of the sizes run: every decode here is served partly from cache."))
+    for fmt in (f for f in spec.formats if f != "f16"):
+        ratios = [(s, r) for s in spec.sizes if (r := speed_ratio(gguf, s, fmt)) is not None]
+        if ratios:
+            out.append(f"- {fmt} decode over F16, 1 thread: " + ", ".join(
+                f"{s} {r['ratio']:.2f}x [{r['lo']:.2f}, {r['hi']:.2f}]" for s, r in ratios) + ".")
+    return out
 
 
 def _x(r: dict[str, Any], key: str) -> str:

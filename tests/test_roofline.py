@@ -100,3 +100,16 @@ def test_roofline_section_is_filled_from_07s_results(tmp_path, monkeypatch):
     text = report.roofline_readme()
     assert text.startswith("- a finding")
     assert "| 1b | llama.cpp (zen4) | q4_0 | 1 | 600.0 | 20.0 [19.5, 20.5] | 0.80 | 300 | 0.40 |" in text
+
+
+def test_a_worker_that_dies_comes_back_as_one_line(monkeypatch):
+    """A variant the CPU cannot run (SIGILL) or any crash of the worker: named, not raised."""
+    import signal
+    import subprocess
+
+    class Done:
+        returncode, stdout, stderr = -signal.SIGILL, "", "load_backend: loaded CPU backend from x.so\n"
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done)
+    got = llama_variants.run_job({"build": llama_variants.WHEEL})
+    assert got == {"crashed": "killed by SIGILL; its last line: load_backend: loaded CPU backend from x.so"}

@@ -18,6 +18,7 @@ import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -127,8 +128,9 @@ def run_job(job: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:
     finally:
         os.unlink(f.name)
     if r.returncode != 0:
-        tail = [ln for ln in r.stderr.splitlines() if ln.strip()][-1:] or [f"exit status {r.returncode}"]
-        return {"crashed": f"exit status {r.returncode}: {tail[0][:200]}"}
+        how = f"killed by {signal.Signals(-r.returncode).name}" if r.returncode < 0 else f"exit status {r.returncode}"
+        tail = [ln for ln in r.stderr.splitlines() if ln.strip()][-1:] or ["(no output)"]
+        return {"crashed": f"{how}; its last line: {tail[0][:200]}"}
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 

@@ -409,7 +409,8 @@ def run(cfg: Config) -> ScalingResult:
     doc_assets = {"model": {"role": "llama-arch", "id": ",".join(cfg.rungs), "source": "random-init",
                             "note": "memory and speed do not depend on the weights' values"},
                   "data": {"id": "random tokens", "source": "torch.randint, seed 0"}}
-    env = metrics.runtime_env(device) | ({"ceilings": roof.ceilings} if roof else {})
+    env = metrics.runtime_env(device) | ({"ceilings": roof.ceilings, "llama_cpp": {
+        "build": roof.variants["chosen"], "system_info": roof.variants.get("system_info")}} if roof else {})
     path = results.write_metrics(STUDY, cfg.profile, cfg.seed, env, doc_assets, rows,
                                  config=asdict(cfg), fits=fits, projection_7b=projection, accounting_7b=acc7,
                                  finetune_7b=finetune, benchmark=bench, roofline=roofline_block(roof, spec),

@@ -16,20 +16,20 @@ ROOT = Path(qlib.__file__).parent
 LAYERS: list[tuple[str, list[str]]] = [
     ("ground floor", ["core", "core.errors", "core.io", "core.paths", "core.device", "core.pip", "core.notebook",
                       "core.quiet", "core.progress", "core.dist"]),
-    ("foundations", ["config", "vocab", "runmeta", "results", "figures", "render", "metrics", "fidelity", "replay",
-                     "ngram", "accounting", "corpus", "hub", "sharding",
+    ("foundations", ["config", "vocab", "runmeta", "results", "figures", "render", "metrics", "machine", "fidelity",
+                     "replay", "ngram", "accounting", "corpus", "hub", "sharding",
                      "quant.uniform", "quant.nf4", "quant.bitnet", "quant.ptq", "quant.qat",
                      "quant.ladder", "quant.imatrix", "quant.api", "quant"]),
     ("models and data", ["pretrain", "assets", "data", "qa", "evalset", "choice", "budget", "models", "adapters",
                          "train", "backends", "backends.onnx", "backends.gguf_table", "backends.gguf",
-                         "backends.bnb"]),
+                         "backends.bnb", "backends.llama_variants"]),
     ("methods", ["switchable", "search", "merge", "artifacts", "methods.registry", "methods.grid", "methods.hf",
                  "methods.gguf", "methods.imatrix", "methods.llm_compressor", "methods.hqq", "methods.torchao",
-                 "methods", "formats", "formats_report"]),
+                 "methods", "formats", "formats_report", "roofline"]),
     ("studies", ["studies", "studies.baseline", "studies.ptq", "studies.qat", "studies.qlora_bert",
                  "studies.ptq_ladder", "studies.ptq_methods", "studies.gpt2_bitnet", "studies.block_precision",
                  "studies.switchable", "studies.llama_finetune", "studies.llama_scaling", "studies.qwen_merge"]),
-    ("top", ["plans", "report", "cli", "__main__", ""]),  # "" is the package itself (qlib/__init__.py)
+    ("top", ["plans", "set_size", "report", "cli", "__main__", ""]),  # "" is the package itself (qlib/__init__.py)
 ]
 RANK = {name: (i, j) for i, (_, mods) in enumerate(LAYERS) for j, name in enumerate(mods)}
 

@@ -23,8 +23,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir
@@ -143,6 +146,38 @@ def _load_variant(variant: str) -> None:
         raise QlabError(f"ggml could not load the {variant} CPU variant from {libs}")
 
 
+def measure_gguf(job: dict[str, Any]) -> dict[str, Any]:
+    """In a worker process: each format's prefill and decode seconds, `repeats` rounds interleaved over formats,
+    and llama.cpp's own account of the instruction sets it runs."""
+    import llama_cpp
+
+    prompt, gen, threads = job["prompt"], job["gen"], job["threads"]
+    models = {fmt: llama_cpp.Llama(model_path=p, n_ctx=len(prompt) + gen + 8, n_batch=len(prompt),
+                                   n_threads=threads, n_threads_batch=threads, verbose=False)
+              for fmt, p in job["paths"].items()}
+    out: dict[str, Any] = {fmt: {"prefill_s": [], "decode_s": []} for fmt in models}
+    for llm in models.values():
+        _prefill_decode(llm, prompt[:8], 2)  # warm-up
+    for _ in range(job["repeats"]):
+        for fmt, llm in models.items():
+            p, d = _prefill_decode(llm, prompt, gen)
+            out[fmt]["prefill_s"].append(p)
+            out[fmt]["decode_s"].append(d)
+    out["system_info"] = llama_cpp.llama_print_system_info().decode(errors="replace")
+    return out
+
+
+def _prefill_decode(llm: Any, prompt: list[int], gen: int) -> tuple[float, float]:
+    """Seconds to evaluate the prompt in one batch, and to decode `gen` tokens greedily after it."""
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    t1 = time.perf_counter()
+    for _ in range(gen):
+        llm.eval([int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))])
+    return t1 - t0, time.perf_counter() - t1
+
+
 def _worker(path: str) -> None:
     job = json.loads(Path(path).read_text())
     if job["build"] == "scores":
@@ -150,9 +185,7 @@ def _worker(path: str) -> None:
         return
     if job["build"] != WHEEL:
         _load_variant(job["build"])
-    from qlib import roofline
-
-    print(json.dumps(roofline.measure_gguf(job)))
+    print(json.dumps(measure_gguf(job)))
 
 
 if __name__ == "__main__":

@@ -113,3 +113,17 @@ def test_a_worker_that_dies_comes_back_as_one_line(monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done)
     got = llama_variants.run_job({"build": llama_variants.WHEEL})
     assert got == {"crashed": "killed by SIGILL; its last line: load_backend: loaded CPU backend from x.so"}
+
+
+def test_building_llama_cpp_without_cmake_is_one_line(monkeypatch, tmp_path):
+    """The tools and the CPU variants share one build step (`gguf.cmake_vendored`); either names itself."""
+    import shutil
+
+    from qlib.backends import gguf
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(QlabError, match="building llama.cpp's CPU variants needs cmake"):
+        llama_variants._build(tmp_path / "variants")
+    with pytest.raises(QlabError, match="building llama.cpp's tools needs cmake"):
+        gguf._build_tools(tmp_path / "tools")
+    assert not list(tmp_path.iterdir())  # nothing half-written

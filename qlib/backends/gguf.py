@@ -113,29 +113,40 @@ def _build_tools(dest: Path) -> None:
     """cmake the vendored llama.cpp (static, GGML_NATIVE=OFF like the Python wheel, nothing downloaded)."""
     import shutil
 
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        raise QlabError("building llama.cpp's tools needs cmake (apt-get install cmake, or pip install cmake)")
-    print(f"building llama.cpp's {' and '.join(TOOLS)} {LLAMA_CPP_PYTHON} from source (once; ~6 min on 2 cores)...",
-          flush=True)
-    prefix = f"{_SDIST}/vendor/llama.cpp/"
     flags = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=OFF", "-DLLAMA_BUILD_TESTS=OFF",
              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF",
              "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF"]
-    with tempfile.TemporaryDirectory(prefix="qlab-llama-build-") as work, atomic_dir(dest) as out:
+    note = f"building llama.cpp's {' and '.join(TOOLS)} {LLAMA_CPP_PYTHON} from source (once; ~6 min on 2 cores)..."
+    with cmake_vendored("llama.cpp's tools", flags, list(TOOLS), note) as build, atomic_dir(dest) as out:
+        for t in TOOLS:
+            shutil.copy2(build / "bin" / t, out / t)
+
+
+@contextlib.contextmanager
+def cmake_vendored(what: str, flags: list[str], targets: list[str], note: str) -> Iterator[Path]:
+    """Build `targets` of the llama.cpp the pinned sdist vendors, with `flags`, in a temporary folder (nothing
+    downloaded; `note` printed first): yields the build folder, removed after the block. No cmake, or a failed
+    step, is one line naming `what`."""
+    import shutil
+
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise QlabError(f"building {what} needs cmake (apt-get install cmake, or pip install cmake)")
+    print(note, flush=True)
+    prefix = f"{_SDIST}/vendor/llama.cpp/"
+    with tempfile.TemporaryDirectory(prefix="qlab-llama-build-") as work:
         with tarfile.open(sdist()) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
             for m in members:
                 m.name = m.name[len(prefix):]
             tar.extractall(Path(work) / "src", members=members, filter="data")
         for cmd in ([cmake, "-S", "src", "-B", "build", *flags],
-                    [cmake, "--build", "build", "-j", str(os.cpu_count() or 2), "--target", *TOOLS]):
+                    [cmake, "--build", "build", "-j", str(os.cpu_count() or 2), "--target", *targets]):
             r = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
             if r.returncode != 0:
                 tail = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.strip()][-1:] or ["(no output)"]
-                raise QlabError(f"building llama.cpp's tools failed ({' '.join(cmd[1:3])}): {tail[0][:300]}")
-        for t in TOOLS:
-            shutil.copy2(Path(work) / "build" / "bin" / t, out / t)
+                raise QlabError(f"building {what} failed ({' '.join(cmd[1:3])}): {tail[0][:300]}")
+        yield Path(work) / "build"
 
 
 _RUNNER = """

@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -55,35 +54,19 @@ def lib_dir() -> Path:
 
 def _build(dest: Path) -> None:
     """cmake the vendored llama.cpp as shared libraries with every CPU variant (~15 min on 2 cores, once)."""
-    from qlib.backends.gguf import _SDIST, sdist
+    from qlib.backends.gguf import cmake_vendored
 
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        raise QlabError("building llama.cpp's CPU variants needs cmake (apt-get install cmake, or pip install cmake)")
-    print(f"building llama.cpp {_version()} with its CPU variants ({', '.join(VARIANTS)}) once; ~15 min on 2 cores",
-          flush=True)
     flags = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_BACKEND_DL=ON",
              "-DGGML_CPU_ALL_VARIANTS=ON", "-DGGML_NATIVE=OFF", "-DCMAKE_BUILD_RPATH=$ORIGIN",
              "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
              "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"]
-    prefix = f"{_SDIST}/vendor/llama.cpp/"
     targets = ["llama", *(f"ggml-cpu-{v}" for v in VARIANTS)]
-    with tempfile.TemporaryDirectory(prefix="qlab-llama-variants-") as work, atomic_dir(dest) as out:
-        with tarfile.open(sdist()) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-            for m in members:
-                m.name = m.name[len(prefix):]
-            tar.extractall(Path(work) / "src", members=members, filter="data")
-        for cmd in ([cmake, "-S", "src", "-B", "build", *flags],
-                    [cmake, "--build", "build", "-j", str(os.cpu_count() or 2), "--target", *targets]):
-            r = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
-            if r.returncode != 0:
-                tail = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.strip()][-1:] or ["(no output)"]
-                raise QlabError(f"building llama.cpp's CPU variants failed ({' '.join(cmd[1:3])}): {tail[0][:300]}")
-        for so in Path(work, "build").rglob("*.so*"):
+    note = f"building llama.cpp {_version()} with its CPU variants ({', '.join(VARIANTS)}) once; ~15 min on 2 cores"
+    with cmake_vendored("llama.cpp's CPU variants", flags, targets, note) as build, atomic_dir(dest) as out:
+        for so in build.rglob("*.so*"):
             if so.is_file() and not so.is_symlink():
                 shutil.copy2(so, out / so.name)
-        for so in Path(work, "build").rglob("*.so*"):  # sonames: libggml.so -> libggml.so.0 -> libggml.so.0.x.y
+        for so in build.rglob("*.so*"):  # sonames: libggml.so -> libggml.so.0 -> libggml.so.0.x.y
             if so.is_symlink() and not (out / so.name).exists():
                 os.symlink(os.readlink(so), out / so.name)
 

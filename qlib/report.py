@@ -8,7 +8,7 @@ from typing import Any
 
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_write_text
-from qlib.core.paths import repo_root
+from qlib.core.paths import repo_root, results_dir
 from qlib.results import load_metrics, seed_spread_text, times_interval
 
 SUMMARY_COLS = ("method", "model", "accuracy", "f1", "perplexity", "kl_mean", "top1_agreement", "em", "size_bytes",
@@ -311,8 +311,8 @@ ROOFLINE_START = "<!-- roofline:start -->"
 
 def roofline_readme(profile: str = "default") -> str:
     """Study 07's roofline: the findings it wrote, and every row (decode and prefill against the ceilings)."""
-    base = repo_root() / "results" / ("" if profile == "default" else profile) / "07_llama_scaling" / "metrics.json"
-    rf = load_metrics(base).get("roofline") if base.is_file() else None
+    path = results_dir("07_llama_scaling", profile) / "metrics.json"
+    rf = load_metrics(path).get("roofline") if path.is_file() else None
     if not rf:
         return "No roofline in the default run's results yet: `python -m qlib run 07` measures it."
     lines = [*rf["findings"], "", "| size | runtime | format | threads | MiB read / token | decode tok/s [95 % CI] "

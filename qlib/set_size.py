@@ -8,7 +8,7 @@ from statistics import median
 from typing import Any
 
 from qlib.config import FULL_STUDIES
-from qlib.core.paths import repo_root
+from qlib.core.paths import repo_root, results_dir
 from qlib.results import load_metrics
 
 START, END = "<!-- full-set:start -->", "<!-- full-set:end -->"
@@ -49,8 +49,8 @@ def width_ratio(a: Estimate, b: Estimate) -> float | None:
 
 
 def _docs(study: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    base = repo_root() / "results"
-    paths = [p for p in (base / study / "metrics.json", base / "full" / study / "metrics.json") if p.is_file()]
+    paths = [p for p in (results_dir(study, "default") / "metrics.json", results_dir(study, "full") / "metrics.json")
+             if p.is_file()]
     return (load_metrics(paths[0]), load_metrics(paths[1])) if len(paths) == 2 else None
 
 

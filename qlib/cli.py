@@ -250,6 +250,10 @@ def cmd_assets(args: argparse.Namespace) -> int:
             gguf.ensure_llama_cpp()
             print(f"ok  llama.cpp       llama-cpp-python {gguf.LLAMA_CPP_PYTHON} + converter in {gguf.tools_dir()}")
             print(f"ok  llama.cpp tools {', '.join(gguf.TOOLS)} in {gguf.tool(gguf.TOOLS[0]).parent}")
+        if args.llama_variants:
+            from qlib.backends import llama_variants
+
+            print(f"ok  llama.cpp CPU variants ({', '.join(llama_variants.VARIANTS)}) in {llama_variants.lib_dir()}")
         return 0
     for row in assets.describe():
         print(f"{row['key']:24s} {row['role']:15s} {row['source']:40s} {row['what']}")
@@ -351,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--llama-cpp", action="store_true",
                    help="with --fetch: also build llama-cpp-python and llama.cpp's quantize and imatrix tools (once, "
                         "cached) and unpack its converter")
+    a.add_argument("--llama-variants", action="store_true",
+                   help="with --fetch: also build llama.cpp once per x86 instruction set for study 07's roofline "
+                        "(~10-15 min once, cached; `make run` does it, `make test` does not need it)")
     a.add_argument("--profile", default=None,
                    help="with --fetch: download a profile's hub models and datasets into the HF cache (e.g. t4)")
     a.set_defaults(fn=cmd_assets)

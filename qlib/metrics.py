@@ -154,6 +154,16 @@ def mean_interval(x: Sequence[float], block: int = 1, n_boot: int = 2000, seed: 
     return {"mean": float(v.mean()), "lo": float(lo), "hi": float(hi)}
 
 
+def median_interval(x: Sequence[float], seed: int = 0, n_boot: int = 2000) -> tuple[float, float, float]:
+    """Median of timed repeats and a 95 % bootstrap interval over them (a rate's spread run to run)."""
+    import numpy as np
+
+    a = np.asarray(x, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(n_boot, a.size))
+    lo, hi = np.quantile(np.median(a[idx], axis=1), [0.025, 0.975])
+    return float(np.median(a)), float(lo), float(hi)
+
+
 def accuracy_difference(ref_preds: Sequence[int], preds: Sequence[int], labels: Sequence[int],
                         seed: int = 0) -> dict[str, Any]:
     """Accuracy of `preds` minus that of `ref_preds` on the same examples, with the paired bootstrap 95 % interval
@@ -417,6 +427,29 @@ def param_counts(model: torch.nn.Module) -> dict[str, int]:
             total += n
             trainable += n if p.requires_grad else 0
     return {"trainable_params": trainable, "total_params": total}
+
+
+def resident_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer | None = None) -> int:
+    """Bytes of every tensor the model and optimizer keep between steps: parameters, buffers,
+    bitsandbytes quantization states (NF4 absmax and code, INT8 row scales), optimizer states (measured from the
+    tensors themselves; a tensor shared by two modules, as a tied embedding, once)."""
+    seen: dict[int, int] = {}
+
+    def add(t: Any) -> None:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    for t in [*model.parameters(), *model.buffers()]:
+        add(t)
+        qs = getattr(t, "quant_state", None)
+        while qs is not None:
+            add(qs.absmax), add(qs.code), add(getattr(qs, "offset", None))
+            qs = getattr(qs, "state2", None)
+        add(getattr(t, "SCB", None))
+    for state in (opt.state.values() if opt else []):
+        for v in state.values():
+            add(v)
+    return sum(seen.values())
 
 
 def size_on_disk(path: str | Path) -> int:

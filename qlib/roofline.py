@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,14 +150,6 @@ def gguf_weight_bytes(path: Path) -> int:
     return total
 
 
-def median_interval(x: list[float], seed: int = 0, n_boot: int = 2000) -> tuple[float, float, float]:
-    """Median and a 95 % bootstrap interval over repeats."""
-    a = np.asarray(x, dtype=float)
-    idx = np.random.default_rng(seed).integers(0, a.size, size=(n_boot, a.size))
-    lo, hi = np.quantile(np.median(a[idx], axis=1), [0.025, 0.975])
-    return float(np.median(a)), float(lo), float(hi)
-
-
 # ---------------------------------------------------------------- the ladder
 
 
@@ -167,6 +159,7 @@ class Result:
     builds: list[dict[str, Any]]     # the chosen variant against the AVX2 wheel, per size and format
     ceilings: dict[str, Any]         # per device: read bandwidth and matmul throughput (`machine.ceilings`)
     variants: dict[str, Any]         # ggml's scores, the variant chosen, the AMX variant's fate, system info
+    section_seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per part of the run
 
 
 def run(spec: Spec, device: torch.device, tok_dir: Path, variants: bool = True) -> Result:
@@ -177,29 +170,35 @@ def run(spec: Spec, device: torch.device, tok_dir: Path, variants: bool = True) 
     from qlib.backends import llama_variants as lv
 
     check(spec, device)
-    cpu = torch.device("cpu")
-    ceil = {"cpu": machine.ceilings(cpu, spec.threads)}
-    if device.type == "cuda":
-        ceil["cuda"] = machine.ceilings(device)
-    files = {s: gguf_files(s, tok_dir, spec) for s in tqdm(spec.sizes, desc="roofline: GGUF files")}
+    part = metrics.Sections()
+    with part("ceilings"):
+        ceil = {"cpu": machine.ceilings(torch.device("cpu"), spec.threads)}
+        if device.type == "cuda":
+            ceil["cuda"] = machine.ceilings(device)
+    with part("GGUF files"):
+        files = {s: gguf_files(s, tok_dir, spec) for s in tqdm(spec.sizes, desc="roofline: GGUF files")}
     info: dict[str, Any] = {"chosen": lv.WHEEL, "scores": None, "amx": None}
     if variants:
-        info["scores"] = lv.scores()
-        info["chosen"] = lv.best(info["scores"], spec.amx)
+        with part("variant build and scores"):
+            info["scores"] = lv.scores()
+            info["chosen"] = lv.best(info["scores"], spec.amx)
     prompt = np.random.default_rng(spec.seed).integers(0, spec.vocab_size, spec.prompt).tolist()
     rows: list[dict[str, Any]] = []
     for size in tqdm(spec.sizes, desc="roofline: llama.cpp"):
         for t in spec.threads:
-            got = _job(lv, info["chosen"], files[size], prompt, spec, t, spec.repeats)
+            with part(f"llama.cpp {size}"):
+                got = _job(lv, info["chosen"], files[size], prompt, spec, t, spec.repeats)
             info.setdefault("system_info", got.pop("system_info"))
             rows += [_row("llama.cpp", info["chosen"], size, fmt, t, got[fmt], spec, gguf_weight_bytes(p), 2,
                           ceil["cpu"]) for fmt, p in files[size].items()]
-    builds = compare_builds(lv, info["chosen"], files, prompt, spec, ceil["cpu"]) if variants else []
-    if variants and (info["scores"] or {}).get("sapphirerapids", 0) > 0 and not spec.amx:
-        info["amx"] = _try_amx(lv, files, prompt, spec)
+    with part("AVX2 wheel and AMX variant beside it"):
+        builds = compare_builds(lv, info["chosen"], files, prompt, spec, ceil["cpu"]) if variants else []
+        if variants and (info["scores"] or {}).get("sapphirerapids", 0) > 0 and not spec.amx:
+            info["amx"] = _try_amx(lv, files, prompt, spec)
     for size in tqdm(spec.hf_sizes, desc="roofline: transformers"):
-        rows += hf_rows(size, tok_dir, spec, device, ceil.get("cuda", ceil["cpu"]))
-    return Result(rows, builds, ceil, info)
+        with part(f"transformers {size}"):
+            rows += hf_rows(size, tok_dir, spec, device, ceil.get("cuda", ceil["cpu"]))
+    return Result(rows, builds, ceil, info, part.seconds)
 
 
 def _job(lv: Any, build: str, paths: dict[str, Path], prompt: list[int], spec: Spec, threads: int,
@@ -216,8 +215,8 @@ def _row(runtime: str, build: str, size: str, fmt: str, threads: int, times: dic
     """Tokens/s with intervals, bytes and FLOPs per token, and the fractions of the ceilings they reach."""
     bpt = weight_bytes + kv_bytes(size, spec.prompt + spec.gen / 2, kv_element_bytes)
     fpt = flops_per_token(size, spec.vocab_size, spec.prompt / 2)
-    d = median_interval([spec.gen / s for s in times["decode_s"]])
-    p = median_interval([spec.prompt / s for s in times["prefill_s"]])
+    d = metrics.median_interval([spec.gen / s for s in times["decode_s"]])
+    p = metrics.median_interval([spec.prompt / s for s in times["prefill_s"]])
     key = str(threads) if str(threads) in ceil["read_bytes_per_s"] else "1"
     bw, mm = ceil["read_bytes_per_s"][key], ceil["matmul_per_s"][key]["fp32"]
     return {"runtime": runtime, "build": build, "size": size, "params": n_params(size, spec.vocab_size),
@@ -286,7 +285,7 @@ def hf_rows(size: str, tok_dir: Path, spec: Spec, device: torch.device, ceil: di
                     if r:  # the first round warms up
                         times[fmt]["prefill_s"].append(p)
                         times[fmt]["decode_s"].append(d)
-        rows += [_row("transformers", device.type, size, fmt, t, times[fmt], spec, _resident_bytes(m), 4, ceil)
+        rows += [_row("transformers", device.type, size, fmt, t, times[fmt], spec, metrics.resident_bytes(m), 4, ceil)
                  for fmt, m in loaded.items()]
     return rows
 
@@ -305,14 +304,6 @@ def _hf_prefill_decode(model: torch.nn.Module, prompt: torch.Tensor, gen: int,
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         sync()
     return t1 - t0, time.perf_counter() - t1
-
-
-def _resident_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every distinct parameter and buffer (a tied matrix once): what a decode step reads."""
-    seen: dict[int, int] = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        seen.setdefault(t.data_ptr(), t.numel() * t.element_size())
-    return sum(seen.values())
 
 
 # ---------------------------------------------------------------- what the ladder says

@@ -50,4 +50,8 @@ def test_gpu_profile_notebook_runs_headless(stem, params, counts, tmp_path, monk
     for r in doc["rows"]:
         first.setdefault(r["method"], (r["trainable_params"], r["total_params"]))
     assert {m: first[m] for m in counts} == counts
+    if stem == "07_llama_scaling":  # where the time goes: the roofline's parts add up to no more than its whole
+        parts = doc["roofline"]["section_seconds"]
+        assert {"ceilings", "GGUF files", "llama.cpp tiny", "transformers tiny"} <= set(parts)
+        assert 0 < sum(parts.values()) <= doc["section_seconds"]["roofline"] + 0.1 * len(parts)
     assert list((tmp_path / "results" / "gpu" / stem / "figures").glob("*.png"))

@@ -248,3 +248,17 @@ def test_groups_of_the_shared_set_resample_within_their_domain():
     one_domain = [f"code:m{i}" for i in range(16) for _ in range(10)]  # one stratum: plain group resampling
     assert metrics.paired_bootstrap(np.zeros(160), d, groups=one_domain) == \
         metrics.paired_bootstrap(np.zeros(160), d, groups=[x.split(":")[1] for x in one_domain])
+
+
+def test_resident_bytes_counts_a_tied_matrix_once_and_nf4_scales():
+    """What a decode step reads: a tied embedding once; NF4's absmax beside its packed weights."""
+    import bitsandbytes as bnb
+
+    emb = torch.nn.Embedding(64, 32)
+    head = torch.nn.Linear(32, 64, bias=False)
+    head.weight = emb.weight
+    assert metrics.resident_bytes(torch.nn.ModuleList([emb, head])) == 64 * 32 * 4
+    q = bnb.nn.Linear4bit(256, 128, bias=False, quant_type="nf4", compute_dtype=torch.float32).to("cpu")
+    packed = sum(t.numel() * t.element_size() for t in q.parameters())
+    assert packed == 128 * 256 // 2  # the packed codes are all that parameters() shows
+    assert metrics.resident_bytes(q) >= packed + q.weight.quant_state.absmax.numel()  # the scales count too

@@ -162,27 +162,6 @@ def optimizer_for(params: list[torch.nn.Parameter], device: torch.device) -> tor
     return torch.optim.AdamW(params, lr=1e-4)
 
 
-def resident_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer | None = None) -> int:
-    """Bytes of every tensor the model and optimizer keep between steps: parameters, buffers,
-    bitsandbytes quantization states, optimizer states (measured from the tensors themselves)."""
-    seen: dict[int, int] = {}
-
-    def add(t: Any) -> None:
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-
-    for t in [*model.parameters(), *model.buffers()]:
-        add(t)
-        qs = getattr(t, "quant_state", None)
-        while qs is not None:
-            add(qs.absmax), add(qs.code), add(getattr(qs, "offset", None))
-            qs = getattr(qs, "state2", None)
-    for state in (opt.state.values() if opt else []):
-        for v in state.values():
-            add(v)
-    return sum(seen.values())
-
-
 def _step(model: Any, opt: torch.optim.Optimizer, ids: torch.Tensor, scaler: torch.amp.GradScaler,
           dtype: torch.dtype) -> float:
     import time
@@ -226,7 +205,7 @@ def measure_rung(name: str, method: str, cfg: Config, device: torch.device, root
         dtype = compute_dtype(device)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         _step(model, opt, ids, scaler, dtype)  # warm-up: allocates optimizer states and kernels
-        resident = resident_bytes(model, opt)
+        resident = metrics.resident_bytes(model, opt)
         with metrics.PeakMemory(device) as mem:
             times = [_step(model, opt, ids, scaler, dtype) for _ in range(cfg.steps)]
         peak = mem.peak_bytes if device.type == "cuda" else resident + mem.peak_bytes
@@ -395,15 +374,19 @@ def run(cfg: Config) -> ScalingResult:
         budget.announce(ladder_plan(cfg), device)
     root = cache_dir() / "random-init"  # 14 GB at 7B: built once per rung, vocabulary and seed, not per run
     n_7b = accounting.params_by_kind(accounting.meta_model(accounting.llama_config()))["total"]
-    ladder = run_ladder(cfg, device, root)
-    if cfg.t4_check:
-        ladder.append(t4_rung(cfg, device, root))
+    part = metrics.Sections()
+    with part("memory and speed ladder"):
+        ladder = run_ladder(cfg, device, root)
+        if cfg.t4_check:
+            ladder.append(t4_rung(cfg, device, root))
     fits = {m: f for m in cfg.methods if (f := fit(ladder, m, n_7b)) is not None}
     projection = projection_7b(cfg, fits)
     bench = gpu_benchmark(ladder)
     acc7 = accounting_table()
-    finetune = llama_finetune.finetune_7b(cfg, device, asset_7b) if cfg.finetune_7b else None
-    roof, spec = run_roofline(cfg, device)
+    with part("7B fine-tune"):
+        finetune = llama_finetune.finetune_7b(cfg, device, asset_7b) if cfg.finetune_7b else None
+    with part("roofline"):
+        roof, spec = run_roofline(cfg, device)
     rows = [results.make_row(f"{r['method']}", model=r["rung"], dataset="random tokens", **{
         k: v for k, v in r.items() if k not in ("method",)}) for r in ladder]
     doc_assets = {"model": {"role": "llama-arch", "id": ",".join(cfg.rungs), "source": "random-init",
@@ -417,7 +400,7 @@ def run(cfg: Config) -> ScalingResult:
                                  readme=results.readme_block(gpu_pairs=[("qlora", "lora")], lines=measured_7b_lines(
                                      {"rows": rows, "benchmark": bench})),
                                  reference={f"{m}_7b_peak_gib": v["peak_gib"] for m, v in PLAIN_BNB_PEFT_H100.items()}
-                                 | {"source": H100_SOURCE})
+                                 | {"source": H100_SOURCE}, section_seconds=part.seconds)
     return ScalingResult(rows, results.load_metrics(path), path, ladder, fits, projection, acc7, finetune, roof)
 
 
@@ -447,6 +430,7 @@ def roofline_block(res: roofline.Result | None, spec: roofline.Spec | None) -> d
     if res is None or spec is None:
         return None
     return {"spec": asdict(spec), "rows": res.rows, "builds": res.builds, "variants": res.variants,
+            "section_seconds": res.section_seconds,
             "benchmark": roofline.benchmark(res, spec), "findings": roofline.findings(res, spec)}
 
 

@@ -290,7 +290,8 @@ def cmd_formats(args: argparse.Namespace) -> int:
         model=args.model, adapter=args.adapter, adapter_base=args.adapter_base, text=args.text,
         dataset=args.dataset or "stdlib-code", formats=tuple(args.formats.split(",")), context=args.context,
         eval_tokens=args.eval_tokens,
-        gen_tokens=args.gen_tokens, repeats=args.repeats, timing_threads=args.threads, device=args.device,
+        gen_tokens=args.gen_tokens, repeats=args.repeats, timing_threads=args.threads, llama_build=args.llama_build,
+        device=args.device,
         seed=args.seed, keep_lm_head_fp16=not args.quantize_lm_head, calibration=args.calibration,
         calib_samples=args.calib_samples, calib_length=args.calib_length, name=args.name)
     rep = formats_report.run(cfg)
@@ -328,6 +329,9 @@ def _formats_parser(sub: Any) -> None:
     f.add_argument("--gen-tokens", type=int, default=32, help="decode length (transformers decodes half)")
     f.add_argument("--repeats", type=int, default=3, help="interleaved decode repeats (median)")
     f.add_argument("--threads", type=int, default=1, help="decode threads (1: spinning workers collapse on a busy CPU)")
+    f.add_argument("--llama-build", default="wheel",
+                   help="llama.cpp's decode timing: wheel (the AVX2 llama-cpp-python), best (the CPU variant ggml "
+                        "scores highest here; built once, ~10-15 min), or a variant name (zen4, icelake, ...)")
     f.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]: the PyTorch formats' device")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--quantize-lm-head", action="store_true", help="let bitsandbytes quantize an untied LM head")

@@ -202,10 +202,11 @@ def _load_only(path: Path, context: int) -> None:
 
 
 def decode(measured: list[Measured], text: Text, device: torch.device, gen_tokens: int, repeats: int,
-           threads: int) -> dict[str, dict[str, Any]]:
+           threads: int, llama_build: str = "wheel") -> dict[str, dict[str, Any]]:
     """Greedy decode tokens/s: each runtime's artifacts reloaded and interleaved repeat by repeat, on `threads`
-    threads, the load average read before and after. Ratios are only taken inside one runtime (transformers
-    decodes half as many tokens: it is the slower one here)."""
+    threads, the load average read before and after; llama.cpp in `llama_build` (a concrete build: the wheel or a
+    CPU variant). Ratios are only taken inside one runtime (transformers decodes half as many tokens: it is the
+    slower one here)."""
     hf = {m.method: (m.load or _as_stored)(m.path, device).eval() for m in measured if m.backend == "transformers"}
     files = {m.method: m.path for m in measured if m.backend == "llama.cpp"}
     eos = -1 if text.eos is None else text.eos  # no tokenizer: never stop early
@@ -214,11 +215,13 @@ def decode(measured: list[Measured], text: Text, device: torch.device, gen_token
         speeds = metrics.decode_speeds(hf, text.prompt.reshape(1, -1).to(device), max(1, gen_tokens // 2), repeats,
                                        eos, device) if hf else {}
     load1 = metrics.load_average()
-    speeds.update(gguf.decode_speeds(files, text.prompt.tolist(), gen_tokens, threads, repeats) if files else {})
+    speeds.update(gguf.decode_speeds(files, text.prompt.tolist(), gen_tokens, threads, repeats, llama_build)
+                  if files else {})
     load2 = metrics.load_average()
     del hf
     return {k: {**v, "timing_threads": threads if k in files or device.type == "cpu" else None,
-                "load_avg_1m": [load1, load2] if k in files else [load0, load1]} for k, v in speeds.items()}
+                "load_avg_1m": [load1, load2] if k in files else [load0, load1]}
+            | ({"llama_build": llama_build} if k in files else {}) for k, v in speeds.items()}
 
 
 def count_baselines(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab: int, context: int) -> list[Measured]:
@@ -299,7 +302,7 @@ def rows(measured: list[Measured], speeds: dict[str, dict[str, Any]], n_params: 
             reference=ref.method if ref else None, tokens_per_s=speed.get("tokens_per_s"),
             decode_repeat_s=speed.get("repeat_s"),
             timing_threads=speed.get("timing_threads"), load_avg_1m=speed.get("load_avg_1m"),
-            size_vs_fp16=size / fp16_bytes if size and fp16_bytes else None,
+            llama_build=speed.get("llama_build"), size_vs_fp16=size / fp16_bytes if size and fp16_bytes else None,
             peak_mem_source=None, inference_peak_mem_bytes=m.peak_bytes, inference_peak_mem_source=m.peak_source,
             **m.extra)
         metrics.with_difference(row, "decode_vs_fp16_same_runtime", metrics.speed_ratio(

@@ -23,6 +23,7 @@ import torch
 
 from qlib import (assets, data, evalset, figures, formats, hub, merge, methods, metrics, models, ngram, pretrain,
                   results, runmeta)
+from qlib.backends import llama_variants
 from qlib.core.device import parse_device, pick_device, set_seed
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_write_text
@@ -48,6 +49,7 @@ class Config:
     gen_tokens: int = 32                # decode length (transformers decodes half): 10 minutes in all
     repeats: int = 3
     timing_threads: int = 1
+    llama_build: str = "wheel"          # llama.cpp's decode: the AVX2 wheel, "best" (this CPU's variant), or a variant
     keep_lm_head_fp16: bool = True
     calibration: str | None = None      # a UTF-8 text file; else the dataset's train split (or, with --text, the
                                         # text beyond the scored tokens): never the evaluated tokens
@@ -266,6 +268,7 @@ def run(cfg: Config) -> Report:
     no_load_bars()
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
+    build = llama_variants.resolve(cfg.llama_build)  # an unknown or unrunnable build: one line, before any work
     asset = resolve(cfg.model)
     key, problems = slug(asset) + (f"-{cfg.name}" if cfg.name else ""), []
     check_same_model(results_dir(f"{STUDY}/{key}", "default"), asset)
@@ -280,7 +283,8 @@ def run(cfg: Config) -> Report:
         stage = formats.measure(src, cfg.formats, out, text, device, info, keep_lm_head=cfg.keep_lm_head_fp16,
                                 pre_tokenizer=pretrain.gguf_pre_tokenizer(asset.path), calibration=calibration)
         problems += stage.problems
-        speeds = formats.decode(stage.measured, text, device, cfg.gen_tokens, cfg.repeats, cfg.timing_threads)
+        speeds = formats.decode(stage.measured, text, device, cfg.gen_tokens, cfg.repeats, cfg.timing_threads,
+                                build)
         measured = stage.measured + (formats.count_baselines(train_ids, text.ids, len(tok), cfg.context)
                                      if train_ids is not None and text.ids is not None else [])
         rows = formats.rows(measured, speeds, merge.stored_params(src), asset.id, data_id, cfg.context, cfg.seed,

@@ -95,3 +95,13 @@ def test_tensor_table_from_the_header_matches_gguf_py(tiny_gpt2, tmp_path):
     (tmp_path / "empty.gguf").write_bytes(b"")
     with pytest.raises(QlabError, match="not a readable GGUF file"):
         gguf.bits_per_weight(tmp_path / "empty.gguf")
+
+
+def test_decode_in_a_worker_process_matches_the_in_process_shape(tiny_gpt2, tmp_path):
+    """The worker path (how a CPU variant is timed) returns what the in-process path does, per file."""
+    f32 = gguf.convert(tiny_gpt2, tmp_path / "m.gguf", "f32", pre_tokenizer="gpt-2")
+    prompt = list(range(8))
+    here = gguf.decode_speeds({"m": f32}, prompt, n_new=4, repeats=2)
+    there = gguf._variant_decode_speeds({"m": f32}, prompt, 4, 1, 2, "wheel")  # the wheel, in a worker
+    assert here.keys() == there.keys() == {"m"}
+    assert there["m"]["tokens_per_s"] > 0 and len(there["m"]["repeat_s"]) == 2

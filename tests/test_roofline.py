@@ -127,3 +127,44 @@ def test_building_llama_cpp_without_cmake_is_one_line(monkeypatch, tmp_path):
     with pytest.raises(QlabError, match="building llama.cpp's tools needs cmake"):
         gguf._build_tools(tmp_path / "tools")
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_llama_build_resolves_to_a_variant_this_cpu_runs(monkeypatch):
+    """05, 08 and `formats` time llama.cpp in the build a parameter names: checked before any work."""
+    monkeypatch.setattr(llama_variants, "scores", lambda: {"haswell": 10, "zen4": 30, "sapphirerapids": 90})
+    assert llama_variants.resolve("wheel") == "wheel"
+    assert llama_variants.resolve("best") == "zen4"  # AMX left out unless asked
+    assert llama_variants.resolve("haswell") == "haswell"
+    monkeypatch.setattr(llama_variants, "scores", lambda: {"haswell": 10, "zen4": 0})
+    with pytest.raises(QlabError, match="zen4 variant does not run on this CPU"):
+        llama_variants.resolve("zen4")
+    with pytest.raises(QlabError, match="llama_build must be one of wheel, best, haswell"):
+        llama_variants.resolve("avx9")
+
+
+def test_decode_speeds_in_a_variant_come_from_the_worker(monkeypatch):
+    """A variant's decode runs in a worker process: its per-repeat seconds become tokens/s; a crash is one line."""
+    from qlib.backends import gguf
+
+    jobs = []
+
+    def fake(job):
+        jobs.append(job)
+        return {k: {"prefill_s": [0.1] * 3, "decode_s": [0.5, 0.4, 0.8]} for k in job["paths"]} | {"system_info": ""}
+
+    monkeypatch.setattr(llama_variants, "run_job", fake)
+    got = gguf.decode_speeds({"a": "a.gguf", "b": "b.gguf"}, [1, 2, 3], n_new=8, threads=1, repeats=3, build="zen4")
+    assert jobs[0]["build"] == "zen4" and jobs[0]["gen"] == 8 and jobs[0]["repeats"] == 3
+    assert got["a"] == {"tokens_per_s": 16.0, "repeat_s": [0.5, 0.4, 0.8]}  # median of 8/0.5, 8/0.4, 8/0.8
+    monkeypatch.setattr(llama_variants, "run_job", lambda job: {"crashed": "killed by SIGILL; its last line: x"})
+    with pytest.raises(QlabError, match=r"llama.cpp \(zen4 build\) failed decoding a: killed by SIGILL"):
+        gguf.decode_speeds({"a": "a.gguf"}, [1], n_new=2, build="zen4")
+
+
+@pytest.mark.parametrize("study", ["gpt2_bitnet", "qwen_merge"])
+def test_a_study_refuses_an_unknown_llama_build(study):
+    import importlib
+
+    mod = importlib.import_module(f"qlib.studies.{study}")
+    with pytest.raises(QlabError, match="llama_build must be one of"):
+        mod.config("smoke", llama_build="avx9")

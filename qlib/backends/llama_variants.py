@@ -98,6 +98,24 @@ def best(score: dict[str, int], amx: bool = False) -> str:
     return max(ok, key=lambda v: ok[v])
 
 
+BUILDS = (WHEEL, "best", *VARIANTS)  # what a study's `llama_build` parameter may name
+
+
+def resolve(build: str, amx: bool = False) -> str:
+    """A `llama_build` parameter made concrete: the AVX2 wheel, a named variant (one line if this CPU cannot run it),
+    or "best", the highest-scoring variant here (building the variants once if they are missing)."""
+    if build not in BUILDS:
+        raise QlabError(f"llama_build must be one of {', '.join(BUILDS)}, got {build!r}")
+    if build == WHEEL:
+        return WHEEL
+    score = scores()
+    if build == "best":
+        return best(score, amx)
+    if score.get(build, 0) <= 0:
+        raise QlabError(f"llama.cpp's {build} variant does not run on this CPU (ggml's scores: {score})")
+    return build
+
+
 def run_job(job: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:
     """Run one job in a worker process on `job['build']` (WHEEL, a variant name, or "scores"); a crash there
     (an instruction set the CPU lacks, ggml's AMX path) comes back as {"crashed": reason}."""

@@ -16,7 +16,7 @@ from safetensors.torch import save
 
 from qlib import accounting, adapters, assets, budget, data, hub, methods, metrics, models, results, runmeta
 from qlib.artifacts import TERNARY_FILE
-from qlib.backends import bnb, gguf
+from qlib.backends import bnb, gguf, llama_variants
 from qlib.config import build_quantization_plan, make_config
 from qlib.core.device import compute_dtype_name, pick_device, set_seed
 from qlib.core.errors import QlabError
@@ -98,6 +98,7 @@ class Config:
     gen_tokens: int = 32
     latency_repeats: int = 5
     gguf: bool = True            # export the BitNet model to GGUF (F32, TQ2_0, TQ1_0) and run it in llama.cpp
+    llama_build: str = "wheel"   # llama.cpp's decode: the AVX2 wheel, "best" (this CPU's variant), or a variant
     random_init: bool = False    # gpu profile: the true architecture, random weights, random tokens; quality null
     ladder_model_id: str | None = "smollm2-135m"  # post-training ladder on a real model (None: skip it)
     ladder_rungs: tuple[str, ...] = tuple(ladder.RUNGS)
@@ -137,6 +138,8 @@ PROFILES: dict[str, dict[str, Any]] = {
 def config(profile: str = "default", **overrides: Any) -> Config:
     cfg = make_config(Config, PROFILES, profile, **overrides)
     knobs(cfg)  # a bad preset or optimizer: one line
+    if cfg.llama_build not in llama_variants.BUILDS:
+        raise QlabError(f"llama_build must be one of {', '.join(llama_variants.BUILDS)}, got {cfg.llama_build!r}")
     if bad := [r for r in cfg.regimes if r not in REGIMES]:
         raise QlabError(f"unknown regime(s) {', '.join(bad)}; valid: {', '.join(REGIMES)}")
     first = cfg.regimes.index("fp32") if "fp32" in cfg.regimes else len(cfg.regimes)
@@ -324,7 +327,8 @@ def export_ternary_hf(model: torch.nn.Module, tok: Any, out: Path, meta: dict[st
 
 
 def gguf_rows(r: Regime, tok: Any, eval_ids: torch.Tensor, prompt: list[int], cfg: Config,
-              out: Path, pretokenizer_is_gpt2: bool, info: runmeta.RunInfo) -> tuple[list[dict], dict]:
+              out: Path, pretokenizer_is_gpt2: bool, info: runmeta.RunInfo,
+              build: str = llama_variants.WHEEL) -> tuple[list[dict], dict]:
     """BitNet -> GGUF F16 / TQ2_0 / TQ1_0 with llama.cpp's converter (rows `bitnet_gguf_*`: the ternary-trained model
     in each file type, F16 the speed reference); perplexity and decode in llama.cpp. The dense export and each file
     under the BitNet run's name."""
@@ -350,10 +354,10 @@ def gguf_rows(r: Regime, tok: Any, eval_ids: torch.Tensor, prompt: list[int], cf
             inference_peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, total_params=n_params,
             trainable_params=0, backend="llama.cpp", tensor_types=types[outtype], timing_threads=1,
             torch_bitnet_perplexity_same_windows=torch_ppl, artifact=path.name))
-    speeds = gguf.decode_speeds(paths, prompt, cfg.gen_tokens, repeats=cfg.latency_repeats)  # interleaved
+    speeds = gguf.decode_speeds(paths, prompt, cfg.gen_tokens, repeats=cfg.latency_repeats, build=build)
     load = metrics.load_average()
     for row in rows:
-        row["load_avg_1m"] = load
+        row["load_avg_1m"], row["llama_build"] = load, build
         row["tokens_per_s"], row["decode_repeat_s"] = speeds[row["method"]]["tokens_per_s"], \
             speeds[row["method"]]["repeat_s"]
     return rows, types
@@ -457,6 +461,7 @@ def run(cfg: Config) -> GPT2Result:
     """All regimes from one base on one split; perplexity, speed, memory, sizes; metrics.json."""
     device = pick_device(cfg.device, cfg.profile)
     set_seed(cfg.seed)
+    build = llama_variants.resolve(cfg.llama_build) if cfg.gguf else llama_variants.WHEEL  # one line, before training
     out = outputs_dir(STUDY, cfg.profile)
     su = random_init_setup(cfg, out) if cfg.random_init else real_setup(cfg)
     prompt = su.eval_ids[:16].unsqueeze(0).to(device)
@@ -474,7 +479,7 @@ def run(cfg: Config) -> GPT2Result:
     with sections("gguf"):
         if cfg.gguf and t.bit is not None and su.tok is not None:  # random-init runs have no tokenizer to convert
             t.rows += gguf_rows(t.bit, su.tok, su.eval_ids, prompt[0].tolist(), cfg, out,
-                                su.asset.source == "pretrained-here", info)[0]
+                                su.asset.source == "pretrained-here", info, build)[0]
     _gguf_speed_vs_f16(t.rows)
     real = cfg.ladder_model_id and not cfg.random_init
     with sections("post-training ladder"):

@@ -14,7 +14,7 @@ import torch
 
 from qlib import (adapters, assets, budget, data, evalset, formats, hub, merge, metrics, models, ngram, pretrain,
                   results, runmeta)
-from qlib.backends import gguf
+from qlib.backends import gguf, llama_variants
 from qlib.config import build_quantization_plan, make_config
 from qlib.core.device import pick_device, set_seed
 from qlib.core.errors import QlabError
@@ -61,6 +61,7 @@ class Config:
     gen_tokens: int = 64
     latency_repeats: int = 3         # llama.cpp decodes interleaved; transformers decodes half as many tokens
     timing_threads: int = 1          # decode timed on one thread: spinning threads collapse on a busy 2-core machine
+    llama_build: str = "wheel"       # llama.cpp's decode: the AVX2 wheel, "best" (this CPU's variant), or a variant
     device: str = "auto"
 
 
@@ -83,6 +84,8 @@ def config(profile: str = "default", **overrides: Any) -> Config:
     knobs(cfg)  # a bad preset or optimizer: one line
     if cfg.train_base not in ("fp32", "nf4"):
         raise QlabError(f"unknown train_base {cfg.train_base!r}; valid: fp32, nf4")
+    if cfg.llama_build not in llama_variants.BUILDS:
+        raise QlabError(f"llama_build must be one of {', '.join(llama_variants.BUILDS)}, got {cfg.llama_build!r}")
     return cfg
 
 
@@ -149,6 +152,7 @@ def run(cfg: Config) -> QwenMergeResult:
     its own runtime, measure; decode speed on the merged model's artifacts."""
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
+    llama_build = llama_variants.resolve(cfg.llama_build)  # a variant this CPU cannot run: one line, before training
     su = setup(cfg)
     out = outputs_dir(STUDY, cfg.profile)
     info = runmeta.RunInfo(STUDY, cfg.profile, cfg.seed, su.asset.id, str(su.asset.path), su.data_asset.id)
@@ -166,7 +170,8 @@ def run(cfg: Config) -> QwenMergeResult:
         measured = measure_both(cfg, su, mi.path, text, out, device, info)
     merged_only = [m for m in measured if m.method in {method_name("merged")(f) for f in format_names(cfg)}]
     with sections("decode speed"):
-        speeds = formats.decode(merged_only, text, device, cfg.gen_tokens, cfg.latency_repeats, cfg.timing_threads)
+        speeds = formats.decode(merged_only, text, device, cfg.gen_tokens, cfg.latency_repeats, cfg.timing_threads,
+                                llama_build)
     with sections("count baselines"):
         measured += formats.count_baselines(evalset.training_tokens(su.tok, cfg.context, BASELINE_TOKENS),
                                             su.eval_ids, len(su.tok), cfg.context)

@@ -175,16 +175,17 @@ def run(spec: Spec, device: torch.device, tok_dir: Path, variants: bool = True) 
         ceil = {"cpu": machine.ceilings(torch.device("cpu"), spec.threads)}
         if device.type == "cuda":
             ceil["cuda"] = machine.ceilings(device)
+    gguf_sizes = spec.sizes if spec.formats else ()  # no GGUF formats (the gpu profile): transformers only
     with part("GGUF files"):
-        files = {s: gguf_files(s, tok_dir, spec) for s in tqdm(spec.sizes, desc="roofline: GGUF files")}
+        files = {s: gguf_files(s, tok_dir, spec) for s in tqdm(gguf_sizes, desc="roofline: GGUF files")}
     info: dict[str, Any] = {"chosen": lv.WHEEL, "scores": None, "amx": None}
-    if variants:
+    if variants and files:
         with part("variant build and scores"):
             info["scores"] = lv.scores()
             info["chosen"] = lv.best(info["scores"], spec.amx)
     prompt = np.random.default_rng(spec.seed).integers(0, spec.vocab_size, spec.prompt).tolist()
     rows: list[dict[str, Any]] = []
-    for size in tqdm(spec.sizes, desc="roofline: llama.cpp"):
+    for size in tqdm(gguf_sizes, desc="roofline: llama.cpp"):
         for t in spec.threads:
             with part(f"llama.cpp {size}"):
                 got = _job(lv, info["chosen"], files[size], prompt, spec, t, spec.repeats)
@@ -192,8 +193,8 @@ def run(spec: Spec, device: torch.device, tok_dir: Path, variants: bool = True) 
             rows += [_row("llama.cpp", info["chosen"], size, fmt, t, got[fmt], spec, gguf_weight_bytes(p), 2,
                           ceil["cpu"]) for fmt, p in files[size].items()]
     with part("AVX2 wheel and AMX variant beside it"):
-        builds = compare_builds(lv, info["chosen"], files, prompt, spec, ceil["cpu"]) if variants else []
-        if variants and (info["scores"] or {}).get("sapphirerapids", 0) > 0 and not spec.amx:
+        builds = compare_builds(lv, info["chosen"], files, prompt, spec, ceil["cpu"]) if variants and files else []
+        if variants and files and (info["scores"] or {}).get("sapphirerapids", 0) > 0 and not spec.amx:
             info["amx"] = _try_amx(lv, files, prompt, spec)
     for size in tqdm(spec.hf_sizes, desc="roofline: transformers"):
         with part(f"transformers {size}"):
@@ -344,6 +345,10 @@ def findings(res: Result, spec: Spec) -> list[str]:
                    for t, per in c["matmul_per_s"].items())
     llc = f"{c['llc_bytes'] / 2**20:.0f} MiB" if c.get("llc_bytes") else "unknown"
     lines = [f"- Ceilings of this CPU ({c['cpu']}; last-level cache {llc}): read bandwidth {bw}; matmul {mm}."]
+    if g := res.ceilings.get("cuda"):
+        mm_gpu = ", ".join(f"{d} {v / 1e12:.1f} T/s" for d, v in g["matmul_per_s"]["1"].items())
+        lines.append(f"- Ceilings of this GPU ({g['gpu']}): read bandwidth {g['read_bytes_per_s']['1'] / gb:.0f} GB/s; "
+                     f"matmul {mm_gpu}. The transformers rows are measured against these.")
     gguf = [r for r in res.rows if r["runtime"] == "llama.cpp" and r["threads"] == 1]
     for size in spec.sizes:
         at = {r["format"]: r for r in gguf if r["size"] == size}
@@ -353,6 +358,7 @@ def findings(res: Result, spec: Spec) -> list[str]:
                           f"ceiling, {r['weight_bytes'] / 2**20:.0f} MiB)" for f, r in at.items())
         lines.append(f"- {size}, llama.cpp, 1 thread, decode: {parts}.")
     lines += _scaling_lines(gguf, spec, c.get("llc_bytes"))
+    lines += _transformers_lines(res.rows)
     b = benchmark(res, spec)
     if (d := b["q4_0_decode_vs_f16"]) is not None:
         lines.append(f"- At {b['size']} on 1 thread Q4_0 decodes {d['ratio']:.2f}x [{d['lo']:.2f}, {d['hi']:.2f}] "
@@ -384,6 +390,17 @@ def _scaling_lines(gguf: list[dict[str, Any]], spec: Spec, llc: int | None) -> l
         if ratios:
             out.append(f"- {fmt} decode over F16, 1 thread: " + ", ".join(
                 f"{s} {r['ratio']:.2f}x [{r['lo']:.2f}, {r['hi']:.2f}]" for s, r in ratios) + ".")
+    return out
+
+
+def _transformers_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per size, the transformers formats' decode on one thread (or the GPU) against the bandwidth ceiling."""
+    hf = [r for r in rows if r["runtime"] == "transformers" and r["threads"] == 1]
+    out = []
+    for size in dict.fromkeys(r["size"] for r in hf):
+        parts = ", ".join(f"{r['format']} {r['decode_tokens_per_s']:.1f} tok/s ({r['bandwidth_fraction']:.2f})"
+                          for r in hf if r["size"] == size)
+        out.append(f"- {size}, transformers on {hf[0]['build']}, decode (fraction of the bandwidth ceiling): {parts}.")
     return out
 
 

@@ -1,5 +1,7 @@
 """qlib.roofline and qlib.machine: exact parameter counts, the bytes and FLOPs a token costs, the ceilings, the
 issue's checks on synthetic rows, bad input before anything is built."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -168,3 +170,30 @@ def test_a_study_refuses_an_unknown_llama_build(study):
     mod = importlib.import_module(f"qlib.studies.{study}")
     with pytest.raises(QlabError, match="llama_build must be one of"):
         mod.config("smoke", llama_build="avx9")
+
+
+def test_without_gguf_formats_the_roofline_is_transformers_only(monkeypatch):
+    """The gpu profile's roofline (llama.cpp's wheel is CPU-only): no GGUF written or run, transformers rows with
+    their fraction of the ceiling in the findings, the figure still drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from transformers import AutoTokenizer
+
+    from qlib import assets
+
+    monkeypatch.setattr(roofline, "gguf_files", lambda *a: pytest.fail("no GGUF without GGUF formats"))
+    monkeypatch.setattr(machine, "MIN_BUFFER", 64 << 20)
+    monkeypatch.setattr(machine, "last_level_cache_bytes", lambda: None)
+    tok = Path(assets.resolve_model("llama-arch", "llama-stdlib-tiny").path)
+    spec = roofline.Spec(sizes=("tiny",), formats=(), hf_sizes=("tiny",), hf_formats=("fp32", "bnb_nf4"),
+                         threads=(1,), repeats=2, compare_sizes=(), vocab_size=len(AutoTokenizer.from_pretrained(tok)))
+    res = roofline.run(spec, CPU, tok, variants=False)
+    assert {(r["runtime"], r["format"]) for r in res.rows} == {("transformers", "fp32"), ("transformers", "bnb_nf4")}
+    assert res.builds == [] and res.variants["scores"] is None
+    assert any(line.startswith("- tiny, transformers on cpu, decode") for line in roofline.findings(res, spec))
+    assert roofline.benchmark(res, spec)["q4_0_decode_vs_f16"] is None
+    fig, ax = plt.subplots()
+    assert roofline.plot(res.rows, res.ceilings, ax).get_lines()
+    plt.close(fig)

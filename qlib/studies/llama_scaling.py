@@ -93,7 +93,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
     "t4": dict(finetune_7b=True, seq=512, roofline_variants=False),
     "gpu": dict(rungs=("llama-60m", "llama-130m", "llama-270m", "llama-7b"), methods=("lora", "qlora"), seq=512,
-                steps=5, t4_check=True, roofline_variants=False),
+                steps=5, t4_check=True, roofline_variants=False, roofline_formats=(),
+                roofline_hf_sizes=("60m", "135m", "360m", "1b")),  # the GPU's roofline: llama.cpp's wheel is CPU-only
 }
 
 

@@ -59,6 +59,17 @@ def _studies() -> list[str]:
                   if p.parent.name[:2] in FULL_STUDIES)
 
 
+def _runs() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(what, default run, full run) of every study kept in results/full/ ({} where it has no default run), and of
+    every `formats` list kept beside its whole-set twin (`--eval-tokens 32768 --name full`: formats/<x>-full/)."""
+    out = [(study, *(_docs(study) or ({}, {}))) for study in _studies()]
+    for full in sorted((repo_root() / "results" / "formats").glob("*-full/metrics.json")):
+        default = full.parent.with_name(full.parent.name.removesuffix("-full")) / "metrics.json"
+        if default.is_file():
+            out.append((f"formats {default.parent.name}", load_metrics(default), load_metrics(full)))
+    return out
+
+
 def _cell(e: Estimate) -> str:
     return f"{e[0]:.3f} [{e[1]:.3f}, {e[2]:.3f}]"
 
@@ -66,8 +77,7 @@ def _cell(e: Estimate) -> str:
 def table() -> str:
     """Markdown: every comparison on both sets, its width ratio, and per study the median ratio."""
     out = []
-    for study in _studies():
-        default, full = _docs(study) or ({}, {})
+    for study, default, full in _runs():
         if not default:
             out += [f"**{study}**: no default run to compare with.", ""]
             continue
@@ -79,7 +89,8 @@ def table() -> str:
         out += [f"| {w} | {_cell(a)} | {_cell(b)} | {_fmt_ratio(width_ratio(a, b))} |" for w, a, b in ps]
         out.append("")
     return "\n".join(out).strip() or ("No `full` run is kept in results/full/ yet: "
-                                      "`python -m qlib run --profile full` (05, 06, 08) fills it.")
+                                      "`python -m qlib run --profile full` (05, 06, 08) fills it, and "
+                                      "`python -m qlib formats <model> --eval-tokens 32768 --name full` a list's twin.")
 
 
 def _set(doc: dict[str, Any]) -> str:
@@ -96,11 +107,10 @@ def summary() -> str:
     """Markdown for the README: per study the median width ratio, and 08's adapter against the FP16 base on both."""
     lines = ["| study | intervals | width ratio, median [min, max] | at most half as wide |", "|---|---|---|---|"]
     keep = []
-    for study in _studies():
-        docs = _docs(study)
-        if not docs:
+    for study, default, full in _runs():
+        if not default:
             continue
-        ps = pairs(*docs)
+        ps = pairs(default, full)
         ratios = [r for _, a, b in ps if (r := width_ratio(a, b)) is not None]
         lines.append(f"| {study} | {len(ratios)} | {median(ratios):.2f} [{min(ratios):.2f}, {max(ratios):.2f}] | "
                      f"{sum(r <= 0.5 for r in ratios)} |")

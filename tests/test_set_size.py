@@ -47,3 +47,16 @@ def test_readme_blocks_are_filled_from_both_runs(tmp_path, monkeypatch):
     assert "| 08_qwen_merge_gguf | 2 | 0.57 [0.40, 0.75] | 1 |" in text
     assert "| merged gguf_q4_0: ppl vs FP16 base | 1.050 [1.010, 1.090] | 1.050 [1.020, 1.080] |" in text
     assert "16 windows, 4,080 tokens against 128 windows, 32,640 tokens" in set_size.table()
+
+
+def test_a_formats_list_pairs_with_its_whole_set_twin(tmp_path, monkeypatch):
+    """`formats <model> --eval-tokens 32768 --name full` beside the default list: paired like a study."""
+    monkeypatch.setenv("QLAB_ROOT", str(tmp_path))
+    for name, (w, n) in {"m": (0.1, 16), "m-full": (0.05, 128), "other-full": (0.05, 128)}.items():
+        d = _doc(w, n, 0.0)
+        results.write_metrics("formats", "default", 0, ENV, {}, d["rows"], out_dir=tmp_path / "results" / "formats"
+                              / name, eval_set=d["eval_set"])
+    text = set_size.table()
+    assert "**formats m** (16 windows, 4,080 tokens against 128 windows, 32,640 tokens): 1 intervals" in text
+    assert "other" not in text  # a twin without its default list is not a pair
+    assert "| formats m | 1 | 0.50 [0.50, 0.50] | 1 |" in set_size.summary()

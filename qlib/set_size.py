@@ -3,6 +3,7 @@
 scored tokens (and four times the modules and articles) buys. It reads results only, like `report`."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from statistics import median
 from typing import Any
@@ -43,9 +44,14 @@ def pairs(default: dict[str, Any], full: dict[str, Any]) -> list[tuple[str, Esti
     return [(what, est, got[what]) for what, est in comparisons(default) if what in got]
 
 
-def width_ratio(a: Estimate, b: Estimate) -> float | None:
-    """Width of b's interval over a's (None where a's is empty, e.g. a row against itself)."""
-    return (b[2] - b[1]) / (a[2] - a[1]) if a[2] > a[1] else None
+def width_ratio(a: Estimate, b: Estimate, what: str = "") -> float | None:
+    """Width of b's interval over a's (None where a's is empty, e.g. a row against itself). A perplexity ratio is
+    multiplicative, so its width is log(hi / lo): a ratio that doubles between the runs does not read as wider."""
+    if not a[2] > a[1]:
+        return None
+    if "ppl vs" in what and min(a[1], b[1]) > 0:
+        return math.log(b[2] / b[1]) / math.log(a[2] / a[1])
+    return (b[2] - b[1]) / (a[2] - a[1])
 
 
 def _docs(study: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -82,11 +88,11 @@ def table() -> str:
             out += [f"**{study}**: no default run to compare with.", ""]
             continue
         ps = pairs(default, full)
-        ratios = [r for _, a, b in ps if (r := width_ratio(a, b)) is not None]
+        ratios = [r for w, a, b in ps if (r := width_ratio(a, b, w)) is not None]
         out += [f"**{study}** ({_set(default)} against {_set(full)}): {len(ratios)} intervals, width ratio median "
                 f"{median(ratios):.2f}, {sum(r <= 0.5 for r in ratios)} of {len(ratios)} at most half as wide.", "",
                 "| comparison | first 16 windows | whole set | width ratio |", "|---|---|---|---|"]
-        out += [f"| {w} | {_cell(a)} | {_cell(b)} | {_fmt_ratio(width_ratio(a, b))} |" for w, a, b in ps]
+        out += [f"| {w} | {_cell(a)} | {_cell(b)} | {_fmt_ratio(width_ratio(a, b, w))} |" for w, a, b in ps]
         out.append("")
     return "\n".join(out).strip() or ("No `full` run is kept in results/full/ yet: "
                                       "`python -m qlib run --profile full` (05, 06, 08) fills it, and "
@@ -111,7 +117,7 @@ def summary() -> str:
         if not default:
             continue
         ps = pairs(default, full)
-        ratios = [r for _, a, b in ps if (r := width_ratio(a, b)) is not None]
+        ratios = [r for w, a, b in ps if (r := width_ratio(a, b, w)) is not None]
         lines.append(f"| {study} | {len(ratios)} | {median(ratios):.2f} [{min(ratios):.2f}, {max(ratios):.2f}] | "
                      f"{sum(r <= 0.5 for r in ratios)} |")
         keep += [(w, a, b) for w, a, b in ps if w.endswith("ppl vs FP16 base") or w.startswith("bitmap greedy: ppl")]

@@ -29,7 +29,10 @@ def test_comparisons_take_the_shared_sets_intervals_only():
 def test_width_ratio_pairs_the_same_comparison():
     ps = set_size.pairs(_doc(0.1, 16, 0.08), _doc(0.04, 128, 0.06))
     assert [w for w, _, _ in ps] == ["gptq_w4: ppl vs fp16", "merged gguf_q4_0: ppl vs FP16 base"]
-    assert [set_size.width_ratio(a, b) for _, a, b in ps] == pytest.approx([0.4, 0.75])
+    assert [set_size.width_ratio(a, b, w) for w, a, b in ps] == pytest.approx([0.3998, 0.7498], abs=1e-4)  # log widths
+    assert set_size.width_ratio((1.2, 1.15, 1.25), (1.2, 1.18, 1.22)) == pytest.approx(0.4)  # not a ratio: linear
+    huge, twice = (6.7e5, 3.7e5, 1.23e6), (1.7e6, 1.28e6, 2.35e6)  # a ratio that doubled: wider only linearly
+    assert set_size.width_ratio(huge, twice) > 1 > 0.6 > set_size.width_ratio(huge, twice, "ternary: ppl vs fp16")
     assert set_size.width_ratio((1.0, 1.0, 1.0), (1.0, 0.9, 1.1)) is None  # a row against itself has no width
 
 

@@ -292,7 +292,8 @@ def formats_readme() -> str:
         c, env, w = d["config"], d["env"], d["perplexity_window"]
         took = f", {d['duration_s'] / 60:.1f} min wall" if d.get("duration_s") else ""
         flags = "".join(f" --{k} {v}" for k, v in (("adapter", c.get("adapter")), ("name", c.get("name"))) if v)
-        flags += "".join(f" --{k.replace('_', '-')} {c[k]}" for k in ("calib_samples", "calib_length")
+        flags += "".join(f" --{k.replace('_', '-')} {c[k]}" for k in ("eval_tokens", "context", "calib_samples",
+                                                                         "calib_length", "llama_build")
                          if c.get(k) not in (None, getattr(formats_report.Config, k)))
         if c.get("formats") and tuple(c["formats"]) != parse_formats(DEFAULT_FORMATS):
             flags += " --formats " + ",".join(f for f in c["formats"] if f not in parse_formats(()))

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qlib import evalset, fidelity, merge, methods, metrics, models, ngram, results, runmeta
-from qlib.backends import gguf
+from qlib.backends import gguf, llama_variants
 from qlib.core.errors import QlabError
 from qlib.core.io import atomic_dir
 
@@ -215,8 +215,8 @@ def decode(measured: list[Measured], text: Text, device: torch.device, gen_token
         speeds = metrics.decode_speeds(hf, text.prompt.reshape(1, -1).to(device), max(1, gen_tokens // 2), repeats,
                                        eos, device) if hf else {}
     load1 = metrics.load_average()
-    speeds.update(gguf.decode_speeds(files, text.prompt.tolist(), gen_tokens, threads, repeats, llama_build)
-                  if files else {})
+    speeds.update(llama_variants.decode_speeds(files, text.prompt.tolist(), gen_tokens, threads, repeats,
+                                               llama_build) if files else {})
     load2 = metrics.load_average()
     del hf
     return {k: {**v, "timing_threads": threads if k in files or device.type == "cpu" else None,

@@ -88,8 +88,9 @@ def test_every_format_is_written_reloaded_and_measured(tiny_qwen, root):
     from qlib import report  # the README section `report --readme` fills from the kept runs
 
     text = report.formats_readme()
-    assert f"python -m qlib formats {tiny_qwen} --formats bnb_int8,bnb_nf4,gguf_f16,gguf_q8_0,gguf_q4_0,gguf_q2_0`" \
-        in text and "| gguf_q2_0 | llama.cpp |" in text  # a list other than the default is named
+    assert (f"python -m qlib formats {tiny_qwen} --eval-tokens 512 --context 64 "  # what differs from the defaults
+            "--formats bnb_int8,bnb_nf4,gguf_f16,gguf_q8_0,gguf_q4_0,gguf_q2_0`") in text \
+        and "| gguf_q2_0 | llama.cpp |" in text  # a list other than the default is named
 
 
 def test_two_folders_of_one_name_never_share_a_result_and_a_kept_one_is_not_replaced_by_another_model(

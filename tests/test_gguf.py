@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qlib import artifacts, metrics
-from qlib.backends import gguf
+from qlib.backends import gguf, llama_variants
 from qlib.core.errors import QlabError
 from qlib.pretrain import pretrained_lm
 
@@ -102,6 +102,7 @@ def test_decode_in_a_worker_process_matches_the_in_process_shape(tiny_gpt2, tmp_
     f32 = gguf.convert(tiny_gpt2, tmp_path / "m.gguf", "f32", pre_tokenizer="gpt-2")
     prompt = list(range(8))
     here = gguf.decode_speeds({"m": f32}, prompt, n_new=4, repeats=2)
-    there = gguf._variant_decode_speeds({"m": f32}, prompt, 4, 1, 2, "wheel")  # the wheel, in a worker
+    there = llama_variants._decode_in_worker({"m": f32}, prompt, 4, 1, 2, "wheel")  # the wheel, in a worker
+    assert llama_variants.decode_speeds({"m": f32}, prompt, 4, 1, 1).keys() == {"m"}  # the wheel, in this one
     assert here.keys() == there.keys() == {"m"}
     assert there["m"]["tokens_per_s"] > 0 and len(there["m"]["repeat_s"]) == 2

@@ -146,8 +146,6 @@ def test_llama_build_resolves_to_a_variant_this_cpu_runs(monkeypatch):
 
 def test_decode_speeds_in_a_variant_come_from_the_worker(monkeypatch):
     """A variant's decode runs in a worker process: its per-repeat seconds become tokens/s; a crash is one line."""
-    from qlib.backends import gguf
-
     jobs = []
 
     def fake(job):
@@ -155,12 +153,13 @@ def test_decode_speeds_in_a_variant_come_from_the_worker(monkeypatch):
         return {k: {"prefill_s": [0.1] * 3, "decode_s": [0.5, 0.4, 0.8]} for k in job["paths"]} | {"system_info": ""}
 
     monkeypatch.setattr(llama_variants, "run_job", fake)
-    got = gguf.decode_speeds({"a": "a.gguf", "b": "b.gguf"}, [1, 2, 3], n_new=8, threads=1, repeats=3, build="zen4")
+    got = llama_variants.decode_speeds({"a": "a.gguf", "b": "b.gguf"}, [1, 2, 3], n_new=8, threads=1, repeats=3,
+                                       build="zen4")
     assert jobs[0]["build"] == "zen4" and jobs[0]["gen"] == 8 and jobs[0]["repeats"] == 3
     assert got["a"] == {"tokens_per_s": 16.0, "repeat_s": [0.5, 0.4, 0.8]}  # median of 8/0.5, 8/0.4, 8/0.8
     monkeypatch.setattr(llama_variants, "run_job", lambda job: {"crashed": "killed by SIGILL; its last line: x"})
     with pytest.raises(QlabError, match=r"llama.cpp \(zen4 build\) failed decoding a: killed by SIGILL"):
-        gguf.decode_speeds({"a": "a.gguf"}, [1], n_new=2, build="zen4")
+        llama_variants.decode_speeds({"a": "a.gguf"}, [1], n_new=2, build="zen4")
 
 
 @pytest.mark.parametrize("study", ["gpt2_bitnet", "qwen_merge"])

@@ -377,15 +377,12 @@ def decode_speed(path: str | Path, prompt: list[int], n_new: int, threads: int =
 
 
 def decode_speeds(paths: dict[str, str | Path], prompt: list[int], n_new: int, threads: int = 1,
-                  repeats: int = 3, build: str = "wheel") -> dict[str, dict[str, Any]]:
+                  repeats: int = 3) -> dict[str, dict[str, Any]]:
     """Several GGUF files decoded in turn, repeat by repeat (interleaved, so drift hits all alike);
     median tokens/s each and each repeat's seconds. The ratio between them is the number to trust, not the
-    absolute rate. `build`: "wheel" (the AVX2 llama-cpp-python, in this process) or one of llama.cpp's CPU variants
-    (`llama_variants.resolve`), run in a worker process.
+    absolute rate. (In one of llama.cpp's CPU variants instead of the wheel: `llama_variants.decode_speeds`.)
     One thread by default: llama.cpp's workers spin, and two spinning threads on a 2-core machine collapse
     3-5x as soon as anything else runs."""
-    if build != "wheel":
-        return _variant_decode_speeds(paths, prompt, n_new, threads, repeats, build)
     models = {k: load(p, len(prompt) + n_new + 1, threads) for k, p in paths.items()}
     for llm in models.values():
         _decode_once(llm, prompt, min(n_new, 4))  # warm-up
@@ -394,18 +391,6 @@ def decode_speeds(paths: dict[str, str | Path], prompt: list[int], n_new: int, t
         for k, llm in models.items():
             rates[k].append(_decode_once(llm, prompt, n_new))
     return {k: {"tokens_per_s": float(np.median(v)), "repeat_s": [n_new / r for r in v]} for k, v in rates.items()}
-
-
-def _variant_decode_speeds(paths: dict[str, str | Path], prompt: list[int], n_new: int, threads: int, repeats: int,
-                           build: str) -> dict[str, dict[str, Any]]:
-    from qlib.backends import llama_variants
-
-    got = llama_variants.run_job({"build": build, "paths": {k: str(p) for k, p in paths.items()}, "prompt": prompt,
-                                  "gen": n_new, "threads": threads, "repeats": repeats})
-    if "crashed" in got:
-        raise QlabError(f"llama.cpp ({build} build) failed decoding {', '.join(paths)}: {got['crashed']}")
-    return {k: {"tokens_per_s": float(np.median([n_new / s for s in got[k]["decode_s"]])),
-                "repeat_s": list(got[k]["decode_s"])} for k in paths}
 
 
 def tokenizer_agreement(path: str | Path, tokenizer: Any, texts: list[str]) -> dict[str, Any]:

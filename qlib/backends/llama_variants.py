@@ -138,6 +138,27 @@ def run_job(job: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def decode_speeds(paths: dict[str, str | Path], prompt: list[int], n_new: int, threads: int = 1, repeats: int = 3,
+                  build: str = WHEEL) -> dict[str, dict[str, Any]]:
+    """`gguf.decode_speeds` in `build` (a `resolve`d name): the wheel in this process, a CPU variant in a worker
+    process (its libraries cannot meet the wheel's in one process); the same keys either way."""
+    if build == WHEEL:
+        from qlib.backends import gguf
+
+        return gguf.decode_speeds(paths, prompt, n_new, threads, repeats)
+    return _decode_in_worker(paths, prompt, n_new, threads, repeats, build)
+
+
+def _decode_in_worker(paths: dict[str, str | Path], prompt: list[int], n_new: int, threads: int, repeats: int,
+                      build: str) -> dict[str, dict[str, Any]]:
+    got = run_job({"build": build, "paths": {k: str(p) for k, p in paths.items()}, "prompt": prompt, "gen": n_new,
+                   "threads": threads, "repeats": repeats})
+    if "crashed" in got:
+        raise QlabError(f"llama.cpp ({build} build) failed decoding {', '.join(paths)}: {got['crashed']}")
+    return {k: {"tokens_per_s": float(np.median([n_new / s for s in got[k]["decode_s"]])),
+                "repeat_s": list(got[k]["decode_s"])} for k in paths}
+
+
 def _load_variant(variant: str) -> None:
     """Register `variant`'s CPU backend before llama.cpp looks for backends (it then finds one and stops)."""
     libs = Path(os.environ["LLAMA_CPP_LIB_PATH"])

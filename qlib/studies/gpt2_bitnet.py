@@ -354,7 +354,7 @@ def gguf_rows(r: Regime, tok: Any, eval_ids: torch.Tensor, prompt: list[int], cf
             inference_peak_mem_bytes=mem.peak_bytes, peak_mem_source=mem.source, total_params=n_params,
             trainable_params=0, backend="llama.cpp", tensor_types=types[outtype], timing_threads=1,
             torch_bitnet_perplexity_same_windows=torch_ppl, artifact=path.name))
-    speeds = gguf.decode_speeds(paths, prompt, cfg.gen_tokens, repeats=cfg.latency_repeats, build=build)
+    speeds = llama_variants.decode_speeds(paths, prompt, cfg.gen_tokens, repeats=cfg.latency_repeats, build=build)
     load = metrics.load_average()
     for row in rows:
         row["load_avg_1m"], row["llama_build"] = load, build

@@ -188,7 +188,7 @@ def run(spec: Spec, device: torch.device, tok_dir: Path, variants: bool = True) 
     for size in tqdm(gguf_sizes, desc="roofline: llama.cpp"):
         for t in spec.threads:
             with part(f"llama.cpp {size}"):
-                got = _job(lv, info["chosen"], files[size], prompt, spec, t, spec.repeats)
+                got = lv.measure(info["chosen"], files[size], prompt, spec.gen, t, spec.repeats)
             info.setdefault("system_info", got.pop("system_info"))
             rows += [_row("llama.cpp", info["chosen"], size, fmt, t, got[fmt], spec, gguf_weight_bytes(p), 2,
                           ceil["cpu"]) for fmt, p in files[size].items()]
@@ -200,15 +200,6 @@ def run(spec: Spec, device: torch.device, tok_dir: Path, variants: bool = True) 
         with part(f"transformers {size}"):
             rows += hf_rows(size, tok_dir, spec, device, ceil.get("cuda", ceil["cpu"]))
     return Result(rows, builds, ceil, info, part.seconds)
-
-
-def _job(lv: Any, build: str, paths: dict[str, Path], prompt: list[int], spec: Spec, threads: int,
-         repeats: int) -> dict[str, Any]:
-    got = lv.run_job({"build": build, "paths": {f: str(p) for f, p in paths.items()}, "prompt": prompt,
-                      "gen": spec.gen, "threads": threads, "repeats": repeats})
-    if "crashed" in got:
-        raise QlabError(f"llama.cpp ({build} build) failed on {', '.join(paths)}: {got['crashed']}")
-    return got
 
 
 def _row(runtime: str, build: str, size: str, fmt: str, threads: int, times: dict[str, list[float]], spec: Spec,
@@ -241,7 +232,7 @@ def compare_builds(lv: Any, chosen: str, files: dict[str, dict[str, Path]], prom
         times: dict[str, dict[str, dict[str, list[float]]]] = {lv.WHEEL: {}, chosen: {}}
         for _ in range(spec.repeats):
             for build in times:
-                got = _job(lv, build, files[size], prompt, spec, 1, 1)
+                got = lv.measure(build, files[size], prompt, spec.gen, 1, 1)
                 for fmt in files[size]:
                     for k in ("prefill_s", "decode_s"):
                         times[build].setdefault(fmt, {"prefill_s": [], "decode_s": []})[k] += got[fmt][k]

@@ -158,7 +158,7 @@ def test_decode_speeds_in_a_variant_come_from_the_worker(monkeypatch):
     assert jobs[0]["build"] == "zen4" and jobs[0]["gen"] == 8 and jobs[0]["repeats"] == 3
     assert got["a"] == {"tokens_per_s": 16.0, "repeat_s": [0.5, 0.4, 0.8]}  # median of 8/0.5, 8/0.4, 8/0.8
     monkeypatch.setattr(llama_variants, "run_job", lambda job: {"crashed": "killed by SIGILL; its last line: x"})
-    with pytest.raises(QlabError, match=r"llama.cpp \(zen4 build\) failed decoding a: killed by SIGILL"):
+    with pytest.raises(QlabError, match=r"llama.cpp \(zen4 build\) failed on a: killed by SIGILL"):
         llama_variants.decode_speeds({"a": "a.gguf"}, [1], n_new=2, build="zen4")
 
 

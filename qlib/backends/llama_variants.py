@@ -101,12 +101,17 @@ def best(score: dict[str, int], amx: bool = False) -> str:
 BUILDS = (WHEEL, "best", *VARIANTS)  # what a study's `llama_build` parameter may name
 
 
+def check_build(build: str) -> str:
+    """A study's `llama_build` parameter, refused in one line unless it names a build (no build or scoring here)."""
+    if build not in BUILDS:
+        raise QlabError(f"llama_build must be one of {', '.join(BUILDS)}, got {build!r}")
+    return build
+
+
 def resolve(build: str, amx: bool = False) -> str:
     """A `llama_build` parameter made concrete: the AVX2 wheel, a named variant (one line if this CPU cannot run it),
     or "best", the highest-scoring variant here (building the variants once if they are missing)."""
-    if build not in BUILDS:
-        raise QlabError(f"llama_build must be one of {', '.join(BUILDS)}, got {build!r}")
-    if build == WHEEL:
+    if check_build(build) == WHEEL:
         return WHEEL
     score = scores()
     if build == "best":
@@ -149,12 +154,19 @@ def decode_speeds(paths: dict[str, str | Path], prompt: list[int], n_new: int, t
     return _decode_in_worker(paths, prompt, n_new, threads, repeats, build)
 
 
-def _decode_in_worker(paths: dict[str, str | Path], prompt: list[int], n_new: int, threads: int, repeats: int,
-                      build: str) -> dict[str, dict[str, Any]]:
-    got = run_job({"build": build, "paths": {k: str(p) for k, p in paths.items()}, "prompt": prompt, "gen": n_new,
+def measure(build: str, paths: dict[str, str | Path], prompt: list[int], gen: int, threads: int,
+            repeats: int) -> dict[str, Any]:
+    """`measure_gguf` in a worker process on `build`; a crash there is one line naming the build and the files."""
+    got = run_job({"build": build, "paths": {k: str(p) for k, p in paths.items()}, "prompt": prompt, "gen": gen,
                    "threads": threads, "repeats": repeats})
     if "crashed" in got:
-        raise QlabError(f"llama.cpp ({build} build) failed decoding {', '.join(paths)}: {got['crashed']}")
+        raise QlabError(f"llama.cpp ({build} build) failed on {', '.join(paths)}: {got['crashed']}")
+    return got
+
+
+def _decode_in_worker(paths: dict[str, str | Path], prompt: list[int], n_new: int, threads: int, repeats: int,
+                      build: str) -> dict[str, dict[str, Any]]:
+    got = measure(build, paths, prompt, n_new, threads, repeats)
     return {k: {"tokens_per_s": float(np.median([n_new / s for s in got[k]["decode_s"]])),
                 "repeat_s": list(got[k]["decode_s"])} for k in paths}
 

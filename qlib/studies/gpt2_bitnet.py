@@ -138,8 +138,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 def config(profile: str = "default", **overrides: Any) -> Config:
     cfg = make_config(Config, PROFILES, profile, **overrides)
     knobs(cfg)  # a bad preset or optimizer: one line
-    if cfg.llama_build not in llama_variants.BUILDS:
-        raise QlabError(f"llama_build must be one of {', '.join(llama_variants.BUILDS)}, got {cfg.llama_build!r}")
+    llama_variants.check_build(cfg.llama_build)
     if bad := [r for r in cfg.regimes if r not in REGIMES]:
         raise QlabError(f"unknown regime(s) {', '.join(bad)}; valid: {', '.join(REGIMES)}")
     first = cfg.regimes.index("fp32") if "fp32" in cfg.regimes else len(cfg.regimes)

@@ -84,8 +84,7 @@ def config(profile: str = "default", **overrides: Any) -> Config:
     knobs(cfg)  # a bad preset or optimizer: one line
     if cfg.train_base not in ("fp32", "nf4"):
         raise QlabError(f"unknown train_base {cfg.train_base!r}; valid: fp32, nf4")
-    if cfg.llama_build not in llama_variants.BUILDS:
-        raise QlabError(f"llama_build must be one of {', '.join(llama_variants.BUILDS)}, got {cfg.llama_build!r}")
+    llama_variants.check_build(cfg.llama_build)
     return cfg
 
 

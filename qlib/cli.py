@@ -329,9 +329,10 @@ def _formats_parser(sub: Any) -> None:
     f.add_argument("--gen-tokens", type=int, default=32, help="decode length (transformers decodes half)")
     f.add_argument("--repeats", type=int, default=3, help="interleaved decode repeats (median)")
     f.add_argument("--threads", type=int, default=1, help="decode threads (1: spinning workers collapse on a busy CPU)")
-    f.add_argument("--llama-build", default="wheel",
-                   help="llama.cpp's decode timing: wheel (the AVX2 llama-cpp-python), best (the CPU variant ggml "
-                        "scores highest here; built once, ~10-15 min), or a variant name (zen4, icelake, ...)")
+    f.add_argument("--llama-build", default="best",
+                   help="llama.cpp's decode timing: best (the CPU variant ggml scores highest here; built once, "
+                        "~10-15 min; the wheel where it cannot be), wheel (the AVX2 llama-cpp-python), or a variant "
+                        "name (zen4, icelake, ...)")
     f.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]: the PyTorch formats' device")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--quantize-lm-head", action="store_true", help="let bitsandbytes quantize an untied LM head")

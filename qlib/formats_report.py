@@ -49,7 +49,7 @@ class Config:
     gen_tokens: int = 32                # decode length (transformers decodes half): 10 minutes in all
     repeats: int = 3
     timing_threads: int = 1
-    llama_build: str = "wheel"          # llama.cpp's decode: the AVX2 wheel, "best" (this CPU's variant), or a variant
+    llama_build: str = "best"           # llama.cpp's decode: "best" (this CPU's variant), "wheel" (AVX2), or a variant
     keep_lm_head_fp16: bool = True
     calibration: str | None = None      # a UTF-8 text file; else the dataset's train split (or, with --text, the
                                         # text beyond the scored tokens): never the evaluated tokens
@@ -61,6 +61,7 @@ class Config:
 
     def __post_init__(self) -> None:
         formats.parse_formats(self.formats)
+        llama_variants.check_build(self.llama_build)
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", self.name):
             raise QlabError(f"formats: name must be letters, digits, '.', '_' or '-' (at most 41), got {self.name!r}")
         for k in ("context", "eval_tokens", "gen_tokens", "repeats", "timing_threads", "calib_samples", "calib_length"):
@@ -268,8 +269,10 @@ def run(cfg: Config) -> Report:
     no_load_bars()
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
-    build = llama_variants.resolve(cfg.llama_build)  # an unknown or unrunnable build: one line, before any work
     asset = resolve(cfg.model)
+    runtimes = {methods.get(n).runtime for n in formats.parse_formats(cfg.formats)}
+    # an unrunnable build: one line before any work; no llama.cpp format, nothing to build or score
+    build = llama_variants.resolve(cfg.llama_build) if "llama.cpp" in runtimes else llama_variants.WHEEL
     key, problems = slug(asset) + (f"-{cfg.name}" if cfg.name else ""), []
     check_same_model(results_dir(f"{STUDY}/{key}", "default"), asset)
     with staged_run(f"{STUDY}/{key}", "default"):

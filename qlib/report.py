@@ -292,6 +292,10 @@ def formats_readme() -> str:
         c, env, w = d["config"], d["env"], d["perplexity_window"]
         took = f", {d['duration_s'] / 60:.1f} min wall" if d.get("duration_s") else ""
         flags = "".join(f" --{k} {v}" for k, v in (("adapter", c.get("adapter")), ("name", c.get("name"))) if v)
+        if any(r.get("backend") == "llama.cpp" for r in d["rows"]):  # a run before the parameter timed the wheel
+            c = {"llama_build": "wheel"} | c
+        else:  # nothing timed in llama.cpp: no build to name
+            c = {k: v for k, v in c.items() if k != "llama_build"}
         flags += "".join(f" --{k.replace('_', '-')} {c[k]}" for k in ("eval_tokens", "context", "calib_samples",
                                                                          "calib_length", "llama_build")
                          if c.get(k) not in (None, getattr(formats_report.Config, k)))

@@ -13,7 +13,7 @@ from qlib.pretrain import pretrained_lm
 
 pytestmark = pytest.mark.slow  # llama.cpp and every format of a tiny model: `make test-fast` leaves this file out
 
-SMALL = dict(context=64, eval_tokens=512, gen_tokens=4, repeats=1)
+SMALL = dict(context=64, eval_tokens=512, gen_tokens=4, repeats=1, llama_build="wheel")  # the tests build no variant
 
 
 @pytest.fixture(scope="module")

@@ -144,6 +144,23 @@ def test_llama_build_resolves_to_a_variant_this_cpu_runs(monkeypatch):
         llama_variants.resolve("avx9")
 
 
+def test_best_falls_back_to_the_wheel_in_one_line(monkeypatch, capsys):
+    """"best" (05's, 08's and `formats`' default) is a preference: where no variant runs or none can be built, the
+    wheel times the decode and the run says why; a named variant stays a requirement."""
+    monkeypatch.setattr(llama_variants, "scores", lambda: {"haswell": 0, "zen4": 0})
+    assert llama_variants.resolve("best") == "wheel"
+    assert "timed in the AVX2 wheel: no llama.cpp CPU variant runs on this CPU" in capsys.readouterr().out
+
+    def no_cmake():
+        raise QlabError("building llama.cpp's CPU variants needs cmake")
+
+    monkeypatch.setattr(llama_variants, "scores", no_cmake)
+    assert llama_variants.resolve("best") == "wheel"
+    assert "needs cmake" in capsys.readouterr().out
+    with pytest.raises(QlabError, match="needs cmake"):
+        llama_variants.resolve("zen4")
+
+
 def test_decode_speeds_in_a_variant_come_from_the_worker(monkeypatch):
     """A variant's decode runs in a worker process: its per-repeat seconds become tokens/s; a crash is one line."""
     jobs = []
@@ -169,6 +186,9 @@ def test_a_study_refuses_an_unknown_llama_build(study):
     mod = importlib.import_module(f"qlib.studies.{study}")
     with pytest.raises(QlabError, match="llama_build must be one of"):
         mod.config("smoke", llama_build="avx9")
+    # the main run times this CPU's best build (make run builds it first); the tests and a T4 never build one
+    assert mod.config("default").llama_build == "best" == mod.config("full").llama_build
+    assert mod.config("smoke").llama_build == "wheel" == mod.config("t4").llama_build
 
 
 def test_without_gguf_formats_the_roofline_is_transformers_only(monkeypatch):

@@ -110,12 +110,17 @@ def check_build(build: str) -> str:
 
 def resolve(build: str, amx: bool = False) -> str:
     """A `llama_build` parameter made concrete: the AVX2 wheel, a named variant (one line if this CPU cannot run it),
-    or "best", the highest-scoring variant here (building the variants once if they are missing)."""
+    or "best", the highest-scoring variant here (building the variants once if they are missing; the wheel, said in
+    one line, where they cannot be built or none runs: "best" is a preference, not a requirement)."""
     if check_build(build) == WHEEL:
         return WHEEL
-    score = scores()
     if build == "best":
-        return best(score, amx)
+        try:
+            return best(scores(), amx)
+        except QlabError as e:
+            print(f"qlab: llama.cpp's decode is timed in the AVX2 wheel: {e}")
+            return WHEEL
+    score = scores()
     if score.get(build, 0) <= 0:
         raise QlabError(f"llama.cpp's {build} variant does not run on this CPU (ggml's scores: {score})")
     return build

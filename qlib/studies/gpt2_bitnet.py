@@ -98,7 +98,7 @@ class Config:
     gen_tokens: int = 32
     latency_repeats: int = 5
     gguf: bool = True            # export the BitNet model to GGUF (F32, TQ2_0, TQ1_0) and run it in llama.cpp
-    llama_build: str = "wheel"   # llama.cpp's decode: the AVX2 wheel, "best" (this CPU's variant), or a variant
+    llama_build: str = "best"    # llama.cpp's decode: "best" (this CPU's variant), "wheel" (AVX2), or a variant
     random_init: bool = False    # gpu profile: the true architecture, random weights, random tokens; quality null
     ladder_model_id: str | None = "smollm2-135m"  # post-training ladder on a real model (None: skip it)
     ladder_rungs: tuple[str, ...] = tuple(ladder.RUNGS)
@@ -124,10 +124,12 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model_id="gpt2-stdlib-tiny", context=64, stride=32, train_tokens=20_000,
                   eval_tokens=1024, steps=3, batch_size=4, lora_rank=4, gen_tokens=4, latency_repeats=2, n_seeds=2,
                   ladder_model_id="llama-stdlib-tiny", ladder_context=64, ladder_eval_tokens=1024,
-                  ladder_calib_samples=(16, 4), ladder_calib_length=64, ladder_methods_eval_tokens=512),
+                  ladder_calib_samples=(16, 4), ladder_calib_length=64, ladder_methods_eval_tokens=512,
+                  llama_build="wheel"),  # the tests never build the variants
     "default": {},
     "t4": dict(model_id="gpt2", dataset_id="codesearchnet-python", context=512, stride=256,
-               train_tokens=4_000_000, eval_tokens=65_536, steps=1000, lr=5e-5, lora_lr=2e-4),
+               train_tokens=4_000_000, eval_tokens=65_536, steps=1000, lr=5e-5, lora_lr=2e-4,
+               llama_build="wheel"),  # no 10-15 min variant build on a Colab CPU
     "gpu": dict(model_id="gpt2", random_init=True, context=512, stride=512, steps=30, batch_size=8,
                 eval_tokens=8192, gguf=False, gen_tokens=64, ladder_model_id=None),
     # the whole shared set for the ladder and the methods (config.FULL_STUDIES); the regimes as in default

@@ -61,20 +61,20 @@ class Config:
     gen_tokens: int = 64
     latency_repeats: int = 3         # llama.cpp decodes interleaved; transformers decodes half as many tokens
     timing_threads: int = 1          # decode timed on one thread: spinning threads collapse on a busy 2-core machine
-    llama_build: str = "wheel"       # llama.cpp's decode: the AVX2 wheel, "best" (this CPU's variant), or a variant
+    llama_build: str = "best"        # llama.cpp's decode: "best" (this CPU's variant), "wheel" (AVX2), or a variant
     device: str = "auto"
 
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model_id="qwen2-stdlib-tiny", train_base="nf4", lora_rank=4, steps=3, batch_size=4, context=64,
                   train_tokens=10_000, eval_tokens=1024, gguf_types=("q8_0", "q4_0"), gen_tokens=8,
-                  latency_repeats=2),
+                  latency_repeats=2, llama_build="wheel"),  # the tests never build the variants
     "default": {},
     # batch 4 x 512 with checkpointing: ~6 GiB predicted (8 x 512 without it: ~19 GiB, past a T4; 152k-token
     # logits alone take 2.3 GiB per fp32 copy at 8 x 512)
     "t4": dict(model_id="qwen2.5-1.5b-instruct", dataset_id="codesearchnet-python", train_base="nf4", steps=300,
                batch_size=4, gradient_checkpointing=True, lora_lr=2e-4, context=512, train_tokens=1_000_000,
-               eval_tokens=32_768),
+               eval_tokens=32_768, llama_build="wheel"),  # no 10-15 min variant build on a Colab CPU
     "full": dict(eval_tokens=32_768),  # the whole shared set (config.FULL_STUDIES)
 }
 

@@ -331,7 +331,7 @@ def _formats_parser(sub: Any) -> None:
     f.add_argument("--threads", type=int, default=1, help="decode threads (1: spinning workers collapse on a busy CPU)")
     f.add_argument("--llama-build", default="best",
                    help="llama.cpp's decode timing: best (the CPU variant ggml scores highest here; built once, "
-                        "~10-15 min; the wheel where it cannot be), wheel (the AVX2 llama-cpp-python), or a variant "
+                        "5-15 min; the wheel where it cannot be), wheel (the AVX2 llama-cpp-python), or a variant "
                         "name (zen4, icelake, ...)")
     f.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]: the PyTorch formats' device")
     f.add_argument("--seed", type=int, default=0)
@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "cached) and unpack its converter")
     a.add_argument("--llama-variants", action="store_true",
                    help="with --fetch: also build llama.cpp once per x86 instruction set for study 07's roofline "
-                        "(~10-15 min once, cached; `make run` does it, `make test` does not need it)")
+                        "(5-15 min once, cached; `make run` does it, `make test` does not need it)")
     a.add_argument("--profile", default=None,
                    help="with --fetch: download a profile's hub models and datasets into the HF cache (e.g. t4)")
     a.set_defaults(fn=cmd_assets)

@@ -53,7 +53,7 @@ def lib_dir() -> Path:
 
 
 def _build(dest: Path) -> None:
-    """cmake the vendored llama.cpp as shared libraries with every CPU variant (~15 min on 2 cores, once)."""
+    """cmake the vendored llama.cpp as shared libraries with every CPU variant (5-15 min on 2 cores, once)."""
     from qlib.backends.gguf import cmake_vendored
 
     flags = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_BACKEND_DL=ON",
@@ -61,7 +61,7 @@ def _build(dest: Path) -> None:
              "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
              "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"]
     targets = ["llama", *(f"ggml-cpu-{v}" for v in VARIANTS)]
-    note = f"building llama.cpp {_version()} with its CPU variants ({', '.join(VARIANTS)}) once; ~15 min on 2 cores"
+    note = f"building llama.cpp {_version()} with its CPU variants ({', '.join(VARIANTS)}) once; 5-15 min on 2 cores"
     with cmake_vendored("llama.cpp's CPU variants", flags, targets, note) as build, atomic_dir(dest) as out:
         for so in build.rglob("*.so*"):
             if so.is_file() and not so.is_symlink():

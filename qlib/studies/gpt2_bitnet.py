@@ -129,7 +129,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
     "t4": dict(model_id="gpt2", dataset_id="codesearchnet-python", context=512, stride=256,
                train_tokens=4_000_000, eval_tokens=65_536, steps=1000, lr=5e-5, lora_lr=2e-4,
-               llama_build="wheel"),  # no 10-15 min variant build on a Colab CPU
+               llama_build="wheel"),  # no 5-15 min variant build on a Colab CPU
     "gpu": dict(model_id="gpt2", random_init=True, context=512, stride=512, steps=30, batch_size=8,
                 eval_tokens=8192, gguf=False, gen_tokens=64, ladder_model_id=None),
     # the whole shared set for the ladder and the methods (config.FULL_STUDIES); the regimes as in default

@@ -74,7 +74,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # logits alone take 2.3 GiB per fp32 copy at 8 x 512)
     "t4": dict(model_id="qwen2.5-1.5b-instruct", dataset_id="codesearchnet-python", train_base="nf4", steps=300,
                batch_size=4, gradient_checkpointing=True, lora_lr=2e-4, context=512, train_tokens=1_000_000,
-               eval_tokens=32_768, llama_build="wheel"),  # no 10-15 min variant build on a Colab CPU
+               eval_tokens=32_768, llama_build="wheel"),  # no 5-15 min variant build on a Colab CPU
     "full": dict(eval_tokens=32_768),  # the whole shared set (config.FULL_STUDIES)
 }
 
@@ -429,7 +429,8 @@ def findings(res: QwenMergeResult) -> str:
         q8, q41 = b["q8_0_perplexity_ratio_base"], b.get("q4_1_control_base")
         q4 = results.times_interval({"x": b["q4_0_decode_speedup"], "x_lo": b.get("q4_0_decode_speedup_lo"),
                                      "x_hi": b.get("q4_0_decode_speedup_hi")}, "x")
-        lines.append(f"- Bar (the base model as loaded): Q4_0 decode {q4} F16 "
+        built = ", ".join(sorted({r["llama_build"] for r in res.rows if r.get("llama_build")})) or "unrecorded"
+        lines.append(f"- Bar (the base model as loaded): Q4_0 decode {q4} F16 (llama.cpp's {built} build) "
                      f"({'meets' if b['decode_ok'] else 'misses'} 1.8x over the whole interval); "
                      f"Q8_0 perplexity {100 * (q8[0] - 1):+.2f} % "
                      f"[{100 * (q8[1] - 1):+.2f}, {100 * (q8[2] - 1):+.2f}] ({'within' if b['q8_0_ok'] else 'outside'} "

@@ -47,11 +47,32 @@ def save_adapter(model: Any, tokenizer: Any, out: str | Path, meta: dict[str, An
     """An adapter folder with its tokenizer and its run metadata (`runmeta`), all-or-nothing; `state_dict`: the
     whole model's, gathered (FSDP), for peft to take the adapter from."""
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
+        if state_dict is None:
+            model.save_pretrained(tmp)
+        else:
+            save_gathered(model, state_dict, tmp)
         check_saved_adapter(tmp, model)
         tokenizer.save_pretrained(tmp)
         runmeta.write_meta(tmp, meta)
     return Path(out)
+
+
+def save_gathered(model: Any, state_dict: dict[str, torch.Tensor], folder: Path) -> None:
+    """The LoRA tensors gathered from FSDP's shards, written as peft writes an adapter (keys without the adapter's
+    name, its config in inference mode). Not peft's save_pretrained: peft 0.21 finds the adapter's keys from the
+    model's module names, and FSDP's nested units rename them (it strips only a leading `_fsdp_wrapped_module.`), so
+    it wrote an empty file (the H200 run and tests/test_data_parallel.py found it)."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    name = model.active_adapter
+    tensors = {k.replace(f".{name}.", "."): v.detach().cpu().contiguous() for k, v in state_dict.items()
+               if ".lora_A." in k or ".lora_B." in k}
+    save_file(tensors, str(Path(folder) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.copy(model.peft_config[name])
+    config.inference_mode = True
+    config.save_pretrained(str(folder))
 
 
 def check_saved_adapter(folder: Path, model: Any) -> None:

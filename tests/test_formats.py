@@ -88,7 +88,7 @@ def test_every_format_is_written_reloaded_and_measured(tiny_qwen, root):
     from qlib import report  # the README section `report --readme` fills from the kept runs
 
     text = report.formats_readme()
-    assert (f"python -m qlib formats {tiny_qwen} --eval-tokens 512 --context 64 "  # what differs from the defaults
+    assert (f"python -m qlib formats {tiny_qwen} --eval-tokens 512 --context 64 --llama-build wheel "  # not defaults
             "--formats bnb_int8,bnb_nf4,gguf_f16,gguf_q8_0,gguf_q4_0,gguf_q2_0`") in text \
         and "| gguf_q2_0 | llama.cpp |" in text  # a list other than the default is named
 

@@ -51,6 +51,11 @@ def needs_calibration(names: Iterable[str]) -> bool:
     return any(methods.get(n).calibration for n in parse_formats(names))
 
 
+def needs_llama_cpp(names: Iterable[str]) -> bool:
+    """Whether any of these formats runs in llama.cpp (and so needs a llama.cpp build to time it)."""
+    return any(methods.get(n).runtime == "llama.cpp" for n in parse_formats(names))
+
+
 @dataclass
 class Text:
     """The token windows every format is scored on (`ids` None: no perplexity, say why in the problems), what an

@@ -270,9 +270,8 @@ def run(cfg: Config) -> Report:
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
     asset = resolve(cfg.model)
-    runtimes = {methods.get(n).runtime for n in formats.parse_formats(cfg.formats)}
     # an unrunnable build: one line before any work; no llama.cpp format, nothing to build or score
-    build = llama_variants.resolve(cfg.llama_build) if "llama.cpp" in runtimes else llama_variants.WHEEL
+    build = llama_variants.resolve(cfg.llama_build) if formats.needs_llama_cpp(cfg.formats) else llama_variants.WHEEL
     key, problems = slug(asset) + (f"-{cfg.name}" if cfg.name else ""), []
     check_same_model(results_dir(f"{STUDY}/{key}", "default"), asset)
     with staged_run(f"{STUDY}/{key}", "default"):

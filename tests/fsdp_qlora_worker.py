@@ -1,4 +1,4 @@
-"""One rank of an FSDP-QLoRA run on CPU processes (torch.distributed.run, gloo), for tests/test_fsdp_cpu.py.
+"""One rank of an FSDP-QLoRA run on CPU processes (torch.distributed.run, gloo), for tests/test_data_parallel.py.
 
 accelerate will not shard on CPUs, so this wraps the model with torch's FSDP itself, as accelerate's FSDP plugin
 does on GPUs: qlib's load under an FSDP launch (NF4 codes stored in the compute dtype), qlib's LoRA for a sharded

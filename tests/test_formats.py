@@ -36,6 +36,8 @@ def test_parse_formats_adds_the_references_and_refuses_unknown_names():
     assert formats.parse_formats(["gguf_q4_0", "bnb_nf4"]) == ("fp16", "bnb_nf4", "gguf_f16", "gguf_q4_0")
     assert formats.parse_formats(["fp16"]) == ("fp16",)
     assert formats.DEFAULT_FORMATS == formats.parse_formats(formats.DEFAULT_FORMATS)
+    # only a list with a llama.cpp format resolves (and may build) a llama.cpp build
+    assert formats.needs_llama_cpp(["gguf_q4_0_imat"]) and not formats.needs_llama_cpp(["fp16", "awq_w4"])
     with pytest.raises(QlabError, match="unknown format.*gguf_q5; valid: fp16, bnb_int8"):
         formats.parse_formats(["gguf_q5"])
 
